@@ -1,0 +1,130 @@
+//! The CPU backend: the embedded default and the test oracle. Weights are widened to f32 at
+//! load; every buffer a step needs is allocated up front for `max_num_batched_tokens` tokens, so
+//! the decode loop does not allocate.
+
+pub mod ops;
+
+use crate::backend::{Backend, StepBatch};
+use crate::error::Result;
+use crate::lora::adapter::LoraAdapter;
+use crate::lora::punica::LoraStack;
+use crate::lora::{LoraSlot, LoraTarget};
+use crate::models::llama::{Llama, LoraInput};
+use crate::weights::WeightSource;
+use crate::ModelConfig;
+
+/// The paged KV cache: per layer, `[num_blocks * block_size, num_kv_heads * head_dim]`.
+pub struct KvCache {
+    pub block_size: usize,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    /// Bytes one block takes over all layers (K and V, f32).
+    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
+        2 * cfg.num_hidden_layers * block_size * cfg.kv_size() * std::mem::size_of::<f32>()
+    }
+}
+
+/// Activation buffers for up to `max_tokens` tokens and `max_seqs` sequences per step.
+pub struct Workspace {
+    pub hidden: Vec<f32>,      // [max_tokens, hidden]
+    pub normed: Vec<f32>,      // [max_tokens, hidden]
+    pub q: Vec<f32>,           // [max_tokens, q_size]
+    pub k: Vec<f32>,           // [max_tokens, kv_size]
+    pub v: Vec<f32>,           // [max_tokens, kv_size]
+    pub attn: Vec<f32>,        // [max_tokens, q_size]
+    pub gate: Vec<f32>,        // [max_tokens, intermediate]
+    pub up: Vec<f32>,          // [max_tokens, intermediate]
+    pub lora_tmp: Vec<f32>,    // [max_tokens, max_lora_rank]
+    pub last_hidden: Vec<f32>, // [max_seqs, hidden]
+    pub logits: Vec<f32>,      // [max_seqs, vocab]
+}
+
+impl Workspace {
+    fn new(cfg: &ModelConfig, max_tokens: usize, max_seqs: usize, max_lora_rank: usize) -> Self {
+        let z = |n: usize| vec![0.0f32; n];
+        Workspace {
+            hidden: z(max_tokens * cfg.hidden_size),
+            normed: z(max_tokens * cfg.hidden_size),
+            q: z(max_tokens * cfg.q_size()),
+            k: z(max_tokens * cfg.kv_size()),
+            v: z(max_tokens * cfg.kv_size()),
+            attn: z(max_tokens * cfg.q_size()),
+            gate: z(max_tokens * cfg.intermediate_size),
+            up: z(max_tokens * cfg.intermediate_size),
+            lora_tmp: z(max_tokens * max_lora_rank),
+            last_hidden: z(max_seqs * cfg.hidden_size),
+            logits: z(max_seqs * cfg.vocab_size),
+        }
+    }
+}
+
+/// Sizes the CPU backend allocates for.
+#[derive(Debug, Clone)]
+pub struct CpuBackendConfig {
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    pub num_kv_blocks: usize,
+    /// 0 when LoRA is disabled.
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
+}
+
+pub struct CpuBackend {
+    model: Llama,
+    kv: KvCache,
+    ws: Workspace,
+    /// `[num_layers * 7]`; empty when LoRA is disabled
+    lora_stacks: Vec<LoraStack>,
+}
+
+impl CpuBackend {
+    pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &CpuBackendConfig) -> Result<Self> {
+        let model = Llama::load(weights, cfg, bc.max_model_len)?;
+        let slots = bc.num_kv_blocks * bc.block_size * cfg.kv_size();
+        let kv = KvCache {
+            block_size: bc.block_size,
+            k: (0..cfg.num_hidden_layers).map(|_| vec![0.0; slots]).collect(),
+            v: (0..cfg.num_hidden_layers).map(|_| vec![0.0; slots]).collect(),
+        };
+        let mut lora_stacks = Vec::new();
+        if bc.max_loras > 0 {
+            for _ in 0..cfg.num_hidden_layers {
+                for t in LoraTarget::ALL {
+                    let (i, o) = t.shape(cfg);
+                    lora_stacks.push(LoraStack::new(bc.max_loras, bc.max_lora_rank, i, o));
+                }
+            }
+        }
+        let ws = Workspace::new(cfg, bc.max_num_batched_tokens, bc.max_num_seqs, bc.max_lora_rank);
+        Ok(CpuBackend { model, kv, ws, lora_stacks })
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
+        let num_layers = self.model.cfg.num_hidden_layers;
+        assert!(!self.lora_stacks.is_empty(), "set_lora_slot with LoRA disabled");
+        for layer in 0..num_layers {
+            for t in LoraTarget::ALL {
+                let module = adapter.and_then(|a| a.module(layer, t));
+                self.lora_stacks[layer * LoraTarget::ALL.len() + t.index()].set(slot, module);
+            }
+        }
+    }
+
+    fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {
+        let lora = (!self.lora_stacks.is_empty() && batch.has_lora())
+            .then(|| LoraInput { stacks: &self.lora_stacks, token_lora: &batch.token_lora });
+        self.model.forward(batch, &mut self.kv, lora, &mut self.ws);
+        Ok(&self.ws.logits[..batch.num_seqs() * self.model.cfg.vocab_size])
+    }
+}

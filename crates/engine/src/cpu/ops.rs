@@ -1,0 +1,310 @@
+//! CPU kernels: f32 everywhere, multithreaded with rayon. The linear layer is a weight-streaming
+//! GEMV/GEMM: output features are split across threads and each weight row is read once per
+//! tile of four tokens, so a decode step reads every weight once from memory.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::model_config::{ModelConfig, RopeScaling};
+
+/// Dot product with eight independent accumulators so the compiler vectorizes it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+/// Four dot products of one weight row against four activation rows, reading `w` once.
+#[inline]
+fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    let n = w.len();
+    let mut acc = [[0.0f32; 8]; 4];
+    let full = n / 8 * 8;
+    let mut k = 0;
+    while k < full {
+        let wc = &w[k..k + 8];
+        for (r, xr) in x.iter().enumerate() {
+            let xc = &xr[k..k + 8];
+            for j in 0..8 {
+                acc[r][j] += wc[j] * xc[j];
+            }
+        }
+        k += 8;
+    }
+    let mut out = [0.0f32; 4];
+    for r in 0..4 {
+        let a = &acc[r];
+        let mut tail = 0.0;
+        for kk in full..n {
+            tail += w[kk] * x[r][kk];
+        }
+        out[r] = (a[0] + a[4]) + (a[1] + a[5]) + (a[2] + a[6]) + (a[3] + a[7]) + tail;
+    }
+    out
+}
+
+/// A raw pointer that may cross threads; each thread writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for writes to disjoint indices from rayon tasks that all finish before the
+// owning slice is used again.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`.
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, num_tokens: usize, in_f: usize, out_f: usize, y: &mut [f32]) {
+    assert_eq!(w.len(), in_f * out_f);
+    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
+    let threads = rayon::current_num_threads();
+    // Enough chunks to balance the threads, each a few rows so the weight chunk stays in cache.
+    let rows_per_chunk = (out_f / (threads * 8)).clamp(4, 64);
+    let yp = SendPtr(y.as_mut_ptr());
+    w.par_chunks(rows_per_chunk * in_f).enumerate().for_each(|(c, wchunk)| {
+        let yp = yp;
+        let o0 = c * rows_per_chunk;
+        let mut t = 0;
+        while t < num_tokens {
+            let nt = (num_tokens - t).min(4);
+            let xs: [&[f32]; 4] = std::array::from_fn(|r| {
+                let tt = t + r.min(nt - 1);
+                &x[tt * in_f..(tt + 1) * in_f]
+            });
+            for (ro, wrow) in wchunk.chunks_exact(in_f).enumerate() {
+                let o = o0 + ro;
+                let b = bias.map_or(0.0, |b| b[o]);
+                let d = dot4(wrow, xs);
+                for (r, &v) in d.iter().enumerate().take(nt) {
+                    // SAFETY: (t + r, o) is written by this task only: o lies in this chunk.
+                    unsafe { *yp.0.add((t + r) * out_f + o) = v + b };
+                }
+            }
+            t += 4;
+        }
+    });
+}
+
+/// RMSNorm over rows of `hidden` features, as HF computes it (f32 mean of squares).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, xr)| rms_norm_row(xr, w, eps, o));
+}
+
+#[inline]
+pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * inv);
+    }
+}
+
+/// In-place per-head RMSNorm (Qwen3's q_norm/k_norm): rows of `head_dim`.
+pub fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
+    let hd = w.len();
+    x.par_chunks_mut(hd).for_each(|row| {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / hd as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, &g) in row.iter_mut().zip(w) {
+            *v = g * (*v * inv);
+        }
+    });
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]`
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
+        for (g, &u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    });
+}
+
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(a, b)| {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    });
+}
+
+/// Rotary embedding tables, `[max_positions, head_dim / 2]` each, HF's non-interleaved layout.
+pub struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// HF's inverse frequencies, with the scaling rules of `rope_type` linear and llama3.
+pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let dim = cfg.head_dim;
+    let base = cfg.rope_theta as f64;
+    let mut f: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+    match cfg.rope_scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => f.iter_mut().for_each(|v| *v /= factor as f64),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            let (factor, low, high, old) =
+                (factor as f64, low_freq_factor as f64, high_freq_factor as f64, original_max_position_embeddings as f64);
+            let low_wavelen = old / low;
+            let high_wavelen = old / high;
+            for v in f.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *v;
+                if wavelen > low_wavelen {
+                    *v /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    *v = (1.0 - smooth) * *v / factor + smooth * *v;
+                }
+            }
+        }
+    }
+    f.into_iter().map(|v| v as f32).collect()
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, max_positions: usize) -> Self {
+        let inv = inv_freq(cfg);
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Rope { half, cos, sin }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates `x: [T, num_heads * head_dim]` in place; `positions: [T]`.
+    pub fn apply(&self, x: &mut [f32], positions: &[u32], num_heads: usize) {
+        let half = self.half;
+        let row = num_heads * 2 * half;
+        x.par_chunks_mut(row).zip(positions.par_iter()).for_each(|(xt, &p)| {
+            let p = p as usize;
+            let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+            for head in xt.chunks_exact_mut(2 * half) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+    }
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What attention needs to know about the step's sequences.
+pub struct AttnMeta<'a> {
+    /// `[num_seqs + 1]` token offsets of each sequence in the step
+    pub query_start: &'a [u32],
+    /// `[T]` absolute position of each token
+    pub positions: &'a [u32],
+    /// `[num_seqs, max_blocks_per_seq]`
+    pub block_tables: &'a [u32],
+    pub max_blocks_per_seq: usize,
+    pub block_size: usize,
+}
+
+/// Causal attention over the paged KV cache, for prefill and decode tokens alike: token `t` of a
+/// sequence attends to every cached position up to its own (the step's K/V are written first).
+/// `q: [T, num_heads * hd]`, caches `[num_blocks * block_size, num_kv_heads * hd]`,
+/// `out: [T, num_heads * hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    meta: &AttnMeta<'_>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let group = num_heads / num_kv_heads;
+    let kv_row = num_kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let num_tokens = meta.positions.len();
+    out[..num_tokens * num_heads * head_dim]
+        .par_chunks_mut(head_dim)
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (t, h) = (idx / num_heads, idx % num_heads);
+            let seq = meta.query_start.partition_point(|&s| s as usize <= t) - 1;
+            let table = &meta.block_tables[seq * meta.max_blocks_per_seq..(seq + 1) * meta.max_blocks_per_seq];
+            let ctx = meta.positions[t] as usize + 1;
+            let kvh = h / group;
+            let qh = &q[(t * num_heads + h) * head_dim..][..head_dim];
+            let slot = |p: usize| table[p / meta.block_size] as usize * meta.block_size + p % meta.block_size;
+            SCORES.with_borrow_mut(|scores| {
+                scores.clear();
+                scores.resize(ctx, 0.0);
+                let mut max = f32::NEG_INFINITY;
+                for (p, s) in scores.iter_mut().enumerate() {
+                    let k = &k_cache[slot(p) * kv_row + kvh * head_dim..][..head_dim];
+                    *s = dot(qh, k) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                o.fill(0.0);
+                for (p, &s) in scores.iter().enumerate() {
+                    let v = &v_cache[slot(p) * kv_row + kvh * head_dim..][..head_dim];
+                    let w = s / sum;
+                    for (oi, &vi) in o.iter_mut().zip(v) {
+                        *oi += w * vi;
+                    }
+                }
+            });
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_naive_for_all_tile_remainders() {
+        let (in_f, out_f) = (37, 70);
+        let w: Vec<f32> = (0..in_f * out_f).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01).collect();
+        for t in [1, 2, 3, 4, 5, 9] {
+            let x: Vec<f32> = (0..t * in_f).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+            let mut y = vec![0.0; t * out_f];
+            linear(&x, &w, Some(&bias), t, in_f, out_f, &mut y);
+            for tt in 0..t {
+                for o in 0..out_f {
+                    let want: f32 = (0..in_f).map(|k| x[tt * in_f + k] * w[o * in_f + k]).sum::<f32>() + bias[o];
+                    assert!((y[tt * out_f + o] - want).abs() < 1e-4, "t={t} ({tt},{o})");
+                }
+            }
+        }
+    }
+}

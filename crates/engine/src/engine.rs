@@ -1,0 +1,581 @@
+//! The engine, in the spirit of vLLM's `LLMEngine`: `add_request`, `step`,
+//! `has_unfinished_requests`. A step schedules, activates the step's adapters in device slots,
+//! packs every scheduled token into one [`StepBatch`], runs the backend once, and samples.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::backend::{Backend, StepBatch};
+use crate::block_manager::BlockManager;
+use crate::cpu::{CpuBackend, CpuBackendConfig, KvCache};
+use crate::error::{Error, Result};
+use crate::lora::manager::{LoraConfig, LoraManager, LoraStats};
+use crate::lora::{AdapterId, LoraRequest, LoraSlot};
+use crate::sampling::{request_rng, Sampler, SamplingParams};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
+use crate::weights::WeightSource;
+use crate::ModelConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    /// Safetensors from the model directory.
+    #[default]
+    Auto,
+    /// Random weights from `config.json` alone.
+    Dummy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+/// Engine settings, with vLLM's names and defaults where vLLM has them.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model: PathBuf,
+    /// Defaults to `model`.
+    pub tokenizer: Option<PathBuf>,
+    pub load_format: LoadFormat,
+    pub device: Device,
+    /// `auto`, `float32`, `float16`, `bfloat16`. The CPU backend computes in f32 whatever the
+    /// checkpoint's dtype; the value is recorded in reports.
+    pub dtype: String,
+    /// Defaults to the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    /// Defaults to `max(max_model_len, 2048)`; must be at least `max_model_len`.
+    pub max_num_batched_tokens: Option<usize>,
+    pub block_size: usize,
+    /// Memory for the KV cache; defaults to what `max_num_seqs` full-length sequences need,
+    /// capped at 4 GiB (vLLM's CPU default).
+    pub kv_cache_memory_bytes: Option<usize>,
+    /// Exact number of KV blocks (vLLM's `num_gpu_blocks_override`), for tests and tuning.
+    pub num_gpu_blocks_override: Option<usize>,
+    pub gpu_memory_utilization: f32,
+    pub enforce_eager: bool,
+    pub enable_lora: bool,
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
+    /// Defaults to `max_loras`.
+    pub max_cpu_loras: Option<usize>,
+    pub seed: u64,
+}
+
+impl EngineConfig {
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            model: model.into(),
+            tokenizer: None,
+            load_format: LoadFormat::Auto,
+            device: Device::Cpu,
+            dtype: "auto".into(),
+            max_model_len: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: None,
+            block_size: 16,
+            kv_cache_memory_bytes: None,
+            num_gpu_blocks_override: None,
+            gpu_memory_utilization: 0.9,
+            enforce_eager: false,
+            enable_lora: false,
+            max_loras: 1,
+            max_lora_rank: 16,
+            max_cpu_loras: None,
+            seed: 0,
+        }
+    }
+}
+
+/// A prompt as text (needs the model's tokenizer) or token ids.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    TokenIds(Vec<u32>),
+}
+
+/// What a step produced for one request: the token it generated, and on the last step the
+/// whole output.
+#[derive(Debug, Clone)]
+pub struct RequestOutput {
+    pub request_id: Arc<str>,
+    pub token_id: Option<u32>,
+    pub finish_reason: Option<FinishReason>,
+    pub num_prompt_tokens: usize,
+    pub num_output_tokens: usize,
+    /// All output tokens, when finished.
+    pub output_token_ids: Vec<u32>,
+    pub metrics: RequestMetrics,
+}
+
+impl RequestOutput {
+    pub fn is_finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+}
+
+/// What the last step did, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    pub num_seqs: usize,
+    pub num_prefill_tokens: usize,
+    pub num_decode_tokens: usize,
+    pub num_preempted: usize,
+    pub num_loras: usize,
+    /// Time of the model forward and sampling (wall time on the CPU).
+    pub duration: Duration,
+}
+
+/// Settings resolved at start-up, for reports.
+#[derive(Debug, Clone)]
+pub struct ResolvedEngine {
+    pub max_model_len: usize,
+    pub max_num_batched_tokens: usize,
+    pub num_kv_blocks: usize,
+    pub block_size: usize,
+    pub lora: Option<LoraConfig>,
+}
+
+pub struct LLMEngine {
+    model_config: ModelConfig,
+    resolved: ResolvedEngine,
+    tokenizer: Option<tokenizers::Tokenizer>,
+    backend: Box<dyn Backend>,
+    scheduler: Scheduler,
+    blocks: BlockManager,
+    lora: Option<LoraManager>,
+    seqs: HashMap<SeqId, Sequence>,
+    ids: HashMap<Arc<str>, SeqId>,
+    next_seq: u64,
+    rng: StdRng,
+    sampler: Sampler,
+    batch: StepBatch,
+    // step scratch, reused
+    step_loras: Vec<AdapterId>,
+    step_slots: Vec<LoraSlot>,
+    banned: Vec<u32>,
+    /// `[num_seqs, vocab]` logits of the last step, as the sampler saw them
+    logits: Vec<f32>,
+    /// request of each row of `logits`
+    logits_rows: Vec<Arc<str>>,
+    last_step: StepStats,
+}
+
+impl LLMEngine {
+    pub fn new(config: EngineConfig) -> Result<Self> {
+        let model_config = ModelConfig::from_dir(&config.model)?;
+        let max_model_len = config.max_model_len.unwrap_or(model_config.max_position_embeddings);
+        if max_model_len == 0 {
+            return Err(Error::InvalidConfig("max_model_len must be at least 1".into()));
+        }
+        if config.max_num_seqs == 0 {
+            return Err(Error::InvalidConfig("max_num_seqs must be at least 1".into()));
+        }
+        if config.block_size == 0 {
+            return Err(Error::InvalidConfig("block_size must be at least 1".into()));
+        }
+        let max_num_batched_tokens = config.max_num_batched_tokens.unwrap_or(max_model_len.max(2048));
+        if max_num_batched_tokens < max_model_len {
+            return Err(Error::InvalidConfig(format!(
+                "max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len ({max_model_len}); prompts are prefilled in one step"
+            )));
+        }
+        if !["auto", "float32", "float16", "bfloat16", "half", "float"].contains(&config.dtype.as_str()) {
+            return Err(Error::InvalidConfig(format!(
+                "dtype {:?} is not one of auto, float32, float16, bfloat16",
+                config.dtype
+            )));
+        }
+        let bytes_per_block = KvCache::bytes_per_block(&model_config, config.block_size);
+        let blocks_per_seq = max_model_len.div_ceil(config.block_size);
+        let num_kv_blocks = match config.num_gpu_blocks_override {
+            Some(n) => n,
+            None => {
+                let wanted = config.max_num_seqs * blocks_per_seq;
+                let budget = config.kv_cache_memory_bytes.unwrap_or(4 << 30) / bytes_per_block;
+                wanted.min(budget)
+            }
+        };
+        if num_kv_blocks < blocks_per_seq {
+            return Err(Error::InvalidConfig(format!(
+                "the KV cache holds {num_kv_blocks} blocks of {} tokens, fewer than one sequence of max_model_len {max_model_len} needs ({blocks_per_seq}); give it more memory or lower max_model_len",
+                config.block_size
+            )));
+        }
+
+        let lora_cfg = if config.enable_lora {
+            Some(LoraConfig {
+                max_loras: config.max_loras,
+                max_lora_rank: config.max_lora_rank,
+                max_cpu_loras: config.max_cpu_loras.unwrap_or(config.max_loras),
+            })
+        } else {
+            None
+        };
+        let lora = lora_cfg.map(|c| LoraManager::new(c, &model_config)).transpose()?;
+
+        let tokenizer_path = config.tokenizer.clone().unwrap_or_else(|| config.model.clone());
+        let tokenizer = load_tokenizer(&tokenizer_path)?;
+
+        let mut weights = match config.load_format {
+            LoadFormat::Auto => WeightSource::open(&config.model)?,
+            LoadFormat::Dummy => WeightSource::dummy(config.seed),
+        };
+        let backend: Box<dyn Backend> = match config.device {
+            Device::Cpu => Box::new(CpuBackend::new(
+                &model_config,
+                &mut weights,
+                &CpuBackendConfig {
+                    max_num_batched_tokens,
+                    max_num_seqs: config.max_num_seqs,
+                    max_model_len,
+                    block_size: config.block_size,
+                    num_kv_blocks,
+                    max_loras: lora_cfg.map_or(0, |c| c.max_loras),
+                    max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
+                },
+            )?),
+            Device::Cuda => {
+                return Err(Error::InvalidConfig(
+                    "device \"cuda\" is not available in this build of multilora; use device \"cpu\"".into(),
+                ))
+            }
+        };
+        drop(weights);
+
+        let mut batch = StepBatch { max_blocks_per_seq: blocks_per_seq, ..Default::default() };
+        batch.clear();
+        Ok(LLMEngine {
+            resolved: ResolvedEngine {
+                max_model_len,
+                max_num_batched_tokens,
+                num_kv_blocks,
+                block_size: config.block_size,
+                lora: lora_cfg,
+            },
+            scheduler: Scheduler::new(SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens,
+                max_loras: lora_cfg.map_or(0, |c| c.max_loras),
+            }),
+            blocks: BlockManager::new(num_kv_blocks, config.block_size),
+            model_config,
+            tokenizer,
+            backend,
+            lora,
+            seqs: HashMap::new(),
+            ids: HashMap::new(),
+            next_seq: 0,
+            rng: StdRng::seed_from_u64(config.seed),
+            sampler: Sampler::default(),
+            batch,
+            step_loras: Vec::new(),
+            step_slots: Vec::new(),
+            banned: Vec::new(),
+            logits: Vec::new(),
+            logits_rows: Vec::new(),
+            last_step: StepStats::default(),
+        })
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model_config
+    }
+
+    pub fn resolved(&self) -> &ResolvedEngine {
+        &self.resolved
+    }
+
+    pub fn tokenizer(&self) -> Option<&tokenizers::Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    pub fn device_name(&self) -> String {
+        self.backend.device_name()
+    }
+
+    pub fn lora_stats(&self) -> Option<LoraStats> {
+        self.lora.as_ref().map(|l| l.stats)
+    }
+
+    pub fn lora_manager(&self) -> Option<&LoraManager> {
+        self.lora.as_ref()
+    }
+
+    pub fn last_step_stats(&self) -> StepStats {
+        self.last_step
+    }
+
+    /// The logits a request's last sampled token was drawn from (after EOS/stop masking), if
+    /// it ran in the last step. For tests and debugging.
+    pub fn last_logits(&self, request_id: &str) -> Option<&[f32]> {
+        let vocab = self.model_config.vocab_size;
+        let i = self.logits_rows.iter().position(|r| &**r == request_id)?;
+        Some(&self.logits[i * vocab..(i + 1) * vocab])
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.scheduler.num_waiting()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.scheduler.num_running()
+    }
+
+    pub fn has_unfinished_requests(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    /// Tokenizes text with the model's tokenizer (special tokens such as BOS added as the
+    /// tokenizer's post-processor says).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer {
+            path: self.resolved_tokenizer_hint(),
+            msg: "the model has no tokenizer.json; pass prompt token ids".into(),
+        })?;
+        tok.encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer { path: self.resolved_tokenizer_hint(), msg: e.to_string() })
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Option<String> {
+        self.tokenizer.as_ref().and_then(|t| t.decode(ids, true).ok())
+    }
+
+    fn resolved_tokenizer_hint(&self) -> PathBuf {
+        PathBuf::from("tokenizer.json")
+    }
+
+    /// Queues a request. Everything a caller can get wrong is checked here: unknown or broken
+    /// adapter, bad sampling values, a prompt that cannot fit `max_model_len`.
+    pub fn add_request(
+        &mut self,
+        request_id: &str,
+        prompt: Prompt,
+        params: SamplingParams,
+        lora: Option<&LoraRequest>,
+    ) -> Result<()> {
+        let invalid = |msg: String| Error::InvalidRequest { request_id: request_id.to_string(), msg };
+        if self.ids.contains_key(request_id) {
+            return Err(invalid("a request with this id is already running".into()));
+        }
+        params.validate()?;
+        let prompt_token_ids = match prompt {
+            Prompt::Text(t) => self.encode(&t)?,
+            Prompt::TokenIds(ids) => ids,
+        };
+        if prompt_token_ids.is_empty() {
+            return Err(invalid("the prompt is empty".into()));
+        }
+        if let Some(&bad) = prompt_token_ids.iter().find(|&&t| t as usize >= self.model_config.vocab_size) {
+            return Err(invalid(format!("token id {bad} is outside the vocabulary (size {})", self.model_config.vocab_size)));
+        }
+        let max_model_len = self.resolved.max_model_len;
+        if prompt_token_ids.len() + params.max_tokens > max_model_len {
+            return Err(Error::PromptTooLong {
+                request_id: request_id.to_string(),
+                prompt_len: prompt_token_ids.len(),
+                max_tokens: params.max_tokens,
+                max_model_len,
+            });
+        }
+        let adapter = match lora {
+            None => None,
+            Some(req) => {
+                let pinned: Vec<AdapterId> = self.scheduler.running_loras(&self.seqs).collect();
+                let manager = self.lora.as_mut().ok_or_else(|| {
+                    invalid(format!("asks for adapter {:?} but LoRA is not enabled (enable_lora)", req.name))
+                })?;
+                manager.register(req, &pinned)?;
+                Some(req.id)
+            }
+        };
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        let request_id: Arc<str> = request_id.into();
+        let rng = request_rng(params.seed, &mut self.rng);
+        self.seqs.insert(
+            id,
+            Sequence {
+                request_id: request_id.clone(),
+                prompt_token_ids,
+                output_token_ids: Vec::with_capacity(params.max_tokens),
+                params,
+                lora: adapter,
+                block_table: Vec::new(),
+                num_computed_tokens: 0,
+                rng,
+                metrics: RequestMetrics {
+                    arrival_time: Instant::now(),
+                    first_scheduled_time: None,
+                    first_token_time: None,
+                    last_token_time: None,
+                    num_preemptions: 0,
+                },
+            },
+        );
+        self.ids.insert(request_id, id);
+        self.scheduler.add(id);
+        Ok(())
+    }
+
+    /// Aborts a request; returns false if it is unknown or already finished.
+    pub fn abort_request(&mut self, request_id: &str) -> bool {
+        let Some(id) = self.ids.remove(request_id) else { return false };
+        self.scheduler.remove(id);
+        if let Some(mut seq) = self.seqs.remove(&id) {
+            self.blocks.free(&mut seq.block_table);
+        }
+        true
+    }
+
+    /// Forgets an adapter; requests using it must have finished. False if unknown.
+    pub fn remove_lora(&mut self, id: AdapterId) -> bool {
+        let in_use = self.seqs.values().any(|s| s.lora == Some(id));
+        !in_use && self.lora.as_mut().is_some_and(|l| l.remove(id))
+    }
+
+    /// Runs one step: schedule, run the model on every scheduled token, sample one token per
+    /// scheduled sequence. Returns one output per sequence that produced a token or finished.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let mut outputs = Vec::new();
+        let schedule = self.scheduler.schedule(&mut self.seqs, &mut self.blocks);
+        let num_preempted = schedule.preempted.len();
+        if num_preempted > 0 {
+            tracing::debug!(num_preempted, "KV cache full: preempted sequences for recompute");
+        }
+        let scheduled = schedule.scheduled.clone();
+        let now = Instant::now();
+        for s in &scheduled {
+            let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
+            seq.metrics.first_scheduled_time.get_or_insert(now);
+        }
+        if scheduled.is_empty() {
+            self.last_step = StepStats { num_preempted, ..Default::default() };
+            return Ok(outputs);
+        }
+
+        // Adapters of this step into device slots.
+        self.step_loras.clear();
+        for s in &scheduled {
+            if let Some(a) = self.seqs[&s.id].lora {
+                if !self.step_loras.contains(&a) {
+                    self.step_loras.push(a);
+                }
+            }
+        }
+        if let Some(lora) = self.lora.as_mut() {
+            lora.activate(&self.step_loras, self.backend.as_mut(), &mut self.step_slots)?;
+        }
+
+        // Pack the step.
+        let start = Instant::now();
+        let b = &mut self.batch;
+        b.clear();
+        let bs = self.blocks.block_size();
+        let (mut num_prefill_tokens, mut num_decode_tokens) = (0, 0);
+        for s in &scheduled {
+            let seq = &self.seqs[&s.id];
+            let slot = seq.lora.map(|a| {
+                let i = self.step_loras.iter().position(|&x| x == a).expect("activated");
+                self.step_slots[i]
+            });
+            let first = seq.num_computed_tokens;
+            for pos in first..first + s.num_new_tokens {
+                b.token_ids.push(seq.token(pos));
+                b.positions.push(pos as u32);
+                b.slot_mapping.push(seq.block_table[pos / bs].0 * bs as u32 + (pos % bs) as u32);
+                b.token_lora.push(slot);
+            }
+            b.query_start.push(b.token_ids.len() as u32);
+            let start_len = b.block_tables.len();
+            b.block_tables.extend(seq.block_table.iter().map(|x| x.0));
+            b.block_tables.resize(start_len + b.max_blocks_per_seq, 0);
+            if s.num_new_tokens == 1 && first > 0 {
+                num_decode_tokens += 1;
+            } else {
+                num_prefill_tokens += s.num_new_tokens;
+            }
+        }
+
+        let vocab = self.model_config.vocab_size;
+        let logits = self.backend.forward(&self.batch)?;
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+        self.logits_rows.clear();
+
+        let now = Instant::now();
+        for (i, s) in scheduled.iter().enumerate() {
+            let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
+            seq.num_computed_tokens += s.num_new_tokens;
+            let p = &seq.params;
+            self.banned.clear();
+            if seq.output_token_ids.len() < p.min_tokens {
+                if !p.ignore_eos {
+                    self.banned.extend(&self.model_config.eos_token_ids);
+                }
+                self.banned.extend(&p.stop_token_ids);
+            }
+            self.logits_rows.push(seq.request_id.clone());
+            let row = &mut self.logits[i * vocab..(i + 1) * vocab];
+            let token = self.sampler.sample(row, p, &self.banned, &mut seq.rng);
+            seq.output_token_ids.push(token);
+            seq.metrics.first_token_time.get_or_insert(now);
+            seq.metrics.last_token_time = Some(now);
+            let n_out = seq.output_token_ids.len();
+            let finish = if n_out >= p.min_tokens
+                && ((!p.ignore_eos && self.model_config.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token))
+            {
+                Some(FinishReason::Stop)
+            } else if n_out >= p.max_tokens || seq.len() >= self.resolved.max_model_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let mut out = RequestOutput {
+                request_id: seq.request_id.clone(),
+                token_id: Some(token),
+                finish_reason: finish,
+                num_prompt_tokens: seq.prompt_token_ids.len(),
+                num_output_tokens: n_out,
+                output_token_ids: Vec::new(),
+                metrics: seq.metrics,
+            };
+            if finish.is_some() {
+                let mut seq = self.seqs.remove(&s.id).expect("exists");
+                self.scheduler.remove(s.id);
+                self.blocks.free(&mut seq.block_table);
+                self.ids.remove(&seq.request_id);
+                out.output_token_ids = seq.output_token_ids;
+            }
+            outputs.push(out);
+        }
+        self.last_step = StepStats {
+            num_seqs: scheduled.len(),
+            num_prefill_tokens,
+            num_decode_tokens,
+            num_preempted,
+            num_loras: self.step_loras.len(),
+            duration: start.elapsed(),
+        };
+        Ok(outputs)
+    }
+}
+
+fn load_tokenizer(dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
+    let path = if dir.is_file() { dir.to_path_buf() } else { dir.join("tokenizer.json") };
+    if !path.exists() {
+        return Ok(None);
+    }
+    tokenizers::Tokenizer::from_file(&path)
+        .map(Some)
+        .map_err(|e| Error::Tokenizer { path, msg: e.to_string() })
+}

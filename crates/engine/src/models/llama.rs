@@ -1,0 +1,198 @@
+//! The Llama-family decoder on the CPU, with field names as in the checkpoint
+//! (`model.layers.{i}.self_attn.q_proj.weight`, ...). One forward pass runs every token of a
+//! step — prefills and decodes mixed — and applies LoRA with one shrink/expand per projection.
+
+use crate::backend::StepBatch;
+use crate::cpu::ops::{self, AttnMeta, Rope};
+use crate::cpu::{KvCache, Workspace};
+use crate::error::Result;
+use crate::lora::punica::{self, LoraStack};
+use crate::lora::{LoraSlot, LoraTarget};
+use crate::weights::WeightSource;
+use crate::ModelConfig;
+
+pub struct Linear {
+    /// `[out_features, in_features]`
+    pub weight: Vec<f32>,
+    /// `[out_features]`
+    pub bias: Option<Vec<f32>>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    fn load(w: &mut WeightSource, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: w.get(&format!("{prefix}.weight"), &[out_f, in_f])?,
+            bias: if bias { Some(w.get(&format!("{prefix}.bias"), &[out_f])?) } else { None },
+            in_features: in_f,
+            out_features: out_f,
+        })
+    }
+
+    /// `y[T, out] = x[T, in] · Wᵀ + b`
+    fn forward(&self, x: &[f32], num_tokens: usize, y: &mut [f32]) {
+        ops::linear(x, &self.weight, self.bias.as_deref(), num_tokens, self.in_features, self.out_features, y);
+    }
+}
+
+pub struct SelfAttn {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    /// `[head_dim]`, Qwen3 only
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub self_attn: SelfAttn,
+    pub mlp: Mlp,
+    pub input_layernorm: Vec<f32>,
+    pub post_attention_layernorm: Vec<f32>,
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    /// `[vocab, hidden]`
+    pub embed_tokens: Vec<f32>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Vec<f32>,
+    /// `[vocab, hidden]`; `None` when tied to `embed_tokens`
+    pub lm_head: Option<Vec<f32>>,
+    rope: Rope,
+}
+
+/// The LoRA stacks of one step, and the slot of each token.
+pub struct LoraInput<'a> {
+    /// `[num_layers * 7]`, indexed by `layer * 7 + target`
+    pub stacks: &'a [LoraStack],
+    /// `[T]`
+    pub token_lora: &'a [Option<LoraSlot>],
+}
+
+impl Llama {
+    pub fn load(w: &mut WeightSource, cfg: &ModelConfig, max_positions: usize) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let proj = |w: &mut WeightSource, t: LoraTarget, bias: bool| {
+                let (in_f, out_f) = t.shape(cfg);
+                Linear::load(w, &format!("{p}.{}.{}", t.parent(), t.name()), in_f, out_f, bias)
+            };
+            let self_attn = SelfAttn {
+                q_proj: proj(w, LoraTarget::QProj, cfg.qkv_bias)?,
+                k_proj: proj(w, LoraTarget::KProj, cfg.qkv_bias)?,
+                v_proj: proj(w, LoraTarget::VProj, cfg.qkv_bias)?,
+                o_proj: proj(w, LoraTarget::OProj, cfg.o_bias)?,
+                q_norm: if cfg.qk_norm { Some(w.get(&format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim])?) } else { None },
+                k_norm: if cfg.qk_norm { Some(w.get(&format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim])?) } else { None },
+            };
+            let mlp = Mlp {
+                gate_proj: proj(w, LoraTarget::GateProj, false)?,
+                up_proj: proj(w, LoraTarget::UpProj, false)?,
+                down_proj: proj(w, LoraTarget::DownProj, false)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            });
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        // Some tied checkpoints still store lm_head; either way the embedding is used.
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.get("lm_head.weight", &[v, h])?) };
+        Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg, max_positions) })
+    }
+
+    /// Runs one step. Writes the step's K/V into `kv` and the logits of each sequence's last
+    /// token into `ws.logits` (`[num_seqs, vocab]`).
+    pub fn forward(&self, batch: &StepBatch, kv: &mut KvCache, lora: Option<LoraInput<'_>>, ws: &mut Workspace) {
+        let cfg = &self.cfg;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (qs, kvs, inter) = (cfg.q_size(), cfg.kv_size(), cfg.intermediate_size);
+        let t = batch.num_tokens();
+        assert!(batch.positions.iter().all(|&p| (p as usize) < self.rope.max_positions()));
+
+        let hidden = &mut ws.hidden[..t * h]; // [T, hidden], the residual stream
+        for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.token_ids) {
+            row.copy_from_slice(&self.embed_tokens[tok as usize * h..][..h]);
+        }
+        let meta = AttnMeta {
+            query_start: &batch.query_start,
+            positions: &batch.positions,
+            block_tables: &batch.block_tables,
+            max_blocks_per_seq: batch.max_blocks_per_seq,
+            block_size: kv.block_size,
+        };
+        let lora_tmp = &mut ws.lora_tmp;
+        // x: [T, in] -> y: [T, out] with the layer's adapters added.
+        let project = |lin: &Linear, layer: usize, target: LoraTarget, x: &[f32], y: &mut [f32], tmp: &mut Vec<f32>| {
+            lin.forward(x, t, y);
+            if let Some(l) = &lora {
+                let stack = &l.stacks[layer * LoraTarget::ALL.len() + target.index()];
+                tmp.resize(t * stack.max_rank, 0.0);
+                punica::shrink(x, stack, l.token_lora, tmp);
+                punica::expand(tmp, stack, l.token_lora, y);
+            }
+        };
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let normed = &mut ws.normed[..t * h];
+            ops::rms_norm(hidden, &layer.input_layernorm, cfg.rms_norm_eps, normed);
+            let a = &layer.self_attn;
+            let (q, k, v) = (&mut ws.q[..t * qs], &mut ws.k[..t * kvs], &mut ws.v[..t * kvs]);
+            project(&a.q_proj, li, LoraTarget::QProj, normed, q, lora_tmp);
+            project(&a.k_proj, li, LoraTarget::KProj, normed, k, lora_tmp);
+            project(&a.v_proj, li, LoraTarget::VProj, normed, v, lora_tmp);
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                ops::rms_norm_heads(q, qn, cfg.rms_norm_eps);
+                ops::rms_norm_heads(k, kn, cfg.rms_norm_eps);
+            }
+            self.rope.apply(q, &batch.positions, nh);
+            self.rope.apply(k, &batch.positions, nkv);
+            let (k_cache, v_cache) = (&mut kv.k[li], &mut kv.v[li]);
+            for (ti, &slot) in batch.slot_mapping.iter().enumerate() {
+                let s = slot as usize * kvs;
+                k_cache[s..s + kvs].copy_from_slice(&k[ti * kvs..(ti + 1) * kvs]);
+                v_cache[s..s + kvs].copy_from_slice(&v[ti * kvs..(ti + 1) * kvs]);
+            }
+            let attn = &mut ws.attn[..t * qs];
+            ops::paged_attention(q, k_cache, v_cache, &meta, nh, nkv, hd, attn);
+            let o = &mut ws.normed[..t * h]; // normed is free again: reuse it for o_proj's output
+            project(&a.o_proj, li, LoraTarget::OProj, attn, o, lora_tmp);
+            ops::add_inplace(hidden, o);
+
+            let normed = &mut ws.normed[..t * h];
+            ops::rms_norm(hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps, normed);
+            let (gate, up) = (&mut ws.gate[..t * inter], &mut ws.up[..t * inter]);
+            project(&layer.mlp.gate_proj, li, LoraTarget::GateProj, normed, gate, lora_tmp);
+            project(&layer.mlp.up_proj, li, LoraTarget::UpProj, normed, up, lora_tmp);
+            ops::silu_mul(gate, up);
+            let down = &mut ws.normed[..t * h];
+            project(&layer.mlp.down_proj, li, LoraTarget::DownProj, gate, down, lora_tmp);
+            ops::add_inplace(hidden, down);
+        }
+
+        // Only each sequence's last token needs logits.
+        let num_seqs = batch.num_seqs();
+        let last = &mut ws.last_hidden[..num_seqs * h];
+        for (s, row) in last.chunks_exact_mut(h).enumerate() {
+            let ti = batch.query_start[s + 1] as usize - 1;
+            ops::rms_norm_row(&hidden[ti * h..(ti + 1) * h], &self.norm, cfg.rms_norm_eps, row);
+        }
+        let lm_head = self.lm_head.as_deref().unwrap_or(&self.embed_tokens);
+        ops::linear(last, lm_head, None, num_seqs, h, cfg.vocab_size, &mut ws.logits);
+    }
+}

@@ -1,0 +1,78 @@
+//! A request inside the engine: its tokens, KV blocks, adapter and timestamps.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+
+use crate::block_manager::BlockId;
+use crate::lora::AdapterId;
+use crate::sampling::SamplingParams;
+
+/// The engine's internal handle of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// Why a request ended, as vLLM reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS or stop token.
+    Stop,
+    /// `max_tokens` or `max_model_len` reached.
+    Length,
+    /// Aborted by the caller, or its adapter could not be loaded.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Timestamps of a request, the ones the benchmark reports.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMetrics {
+    pub arrival_time: Instant,
+    pub first_scheduled_time: Option<Instant>,
+    pub first_token_time: Option<Instant>,
+    pub last_token_time: Option<Instant>,
+    /// Times the request lost its KV cache and was recomputed.
+    pub num_preemptions: u32,
+}
+
+pub struct Sequence {
+    pub request_id: Arc<str>,
+    pub prompt_token_ids: Vec<u32>,
+    pub output_token_ids: Vec<u32>,
+    pub params: SamplingParams,
+    pub lora: Option<AdapterId>,
+    pub block_table: Vec<BlockId>,
+    /// Tokens whose K/V are in the cache.
+    pub num_computed_tokens: usize,
+    pub rng: StdRng,
+    pub metrics: RequestMetrics,
+}
+
+impl Sequence {
+    pub fn len(&self) -> usize {
+        self.prompt_token_ids.len() + self.output_token_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn token(&self, i: usize) -> u32 {
+        let p = self.prompt_token_ids.len();
+        if i < p {
+            self.prompt_token_ids[i]
+        } else {
+            self.output_token_ids[i - p]
+        }
+    }
+}
