@@ -15,7 +15,11 @@ impl BlockManager {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
         // Pop from the end: hand out low ids first.
         let free = (0..num_blocks as u32).rev().map(BlockId).collect();
-        BlockManager { block_size, num_blocks, free }
+        BlockManager {
+            block_size,
+            num_blocks,
+            free,
+        }
     }
 
     pub fn block_size(&self) -> usize {

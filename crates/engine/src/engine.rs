@@ -172,7 +172,9 @@ pub struct LLMEngine {
 impl LLMEngine {
     pub fn new(config: EngineConfig) -> Result<Self> {
         let model_config = ModelConfig::from_dir(&config.model)?;
-        let max_model_len = config.max_model_len.unwrap_or(model_config.max_position_embeddings);
+        let max_model_len = config
+            .max_model_len
+            .unwrap_or(model_config.max_position_embeddings);
         if max_model_len == 0 {
             return Err(Error::InvalidConfig("max_model_len must be at least 1".into()));
         }
@@ -251,7 +253,10 @@ impl LLMEngine {
         };
         drop(weights);
 
-        let mut batch = StepBatch { max_blocks_per_seq: blocks_per_seq, ..Default::default() };
+        let mut batch = StepBatch {
+            max_blocks_per_seq: blocks_per_seq,
+            ..Default::default()
+        };
         batch.clear();
         Ok(LLMEngine {
             resolved: ResolvedEngine {
@@ -343,7 +348,10 @@ impl LLMEngine {
         })?;
         tok.encode(text, true)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Tokenizer { path: self.resolved_tokenizer_hint(), msg: e.to_string() })
+            .map_err(|e| Error::Tokenizer {
+                path: self.resolved_tokenizer_hint(),
+                msg: e.to_string(),
+            })
     }
 
     pub fn decode(&self, ids: &[u32]) -> Option<String> {
@@ -363,7 +371,10 @@ impl LLMEngine {
         params: SamplingParams,
         lora: Option<&LoraRequest>,
     ) -> Result<()> {
-        let invalid = |msg: String| Error::InvalidRequest { request_id: request_id.to_string(), msg };
+        let invalid = |msg: String| Error::InvalidRequest {
+            request_id: request_id.to_string(),
+            msg,
+        };
         if self.ids.contains_key(request_id) {
             return Err(invalid("a request with this id is already running".into()));
         }
@@ -375,8 +386,14 @@ impl LLMEngine {
         if prompt_token_ids.is_empty() {
             return Err(invalid("the prompt is empty".into()));
         }
-        if let Some(&bad) = prompt_token_ids.iter().find(|&&t| t as usize >= self.model_config.vocab_size) {
-            return Err(invalid(format!("token id {bad} is outside the vocabulary (size {})", self.model_config.vocab_size)));
+        if let Some(&bad) = prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.model_config.vocab_size)
+        {
+            return Err(invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.model_config.vocab_size
+            )));
         }
         let max_model_len = self.resolved.max_model_len;
         if prompt_token_ids.len() + params.max_tokens > max_model_len {
@@ -392,7 +409,10 @@ impl LLMEngine {
             Some(req) => {
                 let pinned: Vec<AdapterId> = self.scheduler.running_loras(&self.seqs).collect();
                 let manager = self.lora.as_mut().ok_or_else(|| {
-                    invalid(format!("asks for adapter {:?} but LoRA is not enabled (enable_lora)", req.name))
+                    invalid(format!(
+                        "asks for adapter {:?} but LoRA is not enabled (enable_lora)",
+                        req.name
+                    ))
                 })?;
                 manager.register(req, &pinned)?;
                 Some(req.id)
@@ -429,7 +449,9 @@ impl LLMEngine {
 
     /// Aborts a request; returns false if it is unknown or already finished.
     pub fn abort_request(&mut self, request_id: &str) -> bool {
-        let Some(id) = self.ids.remove(request_id) else { return false };
+        let Some(id) = self.ids.remove(request_id) else {
+            return false;
+        };
         self.scheduler.remove(id);
         if let Some(mut seq) = self.seqs.remove(&id) {
             self.blocks.free(&mut seq.block_table);
@@ -459,7 +481,10 @@ impl LLMEngine {
             seq.metrics.first_scheduled_time.get_or_insert(now);
         }
         if scheduled.is_empty() {
-            self.last_step = StepStats { num_preempted, ..Default::default() };
+            self.last_step = StepStats {
+                num_preempted,
+                ..Default::default()
+            };
             return Ok(outputs);
         }
 
@@ -492,7 +517,8 @@ impl LLMEngine {
             for pos in first..first + s.num_new_tokens {
                 b.token_ids.push(seq.token(pos));
                 b.positions.push(pos as u32);
-                b.slot_mapping.push(seq.block_table[pos / bs].0 * bs as u32 + (pos % bs) as u32);
+                b.slot_mapping
+                    .push(seq.block_table[pos / bs].0 * bs as u32 + (pos % bs) as u32);
                 b.token_lora.push(slot);
             }
             b.query_start.push(b.token_ids.len() as u32);
@@ -532,7 +558,8 @@ impl LLMEngine {
             seq.metrics.last_token_time = Some(now);
             let n_out = seq.output_token_ids.len();
             let finish = if n_out >= p.min_tokens
-                && ((!p.ignore_eos && self.model_config.eos_token_ids.contains(&token)) || p.stop_token_ids.contains(&token))
+                && ((!p.ignore_eos && self.model_config.eos_token_ids.contains(&token))
+                    || p.stop_token_ids.contains(&token))
             {
                 Some(FinishReason::Stop)
             } else if n_out >= p.max_tokens || seq.len() >= self.resolved.max_model_len {
@@ -571,11 +598,18 @@ impl LLMEngine {
 }
 
 fn load_tokenizer(dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {
-    let path = if dir.is_file() { dir.to_path_buf() } else { dir.join("tokenizer.json") };
+    let path = if dir.is_file() {
+        dir.to_path_buf()
+    } else {
+        dir.join("tokenizer.json")
+    };
     if !path.exists() {
         return Ok(None);
     }
     tokenizers::Tokenizer::from_file(&path)
         .map(Some)
-        .map_err(|e| Error::Tokenizer { path, msg: e.to_string() })
+        .map_err(|e| Error::Tokenizer {
+            path,
+            msg: e.to_string(),
+        })
 }

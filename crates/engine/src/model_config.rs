@@ -159,9 +159,10 @@ impl ModelConfig {
     }
 
     fn from_raw(raw: RawConfig, path: &Path) -> Result<Self> {
-        let arch_name = raw.architectures.first().ok_or_else(|| {
-            Error::model(path, "field `architectures` is missing or empty")
-        })?;
+        let arch_name = raw
+            .architectures
+            .first()
+            .ok_or_else(|| Error::model(path, "field `architectures` is missing or empty"))?;
         let architecture =
             Architecture::from_hf(arch_name).ok_or_else(|| Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
@@ -169,7 +170,10 @@ impl ModelConfig {
             })?;
         let need = |v: Option<usize>, field: &str| {
             v.filter(|&x| x > 0).ok_or_else(|| {
-                Error::model(path, format!("field `{field}` is missing or not a positive integer"))
+                Error::model(
+                    path,
+                    format!("field `{field}` is missing or not a positive integer"),
+                )
             })
         };
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
@@ -192,11 +196,17 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(Error::model(path, format!("head_dim {head_dim} must be even for RoPE")));
+            return Err(Error::model(
+                path,
+                format!("head_dim {head_dim} must be even for RoPE"),
+            ));
         }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(Error::model(path, format!("hidden_act {act:?} is not supported (expected \"silu\")")));
+                return Err(Error::model(
+                    path,
+                    format!("hidden_act {act:?} is not supported (expected \"silu\")"),
+                ));
             }
         }
         if architecture == Architecture::Qwen2 && raw.use_sliding_window == Some(true) {
@@ -331,7 +341,9 @@ mod tests {
     fn rejects_unknown_architecture_and_missing_fields() {
         let err = parse(&format!(r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#)).unwrap_err();
         assert!(err.to_string().contains("GPT2LMHeadModel"), "{err}");
-        let err = parse(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4}"#).unwrap_err();
+        let err =
+            parse(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4}"#)
+                .unwrap_err();
         assert!(err.to_string().contains("intermediate_size"), "{err}");
         let err = parse(&format!(
             r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#
@@ -344,7 +356,9 @@ mod tests {
     fn qwen_variants_set_bias_and_norm() -> Result<()> {
         let q2 = parse(&format!(r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}}}"#))?;
         assert!(q2.qkv_bias && !q2.o_bias && !q2.qk_norm);
-        let q3 = parse(&format!(r#"{{"architectures": ["Qwen3ForCausalLM"], {BASE}, "head_dim": 32}}"#))?;
+        let q3 = parse(&format!(
+            r#"{{"architectures": ["Qwen3ForCausalLM"], {BASE}, "head_dim": 32}}"#
+        ))?;
         assert!(!q3.qkv_bias && q3.qk_norm);
         assert_eq!(q3.head_dim, 32);
         Ok(())

@@ -40,25 +40,41 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy(max_tokens: usize) -> Self {
-        SamplingParams { temperature: 0.0, max_tokens, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ..Default::default()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         let bad = |field, msg: String| Err(Error::InvalidSamplingParams { field, msg });
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", format!("must be a finite number >= 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("must be a finite number >= 0, got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
         }
         if self.top_k < -1 {
-            return bad("top_k", format!("must be -1, 0 (disabled) or positive, got {}", self.top_k));
+            return bad(
+                "top_k",
+                format!("must be -1, 0 (disabled) or positive, got {}", self.top_k),
+            );
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1".into());
         }
         if self.min_tokens > self.max_tokens {
-            return bad("min_tokens", format!("{} is greater than max_tokens {}", self.min_tokens, self.max_tokens));
+            return bad(
+                "min_tokens",
+                format!(
+                    "{} is greater than max_tokens {}",
+                    self.min_tokens, self.max_tokens
+                ),
+            );
         }
         Ok(())
     }
@@ -88,7 +104,13 @@ pub struct Sampler {
 impl Sampler {
     /// Samples one token from `logits` (modified in place: masked tokens become -inf).
     /// `banned` tokens (EOS/stop ids before `min_tokens`) are never chosen.
-    pub fn sample(&mut self, logits: &mut [f32], params: &SamplingParams, banned: &[u32], rng: &mut StdRng) -> u32 {
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        banned: &[u32],
+        rng: &mut StdRng,
+    ) -> u32 {
         for &b in banned {
             if let Some(l) = logits.get_mut(b as usize) {
                 *l = f32::NEG_INFINITY;
@@ -100,10 +122,20 @@ impl Sampler {
         let inv_t = 1.0 / params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.probs.clear();
-        self.probs.extend(logits.iter().enumerate().map(|(i, &l)| (((l - max) * inv_t).exp(), i as u32)));
-        let k = if params.top_k > 0 { (params.top_k as usize).min(self.probs.len()) } else { self.probs.len() };
+        self.probs.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (((l - max) * inv_t).exp(), i as u32)),
+        );
+        let k = if params.top_k > 0 {
+            (params.top_k as usize).min(self.probs.len())
+        } else {
+            self.probs.len()
+        };
         if k < self.probs.len() {
-            self.probs.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+            self.probs
+                .select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
             self.probs.truncate(k);
         }
         if params.top_p < 1.0 {
@@ -154,18 +186,32 @@ mod tests {
     fn top_k_one_is_greedy_and_seed_repeats() {
         let mut s = Sampler::default();
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let p = SamplingParams { temperature: 0.8, top_k: 1, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 1,
+            ..Default::default()
+        };
         let mut rng = StdRng::seed_from_u64(3);
         assert_eq!(s.sample(&mut logits.clone(), &p, &[], &mut rng), argmax(&logits));
 
-        let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(5), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: Some(5),
+            ..Default::default()
+        };
         let draw = |s: &mut Sampler| {
             let mut rng = StdRng::seed_from_u64(5);
-            (0..20).map(|_| s.sample(&mut logits.clone(), &p, &[], &mut rng)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &p, &[], &mut rng))
+                .collect::<Vec<_>>()
         };
         let a = draw(&mut s);
         assert_eq!(a, draw(&mut s));
-        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1, "sampling is not degenerate");
+        assert!(
+            a.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+            "sampling is not degenerate"
+        );
     }
 
     #[test]
@@ -173,7 +219,11 @@ mod tests {
         let mut s = Sampler::default();
         // token 0 holds ~88% of the mass: top_p 0.5 must always pick it
         let logits = [5.0f32, 3.0, 1.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
         let mut rng = StdRng::seed_from_u64(9);
         for _ in 0..50 {
             assert_eq!(s.sample(&mut logits.clone(), &p, &[], &mut rng), 0);
@@ -182,9 +232,20 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let e = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
+        let e = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("top_p"));
-        let e = SamplingParams { min_tokens: 5, max_tokens: 2, ..Default::default() }.validate().unwrap_err();
+        let e = SamplingParams {
+            min_tokens: 5,
+            max_tokens: 2,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("min_tokens"));
     }
 }

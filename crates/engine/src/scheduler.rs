@@ -77,7 +77,10 @@ impl Scheduler {
     }
 
     /// Adapters of running sequences: the ones the host cache must not evict.
-    pub fn running_loras<'a>(&'a self, seqs: &'a HashMap<SeqId, Sequence>) -> impl Iterator<Item = AdapterId> + 'a {
+    pub fn running_loras<'a>(
+        &'a self,
+        seqs: &'a HashMap<SeqId, Sequence>,
+    ) -> impl Iterator<Item = AdapterId> + 'a {
         self.running.iter().filter_map(|id| seqs[id].lora)
     }
 
@@ -116,7 +119,10 @@ impl Scheduler {
             }
             let seq = &seqs[&id];
             let n = seq.len() - seq.num_computed_tokens;
-            self.out.scheduled.push(ScheduledSeq { id, num_new_tokens: n });
+            self.out.scheduled.push(ScheduledSeq {
+                id,
+                num_new_tokens: n,
+            });
             budget = budget.saturating_sub(n);
             i += 1;
         }
@@ -158,7 +164,10 @@ impl Scheduler {
             }
             budget -= n;
             self.running.push(id);
-            self.out.scheduled.push(ScheduledSeq { id, num_new_tokens: n });
+            self.out.scheduled.push(ScheduledSeq {
+                id,
+                num_new_tokens: n,
+            });
             self.out.admitted.push(id);
         }
         for &id in self.passed_over.iter().rev() {
@@ -205,8 +214,16 @@ mod tests {
         }
     }
 
-    fn setup(loras: &[Option<u32>], prompt_len: usize, max_loras: usize) -> (Scheduler, HashMap<SeqId, Sequence>) {
-        let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64, max_loras });
+    fn setup(
+        loras: &[Option<u32>],
+        prompt_len: usize,
+        max_loras: usize,
+    ) -> (Scheduler, HashMap<SeqId, Sequence>) {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 64,
+            max_loras,
+        });
         let mut seqs = HashMap::new();
         for (i, l) in loras.iter().enumerate() {
             seqs.insert(SeqId(i as u64), seq(prompt_len, *l));
@@ -220,7 +237,12 @@ mod tests {
         // adapters 1, 2, 1, none, 3 with max_loras 2: the request for adapter 3 waits.
         let (mut s, mut seqs) = setup(&[Some(1), Some(2), Some(1), None, Some(3)], 4, 2);
         let mut bm = BlockManager::new(64, 4);
-        let ids: Vec<u64> = s.schedule(&mut seqs, &mut bm).scheduled.iter().map(|x| x.id.0).collect();
+        let ids: Vec<u64> = s
+            .schedule(&mut seqs, &mut bm)
+            .scheduled
+            .iter()
+            .map(|x| x.id.0)
+            .collect();
         assert_eq!(ids, vec![0, 1, 2, 3]);
         assert_eq!(s.num_waiting(), 1);
         advance(&s, &mut seqs);
@@ -254,7 +276,13 @@ mod tests {
         advance(&s, &mut seqs);
         // seq 0 grows into block 3; seq 1 cannot grow: it is preempted.
         let sched = s.schedule(&mut seqs, &mut bm);
-        assert_eq!(sched.scheduled, vec![ScheduledSeq { id: SeqId(0), num_new_tokens: 1 }]);
+        assert_eq!(
+            sched.scheduled,
+            vec![ScheduledSeq {
+                id: SeqId(0),
+                num_new_tokens: 1
+            }]
+        );
         assert_eq!(sched.preempted, vec![SeqId(1)]);
         assert_eq!(seqs[&SeqId(1)].num_computed_tokens, 0);
         assert!(seqs[&SeqId(1)].block_table.is_empty());
@@ -263,7 +291,13 @@ mod tests {
         bm.free(&mut seqs.get_mut(&SeqId(0)).unwrap().block_table);
         // seq 1 comes back and recomputes prompt + its one output token
         let sched = s.schedule(&mut seqs, &mut bm);
-        assert_eq!(sched.scheduled, vec![ScheduledSeq { id: SeqId(1), num_new_tokens: 5 }]);
+        assert_eq!(
+            sched.scheduled,
+            vec![ScheduledSeq {
+                id: SeqId(1),
+                num_new_tokens: 5
+            }]
+        );
     }
 
     #[test]

@@ -41,8 +41,8 @@ impl SafetensorsFiles {
         } else if single.exists() {
             Self::open(&[single])
         } else {
-            let has_bin = dir.join("pytorch_model.bin").exists()
-                || dir.join("pytorch_model.bin.index.json").exists();
+            let has_bin =
+                dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists();
             let msg = if has_bin {
                 "only PyTorch .bin weights found; multilora reads safetensors (convert the checkpoint, or use load_format \"dummy\")"
             } else {
@@ -117,7 +117,10 @@ impl SafetensorsFiles {
         to_f32(view.dtype(), view.data()).ok_or_else(|| {
             Error::model(
                 path,
-                format!("tensor {name:?} has dtype {:?}; expected F32, F16 or BF16", view.dtype()),
+                format!(
+                    "tensor {name:?} has dtype {:?}; expected F32, F16 or BF16",
+                    view.dtype()
+                ),
             )
         })
     }
@@ -146,13 +149,8 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 /// The source of a model's weights: a checkpoint, or seeded random values (vLLM's
 /// `load_format="dummy"`), so large shapes can be benchmarked from `config.json` alone.
 pub enum WeightSource {
-    Files {
-        dir: PathBuf,
-        files: SafetensorsFiles,
-    },
-    Dummy {
-        rng: rand::rngs::StdRng,
-    },
+    Files { dir: PathBuf, files: SafetensorsFiles },
+    Dummy { rng: Box<rand::rngs::StdRng> },
 }
 
 impl WeightSource {
@@ -165,7 +163,7 @@ impl WeightSource {
 
     pub fn dummy(seed: u64) -> Self {
         WeightSource::Dummy {
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            rng: Box::new(rand::rngs::StdRng::seed_from_u64(seed)),
         }
     }
 

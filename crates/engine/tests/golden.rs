@@ -24,7 +24,9 @@ struct GoldenRequest {
 }
 
 fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(case)
 }
 
 fn load(case: &str) -> Golden {
@@ -36,14 +38,21 @@ fn load(case: &str) -> Golden {
 fn lora_requests(case: &str) -> HashMap<String, LoraRequest> {
     let dir = case_dir(case).join("adapters");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
         .into_iter()
         .enumerate()
         .map(|(i, n)| {
-            let req = LoraRequest { name: n.clone(), id: AdapterId(i as u32 + 1), path: dir.join(&n) };
+            let req = LoraRequest {
+                name: n.clone(),
+                id: AdapterId(i as u32 + 1),
+                path: dir.join(&n),
+            };
             (n, req)
         })
         .collect()
@@ -66,13 +75,28 @@ struct Run {
 }
 
 /// Runs `requests` (indices into the golden list) together, greedy, EOS ignored.
-fn run(engine: &mut LLMEngine, golden: &Golden, loras: &HashMap<String, LoraRequest>, requests: &[usize]) -> Run {
+fn run(
+    engine: &mut LLMEngine,
+    golden: &Golden,
+    loras: &HashMap<String, LoraRequest>,
+    requests: &[usize],
+) -> Run {
     let n = golden.num_steps;
     for &i in requests {
         let r = &golden.requests[i];
-        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(n) };
+        let params = SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(n)
+        };
         let lora = r.lora.as_ref().map(|name| &loras[name]);
-        engine.add_request(&i.to_string(), Prompt::TokenIds(r.prompt_token_ids.clone()), params, lora).unwrap();
+        engine
+            .add_request(
+                &i.to_string(),
+                Prompt::TokenIds(r.prompt_token_ids.clone()),
+                params,
+                lora,
+            )
+            .unwrap();
     }
     let mut out = Run {
         tokens: vec![Vec::new(); requests.len()],
@@ -85,7 +109,10 @@ fn run(engine: &mut LLMEngine, golden: &Golden, loras: &HashMap<String, LoraRequ
         step += 1;
         assert!(step <= (n + 1) * requests.len(), "requests did not finish");
         for o in outputs {
-            let k = requests.iter().position(|&i| i.to_string() == *o.request_id).unwrap();
+            let k = requests
+                .iter()
+                .position(|&i| i.to_string() == *o.request_id)
+                .unwrap();
             let logits = engine.last_logits(&o.request_id).unwrap().to_vec();
             if o.num_output_tokens == 1 {
                 out.first_logits[k] = logits.clone();
@@ -115,7 +142,10 @@ fn check_against_golden(case: &str, max_loras: usize, max_cpu_loras: usize) -> L
         assert_eq!(got.tokens[k], r.greedy_token_ids, "{what}: greedy tokens differ");
         let d1 = max_diff(&got.first_logits[k], &r.first_logits);
         let d2 = max_diff(&got.last_logits[k], &r.last_logits);
-        assert!(d1 < 1e-4 && d2 < 1e-4, "{what}: logits differ by {d1} (first) / {d2} (last)");
+        assert!(
+            d1 < 1e-4 && d2 < 1e-4,
+            "{what}: logits differ by {d1} (first) / {d2} (last)"
+        );
     }
     engine
 }

@@ -101,7 +101,12 @@ impl CpuBackend {
             }
         }
         let ws = Workspace::new(cfg, bc.max_num_batched_tokens, bc.max_num_seqs, bc.max_lora_rank);
-        Ok(CpuBackend { model, kv, ws, lora_stacks })
+        Ok(CpuBackend {
+            model,
+            kv,
+            ws,
+            lora_stacks,
+        })
     }
 }
 
@@ -122,8 +127,10 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {
-        let lora = (!self.lora_stacks.is_empty() && batch.has_lora())
-            .then(|| LoraInput { stacks: &self.lora_stacks, token_lora: &batch.token_lora });
+        let lora = (!self.lora_stacks.is_empty() && batch.has_lora()).then(|| LoraInput {
+            stacks: &self.lora_stacks,
+            token_lora: &batch.token_lora,
+        });
         self.model.forward(batch, &mut self.kv, lora, &mut self.ws);
         Ok(&self.ws.logits[..batch.num_seqs() * self.model.cfg.vocab_size])
     }

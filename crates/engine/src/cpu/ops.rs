@@ -65,42 +65,60 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    // A method (not field access) so closures capture the whole Send wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`.
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, num_tokens: usize, in_f: usize, out_f: usize, y: &mut [f32]) {
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+) {
     assert_eq!(w.len(), in_f * out_f);
     assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
     let threads = rayon::current_num_threads();
     // Enough chunks to balance the threads, each a few rows so the weight chunk stays in cache.
     let rows_per_chunk = (out_f / (threads * 8)).clamp(4, 64);
     let yp = SendPtr(y.as_mut_ptr());
-    w.par_chunks(rows_per_chunk * in_f).enumerate().for_each(|(c, wchunk)| {
-        let yp = yp;
-        let o0 = c * rows_per_chunk;
-        let mut t = 0;
-        while t < num_tokens {
-            let nt = (num_tokens - t).min(4);
-            let xs: [&[f32]; 4] = std::array::from_fn(|r| {
-                let tt = t + r.min(nt - 1);
-                &x[tt * in_f..(tt + 1) * in_f]
-            });
-            for (ro, wrow) in wchunk.chunks_exact(in_f).enumerate() {
-                let o = o0 + ro;
-                let b = bias.map_or(0.0, |b| b[o]);
-                let d = dot4(wrow, xs);
-                for (r, &v) in d.iter().enumerate().take(nt) {
-                    // SAFETY: (t + r, o) is written by this task only: o lies in this chunk.
-                    unsafe { *yp.0.add((t + r) * out_f + o) = v + b };
+    w.par_chunks(rows_per_chunk * in_f)
+        .enumerate()
+        .for_each(|(c, wchunk)| {
+            let o0 = c * rows_per_chunk;
+            let mut t = 0;
+            while t < num_tokens {
+                let nt = (num_tokens - t).min(4);
+                let xs: [&[f32]; 4] = std::array::from_fn(|r| {
+                    let tt = t + r.min(nt - 1);
+                    &x[tt * in_f..(tt + 1) * in_f]
+                });
+                for (ro, wrow) in wchunk.chunks_exact(in_f).enumerate() {
+                    let o = o0 + ro;
+                    let b = bias.map_or(0.0, |b| b[o]);
+                    let d = dot4(wrow, xs);
+                    for (r, &v) in d.iter().enumerate().take(nt) {
+                        // SAFETY: (t + r, o) is written by this task only: o lies in this chunk.
+                        unsafe { *yp.get().add((t + r) * out_f + o) = v + b };
+                    }
                 }
+                t += 4;
             }
-            t += 4;
-        }
-    });
+        });
 }
 
 /// RMSNorm over rows of `hidden` features, as HF computes it (f32 mean of squares).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
-    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, xr)| rms_norm_row(xr, w, eps, o));
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(o, xr)| rms_norm_row(xr, w, eps, o));
 }
 
 #[inline]
@@ -126,11 +144,13 @@ pub fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
 
 /// `gate[i] = silu(gate[i]) * up[i]`
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    });
+    gate.par_chunks_mut(4096)
+        .zip(up.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (g, &u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        });
 }
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
@@ -152,13 +172,24 @@ pub struct Rope {
 pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     let dim = cfg.head_dim;
     let base = cfg.rope_theta as f64;
-    let mut f: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+    let mut f: Vec<f64> = (0..dim / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64))
+        .collect();
     match cfg.rope_scaling {
         None => {}
         Some(RopeScaling::Linear { factor }) => f.iter_mut().for_each(|v| *v /= factor as f64),
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
-            let (factor, low, high, old) =
-                (factor as f64, low_freq_factor as f64, high_freq_factor as f64, original_max_position_embeddings as f64);
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let (factor, low, high, old) = (
+                factor as f64,
+                low_freq_factor as f64,
+                high_freq_factor as f64,
+                original_max_position_embeddings as f64,
+            );
             let low_wavelen = old / low;
             let high_wavelen = old / high;
             for v in f.iter_mut() {
@@ -199,18 +230,23 @@ impl Rope {
     pub fn apply(&self, x: &mut [f32], positions: &[u32], num_heads: usize) {
         let half = self.half;
         let row = num_heads * 2 * half;
-        x.par_chunks_mut(row).zip(positions.par_iter()).for_each(|(xt, &p)| {
-            let p = p as usize;
-            let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
-            for head in xt.chunks_exact_mut(2 * half) {
-                let (lo, hi) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = b * cos[i] + a * sin[i];
+        x.par_chunks_mut(row)
+            .zip(positions.par_iter())
+            .for_each(|(xt, &p)| {
+                let p = p as usize;
+                let (cos, sin) = (
+                    &self.cos[p * half..(p + 1) * half],
+                    &self.sin[p * half..(p + 1) * half],
+                );
+                for head in xt.chunks_exact_mut(2 * half) {
+                    let (lo, hi) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = b * cos[i] + a * sin[i];
+                    }
                 }
-            }
-        });
+            });
     }
 }
 
@@ -255,7 +291,8 @@ pub fn paged_attention(
         .for_each(|(idx, o)| {
             let (t, h) = (idx / num_heads, idx % num_heads);
             let seq = meta.query_start.partition_point(|&s| s as usize <= t) - 1;
-            let table = &meta.block_tables[seq * meta.max_blocks_per_seq..(seq + 1) * meta.max_blocks_per_seq];
+            let table =
+                &meta.block_tables[seq * meta.max_blocks_per_seq..(seq + 1) * meta.max_blocks_per_seq];
             let ctx = meta.positions[t] as usize + 1;
             let kvh = h / group;
             let qh = &q[(t * num_heads + h) * head_dim..][..head_dim];
@@ -293,15 +330,20 @@ mod tests {
     #[test]
     fn linear_matches_naive_for_all_tile_remainders() {
         let (in_f, out_f) = (37, 70);
-        let w: Vec<f32> = (0..in_f * out_f).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..in_f * out_f)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01).collect();
         for t in [1, 2, 3, 4, 5, 9] {
-            let x: Vec<f32> = (0..t * in_f).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+            let x: Vec<f32> = (0..t * in_f)
+                .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+                .collect();
             let mut y = vec![0.0; t * out_f];
             linear(&x, &w, Some(&bias), t, in_f, out_f, &mut y);
             for tt in 0..t {
                 for o in 0..out_f {
-                    let want: f32 = (0..in_f).map(|k| x[tt * in_f + k] * w[o * in_f + k]).sum::<f32>() + bias[o];
+                    let want: f32 =
+                        (0..in_f).map(|k| x[tt * in_f + k] * w[o * in_f + k]).sum::<f32>() + bias[o];
                     assert!((y[tt * out_f + o] - want).abs() < 1e-4, "t={t} ({tt},{o})");
                 }
             }

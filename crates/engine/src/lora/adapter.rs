@@ -80,17 +80,24 @@ impl LoraAdapter {
         if !config_path.exists() {
             return Err(err("adapter_config.json is missing".into()));
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|e| err(format!("adapter_config.json: {e}")))?;
-        let config: AdapterConfig =
-            serde_json::from_str(&text).map_err(|e| err(format!("adapter_config.json: invalid JSON: {e}")))?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| err(format!("adapter_config.json: {e}")))?;
+        let config: AdapterConfig = serde_json::from_str(&text)
+            .map_err(|e| err(format!("adapter_config.json: invalid JSON: {e}")))?;
         if let Some(t) = &config.peft_type {
             if t != "LORA" {
-                return Err(err(format!("adapter_config.json: peft_type {t:?} is not supported (expected \"LORA\")")));
+                return Err(err(format!(
+                    "adapter_config.json: peft_type {t:?} is not supported (expected \"LORA\")"
+                )));
             }
         }
-        config.r.ok_or_else(|| err("adapter_config.json: field `r` is missing".into()))?;
+        config
+            .r
+            .ok_or_else(|| err("adapter_config.json: field `r` is missing".into()))?;
         if config.use_dora {
-            return Err(err("adapter_config.json: use_dora=true (DoRA) is not supported".into()));
+            return Err(err(
+                "adapter_config.json: use_dora=true (DoRA) is not supported".into()
+            ));
         }
         if config.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(err(format!(
@@ -99,12 +106,21 @@ impl LoraAdapter {
             )));
         }
         if config.bias.as_deref().is_some_and(|b| b != "none") {
-            return Err(err(format!("adapter_config.json: bias {:?} is not supported (expected \"none\")", config.bias.unwrap_or_default())));
+            return Err(err(format!(
+                "adapter_config.json: bias {:?} is not supported (expected \"none\")",
+                config.bias.unwrap_or_default()
+            )));
         }
         if config.fan_in_fan_out {
-            return Err(err("adapter_config.json: fan_in_fan_out=true is not supported".into()));
+            return Err(err(
+                "adapter_config.json: fan_in_fan_out=true is not supported".into()
+            ));
         }
-        let targets_text = config.target_modules.as_ref().map(|v| v.to_string()).unwrap_or_default();
+        let targets_text = config
+            .target_modules
+            .as_ref()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         for bad in ["embed_tokens", "lm_head"] {
             if targets_text.contains(bad) {
                 return Err(err(format!(
@@ -121,8 +137,8 @@ impl LoraAdapter {
                 "adapter_model.safetensors is missing".into()
             }));
         }
-        let files = SafetensorsFiles::open(std::slice::from_ref(&weights_path))
-            .map_err(|e| err(e.to_string()))?;
+        let files =
+            SafetensorsFiles::open(std::slice::from_ref(&weights_path)).map_err(|e| err(e.to_string()))?;
 
         let lora_alpha = config.lora_alpha.unwrap_or(8.0);
         let num_layers = cfg.num_hidden_layers;
@@ -137,16 +153,25 @@ impl LoraAdapter {
             if tensor.contains("lora_B") {
                 continue; // read together with its lora_A
             }
-            if tensor.contains("embed_tokens") || tensor.contains("lm_head") || tensor.contains("lora_embedding") {
-                return Err(err(format!("tensor {tensor:?}: LoRA on embeddings or lm_head is not supported")));
+            if tensor.contains("embed_tokens")
+                || tensor.contains("lm_head")
+                || tensor.contains("lora_embedding")
+            {
+                return Err(err(format!(
+                    "tensor {tensor:?}: LoRA on embeddings or lm_head is not supported"
+                )));
             }
             if tensor.contains("lora_magnitude_vector") {
                 return Err(err(format!("tensor {tensor:?}: DoRA is not supported")));
             }
             let caps = name_re.captures(tensor).ok_or_else(|| {
-                err(format!("tensor {tensor:?} is not a LoRA weight of a decoder layer projection"))
+                err(format!(
+                    "tensor {tensor:?} is not a LoRA weight of a decoder layer projection"
+                ))
             })?;
-            let layer: usize = caps[1].parse().map_err(|_| err(format!("tensor {tensor:?}: bad layer index")))?;
+            let layer: usize = caps[1]
+                .parse()
+                .map_err(|_| err(format!("tensor {tensor:?}: bad layer index")))?;
             let target = LoraTarget::from_name(&caps[3])
                 .filter(|t| t.parent() == &caps[2])
                 .ok_or_else(|| err(format!("tensor {tensor:?}: unknown projection {:?}", &caps[3])))?;
@@ -157,7 +182,9 @@ impl LoraAdapter {
             }
             let b_name = tensor.replace("lora_A", "lora_B");
             let a_shape = files.shape(tensor).map_err(|e| err(e.to_string()))?;
-            let b_shape = files.shape(&b_name).map_err(|_| err(format!("tensor {b_name:?} is missing")))?;
+            let b_shape = files
+                .shape(&b_name)
+                .map_err(|_| err(format!("tensor {b_name:?} is missing")))?;
             let (in_f, out_f) = target.shape(cfg);
             let rank = a_shape.first().copied().unwrap_or(0);
             if a_shape.len() != 2 || a_shape[1] != in_f || b_shape != [out_f, rank] || rank == 0 {
@@ -180,19 +207,34 @@ impl LoraAdapter {
                 .iter()
                 .find(|(k, _)| pattern_matches(k, &module_name))
                 .map_or(lora_alpha, |(_, &v)| v);
-            let scale = if config.use_rslora { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
+            let scale = if config.use_rslora {
+                alpha / (rank as f32).sqrt()
+            } else {
+                alpha / rank as f32
+            };
             let a = files.f32(tensor, &[rank, in_f]).map_err(|e| err(e.to_string()))?;
-            let b = files.f32(&b_name, &[out_f, rank]).map_err(|e| err(e.to_string()))?;
+            let b = files
+                .f32(&b_name, &[out_f, rank])
+                .map_err(|e| err(e.to_string()))?;
             modules[layer * LoraTarget::ALL.len() + target.index()] = Some(LoraModule { rank, scale, a, b });
         }
-        if let Some(orphan) = names.iter().find(|n| n.contains("lora_B") && !files.contains(&n.replace("lora_B", "lora_A"))) {
+        if let Some(orphan) = names
+            .iter()
+            .find(|n| n.contains("lora_B") && !files.contains(&n.replace("lora_B", "lora_A")))
+        {
             return Err(err(format!("tensor {orphan:?} has no matching lora_A")));
         }
         let rank = modules.iter().flatten().map(|m| m.rank).max().unwrap_or(0);
         if rank == 0 {
             return Err(err("adapter_model.safetensors holds no LoRA weights".into()));
         }
-        Ok(LoraAdapter { name: name.to_string(), path: dir.to_path_buf(), rank, num_layers, modules })
+        Ok(LoraAdapter {
+            name: name.to_string(),
+            path: dir.to_path_buf(),
+            rank,
+            num_layers,
+            modules,
+        })
     }
 
     pub fn module(&self, layer: usize, target: LoraTarget) -> Option<&LoraModule> {
@@ -210,7 +252,11 @@ impl LoraAdapter {
 
     /// Host bytes held (f32).
     pub fn size_bytes(&self) -> usize {
-        self.modules.iter().flatten().map(|m| 4 * (m.a.len() + m.b.len())).sum()
+        self.modules
+            .iter()
+            .flatten()
+            .map(|m| 4 * (m.a.len() + m.b.len()))
+            .sum()
     }
 }
 
@@ -222,7 +268,13 @@ mod tests {
     fn pattern_keys_match_like_peft() {
         assert!(pattern_matches("down_proj", "model.layers.0.mlp.down_proj"));
         assert!(!pattern_matches("proj", "model.layers.0.mlp.down_proj"));
-        assert!(pattern_matches(r"layers\.1\.mlp\.down_proj", "model.layers.1.mlp.down_proj"));
-        assert!(!pattern_matches(r"layers\.1\.mlp\.down_proj", "model.layers.11.mlp.down_proj"));
+        assert!(pattern_matches(
+            r"layers\.1\.mlp\.down_proj",
+            "model.layers.1.mlp.down_proj"
+        ));
+        assert!(!pattern_matches(
+            r"layers\.1\.mlp\.down_proj",
+            "model.layers.11.mlp.down_proj"
+        ));
     }
 }

@@ -92,7 +92,10 @@ impl LoraManager {
     /// `pinned` are adapters of running requests.
     pub fn register(&mut self, req: &LoraRequest, pinned: &[AdapterId]) -> Result<()> {
         if req.id.0 == 0 {
-            return Err(Error::InvalidConfig(format!("adapter {:?}: lora_int_id must be > 0", req.name)));
+            return Err(Error::InvalidConfig(format!(
+                "adapter {:?}: lora_int_id must be > 0",
+                req.name
+            )));
         }
         if let Some(k) = self.known.get(&req.id) {
             if k.path != req.path {
@@ -152,13 +155,27 @@ impl LoraManager {
             }
         }
         self.tick += 1;
-        self.cache.insert(id, Cached { adapter, last_used: self.tick });
+        self.cache.insert(
+            id,
+            Cached {
+                adapter,
+                last_used: self.tick,
+            },
+        );
     }
 
     /// Makes the step's adapters (at most `max_loras`, distinct) resident in device slots,
     /// reloading from disk any the host cache evicted, and returns the slot of each.
-    pub fn activate(&mut self, step: &[AdapterId], backend: &mut dyn Backend, slots_out: &mut Vec<LoraSlot>) -> Result<()> {
-        assert!(step.len() <= self.cfg.max_loras, "the scheduler keeps a step within max_loras");
+    pub fn activate(
+        &mut self,
+        step: &[AdapterId],
+        backend: &mut dyn Backend,
+        slots_out: &mut Vec<LoraSlot>,
+    ) -> Result<()> {
+        assert!(
+            step.len() <= self.cfg.max_loras,
+            "the scheduler keeps a step within max_loras"
+        );
         slots_out.clear();
         for &id in step {
             self.tick += 1;

@@ -60,7 +60,10 @@ impl LoraStack {
                 self.scales[s] = 0.0;
             }
             Some(m) => {
-                assert!(m.rank <= r_max, "adapter rank checked against max_lora_rank at load");
+                assert!(
+                    m.rank <= r_max,
+                    "adapter rank checked against max_lora_rank at load"
+                );
                 a[..m.rank * i].copy_from_slice(&m.a);
                 for (row, src) in b.chunks_exact_mut(r_max).zip(m.b.chunks_exact(m.rank)) {
                     row[..m.rank].copy_from_slice(src);
@@ -177,9 +180,12 @@ mod tests {
     #[test]
     fn fast_matches_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for &(num_tokens, max_loras, max_rank, i, o) in
-            &[(1, 1, 8, 16, 24), (5, 3, 16, 33, 17), (64, 8, 32, 64, 96), (7, 4, 64, 128, 40)]
-        {
+        for &(num_tokens, max_loras, max_rank, i, o) in &[
+            (1, 1, 8, 16, 24),
+            (5, 3, 16, 33, 17),
+            (64, 8, 32, 64, 96),
+            (7, 4, 64, 128, 40),
+        ] {
             let mut stack = LoraStack::new(max_loras, max_rank, i, o);
             for s in 0..max_loras {
                 // slot 1 stays empty for this projection (adapter that does not target it)
@@ -197,7 +203,8 @@ mod tests {
                 .collect();
             let x: Vec<f32> = (0..num_tokens * i).map(|_| rng.random_range(-1.0..1.0)).collect();
             let y0: Vec<f32> = (0..num_tokens * o).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let (mut t_ref, mut t_fast) = (vec![1.0; num_tokens * max_rank], vec![2.0; num_tokens * max_rank]);
+            let (mut t_ref, mut t_fast) =
+                (vec![1.0; num_tokens * max_rank], vec![2.0; num_tokens * max_rank]);
             shrink_ref(&x, &stack, &slots, &mut t_ref);
             shrink(&x, &stack, &slots, &mut t_fast);
             let (mut y_ref, mut y_fast) = (y0.clone(), y0.clone());

@@ -24,7 +24,11 @@ impl Linear {
     fn load(w: &mut WeightSource, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
             weight: w.get(&format!("{prefix}.weight"), &[out_f, in_f])?,
-            bias: if bias { Some(w.get(&format!("{prefix}.bias"), &[out_f])?) } else { None },
+            bias: if bias {
+                Some(w.get(&format!("{prefix}.bias"), &[out_f])?)
+            } else {
+                None
+            },
             in_features: in_f,
             out_features: out_f,
         })
@@ -32,7 +36,15 @@ impl Linear {
 
     /// `y[T, out] = x[T, in] · Wᵀ + b`
     fn forward(&self, x: &[f32], num_tokens: usize, y: &mut [f32]) {
-        ops::linear(x, &self.weight, self.bias.as_deref(), num_tokens, self.in_features, self.out_features, y);
+        ops::linear(
+            x,
+            &self.weight,
+            self.bias.as_deref(),
+            num_tokens,
+            self.in_features,
+            self.out_features,
+            y,
+        );
     }
 }
 
@@ -94,8 +106,16 @@ impl Llama {
                 k_proj: proj(w, LoraTarget::KProj, cfg.qkv_bias)?,
                 v_proj: proj(w, LoraTarget::VProj, cfg.qkv_bias)?,
                 o_proj: proj(w, LoraTarget::OProj, cfg.o_bias)?,
-                q_norm: if cfg.qk_norm { Some(w.get(&format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim])?) } else { None },
-                k_norm: if cfg.qk_norm { Some(w.get(&format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim])?) } else { None },
+                q_norm: if cfg.qk_norm {
+                    Some(w.get(&format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim])?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(w.get(&format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim])?)
+                } else {
+                    None
+                },
             };
             let mlp = Mlp {
                 gate_proj: proj(w, LoraTarget::GateProj, false)?,
@@ -111,19 +131,39 @@ impl Llama {
         }
         let norm = w.get("model.norm.weight", &[h])?;
         // Some tied checkpoints still store lm_head; either way the embedding is used.
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.get("lm_head.weight", &[v, h])?) };
-        Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(cfg, max_positions) })
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(w.get("lm_head.weight", &[v, h])?)
+        };
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, max_positions),
+        })
     }
 
     /// Runs one step. Writes the step's K/V into `kv` and the logits of each sequence's last
     /// token into `ws.logits` (`[num_seqs, vocab]`).
-    pub fn forward(&self, batch: &StepBatch, kv: &mut KvCache, lora: Option<LoraInput<'_>>, ws: &mut Workspace) {
+    pub fn forward(
+        &self,
+        batch: &StepBatch,
+        kv: &mut KvCache,
+        lora: Option<LoraInput<'_>>,
+        ws: &mut Workspace,
+    ) {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (qs, kvs, inter) = (cfg.q_size(), cfg.kv_size(), cfg.intermediate_size);
         let t = batch.num_tokens();
-        assert!(batch.positions.iter().all(|&p| (p as usize) < self.rope.max_positions()));
+        assert!(batch
+            .positions
+            .iter()
+            .all(|&p| (p as usize) < self.rope.max_positions()));
 
         let hidden = &mut ws.hidden[..t * h]; // [T, hidden], the residual stream
         for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.token_ids) {
@@ -138,15 +178,16 @@ impl Llama {
         };
         let lora_tmp = &mut ws.lora_tmp;
         // x: [T, in] -> y: [T, out] with the layer's adapters added.
-        let project = |lin: &Linear, layer: usize, target: LoraTarget, x: &[f32], y: &mut [f32], tmp: &mut Vec<f32>| {
-            lin.forward(x, t, y);
-            if let Some(l) = &lora {
-                let stack = &l.stacks[layer * LoraTarget::ALL.len() + target.index()];
-                tmp.resize(t * stack.max_rank, 0.0);
-                punica::shrink(x, stack, l.token_lora, tmp);
-                punica::expand(tmp, stack, l.token_lora, y);
-            }
-        };
+        let project =
+            |lin: &Linear, layer: usize, target: LoraTarget, x: &[f32], y: &mut [f32], tmp: &mut Vec<f32>| {
+                lin.forward(x, t, y);
+                if let Some(l) = &lora {
+                    let stack = &l.stacks[layer * LoraTarget::ALL.len() + target.index()];
+                    tmp.resize(t * stack.max_rank, 0.0);
+                    punica::shrink(x, stack, l.token_lora, tmp);
+                    punica::expand(tmp, stack, l.token_lora, y);
+                }
+            };
 
         for (li, layer) in self.layers.iter().enumerate() {
             let normed = &mut ws.normed[..t * h];
@@ -177,11 +218,25 @@ impl Llama {
             let normed = &mut ws.normed[..t * h];
             ops::rms_norm(hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps, normed);
             let (gate, up) = (&mut ws.gate[..t * inter], &mut ws.up[..t * inter]);
-            project(&layer.mlp.gate_proj, li, LoraTarget::GateProj, normed, gate, lora_tmp);
+            project(
+                &layer.mlp.gate_proj,
+                li,
+                LoraTarget::GateProj,
+                normed,
+                gate,
+                lora_tmp,
+            );
             project(&layer.mlp.up_proj, li, LoraTarget::UpProj, normed, up, lora_tmp);
             ops::silu_mul(gate, up);
             let down = &mut ws.normed[..t * h];
-            project(&layer.mlp.down_proj, li, LoraTarget::DownProj, gate, down, lora_tmp);
+            project(
+                &layer.mlp.down_proj,
+                li,
+                LoraTarget::DownProj,
+                gate,
+                down,
+                lora_tmp,
+            );
             ops::add_inplace(hidden, down);
         }
 

@@ -1,0 +1,95 @@
+//! Engine flags shared by the commands, spelled as vLLM spells them.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use multilora_engine::{Device, EngineConfig, LoadFormat};
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EngineArgs {
+    /// Most distinct adapters in one batch.
+    #[arg(long)]
+    pub max_loras: Option<usize>,
+    /// Largest adapter rank accepted.
+    #[arg(long)]
+    pub max_lora_rank: Option<usize>,
+    /// Host adapter cache capacity (>= max-loras).
+    #[arg(long)]
+    pub max_cpu_loras: Option<usize>,
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+    /// auto, float32, float16, bfloat16
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// cpu or cuda
+    #[arg(long)]
+    pub device: Option<String>,
+    /// auto (safetensors) or dummy (random weights from config.json)
+    #[arg(long)]
+    pub load_format: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    Ok(match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda,
+        other => bail!("device {other:?} is not one of cpu, cuda"),
+    })
+}
+
+pub fn parse_load_format(s: &str) -> anyhow::Result<LoadFormat> {
+    Ok(match s {
+        "auto" | "safetensors" => LoadFormat::Auto,
+        "dummy" => LoadFormat::Dummy,
+        other => bail!("load_format {other:?} is not one of auto, safetensors, dummy"),
+    })
+}
+
+impl EngineArgs {
+    /// Applies the flags that were given on top of `cfg`.
+    pub fn apply(&self, cfg: &mut EngineConfig) -> anyhow::Result<()> {
+        if let Some(v) = self.max_loras {
+            cfg.max_loras = v;
+        }
+        if let Some(v) = self.max_lora_rank {
+            cfg.max_lora_rank = v;
+        }
+        if let Some(v) = self.max_cpu_loras {
+            cfg.max_cpu_loras = Some(v);
+        }
+        if let Some(v) = self.max_num_seqs {
+            cfg.max_num_seqs = v;
+        }
+        if let Some(v) = self.max_model_len {
+            cfg.max_model_len = Some(v);
+        }
+        if let Some(v) = self.max_num_batched_tokens {
+            cfg.max_num_batched_tokens = Some(v);
+        }
+        if let Some(v) = &self.dtype {
+            cfg.dtype = v.clone();
+        }
+        if let Some(v) = &self.device {
+            cfg.device = parse_device(v)?;
+        }
+        if let Some(v) = &self.load_format {
+            cfg.load_format = parse_load_format(v)?;
+        }
+        if let Some(v) = self.seed {
+            cfg.seed = v;
+        }
+        Ok(())
+    }
+
+    pub fn config(&self, model: PathBuf) -> anyhow::Result<EngineConfig> {
+        let mut cfg = EngineConfig::new(model);
+        self.apply(&mut cfg)?;
+        Ok(cfg)
+    }
+}

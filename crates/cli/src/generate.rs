@@ -1,0 +1,173 @@
+//! `multilora generate`: offline batch inference. Every line of the input is added to one
+//! engine, the engine is stepped until all are done, and one output line per input is written
+//! in input order.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use multilora_engine::{AdapterId, LLMEngine, LoraRequest, Prompt, SamplingParams};
+use serde::Deserialize;
+
+use crate::engine_args::EngineArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// An adapter requests may name: NAME=PATH (repeatable).
+    #[arg(long = "lora", value_name = "NAME=PATH")]
+    loras: Vec<String>,
+    /// JSONL requests: {"prompt": ...} or {"prompt_token_ids": [...]}, optional "lora",
+    /// "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+    /// "stop_token_ids".
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the JSONL results (stdout if absent).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputLine {
+    prompt: Option<String>,
+    prompt_token_ids: Option<Vec<u32>>,
+    lora: Option<String>,
+    max_tokens: Option<usize>,
+    min_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i32>,
+    seed: Option<u64>,
+    ignore_eos: Option<bool>,
+    stop_token_ids: Option<Vec<u32>>,
+}
+
+/// Parses `NAME=PATH` pairs into requests with ids 1, 2, ... in order.
+pub fn parse_loras(specs: &[String]) -> anyhow::Result<HashMap<String, LoraRequest>> {
+    let mut out = HashMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let Some((name, path)) = spec.split_once('=') else {
+            bail!("--lora {spec:?}: expected NAME=PATH");
+        };
+        if name.is_empty() || path.is_empty() {
+            bail!("--lora {spec:?}: expected NAME=PATH");
+        }
+        let req = LoraRequest {
+            name: name.to_string(),
+            id: AdapterId(i as u32 + 1),
+            path: PathBuf::from(path),
+        };
+        if out.insert(name.to_string(), req).is_some() {
+            bail!("--lora: adapter name {name:?} given twice");
+        }
+    }
+    Ok(out)
+}
+
+/// One input line: its index, prompt, sampling parameters and adapter name.
+type InputRequest = (usize, Prompt, SamplingParams, Option<String>);
+
+fn read_requests(path: &Path) -> anyhow::Result<Vec<InputRequest>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let where_ = || format!("{}:{}", path.display(), n + 1);
+        let l: InputLine = serde_json::from_str(&line).with_context(where_)?;
+        let prompt = match (l.prompt, l.prompt_token_ids) {
+            (Some(p), None) => Prompt::Text(p),
+            (None, Some(ids)) => Prompt::TokenIds(ids),
+            _ => bail!(
+                "{}: give exactly one of \"prompt\" and \"prompt_token_ids\"",
+                where_()
+            ),
+        };
+        let d = SamplingParams::default();
+        let params = SamplingParams {
+            temperature: l.temperature.unwrap_or(0.0),
+            top_p: l.top_p.unwrap_or(d.top_p),
+            top_k: l.top_k.unwrap_or(d.top_k),
+            seed: l.seed,
+            max_tokens: l.max_tokens.unwrap_or(d.max_tokens),
+            min_tokens: l.min_tokens.unwrap_or(0),
+            stop_token_ids: l.stop_token_ids.unwrap_or_default(),
+            ignore_eos: l.ignore_eos.unwrap_or(false),
+        };
+        out.push((out.len(), prompt, params, l.lora));
+    }
+    Ok(out)
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let loras = parse_loras(&args.loras)?;
+    let requests = read_requests(&args.input)?;
+    let mut cfg = args.engine.config(args.model.clone())?;
+    cfg.enable_lora = !loras.is_empty();
+    if cfg.enable_lora && args.engine.max_cpu_loras.is_none() {
+        cfg.max_cpu_loras = Some(cfg.max_loras.max(loras.len()));
+    }
+    let mut engine =
+        LLMEngine::new(cfg).with_context(|| format!("loading model {}", args.model.display()))?;
+
+    let mut names = Vec::with_capacity(requests.len());
+    for (index, prompt, params, lora) in requests {
+        let lora_req = match &lora {
+            None => None,
+            Some(name) => Some(loras.get(name).with_context(|| {
+                format!(
+                    "{} line {}: unknown adapter {name:?} (give it with --lora {name}=PATH)",
+                    args.input.display(),
+                    index + 1
+                )
+            })?),
+        };
+        engine
+            .add_request(&index.to_string(), prompt, params, lora_req)
+            .with_context(|| format!("{}: request {index}", args.input.display()))?;
+        names.push(lora);
+    }
+    let mut results: Vec<Option<serde_json::Value>> = vec![None; names.len()];
+    while engine.has_unfinished_requests() {
+        for out in engine.step()? {
+            if let Some(reason) = out.finish_reason {
+                let index: usize = out.request_id.parse().expect("ids are indices");
+                let text = engine.decode(&out.output_token_ids);
+                results[index] = Some(serde_json::json!({
+                    "index": index,
+                    "lora": names[index],
+                    "num_prompt_tokens": out.num_prompt_tokens,
+                    "token_ids": out.output_token_ids,
+                    "text": text,
+                    "finish_reason": reason.as_str(),
+                }));
+            }
+        }
+    }
+    let mut text = String::new();
+    for r in results.into_iter().flatten() {
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    match &args.output {
+        Some(path) => write_file_atomically(path, text.as_bytes())?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes via a temp file and a rename, so a failure never leaves a half-written file.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp-multilora");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
