@@ -1,0 +1,264 @@
+//! Every way a user can hand the engine a bad adapter or request gets its own clear error,
+//! naming the file or field, and never a panic.
+
+use std::path::{Path, PathBuf};
+
+use multilora_engine::demo::{synth_adapter, SynthSpec};
+use multilora_engine::lora::adapter::LoraAdapter;
+use multilora_engine::lora::LoraTarget;
+use multilora_engine::{
+    AdapterId, EngineConfig, Error, LLMEngine, LoraRequest, ModelConfig, Prompt, SamplingParams,
+};
+
+fn golden(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(path)
+}
+
+fn model_cfg() -> ModelConfig {
+    ModelConfig::from_dir(&golden("llama/model")).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A copy of a golden adapter with its adapter_config.json edited.
+fn edited(tmp: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = tmp.join("edited");
+    copy_dir(&golden("llama/adapters/a_r8_all"), &dir);
+    let path = dir.join("adapter_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
+    dir
+}
+
+fn load_err(dir: &Path, max_lora_rank: usize) -> String {
+    match LoraAdapter::load("x", dir, &model_cfg(), max_lora_rank) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_directory_and_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(load_err(&tmp.path().join("nope"), 16).contains("does not exist"));
+    let dir = tmp.path().join("empty");
+    std::fs::create_dir(&dir).unwrap();
+    assert!(load_err(&dir, 16).contains("adapter_config.json is missing"));
+    std::fs::copy(
+        golden("llama/adapters/a_r8_all/adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    assert!(load_err(&dir, 16).contains("adapter_model.safetensors is missing"));
+    std::fs::write(dir.join("adapter_model.bin"), b"pickle").unwrap();
+    let e = load_err(&dir, 16);
+    assert!(
+        e.contains("adapter_model.bin") && e.contains("safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rank_above_max_lora_rank() {
+    let dir = golden("llama/adapters/c_r16_rslora");
+    let err = LoraAdapter::load("c", &dir, &model_cfg(), 8).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::AdapterRankTooLarge {
+                rank: 16,
+                max_lora_rank: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("max_lora_rank 8"));
+}
+
+#[test]
+fn unsupported_config_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("use_dora", true.into(), "DoRA"),
+        (
+            "modules_to_save",
+            serde_json::json!(["lm_head"]),
+            "modules_to_save",
+        ),
+        (
+            "target_modules",
+            serde_json::json!(["q_proj", "embed_tokens"]),
+            "embeddings or lm_head",
+        ),
+        ("peft_type", "IA3".into(), "peft_type"),
+        ("bias", "all".into(), "bias"),
+    ];
+    for (i, (field, value, expect)) in cases.into_iter().enumerate() {
+        let sub = tmp.path().join(i.to_string());
+        let dir = edited(&sub, |v| v[field] = value);
+        let e = load_err(&dir, 16);
+        assert!(
+            e.contains(expect) && e.contains("adapter_config.json"),
+            "{field}: {e}"
+        );
+    }
+    let dir = edited(&tmp.path().join("json"), |_| {});
+    std::fs::write(dir.join("adapter_config.json"), "{not json").unwrap();
+    assert!(load_err(&dir, 16).contains("invalid JSON"));
+}
+
+#[test]
+fn lora_tensors_on_lm_head_are_rejected() {
+    // An adapter trained with lm_head in target_modules carries lm_head LoRA tensors.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lm_head");
+    copy_dir(&golden("llama/adapters/b_r4_qv_regex"), &dir);
+    let data = vec![0u8; 4 * 4 * 64];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 64], &data).unwrap();
+    let st = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let existing = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        existing.tensors().into_iter().collect();
+    tensors.push(("base_model.model.lm_head.lora_A.weight".into(), view));
+    let bytes = safetensors::serialize(tensors, None).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes).unwrap();
+    let e = load_err(&dir, 16);
+    assert!(e.contains("lm_head") && e.contains("not supported"), "{e}");
+}
+
+#[test]
+fn shapes_that_do_not_fit_the_base_model() {
+    // An adapter made for a model with hidden size 96 does not fit one with 64.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut other = model_cfg();
+    other.hidden_size = 96;
+    let dir = tmp.path().join("wide");
+    let spec = SynthSpec {
+        rank: 4,
+        lora_alpha: 8.0,
+        targets: vec![LoraTarget::QProj],
+        use_rslora: false,
+        seed: 1,
+    };
+    synth_adapter(&dir, &other, "other", &spec).unwrap();
+    let e = load_err(&dir, 16);
+    assert!(e.contains("do not fit the base model"), "{e}");
+}
+
+#[test]
+fn errors_surface_at_add_request_and_the_engine_keeps_working() {
+    let mut cfg = EngineConfig::new(golden("llama/model"));
+    cfg.enable_lora = true;
+    cfg.max_lora_rank = 8;
+    cfg.max_model_len = Some(64);
+    let mut engine = LLMEngine::new(cfg).unwrap();
+    let greedy = || SamplingParams::greedy(4);
+    let prompt = || Prompt::TokenIds(vec![5, 6, 7]);
+
+    let too_big = LoraRequest {
+        name: "c".into(),
+        id: AdapterId(1),
+        path: golden("llama/adapters/c_r16_rslora"),
+    };
+    let e = engine
+        .add_request("r1", prompt(), greedy(), Some(&too_big))
+        .unwrap_err();
+    assert!(matches!(e, Error::AdapterRankTooLarge { .. }), "{e}");
+
+    let e = engine
+        .add_request("r2", Prompt::TokenIds(vec![5; 62]), greedy(), None)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::PromptTooLong {
+                prompt_len: 62,
+                max_tokens: 4,
+                max_model_len: 64,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let e = engine
+        .add_request("r3", Prompt::TokenIds(vec![100_000]), greedy(), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+
+    let e = engine
+        .add_request(
+            "r4",
+            prompt(),
+            SamplingParams {
+                temperature: -1.0,
+                ..greedy()
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidSamplingParams {
+                field: "temperature",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let e = engine
+        .add_request("r5", Prompt::Text("hi".into()), greedy(), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("no tokenizer.json"), "{e}");
+
+    // none of that left anything behind; a good request still runs
+    assert!(!engine.has_unfinished_requests());
+    let ok = LoraRequest {
+        name: "a".into(),
+        id: AdapterId(2),
+        path: golden("llama/adapters/a_r8_all"),
+    };
+    engine.add_request("r6", prompt(), greedy(), Some(&ok)).unwrap();
+    let e = engine.add_request("r6", prompt(), greedy(), None).unwrap_err();
+    assert!(e.to_string().contains("already"), "{e}");
+    let mut n = 0;
+    while engine.has_unfinished_requests() {
+        n += engine.step().unwrap().len();
+    }
+    assert_eq!(n, 4);
+}
+
+#[test]
+fn engine_config_errors() {
+    let mut cfg = EngineConfig::new(golden("llama/model"));
+    cfg.enable_lora = true;
+    cfg.max_loras = 4;
+    cfg.max_cpu_loras = Some(2);
+    let e = LLMEngine::new(cfg).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("max_cpu_loras (2) must be >= max_loras (4)"),
+        "{e}"
+    );
+
+    let e = LLMEngine::new(EngineConfig::new(golden("nope"))).err().unwrap();
+    assert!(e.to_string().contains("config.json"), "{e}");
+
+    let mut cfg = EngineConfig::new(golden("llama/model"));
+    cfg.num_gpu_blocks_override = Some(1);
+    cfg.max_model_len = Some(64);
+    let e = LLMEngine::new(cfg).err().unwrap();
+    assert!(e.to_string().contains("KV cache"), "{e}");
+}
