@@ -221,3 +221,122 @@ impl LoraManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::StepBatch;
+    use std::path::Path;
+
+    /// Records which adapter each slot holds.
+    #[derive(Default)]
+    struct FakeBackend {
+        slots: HashMap<u32, String>,
+        loads: usize,
+    }
+
+    impl Backend for FakeBackend {
+        fn device_name(&self) -> String {
+            "fake".into()
+        }
+        fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
+            self.loads += 1;
+            match adapter {
+                Some(a) => self.slots.insert(slot.0, a.name.clone()),
+                None => self.slots.remove(&slot.0),
+            };
+        }
+        fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
+            unreachable!()
+        }
+    }
+
+    fn setup(max_loras: usize, max_cpu_loras: usize) -> (LoraManager, Vec<LoraRequest>) {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
+        let cfg = ModelConfig::from_dir(&golden.join("model")).unwrap();
+        let m = LoraManager::new(
+            LoraConfig {
+                max_loras,
+                max_lora_rank: 16,
+                max_cpu_loras,
+            },
+            &cfg,
+        )
+        .unwrap();
+        let reqs = ["a_r8_all", "b_r4_qv_regex", "c_r16_rslora", "d_pattern"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| LoraRequest {
+                name: n.to_string(),
+                id: AdapterId(i as u32 + 1),
+                path: golden.join("adapters").join(n),
+            })
+            .collect();
+        (m, reqs)
+    }
+
+    #[test]
+    fn host_cache_is_lru_and_never_evicts_pinned() {
+        let (mut m, r) = setup(1, 2);
+        m.register(&r[0], &[]).unwrap();
+        m.register(&r[1], &[]).unwrap();
+        // full: registering c evicts the LRU unpinned one; a (pinned) survives
+        m.register(&r[2], &[r[0].id]).unwrap();
+        assert!(m.cache.contains_key(&r[0].id) && !m.cache.contains_key(&r[1].id));
+        assert_eq!(m.stats.cache_evictions, 1);
+        // everything pinned: d is validated but not kept
+        m.register(&r[3], &[r[0].id, r[2].id]).unwrap();
+        assert_eq!(m.num_cached(), 2);
+        assert!(!m.cache.contains_key(&r[3].id));
+        assert_eq!(m.stats.cache_misses, 4);
+    }
+
+    #[test]
+    fn slots_are_reused_and_evicted_adapters_reload() {
+        let (mut m, r) = setup(2, 2);
+        let mut be = FakeBackend::default();
+        let mut out = Vec::new();
+        for req in &r {
+            m.register(req, &[]).unwrap();
+        }
+        m.activate(&[r[0].id, r[1].id], &mut be, &mut out).unwrap();
+        assert_eq!(be.loads, 2);
+        // same adapters again: no copies
+        m.activate(&[r[1].id, r[0].id], &mut be, &mut out).unwrap();
+        assert_eq!(be.loads, 2);
+        assert_eq!(be.slots[&out[0].0], "b_r4_qv_regex");
+        // a was evicted from the host cache by c and d: it reloads from disk into a slot
+        m.activate(&[r[2].id], &mut be, &mut out).unwrap();
+        m.activate(&[r[3].id, r[2].id], &mut be, &mut out).unwrap();
+        let misses = m.stats.cache_misses;
+        m.activate(&[r[0].id], &mut be, &mut out).unwrap();
+        assert_eq!(m.stats.cache_misses, misses + 1);
+        assert_eq!(be.slots[&out[0].0], "a_r8_all");
+    }
+
+    #[test]
+    fn rejects_bad_limits_and_id_reuse() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama/model");
+        let cfg = ModelConfig::from_dir(&golden).unwrap();
+        let bad = LoraManager::new(
+            LoraConfig {
+                max_loras: 4,
+                max_lora_rank: 16,
+                max_cpu_loras: 3,
+            },
+            &cfg,
+        );
+        assert!(bad.is_err());
+        let (mut m, r) = setup(1, 1);
+        m.register(&r[0], &[]).unwrap();
+        let clash = LoraRequest {
+            id: r[0].id,
+            ..r[1].clone()
+        };
+        assert!(m
+            .register(&clash, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("needs another id"));
+    }
+}
