@@ -149,8 +149,15 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 /// The source of a model's weights: a checkpoint, or seeded random values (vLLM's
 /// `load_format="dummy"`), so large shapes can be benchmarked from `config.json` alone.
 pub enum WeightSource {
-    Files { dir: PathBuf, files: SafetensorsFiles },
-    Dummy { rng: Box<rand::rngs::StdRng> },
+    Files {
+        dir: PathBuf,
+        files: SafetensorsFiles,
+    },
+    Dummy {
+        seed: u64,
+        /// Tensors handed out so far; each tensor gets its own stream.
+        num_tensors: u64,
+    },
 }
 
 impl WeightSource {
@@ -162,9 +169,7 @@ impl WeightSource {
     }
 
     pub fn dummy(seed: u64) -> Self {
-        WeightSource::Dummy {
-            rng: Box::new(rand::rngs::StdRng::seed_from_u64(seed)),
-        }
+        WeightSource::Dummy { seed, num_tensors: 0 }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -185,14 +190,26 @@ impl WeightSource {
                 },
                 e => e,
             }),
-            WeightSource::Dummy { rng } => {
+            WeightSource::Dummy { seed, num_tensors } => {
                 let n: usize = shape.iter().product();
+                *num_tensors += 1;
                 if name.ends_with("norm.weight") {
-                    Ok(vec![1.0; n])
-                } else {
-                    let bound = 1.0 / (shape.last().copied().unwrap_or(1) as f32).sqrt();
-                    Ok((0..n).map(|_| rng.random_range(-bound..bound)).collect())
+                    return Ok(vec![1.0; n]);
                 }
+                // Filled in parallel, chunk by chunk, each chunk from its own seeded stream: the
+                // values do not depend on the number of threads.
+                use rayon::prelude::*;
+                const CHUNK: usize = 1 << 16;
+                let bound = 1.0 / (shape.last().copied().unwrap_or(1) as f32).sqrt();
+                let base = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (*num_tensors << 32);
+                let mut v = vec![0.0f32; n];
+                v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(base.wrapping_add(i as u64));
+                    chunk
+                        .iter_mut()
+                        .for_each(|x| *x = rng.random_range(-bound..bound));
+                });
+                Ok(v)
             }
         }
     }

@@ -28,33 +28,28 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
 
-/// Four dot products of one weight row against four activation rows, reading `w` once.
-#[inline]
-fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+/// `N` dot products of one weight row against `N` activation rows, reading `w` once.
+#[inline(always)]
+fn dot_n<const N: usize>(w: &[f32], x: [&[f32]; N]) -> [f32; N] {
     let n = w.len();
-    let mut acc = [[0.0f32; 8]; 4];
+    let mut acc = [[0.0f32; 8]; N];
     let full = n / 8 * 8;
     let mut k = 0;
     while k < full {
         let wc = &w[k..k + 8];
-        for (r, xr) in x.iter().enumerate() {
+        for (a, xr) in acc.iter_mut().zip(&x) {
             let xc = &xr[k..k + 8];
             for j in 0..8 {
-                acc[r][j] += wc[j] * xc[j];
+                a[j] += wc[j] * xc[j];
             }
         }
         k += 8;
     }
-    let mut out = [0.0f32; 4];
-    for r in 0..4 {
+    std::array::from_fn(|r| {
         let a = &acc[r];
-        let mut tail = 0.0;
-        for kk in full..n {
-            tail += w[kk] * x[r][kk];
-        }
-        out[r] = (a[0] + a[4]) + (a[1] + a[5]) + (a[2] + a[6]) + (a[3] + a[7]) + tail;
-    }
-    out
+        let tail: f32 = (full..n).map(|kk| w[kk] * x[r][kk]).sum();
+        (a[0] + a[4]) + (a[1] + a[5]) + (a[2] + a[6]) + (a[3] + a[7]) + tail
+    })
 }
 
 /// A raw pointer that may cross threads; each thread writes a disjoint set of elements.
@@ -72,6 +67,65 @@ impl SendPtr {
     }
 }
 
+/// One chunk of output features of [`linear`]: rows `o0..` of the weight, all tokens.
+struct LinearChunk<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
+    o0: usize,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: SendPtr,
+}
+
+impl LinearChunk<'_> {
+    #[inline(always)]
+    fn tile<const N: usize>(&self, t: usize) {
+        let in_f = self.in_f;
+        let xs: [&[f32]; N] = std::array::from_fn(|r| &self.x[(t + r) * in_f..][..in_f]);
+        for (ro, wrow) in self.w.chunks_exact(in_f).enumerate() {
+            let o = self.o0 + ro;
+            let b = self.bias.map_or(0.0, |b| b[o]);
+            for (r, v) in dot_n::<N>(wrow, xs).into_iter().enumerate() {
+                // SAFETY: (t + r, o) is written by this chunk only: o lies in this chunk.
+                unsafe { *self.y.get().add((t + r) * self.out_f + o) = v + b };
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn run_generic(&self) {
+        let mut t = 0;
+        while t < self.num_tokens {
+            let nt = (self.num_tokens - t).min(4);
+            match nt {
+                1 => self.tile::<1>(t),
+                2 => self.tile::<2>(t),
+                3 => self.tile::<3>(t),
+                _ => self.tile::<4>(t),
+            }
+            t += nt;
+        }
+    }
+
+    /// The same code compiled for AVX2 (8-wide), chosen at run time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self) {
+        self.run_generic()
+    }
+
+    fn run(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.run_avx2() };
+        }
+        self.run_generic()
+    }
+}
+
 /// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`.
 pub fn linear(
     x: &[f32],
@@ -85,31 +139,24 @@ pub fn linear(
     assert_eq!(w.len(), in_f * out_f);
     assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
     let threads = rayon::current_num_threads();
-    // Enough chunks to balance the threads, each a few rows so the weight chunk stays in cache.
+    // Enough chunks to balance the threads, each a few rows so the weight chunk stays in cache
+    // while every token tile streams past it.
     let rows_per_chunk = (out_f / (threads * 8)).clamp(4, 64);
     let yp = SendPtr(y.as_mut_ptr());
     w.par_chunks(rows_per_chunk * in_f)
         .enumerate()
         .for_each(|(c, wchunk)| {
-            let o0 = c * rows_per_chunk;
-            let mut t = 0;
-            while t < num_tokens {
-                let nt = (num_tokens - t).min(4);
-                let xs: [&[f32]; 4] = std::array::from_fn(|r| {
-                    let tt = t + r.min(nt - 1);
-                    &x[tt * in_f..(tt + 1) * in_f]
-                });
-                for (ro, wrow) in wchunk.chunks_exact(in_f).enumerate() {
-                    let o = o0 + ro;
-                    let b = bias.map_or(0.0, |b| b[o]);
-                    let d = dot4(wrow, xs);
-                    for (r, &v) in d.iter().enumerate().take(nt) {
-                        // SAFETY: (t + r, o) is written by this task only: o lies in this chunk.
-                        unsafe { *yp.get().add((t + r) * out_f + o) = v + b };
-                    }
-                }
-                t += 4;
+            LinearChunk {
+                x,
+                w: wchunk,
+                bias,
+                o0: c * rows_per_chunk,
+                num_tokens,
+                in_f,
+                out_f,
+                y: yp,
             }
+            .run();
         });
 }
 
