@@ -1,0 +1,128 @@
+//! `multilora generate` end to end on the demo model, through the built binary.
+
+use std::path::Path;
+use std::process::Command;
+
+fn multilora(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn demo(dir: &Path) {
+    let out = multilora(&["demo", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn generates_in_input_order_with_mixed_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    demo(d);
+    let input = d.join("in.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"prompt": "How do I count rows in SQL?", "max_tokens": 12, "ignore_eos": true}"#,
+            "\n\n",
+            r#"{"prompt": "Plan a trip.", "lora": "a", "max_tokens": 5, "ignore_eos": true, "temperature": 0.8, "seed": 1}"#,
+            "\n",
+            r#"{"prompt_token_ids": [5, 6, 7], "lora": "b", "max_tokens": 3, "ignore_eos": true}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let output = d.join("out.jsonl");
+    let a = format!("a={}", d.join("adapters/demo-r8-000").display());
+    let b = format!("b={}", d.join("adapters/demo-r16-000").display());
+    let model = d.join("model");
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--lora",
+        &a,
+        "--lora",
+        &b,
+        "--max-loras",
+        "2",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    let out = multilora(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, (line, n)) in lines.iter().zip([12, 5, 3]).enumerate() {
+        assert_eq!(line["index"], i);
+        assert_eq!(line["token_ids"].as_array().unwrap().len(), n);
+        assert_eq!(line["finish_reason"], "length");
+        assert!(line["text"].is_string());
+    }
+    assert_eq!(lines[1]["lora"], "a");
+
+    // Same input, same output: seeded sampling and greedy decoding are deterministic.
+    let again = d.join("again.jsonl");
+    let mut args2 = args;
+    args2[args2.len() - 1] = again.to_str().unwrap();
+    assert!(multilora(&args2).status.success());
+    assert_eq!(std::fs::read(&output).unwrap(), std::fs::read(&again).unwrap());
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    demo(d);
+    let model = d.join("model");
+    let output = d.join("out.jsonl");
+    let cases = [
+        (
+            "{\"prompt\": \"hi\"}\n{\"prompt\": \"x\", \"bogus\": 1}\n",
+            "in.jsonl:2",
+        ),
+        (
+            "{\"prompt\": \"hi\", \"lora\": \"nope\"}\n",
+            "unknown adapter \"nope\"",
+        ),
+        (
+            "{\"prompt_token_ids\": [1], \"prompt\": \"x\"}\n",
+            "exactly one of",
+        ),
+        ("{\"prompt\": \"hi\", \"top_p\": 2.0}\n", "top_p"),
+        ("{\"prompt\": \"hi\", \"max_tokens\": 5000}\n", "max_model_len"),
+    ];
+    for (text, expect) in cases {
+        let input = d.join("in.jsonl");
+        std::fs::write(&input, text).unwrap();
+        let out = multilora(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(err.contains(expect), "{text}: {err}");
+        assert!(!output.exists(), "nothing written on error");
+    }
+    let out = multilora(&[
+        "generate",
+        "--model",
+        d.join("missing").to_str().unwrap(),
+        "--input",
+        "x.jsonl",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("x.jsonl"));
+}
