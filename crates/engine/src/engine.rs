@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::lora::manager::{LoraConfig, LoraManager, LoraStats};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
 use crate::weights::WeightSource;
 use crate::ModelConfig;
@@ -159,6 +159,7 @@ pub struct LLMEngine {
     sampler: Sampler,
     batch: StepBatch,
     // step scratch, reused
+    scheduled: Vec<ScheduledSeq>,
     step_loras: Vec<AdapterId>,
     step_slots: Vec<LoraSlot>,
     banned: Vec<u32>,
@@ -282,6 +283,7 @@ impl LLMEngine {
             rng: StdRng::seed_from_u64(config.seed),
             sampler: Sampler::default(),
             batch,
+            scheduled: Vec::new(),
             step_loras: Vec::new(),
             step_slots: Vec::new(),
             banned: Vec::new(),
@@ -474,7 +476,10 @@ impl LLMEngine {
         if num_preempted > 0 {
             tracing::debug!(num_preempted, "KV cache full: preempted sequences for recompute");
         }
-        let scheduled = schedule.scheduled.clone();
+        // Reuse the buffer across steps (taken so `self` stays borrowable below).
+        let mut scheduled = std::mem::take(&mut self.scheduled);
+        scheduled.clear();
+        scheduled.extend_from_slice(&schedule.scheduled);
         let now = Instant::now();
         for s in &scheduled {
             let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
@@ -498,6 +503,42 @@ impl LLMEngine {
             }
         }
         if let Some(lora) = self.lora.as_mut() {
+            // An adapter evicted from the host cache reloads from disk here; if that fails (its
+            // files changed since add_request), its requests end with `abort`, not the engine.
+            let mut failed = Vec::new();
+            for &a in &self.step_loras {
+                if let Err(e) = lora.ensure_cached(a, &self.step_loras) {
+                    tracing::error!(adapter = a.0, "aborting its requests: {e}");
+                    failed.push(a);
+                }
+            }
+            if !failed.is_empty() {
+                self.step_loras.retain(|a| !failed.contains(a));
+                scheduled.retain(|s| {
+                    let seq = &self.seqs[&s.id];
+                    if !seq.lora.is_some_and(|a| failed.contains(&a)) {
+                        return true;
+                    }
+                    let mut seq = self.seqs.remove(&s.id).expect("scheduled seq exists");
+                    self.scheduler.remove(s.id);
+                    self.blocks.free(&mut seq.block_table);
+                    self.ids.remove(&seq.request_id);
+                    outputs.push(RequestOutput {
+                        request_id: seq.request_id.clone(),
+                        token_id: None,
+                        finish_reason: Some(FinishReason::Abort),
+                        num_prompt_tokens: seq.prompt_token_ids.len(),
+                        num_output_tokens: seq.output_token_ids.len(),
+                        output_token_ids: seq.output_token_ids,
+                        metrics: seq.metrics,
+                    });
+                    false
+                });
+                if scheduled.is_empty() {
+                    self.scheduled = scheduled;
+                    return Ok(outputs);
+                }
+            }
             lora.activate(&self.step_loras, self.backend.as_mut(), &mut self.step_slots)?;
         }
 
@@ -593,6 +634,7 @@ impl LLMEngine {
             num_loras: self.step_loras.len(),
             duration: start.elapsed(),
         };
+        self.scheduled = scheduled;
         Ok(outputs)
     }
 }

@@ -262,3 +262,53 @@ fn engine_config_errors() {
     let e = LLMEngine::new(cfg).err().unwrap();
     assert!(e.to_string().contains("KV cache"), "{e}");
 }
+
+/// An adapter whose files vanish after `add_request` (and that the host cache had evicted)
+/// aborts its own requests at reload; the other requests finish.
+#[test]
+fn adapter_that_fails_to_reload_aborts_only_its_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a_dir = tmp.path().join("a");
+    copy_dir(&golden("llama/adapters/a_r8_all"), &a_dir);
+    let mut cfg = EngineConfig::new(golden("llama/model"));
+    cfg.enable_lora = true;
+    cfg.max_loras = 1;
+    cfg.max_cpu_loras = Some(1);
+    cfg.max_model_len = Some(64);
+    let mut engine = LLMEngine::new(cfg).unwrap();
+    let a = LoraRequest {
+        name: "a".into(),
+        id: AdapterId(1),
+        path: a_dir.clone(),
+    };
+    let b = LoraRequest {
+        name: "b".into(),
+        id: AdapterId(2),
+        path: golden("llama/adapters/b_r4_qv_regex"),
+    };
+    let params = || SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(3)
+    };
+    engine
+        .add_request("ra", Prompt::TokenIds(vec![5, 6]), params(), Some(&a))
+        .unwrap();
+    engine
+        .add_request("rb", Prompt::TokenIds(vec![7, 8]), params(), Some(&b))
+        .unwrap();
+    engine
+        .add_request("base", Prompt::TokenIds(vec![9]), params(), None)
+        .unwrap();
+    std::fs::remove_dir_all(&a_dir).unwrap();
+    let mut finished = std::collections::HashMap::new();
+    while engine.has_unfinished_requests() {
+        for o in engine.step().unwrap() {
+            if let Some(r) = o.finish_reason {
+                finished.insert(o.request_id.to_string(), (r, o.output_token_ids.len()));
+            }
+        }
+    }
+    assert_eq!(finished["ra"], (multilora_engine::FinishReason::Abort, 0));
+    assert_eq!(finished["rb"], (multilora_engine::FinishReason::Length, 3));
+    assert_eq!(finished["base"], (multilora_engine::FinishReason::Length, 3));
+}

@@ -164,6 +164,22 @@ impl LoraManager {
         );
     }
 
+    /// Makes sure a registered adapter is in the host cache, reloading it from disk if it was
+    /// evicted. `pinned`: adapters that must not be evicted to make room.
+    pub fn ensure_cached(&mut self, id: AdapterId, pinned: &[AdapterId]) -> Result<()> {
+        if self.cache.contains_key(&id) {
+            return Ok(());
+        }
+        let req = self
+            .known
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::InvalidConfig(format!("adapter id {} was never registered", id.0)))?;
+        let adapter = self.load(&req)?;
+        self.insert(id, adapter, pinned);
+        Ok(())
+    }
+
     /// Makes the step's adapters (at most `max_loras`, distinct) resident in device slots,
     /// reloading from disk any the host cache evicted, and returns the slot of each.
     pub fn activate(
