@@ -61,4 +61,10 @@ pub trait Backend: Send {
     /// Runs the model over the step and returns the logits of each sequence's last token,
     /// `[num_seqs, vocab_size]`.
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]>;
+
+    /// Device time of the last `forward`, measured with device events (GPU backends); `None`
+    /// where the device has no such clock.
+    fn last_device_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

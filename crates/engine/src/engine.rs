@@ -132,6 +132,8 @@ pub struct StepStats {
     pub num_loras: usize,
     /// Time of the model forward and sampling (wall time on the CPU).
     pub duration: Duration,
+    /// Device time of the forward alone, from device events (CUDA backend only).
+    pub device_time: Option<Duration>,
 }
 
 /// Settings resolved at start-up, for reports.
@@ -197,13 +199,21 @@ impl LLMEngine {
                 config.dtype
             )));
         }
-        let bytes_per_block = KvCache::bytes_per_block(&model_config, config.block_size);
+        let bytes_per_block = match config.device {
+            Device::Cpu => KvCache::bytes_per_block(&model_config, config.block_size),
+            Device::Cuda => crate::cuda::kv_bytes_per_block(&model_config, config.block_size),
+        };
+        // The CUDA backend's KV cache is bf16 in device memory; default to 16 GiB there.
+        let default_kv_bytes: usize = match config.device {
+            Device::Cpu => 4 << 30,
+            Device::Cuda => 16 << 30,
+        };
         let blocks_per_seq = max_model_len.div_ceil(config.block_size);
         let num_kv_blocks = match config.num_gpu_blocks_override {
             Some(n) => n,
             None => {
                 let wanted = config.max_num_seqs * blocks_per_seq;
-                let budget = config.kv_cache_memory_bytes.unwrap_or(4 << 30) / bytes_per_block;
+                let budget = config.kv_cache_memory_bytes.unwrap_or(default_kv_bytes) / bytes_per_block;
                 wanted.min(budget)
             }
         };
@@ -246,11 +256,21 @@ impl LLMEngine {
                     max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
                 },
             )?),
-            Device::Cuda => {
-                return Err(Error::InvalidConfig(
-                    "device \"cuda\" is not available in this build of multilora; use device \"cpu\"".into(),
-                ))
-            }
+            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(
+                &model_config,
+                &mut weights,
+                &crate::cuda::CudaBackendConfig {
+                    max_num_batched_tokens,
+                    max_num_seqs: config.max_num_seqs,
+                    max_model_len,
+                    block_size: config.block_size,
+                    num_kv_blocks,
+                    max_loras: lora_cfg.map_or(0, |c| c.max_loras),
+                    max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
+                    enforce_eager: config.enforce_eager,
+                    seed: config.seed,
+                },
+            )?),
         };
         drop(weights);
 
@@ -633,6 +653,7 @@ impl LLMEngine {
             num_preempted,
             num_loras: self.step_loras.len(),
             duration: start.elapsed(),
+            device_time: self.backend.last_device_time(),
         };
         self.scheduled = scheduled;
         Ok(outputs)

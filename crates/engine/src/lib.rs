@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod block_manager;
 pub mod cpu;
+pub mod cuda;
 pub mod demo;
 pub mod engine;
 pub mod error;

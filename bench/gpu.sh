@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything multilora does on the GPU machine, in one device call (see README, "GPU").
+#   bench/gpu.sh [check] [bench] [peer]     (default: all three)
+# Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench.
+# Writes logs and results under $OUT.
+set -uo pipefail
+BIN=${BIN:-.gpubin}
+OUT=${OUT:-/tmp/multilora-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+export MULTILORA_CACHE_DIR=${MULTILORA_CACHE_DIR:-/tmp/multilora-cache}
+WORK=${WORK:-/tmp/multilora-work}
+mkdir -p "$WORK"
+steps=${*:-check bench peer}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+
+for s in $steps; do case $s in
+check)
+  echo "== CUDA backend vs golden fixtures (bf16 tolerance) and graphs vs eager"
+  "$BIN/cuda_test" --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
+  echo "== greedy tokens vs transformers+PEFT on this GPU (mixed-adapter batch)"
+  python3 scripts/gpu_check_peft.py make "$WORK/peft" > "$OUT/peft.log" 2>&1 || tail -20 "$OUT/peft.log"
+  "$BIN/peft_check" "$WORK/peft/requests.json" "$WORK/peft/ours.json" 2>&1 | tee -a "$OUT/peft.log"
+  python3 scripts/gpu_check_peft.py compare "$WORK/peft" 2>&1 | tee -a "$OUT/peft.log"
+  ;;
+bench)
+  echo "== multilora on Llama-2-7B shape (dummy bf16), 32 rank-16 adapters on q,k,v,o"
+  "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  echo "== the same, eager (no CUDA graphs), batch 1 and 32"
+  "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench_eager.jsonl" --eager --batch-sizes 1,32 2>&1 | tee "$OUT/bench_eager.log"
+  ;;
+peer)
+  echo "== peer: HF transformers + PEFT, same shapes"
+  python3 bench/hf_peer.py "$OUT/peer.jsonl" 2>&1 | tee "$OUT/peer.log"
+  ;;
+esac; done

@@ -1,0 +1,226 @@
+//! A minimal GPU benchmark of the engine, for `bench/gpu.sh`, until `multilora bench` runs there:
+//! a model from `config.json` alone (`load_format: dummy`, bf16 on the device), N synthesized
+//! PEFT adapters, batch sizes 1..32, fixed prompt and output lengths, the no-LoRA series and the
+//! three workloads (distinct, uniform, identical), each step timed with CUDA events. Also the
+//! device's copy bandwidth, for the decode step's floor.
+//!
+//! usage: gpu_bench MODEL_DIR ADAPTER_DIR OUT.jsonl [--batch-sizes 1,2,4] [--prompt-len 128]
+//!        [--num-tokens 32] [--num-adapters 32] [--rank 16] [--eager]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use multilora_engine::demo::{synth_adapter, SynthSpec};
+use multilora_engine::lora::LoraTarget;
+use multilora_engine::{
+    AdapterId, Device, EngineConfig, LLMEngine, LoadFormat, LoraRequest, ModelConfig, Prompt, SamplingParams,
+};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+struct Args {
+    model: PathBuf,
+    adapters: PathBuf,
+    out: PathBuf,
+    batch_sizes: Vec<usize>,
+    prompt_len: usize,
+    num_tokens: usize,
+    num_adapters: usize,
+    rank: usize,
+    eager: bool,
+}
+
+fn parse() -> Args {
+    let mut it = std::env::args().skip(1);
+    let mut a = Args {
+        model: it.next().expect("MODEL_DIR").into(),
+        adapters: it.next().expect("ADAPTER_DIR").into(),
+        out: it.next().expect("OUT.jsonl").into(),
+        batch_sizes: vec![1, 2, 4, 8, 16, 32],
+        prompt_len: 128,
+        num_tokens: 32,
+        num_adapters: 32,
+        rank: 16,
+        eager: false,
+    };
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().expect("flag value");
+        match flag.as_str() {
+            "--batch-sizes" => a.batch_sizes = val().split(',').map(|s| s.parse().unwrap()).collect(),
+            "--prompt-len" => a.prompt_len = val().parse().unwrap(),
+            "--num-tokens" => a.num_tokens = val().parse().unwrap(),
+            "--num-adapters" => a.num_adapters = val().parse().unwrap(),
+            "--rank" => a.rank = val().parse().unwrap(),
+            "--eager" => a.eager = true,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+fn synth_all(a: &Args, cfg: &ModelConfig) -> Vec<LoraRequest> {
+    use LoraTarget::*;
+    (0..a.num_adapters)
+        .map(|i| {
+            let dir = a.adapters.join(format!("lora-{i:03}"));
+            if !dir.join("adapter_model.safetensors").exists() {
+                let spec = SynthSpec {
+                    rank: a.rank,
+                    lora_alpha: 2.0 * a.rank as f32,
+                    targets: vec![QProj, KProj, VProj, OProj],
+                    use_rslora: false,
+                    seed: i as u64,
+                };
+                synth_adapter(&dir, cfg, "dummy", &spec).expect("synth adapter");
+            }
+            LoraRequest {
+                name: format!("lora-{i}"),
+                id: AdapterId(i as u32 + 1),
+                path: dir,
+            }
+        })
+        .collect()
+}
+
+/// Bytes a decode step must read at least: every projection and lm_head weight once (bf16),
+/// the KV cache of every sequence, and the adapters in use.
+fn floor_bytes(cfg: &ModelConfig, batch: usize, ctx: usize, num_adapters: usize, rank: usize) -> f64 {
+    let (h, q, kv, i, l) = (
+        cfg.hidden_size,
+        cfg.q_size(),
+        cfg.kv_size(),
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    );
+    let weights = 2.0 * (l * (h * (q + 2 * kv) + q * h + 3 * h * i) + cfg.vocab_size * h) as f64;
+    let kv_bytes = 2.0 * (batch * ctx * l * 2 * kv) as f64;
+    let adapter = 2.0 * (l * rank * ((h + q) + (h + kv) * 2 + (q + h))) as f64;
+    weights + kv_bytes + num_adapters as f64 * adapter
+}
+
+fn copy_bandwidth() -> f64 {
+    use cudarc::driver::result as drv;
+    let gpu = multilora_engine::cuda::gpu::Gpu::new(0).expect("gpu");
+    let bytes = 4usize << 30;
+    let (a, b) = (gpu.alloc(bytes).unwrap(), gpu.alloc(bytes).unwrap());
+    let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
+    let copy = || unsafe { drv::memcpy_dtod_async(b.ptr, a.ptr, bytes, gpu.stream.cu_stream()) }.unwrap();
+    for _ in 0..3 {
+        copy();
+    }
+    let reps = 20;
+    e0.record(&gpu.stream).unwrap();
+    for _ in 0..reps {
+        copy();
+    }
+    e1.record(&gpu.stream).unwrap();
+    gpu.sync().unwrap();
+    let s = e0.elapsed_ms(&e1).unwrap() as f64 / 1e3;
+    2.0 * bytes as f64 * reps as f64 / s
+}
+
+fn main() {
+    let a = parse();
+    let bw = copy_bandwidth();
+    println!("device copy bandwidth (read + write): {:.3} TB/s", bw / 1e12);
+    let cfg = ModelConfig::from_dir(&a.model).expect("config.json");
+    let t0 = Instant::now();
+    let loras = synth_all(&a, &cfg);
+    println!(
+        "{} adapters ready in {:.1}s",
+        loras.len(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let max_batch = *a.batch_sizes.iter().max().unwrap();
+    let mut ec = EngineConfig::new(&a.model);
+    ec.load_format = LoadFormat::Dummy;
+    ec.device = Device::Cuda;
+    ec.dtype = "bfloat16".into();
+    ec.max_num_seqs = max_batch.max(1);
+    ec.max_model_len = Some((a.prompt_len + a.num_tokens + 16).next_power_of_two().max(256));
+    ec.max_num_batched_tokens = Some((max_batch * a.prompt_len).max(2048));
+    ec.enable_lora = true;
+    ec.max_loras = a.num_adapters;
+    ec.max_cpu_loras = Some(a.num_adapters);
+    ec.max_lora_rank = a.rank;
+    ec.enforce_eager = a.eager;
+    let t0 = Instant::now();
+    let mut engine = LLMEngine::new(ec).expect("engine");
+    println!(
+        "engine on {} loaded in {:.1}s",
+        engine.device_name(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let mut out = std::fs::File::create(&a.out).expect("out file");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let vocab = cfg.vocab_size as u32;
+    let series = ["no-lora", "distinct", "uniform", "identical"];
+    println!(
+        "{:>10} {:>5} {:>11} {:>11} {:>10} {:>9}",
+        "series", "batch", "prefill_ms", "decode_ms", "floor_ms", "x_floor"
+    );
+    for &b in &a.batch_sizes {
+        for s in series {
+            if s == "distinct" && b > loras.len() {
+                continue;
+            }
+            let adapters: Vec<Option<usize>> = (0..b)
+                .map(|i| match s {
+                    "no-lora" => None,
+                    "distinct" => Some(i),
+                    "uniform" => Some(rng.random_range(0..loras.len())),
+                    _ => Some(0),
+                })
+                .collect();
+            let num_distinct = {
+                let mut v: Vec<usize> = adapters.iter().flatten().copied().collect();
+                v.sort();
+                v.dedup();
+                v.len()
+            };
+            let mut run = |num_tokens: usize| -> (Vec<f64>, f64) {
+                for (i, ad) in adapters.iter().enumerate() {
+                    let prompt: Vec<u32> = (0..a.prompt_len).map(|_| rng.random_range(3..vocab)).collect();
+                    let params = SamplingParams {
+                        ignore_eos: true,
+                        min_tokens: num_tokens,
+                        ..SamplingParams::greedy(num_tokens)
+                    };
+                    let lora = ad.map(|k| &loras[k]);
+                    engine
+                        .add_request(&format!("{s}-{b}-{i}"), Prompt::TokenIds(prompt), params, lora)
+                        .expect("add request");
+                }
+                let mut steps = Vec::new();
+                let t = Instant::now();
+                while engine.has_unfinished_requests() {
+                    engine.step().expect("step");
+                    let st = engine.last_step_stats();
+                    steps.push(st.device_time.unwrap_or(st.duration).as_secs_f64() * 1e3);
+                }
+                (steps, t.elapsed().as_secs_f64() * 1e3)
+            };
+            run(4); // warm-up: loads adapters into slots, captures this bucket's graph
+            let (steps, e2e) = run(a.num_tokens);
+            let num_decode = a.num_tokens - 1;
+            let prefill: f64 = steps[..steps.len() - num_decode].iter().sum();
+            let decode = steps[steps.len() - num_decode..].iter().sum::<f64>() / num_decode as f64;
+            let ctx = a.prompt_len + a.num_tokens / 2;
+            let floor_ms = floor_bytes(&cfg, b, ctx, num_distinct, a.rank) / bw * 1e3;
+            println!(
+                "{s:>10} {b:>5} {prefill:>11.3} {decode:>11.3} {floor_ms:>10.3} {:>9.2}",
+                decode / floor_ms
+            );
+            let rec = json!({
+                "series": s, "batch_size": b, "prompt_len": a.prompt_len, "num_tokens": a.num_tokens,
+                "num_adapters_in_batch": num_distinct, "prefill_ms": prefill, "decode_ms": decode,
+                "e2e_wall_ms": e2e, "floor_ms": floor_ms, "copy_bw_bytes_per_s": bw, "steps_ms": steps,
+                "eager": a.eager, "device": engine.device_name(),
+            });
+            use std::io::Write;
+            writeln!(out, "{rec}").unwrap();
+        }
+    }
+}

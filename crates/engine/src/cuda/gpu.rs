@@ -1,0 +1,278 @@
+//! The device: context, one non-default stream (capturable), the NVRTC-compiled kernels (PTX
+//! cached on disk by source hash and arch), cuBLAS, and raw device buffers.
+//!
+//! Buffers are plain allocations addressed by raw device pointers: every buffer the model uses
+//! lives as long as the backend, so pointers baked into a captured CUDA graph stay valid, and
+//! cudarc's event tracking (host cost, and not capturable) is switched off.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::cublas::{sys as cublas_sys, CudaBlas};
+use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
+use cudarc::driver::{
+    result as drv, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::kernels;
+use crate::error::{Error, Result};
+
+/// Turns any CUDA-side error into the engine's error type.
+pub fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend(format!("{what}: {e:?}"))
+}
+
+/// Checks that the driver, NVRTC and cuBLAS can be loaded, without letting cudarc panic.
+pub fn probe() -> Result<()> {
+    // SAFETY: these only try to dlopen the libraries.
+    let (driver, nvrtc, cublas) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+        )
+    };
+    if !driver {
+        return Err(Error::Backend(
+            "no CUDA driver found (libcuda.so); use device=cpu".into(),
+        ));
+    }
+    let missing: Vec<&str> = [(nvrtc, "libnvrtc"), (cublas, "libcublas")]
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, n)| *n)
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Backend(format!(
+            "CUDA driver found but not {}: put the CUDA 13 libraries on LD_LIBRARY_PATH (e.g. /usr/local/cuda-13.0/targets/x86_64-linux/lib), or use device=cpu",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// A device allocation that lives as long as its owner; `ptr` is stable.
+pub struct DevBuf {
+    _mem: CudaSlice<u8>,
+    pub ptr: CUdeviceptr,
+    pub bytes: usize,
+}
+
+impl DevBuf {
+    /// Pointer to element `i` of a buffer of `T`s.
+    pub fn at<T>(&self, i: usize) -> CUdeviceptr {
+        debug_assert!((i * std::mem::size_of::<T>()) <= self.bytes);
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    pub name: String,
+    pub num_sms: u32,
+    _blas_workspace: Option<DevBuf>,
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MULTILORA_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache/multilora")
+}
+
+impl Gpu {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        probe()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("creating the CUDA context", e))?;
+        // SAFETY: no buffers exist yet; we manage ordering ourselves with one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("reading the compute capability", e))?;
+        let num_sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("reading the SM count", e))? as u32;
+        // Hopper's arch-specific target where it exists.
+        let arch = if (major, minor) == (9, 0) {
+            "compute_90a".to_string()
+        } else {
+            format!("compute_{major}{minor}")
+        };
+        let ptx = compile_cached(kernels::SOURCE, &arch)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| cuda_err("loading the kernels", e))?;
+        let mut funcs = HashMap::new();
+        for &n in kernels::NAMES {
+            let f = module
+                .load_function(n)
+                .map_err(|e| cuda_err(&format!("loading kernel {n}"), e))?;
+            funcs.insert(n, f);
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating the cuBLAS handle", e))?;
+        let mut gpu = Gpu {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            name,
+            num_sms,
+            _blas_workspace: None,
+        };
+        // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
+        let ws = gpu.alloc(32 << 20)?;
+        // SAFETY: the handle is live and the workspace outlives it (both owned by `gpu`).
+        let st = unsafe {
+            cublas_sys::cublasSetWorkspace_v2(*gpu.blas.handle(), ws.ptr as *mut std::ffi::c_void, ws.bytes)
+        };
+        if st != cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(cuda_err("cublasSetWorkspace", st));
+        }
+        gpu._blas_workspace = Some(ws);
+        Ok(gpu)
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        let mem = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(16))
+            .map_err(|e| cuda_err(&format!("allocating {bytes} bytes on the device"), e))?;
+        let ptr = mem.device_ptr(&self.stream).0;
+        Ok(DevBuf {
+            ptr,
+            bytes,
+            _mem: mem,
+        })
+    }
+
+    /// Makes the context current on the calling thread (the engine may move between threads).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the CUDA context", e))
+    }
+
+    pub fn htod<T>(&self, dst: CUdeviceptr, src: &[T]) -> Result<()> {
+        // SAFETY: callers pass a destination inside a live buffer with room for `src`.
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("copy to device", e))
+    }
+
+    /// Copies to the host and waits for the stream.
+    pub fn dtoh<T>(&self, dst: &mut [T], src: CUdeviceptr) -> Result<()> {
+        // SAFETY: `src` holds at least `dst.len()` elements; the sync below completes the copy
+        // before `dst` is used.
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("copy to host", e))?;
+        self.sync()
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("stream synchronize", e))
+    }
+
+    pub fn timing_event(&self) -> Result<CudaEvent> {
+        self.ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("creating an event", e))
+    }
+
+    pub fn func(&self, name: &'static str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+
+    /// `y[M, ldy] (f32) = x[M, K] · W[N, K]ᵀ` with bf16 x and W, through cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16(
+        &self,
+        x: CUdeviceptr,
+        w: CUdeviceptr,
+        y: CUdeviceptr,
+        m: usize,
+        n: usize,
+        k: usize,
+        ldy: usize,
+    ) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        use cublas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        // SAFETY: pointers are live device buffers of the stated shapes.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x as *const _,
+                cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                cudaDataType::CUDA_R_32F,
+                ldy as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err("cublasGemmEx", e))
+    }
+}
+
+/// Compiles `src` for `arch` with NVRTC, or reads the PTX cached from an earlier run.
+fn compile_cached(src: &str, arch: &str) -> Result<Ptx> {
+    let key = fnv1a(format!("{arch}\n{src}").as_bytes());
+    let path = cache_dir().join(format!("kernels-{arch}-{key:016x}.ptx"));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(Ptx::from_src(text));
+    }
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| cuda_err("NVRTC", e))?;
+    let text = ptx.to_src();
+    if let Some(dir) = path.parent() {
+        // The cache is an optimization: failing to write it is not an error.
+        let _ = std::fs::create_dir_all(dir);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &text).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(Ptx::from_src(text))
+}
+
+/// A launch helper: grid, block and the raw arguments.
+pub fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

@@ -1,0 +1,399 @@
+//! The CUDA C of every kernel the CUDA backend launches, compiled at run time by NVRTC.
+//!
+//! Header-free on purpose: NVRTC 13 cannot find `cuda_bf16.h` without include paths, so bf16 is
+//! a `unsigned short` converted with bit shifts (round to nearest even). Weights and the KV
+//! cache are bf16; every accumulation, the residual stream and projection outputs are f32.
+
+pub const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+#define INFINITY __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float bf2f(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
+__device__ __forceinline__ bf16_t f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+__device__ __forceinline__ float lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+// Dot product of 8 bf16 pairs packed in two uint4.
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    float s = lo(a.x) * lo(b.x);
+    s = fmaf(hi(a.x), hi(b.x), s);
+    s = fmaf(lo(a.y), lo(b.y), s);
+    s = fmaf(hi(a.y), hi(b.y), s);
+    s = fmaf(lo(a.z), lo(b.z), s);
+    s = fmaf(hi(a.z), hi(b.z), s);
+    s = fmaf(lo(a.w), lo(b.w), s);
+    s = fmaf(hi(a.w), hi(b.w), s);
+    return s;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    float s = 0.f;
+    for (int i = 0; i < nw; i++) s += part[i];
+    return s;
+}
+
+// Seeded uniform values in [-bound, bound) for load_format=dummy: a splitmix64 hash of the
+// element index, so weights are generated on the device in one pass.
+extern "C" __global__ void fill_uniform_bf16(bf16_t* out, u64 n, u64 seed, float bound) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+        out[i] = f2bf((2.f * u - 1.f) * bound);
+    }
+}
+
+extern "C" __global__ void fill_bf16(bf16_t* out, u64 n, float v) {
+    bf16_t b = f2bf(v);
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = b;
+}
+
+// hidden: [T, H] f32; table: [vocab, H] bf16; ids: [T]
+extern "C" __global__ void embed(float* hidden, const bf16_t* table, const u32* ids, int H) {
+    int t = blockIdx.x;
+    const bf16_t* row = table + (size_t)ids[t] * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) hidden[(size_t)t * H + i] = bf2f(row[i]);
+}
+
+// One row per block. hidden: [*, H] f32 residual stream; delta: [T, H] f32 added into it first
+// (may be null); rows: [n] source row of each output row (may be null: row = blockIdx.x);
+// out: [n, H] bf16 = rmsnorm(hidden[row]) * w
+extern "C" __global__ void add_rms_norm(float* hidden, const float* delta, const u32* rows, const bf16_t* w,
+                                        bf16_t* out, int H, float eps) {
+    int r = rows ? (int)rows[blockIdx.x] : (int)blockIdx.x;
+    float* x = hidden + (size_t)r * H;
+    const float* d = delta ? delta + (size_t)r * H : 0;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = x[i];
+        if (d) { v += d[i]; x[i] = v; }
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / (float)H + eps);
+    bf16_t* o = out + (size_t)blockIdx.x * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = f2bf(bf2f(w[i]) * (x[i] * inv));
+}
+
+// Qwen3's per-head RMSNorm of q and k, in place. qkv: [T, ld] f32 with q heads then k heads.
+// grid (T, nh + nkv), 32 threads.
+extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const bf16_t* qw, const bf16_t* kw, float eps) {
+    int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    float* x = qkv + (size_t)t * ld + (size_t)h * hd;
+    const bf16_t* w = h < nh ? qw : kw;
+    float ss = 0.f;
+    for (int i = lane; i < hd; i += 32) ss += x[i] * x[i];
+    ss = warp_sum(ss);
+    float inv = rsqrtf(ss / (float)hd + eps);
+    for (int i = lane; i < hd; i += 32) x[i] = bf2f(w[i]) * (x[i] * inv);
+}
+
+// HF non-interleaved RoPE on q (in place) and k, then k and v into the paged cache.
+// qkv: [T, ld] f32 (q heads, k heads, v heads); cos/sin: [max_pos, hd/2];
+// k_cache/v_cache: [num_slots, nkv * hd] bf16. One block per token.
+extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, int hd, const float* cos_t,
+                                         const float* sin_t, const u32* positions, const u32* slot_mapping,
+                                         bf16_t* k_cache, bf16_t* v_cache) {
+    int t = blockIdx.x, half = hd / 2, kvs = nkv * hd;
+    u32 p = positions[t];
+    const float* c = cos_t + (size_t)p * half;
+    const float* s = sin_t + (size_t)p * half;
+    float* row = qkv + (size_t)t * ld;
+    size_t slot = slot_mapping[t];
+    for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
+        int h = i / half, j = i - h * half;
+        float* x = row + h * hd;
+        float a = x[j], b = x[j + half];
+        float ra = a * c[j] - b * s[j], rb = b * c[j] + a * s[j];
+        if (h < nh) {
+            x[j] = ra;
+            x[j + half] = rb;
+        } else {
+            bf16_t* k = k_cache + slot * kvs + (size_t)(h - nh) * hd;
+            k[j] = f2bf(ra);
+            k[j + half] = f2bf(rb);
+        }
+    }
+    const float* v = row + (nh + nkv) * hd;
+    for (int i = threadIdx.x; i < kvs; i += blockDim.x) v_cache[slot * kvs + i] = f2bf(v[i]);
+}
+
+// Causal attention over the paged cache, prefill and decode alike: token t attends to positions
+// 0..=positions[t] of its sequence. grid (T, nh), ATT_WARPS warps; each warp takes every
+// ATT_WARPS-th key with an online softmax, then the warps are merged.
+// qkv: [T, ld] f32 (q first); out: [T, nh * hd] bf16; token_seq: [T];
+// block_tables: [num_seqs, max_blocks]
+#define ATT_WARPS 8
+#define MAX_DPL 8
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
+    const float* qkv, int ld, bf16_t* out, const bf16_t* k_cache, const bf16_t* v_cache, const u32* token_seq,
+    const u32* positions, const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd,
+    float scale) {
+    int t = blockIdx.x, h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int kvh = h / (nh / nkv), kvs = nkv * hd;
+    const float* q = qkv + (size_t)t * ld + (size_t)h * hd;
+    float qr[MAX_DPL], acc[MAX_DPL];
+#pragma unroll
+    for (int j = 0; j < MAX_DPL; j++) {
+        int d = lane + 32 * j;
+        qr[j] = d < hd ? q[d] * scale : 0.f;
+        acc[j] = 0.f;
+    }
+    int ctx = (int)positions[t] + 1;
+    const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
+    float m = -INFINITY, l = 0.f;
+    for (int p = warp; p < ctx; p += ATT_WARPS) {
+        size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
+        const bf16_t* k = k_cache + slot * kvs + (size_t)kvh * hd;
+        const bf16_t* v = v_cache + slot * kvs + (size_t)kvh * hd;
+        float kv[MAX_DPL], vv[MAX_DPL];
+#pragma unroll
+        for (int j = 0; j < MAX_DPL; j++) {
+            int d = lane + 32 * j;
+            kv[j] = d < hd ? bf2f(k[d]) : 0.f;
+            vv[j] = d < hd ? bf2f(v[d]) : 0.f;
+        }
+        float sc = 0.f;
+#pragma unroll
+        for (int j = 0; j < MAX_DPL; j++) sc = fmaf(qr[j], kv[j], sc);
+        sc = warp_sum(sc);
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn), e = __expf(sc - mn);
+        l = l * corr + e;
+#pragma unroll
+        for (int j = 0; j < MAX_DPL; j++) acc[j] = fmaf(acc[j], corr, e * vv[j]);
+        m = mn;
+    }
+    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
+    __shared__ float so[ATT_WARPS][32 * MAX_DPL];
+    if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+#pragma unroll
+    for (int j = 0; j < MAX_DPL; j++) so[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm[w]);
+    float L = 0.f;
+    for (int w = 0; w < ATT_WARPS; w++) L += sl[w] * __expf(sm[w] - mx);
+    bf16_t* o = out + (size_t)t * nh * hd + (size_t)h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float s = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) s += so[w][d] * __expf(sm[w] - mx);
+        o[d] = f2bf(s / L);
+    }
+}
+
+// gu: [T, 2I] f32 (gate then up); out: [T, I] bf16 = silu(gate) * up
+extern "C" __global__ void silu_mul(const float* gu, bf16_t* out, int I, int T) {
+    u64 n = (u64)T * I;
+    for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
+        u64 t = idx / I, i = idx - t * I;
+        float g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
+        out[idx] = f2bf(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+// y: [T, ldy] f32 += bias[N] (bf16)
+extern "C" __global__ void add_bias(float* y, const bf16_t* bias, int N, int T, int ldy) {
+    u64 n = (u64)T * N;
+    for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
+        u64 t = idx / N, o = idx - t * N;
+        y[t * ldy + o] += bf2f(bias[o]);
+    }
+}
+
+// Memory-bound skinny GEMM for M <= GEMV_MAXM tokens: y[M, ldy] = x[M, K] · W[N, K]ᵀ (+ bias).
+// Each warp owns GEMV_ROWS weight rows and streams them once with 16-byte loads,
+// GEMV_ROWS * GEMV_UNROLL loads in flight per thread; x is small and stays in L1/L2.
+// K must be a multiple of 8 (16-byte rows).
+#define GEMV_ROWS 2
+#define GEMV_UNROLL 4
+#define GEMV_MAXM 8
+#define GEMV_WARPS 8
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_bf16(
+    const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, const bf16_t* __restrict__ bias,
+    float* __restrict__ y, int M, int N, int K, int ldy) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    if (row0 >= N) return;
+    int K8 = K >> 3;
+    const uint4* W4 = (const uint4*)W;
+    const uint4* x4 = (const uint4*)x;
+    float acc[GEMV_MAXM][GEMV_ROWS];
+#pragma unroll
+    for (int m = 0; m < GEMV_MAXM; m++)
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) acc[m][r] = 0.f;
+    for (int k0 = lane; k0 < K8; k0 += 32 * GEMV_UNROLL) {
+        uint4 w[GEMV_ROWS][GEMV_UNROLL];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++) {
+                int k = k0 + u * 32, row = row0 + r;
+                w[r][u] = (k < K8 && row < N) ? __ldg(W4 + (size_t)row * K8 + k) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int k = k0 + u * 32;
+            if (k < K8) {
+#pragma unroll
+                for (int m = 0; m < GEMV_MAXM; m++) {
+                    if (m < M) {
+                        uint4 xv = __ldg(x4 + (size_t)m * K8 + k);
+#pragma unroll
+                        for (int r = 0; r < GEMV_ROWS; r++) acc[m][r] += dot8(w[r][u], xv);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < GEMV_MAXM; m++) {
+        if (m < M) {
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                float v = warp_sum(acc[m][r]);
+                int row = row0 + r;
+                if (lane == 0 && row < N) y[(size_t)m * ldy + row] = v + (bias ? bf2f(bias[row]) : 0.f);
+            }
+        }
+    }
+}
+
+// BGMV shrink, every token its own adapter: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ with
+// s = tok_slot[t], for the nsub projections of a group that share the input x (q/k/v, gate/up).
+// Rows r >= rank (or tokens without adapter) get 0 and read no weights.
+// x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
+// tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, ceil(R / 8)), 256 threads.
+extern "C" __global__ void lora_shrink(const bf16_t* __restrict__ x, const bf16_t* __restrict__ A,
+                                       const int* ranks, const float* scales, const int* tok_slot, float* tmp,
+                                       int T, int K, int R, int L) {
+    int t = blockIdx.x, z = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r = blockIdx.z * 8 + warp;
+    if (r >= R) return;
+    int s = tok_slot[t];
+    float* o = tmp + ((size_t)z * T + t) * R + r;
+    if (s < 0 || r >= ranks[z * L + s]) {
+        if (lane == 0) *o = 0.f;
+        return;
+    }
+    int K8 = K >> 3;
+    const uint4* a = (const uint4*)(A + (((size_t)z * L + s) * R + r) * K);
+    const uint4* xr = (const uint4*)(x + (size_t)t * K);
+    float acc = 0.f;
+#pragma unroll 4
+    for (int k = lane; k < K8; k += 32) acc += dot8(__ldg(a + k), __ldg(xr + k));
+    acc = warp_sum(acc);
+    if (lane == 0) *o = acc * scales[z * L + s];
+}
+
+// BGMV expand: y[t, o] += tmp[z(o), t, :rank] · B[s, o, :rank], s = tok_slot[t]. The group's
+// projections are concatenated along N: outputs below n1 belong to sub 0, below n2 to sub 1,
+// the rest to sub 2. Only the slot's own rank is read (in chunks of 8; padding is zero).
+// tmp: [nsub, T, R]; B: [L, N, R] bf16; y: [T, ldy] f32. grid (ceil(N / 256), T), 256 threads.
+extern "C" __global__ void lora_expand(const float* tmp, const bf16_t* __restrict__ B, const int* ranks,
+                                       const int* tok_slot, float* y, int T, int N, int R, int L, int ldy, int n1,
+                                       int n2) {
+    int t = blockIdx.y, o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= N) return;
+    int s = tok_slot[t];
+    if (s < 0) return;
+    int z = o < n1 ? 0 : (o < n2 ? 1 : 2);
+    int rank = ranks[z * L + s];
+    if (rank == 0) return;
+    const float* tr = tmp + ((size_t)z * T + t) * R;
+    const uint4* b = (const uint4*)(B + ((size_t)s * N + o) * R);
+    float acc = 0.f;
+    for (int r8 = 0; r8 < rank; r8 += 8) {
+        uint4 bv = __ldg(b + (r8 >> 3));
+        acc = fmaf(tr[r8 + 0], lo(bv.x), acc);
+        acc = fmaf(tr[r8 + 1], hi(bv.x), acc);
+        acc = fmaf(tr[r8 + 2], lo(bv.y), acc);
+        acc = fmaf(tr[r8 + 3], hi(bv.y), acc);
+        acc = fmaf(tr[r8 + 4], lo(bv.z), acc);
+        acc = fmaf(tr[r8 + 5], hi(bv.z), acc);
+        acc = fmaf(tr[r8 + 6], lo(bv.w), acc);
+        acc = fmaf(tr[r8 + 7], hi(bv.w), acc);
+    }
+    y[(size_t)t * ldy + o] += acc;
+}
+
+// Greedy sampling on the device: ids[s] = argmax(logits[s]) (first index on ties).
+// One block of 1024 threads per row.
+extern "C" __global__ void argmax_rows(const float* logits, int V, u32* ids) {
+    const float* row = logits + (size_t)blockIdx.x * V;
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float v = row[i];
+        if (v > best) { best = v; bi = i; }
+    }
+    __shared__ float sv[32];
+    __shared__ int si[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (sv[w] > best || (sv[w] == best && si[w] < bi)) { best = sv[w]; bi = si[w]; }
+        ids[blockIdx.x] = (u32)bi;
+    }
+}
+"#;
+
+/// Kernel names loaded from [`SOURCE`].
+pub const NAMES: &[&str] = &[
+    "fill_uniform_bf16",
+    "fill_bf16",
+    "embed",
+    "add_rms_norm",
+    "qk_norm",
+    "rope_kv_write",
+    "paged_attention",
+    "silu_mul",
+    "add_bias",
+    "gemv_bf16",
+    "lora_shrink",
+    "lora_expand",
+    "argmax_rows",
+];
+
+/// Largest token count the GEMV kernel takes (`GEMV_MAXM`); cuBLAS above.
+pub const GEMV_MAX_M: usize = 8;
+/// Output rows one GEMV block covers (`GEMV_ROWS * GEMV_WARPS`).
+pub const GEMV_ROWS_PER_BLOCK: usize = 16;
+/// Largest head_dim the attention kernel takes (`32 * MAX_DPL`).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Threads of an attention block (`ATT_WARPS * 32`).
+pub const ATT_THREADS: u32 = 256;

@@ -1,0 +1,826 @@
+//! The Llama-family decoder on the device: weights (q/k/v and gate/up fused along the output
+//! dimension, so one GEMV streams them), the paged KV cache, LoRA slots, activation buffers, and
+//! the kernel sequence of one step. Every buffer is allocated at load for the largest step, so
+//! a step allocates nothing and can be captured in a CUDA graph.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::PushKernelArg;
+use half::bf16;
+
+use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
+use super::kernels::{self, GEMV_MAX_M, GEMV_ROWS_PER_BLOCK, MAX_HEAD_DIM};
+use super::CudaBackendConfig;
+use crate::backend::StepBatch;
+use crate::cpu::ops::inv_freq;
+use crate::error::{Error, Result};
+use crate::lora::adapter::LoraAdapter;
+use crate::lora::{LoraSlot, LoraTarget};
+use crate::weights::WeightSource;
+use crate::ModelConfig;
+
+/// Launches a kernel by name with raw arguments (device pointers as `u64`, `i32`, `f32`).
+macro_rules! launch {
+    ($gpu:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let gpu: &Gpu = $gpu;
+        let mut b = gpu.stream.launch_builder(gpu.func($name));
+        $( let a = $arg; b.arg(&a); )*
+        // SAFETY: argument types and counts match the kernel's signature in kernels.rs, and
+        // every pointer is a live buffer of the shape the kernel reads.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| cuda_err(concat!("launching ", $name), e))
+    }};
+}
+
+/// What a step's kernel sequence depends on (and a captured graph is keyed by).
+#[derive(Debug, Clone, Copy)]
+pub struct StepShape {
+    pub num_tokens: usize,
+    pub num_seqs: usize,
+    /// Bit g set: LoRA group g runs. 0: no LoRA kernels at all.
+    pub lora_mask: u8,
+}
+
+/// `y[T, N] = x[T, K] · Wᵀ (+ b)`, bf16 weights `[N, K]`.
+struct Linear {
+    w: DevBuf,
+    bias: Option<DevBuf>,
+    n: usize,
+    k: usize,
+}
+
+/// The stacked adapter weights of one projection group (projections that share their input:
+/// q/k/v, o, gate/up, down) for all `max_loras` slots.
+struct LoraGroup {
+    targets: Vec<LoraTarget>,
+    /// out features of each target, concatenated in `b`
+    outs: Vec<usize>,
+    k: usize,
+    /// `[nsub, max_loras, R, K]` bf16
+    a: DevBuf,
+    /// `[max_loras, N, R]` bf16
+    b: DevBuf,
+    /// `[nsub, max_loras]` i32
+    ranks: DevBuf,
+    /// `[nsub, max_loras]` f32
+    scales: DevBuf,
+    host_ranks: Vec<i32>,
+    host_scales: Vec<f32>,
+}
+
+impl LoraGroup {
+    fn n(&self) -> usize {
+        self.outs.iter().sum()
+    }
+
+    fn is_active(&self) -> bool {
+        self.host_ranks.iter().any(|&r| r > 0)
+    }
+}
+
+struct Layer {
+    qkv_proj: Linear,
+    o_proj: Linear,
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    input_layernorm: DevBuf,
+    post_attention_layernorm: DevBuf,
+    q_norm: Option<DevBuf>,
+    k_norm: Option<DevBuf>,
+    /// `[4]`: qkv, o, gate_up, down; empty when LoRA is disabled
+    lora: Vec<LoraGroup>,
+}
+
+/// Offsets (in u32 elements) of the step inputs in the device arena.
+#[derive(Debug, Clone, Copy)]
+struct Arena {
+    token_ids: usize,
+    positions: usize,
+    slot_mapping: usize,
+    token_seq: usize,
+    token_slot: usize,
+    last_rows: usize,
+    block_tables: usize,
+    len: usize,
+}
+
+pub struct CudaModel {
+    cfg: ModelConfig,
+    max_tokens: usize,
+    max_seqs: usize,
+    max_blocks_per_seq: usize,
+    block_size: usize,
+    /// KV slot that padded graph rows write to (an extra block past the engine's)
+    scratch_slot: u32,
+    max_loras: usize,
+    /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
+    lora_rank: usize,
+    embed_tokens: DevBuf,
+    lm_head: Option<DevBuf>,
+    norm: DevBuf,
+    layers: Vec<Layer>,
+    rope_cos: DevBuf, // [max_model_len, head_dim / 2] f32
+    rope_sin: DevBuf,
+    k_cache: Vec<DevBuf>, // per layer [(num_blocks + 1) * block_size, kv_size] bf16
+    v_cache: Vec<DevBuf>,
+    arena_layout: Arena,
+    arena: DevBuf,       // u32, see Arena
+    hidden: DevBuf,      // [T, hidden] f32 residual stream
+    normed: DevBuf,      // [T, hidden] bf16
+    qkv: DevBuf,         // [T, q + 2 kv] f32
+    attn: DevBuf,        // [T, q] bf16
+    delta: DevBuf,       // [T, hidden] f32: o_proj / down_proj output
+    gate_up: DevBuf,     // [T, 2 * intermediate] f32
+    act: DevBuf,         // [T, intermediate] bf16
+    lora_tmp: DevBuf,    // [3, T, R] f32
+    last_normed: DevBuf, // [S, hidden] bf16
+    logits: DevBuf,      // [S, vocab] f32
+}
+
+fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+
+/// Fills weights: from the checkpoint (widened to f32 by `WeightSource`, narrowed here), or
+/// random on the device for `load_format: dummy`.
+struct Loader<'a> {
+    gpu: &'a Gpu,
+    weights: &'a mut WeightSource,
+    seed: u64,
+    counter: u64,
+}
+
+impl Loader<'_> {
+    fn is_dummy(&self) -> bool {
+        matches!(self.weights, WeightSource::Dummy { .. })
+    }
+
+    /// Writes tensor `name` of `shape` (bf16) at `dst`.
+    fn fill(&mut self, name: &str, shape: &[usize], dst: CUdeviceptr) -> Result<()> {
+        let n: usize = shape.iter().product();
+        if self.is_dummy() {
+            self.counter += 1;
+            let grid = (n.div_ceil(256).min(65536) as u32, 1, 1);
+            if name.ends_with("norm.weight") {
+                launch!(self.gpu, "fill_bf16", cfg(grid, 256), dst, n as u64, 1.0f32)
+            } else {
+                let bound = 1.0 / (shape.last().copied().unwrap_or(1) as f32).sqrt();
+                let seed = self
+                    .seed
+                    .wrapping_add(self.counter.wrapping_mul(0x2545F4914F6CDD1D));
+                launch!(
+                    self.gpu,
+                    "fill_uniform_bf16",
+                    cfg(grid, 256),
+                    dst,
+                    n as u64,
+                    seed,
+                    bound
+                )
+            }
+        } else {
+            let v = self.weights.get(name, shape)?;
+            self.gpu.htod(dst, &to_bf16_bits(&v))
+        }
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<DevBuf> {
+        let buf = self.gpu.alloc(shape.iter().product::<usize>() * 2)?;
+        self.fill(name, shape, buf.ptr)?;
+        Ok(buf)
+    }
+
+    /// Projections sharing an input, concatenated along the output dimension.
+    fn linear(&mut self, prefix: &str, parts: &[(&str, usize)], k: usize, bias: bool) -> Result<Linear> {
+        let n: usize = parts.iter().map(|p| p.1).sum();
+        let w = self.gpu.alloc(n * k * 2)?;
+        let b = if bias { Some(self.gpu.alloc(n * 2)?) } else { None };
+        let mut off = 0;
+        for &(name, rows) in parts {
+            self.fill(
+                &format!("{prefix}.{name}.weight"),
+                &[rows, k],
+                w.at::<u16>(off * k),
+            )?;
+            if let Some(b) = &b {
+                self.fill(&format!("{prefix}.{name}.bias"), &[rows], b.at::<u16>(off))?;
+            }
+            off += rows;
+        }
+        Ok(Linear { w, bias: b, n, k })
+    }
+}
+
+impl CudaModel {
+    pub fn load(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        weights: &mut WeightSource,
+        bc: &CudaBackendConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        let (h, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
+        let (qs, kvs, inter) = (cfg.q_size(), cfg.kv_size(), cfg.intermediate_size);
+        if hd > MAX_HEAD_DIM || hd % 2 != 0 {
+            return Err(Error::Backend(format!(
+                "head_dim {hd} is not supported by the CUDA backend (even, at most {MAX_HEAD_DIM})"
+            )));
+        }
+        let mut ld = Loader {
+            gpu,
+            weights,
+            seed,
+            counter: 0,
+        };
+        let embed_tokens = ld.tensor("model.embed_tokens.weight", &[v, h])?;
+        let lora_rank = bc.max_lora_rank.div_ceil(8) * 8;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let attn = format!("{p}.self_attn");
+            let mlp = format!("{p}.mlp");
+            let qkv_proj = ld.linear(
+                &attn,
+                &[("q_proj", qs), ("k_proj", kvs), ("v_proj", kvs)],
+                h,
+                cfg.qkv_bias,
+            )?;
+            let o_proj = ld.linear(&attn, &[("o_proj", h)], qs, cfg.o_bias)?;
+            let gate_up_proj = ld.linear(&mlp, &[("gate_proj", inter), ("up_proj", inter)], h, false)?;
+            let down_proj = ld.linear(&mlp, &[("down_proj", h)], inter, false)?;
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(ld.tensor(&format!("{attn}.q_norm.weight"), &[hd])?),
+                    Some(ld.tensor(&format!("{attn}.k_norm.weight"), &[hd])?),
+                )
+            } else {
+                (None, None)
+            };
+            let mut lora = Vec::new();
+            if bc.max_loras > 0 {
+                use LoraTarget::*;
+                for targets in [
+                    vec![QProj, KProj, VProj],
+                    vec![OProj],
+                    vec![GateProj, UpProj],
+                    vec![DownProj],
+                ] {
+                    lora.push(LoraGroup::new(gpu, cfg, targets, bc.max_loras, lora_rank)?);
+                }
+            }
+            layers.push(Layer {
+                qkv_proj,
+                o_proj,
+                gate_up_proj,
+                down_proj,
+                input_layernorm: ld.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: ld.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q_norm,
+                k_norm,
+                lora,
+            });
+        }
+        let norm = ld.tensor("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(ld.tensor("lm_head.weight", &[v, h])?)
+        };
+
+        // RoPE tables exactly as the CPU backend builds them.
+        let inv = inv_freq(cfg);
+        let half = inv.len();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(bc.max_model_len * half),
+            Vec::with_capacity(bc.max_model_len * half),
+        );
+        for p in 0..bc.max_model_len {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let rope_cos = gpu.alloc(cos.len() * 4)?;
+        let rope_sin = gpu.alloc(sin.len() * 4)?;
+        gpu.htod(rope_cos.ptr, &cos)?;
+        gpu.htod(rope_sin.ptr, &sin)?;
+
+        let num_slots = (bc.num_kv_blocks + 1) * bc.block_size;
+        let mut k_cache = Vec::new();
+        let mut v_cache = Vec::new();
+        for _ in 0..cfg.num_hidden_layers {
+            k_cache.push(gpu.alloc(num_slots * kvs * 2)?);
+            v_cache.push(gpu.alloc(num_slots * kvs * 2)?);
+        }
+
+        let (t, s) = (bc.max_num_batched_tokens.max(bc.max_num_seqs), bc.max_num_seqs);
+        let max_blocks_per_seq = bc.max_model_len.div_ceil(bc.block_size);
+        let mut off = 0;
+        let mut take = |n: usize| {
+            let o = off;
+            off += n;
+            o
+        };
+        let arena_layout = Arena {
+            token_ids: take(t),
+            positions: take(t),
+            slot_mapping: take(t),
+            token_seq: take(t),
+            token_slot: take(t),
+            last_rows: take(s),
+            block_tables: take(s * max_blocks_per_seq),
+            len: 0,
+        };
+        let arena_layout = Arena {
+            len: off,
+            ..arena_layout
+        };
+        Ok(CudaModel {
+            max_tokens: t,
+            max_seqs: s,
+            max_blocks_per_seq,
+            block_size: bc.block_size,
+            scratch_slot: (bc.num_kv_blocks * bc.block_size) as u32,
+            max_loras: bc.max_loras,
+            lora_rank,
+            embed_tokens,
+            lm_head,
+            norm,
+            layers,
+            rope_cos,
+            rope_sin,
+            k_cache,
+            v_cache,
+            arena: gpu.alloc(arena_layout.len * 4)?,
+            arena_layout,
+            hidden: gpu.alloc(t * h * 4)?,
+            normed: gpu.alloc(t * h * 2)?,
+            qkv: gpu.alloc(t * (qs + 2 * kvs) * 4)?,
+            attn: gpu.alloc(t * qs * 2)?,
+            delta: gpu.alloc(t * h * 4)?,
+            gate_up: gpu.alloc(t * 2 * inter * 4)?,
+            act: gpu.alloc(t * inter * 2)?,
+            lora_tmp: gpu.alloc(3 * t * lora_rank.max(1) * 4)?,
+            last_normed: gpu.alloc(s * h * 2)?,
+            logits: gpu.alloc(s * v * 4)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn arena_len(&self) -> usize {
+        self.arena_layout.len
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    pub fn logits_ptr(&self) -> CUdeviceptr {
+        self.logits.ptr
+    }
+
+    /// Largest decode batch a graph bucket may pad to.
+    pub fn max_graph_tokens(&self) -> usize {
+        self.max_seqs.min(self.max_tokens).min(512)
+    }
+
+    /// Which LoRA groups hold any adapter, as a bit mask.
+    pub fn lora_mask(&self) -> u8 {
+        let Some(layer) = self.layers.first() else {
+            return 0;
+        };
+        let mut mask = 0;
+        for g in 0..layer.lora.len() {
+            if self.layers.iter().any(|l| l.lora[g].is_active()) {
+                mask |= 1 << g;
+            }
+        }
+        mask
+    }
+
+    pub fn set_lora_slot(&mut self, gpu: &Gpu, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
+        assert!(self.max_loras > 0, "set_lora_slot with LoRA disabled");
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for group in &mut layer.lora {
+                group.set(gpu, li, slot, adapter, self.max_loras, self.lora_rank)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the step's inputs into `arena` (host), padded to `shape` for graph buckets:
+    /// padded tokens write their K/V to the scratch slot and have no adapter.
+    pub fn pack_inputs(&self, batch: &StepBatch, shape: StepShape, arena: &mut [u32]) {
+        let a = self.arena_layout;
+        let (t, s) = (batch.num_tokens(), batch.num_seqs());
+        assert!(shape.num_tokens >= t && shape.num_tokens <= self.max_tokens);
+        assert!(shape.num_seqs >= s && shape.num_seqs <= self.max_seqs);
+        assert_eq!(batch.max_blocks_per_seq, self.max_blocks_per_seq);
+        let pad = shape.num_tokens;
+        arena[a.token_ids..][..t].copy_from_slice(&batch.token_ids);
+        arena[a.positions..][..t].copy_from_slice(&batch.positions);
+        arena[a.slot_mapping..][..t].copy_from_slice(&batch.slot_mapping);
+        for i in 0..t {
+            arena[a.token_slot + i] = batch.token_lora[i].map_or(u32::MAX, |s| s.0);
+        }
+        for seq in 0..s {
+            let (lo, hi) = (
+                batch.query_start[seq] as usize,
+                batch.query_start[seq + 1] as usize,
+            );
+            arena[a.token_seq + lo..a.token_seq + hi].fill(seq as u32);
+            arena[a.last_rows + seq] = hi as u32 - 1;
+        }
+        for i in t..pad {
+            arena[a.token_ids + i] = 0;
+            arena[a.positions + i] = 0;
+            arena[a.slot_mapping + i] = self.scratch_slot;
+            arena[a.token_slot + i] = u32::MAX;
+            // Padding only happens for decode steps, where token i is sequence i.
+            arena[a.token_seq + i] = i as u32;
+        }
+        for seq in s..shape.num_seqs {
+            arena[a.last_rows + seq] = seq as u32;
+        }
+        let mb = self.max_blocks_per_seq;
+        arena[a.block_tables..][..s * mb].copy_from_slice(&batch.block_tables[..s * mb]);
+        arena[a.block_tables + s * mb..][..(shape.num_seqs - s) * mb].fill(0);
+    }
+
+    pub fn upload_inputs(&self, gpu: &Gpu, arena: &[u32]) -> Result<()> {
+        gpu.htod(self.arena.ptr, arena)
+    }
+
+    fn input(&self, offset: usize) -> CUdeviceptr {
+        self.arena.at::<u32>(offset)
+    }
+
+    fn linear(
+        &self,
+        gpu: &Gpu,
+        lin: &Linear,
+        x: CUdeviceptr,
+        y: CUdeviceptr,
+        m: usize,
+        ldy: usize,
+    ) -> Result<()> {
+        let bias = lin.bias.as_ref().map(|b| b.ptr);
+        linear(gpu, lin.w.ptr, bias, lin.n, lin.k, x, y, m, ldy)
+    }
+
+    /// BGMV shrink + expand of one group, added into `y[T, ldy]`.
+    fn lora(
+        &self,
+        gpu: &Gpu,
+        g: &LoraGroup,
+        x: CUdeviceptr,
+        y: CUdeviceptr,
+        t: usize,
+        ldy: usize,
+    ) -> Result<()> {
+        let r = self.lora_rank;
+        let nsub = g.targets.len();
+        let slots = self.input(self.arena_layout.token_slot);
+        let grid = (t as u32, nsub as u32, r.div_ceil(8) as u32);
+        launch!(
+            gpu,
+            "lora_shrink",
+            cfg(grid, 256),
+            x,
+            g.a.ptr,
+            g.ranks.ptr,
+            g.scales.ptr,
+            slots,
+            self.lora_tmp.ptr,
+            t as i32,
+            g.k as i32,
+            r as i32,
+            self.max_loras as i32
+        )?;
+        let n = g.n();
+        let n1 = g.outs[0];
+        let n2 = n1 + g.outs.get(1).copied().unwrap_or(0);
+        let (n1, n2) = if nsub == 1 {
+            (n, n)
+        } else {
+            (n1, if nsub == 2 { n } else { n2 })
+        };
+        launch!(
+            gpu,
+            "lora_expand",
+            cfg((n.div_ceil(256) as u32, t as u32, 1), 256),
+            self.lora_tmp.ptr,
+            g.b.ptr,
+            g.ranks.ptr,
+            slots,
+            y,
+            t as i32,
+            n as i32,
+            r as i32,
+            self.max_loras as i32,
+            ldy as i32,
+            n1 as i32,
+            n2 as i32
+        )
+    }
+
+    /// Enqueues the kernels of one step on the stream (also what a graph captures).
+    pub fn record_forward(&self, gpu: &Gpu, shape: StepShape) -> Result<()> {
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let (qs, kvs, inter) = (c.q_size(), c.kv_size(), c.intermediate_size);
+        let qkv_n = qs + 2 * kvs;
+        let (t, s) = (shape.num_tokens, shape.num_seqs);
+        let a = self.arena_layout;
+        let eps = c.rms_norm_eps;
+        let ti = t as u32;
+        let norm_threads = (h.div_ceil(32) * 32).min(1024) as u32;
+
+        launch!(
+            gpu,
+            "embed",
+            cfg((ti, 1, 1), 256),
+            self.hidden.ptr,
+            self.embed_tokens.ptr,
+            self.input(a.token_ids),
+            h as i32
+        )?;
+        let lora_on = |g: usize| shape.lora_mask & (1 << g) != 0;
+        for (li, layer) in self.layers.iter().enumerate() {
+            if li == 0 {
+                launch!(
+                    gpu,
+                    "add_rms_norm",
+                    cfg((ti, 1, 1), norm_threads),
+                    self.hidden.ptr,
+                    0u64,
+                    0u64,
+                    layer.input_layernorm.ptr,
+                    self.normed.ptr,
+                    h as i32,
+                    eps
+                )?;
+            }
+            self.linear(gpu, &layer.qkv_proj, self.normed.ptr, self.qkv.ptr, t, qkv_n)?;
+            if lora_on(0) {
+                self.lora(gpu, &layer.lora[0], self.normed.ptr, self.qkv.ptr, t, qkv_n)?;
+            }
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                launch!(
+                    gpu,
+                    "qk_norm",
+                    cfg((ti, (nh + nkv) as u32, 1), 32),
+                    self.qkv.ptr,
+                    qkv_n as i32,
+                    nh as i32,
+                    hd as i32,
+                    qn.ptr,
+                    kn.ptr,
+                    eps
+                )?;
+            }
+            launch!(
+                gpu,
+                "rope_kv_write",
+                cfg((ti, 1, 1), 256),
+                self.qkv.ptr,
+                qkv_n as i32,
+                nh as i32,
+                nkv as i32,
+                hd as i32,
+                self.rope_cos.ptr,
+                self.rope_sin.ptr,
+                self.input(a.positions),
+                self.input(a.slot_mapping),
+                self.k_cache[li].ptr,
+                self.v_cache[li].ptr
+            )?;
+            launch!(
+                gpu,
+                "paged_attention",
+                cfg((ti, nh as u32, 1), kernels::ATT_THREADS),
+                self.qkv.ptr,
+                qkv_n as i32,
+                self.attn.ptr,
+                self.k_cache[li].ptr,
+                self.v_cache[li].ptr,
+                self.input(a.token_seq),
+                self.input(a.positions),
+                self.input(a.block_tables),
+                self.max_blocks_per_seq as i32,
+                self.block_size as i32,
+                nh as i32,
+                nkv as i32,
+                hd as i32,
+                1.0f32 / (hd as f32).sqrt()
+            )?;
+            self.linear(gpu, &layer.o_proj, self.attn.ptr, self.delta.ptr, t, h)?;
+            if lora_on(1) {
+                self.lora(gpu, &layer.lora[1], self.attn.ptr, self.delta.ptr, t, h)?;
+            }
+            launch!(
+                gpu,
+                "add_rms_norm",
+                cfg((ti, 1, 1), norm_threads),
+                self.hidden.ptr,
+                self.delta.ptr,
+                0u64,
+                layer.post_attention_layernorm.ptr,
+                self.normed.ptr,
+                h as i32,
+                eps
+            )?;
+            self.linear(
+                gpu,
+                &layer.gate_up_proj,
+                self.normed.ptr,
+                self.gate_up.ptr,
+                t,
+                2 * inter,
+            )?;
+            if lora_on(2) {
+                self.lora(
+                    gpu,
+                    &layer.lora[2],
+                    self.normed.ptr,
+                    self.gate_up.ptr,
+                    t,
+                    2 * inter,
+                )?;
+            }
+            let grid = ((t * inter).div_ceil(256).min(65536) as u32, 1, 1);
+            launch!(
+                gpu,
+                "silu_mul",
+                cfg(grid, 256),
+                self.gate_up.ptr,
+                self.act.ptr,
+                inter as i32,
+                t as i32
+            )?;
+            self.linear(gpu, &layer.down_proj, self.act.ptr, self.delta.ptr, t, h)?;
+            if lora_on(3) {
+                self.lora(gpu, &layer.lora[3], self.act.ptr, self.delta.ptr, t, h)?;
+            }
+            // Residual add, fused with the next layer's input norm (the last layer's output
+            // norm is recomputed below on the rows that need logits).
+            let next_norm = self
+                .layers
+                .get(li + 1)
+                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr);
+            launch!(
+                gpu,
+                "add_rms_norm",
+                cfg((ti, 1, 1), norm_threads),
+                self.hidden.ptr,
+                self.delta.ptr,
+                0u64,
+                next_norm,
+                self.normed.ptr,
+                h as i32,
+                eps
+            )?;
+        }
+        launch!(
+            gpu,
+            "add_rms_norm",
+            cfg((s as u32, 1, 1), norm_threads),
+            self.hidden.ptr,
+            0u64,
+            self.input(a.last_rows),
+            self.norm.ptr,
+            self.last_normed.ptr,
+            h as i32,
+            eps
+        )?;
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        linear(
+            gpu,
+            lm_head.ptr,
+            None,
+            c.vocab_size,
+            h,
+            self.last_normed.ptr,
+            self.logits.ptr,
+            s,
+            c.vocab_size,
+        )
+    }
+}
+
+/// `y[m, ldy] (f32) = x[m, k] · W[n, k]ᵀ (+ bias)`: our GEMV for few tokens, cuBLAS for many.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    gpu: &Gpu,
+    w: CUdeviceptr,
+    bias: Option<CUdeviceptr>,
+    n: usize,
+    k: usize,
+    x: CUdeviceptr,
+    y: CUdeviceptr,
+    m: usize,
+    ldy: usize,
+) -> Result<()> {
+    if m <= GEMV_MAX_M && k % 8 == 0 {
+        let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
+        launch!(
+            gpu,
+            "gemv_bf16",
+            cfg(grid, 256),
+            x,
+            w,
+            bias.unwrap_or(0),
+            y,
+            m as i32,
+            n as i32,
+            k as i32,
+            ldy as i32
+        )
+    } else {
+        gpu.gemm_bf16(x, w, y, m, n, k, ldy)?;
+        if let Some(b) = bias {
+            let grid = ((m * n).div_ceil(256).min(65536) as u32, 1, 1);
+            launch!(
+                gpu,
+                "add_bias",
+                cfg(grid, 256),
+                y,
+                b,
+                n as i32,
+                m as i32,
+                ldy as i32
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl LoraGroup {
+    fn new(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        targets: Vec<LoraTarget>,
+        max_loras: usize,
+        r: usize,
+    ) -> Result<Self> {
+        let k = targets[0].shape(cfg).0;
+        let outs: Vec<usize> = targets.iter().map(|t| t.shape(cfg).1).collect();
+        let n: usize = outs.iter().sum();
+        let nsub = targets.len();
+        Ok(LoraGroup {
+            a: gpu.alloc(nsub * max_loras * r * k * 2)?,
+            b: gpu.alloc(max_loras * n * r * 2)?,
+            ranks: gpu.alloc(nsub * max_loras * 4)?,
+            scales: gpu.alloc(nsub * max_loras * 4)?,
+            host_ranks: vec![0; nsub * max_loras],
+            host_scales: vec![0.0; nsub * max_loras],
+            targets,
+            outs,
+            k,
+        })
+    }
+
+    fn set(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        slot: LoraSlot,
+        adapter: Option<&LoraAdapter>,
+        max_loras: usize,
+        r: usize,
+    ) -> Result<()> {
+        let s = slot.index();
+        let (k, n) = (self.k, self.n());
+        let mut b = vec![0u16; n * r]; // [N, R] of this slot
+        let mut a = vec![0u16; r * k]; // [R, K] of one target
+        let mut row0 = 0;
+        for (z, &t) in self.targets.iter().enumerate() {
+            let module = adapter.and_then(|ad| ad.module(layer, t));
+            a.fill(0);
+            let (rank, scale) = match module {
+                Some(m) => {
+                    assert!(m.rank <= r, "adapter rank checked against max_lora_rank at load");
+                    for (dst, &src) in a.iter_mut().zip(&m.a) {
+                        *dst = bf16::from_f32(src).to_bits();
+                    }
+                    for (o, src) in m.b.chunks_exact(m.rank).enumerate() {
+                        for (j, &v) in src.iter().enumerate() {
+                            b[(row0 + o) * r + j] = bf16::from_f32(v).to_bits();
+                        }
+                    }
+                    (m.rank as i32, m.scale)
+                }
+                None => (0, 0.0),
+            };
+            gpu.htod(self.a.at::<u16>((z * max_loras + s) * r * k), &a)?;
+            self.host_ranks[z * max_loras + s] = rank;
+            self.host_scales[z * max_loras + s] = scale;
+            row0 += self.outs[z];
+        }
+        gpu.htod(self.b.at::<u16>(s * n * r), &b)?;
+        gpu.htod(self.ranks.ptr, &self.host_ranks)?;
+        gpu.htod(self.scales.ptr, &self.host_scales)?;
+        // The host vectors above are pageable; wait so they may be reused or dropped.
+        gpu.sync()
+    }
+}
