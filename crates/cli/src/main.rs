@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod adapters;
+mod bench;
 mod engine_args;
 mod generate;
 
@@ -28,6 +29,9 @@ enum Command {
     /// Adapter tools.
     #[command(subcommand)]
     Adapters(adapters::Command),
+    /// The Multi-LoRA benchmark: prefill, decode and end-to-end latency per batch size.
+    #[command(subcommand)]
+    Bench(bench::Command),
 }
 
 #[derive(clap::Args)]
@@ -65,5 +69,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Adapters(cmd) => adapters::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }

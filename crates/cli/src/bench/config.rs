@@ -1,0 +1,564 @@
+//! `common.json`, the original benchmark's one flat settings file, read key by key so that every
+//! error names the file, the key and the value; then the command line's overrides on top, and
+//! validated once into a [`BenchConfig`] that the rest of the benchmark reads.
+//!
+//! Relative paths resolve against the working directory, as the original's do; where that path
+//! does not exist but the same path relative to the config file's folder does, that one is used.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use multilora_engine::EngineConfig;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::workload::{Series, Workload};
+use super::{CommonArgs, LoraArgs};
+use crate::engine_args::{parse_device, parse_load_format};
+
+/// The original's default batch sizes (edited in its `main`).
+pub const DEFAULT_BATCH_SIZES: [usize; 6] = [1, 2, 4, 8, 16, 32];
+
+/// Every key `common.json` may hold: the original's, plus `load_format`, `device`,
+/// `max_num_batched_tokens`, `batch_sizes` and `repeat`. `disable_async_output_proc` is
+/// accepted and has no effect on this engine.
+const KNOWN_KEYS: [&str; 26] = [
+    "base_model_path",
+    "dtype",
+    "enable_lora",
+    "max_loras",
+    "max_lora_rank",
+    "max_cpu_loras",
+    "enforce_eager",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "disable_async_output_proc",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "load_format",
+    "device",
+    "random_seed",
+    "no_lora_prompts_path",
+    "lora_adapters_config_path",
+    "lora_adapters_path",
+    "report_dir",
+    "num_tokens",
+    "warmup_num_tokens",
+    "workload_type",
+    "identical_lora_id",
+    "batch_sizes",
+    "repeat",
+];
+
+/// Everything the benchmark reads, resolved: file values, defaults, then flags.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchConfig {
+    pub config_path: PathBuf,
+    pub base_model_path: PathBuf,
+    pub no_lora_prompts_path: Option<PathBuf>,
+    pub lora_adapters_config_path: Option<PathBuf>,
+    pub lora_adapters_path: Option<PathBuf>,
+    pub report_dir: PathBuf,
+    pub num_tokens: usize,
+    pub warmup_num_tokens: usize,
+    /// The LoRA series to run (empty for `no-lora`).
+    pub workloads: Vec<Workload>,
+    pub identical_lora_id: usize,
+    pub random_seed: u64,
+    pub batch_sizes: Vec<usize>,
+    pub repeat: usize,
+    /// Run the no-LoRA series as well (always for `no-lora`).
+    pub baseline: bool,
+    pub tensor_parallel_size: usize,
+    /// Keys in the file this benchmark does not know (warned about).
+    pub unknown_keys: Vec<String>,
+    #[serde(skip)]
+    pub engine: EngineConfig,
+}
+
+impl BenchConfig {
+    /// The series in the order they run: the no-LoRA baseline first, as the original's README
+    /// recommends, then each workload.
+    pub fn series(&self) -> Vec<Series> {
+        let mut out = Vec::new();
+        if self.baseline {
+            out.push(Series::NoLora);
+        }
+        out.extend(self.workloads.iter().map(|&w| Series::Lora(w)));
+        out
+    }
+}
+
+/// A parsed `common.json`, keys taken out one by one.
+struct Keys<'a> {
+    file: &'a Path,
+    map: Map<String, Value>,
+}
+
+impl Keys<'_> {
+    /// Takes `key` if present and not null; `what` describes the expected type for the error.
+    fn take<T: DeserializeOwned>(&mut self, key: &str, what: &str) -> anyhow::Result<Option<T>> {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match serde_json::from_value(v.clone()) {
+                Ok(t) => Ok(Some(t)),
+                Err(_) => bail!("{}: key {key:?} must be {what}, got {v}", self.file.display()),
+            },
+        }
+    }
+
+    fn required<T: DeserializeOwned>(&mut self, key: &str, what: &str, why: &str) -> anyhow::Result<T> {
+        self.take(key, what)?
+            .with_context(|| format!("{}: missing key {key:?} ({what}); {why}", self.file.display()))
+    }
+}
+
+const INT: &str = "a non-negative integer";
+const POS: &str = "a positive integer";
+const BOOL: &str = "true or false";
+const STR: &str = "a string";
+const PATH: &str = "a path (string)";
+
+/// Resolves a path from the config: as given (relative to the working directory), else
+/// relative to the config file's folder if it exists there.
+pub fn resolve_path(raw: &Path, config_dir: &Path) -> PathBuf {
+    if raw.is_absolute() || raw.exists() {
+        return raw.to_path_buf();
+    }
+    let beside = config_dir.join(raw);
+    if beside.exists() {
+        beside
+    } else {
+        raw.to_path_buf()
+    }
+}
+
+/// Reads `args.config` and applies the flags. Warnings (unknown keys, ignored settings) are
+/// printed to stderr.
+/// `lora` is `Some` for `multi-lora`, `None` for `no-lora`.
+pub fn load(args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow::Result<BenchConfig> {
+    let file = args.config.as_path();
+    let text = std::fs::read_to_string(file).with_context(|| {
+        format!(
+            "reading the benchmark config {} (give another with --config)",
+            file.display()
+        )
+    })?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
+    let Value::Object(map) = value else {
+        bail!("{}: expected one JSON object of settings", file.display());
+    };
+    // Warned about first: a misspelt key may be why a required one is missing.
+    for key in map.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str())) {
+        eprintln!("warning: {}: unknown key {key:?} ignored", file.display());
+    }
+    from_map(file, map, args, lora)
+}
+
+fn from_map(
+    file: &Path,
+    map: Map<String, Value>,
+    args: &CommonArgs,
+    lora: Option<&LoraArgs>,
+) -> anyhow::Result<BenchConfig> {
+    let unknown_keys: Vec<String> = map
+        .keys()
+        .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    let mut k = Keys { file, map };
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let path = |p: PathBuf| resolve_path(&p, dir);
+
+    let base_model_path = path(k.required("base_model_path", PATH, "the base model folder")?);
+    let dtype: String = k.take("dtype", STR)?.unwrap_or_else(|| "auto".into());
+    let enable_lora: Option<bool> = k.take("enable_lora", BOOL)?;
+    let max_loras: Option<usize> = k.take("max_loras", POS)?;
+    let max_lora_rank: Option<usize> = k.take("max_lora_rank", POS)?;
+    let max_cpu_loras: Option<usize> = k.take("max_cpu_loras", POS)?;
+    let enforce_eager: Option<bool> = k.take("enforce_eager", BOOL)?;
+    let max_model_len: Option<usize> = k.take("max_model_len", POS)?;
+    let gpu_memory_utilization: Option<f32> = k.take("gpu_memory_utilization", "a number in (0, 1]")?;
+    let tensor_parallel_size: usize = k.take("tensor_parallel_size", POS)?.unwrap_or(1);
+    let max_num_seqs: Option<usize> = k.take("max_num_seqs", POS)?;
+    let max_num_batched_tokens: Option<usize> = k.take("max_num_batched_tokens", POS)?;
+    let load_format: Option<String> = k.take("load_format", STR)?;
+    let device: Option<String> = k.take("device", STR)?;
+    let random_seed: u64 = k.take("random_seed", INT)?.unwrap_or(0);
+    let no_lora_prompts_path: Option<PathBuf> = k.take("no_lora_prompts_path", PATH)?;
+    let lora_adapters_config_path: Option<PathBuf> = k.take("lora_adapters_config_path", PATH)?;
+    let lora_adapters_path: Option<PathBuf> = k.take("lora_adapters_path", PATH)?;
+    let report_dir: Option<PathBuf> = k.take("report_dir", PATH)?;
+    let num_tokens: Option<usize> = k.take("num_tokens", INT)?;
+    let warmup_num_tokens: Option<usize> = k.take("warmup_num_tokens", INT)?;
+    let workload_type: Option<String> = k.take("workload_type", STR)?;
+    let identical_lora_id: Option<usize> = k.take("identical_lora_id", INT)?;
+    let batch_sizes: Option<Vec<usize>> = k.take("batch_sizes", "a list of positive integers")?;
+    let repeat: Option<usize> = k.take("repeat", POS)?;
+    assert!(
+        k.map
+            .keys()
+            .all(|key| unknown_keys.contains(key) || key == "disable_async_output_proc"),
+        "every key in KNOWN_KEYS is read"
+    );
+
+    let f = file.display();
+    if tensor_parallel_size != 1 {
+        bail!(
+            "{f}: tensor_parallel_size {tensor_parallel_size} is not supported: this engine runs on one device; set it to 1"
+        );
+    }
+    let num_tokens = args.num_tokens.or(num_tokens).with_context(|| {
+        format!("{f}: missing key \"num_tokens\" (output tokens per request); or give --num-tokens")
+    })?;
+    if num_tokens < 2 {
+        bail!(
+            "num_tokens is {num_tokens} ({f} or --num-tokens): it must be at least 2, since decode latency is the mean of the last num_tokens - 1 steps"
+        );
+    }
+    let warmup_num_tokens = args.warmup_num_tokens.or(warmup_num_tokens).with_context(|| {
+        format!("{f}: missing key \"warmup_num_tokens\" (output tokens of the warm-up run; 0 for none); or give --warmup-num-tokens")
+    })?;
+    let batch_sizes = args
+        .batch_sizes
+        .clone()
+        .or(batch_sizes)
+        .unwrap_or_else(|| DEFAULT_BATCH_SIZES.to_vec());
+    check_batch_sizes(&batch_sizes).with_context(|| format!("batch sizes ({f} or --batch-sizes)"))?;
+    let repeat = args.repeat.or(repeat).unwrap_or(1);
+    if repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+
+    let (workloads, baseline) = match lora {
+        None => (Vec::new(), true),
+        Some(l) => {
+            let raw = l.workload.clone().or(workload_type);
+            let workloads = match raw.as_deref() {
+                None => Workload::ALL.to_vec(),
+                Some(s) => Workload::parse_list(s)
+                    .with_context(|| format!("workload {s:?} ({f} key \"workload_type\" or --workload)"))?,
+            };
+            if enable_lora == Some(false) {
+                bail!("{f}: enable_lora is false, but multi-lora needs it; set it to true");
+            }
+            (workloads, !l.no_baseline)
+        }
+    };
+
+    let mut engine = EngineConfig::new(&base_model_path);
+    engine.dtype = dtype;
+    engine.enable_lora = lora.is_some();
+    engine.max_loras = max_loras.unwrap_or(engine.max_loras);
+    engine.max_lora_rank = max_lora_rank.unwrap_or(engine.max_lora_rank);
+    engine.max_cpu_loras = max_cpu_loras;
+    engine.enforce_eager = enforce_eager.unwrap_or(engine.enforce_eager);
+    engine.max_model_len = max_model_len;
+    engine.gpu_memory_utilization = gpu_memory_utilization.unwrap_or(engine.gpu_memory_utilization);
+    engine.max_num_seqs = max_num_seqs.unwrap_or(engine.max_num_seqs);
+    engine.max_num_batched_tokens = max_num_batched_tokens;
+    if let Some(s) = &load_format {
+        engine.load_format = parse_load_format(s).with_context(|| format!("{f}: key \"load_format\""))?;
+    }
+    if let Some(s) = &device {
+        engine.device = parse_device(s).with_context(|| format!("{f}: key \"device\""))?;
+    }
+    engine.seed = args.engine.seed.unwrap_or(random_seed);
+    if let Some(v) = args.gpu_memory_utilization {
+        engine.gpu_memory_utilization = v;
+    }
+    if args.enforce_eager {
+        engine.enforce_eager = true;
+    }
+    args.engine.apply(&mut engine)?;
+    if !(engine.gpu_memory_utilization > 0.0 && engine.gpu_memory_utilization <= 1.0) {
+        bail!(
+            "gpu_memory_utilization {} ({f} or --gpu-memory-utilization) must be in (0, 1]",
+            engine.gpu_memory_utilization
+        );
+    }
+
+    let need = |p: Option<PathBuf>, key: &str, why: &str| -> anyhow::Result<PathBuf> {
+        p.map(path)
+            .with_context(|| format!("{f}: missing key {key:?} ({PATH}); {why}"))
+    };
+    let (no_lora_prompts_path, lora_adapters_config_path, lora_adapters_path) = match lora {
+        None => (
+            Some(need(
+                no_lora_prompts_path,
+                "no_lora_prompts_path",
+                "no-lora reads its prompts from it",
+            )?),
+            lora_adapters_config_path.map(path),
+            lora_adapters_path.map(path),
+        ),
+        Some(_) => (
+            no_lora_prompts_path.map(path),
+            Some(need(
+                lora_adapters_config_path,
+                "lora_adapters_config_path",
+                "multi-lora reads its adapters.json from it",
+            )?),
+            Some(need(
+                lora_adapters_path,
+                "lora_adapters_path",
+                "the folder that holds the adapters",
+            )?),
+        ),
+    };
+    let report_dir = match args.report_dir.clone().or(report_dir) {
+        Some(p) => path(p),
+        None => PathBuf::from("reports"),
+    };
+
+    Ok(BenchConfig {
+        config_path: file.to_path_buf(),
+        base_model_path,
+        no_lora_prompts_path,
+        lora_adapters_config_path,
+        lora_adapters_path,
+        report_dir,
+        num_tokens,
+        warmup_num_tokens,
+        workloads,
+        identical_lora_id: lora
+            .and_then(|l| l.identical_lora_id)
+            .or(identical_lora_id)
+            .unwrap_or(0),
+        random_seed: args.engine.seed.unwrap_or(random_seed),
+        batch_sizes,
+        repeat,
+        baseline,
+        tensor_parallel_size,
+        unknown_keys,
+        engine,
+    })
+}
+
+fn check_batch_sizes(sizes: &[usize]) -> anyhow::Result<()> {
+    if sizes.is_empty() {
+        bail!("no batch sizes given");
+    }
+    for (i, &b) in sizes.iter().enumerate() {
+        if b == 0 {
+            bail!("batch size 0 is not allowed");
+        }
+        if sizes[..i].contains(&b) {
+            bail!("batch size {b} is given twice");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        args: CommonArgs,
+    }
+
+    fn args(flags: &[&str]) -> CommonArgs {
+        let mut v = vec!["t"];
+        v.extend_from_slice(flags);
+        T::parse_from(v).args
+    }
+
+    fn parse(lora: Option<&LoraArgs>, json: &str, flags: &[&str]) -> anyhow::Result<BenchConfig> {
+        let map = match serde_json::from_str(json)? {
+            Value::Object(m) => m,
+            _ => unreachable!("tests give objects"),
+        };
+        from_map(Path::new("cfg/common.json"), map, &args(flags), lora)
+    }
+
+    const MULTI: Option<&LoraArgs> = Some(&LoraArgs {
+        workload: None,
+        identical_lora_id: None,
+        no_baseline: false,
+    });
+    const NO_LORA: Option<&LoraArgs> = None;
+
+    /// A common.json as the original ships it (every key it reads).
+    const ORIGINAL: &str = r#"{
+        "base_model_path": "/models/Llama-2-7b-hf",
+        "dtype": "float16",
+        "enable_lora": true,
+        "max_loras": 32,
+        "max_lora_rank": 16,
+        "max_cpu_loras": 64,
+        "enforce_eager": true,
+        "max_model_len": 2048,
+        "gpu_memory_utilization": 0.9,
+        "tensor_parallel_size": 1,
+        "disable_async_output_proc": true,
+        "max_num_seqs": 256,
+        "random_seed": 42,
+        "no_lora_prompts_path": "config/prompts.json",
+        "lora_adapters_config_path": "config/adapters.json",
+        "lora_adapters_path": "/models/loras",
+        "report_dir": "./reports",
+        "num_tokens": 128,
+        "warmup_num_tokens": 16,
+        "workload_type": "uniform",
+        "identical_lora_id": 3
+    }"#;
+
+    #[test]
+    fn reads_the_originals_keys() -> anyhow::Result<()> {
+        let c = parse(MULTI, ORIGINAL, &[])?;
+        assert!(c.unknown_keys.is_empty(), "{:?}", c.unknown_keys);
+        assert_eq!(c.base_model_path, PathBuf::from("/models/Llama-2-7b-hf"));
+        assert_eq!(c.engine.dtype, "float16");
+        assert_eq!(c.engine.max_loras, 32);
+        assert_eq!(c.engine.max_lora_rank, 16);
+        assert_eq!(c.engine.max_cpu_loras, Some(64));
+        assert!(c.engine.enforce_eager && c.engine.enable_lora);
+        assert_eq!(c.engine.max_model_len, Some(2048));
+        assert_eq!(c.engine.max_num_seqs, 256);
+        assert_eq!(c.engine.seed, 42);
+        assert_eq!((c.random_seed, c.num_tokens, c.warmup_num_tokens), (42, 128, 16));
+        assert_eq!(c.workloads, vec![Workload::Uniform]);
+        assert_eq!(c.identical_lora_id, 3);
+        assert_eq!(c.batch_sizes, DEFAULT_BATCH_SIZES.to_vec());
+        assert_eq!(c.report_dir, PathBuf::from("./reports"));
+        assert_eq!(c.series(), vec![Series::NoLora, Series::Lora(Workload::Uniform)]);
+        Ok(())
+    }
+
+    #[test]
+    fn flags_override_keys() -> anyhow::Result<()> {
+        let c = parse(
+            MULTI,
+            ORIGINAL,
+            &[
+                "--batch-sizes",
+                "3,5",
+                "--num-tokens",
+                "9",
+                "--warmup-num-tokens",
+                "0",
+                "--seed",
+                "7",
+                "--max-loras",
+                "4",
+                "--report-dir",
+                "/tmp/r",
+                "--repeat",
+                "3",
+            ],
+        )?;
+        assert_eq!(c.batch_sizes, vec![3, 5]);
+        assert_eq!((c.num_tokens, c.warmup_num_tokens, c.repeat), (9, 0, 3));
+        assert_eq!((c.random_seed, c.engine.seed, c.engine.max_loras), (7, 7, 4));
+        assert_eq!(c.report_dir, PathBuf::from("/tmp/r"));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_collected_not_fatal() -> anyhow::Result<()> {
+        let json = ORIGINAL.replace("\"dtype\"", "\"max_lora\": 3, \"dtype\"");
+        let c = parse(MULTI, &json, &[])?;
+        assert_eq!(c.unknown_keys, vec!["max_lora".to_string()]);
+        Ok(())
+    }
+
+    fn err(lora: Option<&LoraArgs>, json: &str) -> String {
+        match parse(lora, json, &[]) {
+            Ok(_) => panic!("expected an error for {json}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_file_key_and_value() {
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"max_loras\": 32", "\"max_loras\": \"32\""),
+        );
+        assert!(
+            e.contains("cfg/common.json") && e.contains("\"max_loras\"") && e.contains("\"32\""),
+            "{e}"
+        );
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"base_model_path\": \"/models/Llama-2-7b-hf\",", ""),
+        );
+        assert!(e.contains("missing key \"base_model_path\""), "{e}");
+        let e = err(MULTI, &ORIGINAL.replace("\"num_tokens\": 128,", ""));
+        assert!(e.contains("missing key \"num_tokens\""), "{e}");
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"lora_adapters_path\": \"/models/loras\",", ""),
+        );
+        assert!(e.contains("\"lora_adapters_path\""), "{e}");
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"tensor_parallel_size\": 1", "\"tensor_parallel_size\": 2"),
+        );
+        assert!(e.contains("tensor_parallel_size 2"), "{e}");
+        let e = err(MULTI, &ORIGINAL.replace("\"uniform\"", "\"random\""));
+        assert!(e.contains("\"random\"") && e.contains("workload_type"), "{e}");
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"num_tokens\": 128", "\"num_tokens\": 1"),
+        );
+        assert!(e.contains("at least 2"), "{e}");
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"enable_lora\": true", "\"enable_lora\": false"),
+        );
+        assert!(e.contains("enable_lora"), "{e}");
+    }
+
+    #[test]
+    fn no_lora_needs_prompts_not_adapters() -> anyhow::Result<()> {
+        let json = ORIGINAL
+            .replace("\"lora_adapters_path\": \"/models/loras\",", "")
+            .replace("\"lora_adapters_config_path\": \"config/adapters.json\",", "");
+        let c = parse(NO_LORA, &json, &[])?;
+        assert!(!c.engine.enable_lora);
+        assert_eq!(c.series(), vec![Series::NoLora]);
+        let e = err(
+            NO_LORA,
+            &ORIGINAL.replace("\"no_lora_prompts_path\": \"config/prompts.json\",", ""),
+        );
+        assert!(e.contains("\"no_lora_prompts_path\""), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn batch_sizes_are_checked() {
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"dtype\"", "\"batch_sizes\": [1, 2, 2], \"dtype\""),
+        );
+        assert!(e.contains("given twice"), "{e}");
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"dtype\"", "\"batch_sizes\": [0], \"dtype\""),
+        );
+        assert!(e.contains("batch size 0"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_fall_back_to_the_config_folder() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join("adapters"))?;
+        let p = resolve_path(Path::new("adapters"), dir.path());
+        assert_eq!(p, dir.path().join("adapters"));
+        // Missing in both places: kept as given (the working directory's).
+        let p = resolve_path(Path::new("no-such-folder"), dir.path());
+        assert_eq!(p, PathBuf::from("no-such-folder"));
+        Ok(())
+    }
+}

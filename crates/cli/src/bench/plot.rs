@@ -1,0 +1,239 @@
+//! `latency.svg`: prefill, decode and end-to-end latency against batch size, one line per
+//! series (no-LoRA dashed), mean with min–max whiskers when points were repeated. Plain SVG
+//! written by hand: any browser opens it, and it costs no dependency.
+
+use std::fmt::Write as _;
+
+use super::summary::{Stats, SummaryRow};
+
+const PANEL_W: f64 = 380.0;
+const PANEL_H: f64 = 300.0;
+const MARGIN_L: f64 = 62.0;
+const MARGIN_R: f64 = 16.0;
+const MARGIN_T: f64 = 64.0;
+const MARGIN_B: f64 = 86.0;
+
+/// Line colour and dash of a series (by workload name; `none` is no-LoRA).
+fn style(workload: &str) -> (&'static str, &'static str) {
+    match workload {
+        "none" => ("#444444", "6,4"),
+        "distinct" => ("#1f77b4", ""),
+        "uniform" => ("#ff7f0e", ""),
+        "identical" => ("#2ca02c", ""),
+        _ => ("#9467bd", ""),
+    }
+}
+
+fn label(workload: &str) -> String {
+    if workload == "none" {
+        "no LoRA".into()
+    } else {
+        format!("LoRA {workload}")
+    }
+}
+
+/// Rounds up to 1, 2 or 5 × 10^k.
+fn nice_ceil(v: f64) -> f64 {
+    if v <= 0.0 || !v.is_finite() {
+        return 1.0;
+    }
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * p)
+        .find(|&x| x >= v)
+        .unwrap_or(10.0 * p)
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A panel's title and the statistic it shows.
+type Panel = (&'static str, fn(&SummaryRow) -> &Stats);
+
+pub fn svg(rows: &[SummaryRow], title: &str) -> String {
+    let panels: [Panel; 3] = [
+        ("prefill latency (ms)", |r| &r.prefill_latency_ms),
+        ("decode latency per step (ms)", |r| &r.decode_latency_ms),
+        ("end-to-end latency (ms)", |r| &r.e2e_latency_ms),
+    ];
+    let mut series: Vec<&str> = Vec::new();
+    let mut batches: Vec<usize> = Vec::new();
+    for r in rows {
+        if !series.contains(&r.workload) {
+            series.push(r.workload);
+        }
+        if !batches.contains(&r.batch_size) {
+            batches.push(r.batch_size);
+        }
+    }
+    batches.sort_unstable();
+    let width = 3.0 * PANEL_W;
+    let height = PANEL_H + 40.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        width / 2.0,
+        escape(title)
+    );
+    let (lo, hi) = (
+        (*batches.first().unwrap_or(&1) as f64).log2(),
+        (*batches.last().unwrap_or(&1) as f64).log2(),
+    );
+    for (k, (name, stat)) in panels.iter().enumerate() {
+        let x0 = k as f64 * PANEL_W + MARGIN_L;
+        let (w, h) = (
+            PANEL_W - MARGIN_L - MARGIN_R,
+            PANEL_H - MARGIN_T - MARGIN_B + 40.0,
+        );
+        let y0 = MARGIN_T;
+        let ymax = nice_ceil(rows.iter().map(|r| stat(r).max).fold(0.0, f64::max) * 1.05);
+        let px = |b: usize| {
+            if hi > lo {
+                x0 + ((b as f64).log2() - lo) / (hi - lo) * w
+            } else {
+                x0 + w / 2.0
+            }
+        };
+        let py = |v: f64| y0 + h - v / ymax * h;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{name}</text>"#,
+            x0 + w / 2.0,
+            y0 - 10.0
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>"##
+        );
+        for i in 0..=4 {
+            let v = ymax * i as f64 / 4.0;
+            let y = py(v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                x0 + w,
+                x0 - 6.0,
+                y + 4.0,
+                fmt_tick(v)
+            );
+        }
+        for &b in &batches {
+            let x = px(b);
+            let _ = writeln!(
+                s,
+                r#"<text x="{x}" y="{}" text-anchor="middle">{b}</text>"#,
+                y0 + h + 16.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">batch size</text>"#,
+            x0 + w / 2.0,
+            y0 + h + 34.0
+        );
+        for &ser in &series {
+            let (color, dash) = style(ser);
+            let pts: Vec<(usize, &Stats)> = rows
+                .iter()
+                .filter(|r| r.workload == ser)
+                .map(|r| (r.batch_size, stat(r)))
+                .collect();
+            let mut sorted = pts.clone();
+            sorted.sort_by_key(|(b, _)| *b);
+            let path: Vec<String> = sorted
+                .iter()
+                .map(|(b, st)| format!("{:.1},{:.1}", px(*b), py(st.mean)))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>"#,
+                path.join(" ")
+            );
+            for (b, st) in sorted {
+                let x = px(b);
+                if st.max > st.min {
+                    let _ = writeln!(
+                        s,
+                        r#"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="{color}"/>"#,
+                        py(st.min),
+                        py(st.max)
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{x:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} batch {b}: {:.3} ms</title></circle>"#,
+                    py(st.mean),
+                    label(ser),
+                    st.mean
+                );
+            }
+        }
+    }
+    // Legend along the bottom.
+    let mut x = MARGIN_L;
+    let y = height - 14.0;
+    for &ser in &series {
+        let (color, dash) = style(ser);
+        let _ = writeln!(
+            s,
+            r#"<line x1="{x}" y1="{}" x2="{}" y2="{}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/><text x="{}" y="{y}">{}</text>"#,
+            y - 4.0,
+            x + 24.0,
+            y - 4.0,
+            x + 30.0,
+            label(ser)
+        );
+        x += 150.0;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn fmt_tick(v: f64) -> String {
+    if v >= 100.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::summary::{summarize, tests::point};
+    use crate::bench::workload::{Series, Workload};
+
+    #[test]
+    fn nice_ceil_rounds_up() {
+        assert_eq!(nice_ceil(0.0), 1.0);
+        assert_eq!(nice_ceil(3.2), 5.0);
+        assert_eq!(nice_ceil(12.0), 20.0);
+        assert_eq!(nice_ceil(100.0), 100.0);
+    }
+
+    #[test]
+    fn one_line_per_series_in_each_panel() {
+        let rows = summarize(&[
+            point(Series::NoLora, 1, &[2.0]),
+            point(Series::NoLora, 4, &[3.0]),
+            point(Series::Lora(Workload::Distinct), 1, &[2.5, 3.0]),
+            point(Series::Lora(Workload::Distinct), 4, &[4.0]),
+        ]);
+        let s = svg(&rows, "demo <cpu>");
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        assert_eq!(s.matches("<polyline").count(), 2 * 3);
+        assert_eq!(s.matches("<circle").count(), 4 * 3);
+        assert!(s.contains("demo &lt;cpu&gt;"));
+        assert!(s.contains("no LoRA") && s.contains("LoRA distinct"));
+    }
+}

@@ -1,0 +1,476 @@
+//! The report folder: the original's CSV files, one subfolder per series (`no-lora/`,
+//! `distinct/`, `uniform/`, `identical/`) so each file keeps the original's name and columns,
+//! and beside them `summary.csv`, `steps.csv`, `run.json` and `latency.svg`.
+//!
+//! Everything is written into a hidden staging folder next to the destination and renamed into
+//! place at the end: a failed or interrupted run leaves no half-written report. A run gets a new
+//! timestamped folder under `report_dir`; `--overwrite` writes into `report_dir` itself, as the
+//! original does, replacing files and series folders of the same names.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use super::summary::{Point, Stats, SummaryRow};
+use super::workload::Series;
+
+/// A report being written.
+pub struct Staging {
+    pub tmp: PathBuf,
+    /// Where the report ends up.
+    pub dest: PathBuf,
+    overwrite: bool,
+}
+
+impl Staging {
+    /// Creates the staging folder now, so an unwritable `report_dir` fails before any
+    /// measurement.
+    pub fn create(report_dir: &Path, name: &str, overwrite: bool) -> anyhow::Result<Staging> {
+        std::fs::create_dir_all(report_dir)
+            .with_context(|| format!("creating report_dir {}", report_dir.display()))?;
+        let dest = if overwrite {
+            report_dir.to_path_buf()
+        } else {
+            let mut dest = report_dir.join(name);
+            let mut n = 2;
+            while dest.exists() {
+                dest = report_dir.join(format!("{name}-{n}"));
+                n += 1;
+            }
+            dest
+        };
+        let tmp = report_dir.join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp)
+            .with_context(|| format!("creating a folder in report_dir {}", report_dir.display()))?;
+        Ok(Staging { tmp, dest, overwrite })
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> anyhow::Result<()> {
+        let path = self.tmp.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Moves the report into place.
+    pub fn finish(self) -> anyhow::Result<PathBuf> {
+        if !self.overwrite {
+            std::fs::rename(&self.tmp, &self.dest)
+                .with_context(|| format!("moving the report to {}", self.dest.display()))?;
+            return Ok(self.dest.clone());
+        }
+        let entries =
+            std::fs::read_dir(&self.tmp).with_context(|| format!("reading {}", self.tmp.display()))?;
+        for entry in entries {
+            let entry = entry?;
+            let to = self.dest.join(entry.file_name());
+            if to.is_dir() {
+                std::fs::remove_dir_all(&to).with_context(|| format!("replacing {}", to.display()))?;
+            }
+            std::fs::rename(entry.path(), &to).with_context(|| format!("writing {}", to.display()))?;
+        }
+        std::fs::remove_dir(&self.tmp).ok();
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // After `finish` the folder is gone; on an error path this removes the partial report.
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Rows of CSV text; fields with commas, quotes or newlines are quoted.
+struct Csv(String);
+
+impl Csv {
+    fn new(header: &[&str]) -> Csv {
+        let mut c = Csv(String::new());
+        c.row(header.iter().map(|s| s.to_string()));
+        c
+    }
+
+    fn row(&mut self, fields: impl IntoIterator<Item = String>) {
+        for (i, f) in fields.into_iter().enumerate() {
+            if i > 0 {
+                self.0.push(',');
+            }
+            if f.contains([',', '"', '\n']) {
+                let _ = write!(self.0, "\"{}\"", f.replace('"', "\"\""));
+            } else {
+                self.0.push_str(&f);
+            }
+        }
+        self.0.push('\n');
+    }
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.4}")
+}
+
+fn secs(v: f64) -> String {
+    format!("{v:.6}")
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| format!("{v:.2}"))
+}
+
+pub const PER_BATCH_HEADER: [&str; 4] = [
+    "batch_size",
+    "prefill_latency_ms",
+    "decode_latency_ms",
+    "e2e_latency_ms",
+];
+pub const PER_REQUEST_HEADER: [&str; 8] = [
+    "#tokens",
+    "first_token_time",
+    "completion_time",
+    "prompt_num_tokens",
+    "output_num_tokens",
+    "finish_reason",
+    "tokens_per_second",
+    "latency",
+];
+pub const STEP_HEADER: [&str; 1] = ["step_latency_ms"];
+
+/// The original's three files for one series, keyed by file name. With more than one repeat a
+/// trailing `repeat` column (1-based) tells the repetitions apart.
+pub fn series_files(points: &[&Point], repeat: usize) -> Vec<(String, String)> {
+    let with_repeat = |h: &[&'static str]| -> Vec<&'static str> {
+        let mut h = h.to_vec();
+        if repeat > 1 {
+            h.push("repeat");
+        }
+        h
+    };
+    let tag = |fields: &mut Vec<String>, k: usize| {
+        if repeat > 1 {
+            fields.push((k + 1).to_string());
+        }
+    };
+    let mut files = Vec::new();
+    let mut per_batch = Csv::new(&with_repeat(&PER_BATCH_HEADER));
+    for p in points {
+        let mut per_request = Csv::new(&with_repeat(&PER_REQUEST_HEADER));
+        let mut steps = Csv::new(&with_repeat(&STEP_HEADER));
+        for (k, m) in p.repeats.iter().enumerate() {
+            let l = &m.latency;
+            let mut f = vec![
+                p.batch_size.to_string(),
+                ms(l.prefill_ms),
+                ms(l.decode_ms),
+                ms(l.e2e_ms),
+            ];
+            tag(&mut f, k);
+            per_batch.row(f);
+            for r in &m.run.requests {
+                let mut f = vec![
+                    r.output_num_tokens.to_string(),
+                    secs(r.first_token_time_s),
+                    secs(r.completion_time_s),
+                    r.prompt_num_tokens.to_string(),
+                    r.output_num_tokens.to_string(),
+                    r.finish_reason.clone(),
+                    format!("{:.3}", r.tokens_per_second()),
+                    secs(r.latency_s()),
+                ];
+                tag(&mut f, k);
+                per_request.row(f);
+            }
+            for s in &m.run.steps {
+                let mut f = vec![ms(s.latency_ms)];
+                tag(&mut f, k);
+                steps.row(f);
+            }
+        }
+        files.push((format!("per_request_latency-{}.csv", p.batch_size), per_request.0));
+        files.push((format!("step_latency-{}.csv", p.batch_size), steps.0));
+    }
+    files.insert(0, ("per_batch_latency.csv".into(), per_batch.0));
+    files
+}
+
+pub const SUMMARY_HEADER: [&str; 28] = [
+    "mode",
+    "workload",
+    "batch_size",
+    "repeats",
+    "num_adapters",
+    "prompt_tokens_mean",
+    "prefill_latency_ms_mean",
+    "prefill_latency_ms_median",
+    "prefill_latency_ms_stdev",
+    "prefill_latency_ms_min",
+    "prefill_latency_ms_max",
+    "decode_latency_ms_mean",
+    "decode_latency_ms_median",
+    "decode_latency_ms_stdev",
+    "decode_latency_ms_min",
+    "decode_latency_ms_max",
+    "e2e_latency_ms_mean",
+    "e2e_latency_ms_median",
+    "e2e_latency_ms_stdev",
+    "e2e_latency_ms_min",
+    "e2e_latency_ms_max",
+    "decode_tokens_per_s",
+    "prefill_overhead_pct",
+    "decode_overhead_pct",
+    "e2e_overhead_pct",
+    "prefill_steps",
+    "decode_steps",
+    "notes",
+];
+
+fn stats_fields(s: &Stats) -> [String; 5] {
+    [
+        ms(s.mean),
+        ms(s.median),
+        s.stdev.map_or(String::new(), ms),
+        ms(s.min),
+        ms(s.max),
+    ]
+}
+
+/// `summary.csv`: one row per series × batch size. `steps` holds (prefill, decode) step counts
+/// of each row's first repeat.
+pub fn summary_csv(rows: &[SummaryRow], points: &[Point]) -> String {
+    let mut c = Csv::new(&SUMMARY_HEADER);
+    for (r, p) in rows.iter().zip(points) {
+        let l = &p.repeats[0].latency;
+        let mut f = vec![
+            r.mode.to_string(),
+            r.workload.to_string(),
+            r.batch_size.to_string(),
+            r.repeats.to_string(),
+            r.num_adapters.to_string(),
+            format!("{:.1}", r.prompt_tokens_mean),
+        ];
+        f.extend(stats_fields(&r.prefill_latency_ms));
+        f.extend(stats_fields(&r.decode_latency_ms));
+        f.extend(stats_fields(&r.e2e_latency_ms));
+        f.extend([
+            format!("{:.1}", r.decode_tokens_per_s),
+            opt(r.prefill_overhead_pct),
+            opt(r.decode_overhead_pct),
+            opt(r.e2e_overhead_pct),
+            l.num_prefill_steps.to_string(),
+            l.num_decode_steps.to_string(),
+            r.notes.join("; "),
+        ]);
+        c.row(f);
+    }
+    c.0
+}
+
+pub const STEPS_HEADER: [&str; 13] = [
+    "mode",
+    "workload",
+    "batch_size",
+    "repeat",
+    "step",
+    "phase",
+    "step_latency_ms",
+    "step_wall_ms",
+    "num_seqs",
+    "num_prefill_tokens",
+    "num_decode_tokens",
+    "num_loras",
+    "num_preempted",
+];
+
+/// `steps.csv`: every measured step of the run, with what it held; `phase` is how the
+/// original's arithmetic counted it.
+pub fn steps_csv(points: &[Point]) -> String {
+    let mut c = Csv::new(&STEPS_HEADER);
+    for p in points {
+        for (k, m) in p.repeats.iter().enumerate() {
+            let num_prefill = m.latency.num_prefill_steps;
+            for (i, s) in m.run.steps.iter().enumerate() {
+                c.row([
+                    p.series.mode().to_string(),
+                    workload_name(p.series).to_string(),
+                    p.batch_size.to_string(),
+                    (k + 1).to_string(),
+                    (i + 1).to_string(),
+                    if i < num_prefill { "prefill" } else { "decode" }.to_string(),
+                    ms(s.latency_ms),
+                    ms(s.wall_ms),
+                    s.num_seqs.to_string(),
+                    s.num_prefill_tokens.to_string(),
+                    s.num_decode_tokens.to_string(),
+                    s.num_loras.to_string(),
+                    s.num_preempted.to_string(),
+                ]);
+            }
+        }
+    }
+    c.0
+}
+
+pub fn workload_name(s: Series) -> &'static str {
+    match s {
+        Series::NoLora => "none",
+        Series::Lora(w) => w.name(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::records::{BatchLatency, BatchRun, RequestRecord, StepRecord};
+    use crate::bench::summary::{summarize, Measured};
+    use crate::bench::workload::Workload;
+
+    fn point(series: Series, batch_size: usize, num_tokens: usize, repeats: usize) -> Point {
+        let run = BatchRun {
+            steps: (0..num_tokens)
+                .map(|i| StepRecord {
+                    latency_ms: if i == 0 { 10.0 } else { 1.0 },
+                    num_seqs: batch_size,
+                    ..Default::default()
+                })
+                .collect(),
+            requests: (0..batch_size)
+                .map(|i| RequestRecord {
+                    request_id: i.to_string(),
+                    lora: None,
+                    prompt_num_tokens: 7,
+                    output_num_tokens: num_tokens,
+                    finish_reason: "length".into(),
+                    first_token_time_s: 0.01,
+                    completion_time_s: 0.02,
+                })
+                .collect(),
+            e2e_ms: 20.0,
+        };
+        let steps: Vec<f64> = run.steps.iter().map(|s| s.latency_ms).collect();
+        let latency = BatchLatency::from_steps(&steps, num_tokens, run.e2e_ms).expect("valid");
+        Point {
+            series,
+            batch_size,
+            adapter_indices: vec![],
+            repeats: vec![
+                Measured {
+                    run,
+                    latency,
+                    notes: vec!["a, \"b\"".into()]
+                };
+                repeats
+            ],
+        }
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    #[test]
+    fn original_files_have_the_originals_headers_and_rows() {
+        let a = point(Series::NoLora, 2, 4, 1);
+        let b = point(Series::NoLora, 3, 4, 1);
+        let files = series_files(&[&a, &b], 1);
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "per_batch_latency.csv",
+                "per_request_latency-2.csv",
+                "step_latency-2.csv",
+                "per_request_latency-3.csv",
+                "step_latency-3.csv"
+            ]
+        );
+        let per_batch = lines(&files[0].1);
+        assert_eq!(
+            per_batch[0],
+            "batch_size,prefill_latency_ms,decode_latency_ms,e2e_latency_ms"
+        );
+        assert_eq!(per_batch[1], "2,10.0000,1.0000,20.0000");
+        assert_eq!(per_batch.len(), 3);
+        let per_request = lines(&files[3].1);
+        assert_eq!(
+            per_request[0],
+            "#tokens,first_token_time,completion_time,prompt_num_tokens,output_num_tokens,finish_reason,tokens_per_second,latency"
+        );
+        assert_eq!(per_request[1], "4,0.010000,0.020000,7,4,length,200.000,0.005000");
+        assert_eq!(per_request.len(), 1 + 3);
+        assert_eq!(
+            lines(&files[4].1),
+            ["step_latency_ms", "10.0000", "1.0000", "1.0000", "1.0000"]
+        );
+    }
+
+    #[test]
+    fn repeats_add_a_trailing_column() {
+        let a = point(Series::Lora(Workload::Uniform), 2, 3, 2);
+        let files = series_files(&[&a], 2);
+        let per_batch = lines(&files[0].1);
+        assert_eq!(
+            per_batch[0],
+            "batch_size,prefill_latency_ms,decode_latency_ms,e2e_latency_ms,repeat"
+        );
+        assert_eq!(per_batch.len(), 3);
+        assert!(per_batch[2].ends_with(",2"));
+        assert_eq!(lines(&files[1].1).len(), 1 + 2 * 2);
+        assert_eq!(lines(&files[2].1).len(), 1 + 2 * 3);
+    }
+
+    #[test]
+    fn summary_and_steps_csv() {
+        let points = vec![
+            point(Series::NoLora, 2, 3, 1),
+            point(Series::Lora(Workload::Distinct), 2, 3, 2),
+        ];
+        let rows = summarize(&points);
+        let s = summary_csv(&rows, &points);
+        let l = lines(&s);
+        assert_eq!(l[0], SUMMARY_HEADER.join(","));
+        assert_eq!(l.len(), 3);
+        assert!(l[2].starts_with("multi-lora,distinct,2,2,"), "{}", l[2]);
+        // Notes with a comma and quotes are quoted.
+        assert!(l[2].ends_with(",\"a, \"\"b\"\"\""), "{}", l[2]);
+        for row in &l[1..] {
+            // The quoted note holds one comma.
+            assert_eq!(row.matches(',').count(), SUMMARY_HEADER.len(), "{row}");
+        }
+        let steps = steps_csv(&points);
+        let l = lines(&steps);
+        assert_eq!(l[0], STEPS_HEADER.join(","));
+        assert_eq!(l.len(), 1 + 3 + 2 * 3);
+        assert!(
+            l[1].starts_with("no-lora,none,2,1,1,prefill,10.0000,"),
+            "{}",
+            l[1]
+        );
+        assert!(l[2].contains(",decode,"));
+    }
+
+    #[test]
+    fn staging_renames_into_a_new_folder_and_cleans_up_on_drop() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = Staging::create(dir.path(), "run", false)?;
+        s.write("a/x.csv", "1\n")?;
+        let dest = s.finish()?;
+        assert_eq!(std::fs::read_to_string(dest.join("a/x.csv"))?, "1\n");
+        // The same name again goes next to it, never over it.
+        let s = Staging::create(dir.path(), "run", false)?;
+        assert_eq!(s.dest, dir.path().join("run-2"));
+        s.write("y.csv", "2\n")?;
+        drop(s);
+        let left: Vec<_> = std::fs::read_dir(dir.path())?.collect();
+        assert_eq!(left.len(), 1, "a dropped staging folder leaves nothing behind");
+        // --overwrite replaces same-named entries in report_dir itself.
+        let s = Staging::create(dir.path(), "run", true)?;
+        s.write("run/new.csv", "3\n")?;
+        s.finish()?;
+        assert!(dir.path().join("run/new.csv").exists());
+        assert!(!dir.path().join("run/a").exists());
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! The table printed at the end of a run: one row per series × batch size, the numbers a
+//! reader looks for first, and the notes of any point that did not run as the original assumes.
+
+use std::fmt::Write as _;
+
+use super::summary::{Stats, SummaryRow};
+
+fn cell(s: &Stats) -> String {
+    match s.stdev {
+        Some(sd) => format!("{:.2} ±{:.2}", s.mean, sd),
+        None => format!("{:.2}", s.mean),
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:+.1}%"))
+}
+
+pub fn render(rows: &[SummaryRow]) -> String {
+    let header = [
+        "mode",
+        "workload",
+        "batch",
+        "adapters",
+        "prefill ms",
+        "decode ms",
+        "e2e ms",
+        "decode tok/s",
+        "decode vs no-LoRA",
+    ];
+    let body: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.mode.to_string(),
+                r.workload.to_string(),
+                r.batch_size.to_string(),
+                r.num_adapters.to_string(),
+                cell(&r.prefill_latency_ms),
+                cell(&r.decode_latency_ms),
+                cell(&r.e2e_latency_ms),
+                format!("{:.1}", r.decode_tokens_per_s),
+                pct(r.decode_overhead_pct),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &body {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[String]| {
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            // Text columns left-aligned, numbers right-aligned.
+            if i < 2 {
+                let _ = write!(out, "{c:<w$}  ");
+            } else {
+                let _ = write!(out, "{c:>w$}  ");
+            }
+        }
+        let trimmed = out.trim_end().len();
+        out.truncate(trimmed);
+        out.push('\n');
+    };
+    line(&mut out, &header.map(String::from));
+    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+    line(&mut out, &rule);
+    let mut last_mode = "";
+    for (r, cells) in rows.iter().zip(&body) {
+        if !last_mode.is_empty() && r.workload != last_mode {
+            out.push('\n');
+        }
+        last_mode = r.workload;
+        line(&mut out, cells);
+    }
+    let noted: Vec<&SummaryRow> = rows.iter().filter(|r| !r.notes.is_empty()).collect();
+    if !noted.is_empty() {
+        out.push_str("\nnotes:\n");
+        for r in noted {
+            let _ = writeln!(
+                out,
+                "  {} batch {}: {}",
+                r.workload,
+                r.batch_size,
+                r.notes.join("; ")
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::summary::{summarize, tests::point};
+    use crate::bench::workload::{Series, Workload};
+
+    #[test]
+    fn renders_aligned_rows_with_overhead() {
+        let rows = summarize(&[
+            point(Series::NoLora, 1, &[4.0]),
+            point(Series::Lora(Workload::Identical), 1, &[5.0, 7.0]),
+        ]);
+        let t = render(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("mode") && lines[0].ends_with("decode vs no-LoRA"));
+        assert!(lines[2].starts_with("no-lora     none"), "{t}");
+        assert!(
+            lines[4].contains("6.00 ±1.41") && lines[4].ends_with("+50.0%"),
+            "{t}"
+        );
+    }
+}
