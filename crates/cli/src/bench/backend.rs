@@ -39,6 +39,8 @@ pub trait Backend {
 
 pub struct EngineBackend {
     engine: LLMEngine,
+    /// Whether step times came from device events (else host wall time).
+    has_device_time: bool,
     /// Token ids of each prompt seen, so prompts are tokenized once.
     encoded: HashMap<String, Vec<u32>>,
 }
@@ -58,6 +60,7 @@ impl EngineBackend {
         }
         Ok(EngineBackend {
             engine,
+            has_device_time: false,
             encoded: HashMap::new(),
         })
     }
@@ -153,8 +156,11 @@ impl Backend for EngineBackend {
             num_idle = 0;
             first_start.get_or_insert(start);
             last_end = end;
+            // Device events where the backend has them (as the original's), else the CPU
+            // step's wall time of forward and sampling.
+            self.has_device_time |= stats.device_time.is_some();
             run.steps.push(StepRecord {
-                latency_ms: stats.duration.as_secs_f64() * 1e3,
+                latency_ms: stats.device_time.unwrap_or(stats.duration).as_secs_f64() * 1e3,
                 wall_ms: (end - start).as_secs_f64() * 1e3,
                 num_seqs: stats.num_seqs,
                 num_prefill_tokens: stats.num_prefill_tokens,
@@ -193,6 +199,11 @@ impl Backend for EngineBackend {
         json!({
             "backend": "engine",
             "device": self.engine.device_name(),
+            "step_timing": if self.has_device_time {
+                "device events around the forward"
+            } else {
+                "host wall time of forward and sampling"
+            },
             "model": {
                 "architecture": m.architecture.hf_name(),
                 "hidden_size": m.hidden_size,

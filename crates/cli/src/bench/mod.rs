@@ -165,9 +165,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             plan::check_prompt_lengths(&cfg, &planned, &mut backend)?;
             checked = true;
         }
-        for p in group {
-            points.push(measure_point(&cfg, p, &mut backend, &bar)?);
-        }
+        points.extend(measure_group(&cfg, &group, &mut backend, &bar)?);
         let key = if enable_lora { "multi-lora" } else { "no-lora" };
         backends.insert(key.into(), backend.describe());
     }
@@ -242,44 +240,65 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One point: a warm-up run (thrown away), then `repeat` measured runs of the same requests.
-fn measure_point(
+/// Measures the points of one engine. Per batch size: a warm-up run (thrown away) of each
+/// point, then the `repeat` measured runs round-robin over the points, so slow drift of the
+/// machine (heat, other load) spreads over the workloads instead of favouring the first.
+fn measure_group(
+    cfg: &config::BenchConfig,
+    group: &[&plan::PlannedPoint],
+    backend: &mut dyn Backend,
+    bar: &ProgressBar,
+) -> anyhow::Result<Vec<Point>> {
+    let mut points: Vec<Point> = group
+        .iter()
+        .map(|p| Point {
+            series: p.series,
+            batch_size: p.batch_size,
+            adapter_indices: p.adapter_indices.clone(),
+            repeats: Vec::with_capacity(cfg.repeat),
+        })
+        .collect();
+    let what = |p: &plan::PlannedPoint| format!("{} batch {}", p.series.name(), p.batch_size);
+    for &b in &cfg.batch_sizes {
+        let at_b: Vec<usize> = (0..group.len()).filter(|&i| group[i].batch_size == b).collect();
+        if cfg.warmup_num_tokens > 0 {
+            for &i in &at_b {
+                bar.set_message(format!("{}: warm-up", what(group[i])));
+                backend
+                    .run_batch(&group[i].requests, cfg.warmup_num_tokens)
+                    .with_context(|| format!("{}: warm-up run", what(group[i])))?;
+                bar.inc(1);
+            }
+        }
+        for k in 0..cfg.repeat {
+            for &i in &at_b {
+                let p = group[i];
+                bar.set_message(format!("{}: run {}/{}", what(p), k + 1, cfg.repeat));
+                let m = measure(cfg, p, backend)
+                    .with_context(|| format!("{}: measured run {}", what(p), k + 1))?;
+                for n in &m.notes {
+                    bar.println(format!("warning: {}: {n}", what(p)));
+                }
+                points[i].repeats.push(m);
+                bar.inc(1);
+            }
+        }
+    }
+    Ok(points)
+}
+
+/// One measured run of a point, checked and split into prefill and decode.
+fn measure(
     cfg: &config::BenchConfig,
     p: &plan::PlannedPoint,
     backend: &mut dyn Backend,
-    bar: &ProgressBar,
-) -> anyhow::Result<Point> {
-    let what = format!("{} batch {}", p.series.name(), p.batch_size);
-    if cfg.warmup_num_tokens > 0 {
-        bar.set_message(format!("{what}: warm-up"));
-        backend
-            .run_batch(&p.requests, cfg.warmup_num_tokens)
-            .with_context(|| format!("{what}: warm-up run"))?;
-        bar.inc(1);
-    }
-    let mut repeats = Vec::with_capacity(cfg.repeat);
-    for k in 0..cfg.repeat {
-        bar.set_message(format!("{what}: run {}/{}", k + 1, cfg.repeat));
-        let run = backend
-            .run_batch(&p.requests, cfg.num_tokens)
-            .with_context(|| format!("{what}: measured run {}", k + 1))?;
-        let notes = records::check(&run, p.batch_size, cfg.num_tokens)
-            .with_context(|| format!("{what}: the engine did not run the batch as expected"))?;
-        let step_ms: Vec<f64> = run.steps.iter().map(|s| s.latency_ms).collect();
-        let latency = BatchLatency::from_steps(&step_ms, cfg.num_tokens, run.e2e_ms)
-            .with_context(|| format!("{what}: measured run {}", k + 1))?;
-        for n in &notes {
-            bar.println(format!("warning: {what}: {n}"));
-        }
-        repeats.push(Measured { run, latency, notes });
-        bar.inc(1);
-    }
-    Ok(Point {
-        series: p.series,
-        batch_size: p.batch_size,
-        adapter_indices: p.adapter_indices.clone(),
-        repeats,
-    })
+) -> anyhow::Result<Measured> {
+    let run = backend.run_batch(&p.requests, cfg.num_tokens)?;
+    let notes = records::check(&run, p.batch_size, cfg.num_tokens)
+        .context("the engine did not run the batch as expected")?;
+    let step_ms: Vec<f64> = run.steps.iter().map(|s| s.latency_ms).collect();
+    let latency = BatchLatency::from_steps(&step_ms, cfg.num_tokens, run.e2e_ms)?;
+    Ok(Measured { run, latency, notes })
 }
 
 /// Writes the demo model and adapters when the config points at a missing demo (a folder

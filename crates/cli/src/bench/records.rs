@@ -8,8 +8,8 @@ use serde::Serialize;
 /// One engine step.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StepRecord {
-    /// The step's compute time: device time on a GPU, forward + sampling wall time on the CPU.
-    /// The original's `step_latency_ms`.
+    /// The step's compute time: device events around the forward on a GPU, forward + sampling
+    /// wall time on the CPU. The original's `step_latency_ms`.
     pub latency_ms: f64,
     /// Wall time of the whole `step()` call, scheduling and adapter activation included.
     pub wall_ms: f64,
