@@ -8,6 +8,7 @@ mod adapters;
 mod bench;
 mod engine_args;
 mod generate;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,8 @@ enum Command {
     /// The Multi-LoRA benchmark: prefill, decode and end-to-end latency per batch size.
     #[command(subcommand)]
     Bench(bench::Command),
+    /// OpenAI-compatible server with per-request adapters (as `vllm serve`).
+    Serve(Box<serve::Args>),
 }
 
 #[derive(clap::Args)]
@@ -70,5 +73,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Adapters(cmd) => adapters::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Serve(args) => serve::run(*args),
     }
 }

@@ -481,6 +481,19 @@ impl LLMEngine {
         true
     }
 
+    /// Registers an adapter and loads it now (vLLM's `add_lora`), so that a broken adapter fails
+    /// this call rather than a later request. Requests may then name it.
+    pub fn add_lora(&mut self, lora: &LoraRequest) -> Result<()> {
+        let pinned: Vec<AdapterId> = self.scheduler.running_loras(&self.seqs).collect();
+        let manager = self.lora.as_mut().ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "cannot add adapter {:?}: LoRA is not enabled (enable_lora)",
+                lora.name
+            ))
+        })?;
+        manager.register(lora, &pinned)
+    }
+
     /// Forgets an adapter; requests using it must have finished. False if unknown.
     pub fn remove_lora(&mut self, id: AdapterId) -> bool {
         let in_use = self.seqs.values().any(|s| s.lora == Some(id));

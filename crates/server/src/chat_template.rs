@@ -1,0 +1,143 @@
+//! Chat templates as Hugging Face applies them: the Jinja template from the model's
+//! `chat_template.jinja` or `tokenizer_config.json` (or `--chat-template`), rendered with
+//! `messages`, `bos_token`, `eos_token` and `add_generation_prompt`, with HF's
+//! `trim_blocks`/`lstrip_blocks` and Python string methods (`.strip()`, `.startswith()`).
+
+use std::path::Path;
+
+use minijinja::{Environment, ErrorKind};
+use serde_json::Value;
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+const NAME: &str = "chat";
+
+impl ChatTemplate {
+    /// Reads the template beside the model: `override_` (a file or the template itself), else
+    /// `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`. `Ok(None)` if the
+    /// model has none (chat completions then answer 400).
+    pub fn from_model_dir(dir: &Path, override_: Option<&str>) -> Result<Option<Self>, String> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| format!("{}: invalid JSON: {e}", config_path.display()))?,
+            Err(_) => Value::Null,
+        };
+        let jinja_path = dir.join("chat_template.jinja");
+        let source = match override_ {
+            Some(o) if Path::new(o).is_file() => {
+                Some(std::fs::read_to_string(o).map_err(|e| format!("reading chat template {o}: {e}"))?)
+            }
+            Some(o) => Some(o.to_string()),
+            None if jinja_path.is_file() => Some(
+                std::fs::read_to_string(&jinja_path).map_err(|e| format!("{}: {e}", jinja_path.display()))?,
+            ),
+            None => template_from_config(&config["chat_template"]),
+        };
+        let Some(source) = source else {
+            return Ok(None);
+        };
+        Self::new(
+            source,
+            special_token(&config["bos_token"]),
+            special_token(&config["eos_token"]),
+        )
+        .map(Some)
+    }
+
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<(), minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned(NAME, source)
+            .map_err(|e| format!("invalid chat template: {e:#}"))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Renders `messages` (OpenAI chat messages, content already flattened to text). An error
+    /// here is the request's fault (the template rejected its messages).
+    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, String> {
+        let tmpl = self.env.get_template(NAME).map_err(|e| e.to_string())?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+            add_generation_prompt => add_generation_prompt,
+        })
+        .map_err(|e| format!("the chat template failed on these messages: {e}"))
+    }
+}
+
+/// `chat_template` is a string, or a list of `{name, template}` (use `default`).
+fn template_from_config(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .or_else(|| list.first())
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `bos_token` is a string or an `AddedToken` object with `content`.
+fn special_token(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn renders_llama3_style_template() -> Result<(), String> {
+        let src = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+        let t = ChatTemplate::new(src.into(), "<s>".into(), "</s>".into())?;
+        let msgs = [json!({"role": "user", "content": " hi "})];
+        assert_eq!(t.render(&msgs, true)?, "<s><|user|>\nhi</s><|assistant|>\n");
+        assert_eq!(t.render(&msgs, false)?, "<s><|user|>\nhi</s>");
+        Ok(())
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception() -> Result<(), String> {
+        let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new())?;
+        assert_eq!(t.render(&[json!({"role": "user", "content": " a "})], true)?, "A");
+        let err = t
+            .render(&[json!({"role": "system", "content": "x"})], true)
+            .expect_err("template raises");
+        assert!(err.contains("first must be user"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn template_list_and_added_token_objects() {
+        let v = json!([{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]);
+        assert_eq!(template_from_config(&v).as_deref(), Some("D"));
+        assert_eq!(special_token(&json!({"content": "<s>", "lstrip": false})), "<s>");
+    }
+}

@@ -1,0 +1,436 @@
+//! The one engine loop. `LLMEngine` is not thread-safe, so a dedicated OS thread owns it and
+//! serves commands (add, abort, load/unload adapter) from the HTTP handlers over a channel.
+//! Every request gets its own channel of [`TokenEvent`]s. Continuous batching across
+//! connections falls out of the loop: drain commands, step while work exists, block on the
+//! channel when idle.
+//!
+//! A request whose client went away (its [`RequestGuard`] dropped, or its event channel closed)
+//! is aborted, which frees its KV blocks at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use multilora_engine::{
+    AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, Prompt,
+    SamplingParams,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+/// What the engine reports to a request: one token per step, and its end.
+#[derive(Debug, Clone)]
+pub enum TokenEvent {
+    Token {
+        token_id: u32,
+        finish_reason: Option<FinishReason>,
+        num_prompt_tokens: usize,
+        num_output_tokens: usize,
+    },
+    /// The engine failed while running the request; it is gone.
+    Failed(String),
+}
+
+/// Why the loop refused a request.
+#[derive(Debug)]
+pub enum AddError {
+    Engine(EngineError),
+    QueueFull { max_waiting: usize },
+    AdapterUnloaded(String),
+    ShuttingDown,
+}
+
+pub(crate) enum Command {
+    Add {
+        request_id: String,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+        lora: Option<LoraRequest>,
+        events: mpsc::UnboundedSender<TokenEvent>,
+        reply: oneshot::Sender<Result<(), AddError>>,
+    },
+    Abort(String),
+    AddLora {
+        lora: LoraRequest,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// Forget an adapter once no request uses it.
+    RemoveLora(AdapterId),
+    /// Abort every request (shutdown after the drain timeout).
+    AbortAll,
+    Stop,
+}
+
+/// Facts about the loaded engine the handlers need.
+#[derive(Clone)]
+pub struct EngineInfo {
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    pub max_model_len: usize,
+    pub enable_lora: bool,
+    pub max_lora_rank: usize,
+}
+
+/// The handlers' side of the loop.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std_mpsc::Sender<Command>,
+    pub info: EngineInfo,
+}
+
+impl EngineHandle {
+    pub(crate) fn send(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).is_ok()
+    }
+
+    /// Queues a request; errors (validation, full queue) come back before any token.
+    pub async fn add(
+        &self,
+        request_id: String,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+        lora: Option<LoraRequest>,
+    ) -> Result<(RequestGuard, mpsc::UnboundedReceiver<TokenEvent>), AddError> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let (reply, reply_rx) = oneshot::channel();
+        let guard = RequestGuard {
+            tx: self.tx.clone(),
+            request_id: request_id.clone(),
+            is_finished: false,
+        };
+        let sent = self.send(Command::Add {
+            request_id,
+            prompt_token_ids,
+            params,
+            lora,
+            events,
+            reply,
+        });
+        if !sent {
+            return Err(AddError::ShuttingDown);
+        }
+        match reply_rx.await {
+            Ok(Ok(())) => Ok((guard, rx)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AddError::ShuttingDown),
+        }
+    }
+
+    pub async fn add_lora(&self, lora: LoraRequest) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Command::AddLora { lora, reply }) {
+            return Err(EngineError::Backend("the engine loop has stopped".into()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(EngineError::Backend("the engine loop has stopped".into())))
+    }
+}
+
+/// Aborts its request when dropped before [`RequestGuard::finish`]: a handler future or an
+/// SSE stream that hyper drops because the client left takes its sequence with it.
+pub struct RequestGuard {
+    tx: std_mpsc::Sender<Command>,
+    request_id: String,
+    is_finished: bool,
+}
+
+impl RequestGuard {
+    pub fn finish(&mut self) {
+        self.is_finished = true;
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if !self.is_finished {
+            let _ = self.tx.send(Command::Abort(std::mem::take(&mut self.request_id)));
+        }
+    }
+}
+
+/// Starts the engine thread; returns once the model is loaded (or failed to load).
+pub fn spawn(
+    config: EngineConfig,
+    loras: Vec<LoraRequest>,
+    max_waiting: usize,
+    metrics: Arc<Mutex<Metrics>>,
+) -> Result<(EngineHandle, JoinHandle<()>), EngineError> {
+    let (tx, rx) = std_mpsc::channel();
+    let (ready_tx, ready_rx) = std_mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            let engine = LLMEngine::new(config).and_then(|mut e| {
+                for l in &loras {
+                    e.add_lora(l)?;
+                }
+                Ok(e)
+            });
+            let engine = match engine {
+                Ok(e) => e,
+                Err(err) => {
+                    let _ = ready_tx.send(Err(err));
+                    return;
+                }
+            };
+            let Some(tokenizer) = engine.tokenizer().cloned() else {
+                let _ = ready_tx.send(Err(EngineError::InvalidConfig(
+                    "the model has no tokenizer.json; the server needs one".into(),
+                )));
+                return;
+            };
+            let lora = engine.lora_manager().map(|m| m.config());
+            let info = EngineInfo {
+                tokenizer: Arc::new(tokenizer),
+                max_model_len: engine.resolved().max_model_len,
+                enable_lora: lora.is_some(),
+                max_lora_rank: lora.map_or(0, |c| c.max_lora_rank),
+            };
+            let _ = ready_tx.send(Ok(info));
+            EngineLoop {
+                engine,
+                max_waiting,
+                metrics,
+                live: HashMap::new(),
+                unloaded: HashSet::new(),
+                pending_removals: Vec::new(),
+            }
+            .run(rx);
+        })
+        .map_err(|e| EngineError::Backend(format!("starting the engine thread: {e}")))?;
+    match ready_rx.recv() {
+        Ok(Ok(info)) => Ok((EngineHandle { tx, info }, thread)),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(EngineError::Backend(
+                "the engine thread died while loading".into(),
+            ))
+        }
+    }
+}
+
+struct Live {
+    events: mpsc::UnboundedSender<TokenEvent>,
+    last_token_time: Option<Instant>,
+}
+
+struct EngineLoop {
+    engine: LLMEngine,
+    max_waiting: usize,
+    metrics: Arc<Mutex<Metrics>>,
+    live: HashMap<Arc<str>, Live>,
+    /// Adapters unloaded through the API; a request still naming one is refused.
+    unloaded: HashSet<AdapterId>,
+    /// Unloaded adapters that running requests still use.
+    pending_removals: Vec<AdapterId>,
+}
+
+impl EngineLoop {
+    fn run(mut self, rx: std_mpsc::Receiver<Command>) {
+        'outer: loop {
+            if !self.engine.has_unfinished_requests() {
+                match rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                if !self.handle(cmd) {
+                    break 'outer;
+                }
+            }
+            if self.engine.has_unfinished_requests() {
+                self.step();
+            }
+            if !self.pending_removals.is_empty() {
+                let engine = &mut self.engine;
+                self.pending_removals.retain(|&id| !engine.remove_lora(id));
+            }
+            self.publish();
+        }
+        self.abort_all();
+        self.publish();
+    }
+
+    /// Returns false on `Stop`.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add {
+                request_id,
+                prompt_token_ids,
+                params,
+                lora,
+                events,
+                reply,
+            } => {
+                let result = self.add(request_id, prompt_token_ids, params, lora, events);
+                if let Err(AddError::QueueFull { .. }) = &result {
+                    self.metrics_mut().num_rejected_queue_full += 1;
+                }
+                let _ = reply.send(result);
+            }
+            Command::Abort(id) => {
+                if self.live.remove(id.as_str()).is_some() {
+                    self.engine.abort_request(&id);
+                    self.metrics_mut().count_finish("abort");
+                    tracing::debug!(request_id = %id, "aborted: client went away");
+                }
+            }
+            Command::AddLora { lora, reply } => {
+                let _ = reply.send(self.engine.add_lora(&lora));
+            }
+            Command::RemoveLora(id) => {
+                self.unloaded.insert(id);
+                if !self.engine.remove_lora(id) {
+                    self.pending_removals.push(id);
+                }
+            }
+            Command::AbortAll => self.abort_all(),
+            Command::Stop => return false,
+        }
+        true
+    }
+
+    fn add(
+        &mut self,
+        request_id: String,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+        lora: Option<LoraRequest>,
+        events: mpsc::UnboundedSender<TokenEvent>,
+    ) -> Result<(), AddError> {
+        if self.engine.num_waiting() >= self.max_waiting {
+            return Err(AddError::QueueFull {
+                max_waiting: self.max_waiting,
+            });
+        }
+        if let Some(l) = lora.as_ref().filter(|l| self.unloaded.contains(&l.id)) {
+            return Err(AddError::AdapterUnloaded(l.name.clone()));
+        }
+        self.engine
+            .add_request(
+                &request_id,
+                Prompt::TokenIds(prompt_token_ids),
+                params,
+                lora.as_ref(),
+            )
+            .map_err(AddError::Engine)?;
+        self.live.insert(
+            request_id.into(),
+            Live {
+                events,
+                last_token_time: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn step(&mut self) {
+        let outputs = match self.engine.step() {
+            Ok(o) => o,
+            Err(err) => {
+                // A failed step (an adapter that no longer loads, a backend error) ends the
+                // requests in flight, not the server.
+                tracing::error!("engine step failed: {err}");
+                let msg = "the engine failed while running this request; see the server log";
+                for (id, live) in self.live.drain() {
+                    let _ = live.events.send(TokenEvent::Failed(msg.into()));
+                    self.engine.abort_request(&id);
+                }
+                return;
+            }
+        };
+        let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        metrics.num_steps += 1;
+        for out in outputs {
+            let Some(live) = self.live.get_mut(&out.request_id) else {
+                continue;
+            };
+            let Some(token_id) = out.token_id else {
+                continue;
+            };
+            let now = out.metrics.last_token_time.unwrap_or_else(Instant::now);
+            match live.last_token_time {
+                None => {
+                    metrics.num_prompt_tokens += out.num_prompt_tokens as u64;
+                    metrics
+                        .time_to_first_token
+                        .observe((now - out.metrics.arrival_time).as_secs_f64());
+                }
+                Some(prev) => metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
+            }
+            live.last_token_time = Some(now);
+            metrics.num_generation_tokens += 1;
+            let sent = live.events.send(TokenEvent::Token {
+                token_id,
+                finish_reason: out.finish_reason,
+                num_prompt_tokens: out.num_prompt_tokens,
+                num_output_tokens: out.num_output_tokens,
+            });
+            if let Some(reason) = out.finish_reason {
+                metrics.count_finish(reason.as_str());
+                let m = out.metrics;
+                metrics
+                    .e2e_request_latency
+                    .observe((now - m.arrival_time).as_secs_f64());
+                if let (Some(first), n) = (m.first_token_time, out.num_output_tokens) {
+                    if n > 1 {
+                        metrics
+                            .time_per_output_token
+                            .observe((now - first).as_secs_f64() / (n - 1) as f64);
+                    }
+                }
+                if let Some(t) = m.first_scheduled_time {
+                    metrics.queue_time.observe((t - m.arrival_time).as_secs_f64());
+                }
+                self.live.remove(&out.request_id);
+            } else if sent.is_err() {
+                // The client is gone: free the sequence now.
+                self.live.remove(&out.request_id);
+                self.engine.abort_request(&out.request_id);
+                metrics.count_finish("abort");
+            }
+        }
+    }
+
+    fn abort_all(&mut self) {
+        for (id, live) in self.live.drain() {
+            self.engine.abort_request(&id);
+            let _ = live
+                .events
+                .send(TokenEvent::Failed("the server is shutting down".into()));
+        }
+    }
+
+    fn metrics_mut(&self) -> std::sync::MutexGuard<'_, Metrics> {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Copies the engine's gauges into the shared metrics.
+    fn publish(&mut self) {
+        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        m.num_requests_running = self.engine.num_running();
+        m.num_requests_waiting = self.engine.num_waiting();
+        if let Some(lm) = self.engine.lora_manager() {
+            m.lora_adapters_on_device = lm.num_in_slots();
+            m.lora_adapters_on_host = lm.num_cached();
+        }
+        if let Some(s) = self.engine.lora_stats() {
+            m.lora = s;
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The server's one error type: every failure a client can see becomes OpenAI's error body
+//! `{"error": {"message", "type", "param", "code"}}` with a fitting status. Engine errors map by
+//! variant; internal failures are logged and answered without their details.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use multilora_engine::Error as EngineError;
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `server_error`, ...
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// A field the server accepts but does not implement, or a value out of range.
+    pub fn bad_param(param: &str, message: impl Into<String>) -> Self {
+        Self::bad_request(message).with_param(param)
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("The model `{model}` does not exist."),
+        )
+        .with_param("model")
+        .with_code("model_not_found")
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "Missing or incorrect API key: send `Authorization: Bearer <key>`.",
+        )
+        .with_code("invalid_api_key")
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", message)
+    }
+
+    /// An internal failure: logged in full, answered without details.
+    pub fn internal(context: &str, err: &dyn std::fmt::Display) -> Self {
+        tracing::error!("{context}: {err}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("internal error while {context}; see the server log"),
+        )
+    }
+
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code.map_or_else(|| json!(self.status.as_u16()), |c| json!(c)),
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status, axum::Json(self.body())).into_response();
+        match self.status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> Self {
+        match err {
+            EngineError::PromptTooLong {
+                prompt_len,
+                max_tokens,
+                max_model_len,
+                ..
+            } => ApiError::bad_request(format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). Please reduce the length of the prompt or the completion.",
+                prompt_len + max_tokens
+            ))
+            .with_code("context_length_exceeded"),
+            EngineError::InvalidSamplingParams { field, msg } => {
+                ApiError::bad_param(field, format!("{field}: {msg}"))
+            }
+            EngineError::InvalidRequest { msg, .. } => ApiError::bad_request(msg),
+            e @ (EngineError::AdapterLoad { .. } | EngineError::AdapterRankTooLarge { .. }) => {
+                ApiError::bad_request(e.to_string())
+            }
+            EngineError::Tokenizer { msg, .. } => ApiError::bad_request(msg),
+            e => ApiError::internal("running the request", &e),
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! `/v1/completions` and `/v1/chat/completions`: resolve the adapter from `model`, tokenize
+//! (the chat template first for chat), queue the request on the engine loop, and answer with
+//! one JSON body or a stream of server-sent events ending in `data: [DONE]`.
+//!
+//! The request's [`RequestGuard`] lives in the handler future or the SSE stream: when hyper
+//! drops either because the client left, the request is aborted and its KV blocks freed.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use multilora_engine::{LoraRequest, SamplingParams};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::app::{ApiJson, AppState};
+use crate::detokenize::Detokenizer;
+use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
+use crate::error::{ApiError, ApiResult};
+use crate::protocol::{normalize_messages, ChatRequest, CompletionRequest, Output, Prompt};
+
+/// vLLM's default `max_tokens` for `/v1/completions` (OpenAI's too).
+const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Completion,
+    Chat,
+}
+
+pub async fn completions(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> ApiResult<Response> {
+    st.check_accepting()?;
+    let lora = st.resolve_model(&req.model)?;
+    let (params, output) = req.sampling.resolve(DEFAULT_COMPLETION_MAX_TOKENS)?;
+    let prompt_token_ids = match req.prompt.into_single()? {
+        Prompt::Text(text) => encode(&st, &text, true)?,
+        Prompt::TokenIds(ids) => ids,
+    };
+    run(
+        st,
+        Api::Completion,
+        req.model,
+        prompt_token_ids,
+        params,
+        lora,
+        output,
+    )
+    .await
+}
+
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> ApiResult<Response> {
+    st.check_accepting()?;
+    let lora = st.resolve_model(&req.model)?;
+    let template = st.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            "the model has no chat template (tokenizer_config.json); use /v1/completions or start the server with --chat-template",
+        )
+    })?;
+    let messages = normalize_messages(req.messages)?;
+    let text = template
+        .render(&messages, req.add_generation_prompt)
+        .map_err(|e| ApiError::bad_param("messages", e))?;
+    // The template writes the special tokens (BOS) itself.
+    let prompt_token_ids = encode(&st, &text, false)?;
+    // As vLLM: without max_tokens, chat may use the rest of the context.
+    let default_max_tokens = st
+        .engine
+        .info
+        .max_model_len
+        .saturating_sub(prompt_token_ids.len())
+        .max(1);
+    let (params, output) = req.sampling.resolve(default_max_tokens)?;
+    run(st, Api::Chat, req.model, prompt_token_ids, params, lora, output).await
+}
+
+fn encode(st: &AppState, text: &str, add_special_tokens: bool) -> ApiResult<Vec<u32>> {
+    st.engine
+        .info
+        .tokenizer
+        .encode(text, add_special_tokens)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| ApiError::bad_param("prompt", format!("cannot tokenize the prompt: {e}")))
+}
+
+impl From<AddError> for ApiError {
+    fn from(e: AddError) -> Self {
+        match e {
+            AddError::Engine(e) => e.into(),
+            AddError::QueueFull { max_waiting } => ApiError::overloaded(format!(
+                "the server is overloaded: {max_waiting} requests are already waiting; retry later"
+            )),
+            AddError::AdapterUnloaded(name) => ApiError::model_not_found(&name),
+            AddError::ShuttingDown => ApiError::overloaded("the server is shutting down"),
+        }
+    }
+}
+
+/// A request in flight, from the handler's side.
+struct Generation {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    guard: RequestGuard,
+    events: mpsc::UnboundedReceiver<TokenEvent>,
+    detok: Detokenizer,
+    include_usage: bool,
+    num_prompt_tokens: usize,
+    num_output_tokens: usize,
+}
+
+/// One step of a generation as the client sees it.
+enum Progress {
+    /// New text (possibly empty), and the finish reason if this was the last token.
+    Text(String, Option<&'static str>),
+    Failed(ApiError),
+}
+
+async fn run(
+    st: Arc<AppState>,
+    api: Api,
+    model: String,
+    prompt_token_ids: Vec<u32>,
+    params: SamplingParams,
+    lora: Option<LoraRequest>,
+    output: Output,
+) -> ApiResult<Response> {
+    let prefix = match api {
+        Api::Completion => "cmpl",
+        Api::Chat => "chatcmpl",
+    };
+    let id = st.request_id(prefix);
+    let num_prompt_tokens = prompt_token_ids.len();
+    let (guard, events) = st.engine.add(id.clone(), prompt_token_ids, params, lora).await?;
+    let gen = Generation {
+        api,
+        id,
+        created: crate::app::unix_now(),
+        model,
+        guard,
+        events,
+        detok: Detokenizer::new(st.engine.info.tokenizer.clone(), output.stop),
+        include_usage: output.include_usage,
+        num_prompt_tokens,
+        num_output_tokens: 0,
+    };
+    Ok(if output.stream {
+        gen.into_sse()
+    } else {
+        gen.collect().await?
+    })
+}
+
+impl Generation {
+    async fn next(&mut self) -> Progress {
+        let failed = |msg: String| {
+            Progress::Failed(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                msg,
+            ))
+        };
+        match self.events.recv().await {
+            Some(TokenEvent::Token {
+                token_id,
+                finish_reason,
+                num_prompt_tokens,
+                num_output_tokens,
+            }) => {
+                self.num_prompt_tokens = num_prompt_tokens;
+                self.num_output_tokens = num_output_tokens;
+                let mut hit_stop = self.detok.push(token_id);
+                let mut finish = finish_reason.map(|r| r.as_str());
+                if finish.is_some() && !hit_stop {
+                    hit_stop = self.detok.flush();
+                }
+                if hit_stop {
+                    // The guard aborts the engine's sequence when the generation is dropped.
+                    finish = Some("stop");
+                } else if finish.is_some() {
+                    self.guard.finish();
+                }
+                Progress::Text(self.detok.take_delta(finish.is_some()).to_string(), finish)
+            }
+            Some(TokenEvent::Failed(msg)) => failed(msg),
+            None => failed("the engine loop stopped".into()),
+        }
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_output_tokens,
+            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
+        })
+    }
+
+    async fn collect(mut self) -> ApiResult<Response> {
+        let mut text = String::new();
+        let finish = loop {
+            match self.next().await {
+                Progress::Text(delta, finish) => {
+                    text.push_str(&delta);
+                    if let Some(f) = finish {
+                        break f;
+                    }
+                }
+                Progress::Failed(e) => return Err(e),
+            }
+        };
+        let choice = match self.api {
+            Api::Completion => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "stop_reason": null,
+            }),
+            Api::Chat => json!({
+                "index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": null, "finish_reason": finish,
+            }),
+        };
+        let object = match self.api {
+            Api::Completion => "text_completion",
+            Api::Chat => "chat.completion",
+        };
+        Ok(axum::Json(json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(),
+        }))
+        .into_response())
+    }
+
+    /// A streaming chunk with one choice (or none, for the usage chunk).
+    fn chunk(&self, choices: Vec<Value>, usage: Value) -> Event {
+        let object = match self.api {
+            Api::Completion => "text_completion",
+            Api::Chat => "chat.completion.chunk",
+        };
+        let mut body = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if self.include_usage {
+            body["usage"] = usage;
+        }
+        Event::default().data(body.to_string())
+    }
+
+    fn text_choice(&self, delta: &str, finish: Option<&str>) -> Value {
+        match self.api {
+            Api::Completion => json!({
+                "index": 0, "text": delta, "logprobs": null, "finish_reason": finish,
+            }),
+            Api::Chat => {
+                let delta = if finish.is_some() && delta.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": delta})
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    fn into_sse(self) -> Response {
+        struct StreamState {
+            gen: Generation,
+            pending: VecDeque<Event>,
+            is_done: bool,
+        }
+        let mut pending = VecDeque::new();
+        if self.api == Api::Chat {
+            let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": null});
+            pending.push_back(self.chunk(vec![role], Value::Null));
+        }
+        let state = StreamState {
+            gen: self,
+            pending,
+            is_done: false,
+        };
+        let stream = futures_util::stream::unfold(state, |mut s| async move {
+            loop {
+                if let Some(ev) = s.pending.pop_front() {
+                    return Some((Ok::<_, Infallible>(ev), s));
+                }
+                if s.is_done {
+                    return None;
+                }
+                match s.gen.next().await {
+                    Progress::Text(delta, finish) => {
+                        if !delta.is_empty() || finish.is_some() {
+                            let choice = s.gen.text_choice(&delta, finish);
+                            s.pending.push_back(s.gen.chunk(vec![choice], Value::Null));
+                        }
+                        if finish.is_some() {
+                            if s.gen.include_usage {
+                                let usage = s.gen.usage();
+                                s.pending.push_back(s.gen.chunk(Vec::new(), usage));
+                            }
+                            s.pending.push_back(Event::default().data("[DONE]"));
+                            s.is_done = true;
+                        }
+                    }
+                    Progress::Failed(e) => {
+                        s.pending.push_back(Event::default().data(e.body().to_string()));
+                        s.pending.push_back(Event::default().data("[DONE]"));
+                        s.is_done = true;
+                    }
+                }
+            }
+        });
+        Sse::new(stream).into_response()
+    }
+}

@@ -1,0 +1,98 @@
+//! Shared set-up for the server tests: the demo model (written once per build under Cargo's
+//! test temp folder), a server on it, and a minimal HTTP/1.0 client for real-socket tests
+//! (HTTP/1.0 so that a streamed body ends when the connection closes: no chunked decoding).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use multilora_engine::EngineConfig;
+use multilora_server::{Server, ServerConfig};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+pub const MODEL: &str = "demo";
+
+/// The demo model and adapters; written on first use.
+pub fn demo_dir() -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("server-demo");
+    // Test binaries may race to write it; a loser finds it complete on the next try.
+    if multilora_engine::demo::ensure_demo(&root, 0).is_err() {
+        std::thread::sleep(Duration::from_millis(500));
+        multilora_engine::demo::ensure_demo(&root, 0)?;
+    }
+    Ok(root)
+}
+
+pub fn adapter(i: usize) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
+    let rank = if i % 2 == 0 { 8 } else { 16 };
+    Ok(demo_dir()?.join(format!("adapters/demo-r{rank}-{:03}", i / 2)))
+}
+
+/// A server on the demo model with adapters `lora-0` .. `lora-{num_adapters-1}`.
+pub fn demo_server(
+    num_adapters: usize,
+    tweak: impl FnOnce(&mut EngineConfig, &mut ServerConfig),
+) -> Result<Server, Box<dyn std::error::Error + Send + Sync>> {
+    let root = demo_dir()?;
+    let mut engine = EngineConfig::new(root.join("model"));
+    engine.enable_lora = true;
+    engine.max_loras = 4;
+    engine.max_cpu_loras = Some(8);
+    engine.max_num_seqs = 16;
+    engine.max_model_len = Some(256);
+    let mut server = ServerConfig::new(MODEL);
+    for i in 0..num_adapters {
+        server.lora_modules.push((format!("lora-{i}"), adapter(i)?));
+    }
+    tweak(&mut engine, &mut server);
+    Ok(Server::start(engine, server)?)
+}
+
+/// A raw HTTP/1.0 exchange: returns (status, headers, body).
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String, String), Box<dyn std::error::Error + Send + Sync>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    stream.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    let status = head.split(' ').nth(1).ok_or("no status")?.parse::<u16>()?;
+    Ok((status, head.to_string(), body.to_string()))
+}
+
+/// The `data:` payloads of a server-sent-events body.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A Prometheus sample's value, e.g. `metric("multilora:num_requests_running")`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

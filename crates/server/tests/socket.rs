@@ -1,0 +1,208 @@
+//! The server over a real loopback socket: many concurrent streaming clients with mixed
+//! adapters, a client that disconnects mid-stream, and graceful shutdown.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{demo_server, http, metric, sse_data, TestResult, MODEL};
+use multilora_server::Server;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+type Serving = (SocketAddr, oneshot::Sender<()>, JoinHandle<std::io::Result<()>>);
+
+async fn start(server: Server) -> Result<Serving, Box<dyn std::error::Error + Send + Sync>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    Ok((addr, stop, task))
+}
+
+async fn metrics(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(http(addr, "GET", "/metrics", None, &[]).await?.2)
+}
+
+/// Polls /metrics until no request runs or waits.
+async fn wait_idle(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics(addr).await?;
+        let busy = metric(&m, "multilora:num_requests_running").unwrap_or(-1.0)
+            + metric(&m, "multilora:num_requests_waiting").unwrap_or(-1.0);
+        if busy == 0.0 {
+            return Ok(m);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the engine did not drain:\n{m}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Opens a streaming completion and reads until its first content chunk; returns the open
+/// connection.
+async fn open_stream(
+    addr: SocketAddr,
+    max_tokens: usize,
+) -> Result<TcpStream, Box<dyn std::error::Error + Send + Sync>> {
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": max_tokens,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    let mut stream = TcpStream::connect(addr).await?;
+    let req = format!(
+        "POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(format!("stream closed early: {}", String::from_utf8_lossy(&seen)).into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_streaming_clients_with_mixed_adapters_all_finish() -> TestResult {
+    let num_adapters = 8;
+    let (addr, stop, task) = start(demo_server(num_adapters, |_, _| {})?).await?;
+    let num_clients = 32;
+    let mut clients = Vec::new();
+    let mut want_tokens = 0;
+    for i in 0..num_clients {
+        let model = if i % 5 == 0 {
+            MODEL.to_string()
+        } else {
+            format!("lora-{}", i % num_adapters)
+        };
+        let max_tokens = 8 + i % 9;
+        want_tokens += max_tokens;
+        let chat = i % 2 == 0;
+        let mut body = json!({"model": model, "max_tokens": max_tokens, "ignore_eos": true,
+            "stream": true, "stream_options": {"include_usage": true}, "temperature": 0.8,
+            "seed": i});
+        let path = if chat {
+            body["messages"] = json!([{"role": "user", "content": format!("question {i}")}]);
+            "/v1/chat/completions"
+        } else {
+            body["prompt"] = json!(format!("prompt number {i}"));
+            "/v1/completions"
+        };
+        clients.push(tokio::spawn(async move {
+            let (status, _, text) = http(addr, "POST", path, Some(&body), &[]).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((i, max_tokens, status, text))
+        }));
+    }
+    for c in clients {
+        let (i, max_tokens, status, text) = c.await??;
+        assert_eq!(status, 200, "client {i}: {text}");
+        let data = sse_data(&text);
+        assert_eq!(
+            data.last().map(String::as_str),
+            Some("[DONE]"),
+            "client {i}: {text}"
+        );
+        let usage: Value = serde_json::from_str(&data[data.len() - 2])?;
+        assert_eq!(
+            usage["usage"]["completion_tokens"], max_tokens,
+            "client {i}: {text}"
+        );
+    }
+    let m = wait_idle(addr).await?;
+    let finished = |reason: &str| {
+        m.lines()
+            .find(|l| l.contains(&format!("finished_reason=\"{reason}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(finished("length"), Some(num_clients as f64), "{m}");
+    assert_eq!(finished("abort"), Some(0.0), "{m}");
+    let tokens = metric(&m, "multilora:generation_tokens_total").ok_or("no tokens metric")?;
+    let steps = metric(&m, "multilora:engine_steps_total").ok_or("no steps metric")?;
+    assert_eq!(tokens, want_tokens as f64);
+    // Requests from different connections shared steps: continuous batching.
+    assert!(
+        steps < tokens,
+        "{steps} steps for {tokens} tokens: no batching across connections"
+    );
+    let _ = stop.send(());
+    task.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_sequence() -> TestResult {
+    // A long request (seconds of work), so it is still running when the server notices.
+    let max_tokens = 2000;
+    let server = demo_server(0, |e, _| e.max_model_len = Some(2048))?;
+    let (addr, stop, task) = start(server).await?;
+    let stream = open_stream(addr, max_tokens).await?;
+    drop(stream);
+    let m = wait_idle(addr).await?;
+    let aborted = m
+        .lines()
+        .find(|l| l.contains("finished_reason=\"abort\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .ok_or("no abort metric")?;
+    assert_eq!(aborted, "1", "{m}");
+    let tokens = metric(&m, "multilora:generation_tokens_total").ok_or("no tokens metric")?;
+    assert!(
+        tokens < max_tokens as f64,
+        "the request ran to the end ({tokens} tokens) after its client left"
+    );
+    // The server still serves.
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
+    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
+    assert_eq!(status, 200, "{text}");
+    let _ = stop.send(());
+    task.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_running_requests_finish() -> TestResult {
+    let (addr, stop, task) = start(demo_server(0, |_, _| {})?).await?;
+    let mut stream = open_stream(addr, 60).await?;
+    let _ = stop.send(());
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).await?;
+    let data = sse_data(&rest);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{rest}");
+    assert!(
+        data.iter().any(|d| d.contains("\"finish_reason\":\"length\"")),
+        "the request was cut short: {rest}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), task).await???;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_aborts_what_outlives_the_drain_timeout() -> TestResult {
+    let server = demo_server(0, |e, s| {
+        e.max_model_len = Some(2048);
+        s.drain_timeout = Duration::ZERO;
+    })?;
+    let (addr, stop, task) = start(server).await?;
+    let mut stream = open_stream(addr, 2000).await?;
+    let _ = stop.send(());
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).await?;
+    let data = sse_data(&rest);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{rest}");
+    let err: Value = serde_json::from_str(&data[data.len() - 2])?;
+    assert!(err["error"]["message"].is_string(), "{rest}");
+    tokio::time::timeout(Duration::from_secs(30), task).await???;
+    Ok(())
+}
