@@ -8,24 +8,77 @@ use rayon::prelude::*;
 
 use crate::model_config::{ModelConfig, RopeScaling};
 
-/// Dot product with eight independent accumulators so the compiler vectorizes it.
+/// Dot product; AVX2+FMA where the CPU has it.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA; both slices have length n.
+        return unsafe { avx2::dot_n::<1>(a, [b]) }[0];
+    }
+    dot_n::<1>(a, [b])[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Explicit AVX2/FMA kernels: the autovectorizer scalarizes the multi-row accumulators.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `N` dot products of `w` against `x[r]`, reading `w` once; two accumulators per row so
+    /// FMA latency is hidden. Every `x[r]` must be at least as long as `w`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_n<const N: usize>(w: &[f32], x: [&[f32]; N]) -> [f32; N] {
+        let n = w.len();
+        for xr in &x {
+            assert!(xr.len() >= n);
         }
+        let (wp, xp): (*const f32, [*const f32; N]) = (w.as_ptr(), std::array::from_fn(|r| x[r].as_ptr()));
+        let mut a0 = [_mm256_setzero_ps(); N];
+        let mut a1 = [_mm256_setzero_ps(); N];
+        let mut k = 0;
+        while k + 16 <= n {
+            let w0 = _mm256_loadu_ps(wp.add(k));
+            let w1 = _mm256_loadu_ps(wp.add(k + 8));
+            for r in 0..N {
+                a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[r].add(k)), a0[r]);
+                a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[r].add(k + 8)), a1[r]);
+            }
+            k += 16;
+        }
+        if k + 8 <= n {
+            let w0 = _mm256_loadu_ps(wp.add(k));
+            for r in 0..N {
+                a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[r].add(k)), a0[r]);
+            }
+            k += 8;
+        }
+        std::array::from_fn(|r| {
+            let mut s = hsum(_mm256_add_ps(a0[r], a1[r]));
+            for kk in k..n {
+                s += *wp.add(kk) * *xp[r].add(kk);
+            }
+            s
+        })
     }
-    let mut tail = 0.0;
-    for (x, y) in ar.iter().zip(br) {
-        tail += x * y;
-    }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
 
 /// `N` dot products of one weight row against `N` activation rows, reading `w` once.
@@ -81,13 +134,13 @@ struct LinearChunk<'a> {
 
 impl LinearChunk<'_> {
     #[inline(always)]
-    fn tile<const N: usize>(&self, t: usize) {
+    fn tile<const N: usize>(&self, t: usize, dot: impl Fn(&[f32], [&[f32]; N]) -> [f32; N]) {
         let in_f = self.in_f;
         let xs: [&[f32]; N] = std::array::from_fn(|r| &self.x[(t + r) * in_f..][..in_f]);
         for (ro, wrow) in self.w.chunks_exact(in_f).enumerate() {
             let o = self.o0 + ro;
             let b = self.bias.map_or(0.0, |b| b[o]);
-            for (r, v) in dot_n::<N>(wrow, xs).into_iter().enumerate() {
+            for (r, v) in dot(wrow, xs).into_iter().enumerate() {
                 // SAFETY: (t + r, o) is written by this chunk only: o lies in this chunk.
                 unsafe { *self.y.get().add((t + r) * self.out_f + o) = v + b };
             }
@@ -95,34 +148,39 @@ impl LinearChunk<'_> {
     }
 
     #[inline(always)]
-    fn run_generic(&self) {
+    fn run_tiles(&self, avx2: bool) {
         let mut t = 0;
         while t < self.num_tokens {
             let nt = (self.num_tokens - t).min(4);
+            macro_rules! tile {
+                ($n:literal) => {{
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 {
+                        // SAFETY: `avx2` is true only when the CPU has AVX2 and FMA.
+                        self.tile::<$n>(t, |w, x| unsafe { avx2::dot_n::<$n>(w, x) });
+                        t += $n;
+                        continue;
+                    }
+                    let _ = avx2;
+                    self.tile::<$n>(t, dot_n::<$n>);
+                }};
+            }
             match nt {
-                1 => self.tile::<1>(t),
-                2 => self.tile::<2>(t),
-                3 => self.tile::<3>(t),
-                _ => self.tile::<4>(t),
+                1 => tile!(1),
+                2 => tile!(2),
+                3 => tile!(3),
+                _ => tile!(4),
             }
             t += nt;
         }
     }
 
-    /// The same code compiled for AVX2 (8-wide), chosen at run time.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self) {
-        self.run_generic()
-    }
-
     fn run(&self) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { self.run_avx2() };
-        }
-        self.run_generic()
+        let avx2 = has_avx2_fma();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        self.run_tiles(avx2)
     }
 }
 
