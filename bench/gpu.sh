@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU").
-#   bench/gpu.sh [check] [bench] [peer]     (default: all three)
+#   bench/gpu.sh [check] [micro] [bench] [sweep] [mlbench] [peer]    default: check micro bench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench.
 # Writes logs and results under $OUT.
 set -uo pipefail
@@ -11,7 +11,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRAR
 export MULTILORA_CACHE_DIR=${MULTILORA_CACHE_DIR:-/tmp/multilora-cache}
 WORK=${WORK:-/tmp/multilora-work}
 mkdir -p "$WORK"
-steps=${*:-check bench peer}
+steps=${*:-check micro bench peer}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 
 for s in $steps; do case $s in
@@ -23,11 +23,30 @@ check)
   "$BIN/peft_check" "$WORK/peft/requests.json" "$WORK/peft/ours.json" 2>&1 | tee -a "$OUT/peft.log"
   python3 scripts/gpu_check_peft.py compare "$WORK/peft" 2>&1 | tee -a "$OUT/peft.log"
   ;;
+micro)
+  echo "== our GEMV vs cuBLAS over the 7B projections, by token count"
+  "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null --micro 2>&1 | tee "$OUT/micro.log"
+  ;;
 bench)
   echo "== multilora on Llama-2-7B shape (dummy bf16), 32 rank-16 adapters on q,k,v,o"
   "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   echo "== the same, eager (no CUDA graphs), batch 1 and 32"
   "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench_eager.jsonl" --eager --batch-sizes 1,32 2>&1 | tee "$OUT/bench_eager.log"
+  ;;
+sweep)
+  for g in 1 2 8; do
+    echo "== GEMV up to $g tokens (cuBLAS above)"
+    MULTILORA_GEMV_MAX_M=$g "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/sweep_$g.jsonl" --batch-sizes 1,2,4,8 2>&1 | grep -E "no-lora|distinct"
+  done 2>&1 | tee "$OUT/sweep.log"
+  ;;
+mlbench)
+  echo "== multilora bench multi-lora on the Llama-2-7B dummy example (32 output tokens)"
+  "$BIN/multilora" adapters synth --model config/examples/llama2-7b-dummy/model --out demo/llama2-7b-adapters \
+    --num 32 --rank 16 --target-modules q_proj,k_proj,v_proj,o_proj --prefix llama2-7b-r16 \
+    --adapters-json config/examples/llama2-7b-dummy/adapters.json > "$OUT/mlbench.log" 2>&1
+  "$BIN/multilora" bench multi-lora --config config/examples/llama2-7b-dummy/common.json --num-tokens 32 \
+    --report-dir "$WORK/reports" 2>&1 | tee -a "$OUT/mlbench.log" | tail -40
+  cp "$(ls -d "$WORK"/reports/*/ | tail -1)summary.csv" "$OUT/mlbench_summary.csv" 2>/dev/null
   ;;
 peer)
   echo "== peer: HF transformers + PEFT, same shapes"

@@ -32,6 +32,7 @@ with torch.no_grad():
         if "lora_B" in n:
             p.normal_(0, 0.01)
 model = model.to(torch.bfloat16)
+model.eval()
 print(f"peer model + 32 adapters ready in {time.time() - t0:.1f}s", flush=True)
 
 

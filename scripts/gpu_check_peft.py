@@ -56,10 +56,14 @@ def make(work):
         reqs.append({"prompt_token_ids": ids, "adapter": ad, "max_tokens": 24})
     json.dump({"model": mdir, "requests": reqs}, open(os.path.join(work, "requests.json"), "w"))
     for dtype, name in [(torch.float32, "hf_f32"), (torch.bfloat16, "hf_bf16")]:
-        out = []
+        out, scores = [], []
         for r in reqs:
-            out.append(hf_generate(mdir, r, dtype))
+            toks, sc = hf_generate(mdir, r, dtype)
+            out.append(toks)
+            scores.append(sc)
         json.dump(out, open(os.path.join(work, f"{name}.json"), "w"))
+        if name == "hf_f32":
+            torch.save(scores, os.path.join(work, "hf_f32_scores.pt"))
     print("made", work)
 
 
@@ -81,8 +85,10 @@ def hf_generate(mdir, r, dtype):
     ids = torch.tensor([r["prompt_token_ids"]], device="cuda")
     with torch.no_grad():
         out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=r["max_tokens"],
-                         min_new_tokens=r["max_tokens"], do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+                         min_new_tokens=r["max_tokens"], do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    scores = torch.stack([s[0].float().cpu() for s in out.scores])  # [steps, vocab]
+    return out.sequences[0, ids.shape[1]:].tolist(), scores
 
 
 def compare(work):
@@ -100,8 +106,21 @@ def compare(work):
         print(f"multilora (cuda, mixed batch) vs {name}: matching greedy prefix per request {prefix} "
               f"of {len(ref[0])}; exact rows {sum(p == len(b) for p, b in zip(prefix, ref))}/{len(ref)}; "
               f"tokens in matching prefixes {sum(prefix)}/{total}")
-        if name == "hf_f32" and min(prefix) < 8:
-            ok = False
+        if name == "hf_f32":
+            # Where greedy paths part, HF's own logits must call it a near-tie: the gap between
+            # its token and ours under 5% of that step's logit spread (std).
+            scores = torch.load(os.path.join(work, "hf_f32_scores.pt"))
+            for i, (a, b) in enumerate(zip(ours, ref)):
+                k = prefix[i]
+                if k == len(b):
+                    continue
+                sc = scores[i][k]
+                gap = float(sc[b[k]] - sc[a[k]])
+                rel = gap / float(sc[torch.isfinite(sc)].std())  # EOS is -inf before min_new_tokens
+                near = rel < 0.05
+                ok &= near
+                print(f"  request {i}: parts at step {k}: HF f32 prefers {b[k]} over ours {a[k]} by "
+                      f"{gap:.4f} ({rel:.4f} of the logit std) -> {'near-tie' if near else 'REAL DIFFERENCE'}")
     print("PEFT CHECK", "PASS" if ok else "FAIL")
     return ok
 

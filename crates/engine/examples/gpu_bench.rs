@@ -28,6 +28,7 @@ struct Args {
     num_adapters: usize,
     rank: usize,
     eager: bool,
+    micro: bool,
 }
 
 fn parse() -> Args {
@@ -42,6 +43,7 @@ fn parse() -> Args {
         num_adapters: 32,
         rank: 16,
         eager: false,
+        micro: false,
     };
     while let Some(flag) = it.next() {
         let mut val = || it.next().expect("flag value");
@@ -52,6 +54,7 @@ fn parse() -> Args {
             "--num-adapters" => a.num_adapters = val().parse().unwrap(),
             "--rank" => a.rank = val().parse().unwrap(),
             "--eager" => a.eager = true,
+            "--micro" => a.micro = true,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -119,11 +122,82 @@ fn copy_bandwidth() -> f64 {
     2.0 * bytes as f64 * reps as f64 / s
 }
 
+/// Our GEMV against cuBLAS on every projection of the model (weights streamed once per pass,
+/// far more than L2), for token counts 1..16.
+fn micro(cfg: &ModelConfig, bw: f64) {
+    use cudarc::driver::PushKernelArg;
+    use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu};
+    use multilora_engine::cuda::model::linear;
+    let gpu = Gpu::new(0).expect("gpu");
+    let (h, q, kv, i) = (
+        cfg.hidden_size,
+        cfg.q_size(),
+        cfg.kv_size(),
+        cfg.intermediate_size,
+    );
+    let mut shapes = Vec::new(); // (n, k)
+    for _ in 0..cfg.num_hidden_layers {
+        shapes.extend([(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)]);
+    }
+    shapes.push((cfg.vocab_size, h));
+    let fill = |buf: &multilora_engine::cuda::gpu::DevBuf, n: usize| {
+        let f = gpu.func("fill_uniform_bf16");
+        let mut b = gpu.stream.launch_builder(f);
+        let (p, n64, seed, bound) = (buf.ptr, n as u64, 7u64, 0.05f32);
+        b.arg(&p).arg(&n64).arg(&seed).arg(&bound);
+        unsafe { b.launch(lcfg((65536, 1, 1), 256)) }.unwrap();
+    };
+    let ws: Vec<_> = shapes
+        .iter()
+        .map(|&(n, k)| {
+            let w = gpu.alloc(n * k * 2).unwrap();
+            fill(&w, n * k);
+            w
+        })
+        .collect();
+    let bytes: f64 = shapes.iter().map(|&(n, k)| (n * k * 2) as f64).sum();
+    let x = gpu.alloc(16 * i.max(h) * 2).unwrap();
+    fill(&x, 16 * i.max(h));
+    let y = gpu.alloc(16 * cfg.vocab_size.max(2 * i) * 4).unwrap();
+    let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
+    println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
+    for m in [1usize, 2, 3, 4, 6, 8, 12, 16] {
+        for (name, gm) in [("gemv", 8usize), ("cublas", 0)] {
+            if gm > 0 && m > gm {
+                continue;
+            }
+            let pass = || {
+                for (w, &(n, k)) in ws.iter().zip(&shapes) {
+                    linear(&gpu, gm, w.ptr, None, n, k, x.ptr, y.ptr, m, n).unwrap();
+                }
+            };
+            pass();
+            e0.record(&gpu.stream).unwrap();
+            let reps = 5;
+            for _ in 0..reps {
+                pass();
+            }
+            e1.record(&gpu.stream).unwrap();
+            gpu.sync().unwrap();
+            let ms = e0.elapsed_ms(&e1).unwrap() as f64 / reps as f64;
+            println!(
+                "micro m={m:>2} {name:>6}: {ms:7.3} ms per pass, {:.2} TB/s ({:.0}% of copy)",
+                bytes / ms / 1e9,
+                100.0 * bytes / (ms / 1e3) / bw
+            );
+        }
+    }
+}
+
 fn main() {
     let a = parse();
     let bw = copy_bandwidth();
     println!("device copy bandwidth (read + write): {:.3} TB/s", bw / 1e12);
     let cfg = ModelConfig::from_dir(&a.model).expect("config.json");
+    if a.micro {
+        micro(&cfg, bw);
+        return;
+    }
     let t0 = Instant::now();
     let loras = synth_all(&a, &cfg);
     println!(

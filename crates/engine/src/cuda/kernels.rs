@@ -261,12 +261,23 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_bf16(
         for (int u = 0; u < GEMV_UNROLL; u++) {
             int k = k0 + u * 32;
             if (k < K8) {
+                // Unpack the weights once; every token reuses them.
+                float wf[GEMV_ROWS][8];
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    uint4 v = w[r][u];
+                    wf[r][0] = lo(v.x); wf[r][1] = hi(v.x); wf[r][2] = lo(v.y); wf[r][3] = hi(v.y);
+                    wf[r][4] = lo(v.z); wf[r][5] = hi(v.z); wf[r][6] = lo(v.w); wf[r][7] = hi(v.w);
+                }
 #pragma unroll
                 for (int m = 0; m < GEMV_MAXM; m++) {
                     if (m < M) {
                         uint4 xv = __ldg(x4 + (size_t)m * K8 + k);
+                        float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
 #pragma unroll
-                        for (int r = 0; r < GEMV_ROWS; r++) acc[m][r] += dot8(w[r][u], xv);
+                        for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+                            for (int i = 0; i < 8; i++) acc[m][r] = fmaf(wf[r][i], xf[i], acc[m][r]);
                     }
                 }
             }
@@ -285,12 +296,14 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_bf16(
     }
 }
 
+// BGMV shrink for many tokens (prefill): one warp per (token, rank row), 8 rows per block.
+// Same contract as lora_shrink; grid (T, nsub, ceil(R / 8)). Below: the decode version.
 // BGMV shrink, every token its own adapter: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ with
 // s = tok_slot[t], for the nsub projections of a group that share the input x (q/k/v, gate/up).
 // Rows r >= rank (or tokens without adapter) get 0 and read no weights.
 // x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
 // tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, ceil(R / 8)), 256 threads.
-extern "C" __global__ void lora_shrink(const bf16_t* __restrict__ x, const bf16_t* __restrict__ A,
+extern "C" __global__ void lora_shrink_wide(const bf16_t* __restrict__ x, const bf16_t* __restrict__ A,
                                        const int* ranks, const float* scales, const int* tok_slot, float* tmp,
                                        int T, int K, int R, int L) {
     int t = blockIdx.x, z = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -310,6 +323,31 @@ extern "C" __global__ void lora_shrink(const bf16_t* __restrict__ x, const bf16_
     for (int k = lane; k < K8; k += 32) acc += dot8(__ldg(a + k), __ldg(xr + k));
     acc = warp_sum(acc);
     if (lane == 0) *o = acc * scales[z * L + s];
+}
+
+// BGMV shrink, every token its own adapter: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ with
+// s = tok_slot[t], for the nsub projections of a group that share the input x (q/k/v, gate/up).
+// One block per (token, projection, rank row): its warps split K. Rows r >= rank (or tokens
+// without adapter) write 0 and read no weights, so a small adapter does not pay max rank.
+// x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
+// tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, R), 256 threads.
+extern "C" __global__ void lora_shrink(const bf16_t* __restrict__ x, const bf16_t* __restrict__ A,
+                                       const int* ranks, const float* scales, const int* tok_slot, float* tmp,
+                                       int T, int K, int R, int L) {
+    int t = blockIdx.x, z = blockIdx.y, r = blockIdx.z;
+    int s = tok_slot[t];
+    float* o = tmp + ((size_t)z * T + t) * R + r;
+    if (s < 0 || r >= ranks[z * L + s]) {
+        if (threadIdx.x == 0) *o = 0.f;
+        return;
+    }
+    int K8 = K >> 3;
+    const uint4* a = (const uint4*)(A + (((size_t)z * L + s) * R + r) * K);
+    const uint4* xr = (const uint4*)(x + (size_t)t * K);
+    float acc = 0.f;
+    for (int k = threadIdx.x; k < K8; k += blockDim.x) acc += dot8(__ldg(a + k), __ldg(xr + k));
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) *o = acc * scales[z * L + s];
 }
 
 // BGMV expand: y[t, o] += tmp[z(o), t, :rank] · B[s, o, :rank], s = tok_slot[t]. The group's
@@ -385,10 +423,13 @@ pub const NAMES: &[&str] = &[
     "add_bias",
     "gemv_bf16",
     "lora_shrink",
+    "lora_shrink_wide",
     "lora_expand",
     "argmax_rows",
 ];
 
+/// Token counts above which `lora_shrink_wide` replaces `lora_shrink` (prefill).
+pub const SHRINK_WIDE_MIN_TOKENS: usize = 64;
 /// Largest token count the GEMV kernel takes (`GEMV_MAXM`); cuBLAS above.
 pub const GEMV_MAX_M: usize = 8;
 /// Output rows one GEMV block covers (`GEMV_ROWS * GEMV_WARPS`).

@@ -10,7 +10,7 @@
 
 pub mod gpu;
 pub mod kernels;
-mod model;
+pub mod model;
 
 use std::collections::HashMap;
 use std::time::Duration;

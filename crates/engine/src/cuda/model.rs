@@ -18,6 +18,10 @@ use crate::lora::{LoraSlot, LoraTarget};
 use crate::weights::WeightSource;
 use crate::ModelConfig;
 
+/// Token counts up to which our GEMV is used. 0: cuBLAS for every projection, because on the
+/// H200 our GEMV streamed at 63% of copy bandwidth at M=1 against cuBLAS's 83% (BENCHMARKS.md).
+const DEFAULT_GEMV_MAX_M: usize = 0;
+
 /// Launches a kernel by name with raw arguments (device pointers as `u64`, `i32`, `f32`).
 macro_rules! launch {
     ($gpu:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
@@ -111,6 +115,8 @@ pub struct CudaModel {
     /// KV slot that padded graph rows write to (an extra block past the engine's)
     scratch_slot: u32,
     max_loras: usize,
+    /// Largest token count our GEMV takes; cuBLAS above (`MULTILORA_GEMV_MAX_M`, for tuning).
+    gemv_max_m: usize,
     /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
     lora_rank: usize,
     embed_tokens: DevBuf,
@@ -341,6 +347,11 @@ impl CudaModel {
             block_size: bc.block_size,
             scratch_slot: (bc.num_kv_blocks * bc.block_size) as u32,
             max_loras: bc.max_loras,
+            gemv_max_m: std::env::var("MULTILORA_GEMV_MAX_M")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_GEMV_MAX_M)
+                .min(GEMV_MAX_M),
             lora_rank,
             embed_tokens,
             lm_head,
@@ -464,7 +475,7 @@ impl CudaModel {
         ldy: usize,
     ) -> Result<()> {
         let bias = lin.bias.as_ref().map(|b| b.ptr);
-        linear(gpu, lin.w.ptr, bias, lin.n, lin.k, x, y, m, ldy)
+        linear(gpu, self.gemv_max_m, lin.w.ptr, bias, lin.n, lin.k, x, y, m, ldy)
     }
 
     /// BGMV shrink + expand of one group, added into `y[T, ldy]`.
@@ -480,22 +491,29 @@ impl CudaModel {
         let r = self.lora_rank;
         let nsub = g.targets.len();
         let slots = self.input(self.arena_layout.token_slot);
-        let grid = (t as u32, nsub as u32, r.div_ceil(8) as u32);
-        launch!(
-            gpu,
-            "lora_shrink",
-            cfg(grid, 256),
-            x,
-            g.a.ptr,
-            g.ranks.ptr,
-            g.scales.ptr,
-            slots,
-            self.lora_tmp.ptr,
-            t as i32,
-            g.k as i32,
-            r as i32,
-            self.max_loras as i32
-        )?;
+        // Decode: a block per (token, rank row), its warps splitting K (more parallelism for
+        // few tokens). Prefill: a warp per row (fewer, fuller blocks).
+        let wide = t > kernels::SHRINK_WIDE_MIN_TOKENS;
+        let grid = if wide {
+            (t as u32, nsub as u32, r.div_ceil(8) as u32)
+        } else {
+            (t as u32, nsub as u32, r as u32)
+        };
+        let f = if wide { "lora_shrink_wide" } else { "lora_shrink" };
+        let mut b = gpu.stream.launch_builder(gpu.func(f));
+        let (t32, k32, r32, l32) = (t as i32, g.k as i32, r as i32, self.max_loras as i32);
+        b.arg(&x)
+            .arg(&g.a.ptr)
+            .arg(&g.ranks.ptr)
+            .arg(&g.scales.ptr)
+            .arg(&slots)
+            .arg(&self.lora_tmp.ptr)
+            .arg(&t32)
+            .arg(&k32)
+            .arg(&r32)
+            .arg(&l32);
+        // SAFETY: both shrink kernels take these arguments (kernels.rs).
+        unsafe { b.launch(cfg(grid, 256)) }.map_err(|e| cuda_err("launching lora_shrink", e))?;
         let n = g.n();
         let n1 = g.outs[0];
         let n2 = n1 + g.outs.get(1).copied().unwrap_or(0);
@@ -696,6 +714,7 @@ impl CudaModel {
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         linear(
             gpu,
+            self.gemv_max_m,
             lm_head.ptr,
             None,
             c.vocab_size,
@@ -710,8 +729,9 @@ impl CudaModel {
 
 /// `y[m, ldy] (f32) = x[m, k] · W[n, k]ᵀ (+ bias)`: our GEMV for few tokens, cuBLAS for many.
 #[allow(clippy::too_many_arguments)]
-fn linear(
+pub fn linear(
     gpu: &Gpu,
+    gemv_max_m: usize,
     w: CUdeviceptr,
     bias: Option<CUdeviceptr>,
     n: usize,
@@ -721,7 +741,7 @@ fn linear(
     m: usize,
     ldy: usize,
 ) -> Result<()> {
-    if m <= GEMV_MAX_M && k % 8 == 0 {
+    if m <= gemv_max_m && k % 8 == 0 {
         let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
         launch!(
             gpu,
