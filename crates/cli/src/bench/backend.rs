@@ -53,10 +53,14 @@ impl EngineBackend {
         let engine =
             LLMEngine::new(cfg.clone()).with_context(|| format!("loading model {}", cfg.model.display()))?;
         if engine.tokenizer().is_none() {
-            eprintln!(
-                "note: {} has no tokenizer.json: prompts are encoded as Llama byte tokens (BOS, then id 3 + byte)",
-                cfg.model.display()
-            );
+            // Once per process, not per engine.
+            static NOTE: std::sync::Once = std::sync::Once::new();
+            NOTE.call_once(|| {
+                eprintln!(
+                    "note: {} has no tokenizer.json: prompts are encoded as Llama byte tokens (BOS, then id 3 + byte)",
+                    cfg.model.display()
+                )
+            });
         }
         Ok(EngineBackend {
             engine,

@@ -109,6 +109,17 @@ impl Keys<'_> {
         }
     }
 
+    /// Takes an integer key that must be at least 1.
+    fn positive(&mut self, key: &str) -> anyhow::Result<Option<usize>> {
+        match self.take(key, POS)? {
+            Some(0) => bail!(
+                "{}: key {key:?} must be a positive integer, got 0",
+                self.file.display()
+            ),
+            v => Ok(v),
+        }
+    }
+
     fn required<T: DeserializeOwned>(&mut self, key: &str, what: &str, why: &str) -> anyhow::Result<T> {
         self.take(key, what)?
             .with_context(|| format!("{}: missing key {key:?} ({what}); {why}", self.file.display()))
@@ -179,15 +190,15 @@ fn from_map(
     let base_model_path = path(k.required("base_model_path", PATH, "the base model folder")?);
     let dtype: String = k.take("dtype", STR)?.unwrap_or_else(|| "auto".into());
     let enable_lora: Option<bool> = k.take("enable_lora", BOOL)?;
-    let max_loras: Option<usize> = k.take("max_loras", POS)?;
-    let max_lora_rank: Option<usize> = k.take("max_lora_rank", POS)?;
-    let max_cpu_loras: Option<usize> = k.take("max_cpu_loras", POS)?;
+    let max_loras: Option<usize> = k.positive("max_loras")?;
+    let max_lora_rank: Option<usize> = k.positive("max_lora_rank")?;
+    let max_cpu_loras: Option<usize> = k.positive("max_cpu_loras")?;
     let enforce_eager: Option<bool> = k.take("enforce_eager", BOOL)?;
-    let max_model_len: Option<usize> = k.take("max_model_len", POS)?;
+    let max_model_len: Option<usize> = k.positive("max_model_len")?;
     let gpu_memory_utilization: Option<f32> = k.take("gpu_memory_utilization", "a number in (0, 1]")?;
-    let tensor_parallel_size: usize = k.take("tensor_parallel_size", POS)?.unwrap_or(1);
-    let max_num_seqs: Option<usize> = k.take("max_num_seqs", POS)?;
-    let max_num_batched_tokens: Option<usize> = k.take("max_num_batched_tokens", POS)?;
+    let tensor_parallel_size: usize = k.positive("tensor_parallel_size")?.unwrap_or(1);
+    let max_num_seqs: Option<usize> = k.positive("max_num_seqs")?;
+    let max_num_batched_tokens: Option<usize> = k.positive("max_num_batched_tokens")?;
     let load_format: Option<String> = k.take("load_format", STR)?;
     let device: Option<String> = k.take("device", STR)?;
     let random_seed: u64 = k.take("random_seed", INT)?.unwrap_or(0);
@@ -200,7 +211,7 @@ fn from_map(
     let workload_type: Option<String> = k.take("workload_type", STR)?;
     let identical_lora_id: Option<usize> = k.take("identical_lora_id", INT)?;
     let batch_sizes: Option<Vec<usize>> = k.take("batch_sizes", "a list of positive integers")?;
-    let repeat: Option<usize> = k.take("repeat", POS)?;
+    let repeat: Option<usize> = k.positive("repeat")?;
     assert!(
         k.map
             .keys()
@@ -513,6 +524,14 @@ mod tests {
             &ORIGINAL.replace("\"num_tokens\": 128", "\"num_tokens\": 1"),
         );
         assert!(e.contains("at least 2"), "{e}");
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"max_num_seqs\": 256", "\"max_num_seqs\": 0"),
+        );
+        assert!(
+            e.contains("\"max_num_seqs\" must be a positive integer, got 0"),
+            "{e}"
+        );
         let e = err(
             MULTI,
             &ORIGINAL.replace("\"enable_lora\": true", "\"enable_lora\": false"),

@@ -13,14 +13,66 @@ const MARGIN_R: f64 = 16.0;
 const MARGIN_T: f64 = 64.0;
 const MARGIN_B: f64 = 86.0;
 
-/// Line colour and dash of a series (by workload name; `none` is no-LoRA).
-fn style(workload: &str) -> (&'static str, &'static str) {
+#[derive(Clone, Copy)]
+enum Marker {
+    Circle,
+    Square,
+    Triangle,
+    Diamond,
+}
+
+/// Colour, dash and marker of a series (by workload name; `none` is no-LoRA). Dashes and
+/// markers differ too, so series that coincide (as LoRA workloads often do) stay apart.
+fn style(workload: &str) -> (&'static str, &'static str, Marker) {
     match workload {
-        "none" => ("#444444", "6,4"),
-        "distinct" => ("#1f77b4", ""),
-        "uniform" => ("#ff7f0e", ""),
-        "identical" => ("#2ca02c", ""),
-        _ => ("#9467bd", ""),
+        "none" => ("#444444", "6,4", Marker::Circle),
+        "distinct" => ("#1f77b4", "", Marker::Square),
+        "uniform" => ("#ff7f0e", "9,3", Marker::Triangle),
+        "identical" => ("#2ca02c", "2,3", Marker::Diamond),
+        _ => ("#9467bd", "", Marker::Circle),
+    }
+}
+
+/// A point marker centred on (x, y), with a tooltip.
+fn marker(m: Marker, x: f64, y: f64, color: &str, tooltip: &str) -> String {
+    let r = 3.5;
+    let shape = match m {
+        Marker::Circle => format!(r#"<circle cx="{x:.1}" cy="{y:.1}" r="{r}""#),
+        Marker::Square => format!(
+            r#"<rect x="{:.1}" y="{:.1}" width="{}" height="{}""#,
+            x - r,
+            y - r,
+            2.0 * r,
+            2.0 * r
+        ),
+        Marker::Triangle => format!(
+            r#"<polygon points="{x:.1},{:.1} {:.1},{:.1} {:.1},{:.1}""#,
+            y - r - 1.0,
+            x - r - 0.5,
+            y + r,
+            x + r + 0.5,
+            y + r
+        ),
+        Marker::Diamond => format!(
+            r#"<polygon points="{x:.1},{:.1} {:.1},{y:.1} {x:.1},{:.1} {:.1},{y:.1}""#,
+            y - r - 0.5,
+            x + r + 0.5,
+            y + r + 0.5,
+            x - r - 0.5
+        ),
+    };
+    format!(
+        r#"{shape} fill="{color}"><title>{}</title></{}>"#,
+        escape(tooltip),
+        tag(m)
+    )
+}
+
+fn tag(m: Marker) -> &'static str {
+    match m {
+        Marker::Circle => "circle",
+        Marker::Square => "rect",
+        Marker::Triangle | Marker::Diamond => "polygon",
     }
 }
 
@@ -32,16 +84,17 @@ fn label(workload: &str) -> String {
     }
 }
 
-/// Rounds up to 1, 2 or 5 × 10^k.
-fn nice_ceil(v: f64) -> f64 {
-    if v <= 0.0 || !v.is_finite() {
+/// A round tick step (1, 2, 2.5 or 5 × 10^k) that covers `max` in at most 5 steps.
+fn tick_step(max: f64) -> f64 {
+    if max <= 0.0 || !max.is_finite() {
         return 1.0;
     }
-    let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    let raw = max / 5.0;
+    let p = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0]
         .into_iter()
         .map(|m| m * p)
-        .find(|&x| x >= v)
+        .find(|&x| x >= raw)
         .unwrap_or(10.0 * p)
 }
 
@@ -94,7 +147,10 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
             PANEL_H - MARGIN_T - MARGIN_B + 40.0,
         );
         let y0 = MARGIN_T;
-        let ymax = nice_ceil(rows.iter().map(|r| stat(r).max).fold(0.0, f64::max) * 1.05);
+        let data_max = rows.iter().map(|r| stat(r).max).fold(0.0, f64::max);
+        let step = tick_step(data_max);
+        let num_ticks = (data_max / step).ceil().max(1.0) as usize;
+        let ymax = step * num_ticks as f64;
         let px = |b: usize| {
             if hi > lo {
                 x0 + ((b as f64).log2() - lo) / (hi - lo) * w
@@ -113,8 +169,8 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
             s,
             r##"<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>"##
         );
-        for i in 0..=4 {
-            let v = ymax * i as f64 / 4.0;
+        for i in 0..=num_ticks {
+            let v = step * i as f64;
             let y = py(v);
             let _ = writeln!(
                 s,
@@ -140,7 +196,7 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
             y0 + h + 34.0
         );
         for &ser in &series {
-            let (color, dash) = style(ser);
+            let (color, dash, shape) = style(ser);
             let pts: Vec<(usize, &Stats)> = rows
                 .iter()
                 .filter(|r| r.workload == ser)
@@ -167,13 +223,8 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
                         py(st.max)
                     );
                 }
-                let _ = writeln!(
-                    s,
-                    r#"<circle cx="{x:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} batch {b}: {:.3} ms</title></circle>"#,
-                    py(st.mean),
-                    label(ser),
-                    st.mean
-                );
+                let tip = format!("{} batch {b}: {:.3} ms", label(ser), st.mean);
+                let _ = writeln!(s, "{}", marker(shape, x, py(st.mean), color, &tip));
             }
         }
     }
@@ -181,13 +232,14 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
     let mut x = MARGIN_L;
     let y = height - 14.0;
     for &ser in &series {
-        let (color, dash) = style(ser);
+        let (color, dash, shape) = style(ser);
         let _ = writeln!(
             s,
-            r#"<line x1="{x}" y1="{}" x2="{}" y2="{}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/><text x="{}" y="{y}">{}</text>"#,
+            r#"<line x1="{x}" y1="{}" x2="{}" y2="{}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>{}<text x="{}" y="{y}">{}</text>"#,
             y - 4.0,
             x + 24.0,
             y - 4.0,
+            marker(shape, x + 12.0, y - 4.0, color, &label(ser)),
             x + 30.0,
             label(ser)
         );
@@ -198,13 +250,9 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
 }
 
 fn fmt_tick(v: f64) -> String {
-    if v >= 100.0 || v == 0.0 {
-        format!("{v:.0}")
-    } else if v >= 1.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.3}")
-    }
+    // Ticks are multiples of 1, 2, 2.5 or 5 × 10^k: at most two decimals below 1 need showing.
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 #[cfg(test)]
@@ -214,11 +262,15 @@ mod tests {
     use crate::bench::workload::{Series, Workload};
 
     #[test]
-    fn nice_ceil_rounds_up() {
-        assert_eq!(nice_ceil(0.0), 1.0);
-        assert_eq!(nice_ceil(3.2), 5.0);
-        assert_eq!(nice_ceil(12.0), 20.0);
-        assert_eq!(nice_ceil(100.0), 100.0);
+    fn round_ticks() {
+        assert_eq!(tick_step(0.0), 1.0);
+        assert_eq!(tick_step(3.2), 1.0);
+        assert_eq!(tick_step(12.0), 2.5);
+        assert_eq!(tick_step(100.0), 20.0);
+        assert_eq!(tick_step(2400.0), 500.0);
+        assert_eq!(fmt_tick(2.5), "2.5");
+        assert_eq!(fmt_tick(500.0), "500");
+        assert_eq!(fmt_tick(0.25), "0.25");
     }
 
     #[test]
@@ -232,7 +284,8 @@ mod tests {
         let s = svg(&rows, "demo <cpu>");
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert_eq!(s.matches("<polyline").count(), 2 * 3);
-        assert_eq!(s.matches("<circle").count(), 4 * 3);
+        // A marker per point and per legend entry.
+        assert_eq!(s.matches("<title>").count(), 4 * 3 + 2);
         assert!(s.contains("demo &lt;cpu&gt;"));
         assert!(s.contains("no LoRA") && s.contains("LoRA distinct"));
     }

@@ -29,10 +29,16 @@ pub fn utc(t: SystemTime) -> (String, String) {
     )
 }
 
-/// `git rev-parse HEAD` of the source tree this binary was built from (plus whether it had
-/// uncommitted changes), or `"unknown"` where git or the tree is not there.
+/// `git rev-parse HEAD` of the source tree this binary was built from, else of the working
+/// directory (a copy of the tree moved to another machine), plus whether it had uncommitted
+/// changes; `"unknown"` where neither is a git checkout.
 pub fn git_revision() -> (String, Option<bool>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = if built_from.exists() {
+        built_from
+    } else {
+        Path::new(".")
+    };
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .arg("-C")
