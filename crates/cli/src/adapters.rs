@@ -1,7 +1,7 @@
 //! `multilora adapters synth`: PEFT adapters that fit a base model, for benchmarks over many
 //! distinct adapters without downloads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -73,14 +73,17 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     for i in 0..a.num {
         let name = format!("{}-{i:03}", a.prefix);
         let dir = a.out.join(&name);
-        if !dir.exists() {
-            let spec = SynthSpec {
-                rank: a.rank,
-                lora_alpha: a.lora_alpha.unwrap_or(2.0 * a.rank as f32),
-                targets: targets.clone(),
-                use_rslora: a.use_rslora,
-                seed: a.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
-            };
+        let spec = SynthSpec {
+            rank: a.rank,
+            lora_alpha: a.lora_alpha.unwrap_or(2.0 * a.rank as f32),
+            targets: targets.clone(),
+            use_rslora: a.use_rslora,
+            seed: a.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+        };
+        if dir.exists() {
+            // Kept, so a rerun is cheap, but only if it is what this run would write.
+            check_existing(&dir, &spec)?;
+        } else {
             synth_adapter(&dir, &cfg, &base.to_string_lossy(), &spec)?;
         }
         entries.push(serde_json::json!({"name": name}));
@@ -102,4 +105,41 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         json_path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// An adapter folder left by an earlier run must have this run's rank, alpha and targets;
+/// otherwise the `adapters.json` group would list adapters of another shape.
+fn check_existing(dir: &Path, spec: &SynthSpec) -> anyhow::Result<()> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} exists but is not an adapter; remove it or choose another --out or --prefix",
+            dir.display()
+        )
+    })?;
+    let c: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let mut want: Vec<&str> = spec.targets.iter().map(|t| t.name()).collect();
+    want.sort_unstable();
+    let mut have: Vec<&str> = c["target_modules"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|t| t.as_str()).collect())
+        .unwrap_or_default();
+    have.sort_unstable();
+    let same = c["r"].as_u64() == Some(spec.rank as u64)
+        && c["lora_alpha"].as_f64() == Some(f64::from(spec.lora_alpha))
+        && have == want;
+    if !same {
+        bail!(
+            "{} already holds an adapter with r {}, lora_alpha {}, target_modules {}; this run asks for r {}, lora_alpha {}, {:?}: remove it or choose another --out or --prefix",
+            dir.display(),
+            c["r"],
+            c["lora_alpha"],
+            c["target_modules"],
+            spec.rank,
+            spec.lora_alpha,
+            want
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,81 @@
+//! `multilora adapters synth` through the binary: adapters that fit a `config.json`-only base
+//! model and load in the engine, the matching `adapters.json` group, and reruns that never
+//! mix adapters of different shapes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::{ensure, Result};
+use multilora_engine::lora::adapter::LoraAdapter;
+use multilora_engine::ModelConfig;
+use serde_json::Value;
+
+fn synth(dir: &Path, args: &[&str]) -> Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["adapters", "synth", "--model", "model", "--out", "loras"])
+        .args(args)
+        .current_dir(dir)
+        .output()?)
+}
+
+#[test]
+fn synth_writes_loadable_adapters_and_their_group() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    std::fs::create_dir(d.join("model"))?;
+    std::fs::write(
+        d.join("model/config.json"),
+        multilora_engine::demo::demo_config_json().to_string(),
+    )?;
+    let out = synth(
+        d,
+        &[
+            "--num",
+            "3",
+            "--rank",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj,down_proj",
+        ],
+    )?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let cfg = ModelConfig::from_dir(&d.join("model"))?;
+    for i in 0..3 {
+        let name = format!("lora-{i:03}");
+        let a = LoraAdapter::load(&name, &d.join("loras").join(&name), &cfg, 16)?;
+        ensure!(a.rank == 4, "rank {}", a.rank);
+        ensure!(a.targets().len() == 3, "{:?}", a.targets());
+        let c: Value = serde_json::from_str(&std::fs::read_to_string(
+            d.join("loras").join(&name).join("adapter_config.json"),
+        )?)?;
+        ensure!(c["lora_alpha"] == 8.0 && c["peft_type"] == "LORA", "{c}");
+    }
+    let groups: Value = serde_json::from_str(&std::fs::read_to_string(d.join("loras/adapters.json"))?)?;
+    ensure!(
+        groups[0]["rank"] == 4 && groups[0]["adapters"].as_array().map(Vec::len) == Some(3),
+        "{groups}"
+    );
+    ensure!(groups[0]["adapters"][2]["name"] == "lora-002");
+
+    // Another rank under another prefix adds a group beside the first.
+    let out = synth(d, &["--num", "2", "--rank", "8", "--prefix", "r8"])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let groups: Value = serde_json::from_str(&std::fs::read_to_string(d.join("loras/adapters.json"))?)?;
+    let ranks: Vec<u64> = groups
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["rank"].as_u64())
+        .collect();
+    ensure!(ranks == [4, 8], "{ranks:?}");
+
+    // The same names with another rank would list rank-4 folders as rank 8: refused.
+    let out = synth(d, &["--num", "3", "--rank", "8"])?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && e.contains("lora-000 already holds an adapter with r 4"),
+        "{e}"
+    );
+    Ok(())
+}
