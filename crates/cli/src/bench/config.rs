@@ -126,6 +126,9 @@ impl Keys<'_> {
     }
 }
 
+/// vLLM's `dtype` values that this engine accepts.
+const DTYPES: [&str; 6] = ["auto", "float32", "float16", "bfloat16", "half", "float"];
+
 const INT: &str = "a non-negative integer";
 const POS: &str = "a positive integer";
 const BOOL: &str = "true or false";
@@ -189,6 +192,13 @@ fn from_map(
 
     let base_model_path = path(k.required("base_model_path", PATH, "the base model folder")?);
     let dtype: String = k.take("dtype", STR)?.unwrap_or_else(|| "auto".into());
+    if !DTYPES.contains(&dtype.as_str()) {
+        bail!(
+            "{}: key \"dtype\" must be one of {}, got {dtype:?}",
+            file.display(),
+            DTYPES.join(", ")
+        );
+    }
     let enable_lora: Option<bool> = k.take("enable_lora", BOOL)?;
     let max_loras: Option<usize> = k.positive("max_loras")?;
     let max_lora_rank: Option<usize> = k.positive("max_lora_rank")?;
@@ -323,9 +333,11 @@ fn from_map(
             )?),
         ),
     };
-    let report_dir = match args.report_dir.clone().or(report_dir) {
-        Some(p) => path(p),
-        None => PathBuf::from("reports"),
+    // A flag is the working directory's; only the file's value may fall back to its folder.
+    let report_dir = match (args.report_dir.clone(), report_dir) {
+        (Some(p), _) => p,
+        (None, Some(p)) => path(p),
+        (None, None) => PathBuf::from("reports"),
     };
 
     Ok(BenchConfig {
@@ -530,6 +542,11 @@ mod tests {
         );
         assert!(
             e.contains("\"max_num_seqs\" must be a positive integer, got 0"),
+            "{e}"
+        );
+        let e = err(MULTI, &ORIGINAL.replace("\"float16\"", "\"fp8\""));
+        assert!(
+            e.contains("\"dtype\" must be one of") && e.contains("\"fp8\""),
             "{e}"
         );
         let e = err(

@@ -75,6 +75,22 @@ pub fn render(rows: &[SummaryRow]) -> String {
         last_mode = r.workload;
         line(&mut out, cells);
     }
+    // Spread this large says more about the machine than about the engine.
+    let noisy = rows
+        .iter()
+        .filter(|r| {
+            r.decode_latency_ms
+                .stdev
+                .is_some_and(|sd| sd > 0.1 * r.decode_latency_ms.mean)
+        })
+        .count();
+    if noisy > 0 {
+        let _ = writeln!(
+            out,
+            "\n{noisy} of {} points vary by more than 10% (decode stdev / mean) between repeats: the machine was busy, or the runs are short; compare medians in summary.csv, or raise --repeat and --num-tokens.",
+            rows.len()
+        );
+    }
     let noted: Vec<&SummaryRow> = rows.iter().filter(|r| !r.notes.is_empty()).collect();
     if !noted.is_empty() {
         out.push_str("\nnotes:\n");
@@ -111,5 +127,6 @@ mod tests {
             lines[4].contains("6.00 ±1.41") && lines[4].ends_with("+50.0%"),
             "{t}"
         );
+        assert!(t.contains("1 of 2 points vary by more than 10%"), "{t}");
     }
 }
