@@ -5,9 +5,12 @@
 //! (which `.ci/run` creates), then `python3`. Where none has it the test says so and passes,
 //! unless `MULTILORA_REQUIRE_OPENAI=1` (set by `.ci/run`), where it fails.
 
-use std::io::{BufRead, BufReader};
+mod server_process;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use server_process::ServerProcess;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -28,16 +31,6 @@ fn python_with_openai() -> Option<PathBuf> {
     })
 }
 
-/// Kills the server if the test fails before stopping it.
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn openai_python_client_against_multilora_serve() -> TestResult {
     let Some(python) = python_with_openai() else {
@@ -50,39 +43,29 @@ fn openai_python_client_against_multilora_serve() -> TestResult {
     let demo = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-openai-demo");
     multilora_engine::demo::ensure_demo(&demo, 0)?;
     let adapter = demo.join("adapters/demo-r8-000");
-    let child = Command::new(env!("CARGO_BIN_EXE_multilora"))
-        .arg("serve")
-        .arg(demo.join("model"))
-        .args([
+    let sql = format!("sql={}", adapter.display());
+    let chat = format!("chat={}", demo.join("adapters/demo-r16-000").display());
+    let model = demo.join("model");
+    let server = ServerProcess::start(
+        &demo,
+        &[
+            &model.to_string_lossy(),
             "--served-model-name",
             "demo",
-            "--port",
-            "0",
             "--api-key",
             "test-key",
-        ])
-        .args([
             "--max-model-len",
             "512",
             "--max-loras",
             "2",
             "--shutdown-timeout",
             "5",
-        ])
-        .arg("--lora-modules")
-        .arg(format!("sql={}", adapter.display()))
-        .arg(format!("chat={}", demo.join("adapters/demo-r16-000").display()))
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut server = ServerProcess(child);
-    let stderr = server.0.stderr.take().ok_or("no stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().ok_or("the server exited before listening")??;
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().ok_or("no address")?.to_string();
-        }
-    };
+            "--lora-modules",
+            &sql,
+            &chat,
+        ],
+    )?;
+    let addr = &server.addr;
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
         .args([&format!("http://{addr}/v1"), "test-key", "demo", "sql"])
@@ -95,12 +78,7 @@ fn openai_python_client_against_multilora_serve() -> TestResult {
     );
 
     // SIGTERM: a clean stop with exit code 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status()?;
-    assert!(status.success());
-    let exit = server.0.wait()?;
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let (exit, rest) = server.terminate()?;
     assert!(exit.success(), "exit {exit:?}: {rest:?}");
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
     Ok(())

@@ -1,6 +1,7 @@
 //! The HTTP surface: shared state, the router, the API-key check on `/v1`, our JSON extractor
 //! (so malformed bodies get OpenAI's error format too), and the small endpoints: `/health`,
 //! `/metrics`, `/v1/models`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`.
+//! The API key guards every route but `/health` and `/metrics`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -123,6 +124,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/load_lora_adapter", post(load_lora_adapter))
         .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
+        .route("/tokenize", post(generate::tokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/health", get(health))

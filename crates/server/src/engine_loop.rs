@@ -357,10 +357,16 @@ impl EngineLoop {
         let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
         metrics.num_steps += 1;
         for out in outputs {
-            let Some(live) = self.live.get_mut(&out.request_id) else {
+            let Some(token_id) = out.token_id else {
+                // Ended without a token: the engine could not reload its adapter.
+                if let Some(live) = self.live.remove(&out.request_id) {
+                    let msg = "the request's adapter could not be loaded; see the server log";
+                    let _ = live.events.send(TokenEvent::Failed(msg.into()));
+                    metrics.count_finish("abort");
+                }
                 continue;
             };
-            let Some(token_id) = out.token_id else {
+            let Some(live) = self.live.get_mut(&out.request_id) else {
                 continue;
             };
             let now = out.metrics.last_token_time.unwrap_or_else(Instant::now);

@@ -21,7 +21,7 @@ use crate::app::{ApiJson, AppState};
 use crate::detokenize::Detokenizer;
 use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
-use crate::protocol::{normalize_messages, ChatRequest, CompletionRequest, Output, Prompt};
+use crate::protocol::{normalize_messages, ChatRequest, CompletionRequest, Output, Prompt, TokenizeRequest};
 
 /// vLLM's default `max_tokens` for `/v1/completions` (OpenAI's too).
 const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
@@ -81,6 +81,21 @@ pub async fn chat_completions(
         .max(1);
     let (params, output) = req.sampling.resolve(default_max_tokens)?;
     run(st, Api::Chat, req.model, prompt_token_ids, params, lora, output).await
+}
+
+/// vLLM's `/tokenize`: how a prompt tokenizes, so clients (the benchmark) can check lengths.
+pub async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<TokenizeRequest>,
+) -> ApiResult<Response> {
+    st.resolve_model(&req.model)?;
+    let tokens = encode(&st, &req.prompt, req.add_special_tokens)?;
+    Ok(axum::Json(json!({
+        "count": tokens.len(),
+        "max_model_len": st.engine.info.max_model_len,
+        "tokens": tokens,
+    }))
+    .into_response())
 }
 
 fn encode(st: &AppState, text: &str, add_special_tokens: bool) -> ApiResult<Vec<u32>> {

@@ -150,6 +150,13 @@ impl Server {
                 state.engine.send(Command::AbortAll);
             });
         };
+        // Token events are small writes: without TCP_NODELAY, Nagle's algorithm and delayed
+        // ACKs hold them for ~40 ms and streamed latencies become meaningless.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!("TCP_NODELAY: {e}");
+            }
+        });
         axum::serve(listener, self.router())
             .with_graceful_shutdown(signal)
             .await

@@ -124,6 +124,15 @@ pub struct ChatRequest {
     pub sampling: Sampling,
 }
 
+/// vLLM's `/tokenize` body (prompt form).
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: String,
+    pub prompt: String,
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+}
+
 fn yes() -> bool {
     true
 }

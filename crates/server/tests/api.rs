@@ -65,6 +65,17 @@ async fn completion_and_chat_bodies() -> TestResult {
     assert_eq!(v["usage"]["completion_tokens"], 5);
     assert!(v["usage"]["prompt_tokens"].as_u64().is_some_and(|n| n > 0));
 
+    // vLLM's /tokenize agrees with the usage of a completion.
+    let (status, text) = send(
+        &app,
+        post_json("/tokenize", &json!({"model": MODEL, "prompt": "Hello there"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let t: Value = serde_json::from_str(&text)?;
+    assert_eq!(t["count"], v["usage"]["prompt_tokens"]);
+    assert_eq!(t["max_model_len"], 256);
+
     // Token-id prompts work too, and greedy decoding is deterministic.
     let body = json!({"model": MODEL, "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0,
                       "ignore_eos": true});

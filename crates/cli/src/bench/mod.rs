@@ -20,11 +20,13 @@ use crate::engine_args::EngineArgs;
 mod backend;
 mod config;
 mod inputs;
+mod openai;
 mod plan;
 mod plot;
 mod records;
 mod report;
 mod run_info;
+mod serving;
 mod summary;
 mod table;
 mod workload;
@@ -41,6 +43,9 @@ pub enum Command {
     /// LoRA workloads, after a no-LoRA baseline on the same prompts file (the original's
     /// multilora_inference.py, and no_lora.py before it).
     MultiLora(MultiLoraArgs),
+    /// Load on an OpenAI-compatible server: Poisson or closed-loop arrivals over many
+    /// adapters; throughput, TTFT/TPOT/ITL percentiles, goodput.
+    Serving(Box<serving::ServingArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,6 +82,9 @@ pub struct CommonArgs {
     /// Engine overrides; --seed sets random_seed (workloads) and the engine seed.
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// `--backend openai --base-url URL`: the same runs against a server.
+    #[command(flatten)]
+    pub client: openai::BackendArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -105,12 +113,19 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let (args, lora) = match &cmd {
         Command::NoLora(a) => (a, None),
         Command::MultiLora(m) => (&m.common, Some(&m.lora)),
+        Command::Serving(_) => {
+            let Command::Serving(s) = cmd else { unreachable!() };
+            return serving::run(*s);
+        }
     };
+    let is_client = args.client.backend == openai::BackendKind::Openai;
     let mode = if lora.is_some() { "multi-lora" } else { "no-lora" };
     let started = SystemTime::now();
     let clock = Instant::now();
     let cfg = config::load(args, lora)?;
-    ensure_demo(&cfg)?;
+    if !is_client {
+        ensure_demo(&cfg)?;
+    }
 
     let prompts = match &cfg.no_lora_prompts_path {
         Some(p) => Some(inputs::read_prompts(p)?),
@@ -160,12 +175,17 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         let mut engine_cfg = cfg.engine.clone();
         engine_cfg.enable_lora = enable_lora;
         bar.set_message(format!("loading {}", cfg.base_model_path.display()));
-        let mut backend = EngineBackend::open(&engine_cfg)?;
+        let mut backend: Box<dyn Backend> = if is_client {
+            let fallback = engine_cfg.max_model_len.unwrap_or(usize::MAX);
+            Box::new(openai::OpenAiBackend::connect(&args.client.server, fallback)?)
+        } else {
+            Box::new(EngineBackend::open(&engine_cfg)?)
+        };
         if !checked {
-            plan::check_prompt_lengths(&cfg, &planned, &mut backend)?;
+            plan::check_prompt_lengths(&cfg, &planned, backend.as_mut())?;
             checked = true;
         }
-        points.extend(measure_group(&cfg, &group, &mut backend, &bar)?);
+        points.extend(measure_group(&cfg, &group, backend.as_mut(), &bar)?);
         let key = if enable_lora { "multi-lora" } else { "no-lora" };
         backends.insert(key.into(), backend.describe());
     }
@@ -296,8 +316,13 @@ fn measure(
     let run = backend.run_batch(&p.requests, cfg.num_tokens)?;
     let notes = records::check(&run, p.batch_size, cfg.num_tokens)
         .context("the engine did not run the batch as expected")?;
-    let step_ms: Vec<f64> = run.steps.iter().map(|s| s.latency_ms).collect();
-    let latency = BatchLatency::from_steps(&step_ms, cfg.num_tokens, run.e2e_ms)?;
+    let latency = if run.steps.is_empty() {
+        // A client of a server sees requests, not steps.
+        BatchLatency::from_requests(&run.requests, run.e2e_ms)?
+    } else {
+        let step_ms: Vec<f64> = run.steps.iter().map(|s| s.latency_ms).collect();
+        BatchLatency::from_steps(&step_ms, cfg.num_tokens, run.e2e_ms)?
+    };
     Ok(Measured { run, latency, notes })
 }
 

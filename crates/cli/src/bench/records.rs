@@ -95,6 +95,30 @@ impl BatchLatency {
             num_decode_steps,
         })
     }
+
+    /// What a client of a server can measure, with no steps to see: prefill = the slowest
+    /// request's time to first token (when the whole batch has prefilled), decode = the mean
+    /// over requests of (last token − first token) / (tokens − 1), the mean inter-token
+    /// latency; e2e as measured.
+    pub fn from_requests(requests: &[RequestRecord], e2e_ms: f64) -> anyhow::Result<Self> {
+        let decoding: Vec<&RequestRecord> = requests.iter().filter(|r| r.output_num_tokens > 1).collect();
+        if decoding.is_empty() {
+            bail!("no request produced two tokens or more: no inter-token latency to measure");
+        }
+        let prefill_s = requests.iter().map(|r| r.first_token_time_s).fold(0.0, f64::max);
+        let decode_s = decoding
+            .iter()
+            .map(|r| r.completion_time_s / (r.output_num_tokens - 1) as f64)
+            .sum::<f64>()
+            / decoding.len() as f64;
+        Ok(BatchLatency {
+            prefill_ms: prefill_s * 1e3,
+            decode_ms: decode_s * 1e3,
+            e2e_ms,
+            num_prefill_steps: 0,
+            num_decode_steps: 0,
+        })
+    }
 }
 
 /// Checks that a batch ran the way the original's arithmetic assumes; returns what differs as

@@ -85,16 +85,16 @@ impl Drop for Staging {
 }
 
 /// Rows of CSV text; fields with commas, quotes or newlines are quoted.
-struct Csv(String);
+pub(super) struct Csv(pub(super) String);
 
 impl Csv {
-    fn new(header: &[&str]) -> Csv {
+    pub(super) fn new(header: &[&str]) -> Csv {
         let mut c = Csv(String::new());
         c.row(header.iter().map(|s| s.to_string()));
         c
     }
 
-    fn row(&mut self, fields: impl IntoIterator<Item = String>) {
+    pub(super) fn row(&mut self, fields: impl IntoIterator<Item = String>) {
         for (i, f) in fields.into_iter().enumerate() {
             if i > 0 {
                 self.0.push(',');

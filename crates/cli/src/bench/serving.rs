@@ -1,0 +1,534 @@
+//! `multilora bench serving`: load on an OpenAI-compatible server the way serving is evaluated
+//! (vLLM's `benchmark_serving`, S-LoRA's evaluation): requests arrive as a Poisson process at
+//! `--request-rate` or from `--max-concurrency` closed-loop clients, for `--num-prompts`
+//! requests or `--duration` seconds, each naming one of up to thousands of adapters drawn
+//! uniformly or by a power law (Zipf). Reports throughput, TTFT/TPOT/ITL/e2e percentiles, and
+//! goodput against the given SLOs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Exp, Zipf};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use super::openai::{OpenAiClient, RequestTiming, ServerArgs};
+use super::report::{Csv, Staging};
+use super::{inputs, run_info};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Popularity {
+    Uniform,
+    /// Zipf: adapter k (1-based, in the server's order) with weight 1 / k^alpha.
+    PowerLaw,
+}
+
+#[derive(clap::Args, Debug, Serialize)]
+pub struct ServingArgs {
+    #[command(flatten)]
+    #[serde(skip)]
+    pub server: ServerArgs,
+    /// Prompts, as the original's prompts.json; each request draws one.
+    #[arg(long, default_value = "config/prompts.json")]
+    pub prompts: PathBuf,
+    /// Output tokens per request (min = max, EOS ignored).
+    #[arg(long, default_value_t = 64)]
+    pub num_tokens: usize,
+    /// Poisson arrivals per second (default: all at once, bounded by --max-concurrency).
+    #[arg(long)]
+    pub request_rate: Option<f64>,
+    /// Requests in flight at most (closed loop when no --request-rate).
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// Requests to send (default 200 unless --duration).
+    #[arg(long)]
+    pub num_prompts: Option<usize>,
+    /// Send for this many seconds instead of a request count.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Adapters to use: the first K the server lists (default all; 0 = base model only).
+    #[arg(long)]
+    pub num_adapters: Option<usize>,
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub adapter_popularity: Popularity,
+    /// Exponent of the power law.
+    #[arg(long, default_value_t = 1.0)]
+    pub power_law_alpha: f64,
+    /// SLOs for goodput (requests per second meeting every SLO given).
+    #[arg(long)]
+    pub slo_ttft_ms: Option<f64>,
+    #[arg(long)]
+    pub slo_tpot_ms: Option<f64>,
+    #[arg(long)]
+    pub slo_e2e_ms: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "reports")]
+    pub report_dir: PathBuf,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One request as sent and answered.
+struct Outcome {
+    index: usize,
+    model: String,
+    /// Seconds after the benchmark started.
+    start_s: f64,
+    result: Result<RequestTiming, String>,
+}
+
+/// Percentiles of one latency, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// `None` for no values. Linear interpolation between ranks (numpy's default, as vLLM's
+    /// benchmark reports them).
+    pub fn of(values: &[f64]) -> Option<Percentiles> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            let rank = p / 100.0 * (v.len() - 1) as f64;
+            let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (rank - lo as f64)
+        };
+        Some(Percentiles {
+            count: v.len(),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: at(50.0),
+            p90: at(90.0),
+            p95: at(95.0),
+            p99: at(99.0),
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServingSummary {
+    pub duration_s: f64,
+    pub num_requests: usize,
+    pub num_failed: usize,
+    pub num_adapters_used: usize,
+    pub request_throughput: f64,
+    pub output_token_throughput: f64,
+    pub total_token_throughput: f64,
+    pub ttft_ms: Option<Percentiles>,
+    pub tpot_ms: Option<Percentiles>,
+    pub itl_ms: Option<Percentiles>,
+    pub e2e_ms: Option<Percentiles>,
+    /// Requests per second that met every SLO given; `None` without SLOs.
+    pub goodput: Option<f64>,
+    pub slo_attainment_pct: Option<f64>,
+}
+
+pub fn run(args: ServingArgs) -> anyhow::Result<ExitCode> {
+    check_args(&args)?;
+    let prompts = inputs::read_prompts(&args.prompts)?;
+    if prompts.is_empty() {
+        bail!("{}: no prompts", args.prompts.display());
+    }
+    let started = SystemTime::now();
+    let (start_time, stamp) = run_info::utc(started);
+    let staging = Staging::create(&args.report_dir, &format!("serving-{stamp}"), false)?;
+    let client = OpenAiClient::new(&args.server)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let models = runtime.block_on(client.models())?;
+    let base = OpenAiClient::base_model(&models, args.server.model.as_deref())?;
+    let mut adapters = OpenAiClient::adapter_names(&models);
+    if let Some(k) = args.num_adapters {
+        if k > adapters.len() {
+            bail!(
+                "--num-adapters {k}: the server lists {} adapters (load more with --lora-modules or /v1/load_lora_adapter)",
+                adapters.len()
+            );
+        }
+        adapters.truncate(k);
+    }
+    eprintln!(
+        "serving benchmark: {} at {}, {} adapters ({}), {}",
+        base,
+        args.server.base_url,
+        adapters.len(),
+        match args.adapter_popularity {
+            Popularity::Uniform => "uniform".to_string(),
+            Popularity::PowerLaw => format!("power law, alpha {}", args.power_law_alpha),
+        },
+        match (args.request_rate, args.max_concurrency) {
+            (Some(r), Some(c)) => format!("{r} req/s (Poisson), at most {c} in flight"),
+            (Some(r), None) => format!("{r} req/s (Poisson)"),
+            (None, Some(c)) => format!("{c} concurrent clients"),
+            (None, None) => "all requests at once".into(),
+        }
+    );
+
+    let clock = Instant::now();
+    let outcomes = runtime.block_on(drive(&args, client, &base, &adapters, &prompts))?;
+    let duration_s = clock.elapsed().as_secs_f64();
+    let summary = summarize(&args, &outcomes, duration_s);
+
+    staging.write("requests.csv", &requests_csv(&outcomes))?;
+    staging.write("summary.csv", &summary_csv(&summary))?;
+    let run_json = json!({
+        "tool": "multilora bench serving",
+        "multilora_version": env!("CARGO_PKG_VERSION"),
+        "git_revision": run_info::git_revision().0,
+        "command_line": std::env::args().collect::<Vec<_>>(),
+        "start_time": start_time,
+        "server": {"base_url": args.server.base_url, "model": base, "adapters": adapters.len()},
+        "args": args,
+        "summary": summary,
+    });
+    staging.write("run.json", &(serde_json::to_string_pretty(&run_json)? + "\n"))?;
+    let dest = staging.finish()?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"report_dir": dest, "summary": summary}))?
+        );
+    } else {
+        print!("{}", render(&summary));
+    }
+    eprintln!("report: {}", dest.display());
+    Ok(if summary.num_failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "{} of {} requests failed (see requests.csv)",
+            summary.num_failed, summary.num_requests
+        );
+        ExitCode::FAILURE
+    })
+}
+
+fn check_args(a: &ServingArgs) -> anyhow::Result<()> {
+    if a.num_tokens == 0 {
+        bail!("--num-tokens must be at least 1");
+    }
+    if a.request_rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--request-rate must be a positive number of requests per second");
+    }
+    if a.max_concurrency == Some(0) {
+        bail!("--max-concurrency must be at least 1");
+    }
+    if a.duration.is_some_and(|d| !(d.is_finite() && d > 0.0)) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if a.duration.is_some() && a.num_prompts.is_some() {
+        bail!("give --duration or --num-prompts, not both");
+    }
+    if a.duration.is_some() && a.request_rate.is_none() && a.max_concurrency.is_none() {
+        bail!("--duration needs --request-rate or --max-concurrency (else it would send without bound)");
+    }
+    if a.num_prompts == Some(0) {
+        bail!("--num-prompts must be at least 1");
+    }
+    if !(a.power_law_alpha.is_finite() && a.power_law_alpha > 0.0) {
+        bail!("--power-law-alpha must be a positive number");
+    }
+    Ok(())
+}
+
+/// Sends the requests and waits for all of them.
+async fn drive(
+    args: &ServingArgs,
+    client: OpenAiClient,
+    base: &str,
+    adapters: &[String],
+    prompts: &[String],
+) -> anyhow::Result<Vec<Outcome>> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let zipf = match args.adapter_popularity {
+        Popularity::PowerLaw if !adapters.is_empty() => Some(
+            Zipf::new(adapters.len() as f64, args.power_law_alpha)
+                .map_err(|e| anyhow::anyhow!("power law over {} adapters: {e}", adapters.len()))?,
+        ),
+        _ => None,
+    };
+    let gaps = args
+        .request_rate
+        .map(|r| Exp::new(r).map_err(|e| anyhow::anyhow!("--request-rate {r}: {e}")))
+        .transpose()?;
+    let limit = Arc::new(Semaphore::new(
+        args.max_concurrency.unwrap_or(Semaphore::MAX_PERMITS),
+    ));
+    let num_prompts = args
+        .num_prompts
+        .unwrap_or(if args.duration.is_some() { usize::MAX } else { 200 });
+    let deadline = args.duration.map(Duration::from_secs_f64);
+    let start = Instant::now();
+    let mut next_arrival = start;
+    let mut tasks = Vec::new();
+    for index in 0..num_prompts {
+        if let Some(g) = &gaps {
+            next_arrival += Duration::from_secs_f64(g.sample(&mut rng));
+            tokio::time::sleep_until(next_arrival.into()).await;
+        }
+        if deadline.is_some_and(|d| start.elapsed() >= d) {
+            break;
+        }
+        let permit = limit
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the request limiter closed")?;
+        if deadline.is_some_and(|d| start.elapsed() >= d) {
+            break;
+        }
+        let model = match (&zipf, adapters.len()) {
+            (_, 0) => base.to_string(),
+            (Some(z), n) => adapters[(z.sample(&mut rng) as usize).clamp(1, n) - 1].clone(),
+            (None, n) => adapters[rng.random_range(0..n)].clone(),
+        };
+        let prompt = prompts[rng.random_range(0..prompts.len())].clone();
+        let client = client.clone();
+        let num_tokens = args.num_tokens;
+        let start_s = start.elapsed().as_secs_f64();
+        tasks.push(tokio::spawn(async move {
+            let result = client
+                .complete(&model, &prompt, num_tokens)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            drop(permit);
+            Outcome {
+                index,
+                model,
+                start_s,
+                result,
+            }
+        }));
+    }
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        outcomes.push(t.await.context("a request task panicked")?);
+    }
+    Ok(outcomes)
+}
+
+fn summarize(args: &ServingArgs, outcomes: &[Outcome], duration_s: f64) -> ServingSummary {
+    let ok: Vec<&RequestTiming> = outcomes.iter().filter_map(|o| o.result.as_ref().ok()).collect();
+    let ms = |v: f64| v * 1e3;
+    let ttft: Vec<f64> = ok.iter().filter_map(|t| t.ttft_s()).map(ms).collect();
+    let tpot: Vec<f64> = ok.iter().filter_map(|t| t.tpot_s()).map(ms).collect();
+    let itl: Vec<f64> = ok.iter().flat_map(|t| t.itls_s()).map(ms).collect();
+    let e2e: Vec<f64> = ok.iter().map(|t| ms(t.e2e_s())).collect();
+    let output: usize = ok.iter().map(|t| t.output_tokens).sum();
+    let prompt: usize = ok.iter().map(|t| t.prompt_tokens).sum();
+    let has_slo = args.slo_ttft_ms.is_some() || args.slo_tpot_ms.is_some() || args.slo_e2e_ms.is_some();
+    let meets = |t: &RequestTiming| {
+        let within = |v: Option<f64>, slo: Option<f64>| slo.is_none_or(|s| v.is_some_and(|v| ms(v) <= s));
+        within(t.ttft_s(), args.slo_ttft_ms)
+            && within(t.tpot_s().or(Some(0.0)), args.slo_tpot_ms)
+            && within(Some(t.e2e_s()), args.slo_e2e_ms)
+    };
+    let num_good = ok.iter().filter(|t| meets(t)).count();
+    let mut used: Vec<&str> = outcomes.iter().map(|o| o.model.as_str()).collect();
+    used.sort_unstable();
+    used.dedup();
+    let per_s = |n: f64| if duration_s > 0.0 { n / duration_s } else { 0.0 };
+    ServingSummary {
+        duration_s,
+        num_requests: outcomes.len(),
+        num_failed: outcomes.len() - ok.len(),
+        num_adapters_used: used.len(),
+        request_throughput: per_s(ok.len() as f64),
+        output_token_throughput: per_s(output as f64),
+        total_token_throughput: per_s((output + prompt) as f64),
+        ttft_ms: Percentiles::of(&ttft),
+        tpot_ms: Percentiles::of(&tpot),
+        itl_ms: Percentiles::of(&itl),
+        e2e_ms: Percentiles::of(&e2e),
+        goodput: has_slo.then(|| per_s(num_good as f64)),
+        slo_attainment_pct: (has_slo && !outcomes.is_empty())
+            .then(|| 100.0 * num_good as f64 / outcomes.len() as f64),
+    }
+}
+
+pub const REQUESTS_HEADER: [&str; 11] = [
+    "index",
+    "model",
+    "start_s",
+    "prompt_tokens",
+    "output_tokens",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_mean_ms",
+    "e2e_ms",
+    "finish_reason",
+    "error",
+];
+
+fn requests_csv(outcomes: &[Outcome]) -> String {
+    let mut csv = Csv::new(&REQUESTS_HEADER);
+    let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{:.4}", v * 1e3));
+    for o in outcomes {
+        let mut row = vec![o.index.to_string(), o.model.clone(), format!("{:.6}", o.start_s)];
+        match &o.result {
+            Ok(t) => {
+                let itls: Vec<f64> = t.itls_s().collect();
+                let itl_mean = (!itls.is_empty()).then(|| itls.iter().sum::<f64>() / itls.len() as f64);
+                row.extend([
+                    t.prompt_tokens.to_string(),
+                    t.output_tokens.to_string(),
+                    f(t.ttft_s()),
+                    f(t.tpot_s()),
+                    f(itl_mean),
+                    f(Some(t.e2e_s())),
+                    t.finish_reason.clone(),
+                    String::new(),
+                ]);
+            }
+            Err(e) => {
+                row.extend(std::iter::repeat_n(String::new(), 7));
+                row.push(e.clone());
+            }
+        }
+        csv.row(row);
+    }
+    csv.0
+}
+
+pub const SUMMARY_HEADER: [&str; 8] = ["metric", "count", "mean", "p50", "p90", "p95", "p99", "max"];
+
+fn summary_csv(s: &ServingSummary) -> String {
+    let mut csv = Csv::new(&SUMMARY_HEADER);
+    for (name, p) in [
+        ("ttft_ms", &s.ttft_ms),
+        ("tpot_ms", &s.tpot_ms),
+        ("itl_ms", &s.itl_ms),
+        ("e2e_ms", &s.e2e_ms),
+    ] {
+        if let Some(p) = p {
+            let f = |v: f64| format!("{v:.4}");
+            csv.row([
+                name.to_string(),
+                p.count.to_string(),
+                f(p.mean),
+                f(p.p50),
+                f(p.p90),
+                f(p.p95),
+                f(p.p99),
+                f(p.max),
+            ]);
+        }
+    }
+    let one = |csv: &mut Csv, name: &str, v: f64| {
+        let mut row = vec![name.to_string(), String::new(), format!("{v:.4}")];
+        row.extend(std::iter::repeat_n(String::new(), 5));
+        csv.row(row);
+    };
+    one(&mut csv, "duration_s", s.duration_s);
+    one(&mut csv, "request_throughput", s.request_throughput);
+    one(&mut csv, "output_token_throughput", s.output_token_throughput);
+    one(&mut csv, "total_token_throughput", s.total_token_throughput);
+    if let Some(g) = s.goodput {
+        one(&mut csv, "goodput", g);
+    }
+    csv.0
+}
+
+fn render(s: &ServingSummary) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<34}{v:>14}\n"));
+    line(
+        &mut out,
+        "Successful requests:",
+        format!("{}", s.num_requests - s.num_failed),
+    );
+    line(&mut out, "Failed requests:", format!("{}", s.num_failed));
+    line(&mut out, "Adapters used:", format!("{}", s.num_adapters_used));
+    line(
+        &mut out,
+        "Benchmark duration (s):",
+        format!("{:.2}", s.duration_s),
+    );
+    line(
+        &mut out,
+        "Request throughput (req/s):",
+        format!("{:.2}", s.request_throughput),
+    );
+    line(
+        &mut out,
+        "Output token throughput (tok/s):",
+        format!("{:.2}", s.output_token_throughput),
+    );
+    line(
+        &mut out,
+        "Total token throughput (tok/s):",
+        format!("{:.2}", s.total_token_throughput),
+    );
+    if let (Some(g), Some(a)) = (s.goodput, s.slo_attainment_pct) {
+        line(&mut out, "Goodput (req/s):", format!("{g:.2}"));
+        line(&mut out, "SLO attainment (%):", format!("{a:.1}"));
+    }
+    for (name, p) in [
+        ("TTFT", &s.ttft_ms),
+        ("TPOT", &s.tpot_ms),
+        ("ITL", &s.itl_ms),
+        ("E2E", &s.e2e_ms),
+    ] {
+        if let Some(p) = p {
+            line(
+                &mut out,
+                &format!("{name} mean / p50 (ms):"),
+                format!("{:.2} / {:.2}", p.mean, p.p50),
+            );
+            line(
+                &mut out,
+                &format!("{name} p90 / p99 (ms):"),
+                format!("{:.2} / {:.2}", p.p90, p.p99),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_numpy() {
+        let p = Percentiles::of(&[4.0, 1.0, 3.0, 2.0]).expect("values");
+        assert_eq!(p.p50, 2.5);
+        assert!((p.p90 - 3.7).abs() < 1e-12);
+        assert_eq!(p.max, 4.0);
+        assert_eq!(p.mean, 2.5);
+        assert!(Percentiles::of(&[]).is_none());
+    }
+
+    #[test]
+    fn power_law_favours_the_first_adapters() -> anyhow::Result<()> {
+        let z = Zipf::new(1000.0, 1.0).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut rng = StdRng::seed_from_u64(0);
+        let draws: Vec<usize> = (0..10_000).map(|_| z.sample(&mut rng) as usize).collect();
+        assert!(draws.iter().all(|&k| (1..=1000).contains(&k)));
+        let first_ten = draws.iter().filter(|&&k| k <= 10).count();
+        // Zipf(1) over 1000: P(k <= 10) = H(10) / H(1000) ≈ 0.39.
+        assert!((3_500..4_300).contains(&first_ten), "{first_ten}");
+        Ok(())
+    }
+}

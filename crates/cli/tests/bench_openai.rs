@@ -1,0 +1,168 @@
+//! The benchmark's client mode end to end: `multilora serve` (the real binary, loopback) is
+//! benchmarked by `multilora bench multi-lora --backend openai` with the same config files the
+//! in-process benchmark reads, and by `multilora bench serving`; the report files are checked.
+
+mod server_process;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use server_process::ServerProcess;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const NUM_TOKENS: usize = 5;
+
+fn csv_rows(path: &Path) -> Result<Vec<Vec<String>>, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect())
+}
+
+fn multilora(dir: &Path, args: &[&str]) -> Result<std::process::Output, Box<dyn std::error::Error>> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(args)
+        .current_dir(dir)
+        .output()?)
+}
+
+#[test]
+fn client_mode_benchmarks_multilora_serve() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    multilora_engine::demo::ensure_demo(&dir.join("demo"), 0)?;
+    let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/prompts.json");
+    std::fs::copy(prompts, dir.join("prompts.json"))?;
+    let adapters: Vec<Value> = (0..4)
+        .map(|i| json!({"name": format!("demo-r16-{i:03}")}))
+        .collect();
+    std::fs::write(
+        dir.join("adapters.json"),
+        json!([{"rank": 16, "adapters": adapters}]).to_string(),
+    )?;
+    // One config for the server and the benchmark, relative paths as users write them.
+    std::fs::write(
+        dir.join("common.json"),
+        json!({
+            "base_model_path": "demo/model", "enable_lora": true, "max_loras": 4,
+            "max_lora_rank": 16, "max_cpu_loras": 8, "max_model_len": 128, "max_num_seqs": 8,
+            "random_seed": 0, "no_lora_prompts_path": "prompts.json",
+            "lora_adapters_config_path": "adapters.json", "lora_adapters_path": "demo/adapters",
+            "report_dir": "reports", "num_tokens": NUM_TOKENS, "warmup_num_tokens": 2,
+            "workload_type": "all", "identical_lora_id": 1,
+        })
+        .to_string(),
+    )?;
+    let server = ServerProcess::start(dir, &["--config", "common.json", "--served-model-name", "demo"])?;
+    let base_url = format!("http://{}/v1", server.addr);
+
+    let out = multilora(
+        dir,
+        &[
+            "bench",
+            "multi-lora",
+            "--config",
+            "common.json",
+            "--backend",
+            "openai",
+            "--base-url",
+            &base_url,
+            "--batch-sizes",
+            "1,2,4",
+            "--repeat",
+            "1",
+            "--overwrite",
+            "--json",
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let reports = dir.join("reports");
+    for series in ["no-lora", "distinct", "uniform", "identical"] {
+        let per_batch = csv_rows(&reports.join(series).join("per_batch_latency.csv"))?;
+        assert_eq!(
+            per_batch[0],
+            [
+                "batch_size",
+                "prefill_latency_ms",
+                "decode_latency_ms",
+                "e2e_latency_ms"
+            ]
+        );
+        assert_eq!(per_batch.len(), 4, "{series}: {per_batch:?}");
+        for row in &per_batch[1..] {
+            let v: Vec<f64> = row[1..].iter().map(|x| x.parse()).collect::<Result<_, _>>()?;
+            assert!(v.iter().all(|&x| x > 0.0), "{series}: {row:?}");
+            assert!(
+                v[0] < v[2] && v[1] < v[2],
+                "prefill and decode within e2e: {row:?}"
+            );
+        }
+        let per_request = csv_rows(&reports.join(series).join("per_request_latency-4.csv"))?;
+        assert_eq!(per_request.len(), 5, "{series}: one row per request");
+        for row in &per_request[1..] {
+            assert_eq!(row[0], NUM_TOKENS.to_string(), "{series}: {row:?}");
+            assert_eq!(row[5], "length", "{series}: {row:?}");
+        }
+    }
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(reports.join("run.json"))?)?;
+    assert_eq!(run["backends"]["multi-lora"]["backend"], "openai");
+    // The benchmark loaded the four adapters into the server by name, as vLLM's API takes them.
+    assert_eq!(run["backends"]["multi-lora"]["adapters_loaded_by_benchmark"], 4);
+
+    let out = multilora(
+        dir,
+        &[
+            "bench",
+            "serving",
+            "--base-url",
+            &base_url,
+            "--prompts",
+            "prompts.json",
+            "--num-prompts",
+            "24",
+            "--max-concurrency",
+            "6",
+            "--adapter-popularity",
+            "power-law",
+            "--num-tokens",
+            "6",
+            "--slo-ttft-ms",
+            "60000",
+            "--report-dir",
+            "reports",
+            "--json",
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "serving bench failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let s = &v["summary"];
+    assert_eq!(s["num_requests"], 24, "{s}");
+    assert_eq!(s["num_failed"], 0, "{s}");
+    assert_eq!(s["ttft_ms"]["count"], 24, "{s}");
+    assert_eq!(s["tpot_ms"]["count"], 24, "{s}");
+    assert!(
+        s["num_adapters_used"]
+            .as_u64()
+            .is_some_and(|n| (1..=4).contains(&n)),
+        "{s}"
+    );
+    assert_eq!(s["slo_attainment_pct"], 100.0, "{s}");
+    let report = Path::new(v["report_dir"].as_str().ok_or("report_dir")?);
+    let requests = csv_rows(&dir.join(report).join("requests.csv"))?;
+    assert_eq!(requests.len(), 25);
+    assert!(
+        requests[1..].iter().all(|r| r[4] == "6" && r[10].is_empty()),
+        "{requests:?}"
+    );
+    let summary = csv_rows(&dir.join(report).join("summary.csv"))?;
+    assert!(summary.iter().any(|r| r[0] == "itl_ms"), "{summary:?}");
+
+    let (exit, rest) = server.terminate()?;
+    assert!(exit.success(), "{rest:?}");
+    Ok(())
+}
