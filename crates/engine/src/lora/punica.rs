@@ -25,7 +25,8 @@ pub struct LoraStack {
     pub max_rank: usize,
     /// `[max_loras, max_rank, in_features]`
     pub a: Vec<f32>,
-    /// `[max_loras, out_features, max_rank]`
+    /// `[max_loras, max_rank, out_features]`: B transposed, so expand is a sum of contiguous
+    /// rows (axpy) that vectorizes, rather than one short dot product per output feature.
     pub b: Vec<f32>,
     /// `[max_loras]`; 0 where the slot's adapter does not target this projection.
     pub ranks: Vec<usize>,
@@ -51,7 +52,7 @@ impl LoraStack {
         let s = slot.index();
         let (r_max, i, o) = (self.max_rank, self.in_features, self.out_features);
         let a = &mut self.a[s * r_max * i..(s + 1) * r_max * i];
-        let b = &mut self.b[s * o * r_max..(s + 1) * o * r_max];
+        let b = &mut self.b[s * r_max * o..(s + 1) * r_max * o];
         a.fill(0.0);
         b.fill(0.0);
         match module {
@@ -65,8 +66,11 @@ impl LoraStack {
                     "adapter rank checked against max_lora_rank at load"
                 );
                 a[..m.rank * i].copy_from_slice(&m.a);
-                for (row, src) in b.chunks_exact_mut(r_max).zip(m.b.chunks_exact(m.rank)) {
-                    row[..m.rank].copy_from_slice(src);
+                // m.b is [out, rank]; store it as [rank, out].
+                for (oi, src) in m.b.chunks_exact(m.rank).enumerate() {
+                    for (r, &v) in src.iter().enumerate() {
+                        b[r * o + oi] = v;
+                    }
                 }
                 self.ranks[s] = m.rank;
                 self.scales[s] = m.scale;
@@ -79,8 +83,10 @@ impl LoraStack {
         &self.a[(s * self.max_rank + r) * i..][..i]
     }
 
-    fn b_row(&self, s: usize, o: usize) -> &[f32] {
-        &self.b[(s * self.out_features + o) * self.max_rank..][..self.max_rank]
+    /// Row `r` of slot `s`'s transposed B: `[out_features]`.
+    fn bt_row(&self, s: usize, r: usize) -> &[f32] {
+        let o = self.out_features;
+        &self.b[(s * self.max_rank + r) * o..][..o]
     }
 }
 
@@ -112,7 +118,7 @@ pub fn expand_ref(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y:
         for o in 0..o_n {
             let mut acc = 0.0f32;
             for r in 0..stack.ranks[s] {
-                acc += tmp[t * r_max + r] * stack.b[(s * o_n + o) * r_max + r];
+                acc += tmp[t * r_max + r] * stack.b[(s * r_max + r) * o_n + o];
             }
             y[t * o_n + o] += acc;
         }
@@ -139,7 +145,7 @@ pub fn shrink(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp: &mu
         });
 }
 
-/// Fast expand: tokens in parallel; for each output feature a dot of length `rank`.
+/// Fast expand: tokens in parallel; `y[t] += tmp[t, r] · Bᵀ[s, r]` for each rank row.
 pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mut [f32]) {
     let (o_n, r_max) = (stack.out_features, stack.max_rank);
     let num_tokens = slots.len();
@@ -154,9 +160,10 @@ pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mu
             if rank == 0 {
                 return;
             }
-            let tt = &tt[..rank];
-            for (o, yo) in yt.iter_mut().enumerate() {
-                *yo += dot(tt, &stack.b_row(s, o)[..rank]);
+            for (r, &c) in tt[..rank].iter().enumerate() {
+                for (yo, &bv) in yt.iter_mut().zip(stack.bt_row(s, r)) {
+                    *yo += c * bv;
+                }
             }
         });
 }
