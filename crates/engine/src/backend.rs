@@ -49,6 +49,23 @@ impl StepBatch {
     }
 }
 
+/// What a backend allocates for, resolved once by the engine; every backend reads the same.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    pub num_kv_blocks: usize,
+    /// 0 when LoRA is disabled.
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
+    /// No CUDA graphs (GPU backends).
+    pub enforce_eager: bool,
+    /// Seed of `load_format: dummy` weights where a backend generates them itself.
+    pub seed: u64,
+}
+
 /// A device that holds the weights, the paged KV cache and `max_loras` adapter slots.
 pub trait Backend: Send {
     /// Human-readable device description for reports.

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::backend::{Backend, StepBatch};
+use crate::backend::{Backend, BackendConfig, StepBatch};
 use crate::block_manager::BlockManager;
-use crate::cpu::{CpuBackend, CpuBackendConfig, KvCache};
+use crate::cpu::{CpuBackend, KvCache};
 use crate::error::{Error, Result};
 use crate::lora::manager::{LoraConfig, LoraManager, LoraStats};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
@@ -242,35 +242,20 @@ impl LLMEngine {
             LoadFormat::Auto => WeightSource::open(&config.model)?,
             LoadFormat::Dummy => WeightSource::dummy(config.seed),
         };
+        let bc = BackendConfig {
+            max_num_batched_tokens,
+            max_num_seqs: config.max_num_seqs,
+            max_model_len,
+            block_size: config.block_size,
+            num_kv_blocks,
+            max_loras: lora_cfg.map_or(0, |c| c.max_loras),
+            max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
+            enforce_eager: config.enforce_eager,
+            seed: config.seed,
+        };
         let backend: Box<dyn Backend> = match config.device {
-            Device::Cpu => Box::new(CpuBackend::new(
-                &model_config,
-                &mut weights,
-                &CpuBackendConfig {
-                    max_num_batched_tokens,
-                    max_num_seqs: config.max_num_seqs,
-                    max_model_len,
-                    block_size: config.block_size,
-                    num_kv_blocks,
-                    max_loras: lora_cfg.map_or(0, |c| c.max_loras),
-                    max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
-                },
-            )?),
-            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(
-                &model_config,
-                &mut weights,
-                &crate::cuda::CudaBackendConfig {
-                    max_num_batched_tokens,
-                    max_num_seqs: config.max_num_seqs,
-                    max_model_len,
-                    block_size: config.block_size,
-                    num_kv_blocks,
-                    max_loras: lora_cfg.map_or(0, |c| c.max_loras),
-                    max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
-                    enforce_eager: config.enforce_eager,
-                    seed: config.seed,
-                },
-            )?),
+            Device::Cpu => Box::new(CpuBackend::new(&model_config, &mut weights, &bc)?),
+            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(&model_config, &mut weights, &bc)?),
         };
         drop(weights);
 

@@ -4,7 +4,7 @@
 
 pub mod ops;
 
-use crate::backend::{Backend, StepBatch};
+use crate::backend::{Backend, BackendConfig, StepBatch};
 use crate::error::Result;
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::punica::LoraStack;
@@ -61,19 +61,6 @@ impl Workspace {
     }
 }
 
-/// Sizes the CPU backend allocates for.
-#[derive(Debug, Clone)]
-pub struct CpuBackendConfig {
-    pub max_num_batched_tokens: usize,
-    pub max_num_seqs: usize,
-    pub max_model_len: usize,
-    pub block_size: usize,
-    pub num_kv_blocks: usize,
-    /// 0 when LoRA is disabled.
-    pub max_loras: usize,
-    pub max_lora_rank: usize,
-}
-
 pub struct CpuBackend {
     model: Llama,
     kv: KvCache,
@@ -83,7 +70,7 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &CpuBackendConfig) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &BackendConfig) -> Result<Self> {
         let model = Llama::load(weights, cfg, bc.max_model_len)?;
         let slots = bc.num_kv_blocks * bc.block_size * cfg.kv_size();
         let kv = KvCache {

@@ -32,22 +32,6 @@ pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
     2 * cfg.num_hidden_layers * block_size * cfg.kv_size() * 2
 }
 
-/// Sizes the CUDA backend allocates for.
-#[derive(Debug, Clone)]
-pub struct CudaBackendConfig {
-    pub max_num_batched_tokens: usize,
-    pub max_num_seqs: usize,
-    pub max_model_len: usize,
-    pub block_size: usize,
-    pub num_kv_blocks: usize,
-    /// 0 when LoRA is disabled.
-    pub max_loras: usize,
-    pub max_lora_rank: usize,
-    pub enforce_eager: bool,
-    /// Seed of `load_format: dummy` weights (generated on the device).
-    pub seed: u64,
-}
-
 /// A captured decode step. The backend (and so its graphs) moves between threads but is used
 /// by one at a time; the graph's launch binds the context to the calling thread.
 struct Graph(CudaGraph);
@@ -70,7 +54,11 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &CudaBackendConfig) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        weights: &mut WeightSource,
+        bc: &crate::backend::BackendConfig,
+    ) -> Result<Self> {
         let gpu = Gpu::new(0)?;
         let model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
         gpu.sync()?;

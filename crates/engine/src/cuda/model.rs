@@ -9,7 +9,7 @@ use half::bf16;
 
 use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
 use super::kernels::{self, GEMV_MAX_M, GEMV_ROWS_PER_BLOCK, MAX_HEAD_DIM};
-use super::CudaBackendConfig;
+use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
 use crate::error::{Error, Result};
@@ -220,7 +220,7 @@ impl CudaModel {
         gpu: &Gpu,
         cfg: &ModelConfig,
         weights: &mut WeightSource,
-        bc: &CudaBackendConfig,
+        bc: &BackendConfig,
         seed: u64,
     ) -> Result<Self> {
         let (h, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
