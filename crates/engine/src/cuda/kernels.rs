@@ -4,7 +4,8 @@
 //! a `unsigned short` converted with bit shifts (round to nearest even). Weights and the KV
 //! cache are bf16; every accumulation, the residual stream and projection outputs are f32.
 
-pub const SOURCE: &str = r#"
+/// Types and helpers every module starts with.
+pub const PRELUDE: &str = r#"
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -55,6 +56,30 @@ __device__ float block_sum(float v) {
     return s;
 }
 
+"#;
+
+/// One NVRTC compilation unit: [`PRELUDE`] + `body`, and the kernels loaded from it.
+pub struct Module {
+    pub name: &'static str,
+    pub body: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+impl Module {
+    pub fn source(&self) -> String {
+        format!("{PRELUDE}{}", self.body)
+    }
+}
+
+/// Every module the backend compiles and loads at start-up.
+pub const MODULES: &[Module] = &[Module {
+    name: "core",
+    body: CORE,
+    kernels: CORE_NAMES,
+}];
+
+/// Weight fills, embedding, norms, RoPE, attention, activations, GEMV, BGMV LoRA, argmax.
+const CORE: &str = r#"
 // Seeded uniform values in [-bound, bound) for load_format=dummy: a splitmix64 hash of the
 // element index, so weights are generated on the device in one pass.
 extern "C" __global__ void fill_uniform_bf16(bf16_t* out, u64 n, u64 seed, float bound) {
@@ -410,8 +435,8 @@ extern "C" __global__ void argmax_rows(const float* logits, int V, u32* ids) {
 }
 "#;
 
-/// Kernel names loaded from [`SOURCE`].
-pub const NAMES: &[&str] = &[
+/// Kernel names of [`CORE`].
+const CORE_NAMES: &[&str] = &[
     "fill_uniform_bf16",
     "fill_bf16",
     "embed",
