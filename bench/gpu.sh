@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU").
-#   bench/gpu.sh [check] [micro] [bench] [sweep] [mlbench] [peer]    default: check micro bench peer
+#   bench/gpu.sh [check] [micro] [bench] [sweep] [profile] [mlbench] [peer]    default: check micro bench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench.
 # Writes logs and results under $OUT.
 set -uo pipefail
@@ -17,27 +17,35 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 for s in $steps; do case $s in
 check)
   echo "== CUDA backend vs golden fixtures (bf16 tolerance) and graphs vs eager"
-  "$BIN/cuda_test" --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
+  timeout ${CHECK_TIMEOUT:-240} "$BIN/cuda_test" --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
   echo "== greedy tokens vs transformers+PEFT on this GPU (mixed-adapter batch)"
   python3 scripts/gpu_check_peft.py make "$WORK/peft" > "$OUT/peft.log" 2>&1 || tail -20 "$OUT/peft.log"
   "$BIN/peft_check" "$WORK/peft/requests.json" "$WORK/peft/ours.json" 2>&1 | tee -a "$OUT/peft.log"
   python3 scripts/gpu_check_peft.py compare "$WORK/peft" 2>&1 | tee -a "$OUT/peft.log"
   ;;
 micro)
-  echo "== our GEMV vs cuBLAS over the 7B projections, by token count"
+  echo "== skinny GEMM vs cuBLAS over the 7B projections, by token count"
   "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null --micro 2>&1 | tee "$OUT/micro.log"
   ;;
 bench)
   echo "== multilora on Llama-2-7B shape (dummy bf16), 32 rank-16 adapters on q,k,v,o"
-  "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  timeout 300 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   echo "== the same, eager (no CUDA graphs), batch 1 and 32"
   "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench_eager.jsonl" --eager --batch-sizes 1,32 2>&1 | tee "$OUT/bench_eager.log"
   ;;
 sweep)
-  for g in 1 2 8; do
-    echo "== GEMV up to $g tokens (cuBLAS above)"
-    MULTILORA_GEMV_MAX_M=$g "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/sweep_$g.jsonl" --batch-sizes 1,2,4,8 2>&1 | grep -E "no-lora|distinct"
+  for g in 0 8 16; do
+    echo "== skinny GEMM up to $g tokens (cuBLAS above)"
+    MULTILORA_SKINNY_MAX_M=$g "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/sweep_$g.jsonl" --batch-sizes 1,8,16,32 --series no-lora,distinct 2>&1 | grep -E "no-lora|distinct"
   done 2>&1 | tee "$OUT/sweep.log"
+  ;;
+profile)
+  echo "== per-kernel times of one eager decode step (ncu), no-LoRA and distinct, batch 1 and 32"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 240 "$NCU" --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+    --csv --print-units base "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null --eager \
+    --batch-sizes 1,32 --series no-lora,distinct --num-tokens 3 --profile > "$OUT/profile.csv" 2> "$OUT/profile.err"
+  python3 bench/profile_summary.py "$OUT/profile.csv" no-lora-1,distinct-1,no-lora-32,distinct-32 3 | tee "$OUT/profile.log"
   ;;
 mlbench)
   echo "== multilora bench multi-lora on the Llama-2-7B dummy example (32 output tokens)"

@@ -29,6 +29,10 @@ struct Args {
     rank: usize,
     eager: bool,
     micro: bool,
+    /// Only these series (default: all four).
+    series: Vec<String>,
+    /// Bracket each measured run with cuProfilerStart/Stop (for `ncu --profile-from-start off`).
+    profile: bool,
 }
 
 fn parse() -> Args {
@@ -44,6 +48,10 @@ fn parse() -> Args {
         rank: 16,
         eager: false,
         micro: false,
+        series: ["no-lora", "distinct", "uniform", "identical"]
+            .map(String::from)
+            .to_vec(),
+        profile: false,
     };
     while let Some(flag) = it.next() {
         let mut val = || it.next().expect("flag value");
@@ -55,6 +63,8 @@ fn parse() -> Args {
             "--rank" => a.rank = val().parse().unwrap(),
             "--eager" => a.eager = true,
             "--micro" => a.micro = true,
+            "--series" => a.series = val().split(',').map(String::from).collect(),
+            "--profile" => a.profile = true,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -122,12 +132,13 @@ fn copy_bandwidth() -> f64 {
     2.0 * bytes as f64 * reps as f64 / s
 }
 
-/// Our GEMV against cuBLAS on every projection of the model (weights streamed once per pass,
-/// far more than L2), for token counts 1..16.
+/// The skinny GEMM against cuBLAS on every projection of the model (weights streamed once per
+/// pass, far more than L2), for token counts 1..32.
 fn micro(cfg: &ModelConfig, bw: f64) {
     use cudarc::driver::PushKernelArg;
     use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu};
     use multilora_engine::cuda::model::linear;
+    use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
     let gpu = Gpu::new(0).expect("gpu");
     let (h, q, kv, i) = (
         cfg.hidden_size,
@@ -156,19 +167,30 @@ fn micro(cfg: &ModelConfig, bw: f64) {
         })
         .collect();
     let bytes: f64 = shapes.iter().map(|&(n, k)| (n * k * 2) as f64).sum();
-    let x = gpu.alloc(16 * i.max(h) * 2).unwrap();
-    fill(&x, 16 * i.max(h));
-    let y = gpu.alloc(16 * cfg.vocab_size.max(2 * i) * 4).unwrap();
+    let x = gpu.alloc(32 * i.max(h) * 2).unwrap();
+    fill(&x, 32 * i.max(h));
+    let y = gpu.alloc(32 * cfg.vocab_size.max(2 * i) * 4).unwrap();
     let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
     println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
-    for m in [1usize, 2, 3, 4, 6, 8, 12, 16] {
-        for (name, gm) in [("gemv", 8usize), ("cublas", 0)] {
-            if gm > 0 && m > gm {
-                continue;
-            }
+    for m in [1usize, 2, 4, 8, 16, 32] {
+        for (name, gm) in [("skinny", SKINNY_MAX_M), ("cublas", 0)] {
             let pass = || {
                 for (w, &(n, k)) in ws.iter().zip(&shapes) {
-                    linear(&gpu, gm, w.ptr, None, n, k, x.ptr, y.ptr, m, n).unwrap();
+                    linear(
+                        &gpu,
+                        gm,
+                        Epilogue::Store,
+                        w.ptr,
+                        None,
+                        n,
+                        k,
+                        x.ptr,
+                        y.ptr,
+                        m,
+                        n,
+                        0,
+                    )
+                    .unwrap();
                 }
             };
             pass();
@@ -230,13 +252,13 @@ fn main() {
     let mut out = std::fs::File::create(&a.out).expect("out file");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = cfg.vocab_size as u32;
-    let series = ["no-lora", "distinct", "uniform", "identical"];
+    let series: Vec<&str> = a.series.iter().map(String::as_str).collect();
     println!(
         "{:>10} {:>5} {:>11} {:>11} {:>10} {:>9}",
         "series", "batch", "prefill_ms", "decode_ms", "floor_ms", "x_floor"
     );
     for &b in &a.batch_sizes {
-        for s in series {
+        for &s in &series {
             if s == "distinct" && b > loras.len() {
                 continue;
             }
@@ -277,7 +299,14 @@ fn main() {
                 (steps, t.elapsed().as_secs_f64() * 1e3)
             };
             run(4); // warm-up: loads adapters into slots, captures this bucket's graph
+                    // SAFETY: profiler start/stop only toggle collection for an attached profiler.
+            if a.profile {
+                unsafe { cudarc::driver::sys::cuProfilerStart() };
+            }
             let (steps, e2e) = run(a.num_tokens);
+            if a.profile {
+                unsafe { cudarc::driver::sys::cuProfilerStop() };
+            }
             let num_decode = a.num_tokens - 1;
             let prefill: f64 = steps[..steps.len() - num_decode].iter().sum();
             let decode = steps[steps.len() - num_decode..].iter().sum::<f64>() / num_decode as f64;

@@ -211,3 +211,82 @@ fn cuda_without_driver_is_an_error() {
     let err = LLMEngine::new(cfg).err().expect("no CUDA here");
     assert!(err.to_string().contains("use device=cpu"), "{err}");
 }
+
+/// The skinny GEMM (tensor cores, fused epilogues) against cuBLAS on the same bf16 inputs, for
+/// token counts on both sides of each n-tile, row counts that are not a multiple of 16 and K
+/// that is not a multiple of the 64-wide chunk.
+#[test]
+fn cuda_skinny_gemm_matches_cublas() {
+    use cudarc::driver::PushKernelArg;
+    use multilora_engine::cuda::gpu::{cfg, Gpu};
+    use multilora_engine::cuda::model::linear;
+    use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
+    if !have_gpu() {
+        return;
+    }
+    let gpu = Gpu::new(0).expect("CUDA context");
+    let fill = |ptr: u64, n: usize, seed: u64| {
+        let mut b = gpu.stream.launch_builder(gpu.func("fill_uniform_bf16"));
+        let (n64, bound) = (n as u64, 1.0f32);
+        b.arg(&ptr).arg(&n64).arg(&seed).arg(&bound);
+        // SAFETY: `ptr` holds n bf16 values (fill_uniform_bf16's signature in kernels.rs).
+        unsafe { b.launch(cfg((256, 1, 1), 256)) }.unwrap();
+    };
+    for &(n, k) in &[(1000usize, 4104usize), (4096, 4096), (48, 64), (320, 160)] {
+        let w = gpu.alloc(n * k * 2).unwrap();
+        let x = gpu.alloc(SKINNY_MAX_M * k * 2).unwrap();
+        fill(w.ptr, n * k, 1);
+        fill(x.ptr, SKINNY_MAX_M * k, 2);
+        let bias = gpu.alloc(n * 2).unwrap();
+        fill(bias.ptr, n, 3);
+        let scratch = gpu.alloc(SKINNY_MAX_M * n * 4).unwrap();
+        let (ya, yb) = (
+            gpu.alloc(SKINNY_MAX_M * n * 4).unwrap(),
+            gpu.alloc(SKINNY_MAX_M * n * 4).unwrap(),
+        );
+        for m in [1usize, 3, 8, 9, 16, 17, 32] {
+            for epi in [Epilogue::Store, Epilogue::Add, Epilogue::SiluMul] {
+                let b = (epi != Epilogue::SiluMul).then_some(bias.ptr);
+                let ldy = if epi == Epilogue::SiluMul { n / 2 } else { n };
+                let mut out = Vec::new();
+                for (y, max_m) in [(&ya, 0), (&yb, SKINNY_MAX_M)] {
+                    // Add accumulates onto what is there: start both from the same values.
+                    let init = vec![0.25f32; SKINNY_MAX_M * n];
+                    gpu.htod(y.ptr, &init).unwrap();
+                    linear(
+                        &gpu,
+                        max_m,
+                        epi,
+                        w.ptr,
+                        b,
+                        n,
+                        k,
+                        x.ptr,
+                        y.ptr,
+                        m,
+                        ldy,
+                        scratch.ptr,
+                    )
+                    .unwrap();
+                    let got = if epi == Epilogue::SiluMul {
+                        let mut h = vec![0u16; m * ldy];
+                        gpu.dtoh(&mut h, y.ptr).unwrap();
+                        h.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect()
+                    } else {
+                        let mut h = vec![0f32; m * ldy];
+                        gpu.dtoh(&mut h, y.ptr).unwrap();
+                        h
+                    };
+                    out.push(got);
+                }
+                let scale = max_abs(&out[0]).max(1e-3);
+                let diff = max_diff(&out[0], &out[1]);
+                let tol = if epi == Epilogue::SiluMul { 1e-2 } else { 1e-4 };
+                assert!(
+                    diff <= tol * scale,
+                    "skinny GEMM vs cuBLAS, {epi:?}, M={m}, N={n}, K={k}: max diff {diff} against max |y| {scale}"
+                );
+            }
+        }
+    }
+}

@@ -204,7 +204,7 @@ impl Gpu {
         &self.funcs[name]
     }
 
-    /// `y[M, ldy] (f32) = x[M, K] · W[N, K]ᵀ` with bf16 x and W, through cuBLAS.
+    /// `y[M, ldy] (f32) = x[M, K] · W[N, K]ᵀ + beta · y` with bf16 x and W, through cuBLAS.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_bf16(
         &self,
@@ -215,8 +215,9 @@ impl Gpu {
         n: usize,
         k: usize,
         ldy: usize,
+        beta: f32,
     ) -> Result<()> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
         use cublas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
         // SAFETY: pointers are live device buffers of the stated shapes.
         unsafe {

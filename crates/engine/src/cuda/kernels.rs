@@ -72,13 +72,16 @@ impl Module {
 }
 
 /// Every module the backend compiles and loads at start-up.
-pub const MODULES: &[Module] = &[Module {
-    name: "core",
-    body: CORE,
-    kernels: CORE_NAMES,
-}];
+pub const MODULES: &[Module] = &[
+    Module {
+        name: "core",
+        body: CORE,
+        kernels: CORE_NAMES,
+    },
+    super::skinny::MODULE,
+];
 
-/// Weight fills, embedding, norms, RoPE, attention, activations, GEMV, BGMV LoRA, argmax.
+/// Weight fills, embedding, norms, RoPE, attention, activations, BGMV LoRA, argmax.
 const CORE: &str = r#"
 // Seeded uniform values in [-bound, bound) for load_format=dummy: a splitmix64 hash of the
 // element index, so weights are generated on the device in one pass.
@@ -232,6 +235,135 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
     }
 }
 
+// Decode attention split over the context (flash-decoding): grid (S, nh, P). Block p of
+// (sequence s, head h) takes keys [p * per, (p + 1) * per) of the s-th sequence's context (token
+// s is its only query), per = ceil(ctx / P). A key is read by hd / 8 lanes with 16-byte loads,
+// so a block reads 128 * 8 / hd keys at once, 4 deep. With P > 1, each block writes its
+// unnormalized partial (max, sum, out[hd]) to `part` and the last block of (s, h) to finish
+// merges them (a counter per (s, h), reset by the merger, so a captured graph can replay).
+// hd: a power of two from 8 to 256. part: [S, nh, P, hd + 2] f32; counters: [S * nh] u32.
+#define DA_THREADS 128
+#define DA_DEPTH 4
+extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
+    const float* qkv, int ld, bf16_t* out, const bf16_t* k_cache, const bf16_t* v_cache, const u32* positions,
+    const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd, float scale, float* part,
+    u32* counters) {
+    int s = blockIdx.x, h = blockIdx.y, p = blockIdx.z, P = gridDim.z;
+    int lpk = hd >> 3, grp = threadIdx.x / lpk, sub = threadIdx.x % lpk, ngrp = DA_THREADS / lpk;
+    int kvh = h / (nh / nkv), kvs = nkv * hd;
+    int ctx = (int)positions[s] + 1;
+    int per = (ctx + P - 1) / P;
+    int k0 = p * per, k1 = min(ctx, k0 + per);
+    const float* q = qkv + (size_t)s * ld + (size_t)h * hd + sub * 8;
+    float qr[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        qr[i] = q[i] * scale;
+        acc[i] = 0.f;
+    }
+    const u32* table = block_tables + (size_t)s * max_blocks;
+    size_t off = (size_t)kvh * hd + sub * 8;
+    float m = -INFINITY, l = 0.f;
+    // Trip counts are the same for every lane: the shuffles below need the whole warp.
+    for (int base0 = k0; base0 < k1; base0 += ngrp * DA_DEPTH) {
+        int base = base0 + grp;
+        uint4 kv[DA_DEPTH], vv[DA_DEPTH];
+#pragma unroll
+        for (int u = 0; u < DA_DEPTH; u++) {
+            int pos = base + u * ngrp;
+            if (pos < k1) {
+                size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
+                kv[u] = __ldg((const uint4*)(k_cache + slot * kvs + off));
+                vv[u] = __ldg((const uint4*)(v_cache + slot * kvs + off));
+            } else {
+                kv[u] = vv[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < DA_DEPTH; u++) {
+            const u32* kw = (const u32*)&kv[u];
+            float sc = 0.f;
+#pragma unroll
+            for (int i = 0; i < 4; i++) sc = fmaf(qr[2 * i], lo(kw[i]), fmaf(qr[2 * i + 1], hi(kw[i]), sc));
+            // Every lane shuffles (the mask is the whole warp); groups are lpk-aligned.
+            for (int o = lpk >> 1; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
+            if (base + u * ngrp < k1) {
+                float mn = fmaxf(m, sc);
+                float corr = __expf(m - mn), e = __expf(sc - mn);
+                l = l * corr + e;
+                const u32* vw = (const u32*)&vv[u];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    acc[2 * i] = fmaf(acc[2 * i], corr, e * lo(vw[i]));
+                    acc[2 * i + 1] = fmaf(acc[2 * i + 1], corr, e * hi(vw[i]));
+                }
+                m = mn;
+            }
+        }
+    }
+    // Merge the block's key groups.
+    __shared__ float gm[DA_THREADS], gl[DA_THREADS], go[DA_THREADS * 8];
+    if (sub == 0) {
+        gm[grp] = m;
+        gl[grp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) go[grp * hd + sub * 8 + i] = acc[i];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int j = 0; j < ngrp; j++) M = fmaxf(M, gm[j]);
+    float L = 0.f;
+    if (M > -INFINITY)
+        for (int j = 0; j < ngrp; j++) L += gl[j] * __expf(gm[j] - M);
+    size_t sh = (size_t)s * nh + h;
+    bf16_t* o = out + sh * hd;
+    if (P == 1) {
+        for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
+            float v = 0.f;
+            for (int j = 0; j < ngrp; j++)
+                if (gl[j] > 0.f) v += go[j * hd + d] * __expf(gm[j] - M);
+            o[d] = f2bf(L > 0.f ? v / L : 0.f);
+        }
+        return;
+    }
+    float* mine = part + (sh * P + p) * (hd + 2);
+    for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
+        float v = 0.f;
+        for (int j = 0; j < ngrp; j++)
+            if (gl[j] > 0.f) v += go[j * hd + d] * __expf(gm[j] - M);
+        mine[2 + d] = v;
+    }
+    if (threadIdx.x == 0) {
+        mine[0] = M;
+        mine[1] = L;
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ bool last;
+    if (threadIdx.x == 0) last = atomicAdd(&counters[sh], 1u) == (u32)(P - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const float* all = part + sh * P * (hd + 2);
+    float MM = -INFINITY;
+    for (int j = 0; j < P; j++)
+        if (__ldcg(all + j * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(all + j * (hd + 2)));
+    float LL = 0.f;
+    for (int j = 0; j < P; j++) {
+        float lj = __ldcg(all + j * (hd + 2) + 1);
+        if (lj > 0.f) LL += lj * __expf(__ldcg(all + j * (hd + 2)) - MM);
+    }
+    for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
+        float v = 0.f;
+        for (int j = 0; j < P; j++) {
+            const float* pj = all + j * (hd + 2);
+            if (__ldcg(pj + 1) > 0.f) v += __ldcg(pj + 2 + d) * __expf(__ldcg(pj) - MM);
+        }
+        o[d] = f2bf(LL > 0.f ? v / LL : 0.f);
+    }
+    if (threadIdx.x == 0) counters[sh] = 0;
+}
+
 // gu: [T, 2I] f32 (gate then up); out: [T, I] bf16 = silu(gate) * up
 extern "C" __global__ void silu_mul(const float* gu, bf16_t* out, int I, int T) {
     u64 n = (u64)T * I;
@@ -248,76 +380,6 @@ extern "C" __global__ void add_bias(float* y, const bf16_t* bias, int N, int T, 
     for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
         u64 t = idx / N, o = idx - t * N;
         y[t * ldy + o] += bf2f(bias[o]);
-    }
-}
-
-// Memory-bound skinny GEMM for M <= GEMV_MAXM tokens: y[M, ldy] = x[M, K] · W[N, K]ᵀ (+ bias).
-// Each warp owns GEMV_ROWS weight rows and streams them once with 16-byte loads,
-// GEMV_ROWS * GEMV_UNROLL loads in flight per thread; x is small and stays in L1/L2.
-// K must be a multiple of 8 (16-byte rows).
-#define GEMV_ROWS 2
-#define GEMV_UNROLL 4
-#define GEMV_MAXM 8
-#define GEMV_WARPS 8
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_bf16(
-    const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, const bf16_t* __restrict__ bias,
-    float* __restrict__ y, int M, int N, int K, int ldy) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
-    if (row0 >= N) return;
-    int K8 = K >> 3;
-    const uint4* W4 = (const uint4*)W;
-    const uint4* x4 = (const uint4*)x;
-    float acc[GEMV_MAXM][GEMV_ROWS];
-#pragma unroll
-    for (int m = 0; m < GEMV_MAXM; m++)
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) acc[m][r] = 0.f;
-    for (int k0 = lane; k0 < K8; k0 += 32 * GEMV_UNROLL) {
-        uint4 w[GEMV_ROWS][GEMV_UNROLL];
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-            for (int u = 0; u < GEMV_UNROLL; u++) {
-                int k = k0 + u * 32, row = row0 + r;
-                w[r][u] = (k < K8 && row < N) ? __ldg(W4 + (size_t)row * K8 + k) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            int k = k0 + u * 32;
-            if (k < K8) {
-                // Unpack the weights once; every token reuses them.
-                float wf[GEMV_ROWS][8];
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
-                    uint4 v = w[r][u];
-                    wf[r][0] = lo(v.x); wf[r][1] = hi(v.x); wf[r][2] = lo(v.y); wf[r][3] = hi(v.y);
-                    wf[r][4] = lo(v.z); wf[r][5] = hi(v.z); wf[r][6] = lo(v.w); wf[r][7] = hi(v.w);
-                }
-#pragma unroll
-                for (int m = 0; m < GEMV_MAXM; m++) {
-                    if (m < M) {
-                        uint4 xv = __ldg(x4 + (size_t)m * K8 + k);
-                        float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
-#pragma unroll
-                        for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-                            for (int i = 0; i < 8; i++) acc[m][r] = fmaf(wf[r][i], xf[i], acc[m][r]);
-                    }
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < GEMV_MAXM; m++) {
-        if (m < M) {
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) {
-                float v = warp_sum(acc[m][r]);
-                int row = row0 + r;
-                if (lane == 0 && row < N) y[(size_t)m * ldy + row] = v + (bias ? bf2f(bias[row]) : 0.f);
-            }
-        }
     }
 }
 
@@ -444,9 +506,9 @@ const CORE_NAMES: &[&str] = &[
     "qk_norm",
     "rope_kv_write",
     "paged_attention",
+    "decode_attention",
     "silu_mul",
     "add_bias",
-    "gemv_bf16",
     "lora_shrink",
     "lora_shrink_wide",
     "lora_expand",
@@ -455,11 +517,11 @@ const CORE_NAMES: &[&str] = &[
 
 /// Token counts above which `lora_shrink_wide` replaces `lora_shrink` (prefill).
 pub const SHRINK_WIDE_MIN_TOKENS: usize = 64;
-/// Largest token count the GEMV kernel takes (`GEMV_MAXM`); cuBLAS above.
-pub const GEMV_MAX_M: usize = 8;
-/// Output rows one GEMV block covers (`GEMV_ROWS * GEMV_WARPS`).
-pub const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Largest head_dim the attention kernel takes (`32 * MAX_DPL`).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Threads of an attention block (`ATT_WARPS * 32`).
 pub const ATT_THREADS: u32 = 256;
+/// Threads of a `decode_attention` block (`DA_THREADS`).
+pub const DECODE_ATT_THREADS: u32 = 128;
+/// Most context partitions `decode_attention` splits one (sequence, head) into.
+pub const DECODE_ATT_MAX_PARTS: usize = 16;

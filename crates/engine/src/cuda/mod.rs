@@ -11,6 +11,7 @@
 pub mod gpu;
 pub mod kernels;
 pub mod model;
+pub mod skinny;
 
 use std::collections::HashMap;
 use std::time::Duration;

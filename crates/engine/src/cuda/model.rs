@@ -1,5 +1,5 @@
 //! The Llama-family decoder on the device: weights (q/k/v and gate/up fused along the output
-//! dimension, so one GEMV streams them), the paged KV cache, LoRA slots, activation buffers, and
+//! dimension, so one GEMM streams them), the paged KV cache, LoRA slots, activation buffers, and
 //! the kernel sequence of one step. Every buffer is allocated at load for the largest step, so
 //! a step allocates nothing and can be captured in a CUDA graph.
 
@@ -8,7 +8,8 @@ use cudarc::driver::PushKernelArg;
 use half::bf16;
 
 use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
-use super::kernels::{self, GEMV_MAX_M, GEMV_ROWS_PER_BLOCK, MAX_HEAD_DIM};
+use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
+use super::skinny::{self, Epilogue, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -17,10 +18,6 @@ use crate::lora::adapter::LoraAdapter;
 use crate::lora::{LoraSlot, LoraTarget};
 use crate::weights::WeightSource;
 use crate::ModelConfig;
-
-/// Token counts up to which our GEMV is used. 0: cuBLAS for every projection, because on the
-/// H200 our GEMV streamed at 63% of copy bandwidth at M=1 against cuBLAS's 83% (BENCHMARKS.md).
-const DEFAULT_GEMV_MAX_M: usize = 0;
 
 /// Launches a kernel by name with raw arguments (device pointers as `u64`, `i32`, `f32`).
 macro_rules! launch {
@@ -115,8 +112,10 @@ pub struct CudaModel {
     /// KV slot that padded graph rows write to (an extra block past the engine's)
     scratch_slot: u32,
     max_loras: usize,
-    /// Largest token count our GEMV takes; cuBLAS above (`MULTILORA_GEMV_MAX_M`, for tuning).
-    gemv_max_m: usize,
+    /// Largest token count the skinny GEMM takes; cuBLAS above. `MULTILORA_SKINNY_MAX_M=0`
+    /// sends every projection to cuBLAS (for comparisons).
+    skinny_max_m: usize,
+    num_sms: usize,
     /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
     lora_rank: usize,
     embed_tokens: DevBuf,
@@ -133,11 +132,12 @@ pub struct CudaModel {
     normed: DevBuf,      // [T, hidden] bf16
     qkv: DevBuf,         // [T, q + 2 kv] f32
     attn: DevBuf,        // [T, q] bf16
-    delta: DevBuf,       // [T, hidden] f32: o_proj / down_proj output
     gate_up: DevBuf,     // [T, 2 * intermediate] f32
     act: DevBuf,         // [T, intermediate] bf16
     lora_tmp: DevBuf,    // [3, T, R] f32
     last_normed: DevBuf, // [S, hidden] bf16
+    att_part: DevBuf,    // [S, heads, DECODE_ATT_MAX_PARTS, head_dim + 2] f32
+    att_count: DevBuf,   // [S * heads] u32, zero between steps
     logits: DevBuf,      // [S, vocab] f32
 }
 
@@ -347,11 +347,12 @@ impl CudaModel {
             block_size: bc.block_size,
             scratch_slot: (bc.num_kv_blocks * bc.block_size) as u32,
             max_loras: bc.max_loras,
-            gemv_max_m: std::env::var("MULTILORA_GEMV_MAX_M")
+            skinny_max_m: std::env::var("MULTILORA_SKINNY_MAX_M")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(DEFAULT_GEMV_MAX_M)
-                .min(GEMV_MAX_M),
+                .unwrap_or(SKINNY_MAX_M)
+                .min(SKINNY_MAX_M),
+            num_sms: gpu.num_sms as usize,
             lora_rank,
             embed_tokens,
             lm_head,
@@ -367,11 +368,12 @@ impl CudaModel {
             normed: gpu.alloc(t * h * 2)?,
             qkv: gpu.alloc(t * (qs + 2 * kvs) * 4)?,
             attn: gpu.alloc(t * qs * 2)?,
-            delta: gpu.alloc(t * h * 4)?,
             gate_up: gpu.alloc(t * 2 * inter * 4)?,
             act: gpu.alloc(t * inter * 2)?,
             lora_tmp: gpu.alloc(3 * t * lora_rank.max(1) * 4)?,
             last_normed: gpu.alloc(s * h * 2)?,
+            att_part: gpu.alloc(s * cfg.num_attention_heads * DECODE_ATT_MAX_PARTS * (hd + 2) * 4)?,
+            att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
             logits: gpu.alloc(s * v * 4)?,
             cfg: cfg.clone(),
         })
@@ -465,17 +467,32 @@ impl CudaModel {
         self.arena.at::<u32>(offset)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         gpu: &Gpu,
         lin: &Linear,
+        epi: Epilogue,
         x: CUdeviceptr,
         y: CUdeviceptr,
         m: usize,
         ldy: usize,
     ) -> Result<()> {
         let bias = lin.bias.as_ref().map(|b| b.ptr);
-        linear(gpu, self.gemv_max_m, lin.w.ptr, bias, lin.n, lin.k, x, y, m, ldy)
+        linear(
+            gpu,
+            self.skinny_max_m,
+            epi,
+            lin.w.ptr,
+            bias,
+            lin.n,
+            lin.k,
+            x,
+            y,
+            m,
+            ldy,
+            self.gate_up.ptr,
+        )
     }
 
     /// BGMV shrink + expand of one group, added into `y[T, ldy]`.
@@ -553,6 +570,9 @@ impl CudaModel {
         let eps = c.rms_norm_eps;
         let ti = t as u32;
         let norm_threads = (h.div_ceil(32) * 32).min(1024) as u32;
+        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
+        let decode_parts = (t == s && decode_attention_fits(hd))
+            .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
         launch!(
             gpu,
@@ -579,7 +599,15 @@ impl CudaModel {
                     eps
                 )?;
             }
-            self.linear(gpu, &layer.qkv_proj, self.normed.ptr, self.qkv.ptr, t, qkv_n)?;
+            self.linear(
+                gpu,
+                &layer.qkv_proj,
+                Epilogue::Store,
+                self.normed.ptr,
+                self.qkv.ptr,
+                t,
+                qkv_n,
+            )?;
             if lora_on(0) {
                 self.lora(gpu, &layer.lora[0], self.normed.ptr, self.qkv.ptr, t, qkv_n)?;
             }
@@ -613,50 +641,84 @@ impl CudaModel {
                 self.k_cache[li].ptr,
                 self.v_cache[li].ptr
             )?;
-            launch!(
+            if let Some(parts) = decode_parts {
+                launch!(
+                    gpu,
+                    "decode_attention",
+                    cfg((ti, nh as u32, parts), kernels::DECODE_ATT_THREADS),
+                    self.qkv.ptr,
+                    qkv_n as i32,
+                    self.attn.ptr,
+                    self.k_cache[li].ptr,
+                    self.v_cache[li].ptr,
+                    self.input(a.positions),
+                    self.input(a.block_tables),
+                    self.max_blocks_per_seq as i32,
+                    self.block_size as i32,
+                    nh as i32,
+                    nkv as i32,
+                    hd as i32,
+                    1.0f32 / (hd as f32).sqrt(),
+                    self.att_part.ptr,
+                    self.att_count.ptr
+                )?;
+            } else {
+                launch!(
+                    gpu,
+                    "paged_attention",
+                    cfg((ti, nh as u32, 1), kernels::ATT_THREADS),
+                    self.qkv.ptr,
+                    qkv_n as i32,
+                    self.attn.ptr,
+                    self.k_cache[li].ptr,
+                    self.v_cache[li].ptr,
+                    self.input(a.token_seq),
+                    self.input(a.positions),
+                    self.input(a.block_tables),
+                    self.max_blocks_per_seq as i32,
+                    self.block_size as i32,
+                    nh as i32,
+                    nkv as i32,
+                    hd as i32,
+                    1.0f32 / (hd as f32).sqrt()
+                )?;
+            }
+            // o_proj (and its LoRA) add straight into the residual stream.
+            self.linear(
                 gpu,
-                "paged_attention",
-                cfg((ti, nh as u32, 1), kernels::ATT_THREADS),
-                self.qkv.ptr,
-                qkv_n as i32,
+                &layer.o_proj,
+                Epilogue::Add,
                 self.attn.ptr,
-                self.k_cache[li].ptr,
-                self.v_cache[li].ptr,
-                self.input(a.token_seq),
-                self.input(a.positions),
-                self.input(a.block_tables),
-                self.max_blocks_per_seq as i32,
-                self.block_size as i32,
-                nh as i32,
-                nkv as i32,
-                hd as i32,
-                1.0f32 / (hd as f32).sqrt()
+                self.hidden.ptr,
+                t,
+                h,
             )?;
-            self.linear(gpu, &layer.o_proj, self.attn.ptr, self.delta.ptr, t, h)?;
             if lora_on(1) {
-                self.lora(gpu, &layer.lora[1], self.attn.ptr, self.delta.ptr, t, h)?;
+                self.lora(gpu, &layer.lora[1], self.attn.ptr, self.hidden.ptr, t, h)?;
             }
             launch!(
                 gpu,
                 "add_rms_norm",
                 cfg((ti, 1, 1), norm_threads),
                 self.hidden.ptr,
-                self.delta.ptr,
+                0u64,
                 0u64,
                 layer.post_attention_layernorm.ptr,
                 self.normed.ptr,
                 h as i32,
                 eps
             )?;
-            self.linear(
-                gpu,
-                &layer.gate_up_proj,
-                self.normed.ptr,
-                self.gate_up.ptr,
-                t,
-                2 * inter,
-            )?;
             if lora_on(2) {
+                // LoRA on gate/up must land before the activation: no fused epilogue.
+                self.linear(
+                    gpu,
+                    &layer.gate_up_proj,
+                    Epilogue::Store,
+                    self.normed.ptr,
+                    self.gate_up.ptr,
+                    t,
+                    2 * inter,
+                )?;
                 self.lora(
                     gpu,
                     &layer.lora[2],
@@ -665,23 +727,41 @@ impl CudaModel {
                     t,
                     2 * inter,
                 )?;
+                let grid = ((t * inter).div_ceil(256).min(65536) as u32, 1, 1);
+                launch!(
+                    gpu,
+                    "silu_mul",
+                    cfg(grid, 256),
+                    self.gate_up.ptr,
+                    self.act.ptr,
+                    inter as i32,
+                    t as i32
+                )?;
+            } else {
+                self.linear(
+                    gpu,
+                    &layer.gate_up_proj,
+                    Epilogue::SiluMul,
+                    self.normed.ptr,
+                    self.act.ptr,
+                    t,
+                    inter,
+                )?;
             }
-            let grid = ((t * inter).div_ceil(256).min(65536) as u32, 1, 1);
-            launch!(
+            self.linear(
                 gpu,
-                "silu_mul",
-                cfg(grid, 256),
-                self.gate_up.ptr,
+                &layer.down_proj,
+                Epilogue::Add,
                 self.act.ptr,
-                inter as i32,
-                t as i32
+                self.hidden.ptr,
+                t,
+                h,
             )?;
-            self.linear(gpu, &layer.down_proj, self.act.ptr, self.delta.ptr, t, h)?;
             if lora_on(3) {
-                self.lora(gpu, &layer.lora[3], self.act.ptr, self.delta.ptr, t, h)?;
+                self.lora(gpu, &layer.lora[3], self.act.ptr, self.hidden.ptr, t, h)?;
             }
-            // Residual add, fused with the next layer's input norm (the last layer's output
-            // norm is recomputed below on the rows that need logits).
+            // The next layer's input norm (the last layer's output norm is recomputed below on
+            // the rows that need logits).
             let next_norm = self
                 .layers
                 .get(li + 1)
@@ -691,7 +771,7 @@ impl CudaModel {
                 "add_rms_norm",
                 cfg((ti, 1, 1), norm_threads),
                 self.hidden.ptr,
-                self.delta.ptr,
+                0u64,
                 0u64,
                 next_norm,
                 self.normed.ptr,
@@ -714,7 +794,8 @@ impl CudaModel {
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         linear(
             gpu,
-            self.gemv_max_m,
+            self.skinny_max_m,
+            Epilogue::Store,
             lm_head.ptr,
             None,
             c.vocab_size,
@@ -723,15 +804,20 @@ impl CudaModel {
             self.logits.ptr,
             s,
             c.vocab_size,
+            0,
         )
     }
 }
 
-/// `y[m, ldy] (f32) = x[m, k] · W[n, k]ᵀ (+ bias)`: our GEMV for few tokens, cuBLAS for many.
+/// `x[m, k] · W[n, k]ᵀ (+ bias)` into `y[m, ldy]` as `epi` says: the skinny GEMM (epilogue
+/// fused) for up to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
+/// [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is bf16 `[m, I]`, and the cuBLAS path
+/// goes through `scratch` (f32 `[m, n]`).
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     gpu: &Gpu,
-    gemv_max_m: usize,
+    skinny_max_m: usize,
+    epi: Epilogue,
     w: CUdeviceptr,
     bias: Option<CUdeviceptr>,
     n: usize,
@@ -740,39 +826,60 @@ pub fn linear(
     y: CUdeviceptr,
     m: usize,
     ldy: usize,
+    scratch: CUdeviceptr,
 ) -> Result<()> {
-    if m <= gemv_max_m && k % 8 == 0 {
-        let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
+    if m <= skinny_max_m && k % 8 == 0 && (epi != Epilogue::SiluMul || n % 2 == 0) {
+        let (rows, per_block) = match epi {
+            Epilogue::SiluMul => (n / 2, SKINNY_ROWS / 2),
+            _ => (n, SKINNY_ROWS),
+        };
+        let f = gpu.func(skinny::kernel_name(epi, m));
+        let mut b = gpu.stream.launch_builder(f);
+        let (bias, m32, n32, k32, ld32) = (bias.unwrap_or(0), m as i32, rows as i32, k as i32, ldy as i32);
+        b.arg(&x)
+            .arg(&w)
+            .arg(&bias)
+            .arg(&y)
+            .arg(&m32)
+            .arg(&n32)
+            .arg(&k32)
+            .arg(&ld32);
+        let grid = (rows.div_ceil(per_block) as u32, 1, 1);
+        // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy) (skinny.rs).
+        return unsafe { b.launch(cfg(grid, SKINNY_THREADS)) }
+            .map(|_| ())
+            .map_err(|e| cuda_err("launching the skinny GEMM", e));
+    }
+    let (out, ld, beta) = match epi {
+        Epilogue::Store => (y, ldy, 0.0),
+        Epilogue::Add => (y, ldy, 1.0),
+        Epilogue::SiluMul => (scratch, n, 0.0),
+    };
+    gpu.gemm_bf16(x, w, out, m, n, k, ld, beta)?;
+    if let Some(b) = bias {
+        let grid = ((m * n).div_ceil(256).min(65536) as u32, 1, 1);
         launch!(
             gpu,
-            "gemv_bf16",
+            "add_bias",
             cfg(grid, 256),
-            x,
-            w,
-            bias.unwrap_or(0),
-            y,
-            m as i32,
+            out,
+            b,
             n as i32,
-            k as i32,
-            ldy as i32
-        )
-    } else {
-        gpu.gemm_bf16(x, w, y, m, n, k, ldy)?;
-        if let Some(b) = bias {
-            let grid = ((m * n).div_ceil(256).min(65536) as u32, 1, 1);
-            launch!(
-                gpu,
-                "add_bias",
-                cfg(grid, 256),
-                y,
-                b,
-                n as i32,
-                m as i32,
-                ldy as i32
-            )?;
-        }
-        Ok(())
+            m as i32,
+            ld as i32
+        )?;
     }
+    if epi == Epilogue::SiluMul {
+        let i = n / 2;
+        let grid = ((m * i).div_ceil(256).min(65536) as u32, 1, 1);
+        launch!(gpu, "silu_mul", cfg(grid, 256), scratch, y, i as i32, m as i32)?;
+    }
+    Ok(())
+}
+
+/// Head sizes `decode_attention` takes: hd / 8 lanes per key, a power of two up to a warp.
+fn decode_attention_fits(hd: usize) -> bool {
+    hd % 8 == 0 && (hd / 8).is_power_of_two() && hd / 8 <= 32
 }
 
 impl LoraGroup {

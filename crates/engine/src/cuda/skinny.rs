@@ -1,0 +1,193 @@
+//! Skinny GEMM for decode-sized batches: `y = x · Wᵀ` for up to [`SKINNY_MAX_M`] tokens on tensor
+//! cores, streaming every weight byte once, with the step's next elementwise op fused into the
+//! epilogue (store, residual add, or SiLU·mul of gate and up).
+//!
+//! At a handful of tokens the product is memory-bound: what matters is keeping enough bytes in
+//! flight to saturate HBM, not the math. Each warp owns a tile of 16 weight rows and a share of
+//! K; each lane loads 32 contiguous bytes of two rows (16-byte vectors, four 64-wide K chunks in
+//! flight). The trick that makes plain vector loads valid `mma.m16n8k16` fragments: lane
+//! (g = lane/4, t = lane%4) holds elements `16t..16t+16` of each 64-wide chunk, of weight rows g
+//! and g+8 and of token g, and both operands number K the same (permuted) way, so the dot
+//! products are unchanged and neither operand goes through shared memory. Warps then sum their
+//! partial tiles in shared memory and the epilogue writes the output.
+
+use super::kernels::Module;
+
+/// Most tokens the skinny GEMM takes (4 n-tiles of 8); cuBLAS above.
+pub const SKINNY_MAX_M: usize = 32;
+/// Weight rows per block (one mma tile).
+pub const SKINNY_ROWS: usize = 16;
+/// Threads per block (`SK_WARPS * 32`).
+pub const SKINNY_THREADS: u32 = 256;
+
+/// What the epilogue does with `acc = x · Wᵀ` (kernel name prefix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y[m, n] = acc (+ bias)`, f32
+    Store,
+    /// `y[m, n] += acc (+ bias)`, f32: the residual stream
+    Add,
+    /// W is `[gate; up]` (2I rows): `y[m, j] = silu(gate_j) · up_j`, bf16, `j < I`
+    SiluMul,
+}
+
+/// Kernel name for an epilogue and a token count (rounded up to 8, 16 or 32).
+pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
+    let i = match m {
+        0..=8 => 0,
+        9..=16 => 1,
+        _ => 2,
+    };
+    let names: [&'static str; 3] = match epi {
+        Epilogue::Store => ["skinny_store_8", "skinny_store_16", "skinny_store_32"],
+        Epilogue::Add => ["skinny_add_8", "skinny_add_16", "skinny_add_32"],
+        Epilogue::SiluMul => ["skinny_silu_8", "skinny_silu_16", "skinny_silu_32"],
+    };
+    names[i]
+}
+
+pub const MODULE: Module = Module {
+    name: "skinny",
+    body: BODY,
+    kernels: &[
+        "skinny_store_8",
+        "skinny_store_16",
+        "skinny_store_32",
+        "skinny_add_8",
+        "skinny_add_16",
+        "skinny_add_32",
+        "skinny_silu_8",
+        "skinny_silu_16",
+        "skinny_silu_32",
+    ],
+};
+
+const BODY: &str = r#"
+#define SK_WARPS 8
+#define SK_U 4
+#define EPI_STORE 0
+#define EPI_ADD 1
+#define EPI_SILU 2
+
+// d += a · b for one m16n8k16 tile, bf16 in, f32 accumulate.
+__device__ __forceinline__ void mma_bf16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A weight vector read once: no L1 allocation, and a 256-byte L2 prefetch (the row goes on).
+__device__ __forceinline__ uint4 ld_stream(const bf16_t* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// y = x[M, K] · W[rows, K]ᵀ for M <= 8 * NT. Block b owns 16 output rows: for Store/Add rows
+// 16b..16b+15 of W (N rows); for SiLU, gate rows 8b..8b+7 (rows of W) and the matching up rows
+// I + 8b.. (N = I). K must be a multiple of 8. grid ceil(N / 16) (Store/Add) or ceil(I / 8).
+template <int NT, int EPI>
+__device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_t* __restrict__ W,
+                                       const bf16_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int lo, hi;
+    bool vlo, vhi;
+    if (EPI == EPI_SILU) {
+        lo = blockIdx.x * 8 + g;
+        hi = N + lo;
+        vlo = vhi = lo < N;
+    } else {
+        lo = blockIdx.x * 16 + g;
+        hi = lo + 8;
+        vlo = lo < N;
+        vhi = hi < N;
+    }
+    const bf16_t* wlo = W + (size_t)(vlo ? lo : 0) * K + t * 16;
+    const bf16_t* whi = W + (size_t)(vhi ? hi : 0) * K + t * 16;
+    const uint4 z4 = make_uint4(0, 0, 0, 0);
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    int nchunks = (K + 63) >> 6;
+    for (int c0 = warp; c0 < nchunks; c0 += SK_WARPS * SK_U) {
+        uint4 w[SK_U][4];
+#pragma unroll
+        for (int u = 0; u < SK_U; u++) {
+            int c = c0 + u * SK_WARPS;
+            int e = c * 64 + t * 16;
+            bool ok0 = c < nchunks && e < K, ok1 = c < nchunks && e + 8 < K;
+            w[u][0] = vlo && ok0 ? ld_stream(wlo + c * 64) : z4;
+            w[u][1] = vlo && ok1 ? ld_stream(wlo + c * 64 + 8) : z4;
+            w[u][2] = vhi && ok0 ? ld_stream(whi + c * 64) : z4;
+            w[u][3] = vhi && ok1 ? ld_stream(whi + c * 64 + 8) : z4;
+        }
+#pragma unroll
+        for (int u = 0; u < SK_U; u++) {
+            int c = c0 + u * SK_WARPS;
+            if (c >= nchunks) break;
+            int e = c * 64 + t * 16;
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                int m = n * 8 + g;
+                uint4 xa = z4, xb = z4;
+                if (m < M) {
+                    const uint4* xp = (const uint4*)(x + (size_t)m * K + e);
+                    xa = __ldg(xp);
+                    if (e + 8 < K) xb = __ldg(xp + 1);
+                }
+                mma_bf16(acc[n], w[u][0].x, w[u][2].x, w[u][0].y, w[u][2].y, xa.x, xa.y);
+                mma_bf16(acc[n], w[u][0].z, w[u][2].z, w[u][0].w, w[u][2].w, xa.z, xa.w);
+                mma_bf16(acc[n], w[u][1].x, w[u][3].x, w[u][1].y, w[u][3].y, xb.x, xb.y);
+                mma_bf16(acc[n], w[u][1].z, w[u][3].z, w[u][1].w, w[u][3].w, xb.z, xb.w);
+            }
+        }
+    }
+    // Sum the warps' partial tiles. Entry (n, i, lane): row lo (i < 2) or hi, token n*8 + 2t + (i & 1).
+    __shared__ float red[SK_WARPS][NT * 128];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[warp][(n * 4 + i) * 32 + lane] = acc[n][i];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
+        int l = idx & 31, i = (idx >> 5) & 3, n = idx >> 7;
+        int m = n * 8 + (l & 3) * 2 + (i & 1);
+        if (m >= M) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < SK_WARPS; w++) s += red[w][idx];
+        if (EPI == EPI_SILU) {
+            if (i >= 2) continue;
+            int j = blockIdx.x * 8 + (l >> 2);
+            if (j >= N) continue;
+            float up = 0.f;
+#pragma unroll
+            for (int w = 0; w < SK_WARPS; w++) up += red[w][idx + 64];
+            ((bf16_t*)yv)[(size_t)m * ldy + j] = f2bf(s / (1.f + __expf(-s)) * up);
+        } else {
+            int row = blockIdx.x * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
+            if (row >= N) continue;
+            if (bias) s += bf2f(bias[row]);
+            float* y = (float*)yv + (size_t)m * ldy + row;
+            if (EPI == EPI_ADD) *y += s;
+            else *y = s;
+        }
+    }
+}
+
+#define SKINNY(NAME, NT, EPI)                                                                          \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32) NAME(                                 \
+        const bf16_t* x, const bf16_t* W, const bf16_t* bias, void* y, int M, int N, int K, int ldy) { \
+        skinny<NT, EPI>(x, W, bias, y, M, N, K, ldy);                                                  \
+    }
+SKINNY(skinny_store_8, 1, EPI_STORE)
+SKINNY(skinny_store_16, 2, EPI_STORE)
+SKINNY(skinny_store_32, 4, EPI_STORE)
+SKINNY(skinny_add_8, 1, EPI_ADD)
+SKINNY(skinny_add_16, 2, EPI_ADD)
+SKINNY(skinny_add_32, 4, EPI_ADD)
+SKINNY(skinny_silu_8, 1, EPI_SILU)
+SKINNY(skinny_silu_16, 2, EPI_SILU)
+SKINNY(skinny_silu_32, 4, EPI_SILU)
+"#;
