@@ -1,11 +1,13 @@
 //! The boundary between the engine (scheduling, LoRA bookkeeping, sampling) and a device that
 //! runs the model. A step is described by flat, preallocated buffers, as a GPU graph needs them:
 //! every token of every scheduled sequence in one batch, its position, the KV-cache slot it
-//! writes, and the LoRA slot of its request.
+//! writes, and the LoRA slot of its request. A backend may also sample on the device: then the
+//! engine hands it each sequence's sampling parameters and gets token ids back, not logits.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::LoraSlot;
+use crate::sampling::SamplingParams;
 
 /// One engine step's inputs. Reused across steps: cleared, never shrunk.
 #[derive(Debug, Default)]
@@ -23,6 +25,8 @@ pub struct StepBatch {
     /// `[num_seqs, max_blocks_per_seq]` block tables, padded with 0
     pub block_tables: Vec<u32>,
     pub max_blocks_per_seq: usize,
+    /// How each sequence's next token is drawn.
+    pub sampling: SamplingBatch,
 }
 
 impl StepBatch {
@@ -42,10 +46,71 @@ impl StepBatch {
         self.query_start.clear();
         self.query_start.push(0);
         self.block_tables.clear();
+        self.sampling.clear();
     }
 
     pub fn has_lora(&self) -> bool {
         self.token_lora.iter().any(Option::is_some)
+    }
+}
+
+/// One sequence's sampling parameters as a device sampler takes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RowSampling {
+    /// 0: greedy (argmax, the first index on ties).
+    pub temperature: f32,
+    /// 0: disabled.
+    pub top_k: u32,
+    /// 1.0: disabled.
+    pub top_p: f32,
+    /// Drawn by the engine from the request's own RNG, so `seed` reproduces a request wherever
+    /// it is batched; filled only when the backend samples the step.
+    pub random: u64,
+}
+
+impl RowSampling {
+    pub fn new(p: &SamplingParams) -> Self {
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.max(0) as u32,
+            top_p: p.top_p,
+            random: 0,
+        }
+    }
+}
+
+/// The sampling side of a step: a row per sequence, and the token ids each row must not draw
+/// (EOS and stop ids before `min_tokens`). Reused across steps: cleared, never shrunk.
+#[derive(Debug, Default)]
+pub struct SamplingBatch {
+    /// `[num_seqs]`
+    pub rows: Vec<RowSampling>,
+    /// `[num_seqs + 1]` offset of each row's banned ids in `banned`
+    pub banned_start: Vec<u32>,
+    /// `[banned_start[num_seqs]]`
+    pub banned: Vec<u32>,
+}
+
+impl SamplingBatch {
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.banned.clear();
+        self.banned_start.clear();
+        self.banned_start.push(0);
+    }
+
+    pub fn push(&mut self, row: RowSampling, banned: impl IntoIterator<Item = u32>) {
+        if self.banned_start.is_empty() {
+            self.banned_start.push(0);
+        }
+        self.rows.push(row);
+        self.banned.extend(banned);
+        self.banned_start.push(self.banned.len() as u32);
+    }
+
+    /// Banned ids of row `i`.
+    pub fn banned(&self, i: usize) -> &[u32] {
+        &self.banned[self.banned_start[i] as usize..self.banned_start[i + 1] as usize]
     }
 }
 
@@ -79,9 +144,51 @@ pub trait Backend: Send {
     /// `[num_seqs, vocab_size]`.
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]>;
 
+    /// Whether [`Backend::forward_sample`] can run this step: the backend samples on the device
+    /// and the step's banned ids fit its buffers. The engine samples on the host otherwise.
+    fn can_sample(&self, _batch: &StepBatch) -> bool {
+        false
+    }
+
+    /// Runs the model and draws one token per sequence on the device, as `batch.sampling`
+    /// says: `[num_seqs]` token ids, and with `with_logits` also the logits the ids were drawn
+    /// from, `[num_seqs, vocab_size]` with banned ids at -inf. Only called after
+    /// [`Backend::can_sample`] said yes for the batch.
+    fn forward_sample(&mut self, _batch: &StepBatch, _with_logits: bool) -> Result<(&[u32], Option<&[f32]>)> {
+        Err(Error::Backend(
+            "this backend does not sample on the device".into(),
+        ))
+    }
+
     /// Device time of the last `forward`, measured with device events (GPU backends); `None`
     /// where the device has no such clock.
     fn last_device_time(&self) -> Option<std::time::Duration> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_rows_keep_their_banned_ids() {
+        let mut s = SamplingBatch::default();
+        let greedy = RowSampling::new(&SamplingParams::greedy(1));
+        let top_k = RowSampling::new(&SamplingParams {
+            top_k: -1,
+            ..Default::default()
+        });
+        assert_eq!((greedy.temperature, top_k.top_k), (0.0, 0), "-1 disables top-k");
+        for _ in 0..2 {
+            s.clear();
+            s.push(greedy, [2, 7]);
+            s.push(top_k, []);
+            s.push(greedy, [5]);
+            assert_eq!(s.banned(0), &[2, 7]);
+            assert!(s.banned(1).is_empty());
+            assert_eq!(s.banned(2), &[5]);
+            assert_eq!(s.banned_start, [0, 2, 2, 3]);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The engine, in the spirit of vLLM's `LLMEngine`: `add_request`, `step`,
 //! `has_unfinished_requests`. A step schedules, activates the step's adapters in device slots,
-//! packs every scheduled token into one [`StepBatch`], runs the backend once, and samples.
+//! packs every scheduled token into one [`StepBatch`], runs the backend once, and samples: on
+//! the device where the backend can (CUDA), else on the host ([`Sampler`], the CPU oracle).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
-use crate::backend::{Backend, BackendConfig, StepBatch};
+use crate::backend::{Backend, BackendConfig, RowSampling, StepBatch};
 use crate::block_manager::BlockManager;
 use crate::cpu::{CpuBackend, KvCache};
 use crate::error::{Error, Result};
@@ -68,6 +69,10 @@ pub struct EngineConfig {
     /// Defaults to `max_loras`.
     pub max_cpu_loras: Option<usize>,
     pub seed: u64,
+    /// Also copy each step's logits to the host where the backend samples on the device, so
+    /// [`LLMEngine::last_logits`] answers (tests, debugging); costs a `[num_seqs, vocab]` copy
+    /// per step. Host sampling always keeps them.
+    pub return_logits: bool,
 }
 
 impl EngineConfig {
@@ -91,6 +96,7 @@ impl EngineConfig {
             max_lora_rank: 16,
             max_cpu_loras: None,
             seed: 0,
+            return_logits: false,
         }
     }
 }
@@ -132,7 +138,8 @@ pub struct StepStats {
     pub num_loras: usize,
     /// Time of the model forward and sampling (wall time on the CPU).
     pub duration: Duration,
-    /// Device time of the forward alone, from device events (CUDA backend only).
+    /// Device time of the forward (and of sampling where the device samples), from device
+    /// events (CUDA backend only).
     pub device_time: Option<Duration>,
 }
 
@@ -164,8 +171,11 @@ pub struct LLMEngine {
     scheduled: Vec<ScheduledSeq>,
     step_loras: Vec<AdapterId>,
     step_slots: Vec<LoraSlot>,
-    banned: Vec<u32>,
-    /// `[num_seqs, vocab]` logits of the last step, as the sampler saw them
+    /// `[num_seqs]` token of each scheduled sequence
+    sampled: Vec<u32>,
+    return_logits: bool,
+    /// `[num_seqs, vocab]` logits of the last step, as the sampler saw them; empty where the
+    /// device sampled and `return_logits` is off
     logits: Vec<f32>,
     /// request of each row of `logits`
     logits_rows: Vec<Arc<str>>,
@@ -291,7 +301,8 @@ impl LLMEngine {
             scheduled: Vec::new(),
             step_loras: Vec::new(),
             step_slots: Vec::new(),
-            banned: Vec::new(),
+            sampled: Vec::new(),
+            return_logits: config.return_logits,
             logits: Vec::new(),
             logits_rows: Vec::new(),
             last_step: StepStats::default(),
@@ -327,11 +338,12 @@ impl LLMEngine {
     }
 
     /// The logits a request's last sampled token was drawn from (after EOS/stop masking), if
-    /// it ran in the last step. For tests and debugging.
+    /// it ran in the last step and the step kept logits on the host (host sampling, or
+    /// `return_logits`). For tests and debugging.
     pub fn last_logits(&self, request_id: &str) -> Option<&[f32]> {
         let vocab = self.model_config.vocab_size;
         let i = self.logits_rows.iter().position(|r| &**r == request_id)?;
-        Some(&self.logits[i * vocab..(i + 1) * vocab])
+        self.logits.get(i * vocab..(i + 1) * vocab)
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -589,29 +601,22 @@ impl LLMEngine {
             } else {
                 num_prefill_tokens += s.num_new_tokens;
             }
+            // EOS and stop ids are suppressed until min_tokens.
+            let p = &seq.params;
+            let is_banning = seq.output_token_ids.len() < p.min_tokens;
+            let eos = (is_banning && !p.ignore_eos).then_some(&self.model_config.eos_token_ids);
+            let stop = is_banning.then_some(&p.stop_token_ids);
+            let banned = eos.into_iter().chain(stop).flatten().copied();
+            b.sampling.push(RowSampling::new(p), banned);
         }
 
-        let vocab = self.model_config.vocab_size;
-        let logits = self.backend.forward(&self.batch)?;
-        self.logits.clear();
-        self.logits.extend_from_slice(logits);
-        self.logits_rows.clear();
-
+        self.sample_step(&scheduled)?;
         let now = Instant::now();
         for (i, s) in scheduled.iter().enumerate() {
             let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
             seq.num_computed_tokens += s.num_new_tokens;
             let p = &seq.params;
-            self.banned.clear();
-            if seq.output_token_ids.len() < p.min_tokens {
-                if !p.ignore_eos {
-                    self.banned.extend(&self.model_config.eos_token_ids);
-                }
-                self.banned.extend(&p.stop_token_ids);
-            }
-            self.logits_rows.push(seq.request_id.clone());
-            let row = &mut self.logits[i * vocab..(i + 1) * vocab];
-            let token = self.sampler.sample(row, p, &self.banned, &mut seq.rng);
+            let token = self.sampled[i];
             seq.output_token_ids.push(token);
             seq.metrics.first_token_time.get_or_insert(now);
             seq.metrics.last_token_time = Some(now);
@@ -655,6 +660,40 @@ impl LLMEngine {
         };
         self.scheduled = scheduled;
         Ok(outputs)
+    }
+
+    /// Runs the packed step and draws a token per scheduled sequence into `sampled`: on the
+    /// device where the backend can take the step, with a random number per row from the
+    /// request's own RNG; else on the host from the logits.
+    fn sample_step(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
+        self.sampled.clear();
+        self.logits.clear();
+        self.logits_rows.clear();
+        if self.backend.can_sample(&self.batch) {
+            for (row, s) in self.batch.sampling.rows.iter_mut().zip(scheduled) {
+                let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
+                row.random = seq.rng.random();
+            }
+            let (ids, logits) = self.backend.forward_sample(&self.batch, self.return_logits)?;
+            self.sampled.extend_from_slice(ids);
+            self.logits.extend_from_slice(logits.unwrap_or_default());
+        } else {
+            let vocab = self.model_config.vocab_size;
+            self.logits.extend_from_slice(self.backend.forward(&self.batch)?);
+            for (i, s) in scheduled.iter().enumerate() {
+                let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
+                let row = &mut self.logits[i * vocab..(i + 1) * vocab];
+                let banned = self.batch.sampling.banned(i);
+                self.sampled
+                    .push(self.sampler.sample(row, &seq.params, banned, &mut seq.rng));
+            }
+        }
+        assert_eq!(self.sampled.len(), scheduled.len(), "a token per sequence");
+        if !self.logits.is_empty() {
+            let ids = scheduled.iter().map(|s| self.seqs[&s.id].request_id.clone());
+            self.logits_rows.extend(ids);
+        }
+        Ok(())
     }
 }
 

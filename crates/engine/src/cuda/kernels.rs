@@ -79,9 +79,14 @@ pub const MODULES: &[Module] = &[
         kernels: CORE_NAMES,
     },
     super::skinny::MODULE,
+    Module {
+        name: "sampling",
+        body: super::sampling::BODY,
+        kernels: super::sampling::NAMES,
+    },
 ];
 
-/// Weight fills, embedding, norms, RoPE, attention, activations, BGMV LoRA, argmax.
+/// Weight fills, embedding, norms, RoPE, attention, activations, BGMV LoRA.
 const CORE: &str = r#"
 // Seeded uniform values in [-bound, bound) for load_format=dummy: a splitmix64 hash of the
 // element index, so weights are generated on the device in one pass.
@@ -467,34 +472,6 @@ extern "C" __global__ void lora_expand(const float* tmp, const bf16_t* __restric
     }
     y[(size_t)t * ldy + o] += acc;
 }
-
-// Greedy sampling on the device: ids[s] = argmax(logits[s]) (first index on ties).
-// One block of 1024 threads per row.
-extern "C" __global__ void argmax_rows(const float* logits, int V, u32* ids) {
-    const float* row = logits + (size_t)blockIdx.x * V;
-    float best = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        float v = row[i];
-        if (v > best) { best = v; bi = i; }
-    }
-    __shared__ float sv[32];
-    __shared__ int si[32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-    }
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-            if (sv[w] > best || (sv[w] == best && si[w] < bi)) { best = sv[w]; bi = si[w]; }
-        ids[blockIdx.x] = (u32)bi;
-    }
-}
 "#;
 
 /// Kernel names of [`CORE`].
@@ -512,7 +489,6 @@ const CORE_NAMES: &[&str] = &[
     "lora_shrink",
     "lora_shrink_wide",
     "lora_expand",
-    "argmax_rows",
 ];
 
 /// Token counts above which `lora_shrink_wide` replaces `lora_shrink` (prefill).

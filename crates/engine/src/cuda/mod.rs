@@ -6,12 +6,15 @@
 //! own weight-streaming GEMV for up to [`kernels::GEMV_MAX_M`] tokens and cuBLAS above; LoRA is
 //! one BGMV shrink and one expand per projection group for any mix of adapters. Decode steps are
 //! captured once per batch-size bucket as CUDA graphs (unless `enforce_eager`) over persistent
-//! input buffers, and every step is timed with CUDA events.
+//! input buffers, and every step is timed with CUDA events. Tokens are sampled on the device
+//! ([`sampling`]), inside the graph, so a step copies back only token ids unless logits are
+//! asked for.
 
 pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod skinny;
+pub mod sampling;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,6 +30,7 @@ use crate::weights::WeightSource;
 use crate::ModelConfig;
 use gpu::{cuda_err, Gpu};
 use model::{CudaModel, StepShape};
+use sampling::DeviceSampler;
 
 /// Bytes one KV block takes over all layers (K and V, bf16).
 pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
@@ -40,9 +44,11 @@ struct Graph(CudaGraph);
 unsafe impl Send for Graph {}
 
 pub struct CudaBackend {
-    // Field order is drop order: graphs and the model's buffers before the context.
-    graphs: HashMap<(usize, u8), Graph>,
+    // Field order is drop order: graphs and the device buffers before the context.
+    /// Keyed by (bucket, LoRA mask, samples on the device)
+    graphs: HashMap<(usize, u8, bool), Graph>,
     model: CudaModel,
+    sampler: DeviceSampler,
     gpu: Gpu,
     enforce_eager: bool,
     /// Host copy of the step's inputs, laid out as the device arena.
@@ -62,6 +68,7 @@ impl CudaBackend {
     ) -> Result<Self> {
         let gpu = Gpu::new(0)?;
         let model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
+        let sampler = DeviceSampler::new(&gpu, bc.max_num_seqs)?;
         gpu.sync()?;
         let events = (gpu.timing_event()?, gpu.timing_event()?);
         Ok(CudaBackend {
@@ -69,6 +76,7 @@ impl CudaBackend {
             arena: vec![0; model.arena_len()],
             logits: Vec::new(),
             model,
+            sampler,
             gpu,
             enforce_eager: bc.enforce_eager,
             events,
@@ -86,24 +94,10 @@ impl CudaBackend {
         };
         (b <= self.model.max_graph_tokens()).then_some(b)
     }
-}
 
-impl Backend for CudaBackend {
-    fn device_name(&self) -> String {
-        format!("cuda ({}, {} SMs)", self.gpu.name, self.gpu.num_sms)
-    }
-
-    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
-        let done = self
-            .gpu
-            .bind()
-            .and_then(|_| self.model.set_lora_slot(&self.gpu, slot, adapter));
-        if let Err(e) = done {
-            self.pending.get_or_insert(e);
-        }
-    }
-
-    fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {
+    /// Enqueues (or replays) the step's kernels, sampling on the device with `sample`, between
+    /// the timing events.
+    fn run(&mut self, batch: &StepBatch, sample: bool) -> Result<()> {
         if let Some(e) = self.pending.take() {
             return Err(e);
         }
@@ -126,6 +120,9 @@ impl Backend for CudaBackend {
         };
         self.model.pack_inputs(batch, shape, &mut self.arena);
         self.model.upload_inputs(&self.gpu, &self.arena)?;
+        if sample {
+            self.sampler.upload(&self.gpu, &batch.sampling, shape.num_seqs)?;
+        }
 
         let (start, end) = &self.events;
         start
@@ -133,13 +130,13 @@ impl Backend for CudaBackend {
             .map_err(|e| cuda_err("event record", e))?;
         match bucket {
             Some(b) => {
-                let key = (b, lora_mask);
+                let key = (b, lora_mask, sample);
                 if !self.graphs.contains_key(&key) {
                     let stream = &self.gpu.stream;
                     stream
                         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                         .map_err(|e| cuda_err("begin graph capture", e))?;
-                    let recorded = self.model.record_forward(&self.gpu, shape);
+                    let recorded = self.record(shape, sample);
                     let graph = stream.end_capture(CUgraphInstantiate_flags(0));
                     recorded?;
                     let graph = graph
@@ -152,17 +149,82 @@ impl Backend for CudaBackend {
                     .launch()
                     .map_err(|e| cuda_err("graph launch", e))?;
             }
-            None => self.model.record_forward(&self.gpu, shape)?,
+            None => self.record(shape, sample)?,
         }
         end.record(&self.gpu.stream)
-            .map_err(|e| cuda_err("event record", e))?;
+            .map_err(|e| cuda_err("event record", e))
+    }
 
+    /// The model's kernels, then the sampler's over the (padded) rows.
+    fn record(&self, shape: StepShape, sample: bool) -> Result<()> {
+        self.model.record_forward(&self.gpu, shape)?;
+        if sample {
+            let vocab = self.model.vocab_size();
+            let logits = self.model.logits_ptr();
+            self.sampler.record(&self.gpu, logits, shape.num_seqs, vocab)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the first `num_seqs` rows of logits to the host (waits for the step).
+    fn download_logits(&mut self, num_seqs: usize) -> Result<()> {
         let vocab = self.model.vocab_size();
         self.logits.resize(num_seqs * vocab, 0.0);
-        self.gpu.dtoh(&mut self.logits, self.model.logits_ptr())?;
+        self.gpu.dtoh(&mut self.logits, self.model.logits_ptr())
+    }
+
+    /// Reads the step's device time (after the step completed).
+    fn finish_timing(&mut self) -> Result<()> {
+        let (start, end) = &self.events;
         let ms = start.elapsed_ms(end).map_err(|e| cuda_err("event elapsed", e))?;
         self.last_device_time = Some(Duration::from_secs_f64(ms as f64 / 1e3));
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    fn device_name(&self) -> String {
+        format!("cuda ({}, {} SMs)", self.gpu.name, self.gpu.num_sms)
+    }
+
+    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
+        let done = self
+            .gpu
+            .bind()
+            .and_then(|_| self.model.set_lora_slot(&self.gpu, slot, adapter));
+        if let Err(e) = done {
+            self.pending.get_or_insert(e);
+        }
+    }
+
+    fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {
+        self.run(batch, false)?;
+        self.download_logits(batch.num_seqs())?;
+        self.finish_timing()?;
         Ok(&self.logits)
+    }
+
+    fn can_sample(&self, batch: &StepBatch) -> bool {
+        self.sampler.fits(&batch.sampling)
+    }
+
+    fn forward_sample(&mut self, batch: &StepBatch, with_logits: bool) -> Result<(&[u32], Option<&[f32]>)> {
+        let num_seqs = batch.num_seqs();
+        assert_eq!(batch.sampling.rows.len(), num_seqs, "a sampling row per sequence");
+        self.run(batch, true)?;
+        if with_logits {
+            self.download_logits(num_seqs)?;
+        }
+        let vocab = self.model.vocab_size();
+        self.sampler.download_ids(&self.gpu, num_seqs)?;
+        self.finish_timing()?;
+        let ids = self.sampler.ids();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Backend(format!(
+                "the device sampler returned token id {bad}, outside the vocabulary ({vocab})"
+            )));
+        }
+        Ok((ids, with_logits.then_some(&self.logits[..])))
     }
 
     fn last_device_time(&self) -> Option<Duration> {
