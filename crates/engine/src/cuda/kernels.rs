@@ -72,11 +72,18 @@ impl Module {
 }
 
 /// Every module the backend compiles and loads at start-up.
-pub const MODULES: &[Module] = &[Module {
-    name: "core",
-    body: CORE,
-    kernels: CORE_NAMES,
-}];
+pub const MODULES: &[Module] = &[
+    Module {
+        name: "core",
+        body: CORE,
+        kernels: CORE_NAMES,
+    },
+    Module {
+        name: "sgmv",
+        body: super::sgmv::SGMV,
+        kernels: super::sgmv::SGMV_NAMES,
+    },
+];
 
 /// Weight fills, embedding, norms, RoPE, attention, activations, GEMV, BGMV LoRA, argmax.
 const CORE: &str = r#"
