@@ -84,6 +84,11 @@ pub const MODULES: &[Module] = &[
         body: super::sampling::BODY,
         kernels: super::sampling::NAMES,
     },
+    Module {
+        name: "sgmv",
+        body: super::sgmv::SGMV,
+        kernels: super::sgmv::SGMV_NAMES,
+    },
 ];
 
 /// Weight fills, embedding, norms, RoPE, attention, activations, BGMV LoRA.

@@ -3,18 +3,19 @@
 //!
 //! Libraries (driver, NVRTC, cuBLAS) are loaded at run time, so this compiles and its tests run
 //! on machines without CUDA; asking for it there is an error, never a panic. Projections use our
-//! own weight-streaming GEMV for up to [`kernels::GEMV_MAX_M`] tokens and cuBLAS above; LoRA is
-//! one BGMV shrink and one expand per projection group for any mix of adapters. Decode steps are
-//! captured once per batch-size bucket as CUDA graphs (unless `enforce_eager`) over persistent
-//! input buffers, and every step is timed with CUDA events. Tokens are sampled on the device
-//! ([`sampling`]), inside the graph, so a step copies back only token ids unless logits are
-//! asked for.
+//! tensor-core skinny GEMM ([`skinny`], next elementwise op fused) for up to
+//! [`skinny::SKINNY_MAX_M`] tokens and cuBLAS above; LoRA is one shrink and one expand per projection group for any mix of adapters (BGMV for decode,
+//! segmented SGMV for prefill). Decode steps are captured once per batch-size bucket as CUDA
+//! graphs (unless `enforce_eager`) over persistent input buffers, and every step is timed with
+//! CUDA events. Tokens are sampled on the device ([`sampling`]), inside the graph, so a step
+//! copies back only token ids unless logits are asked for.
 
 pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod skinny;
 pub mod sampling;
+pub mod sgmv;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -113,12 +114,13 @@ impl CudaBackend {
         let bucket = (!self.enforce_eager && is_decode)
             .then(|| self.bucket(num_seqs))
             .flatten();
-        let shape = StepShape {
+        let mut shape = StepShape {
             num_tokens: bucket.unwrap_or(num_tokens),
             num_seqs: bucket.unwrap_or(num_seqs),
             lora_mask,
+            num_lora_segments: 0,
         };
-        self.model.pack_inputs(batch, shape, &mut self.arena);
+        shape.num_lora_segments = self.model.pack_inputs(batch, shape, &mut self.arena);
         self.model.upload_inputs(&self.gpu, &self.arena)?;
         if sample {
             self.sampler.upload(&self.gpu, &batch.sampling, shape.num_seqs)?;

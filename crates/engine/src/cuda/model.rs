@@ -10,6 +10,7 @@ use half::bf16;
 use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::skinny::{self, Epilogue, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
+use super::sgmv;
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -38,6 +39,8 @@ pub struct StepShape {
     pub num_seqs: usize,
     /// Bit g set: LoRA group g runs. 0: no LoRA kernels at all.
     pub lora_mask: u8,
+    /// Segments of a prefill or mixed step (SGMV); 0 for decode steps, which use BGMV.
+    pub num_lora_segments: usize,
 }
 
 /// `y[T, N] = x[T, K] · Wᵀ (+ b)`, bf16 weights `[N, K]`.
@@ -98,6 +101,9 @@ struct Arena {
     slot_mapping: usize,
     token_seq: usize,
     token_slot: usize,
+    /// `[max_tokens, 3]` LoRA segments (start, end, slot) of a prefill step, and their number
+    lora_segments: usize,
+    num_lora_segments: usize,
     last_rows: usize,
     block_tables: usize,
     len: usize,
@@ -332,6 +338,8 @@ impl CudaModel {
             slot_mapping: take(t),
             token_seq: take(t),
             token_slot: take(t),
+            lora_segments: take(3 * t),
+            num_lora_segments: take(1),
             last_rows: take(s),
             block_tables: take(s * max_blocks_per_seq),
             len: 0,
@@ -421,8 +429,9 @@ impl CudaModel {
     }
 
     /// Writes the step's inputs into `arena` (host), padded to `shape` for graph buckets:
-    /// padded tokens write their K/V to the scratch slot and have no adapter.
-    pub fn pack_inputs(&self, batch: &StepBatch, shape: StepShape, arena: &mut [u32]) {
+    /// padded tokens write their K/V to the scratch slot and have no adapter. Returns the number
+    /// of LoRA segments of a prefill or mixed step (0 for decode).
+    pub fn pack_inputs(&self, batch: &StepBatch, shape: StepShape, arena: &mut [u32]) -> usize {
         let a = self.arena_layout;
         let (t, s) = (batch.num_tokens(), batch.num_seqs());
         assert!(shape.num_tokens >= t && shape.num_tokens <= self.max_tokens);
@@ -457,6 +466,14 @@ impl CudaModel {
         let mb = self.max_blocks_per_seq;
         arena[a.block_tables..][..s * mb].copy_from_slice(&batch.block_tables[..s * mb]);
         arena[a.block_tables + s * mb..][..(shape.num_seqs - s) * mb].fill(0);
+        let num_segments = if t > s && self.max_loras > 0 {
+            let segs = &mut arena[a.lora_segments..][..3 * self.max_tokens];
+            sgmv::pack_lora_segments(&batch.token_lora, segs)
+        } else {
+            0
+        };
+        arena[a.num_lora_segments] = num_segments as u32;
+        num_segments
     }
 
     pub fn upload_inputs(&self, gpu: &Gpu, arena: &[u32]) -> Result<()> {
@@ -495,18 +512,50 @@ impl CudaModel {
         )
     }
 
-    /// BGMV shrink + expand of one group, added into `y[T, ldy]`.
+    /// LoRA shrink + expand of one group, added into `y[T, ldy]`: segmented (SGMV) for prefill
+    /// and mixed steps, BGMV (a token at a time) for decode.
     fn lora(
         &self,
         gpu: &Gpu,
         g: &LoraGroup,
         x: CUdeviceptr,
         y: CUdeviceptr,
-        t: usize,
+        shape: StepShape,
         ldy: usize,
     ) -> Result<()> {
+        let t = shape.num_tokens;
         let r = self.lora_rank;
         let nsub = g.targets.len();
+        let n = g.n();
+        let n1 = g.outs[0];
+        let n2 = n1 + g.outs.get(1).copied().unwrap_or(0);
+        let (n1, n2) = if nsub == 1 {
+            (n, n)
+        } else {
+            (n1, if nsub == 2 { n } else { n2 })
+        };
+        if shape.num_tokens > shape.num_seqs {
+            let w = sgmv::GroupWeights {
+                a: g.a.ptr,
+                b: g.b.ptr,
+                ranks: g.ranks.ptr,
+                scales: g.scales.ptr,
+                nsub,
+                k: g.k,
+                n,
+                n1,
+                n2,
+                r,
+                max_loras: self.max_loras,
+            };
+            let segs = sgmv::Segments {
+                segs: self.input(self.arena_layout.lora_segments),
+                num_segs: self.input(self.arena_layout.num_lora_segments),
+                max_segs: shape.num_lora_segments,
+            };
+            sgmv::shrink(gpu, &w, &segs, x, self.lora_tmp.ptr, t)?;
+            return sgmv::expand(gpu, &w, &segs, self.lora_tmp.ptr, y, t, ldy);
+        }
         let slots = self.input(self.arena_layout.token_slot);
         // Decode: a block per (token, rank row), its warps splitting K (more parallelism for
         // few tokens). Prefill: a warp per row (fewer, fuller blocks).
@@ -531,14 +580,6 @@ impl CudaModel {
             .arg(&l32);
         // SAFETY: both shrink kernels take these arguments (kernels.rs).
         unsafe { b.launch(cfg(grid, 256)) }.map_err(|e| cuda_err("launching lora_shrink", e))?;
-        let n = g.n();
-        let n1 = g.outs[0];
-        let n2 = n1 + g.outs.get(1).copied().unwrap_or(0);
-        let (n1, n2) = if nsub == 1 {
-            (n, n)
-        } else {
-            (n1, if nsub == 2 { n } else { n2 })
-        };
         launch!(
             gpu,
             "lora_expand",
@@ -609,7 +650,7 @@ impl CudaModel {
                 qkv_n,
             )?;
             if lora_on(0) {
-                self.lora(gpu, &layer.lora[0], self.normed.ptr, self.qkv.ptr, t, qkv_n)?;
+                self.lora(gpu, &layer.lora[0], self.normed.ptr, self.qkv.ptr, shape, qkv_n)?;
             }
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 launch!(
@@ -694,7 +735,7 @@ impl CudaModel {
                 h,
             )?;
             if lora_on(1) {
-                self.lora(gpu, &layer.lora[1], self.attn.ptr, self.hidden.ptr, t, h)?;
+                self.lora(gpu, &layer.lora[1], self.attn.ptr, self.hidden.ptr, shape, h)?;
             }
             launch!(
                 gpu,
@@ -724,7 +765,7 @@ impl CudaModel {
                     &layer.lora[2],
                     self.normed.ptr,
                     self.gate_up.ptr,
-                    t,
+                    shape,
                     2 * inter,
                 )?;
                 let grid = ((t * inter).div_ceil(256).min(65536) as u32, 1, 1);
@@ -758,7 +799,7 @@ impl CudaModel {
                 h,
             )?;
             if lora_on(3) {
-                self.lora(gpu, &layer.lora[3], self.act.ptr, self.hidden.ptr, t, h)?;
+                self.lora(gpu, &layer.lora[3], self.act.ptr, self.hidden.ptr, shape, h)?;
             }
             // The next layer's input norm (the last layer's output norm is recomputed below on
             // the rows that need logits).
