@@ -153,19 +153,23 @@ extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const bf1
 
 // HF non-interleaved RoPE on q (in place) and k, then k and v into the paged cache.
 // qkv: [T, ld] f32 (q heads, k heads, v heads); cos/sin: [max_pos, hd/2];
-// k_cache/v_cache: [num_slots, nkv * hd] bf16. One block per token.
+// k_cache/v_cache: [num_slots, nkv * hd] bf16. grid (T, nh + 2 nkv): a block per head (the
+// v heads are copied), at least hd / 2 threads.
 extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, int hd, const float* cos_t,
                                          const float* sin_t, const u32* positions, const u32* slot_mapping,
                                          bf16_t* k_cache, bf16_t* v_cache) {
-    int t = blockIdx.x, half = hd / 2, kvs = nkv * hd;
+    int t = blockIdx.x, h = blockIdx.y, half = hd / 2, kvs = nkv * hd;
+    float* x = qkv + (size_t)t * ld + (size_t)h * hd;
+    size_t slot = slot_mapping[t];
+    if (h >= nh + nkv) {
+        bf16_t* v = v_cache + slot * kvs + (size_t)(h - nh - nkv) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] = f2bf(x[i]);
+        return;
+    }
     u32 p = positions[t];
     const float* c = cos_t + (size_t)p * half;
     const float* s = sin_t + (size_t)p * half;
-    float* row = qkv + (size_t)t * ld;
-    size_t slot = slot_mapping[t];
-    for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
-        int h = i / half, j = i - h * half;
-        float* x = row + h * hd;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
         float a = x[j], b = x[j + half];
         float ra = a * c[j] - b * s[j], rb = b * c[j] + a * s[j];
         if (h < nh) {
@@ -177,8 +181,6 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
             k[j + half] = f2bf(rb);
         }
     }
-    const float* v = row + (nh + nkv) * hd;
-    for (int i = threadIdx.x; i < kvs; i += blockDim.x) v_cache[slot * kvs + i] = f2bf(v[i]);
 }
 
 // Causal attention over the paged cache, prefill and decode alike: token t attends to positions
@@ -245,24 +247,29 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
     }
 }
 
-// Decode attention split over the context (flash-decoding): grid (S, nh, P). Block p of
-// (sequence s, head h) takes keys [p * per, (p + 1) * per) of the s-th sequence's context (token
-// s is its only query), per = ceil(ctx / P). A key is read by hd / 8 lanes with 16-byte loads,
-// so a block reads 128 * 8 / hd keys at once, 4 deep. With P > 1, each block writes its
-// unnormalized partial (max, sum, out[hd]) to `part` and the last block of (s, h) to finish
-// merges them (a counter per (s, h), reset by the merger, so a captured graph can replay).
+// Decode attention split over the context (flash-decoding): grid (S, nh, P). The context of
+// sequence s (token s is its only query) is cut into parts of at least DA_MIN_PART keys, at
+// most P of them; block p takes part p (blocks past the last part exit at once). A key is read
+// by hd / 8 lanes with 16-byte loads, so a block reads 128 * 8 / hd keys at once, DA_DEPTH deep.
+// With more than one part, each block writes its unnormalized partial (max, sum, out[hd]) to
+// `part`, and the last block of (s, h) to finish merges them (a counter per (s, h), reset by
+// the merger, so a captured graph can replay).
 // hd: a power of two from 8 to 256. part: [S, nh, P, hd + 2] f32; counters: [S * nh] u32.
 #define DA_THREADS 128
 #define DA_DEPTH 4
+#define DA_MIN_PART 32
+#define DA_MAX_PARTS 64
 extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     const float* qkv, int ld, bf16_t* out, const bf16_t* k_cache, const bf16_t* v_cache, const u32* positions,
     const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd, float scale, float* part,
     u32* counters) {
-    int s = blockIdx.x, h = blockIdx.y, p = blockIdx.z, P = gridDim.z;
+    int s = blockIdx.x, h = blockIdx.y, p = blockIdx.z;
     int lpk = hd >> 3, grp = threadIdx.x / lpk, sub = threadIdx.x % lpk, ngrp = DA_THREADS / lpk;
     int kvh = h / (nh / nkv), kvs = nkv * hd;
     int ctx = (int)positions[s] + 1;
-    int per = (ctx + P - 1) / P;
+    int per = max((ctx + (int)gridDim.z - 1) / (int)gridDim.z, DA_MIN_PART);
+    int P = (ctx + per - 1) / per;
+    if (p >= P) return;
     int k0 = p * per, k1 = min(ctx, k0 + per);
     const float* q = qkv + (size_t)s * ld + (size_t)h * hd + sub * 8;
     float qr[8], acc[8];
@@ -295,7 +302,6 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
             float sc = 0.f;
 #pragma unroll
             for (int i = 0; i < 4; i++) sc = fmaf(qr[2 * i], lo(kw[i]), fmaf(qr[2 * i + 1], hi(kw[i]), sc));
-            // Every lane shuffles (the mask is the whole warp); groups are lpk-aligned.
             for (int o = lpk >> 1; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
             if (base + u * ngrp < k1) {
                 float mn = fmaxf(m, sc);
@@ -311,36 +317,48 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
             }
         }
     }
-    // Merge the block's key groups.
-    __shared__ float gm[DA_THREADS], gl[DA_THREADS], go[DA_THREADS * 8];
+    // Merge the block's key groups: weights first, then one pass over the outputs.
+    __shared__ float gw[DA_THREADS], go[DA_THREADS * 8];
+    __shared__ float stat[2];
     if (sub == 0) {
-        gm[grp] = m;
-        gl[grp] = l;
+        gw[grp] = m;
     }
-#pragma unroll
-    for (int i = 0; i < 8; i++) go[grp * hd + sub * 8 + i] = acc[i];
     __syncthreads();
-    float M = -INFINITY;
-    for (int j = 0; j < ngrp; j++) M = fmaxf(M, gm[j]);
-    float L = 0.f;
-    if (M > -INFINITY)
-        for (int j = 0; j < ngrp; j++) L += gl[j] * __expf(gm[j] - M);
+    if (threadIdx.x == 0) {
+        float M = -INFINITY;
+        for (int j = 0; j < ngrp; j++) M = fmaxf(M, gw[j]);
+        stat[0] = M;
+    }
+    __syncthreads();
+    float M = stat[0];
+    float wgt = l > 0.f ? __expf(m - M) : 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) go[grp * hd + sub * 8 + i] = acc[i] * wgt;
+    __syncthreads();
+    if (sub == 0) gw[grp] = l * wgt;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float L = 0.f;
+        for (int j = 0; j < ngrp; j++) L += gw[j];
+        stat[1] = L;
+    }
+    __syncthreads();
+    float L = stat[1];
     size_t sh = (size_t)s * nh + h;
     bf16_t* o = out + sh * hd;
     if (P == 1) {
         for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
             float v = 0.f;
-            for (int j = 0; j < ngrp; j++)
-                if (gl[j] > 0.f) v += go[j * hd + d] * __expf(gm[j] - M);
+            for (int j = 0; j < ngrp; j++) v += go[j * hd + d];
             o[d] = f2bf(L > 0.f ? v / L : 0.f);
         }
         return;
     }
-    float* mine = part + (sh * P + p) * (hd + 2);
+    int stride = hd + 2;
+    float* mine = part + (sh * gridDim.z + p) * stride;
     for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
         float v = 0.f;
-        for (int j = 0; j < ngrp; j++)
-            if (gl[j] > 0.f) v += go[j * hd + d] * __expf(gm[j] - M);
+        for (int j = 0; j < ngrp; j++) v += go[j * hd + d];
         mine[2 + d] = v;
     }
     if (threadIdx.x == 0) {
@@ -354,21 +372,27 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const float* all = part + sh * P * (hd + 2);
-    float MM = -INFINITY;
-    for (int j = 0; j < P; j++)
-        if (__ldcg(all + j * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(all + j * (hd + 2)));
-    float LL = 0.f;
-    for (int j = 0; j < P; j++) {
-        float lj = __ldcg(all + j * (hd + 2) + 1);
-        if (lj > 0.f) LL += lj * __expf(__ldcg(all + j * (hd + 2)) - MM);
+    // Last block: every part's weight in shared memory, then each output dim in one pass.
+    const float* all = part + sh * gridDim.z * stride;
+    __shared__ float pw[DA_MAX_PARTS];
+    if (threadIdx.x < P) pw[threadIdx.x] = __ldcg(all + threadIdx.x * stride + 1) > 0.f ? __ldcg(all + threadIdx.x * stride) : -INFINITY;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float MM = -INFINITY;
+        for (int j = 0; j < P; j++) MM = fmaxf(MM, pw[j]);
+        float LL = 0.f;
+        for (int j = 0; j < P; j++) {
+            float w = pw[j] > -INFINITY ? __expf(pw[j] - MM) : 0.f;
+            LL += w * __ldcg(all + j * stride + 1);
+            pw[j] = w;
+        }
+        stat[0] = LL;
     }
+    __syncthreads();
+    float LL = stat[0];
     for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
         float v = 0.f;
-        for (int j = 0; j < P; j++) {
-            const float* pj = all + j * (hd + 2);
-            if (__ldcg(pj + 1) > 0.f) v += __ldcg(pj + 2 + d) * __expf(__ldcg(pj) - MM);
-        }
+        for (int j = 0; j < P; j++) v += pw[j] * __ldcg(all + j * stride + 2 + d);
         o[d] = f2bf(LL > 0.f ? v / LL : 0.f);
     }
     if (threadIdx.x == 0) counters[sh] = 0;
@@ -504,5 +528,5 @@ pub const MAX_HEAD_DIM: usize = 256;
 pub const ATT_THREADS: u32 = 256;
 /// Threads of a `decode_attention` block (`DA_THREADS`).
 pub const DECODE_ATT_THREADS: u32 = 128;
-/// Most context partitions `decode_attention` splits one (sequence, head) into.
-pub const DECODE_ATT_MAX_PARTS: usize = 16;
+/// Most context parts `decode_attention` splits one (sequence, head) into (`DA_MAX_PARTS`).
+pub const DECODE_ATT_MAX_PARTS: usize = 64;

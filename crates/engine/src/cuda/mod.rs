@@ -13,9 +13,9 @@
 pub mod gpu;
 pub mod kernels;
 pub mod model;
-pub mod skinny;
 pub mod sampling;
 pub mod sgmv;
+pub mod skinny;
 
 use std::collections::HashMap;
 use std::time::Duration;

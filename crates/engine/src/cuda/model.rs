@@ -9,8 +9,8 @@ use half::bf16;
 
 use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
-use super::skinny::{self, Epilogue, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
 use super::sgmv;
+use super::skinny::{self, Epilogue, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -613,7 +613,7 @@ impl CudaModel {
         let norm_threads = (h.div_ceil(32) * 32).min(1024) as u32;
         // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
         let decode_parts = (t == s && decode_attention_fits(hd))
-            .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
+            .then(|| (8 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
         launch!(
             gpu,
@@ -669,7 +669,7 @@ impl CudaModel {
             launch!(
                 gpu,
                 "rope_kv_write",
-                cfg((ti, 1, 1), 256),
+                cfg((ti, (nh + 2 * nkv) as u32, 1), (hd / 2).div_ceil(32) as u32 * 32),
                 self.qkv.ptr,
                 qkv_n as i32,
                 nh as i32,

@@ -6,9 +6,10 @@
 //! flight to saturate HBM, not the math. Each warp owns a tile of 16 weight rows and a share of
 //! K; each lane loads 32 contiguous bytes of two rows (16-byte vectors, four 64-wide K chunks in
 //! flight). The trick that makes plain vector loads valid `mma.m16n8k16` fragments: lane
-//! (g = lane/4, t = lane%4) holds elements `16t..16t+16` of each 64-wide chunk, of weight rows g
-//! and g+8 and of token g, and both operands number K the same (permuted) way, so the dot
-//! products are unchanged and neither operand goes through shared memory. Warps then sum their
+//! (g = lane/4, t = lane%4) holds elements `8t..8t+8` and `32+8t..32+8t+8` of each 64-wide
+//! chunk, of weight rows g and g+8 and of token g, and both operands number K the same
+//! (permuted) way, so the dot products are unchanged and neither operand goes through shared
+//! memory. The four lanes of a row read 64 contiguous bytes per load: whole 32-byte sectors. Warps then sum their
 //! partial tiles in shared memory and the epilogue writes the output.
 
 use super::kernels::Module;
@@ -103,8 +104,8 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
         vlo = lo < N;
         vhi = hi < N;
     }
-    const bf16_t* wlo = W + (size_t)(vlo ? lo : 0) * K + t * 16;
-    const bf16_t* whi = W + (size_t)(vhi ? hi : 0) * K + t * 16;
+    const bf16_t* wlo = W + (size_t)(vlo ? lo : 0) * K + t * 8;
+    const bf16_t* whi = W + (size_t)(vhi ? hi : 0) * K + t * 8;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
     float acc[NT][4];
 #pragma unroll
@@ -115,26 +116,26 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
             int c = c0 + u * SK_WARPS;
-            int e = c * 64 + t * 16;
-            bool ok0 = c < nchunks && e < K, ok1 = c < nchunks && e + 8 < K;
+            int e = c * 64 + t * 8;
+            bool ok0 = c < nchunks && e < K, ok1 = c < nchunks && e + 32 < K;
             w[u][0] = vlo && ok0 ? ld_stream(wlo + c * 64) : z4;
-            w[u][1] = vlo && ok1 ? ld_stream(wlo + c * 64 + 8) : z4;
+            w[u][1] = vlo && ok1 ? ld_stream(wlo + c * 64 + 32) : z4;
             w[u][2] = vhi && ok0 ? ld_stream(whi + c * 64) : z4;
-            w[u][3] = vhi && ok1 ? ld_stream(whi + c * 64 + 8) : z4;
+            w[u][3] = vhi && ok1 ? ld_stream(whi + c * 64 + 32) : z4;
         }
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
             int c = c0 + u * SK_WARPS;
             if (c >= nchunks) break;
-            int e = c * 64 + t * 16;
+            int e = c * 64 + t * 8;
 #pragma unroll
             for (int n = 0; n < NT; n++) {
                 int m = n * 8 + g;
                 uint4 xa = z4, xb = z4;
                 if (m < M) {
-                    const uint4* xp = (const uint4*)(x + (size_t)m * K + e);
-                    xa = __ldg(xp);
-                    if (e + 8 < K) xb = __ldg(xp + 1);
+                    const bf16_t* xp = x + (size_t)m * K + e;
+                    xa = __ldg((const uint4*)xp);
+                    if (e + 32 < K) xb = __ldg((const uint4*)(xp + 32));
                 }
                 mma_bf16(acc[n], w[u][0].x, w[u][2].x, w[u][0].y, w[u][2].y, xa.x, xa.y);
                 mma_bf16(acc[n], w[u][0].z, w[u][2].z, w[u][0].w, w[u][2].w, xa.z, xa.w);
