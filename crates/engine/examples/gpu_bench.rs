@@ -172,6 +172,37 @@ fn micro(cfg: &ModelConfig, bw: f64) {
     let y = gpu.alloc(32 * cfg.vocab_size.max(2 * i) * 4).unwrap();
     let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
     println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
+    // Tuning variants of the skinny Store kernel, one token.
+    for &name in multilora_engine::cuda::skinny::VARIANTS {
+        let pass = || {
+            for (w, &(n, k)) in ws.iter().zip(&shapes) {
+                let mut b = gpu.stream.launch_builder(gpu.func(name));
+                let (bias, m32, n32, k32, ld32) = (0u64, 1i32, n as i32, k as i32, n as i32);
+                b.arg(&x.ptr)
+                    .arg(&w.ptr)
+                    .arg(&bias)
+                    .arg(&y.ptr)
+                    .arg(&m32)
+                    .arg(&n32)
+                    .arg(&k32)
+                    .arg(&ld32);
+                unsafe { b.launch(lcfg((n.div_ceil(16) as u32, 1, 1), 256)) }.unwrap();
+            }
+        };
+        pass();
+        e0.record(&gpu.stream).unwrap();
+        for _ in 0..5 {
+            pass();
+        }
+        e1.record(&gpu.stream).unwrap();
+        gpu.sync().unwrap();
+        let ms = e0.elapsed_ms(&e1).unwrap() as f64 / 5.0;
+        println!(
+            "micro m= 1 {name:>22}: {ms:7.3} ms per pass, {:.2} TB/s ({:.0}% of copy)",
+            bytes / ms / 1e9,
+            100.0 * bytes / (ms / 1e3) / bw
+        );
+    }
     for m in [1usize, 2, 4, 8, 16, 32] {
         for (name, gm) in [("skinny", SKINNY_MAX_M), ("cublas", 0)] {
             let pass = || {

@@ -151,27 +151,66 @@ extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const bf1
     for (int i = lane; i < hd; i += 32) x[i] = bf2f(w[i]) * (x[i] * inv);
 }
 
+// One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the
+// slot's B row for this output, bf16, 16-byte aligned, zero-padded to a multiple of 8).
+__device__ __forceinline__ float lora_dot(const float* tr, const bf16_t* b, int rank) {
+    float acc = 0.f;
+    for (int r8 = 0; r8 < rank; r8 += 8) {
+        uint4 bv = __ldg((const uint4*)(b + r8));
+        acc = fmaf(tr[r8 + 0], lo(bv.x), acc);
+        acc = fmaf(tr[r8 + 1], hi(bv.x), acc);
+        acc = fmaf(tr[r8 + 2], lo(bv.y), acc);
+        acc = fmaf(tr[r8 + 3], hi(bv.y), acc);
+        acc = fmaf(tr[r8 + 4], lo(bv.z), acc);
+        acc = fmaf(tr[r8 + 5], hi(bv.z), acc);
+        acc = fmaf(tr[r8 + 6], lo(bv.w), acc);
+        acc = fmaf(tr[r8 + 7], hi(bv.w), acc);
+    }
+    return acc;
+}
+
 // HF non-interleaved RoPE on q (in place) and k, then k and v into the paged cache.
 // qkv: [T, ld] f32 (q heads, k heads, v heads); cos/sin: [max_pos, hd/2];
 // k_cache/v_cache: [num_slots, nkv * hd] bf16. grid (T, nh + 2 nkv): a block per head (the
 // v heads are copied), at least hd / 2 threads.
+// With lora_tmp set (decode), the q/k/v LoRA expand is added first, as lora_expand would:
+// lora_tmp [3, T, R] from lora_shrink, B [L, ld, R], ranks [3, L], tok_slot [T].
 extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, int hd, const float* cos_t,
                                          const float* sin_t, const u32* positions, const u32* slot_mapping,
-                                         bf16_t* k_cache, bf16_t* v_cache) {
+                                         bf16_t* k_cache, bf16_t* v_cache, const float* lora_tmp,
+                                         const bf16_t* B, const int* ranks, const int* tok_slot, int T, int R,
+                                         int L) {
     int t = blockIdx.x, h = blockIdx.y, half = hd / 2, kvs = nkv * hd;
     float* x = qkv + (size_t)t * ld + (size_t)h * hd;
     size_t slot = slot_mapping[t];
+    // This head's LoRA: projection z (q, k or v), the token's slot and rank.
+    int z = h < nh ? 0 : (h < nh + nkv ? 1 : 2), rank = 0;
+    const float* tr = 0;
+    const bf16_t* b = 0;
+    if (lora_tmp) {
+        int sl = tok_slot[t];
+        if (sl >= 0) {
+            rank = ranks[z * L + sl];
+            tr = lora_tmp + ((size_t)z * T + t) * R;
+            b = B + ((size_t)sl * ld + (size_t)h * hd) * R;
+        }
+    }
     if (h >= nh + nkv) {
         bf16_t* v = v_cache + slot * kvs + (size_t)(h - nh - nkv) * hd;
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] = f2bf(x[i]);
+        for (int i = threadIdx.x; i < hd; i += blockDim.x)
+            v[i] = f2bf(x[i] + (rank ? lora_dot(tr, b + (size_t)i * R, rank) : 0.f));
         return;
     }
     u32 p = positions[t];
     const float* c = cos_t + (size_t)p * half;
     const float* s = sin_t + (size_t)p * half;
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
-        float a = x[j], b = x[j + half];
-        float ra = a * c[j] - b * s[j], rb = b * c[j] + a * s[j];
+        float a = x[j], bb = x[j + half];
+        if (rank) {
+            a += lora_dot(tr, b + (size_t)j * R, rank);
+            bb += lora_dot(tr, b + (size_t)(j + half) * R, rank);
+        }
+        float ra = a * c[j] - bb * s[j], rb = bb * c[j] + a * s[j];
         if (h < nh) {
             x[j] = ra;
             x[j + half] = rb;
@@ -486,19 +525,7 @@ extern "C" __global__ void lora_expand(const float* tmp, const bf16_t* __restric
     int rank = ranks[z * L + s];
     if (rank == 0) return;
     const float* tr = tmp + ((size_t)z * T + t) * R;
-    const uint4* b = (const uint4*)(B + ((size_t)s * N + o) * R);
-    float acc = 0.f;
-    for (int r8 = 0; r8 < rank; r8 += 8) {
-        uint4 bv = __ldg(b + (r8 >> 3));
-        acc = fmaf(tr[r8 + 0], lo(bv.x), acc);
-        acc = fmaf(tr[r8 + 1], hi(bv.x), acc);
-        acc = fmaf(tr[r8 + 2], lo(bv.y), acc);
-        acc = fmaf(tr[r8 + 3], hi(bv.y), acc);
-        acc = fmaf(tr[r8 + 4], lo(bv.z), acc);
-        acc = fmaf(tr[r8 + 5], hi(bv.z), acc);
-        acc = fmaf(tr[r8 + 6], lo(bv.w), acc);
-        acc = fmaf(tr[r8 + 7], hi(bv.w), acc);
-    }
+    float acc = lora_dot(tr, B + ((size_t)s * N + o) * R, rank);
     y[(size_t)t * ldy + o] += acc;
 }
 "#;

@@ -522,6 +522,7 @@ impl CudaModel {
         y: CUdeviceptr,
         shape: StepShape,
         ldy: usize,
+        shrink_only: bool,
     ) -> Result<()> {
         let t = shape.num_tokens;
         let r = self.lora_rank;
@@ -580,6 +581,9 @@ impl CudaModel {
             .arg(&l32);
         // SAFETY: both shrink kernels take these arguments (kernels.rs).
         unsafe { b.launch(cfg(grid, 256)) }.map_err(|e| cuda_err("launching lora_shrink", e))?;
+        if shrink_only {
+            return Ok(());
+        }
         launch!(
             gpu,
             "lora_expand",
@@ -613,7 +617,7 @@ impl CudaModel {
         let norm_threads = (h.div_ceil(32) * 32).min(1024) as u32;
         // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
         let decode_parts = (t == s && decode_attention_fits(hd))
-            .then(|| (8 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
+            .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
         launch!(
             gpu,
@@ -649,9 +653,21 @@ impl CudaModel {
                 t,
                 qkv_n,
             )?;
+            // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
+            let fuse_qkv_expand = lora_on(0) && t == s && layer.q_norm.is_none();
             if lora_on(0) {
-                self.lora(gpu, &layer.lora[0], self.normed.ptr, self.qkv.ptr, shape, qkv_n)?;
+                self.lora(
+                    gpu,
+                    &layer.lora[0],
+                    self.normed.ptr,
+                    self.qkv.ptr,
+                    shape,
+                    qkv_n,
+                    fuse_qkv_expand,
+                )?;
             }
+            let g0 = layer.lora.first().filter(|_| fuse_qkv_expand);
+            let (l_tmp, l_b, l_ranks) = g0.map_or((0, 0, 0), |g| (self.lora_tmp.ptr, g.b.ptr, g.ranks.ptr));
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 launch!(
                     gpu,
@@ -680,7 +696,14 @@ impl CudaModel {
                 self.input(a.positions),
                 self.input(a.slot_mapping),
                 self.k_cache[li].ptr,
-                self.v_cache[li].ptr
+                self.v_cache[li].ptr,
+                l_tmp,
+                l_b,
+                l_ranks,
+                self.input(a.token_slot),
+                t as i32,
+                self.lora_rank as i32,
+                self.max_loras as i32
             )?;
             if let Some(parts) = decode_parts {
                 launch!(
@@ -735,7 +758,15 @@ impl CudaModel {
                 h,
             )?;
             if lora_on(1) {
-                self.lora(gpu, &layer.lora[1], self.attn.ptr, self.hidden.ptr, shape, h)?;
+                self.lora(
+                    gpu,
+                    &layer.lora[1],
+                    self.attn.ptr,
+                    self.hidden.ptr,
+                    shape,
+                    h,
+                    false,
+                )?;
             }
             launch!(
                 gpu,
@@ -767,6 +798,7 @@ impl CudaModel {
                     self.gate_up.ptr,
                     shape,
                     2 * inter,
+                    false,
                 )?;
                 let grid = ((t * inter).div_ceil(256).min(65536) as u32, 1, 1);
                 launch!(
@@ -799,7 +831,15 @@ impl CudaModel {
                 h,
             )?;
             if lora_on(3) {
-                self.lora(gpu, &layer.lora[3], self.act.ptr, self.hidden.ptr, shape, h)?;
+                self.lora(
+                    gpu,
+                    &layer.lora[3],
+                    self.act.ptr,
+                    self.hidden.ptr,
+                    shape,
+                    h,
+                    false,
+                )?;
             }
             // The next layer's input norm (the last layer's output norm is recomputed below on
             // the rows that need logits).

@@ -60,12 +60,26 @@ pub const MODULE: Module = Module {
         "skinny_silu_8",
         "skinny_silu_16",
         "skinny_silu_32",
+        "skinny_var_u2_b4",
+        "skinny_var_u4_b3",
+        "skinny_var_u4_b2_nopf",
+        "skinny_var_u8_b1",
+        "skinny_var_u8_b2",
     ],
 };
 
+/// The tuning variants of the Store kernel (up to 8 tokens) `gpu_bench --micro` times.
+pub const VARIANTS: &[&str] = &[
+    "skinny_store_8",
+    "skinny_var_u2_b4",
+    "skinny_var_u4_b3",
+    "skinny_var_u4_b2_nopf",
+    "skinny_var_u8_b1",
+    "skinny_var_u8_b2",
+];
+
 const BODY: &str = r#"
 #define SK_WARPS 8
-#define SK_U 4
 #define EPI_STORE 0
 #define EPI_ADD 1
 #define EPI_SILU 2
@@ -78,17 +92,23 @@ __device__ __forceinline__ void mma_bf16(float* d, u32 a0, u32 a1, u32 a2, u32 a
 }
 
 // A weight vector read once: no L1 allocation, and a 256-byte L2 prefetch (the row goes on).
+template <bool PF>
 __device__ __forceinline__ uint4 ld_stream(const bf16_t* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    if (PF)
+        asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    else
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 
 // y = x[M, K] · W[rows, K]ᵀ for M <= 8 * NT. Block b owns 16 output rows: for Store/Add rows
 // 16b..16b+15 of W (N rows); for SiLU, gate rows 8b..8b+7 (rows of W) and the matching up rows
 // I + 8b.. (N = I). K must be a multiple of 8. grid ceil(N / 16) (Store/Add) or ceil(I / 8).
-template <int NT, int EPI>
+// SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments.
+template <int NT, int EPI, int SK_U, bool PF>
 __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_t* __restrict__ W,
                                        const bf16_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -118,10 +138,10 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
             int c = c0 + u * SK_WARPS;
             int e = c * 64 + t * 8;
             bool ok0 = c < nchunks && e < K, ok1 = c < nchunks && e + 32 < K;
-            w[u][0] = vlo && ok0 ? ld_stream(wlo + c * 64) : z4;
-            w[u][1] = vlo && ok1 ? ld_stream(wlo + c * 64 + 32) : z4;
-            w[u][2] = vhi && ok0 ? ld_stream(whi + c * 64) : z4;
-            w[u][3] = vhi && ok1 ? ld_stream(whi + c * 64 + 32) : z4;
+            w[u][0] = vlo && ok0 ? ld_stream<PF>(wlo + c * 64) : z4;
+            w[u][1] = vlo && ok1 ? ld_stream<PF>(wlo + c * 64 + 32) : z4;
+            w[u][2] = vhi && ok0 ? ld_stream<PF>(whi + c * 64) : z4;
+            w[u][3] = vhi && ok1 ? ld_stream<PF>(whi + c * 64 + 32) : z4;
         }
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
@@ -180,7 +200,7 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
 #define SKINNY(NAME, NT, EPI)                                                                          \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32) NAME(                                 \
         const bf16_t* x, const bf16_t* W, const bf16_t* bias, void* y, int M, int N, int K, int ldy) { \
-        skinny<NT, EPI>(x, W, bias, y, M, N, K, ldy);                                                  \
+        skinny<NT, EPI, 4, true>(x, W, bias, y, M, N, K, ldy);                                         \
     }
 SKINNY(skinny_store_8, 1, EPI_STORE)
 SKINNY(skinny_store_16, 2, EPI_STORE)
@@ -191,4 +211,17 @@ SKINNY(skinny_add_32, 4, EPI_ADD)
 SKINNY(skinny_silu_8, 1, EPI_SILU)
 SKINNY(skinny_silu_16, 2, EPI_SILU)
 SKINNY(skinny_silu_32, 4, EPI_SILU)
+
+// Tuning variants (Store, up to 8 tokens), timed by `gpu_bench --micro`: chunks in flight,
+// blocks per SM asked of the register allocator, L2 prefetch.
+#define SKINNY_VAR(NAME, U, MINB, PF)                                                                  \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, MINB) NAME(                           \
+        const bf16_t* x, const bf16_t* W, const bf16_t* bias, void* y, int M, int N, int K, int ldy) { \
+        skinny<1, EPI_STORE, U, PF>(x, W, bias, y, M, N, K, ldy);                                      \
+    }
+SKINNY_VAR(skinny_var_u2_b4, 2, 4, true)
+SKINNY_VAR(skinny_var_u4_b3, 4, 3, true)
+SKINNY_VAR(skinny_var_u4_b2_nopf, 4, 2, false)
+SKINNY_VAR(skinny_var_u8_b1, 8, 1, true)
+SKINNY_VAR(skinny_var_u8_b2, 8, 2, true)
 "#;
