@@ -35,9 +35,9 @@ bench)
   "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench_eager.jsonl" --eager --batch-sizes 1,32 2>&1 | tee "$OUT/bench_eager.log"
   ;;
 sweep)
-  for g in 0 1 32; do
+  for g in ${SWEEP:-0 1 32}; do
     echo "== skinny GEMM up to $g tokens (cuBLAS above)"
-    MULTILORA_SKINNY_MAX_M=$g "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/sweep_$g.jsonl" --batch-sizes 1,8,16,32 --series no-lora,distinct 2>&1 | grep -E "no-lora|distinct"
+    MULTILORA_SKINNY_MAX_M=$g "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/sweep_$g.jsonl" --batch-sizes ${SWEEP_BATCHES:-1,8,16,32} --series no-lora,distinct 2>&1 | grep -E "no-lora|distinct"
   done 2>&1 | tee "$OUT/sweep.log"
   ;;
 profile)

@@ -118,18 +118,52 @@ extern "C" __global__ void embed(float* hidden, const bf16_t* table, const u32* 
     for (int i = threadIdx.x; i < H; i += blockDim.x) hidden[(size_t)t * H + i] = bf2f(row[i]);
 }
 
-// One row per block. hidden: [*, H] f32 residual stream; delta: [T, H] f32 added into it first
-// (may be null); rows: [n] source row of each output row (may be null: row = blockIdx.x);
-// out: [n, H] bf16 = rmsnorm(hidden[row]) * w
-extern "C" __global__ void add_rms_norm(float* hidden, const float* delta, const u32* rows, const bf16_t* w,
-                                        bf16_t* out, int H, float eps) {
+// One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the
+// slot's B row for this output, bf16, 16-byte aligned, zero-padded to a multiple of 8).
+__device__ __forceinline__ float lora_dot(const float* tr, const bf16_t* b, int rank) {
+    float acc = 0.f;
+    for (int r8 = 0; r8 < rank; r8 += 8) {
+        uint4 bv = __ldg((const uint4*)(b + r8));
+        acc = fmaf(tr[r8 + 0], lo(bv.x), acc);
+        acc = fmaf(tr[r8 + 1], hi(bv.x), acc);
+        acc = fmaf(tr[r8 + 2], lo(bv.y), acc);
+        acc = fmaf(tr[r8 + 3], hi(bv.y), acc);
+        acc = fmaf(tr[r8 + 4], lo(bv.z), acc);
+        acc = fmaf(tr[r8 + 5], hi(bv.z), acc);
+        acc = fmaf(tr[r8 + 6], lo(bv.w), acc);
+        acc = fmaf(tr[r8 + 7], hi(bv.w), acc);
+    }
+    return acc;
+}
+
+// One row per block: out[n, H] bf16 = rmsnorm(hidden[row]) * w, hidden: [*, H] f32 residual
+// stream; rows: [n] source row of each output row (may be null: row = blockIdx.x).
+// With lora_tmp set (decode), the LoRA expand of the projection that just added into the
+// residual stream (o_proj or down_proj, one target) is added into it first, as lora_expand
+// would: lora_tmp [T, R] from lora_shrink, B [L, H, R], ranks [L], tok_slot [T].
+extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const bf16_t* w, bf16_t* out, int H,
+                                        float eps, const float* lora_tmp, const bf16_t* B, const int* ranks,
+                                        const int* tok_slot, int R) {
     int r = rows ? (int)rows[blockIdx.x] : (int)blockIdx.x;
     float* x = hidden + (size_t)r * H;
-    const float* d = delta ? delta + (size_t)r * H : 0;
+    int rank = 0;
+    const float* tr = 0;
+    const bf16_t* b = 0;
+    if (lora_tmp) {
+        int sl = tok_slot[r];
+        if (sl >= 0) {
+            rank = ranks[sl];
+            tr = lora_tmp + (size_t)r * R;
+            b = B + (size_t)sl * H * R;
+        }
+    }
     float ss = 0.f;
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
         float v = x[i];
-        if (d) { v += d[i]; x[i] = v; }
+        if (rank) {
+            v += lora_dot(tr, b + (size_t)i * R, rank);
+            x[i] = v;
+        }
         ss += v * v;
     }
     ss = block_sum(ss);
@@ -149,24 +183,6 @@ extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const bf1
     ss = warp_sum(ss);
     float inv = rsqrtf(ss / (float)hd + eps);
     for (int i = lane; i < hd; i += 32) x[i] = bf2f(w[i]) * (x[i] * inv);
-}
-
-// One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the
-// slot's B row for this output, bf16, 16-byte aligned, zero-padded to a multiple of 8).
-__device__ __forceinline__ float lora_dot(const float* tr, const bf16_t* b, int rank) {
-    float acc = 0.f;
-    for (int r8 = 0; r8 < rank; r8 += 8) {
-        uint4 bv = __ldg((const uint4*)(b + r8));
-        acc = fmaf(tr[r8 + 0], lo(bv.x), acc);
-        acc = fmaf(tr[r8 + 1], hi(bv.x), acc);
-        acc = fmaf(tr[r8 + 2], lo(bv.y), acc);
-        acc = fmaf(tr[r8 + 3], hi(bv.y), acc);
-        acc = fmaf(tr[r8 + 4], lo(bv.z), acc);
-        acc = fmaf(tr[r8 + 5], hi(bv.z), acc);
-        acc = fmaf(tr[r8 + 6], lo(bv.w), acc);
-        acc = fmaf(tr[r8 + 7], hi(bv.w), acc);
-    }
-    return acc;
 }
 
 // HF non-interleaved RoPE on q (in place) and k, then k and v into the paged cache.
@@ -479,7 +495,7 @@ extern "C" __global__ void lora_shrink_wide(const bf16_t* __restrict__ x, const 
     const uint4* a = (const uint4*)(A + (((size_t)z * L + s) * R + r) * K);
     const uint4* xr = (const uint4*)(x + (size_t)t * K);
     float acc = 0.f;
-#pragma unroll 4
+#pragma unroll 8
     for (int k = lane; k < K8; k += 32) acc += dot8(__ldg(a + k), __ldg(xr + k));
     acc = warp_sum(acc);
     if (lane == 0) *o = acc * scales[z * L + s];
@@ -548,7 +564,7 @@ const CORE_NAMES: &[&str] = &[
 ];
 
 /// Token counts above which `lora_shrink_wide` replaces `lora_shrink` (prefill).
-pub const SHRINK_WIDE_MIN_TOKENS: usize = 64;
+pub const SHRINK_WIDE_MIN_TOKENS: usize = 16;
 /// Largest head_dim the attention kernel takes (`32 * MAX_DPL`).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Threads of an attention block (`ATT_WARPS * 32`).

@@ -10,7 +10,7 @@ use half::bf16;
 use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::sgmv;
-use super::skinny::{self, Epilogue, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
+use super::skinny::{self, Epilogue, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -118,8 +118,8 @@ pub struct CudaModel {
     /// KV slot that padded graph rows write to (an extra block past the engine's)
     scratch_slot: u32,
     max_loras: usize,
-    /// Largest token count the skinny GEMM takes; cuBLAS above. `MULTILORA_SKINNY_MAX_M=0`
-    /// sends every projection to cuBLAS (for comparisons).
+    /// Largest token count the skinny GEMM takes; cuBLAS above. `MULTILORA_SKINNY_MAX_M=N`
+    /// overrides it (0: cuBLAS for every projection), for comparisons.
     skinny_max_m: usize,
     num_sms: usize,
     /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
@@ -358,7 +358,7 @@ impl CudaModel {
             skinny_max_m: std::env::var("MULTILORA_SKINNY_MAX_M")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(SKINNY_MAX_M)
+                .unwrap_or(SKINNY_DEFAULT_M)
                 .min(SKINNY_MAX_M),
             num_sms: gpu.num_sms as usize,
             lora_rank,
@@ -603,6 +603,15 @@ impl CudaModel {
         )
     }
 
+    /// What a kernel that fuses group `g`'s LoRA expand reads (shrink result, B, ranks), or
+    /// null pointers when it does not.
+    fn fused_expand(&self, layer: &Layer, g: usize, fused: bool) -> (u64, u64, u64) {
+        match layer.lora.get(g).filter(|_| fused) {
+            Some(grp) => (self.lora_tmp.ptr, grp.b.ptr, grp.ranks.ptr),
+            None => (0, 0, 0),
+        }
+    }
+
     /// Enqueues the kernels of one step on the stream (also what a graph captures).
     pub fn record_forward(&self, gpu: &Gpu, shape: StepShape) -> Result<()> {
         let c = &self.cfg;
@@ -637,11 +646,15 @@ impl CudaModel {
                     cfg((ti, 1, 1), norm_threads),
                     self.hidden.ptr,
                     0u64,
-                    0u64,
                     layer.input_layernorm.ptr,
                     self.normed.ptr,
                     h as i32,
-                    eps
+                    eps,
+                    0u64,
+                    0u64,
+                    0u64,
+                    0u64,
+                    0i32
                 )?;
             }
             self.linear(
@@ -666,8 +679,7 @@ impl CudaModel {
                     fuse_qkv_expand,
                 )?;
             }
-            let g0 = layer.lora.first().filter(|_| fuse_qkv_expand);
-            let (l_tmp, l_b, l_ranks) = g0.map_or((0, 0, 0), |g| (self.lora_tmp.ptr, g.b.ptr, g.ranks.ptr));
+            let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 0, fuse_qkv_expand);
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 launch!(
                     gpu,
@@ -757,6 +769,8 @@ impl CudaModel {
                 t,
                 h,
             )?;
+            // Decode: the o_proj LoRA expand is fused into the norm that follows.
+            let fuse_o = lora_on(1) && t == s;
             if lora_on(1) {
                 self.lora(
                     gpu,
@@ -765,20 +779,25 @@ impl CudaModel {
                     self.hidden.ptr,
                     shape,
                     h,
-                    false,
+                    fuse_o,
                 )?;
             }
+            let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 1, fuse_o);
             launch!(
                 gpu,
                 "add_rms_norm",
                 cfg((ti, 1, 1), norm_threads),
                 self.hidden.ptr,
                 0u64,
-                0u64,
                 layer.post_attention_layernorm.ptr,
                 self.normed.ptr,
                 h as i32,
-                eps
+                eps,
+                l_tmp,
+                l_b,
+                l_ranks,
+                self.input(a.token_slot),
+                self.lora_rank as i32
             )?;
             if lora_on(2) {
                 // LoRA on gate/up must land before the activation: no fused epilogue.
@@ -830,6 +849,8 @@ impl CudaModel {
                 t,
                 h,
             )?;
+            // Decode: the down_proj LoRA expand is fused into the next norm.
+            let fuse_down = lora_on(3) && t == s;
             if lora_on(3) {
                 self.lora(
                     gpu,
@@ -838,9 +859,10 @@ impl CudaModel {
                     self.hidden.ptr,
                     shape,
                     h,
-                    false,
+                    fuse_down,
                 )?;
             }
+            let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 3, fuse_down);
             // The next layer's input norm (the last layer's output norm is recomputed below on
             // the rows that need logits).
             let next_norm = self
@@ -853,11 +875,15 @@ impl CudaModel {
                 cfg((ti, 1, 1), norm_threads),
                 self.hidden.ptr,
                 0u64,
-                0u64,
                 next_norm,
                 self.normed.ptr,
                 h as i32,
-                eps
+                eps,
+                l_tmp,
+                l_b,
+                l_ranks,
+                self.input(a.token_slot),
+                self.lora_rank as i32
             )?;
         }
         launch!(
@@ -865,12 +891,16 @@ impl CudaModel {
             "add_rms_norm",
             cfg((s as u32, 1, 1), norm_threads),
             self.hidden.ptr,
-            0u64,
             self.input(a.last_rows),
             self.norm.ptr,
             self.last_normed.ptr,
             h as i32,
-            eps
+            eps,
+            0u64,
+            0u64,
+            0u64,
+            0u64,
+            0i32
         )?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         linear(

@@ -14,8 +14,12 @@
 
 use super::kernels::Module;
 
-/// Most tokens the skinny GEMM takes (4 n-tiles of 8); cuBLAS above.
+/// Most tokens the skinny GEMM takes (4 n-tiles of 8).
 pub const SKINNY_MAX_M: usize = 32;
+/// Token counts it is used for by default; cuBLAS above. On the H200 it matched cuBLAS at one
+/// token (both ~79% of copy bandwidth, and it fuses the epilogue) and lost above: its x
+/// fragments come from L2 per warp, so traffic grows with the token count (BENCHMARKS.md).
+pub const SKINNY_DEFAULT_M: usize = 1;
 /// Weight rows per block (one mma tile).
 pub const SKINNY_ROWS: usize = 16;
 /// Threads per block (`SK_WARPS * 32`).
@@ -60,7 +64,7 @@ pub const MODULE: Module = Module {
         "skinny_silu_8",
         "skinny_silu_16",
         "skinny_silu_32",
-        "skinny_var_u2_b4",
+        "skinny_var_u4_b2",
         "skinny_var_u4_b3",
         "skinny_var_u4_b2_nopf",
         "skinny_var_u8_b1",
@@ -71,7 +75,7 @@ pub const MODULE: Module = Module {
 /// The tuning variants of the Store kernel (up to 8 tokens) `gpu_bench --micro` times.
 pub const VARIANTS: &[&str] = &[
     "skinny_store_8",
-    "skinny_var_u2_b4",
+    "skinny_var_u4_b2",
     "skinny_var_u4_b3",
     "skinny_var_u4_b2_nopf",
     "skinny_var_u8_b1",
@@ -197,10 +201,12 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
     }
 }
 
+// Two chunks in flight per warp and four blocks per SM (the fastest variant at one token on
+// the H200, BENCHMARKS.md); more tokens need more registers: two blocks.
 #define SKINNY(NAME, NT, EPI)                                                                          \
-    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32) NAME(                                 \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, NT == 1 ? 4 : 2) NAME(                \
         const bf16_t* x, const bf16_t* W, const bf16_t* bias, void* y, int M, int N, int K, int ldy) { \
-        skinny<NT, EPI, 4, true>(x, W, bias, y, M, N, K, ldy);                                         \
+        skinny<NT, EPI, 2, true>(x, W, bias, y, M, N, K, ldy);                                         \
     }
 SKINNY(skinny_store_8, 1, EPI_STORE)
 SKINNY(skinny_store_16, 2, EPI_STORE)
@@ -219,7 +225,7 @@ SKINNY(skinny_silu_32, 4, EPI_SILU)
         const bf16_t* x, const bf16_t* W, const bf16_t* bias, void* y, int M, int N, int K, int ldy) { \
         skinny<1, EPI_STORE, U, PF>(x, W, bias, y, M, N, K, ldy);                                      \
     }
-SKINNY_VAR(skinny_var_u2_b4, 2, 4, true)
+SKINNY_VAR(skinny_var_u4_b2, 4, 2, true)
 SKINNY_VAR(skinny_var_u4_b3, 4, 3, true)
 SKINNY_VAR(skinny_var_u4_b2_nopf, 4, 2, false)
 SKINNY_VAR(skinny_var_u8_b1, 8, 1, true)
