@@ -421,6 +421,7 @@ impl Backend for OpenAiBackend {
                 // From sending the request: a client cannot see when it was scheduled.
                 first_token_time_s: (first - t.sent).as_secs_f64(),
                 completion_time_s: (t.done - first).as_secs_f64(),
+                inter_token_latencies_s: t.itls_s().collect(),
             });
         }
         if let (Some(s), Some(d)) = (first_sent, last_done) {
@@ -457,6 +458,7 @@ mod tests {
             finish_reason: "length".into(),
             first_token_time_s: ttft,
             completion_time_s: completion,
+            inter_token_latencies_s: Vec::new(),
         };
         // Prefill: the slowest first token; decode: mean of (completion / (n - 1)).
         let l = BatchLatency::from_requests(&[req(0.010, 0.040, 5), req(0.020, 0.080, 5)], 120.0)?;
