@@ -422,5 +422,44 @@ async fn stop_strings_end_the_text() -> TestResult {
     let v: Value = serde_json::from_str(&text)?;
     assert_eq!(v["choices"][0]["text"], full[..cut], "{text}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // A stop string that completes on the last allowed token: the engine finished the request
+    // (length) on that token, the client sees `stop`, and so must /metrics.
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    let tail = (0..chars.len().saturating_sub(1))
+        .rev()
+        .map(|i| &full[chars[i].0..])
+        .find(|t| !t.contains('\u{FFFD}') && full.find(t) == Some(full.len() - t.len()))
+        .ok_or("no suffix of the output that occurs once")?;
+    req["stop"] = json!([tail]);
+    let (_, text) = send(&app, post_json("/v1/completions", &req)).await?;
+    let v: Value = serde_json::from_str(&text)?;
+    assert_eq!(v["choices"][0]["text"], full[..full.len() - tail.len()], "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // Both stop-string requests count as finished with reason stop, none as aborted. The
+    // engine loop counts on its own thread: wait until it has (bounded).
+    let finished = |metrics: &str, reason: &str| {
+        let label = format!("finished_reason=\"{reason}\"}}");
+        metrics
+            .lines()
+            .find(|l| l.starts_with("multilora:request_success_total{") && l.contains(&label))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = send(&app, Request::get("/metrics").body(Body::empty())?).await?.1;
+        if finished(&metrics, "stop") >= Some(2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(finished(&metrics, "stop"), Some(2), "{metrics}");
+    assert_eq!(finished(&metrics, "length"), Some(1), "{metrics}");
+    assert_eq!(finished(&metrics, "abort"), Some(0), "{metrics}");
+    assert_eq!(
+        common::metric(&metrics, "multilora:e2e_request_latency_seconds_count"),
+        Some(3.0),
+        "a stop-string finish has its latencies observed: {metrics}"
+    );
     Ok(())
 }
