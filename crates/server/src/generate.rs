@@ -111,8 +111,8 @@ impl From<AddError> for ApiError {
     fn from(e: AddError) -> Self {
         match e {
             AddError::Engine(e) => e.into(),
-            AddError::QueueFull { max_waiting } => ApiError::overloaded(format!(
-                "the server is overloaded: {max_waiting} requests are already waiting; retry later"
+            AddError::QueueFull { max_waiting } => ApiError::too_many_requests(format!(
+                "too many requests: {max_waiting} are already waiting for a batch slot (--max-waiting-requests); retry later"
             )),
             AddError::AdapterUnloaded(name) => ApiError::model_not_found(&name),
             AddError::ShuttingDown => ApiError::overloaded("the server is shutting down"),

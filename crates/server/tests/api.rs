@@ -329,21 +329,45 @@ async fn api_key_is_required_on_v1_only() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_waiting_queue_answers_503() -> TestResult {
+async fn full_queue_answers_429_and_shutting_down_503_both_with_retry_after() -> TestResult {
     // No request may wait: every generation request is refused, deterministically.
     let server = demo_server(0, |_, s| s.max_waiting_requests = 0)?;
     let app = server.router();
-    let (status, text) = send(
-        &app,
-        post_json("/v1/completions", &json!({"model": MODEL, "prompt": "x"})),
-    )
-    .await?;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
-    assert_eq!(error_body(&text)?["type"], "server_overloaded");
+    let refused = |app: Router| async move {
+        let req = post_json("/v1/completions", &json!({"model": MODEL, "prompt": "x"}));
+        let res = app.oneshot(req).await?;
+        let (status, retry_after) = (res.status(), res.headers().get(header::RETRY_AFTER).cloned());
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+        let e = error_body(std::str::from_utf8(&bytes)?)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, retry_after, e))
+    };
+    let (status, retry_after, e) = refused(app.clone()).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{e}");
+    assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert_eq!(e["type"], "rate_limit_error");
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-waiting-requests")),
+        "{e}"
+    );
     let (_, metrics) = send(&app, Request::get("/metrics").body(Body::empty())?).await?;
     assert_eq!(
         common::metric(&metrics, "multilora:request_rejected_queue_full_total"),
         Some(1.0)
+    );
+    // A draining server is unavailable, not rate limiting: 503.
+    server
+        .state()
+        .is_shutting_down
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, retry_after, e) = refused(app.clone()).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    assert!(retry_after.is_some());
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains("shutting down")),
+        "{e}"
     );
     Ok(())
 }
