@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::engine_args::EngineArgs;
 
 mod backend;
-mod config;
+pub(crate) mod config;
 mod inputs;
 mod openai;
 mod plan;
