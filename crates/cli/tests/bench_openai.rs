@@ -4,8 +4,10 @@
 
 mod server_process;
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use server_process::ServerProcess;
@@ -210,5 +212,68 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
 
     let (exit, rest) = server.terminate()?;
     assert!(exit.success(), "{rest:?}");
+    Ok(())
+}
+
+/// `--base-url https://...` speaks TLS (the client is built with it) and, against a server that
+/// does not, fails with a message that says what to check: no network needed, a plain TCP
+/// listener on loopback records what the client sent.
+#[test]
+fn https_base_url_speaks_tls_and_fails_cleanly_against_a_plain_server() -> TestResult {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let first_bytes = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = [0u8; 3];
+        conn.read_exact(&mut buf)?;
+        conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        Ok(buf.to_vec())
+    });
+    let tmp = tempfile::tempdir()?;
+    let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/prompts.json");
+    let base_url = format!("https://{addr}/v1");
+    let out = multilora(
+        tmp.path(),
+        &[
+            "bench",
+            "serving",
+            "--base-url",
+            &base_url,
+            "--prompts",
+            &prompts.to_string_lossy(),
+            "--num-prompts",
+            "1",
+            "--report-dir",
+            "reports",
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("GET {base_url}/models: no HTTPS connection"))
+            && stderr.contains("http:// --base-url"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let hello = first_bytes.join().map_err(|_| "the listener thread panicked")??;
+    // A TLS record (type 22, handshake; version 3.x): the client spoke TLS, not plain HTTP.
+    assert_eq!(hello[..2], [0x16, 0x03], "{hello:?}");
+    let reports = tmp.path().join("reports");
+    assert!(
+        !reports.exists() || std::fs::read_dir(&reports)?.next().is_none(),
+        "a failed run leaves no report"
+    );
     Ok(())
 }
