@@ -1,25 +1,26 @@
 //! `multilora serve`: the OpenAI-compatible server, called as `vllm serve` is: the model folder,
-//! vLLM's engine flags (or the benchmark's `common.json` through `--config`), `--lora-modules
-//! name=path ...`, `--host`, `--port`, `--api-key`.
+//! vLLM's engine flags (or the benchmark's `common.json` through `--config`, read by the
+//! benchmark's own reader), `--lora-modules name=path ...`, `--host`, `--port`, `--api-key`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use multilora_engine::EngineConfig;
 use multilora_server::{Server, ServerConfig};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::engine_args::{parse_device, parse_load_format, EngineArgs};
+use crate::bench::config::CommonJson;
+use crate::engine_args::EngineArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Hugging Face model folder (or `base_model_path` from --config).
     model: Option<PathBuf>,
     /// The benchmark's common.json: its engine keys (base_model_path, dtype, enable_lora,
-    /// max_loras, max_lora_rank, max_cpu_loras, max_model_len, max_num_seqs, ...) are used;
-    /// flags override them, other keys are ignored.
+    /// max_loras, max_lora_rank, max_cpu_loras, max_model_len, max_num_seqs, random_seed, ...)
+    /// are used, flags override them; the benchmark's own keys are checked and ignored.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The `model` name of the base model in requests (default: the model path as given).
@@ -43,7 +44,7 @@ pub struct Args {
     /// A chat template (a file or the template itself) instead of the model's.
     #[arg(long)]
     chat_template: Option<String>,
-    /// Requests waiting for a batch slot beyond which new ones are refused with 503.
+    /// Requests waiting for a batch slot beyond which new ones are refused with 429.
     #[arg(long, default_value_t = 1024)]
     max_waiting_requests: usize,
     /// Largest request body accepted (413 above).
@@ -60,7 +61,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut cfg = EngineConfig::new(PathBuf::new());
     let mut config_model = None;
     if let Some(path) = &args.config {
-        config_model = apply_common_json(path, &mut cfg)?;
+        let common = CommonJson::read(path)?;
+        common.apply_engine(&mut cfg);
+        config_model = common.base_model_path;
     }
     let Some(model) = args.model.clone().or(config_model) else {
         bail!("give the model folder: multilora serve <MODEL> (or base_model_path in --config)");
@@ -137,93 +140,6 @@ fn parse_lora_module(spec: &str) -> anyhow::Result<(String, PathBuf)> {
     }
 }
 
-/// Applies the engine keys of a `common.json` to `cfg`; returns its `base_model_path`.
-fn apply_common_json(path: &Path, cfg: &mut EngineConfig) -> anyhow::Result<Option<PathBuf>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading the config {}", path.display()))?;
-    let map: Map<String, Value> = serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected one JSON object of settings", path.display()))?;
-    let f = path.display();
-    let get = |key: &str| map.get(key).filter(|v| !v.is_null());
-    let uint = |key: &str| -> anyhow::Result<Option<usize>> {
-        get(key)
-            .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .with_context(|| format!("{f}: key {key:?} must be a non-negative integer, got {v}"))
-            })
-            .transpose()
-    };
-    let string = |key: &str| -> anyhow::Result<Option<String>> {
-        get(key)
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .with_context(|| format!("{f}: key {key:?} must be a string, got {v}"))
-            })
-            .transpose()
-    };
-    let boolean = |key: &str| -> anyhow::Result<Option<bool>> {
-        get(key)
-            .map(|v| {
-                v.as_bool()
-                    .with_context(|| format!("{f}: key {key:?} must be true or false, got {v}"))
-            })
-            .transpose()
-    };
-    if let Some(v) = string("dtype")? {
-        cfg.dtype = v;
-    }
-    if let Some(v) = boolean("enable_lora")? {
-        cfg.enable_lora = v;
-    }
-    if let Some(v) = boolean("enforce_eager")? {
-        cfg.enforce_eager = v;
-    }
-    if let Some(v) = uint("max_loras")? {
-        cfg.max_loras = v;
-    }
-    if let Some(v) = uint("max_lora_rank")? {
-        cfg.max_lora_rank = v;
-    }
-    if let Some(v) = uint("max_cpu_loras")? {
-        cfg.max_cpu_loras = Some(v);
-    }
-    if let Some(v) = uint("max_model_len")? {
-        cfg.max_model_len = Some(v);
-    }
-    if let Some(v) = uint("max_num_seqs")? {
-        cfg.max_num_seqs = v;
-    }
-    if let Some(v) = uint("max_num_batched_tokens")? {
-        cfg.max_num_batched_tokens = Some(v);
-    }
-    if let Some(v) = get("gpu_memory_utilization") {
-        cfg.gpu_memory_utilization = v
-            .as_f64()
-            .with_context(|| format!("{f}: key \"gpu_memory_utilization\" must be a number, got {v}"))?
-            as f32;
-    }
-    if let Some(v) = string("load_format")? {
-        cfg.load_format = parse_load_format(&v).with_context(|| f.to_string())?;
-    }
-    if let Some(v) = string("device")? {
-        cfg.device = parse_device(&v).with_context(|| f.to_string())?;
-    }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok(string("base_model_path")?.map(|p| {
-        let p = PathBuf::from(p);
-        if p.is_absolute() || p.exists() || !dir.join(&p).exists() {
-            p
-        } else {
-            dir.join(p)
-        }
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,20 +163,34 @@ mod tests {
         std::fs::write(
             &path,
             r#"{"base_model_path": "/m", "max_loras": 4, "max_lora_rank": 8, "max_cpu_loras": 8,
-                "enable_lora": true, "max_num_seqs": 32, "num_tokens": 64, "dtype": "bfloat16"}"#,
+                "enable_lora": true, "max_num_seqs": 32, "num_tokens": 64, "dtype": "bfloat16",
+                "random_seed": 7, "report_dir": "reports"}"#,
         )?;
         let mut cfg = EngineConfig::new(PathBuf::new());
-        let model = apply_common_json(&path, &mut cfg)?;
-        assert_eq!(model, Some(PathBuf::from("/m")));
+        let common = CommonJson::read(&path)?;
+        common.apply_engine(&mut cfg);
+        assert_eq!(common.base_model_path, Some(PathBuf::from("/m")));
         assert_eq!(
             (cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras),
             (4, 8, Some(8))
         );
         assert!(cfg.enable_lora);
-        assert_eq!(cfg.max_num_seqs, 32);
-        std::fs::write(&path, r#"{"max_loras": "four"}"#)?;
-        let err = apply_common_json(&path, &mut cfg).expect_err("ill-typed key");
-        assert!(format!("{err:#}").contains("max_loras"));
+        assert_eq!((cfg.max_num_seqs, cfg.seed), (32, 7));
+        assert_eq!(cfg.dtype, "bfloat16");
+        // The benchmark's errors: file, key and value named, for every key the file may hold.
+        for (bad, key, value) in [
+            (r#"{"max_loras": "four"}"#, "max_loras", "\"four\""),
+            (r#"{"max_num_seqs": 0}"#, "max_num_seqs", "0"),
+            (r#"{"num_tokens": -1}"#, "num_tokens", "-1"),
+            (r#"{"tensor_parallel_size": 2}"#, "tensor_parallel_size", "2"),
+        ] {
+            std::fs::write(&path, bad)?;
+            let err = format!("{:#}", CommonJson::read(&path).expect_err(bad));
+            assert!(
+                err.contains(&path.display().to_string()) && err.contains(key) && err.contains(value),
+                "{bad}: {err}"
+            );
+        }
         Ok(())
     }
 }

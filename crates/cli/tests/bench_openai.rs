@@ -4,8 +4,10 @@
 
 mod server_process;
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use server_process::ServerProcess;
@@ -107,8 +109,54 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
             assert_eq!(row[0], NUM_TOKENS.to_string(), "{series}: {row:?}");
             assert_eq!(row[5], "length", "{series}: {row:?}");
         }
+        // A client sees no engine steps: no step files rather than empty ones.
+        assert!(
+            !reports.join(series).join("step_latency-4.csv").exists(),
+            "{series}"
+        );
+    }
+    assert!(!reports.join("steps.csv").exists());
+    assert!(stderr.contains("client_latency_percentiles.csv"), "{stderr}");
+
+    // Percentiles of TTFT, TPOT, ITL and e2e per series and batch size.
+    let pct = csv_rows(&reports.join("client_latency_percentiles.csv"))?;
+    let header = &pct[0];
+    assert_eq!(
+        header[..5],
+        ["mode", "workload", "batch_size", "repeats", "num_requests"]
+    );
+    assert_eq!(pct.len(), 1 + 4 * 3, "4 series x 3 batch sizes: {pct:?}");
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .ok_or(format!("no column {name}"))
+    };
+    let (p50, p99) = (col("ttft_ms_p50")?, col("ttft_ms_p99")?);
+    let (itl_mean, tpot_p90, e2e_max) = (col("itl_ms_mean")?, col("tpot_ms_p90")?, col("e2e_ms_max")?);
+    for row in &pct[1..] {
+        let v = |i: usize| row[i].parse::<f64>();
+        assert_eq!(row[4], row[2], "one request per batch slot, one repeat: {row:?}");
+        assert!(v(p50)? > 0.0 && v(p50)? <= v(p99)?, "{row:?}");
+        assert!(v(itl_mean)? > 0.0 && v(tpot_p90)? > 0.0, "{row:?}");
+        assert!(v(e2e_max)? >= v(p99)?, "e2e includes the first token: {row:?}");
     }
     let run: Value = serde_json::from_str(&std::fs::read_to_string(reports.join("run.json"))?)?;
+    assert_eq!(
+        run["client_latency_percentiles"].as_array().map(Vec::len),
+        Some(12)
+    );
+    assert!(run["layout"]
+        .as_str()
+        .is_some_and(|l| l.contains("no step_latency")));
+    let printed: Value = serde_json::from_slice(&out.stdout)?;
+    // The no-LoRA batch of 1: one gap per streamed chunk after the first (a chunk may carry
+    // more than one token).
+    let num_itls = printed["client_latency_percentiles"][0]["itl_ms"]["count"].as_u64();
+    assert!(
+        num_itls.is_some_and(|n| (1..NUM_TOKENS as u64).contains(&n)),
+        "{printed}"
+    );
     assert_eq!(run["backends"]["multi-lora"]["backend"], "openai");
     // The benchmark loaded the four adapters into the server by name, as vLLM's API takes them.
     assert_eq!(run["backends"]["multi-lora"]["adapters_loaded_by_benchmark"], 4);
@@ -164,5 +212,68 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
 
     let (exit, rest) = server.terminate()?;
     assert!(exit.success(), "{rest:?}");
+    Ok(())
+}
+
+/// `--base-url https://...` speaks TLS (the client is built with it) and, against a server that
+/// does not, fails with a message that says what to check: no network needed, a plain TCP
+/// listener on loopback records what the client sent.
+#[test]
+fn https_base_url_speaks_tls_and_fails_cleanly_against_a_plain_server() -> TestResult {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let first_bytes = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = [0u8; 3];
+        conn.read_exact(&mut buf)?;
+        conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        Ok(buf.to_vec())
+    });
+    let tmp = tempfile::tempdir()?;
+    let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/prompts.json");
+    let base_url = format!("https://{addr}/v1");
+    let out = multilora(
+        tmp.path(),
+        &[
+            "bench",
+            "serving",
+            "--base-url",
+            &base_url,
+            "--prompts",
+            &prompts.to_string_lossy(),
+            "--num-prompts",
+            "1",
+            "--report-dir",
+            "reports",
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("GET {base_url}/models: no HTTPS connection"))
+            && stderr.contains("http:// --base-url"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let hello = first_bytes.join().map_err(|_| "the listener thread panicked")??;
+    // A TLS record (type 22, handshake; version 3.x): the client spoke TLS, not plain HTTP.
+    assert_eq!(hello[..2], [0x16, 0x03], "{hello:?}");
+    let reports = tmp.path().join("reports");
+    assert!(
+        !reports.exists() || std::fs::read_dir(&reports)?.next().is_none(),
+        "a failed run leaves no report"
+    );
     Ok(())
 }

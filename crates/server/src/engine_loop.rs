@@ -5,7 +5,9 @@
 //! channel when idle.
 //!
 //! A request whose client went away (its [`RequestGuard`] dropped, or its event channel closed)
-//! is aborted, which frees its KV blocks at once.
+//! is aborted, which frees its KV blocks at once. Stop strings are found by the handlers, which
+//! detokenize, behind the engine: a request with stop strings is counted in `/metrics` once its
+//! handler has said how it ended (at a stop string: `stop`, as vLLM counts it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use multilora_engine::sequence::RequestMetrics;
 use multilora_engine::{
     AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, Prompt,
     SamplingParams,
@@ -50,9 +53,17 @@ pub(crate) enum Command {
         params: SamplingParams,
         lora: Option<LoraRequest>,
         events: mpsc::UnboundedSender<TokenEvent>,
+        /// The handler checks stop strings: it will say how the request ended.
+        has_stop_strings: bool,
         reply: oneshot::Sender<Result<(), AddError>>,
     },
     Abort(String),
+    /// A handler's word on a request with stop strings: its text hit one (end it now, counted
+    /// as finished with reason `stop`), or it ran until the engine finished it.
+    Finished {
+        request_id: String,
+        at_stop_string: bool,
+    },
     AddLora {
         lora: LoraRequest,
         reply: oneshot::Sender<Result<(), EngineError>>,
@@ -85,19 +96,24 @@ impl EngineHandle {
         self.tx.send(cmd).is_ok()
     }
 
-    /// Queues a request; errors (validation, full queue) come back before any token.
+    /// Queues a request; errors (validation, full queue) come back before any token. With
+    /// `has_stop_strings` the caller checks the text for stop strings and tells the loop how
+    /// the request ended through the guard ([`RequestGuard::finish`],
+    /// [`RequestGuard::stop_at_string`]).
     pub async fn add(
         &self,
         request_id: String,
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
         lora: Option<LoraRequest>,
+        has_stop_strings: bool,
     ) -> Result<(RequestGuard, mpsc::UnboundedReceiver<TokenEvent>), AddError> {
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, reply_rx) = oneshot::channel();
         let guard = RequestGuard {
             tx: self.tx.clone(),
             request_id: request_id.clone(),
+            has_stop_strings,
             is_finished: false,
         };
         let sent = self.send(Command::Add {
@@ -106,6 +122,7 @@ impl EngineHandle {
             params,
             lora,
             events,
+            has_stop_strings,
             reply,
         });
         if !sent {
@@ -133,12 +150,33 @@ impl EngineHandle {
 pub struct RequestGuard {
     tx: std_mpsc::Sender<Command>,
     request_id: String,
+    has_stop_strings: bool,
     is_finished: bool,
 }
 
 impl RequestGuard {
+    /// The engine finished the request (and no stop string ended it first).
     pub fn finish(&mut self) {
+        self.end(false);
+    }
+
+    /// The text hit a stop string: the engine's sequence ends now (if the engine has not
+    /// finished it already), and the request counts as finished (`stop`), not aborted.
+    pub fn stop_at_string(&mut self) {
+        self.end(true);
+    }
+
+    fn end(&mut self, at_stop_string: bool) {
+        if self.is_finished {
+            return;
+        }
         self.is_finished = true;
+        if self.has_stop_strings {
+            let _ = self.tx.send(Command::Finished {
+                request_id: self.request_id.clone(),
+                at_stop_string,
+            });
+        }
     }
 
     pub fn request_id(&self) -> &str {
@@ -198,6 +236,7 @@ pub fn spawn(
                 max_waiting,
                 metrics,
                 live: HashMap::new(),
+                awaiting_handler: HashMap::new(),
                 unloaded: HashSet::new(),
                 pending_removals: Vec::new(),
             }
@@ -221,7 +260,11 @@ pub fn spawn(
 
 struct Live {
     events: mpsc::UnboundedSender<TokenEvent>,
+    has_stop_strings: bool,
     last_token_time: Option<Instant>,
+    /// The engine's timestamps and output length as of the last token, for the latency
+    /// histograms of a request ended at a stop string.
+    last_metrics: Option<(RequestMetrics, usize)>,
 }
 
 struct EngineLoop {
@@ -229,6 +272,9 @@ struct EngineLoop {
     max_waiting: usize,
     metrics: Arc<Mutex<Metrics>>,
     live: HashMap<Arc<str>, Live>,
+    /// Requests with stop strings the engine finished, with its reason, counted once their
+    /// handler says whether a stop string ended them first.
+    awaiting_handler: HashMap<Arc<str>, FinishReason>,
     /// Adapters unloaded through the API; a request still naming one is refused.
     unloaded: HashSet<AdapterId>,
     /// Unloaded adapters that running requests still use.
@@ -275,9 +321,16 @@ impl EngineLoop {
                 params,
                 lora,
                 events,
+                has_stop_strings,
                 reply,
             } => {
-                let result = self.add(request_id, prompt_token_ids, params, lora, events);
+                let live = Live {
+                    events,
+                    has_stop_strings,
+                    last_token_time: None,
+                    last_metrics: None,
+                };
+                let result = self.add(request_id, prompt_token_ids, params, lora, live);
                 if let Err(AddError::QueueFull { .. }) = &result {
                     self.metrics_mut().num_rejected_queue_full += 1;
                 }
@@ -288,8 +341,15 @@ impl EngineLoop {
                     self.engine.abort_request(&id);
                     self.metrics_mut().count_finish("abort");
                     tracing::debug!(request_id = %id, "aborted: client went away");
+                } else if let Some(reason) = self.awaiting_handler.remove(id.as_str()) {
+                    // The engine had finished it; the client left before reading the end.
+                    self.metrics_mut().count_finish(reason.as_str());
                 }
             }
+            Command::Finished {
+                request_id,
+                at_stop_string,
+            } => self.finished_by_handler(&request_id, at_stop_string),
             Command::AddLora { lora, reply } => {
                 let _ = reply.send(self.engine.add_lora(&lora));
             }
@@ -311,7 +371,7 @@ impl EngineLoop {
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
         lora: Option<LoraRequest>,
-        events: mpsc::UnboundedSender<TokenEvent>,
+        live: Live,
     ) -> Result<(), AddError> {
         if self.engine.num_waiting() >= self.max_waiting {
             return Err(AddError::QueueFull {
@@ -329,13 +389,7 @@ impl EngineLoop {
                 lora.as_ref(),
             )
             .map_err(AddError::Engine)?;
-        self.live.insert(
-            request_id.into(),
-            Live {
-                events,
-                last_token_time: None,
-            },
-        );
+        self.live.insert(request_id.into(), live);
         Ok(())
     }
 
@@ -380,6 +434,7 @@ impl EngineLoop {
                 Some(prev) => metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
             }
             live.last_token_time = Some(now);
+            live.last_metrics = Some((out.metrics, out.num_output_tokens));
             metrics.num_generation_tokens += 1;
             let sent = live.events.send(TokenEvent::Token {
                 token_id,
@@ -388,27 +443,40 @@ impl EngineLoop {
                 num_output_tokens: out.num_output_tokens,
             });
             if let Some(reason) = out.finish_reason {
-                metrics.count_finish(reason.as_str());
-                let m = out.metrics;
-                metrics
-                    .e2e_request_latency
-                    .observe((now - m.arrival_time).as_secs_f64());
-                if let (Some(first), n) = (m.first_token_time, out.num_output_tokens) {
-                    if n > 1 {
-                        metrics
-                            .time_per_output_token
-                            .observe((now - first).as_secs_f64() / (n - 1) as f64);
-                    }
-                }
-                if let Some(t) = m.first_scheduled_time {
-                    metrics.queue_time.observe((t - m.arrival_time).as_secs_f64());
+                metrics.observe_finished(&out.metrics, now, out.num_output_tokens);
+                if live.has_stop_strings {
+                    // Its handler may still find a stop string in the last tokens.
+                    self.awaiting_handler.insert(out.request_id.clone(), reason);
+                } else {
+                    metrics.count_finish(reason.as_str());
                 }
                 self.live.remove(&out.request_id);
-            } else if sent.is_err() {
-                // The client is gone: free the sequence now.
+            } else if sent.is_err() && !live.has_stop_strings {
+                // The client is gone: free the sequence now. (With stop strings, the handler
+                // may have stopped reading at one: its guard queued how the request ended,
+                // before dropping the receiver, and that command ends it before the next step.)
                 self.live.remove(&out.request_id);
                 self.engine.abort_request(&out.request_id);
                 metrics.count_finish("abort");
+            }
+        }
+    }
+
+    /// Counts a request with stop strings once its handler says how it ended. One that hit a
+    /// stop string is finished (`stop`, as vLLM counts it): if the engine is still running it,
+    /// it ends now, with the latencies of its last token.
+    fn finished_by_handler(&mut self, request_id: &str, at_stop_string: bool) {
+        let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(reason) = self.awaiting_handler.remove(request_id) {
+            // Finished by the engine, its latencies observed then.
+            metrics.count_finish(if at_stop_string { "stop" } else { reason.as_str() });
+        } else if at_stop_string {
+            if let Some(live) = self.live.remove(request_id) {
+                self.engine.abort_request(request_id);
+                metrics.count_finish("stop");
+                if let (Some(now), Some((m, n))) = (live.last_token_time, live.last_metrics) {
+                    metrics.observe_finished(&m, now, n);
+                }
             }
         }
     }

@@ -58,8 +58,15 @@ impl ApiError {
         .with_code("invalid_api_key")
     }
 
+    /// The server cannot take requests now (shutting down): 503.
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", message)
+    }
+
+    /// Too many requests are waiting: 429 as OpenAI answers a rate limit, which clients (the
+    /// openai packages among them) retry after `Retry-After`.
+    pub fn too_many_requests(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_code("rate_limit_exceeded")
     }
 
     /// An internal failure: logged in full, answered without details.
@@ -96,7 +103,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = (self.status, axum::Json(self.body())).into_response();
         match self.status {
-            StatusCode::SERVICE_UNAVAILABLE => {
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }

@@ -111,8 +111,8 @@ impl From<AddError> for ApiError {
     fn from(e: AddError) -> Self {
         match e {
             AddError::Engine(e) => e.into(),
-            AddError::QueueFull { max_waiting } => ApiError::overloaded(format!(
-                "the server is overloaded: {max_waiting} requests are already waiting; retry later"
+            AddError::QueueFull { max_waiting } => ApiError::too_many_requests(format!(
+                "too many requests: {max_waiting} are already waiting for a batch slot (--max-waiting-requests); retry later"
             )),
             AddError::AdapterUnloaded(name) => ApiError::model_not_found(&name),
             AddError::ShuttingDown => ApiError::overloaded("the server is shutting down"),
@@ -126,6 +126,8 @@ struct Generation {
     id: String,
     created: u64,
     model: String,
+    /// Declared before `events`, so dropped first: the engine loop has the guard's word on
+    /// how the request ended before it finds the receiver gone.
     guard: RequestGuard,
     events: mpsc::UnboundedReceiver<TokenEvent>,
     detok: Detokenizer,
@@ -156,7 +158,11 @@ async fn run(
     };
     let id = st.request_id(prefix);
     let num_prompt_tokens = prompt_token_ids.len();
-    let (guard, events) = st.engine.add(id.clone(), prompt_token_ids, params, lora).await?;
+    let has_stop_strings = !output.stop.is_empty();
+    let (guard, events) = st
+        .engine
+        .add(id.clone(), prompt_token_ids, params, lora, has_stop_strings)
+        .await?;
     let gen = Generation {
         api,
         id,
@@ -200,7 +206,8 @@ impl Generation {
                     hit_stop = self.detok.flush();
                 }
                 if hit_stop {
-                    // The guard aborts the engine's sequence when the generation is dropped.
+                    // Ends the engine's sequence now, counted as a finish (stop), not an abort.
+                    self.guard.stop_at_string();
                     finish = Some("stop");
                 } else if finish.is_some() {
                     self.guard.finish();

@@ -4,8 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::time::Instant;
 
 use multilora_engine::lora::manager::LoraStats;
+use multilora_engine::sequence::RequestMetrics;
 
 /// A cumulative histogram with fixed upper bounds (seconds).
 #[derive(Debug, Clone)]
@@ -110,6 +112,19 @@ impl Default for Metrics {
 impl Metrics {
     pub fn count_finish(&mut self, reason: &'static str) {
         *self.num_finished.entry(reason).or_default() += 1;
+    }
+
+    /// The latencies of a finished request whose last token came at `now`.
+    pub fn observe_finished(&mut self, m: &RequestMetrics, now: Instant, num_output_tokens: usize) {
+        self.e2e_request_latency
+            .observe((now - m.arrival_time).as_secs_f64());
+        if let Some(first) = m.first_token_time.filter(|_| num_output_tokens > 1) {
+            self.time_per_output_token
+                .observe((now - first).as_secs_f64() / (num_output_tokens - 1) as f64);
+        }
+        if let Some(t) = m.first_scheduled_time {
+            self.queue_time.observe((t - m.arrival_time).as_secs_f64());
+        }
     }
 
     pub fn render(&self, model_name: &str) -> String {

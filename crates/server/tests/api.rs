@@ -329,21 +329,45 @@ async fn api_key_is_required_on_v1_only() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_waiting_queue_answers_503() -> TestResult {
+async fn full_queue_answers_429_and_shutting_down_503_both_with_retry_after() -> TestResult {
     // No request may wait: every generation request is refused, deterministically.
     let server = demo_server(0, |_, s| s.max_waiting_requests = 0)?;
     let app = server.router();
-    let (status, text) = send(
-        &app,
-        post_json("/v1/completions", &json!({"model": MODEL, "prompt": "x"})),
-    )
-    .await?;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
-    assert_eq!(error_body(&text)?["type"], "server_overloaded");
+    let refused = |app: Router| async move {
+        let req = post_json("/v1/completions", &json!({"model": MODEL, "prompt": "x"}));
+        let res = app.oneshot(req).await?;
+        let (status, retry_after) = (res.status(), res.headers().get(header::RETRY_AFTER).cloned());
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+        let e = error_body(std::str::from_utf8(&bytes)?)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, retry_after, e))
+    };
+    let (status, retry_after, e) = refused(app.clone()).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{e}");
+    assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert_eq!(e["type"], "rate_limit_error");
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-waiting-requests")),
+        "{e}"
+    );
     let (_, metrics) = send(&app, Request::get("/metrics").body(Body::empty())?).await?;
     assert_eq!(
         common::metric(&metrics, "multilora:request_rejected_queue_full_total"),
         Some(1.0)
+    );
+    // A draining server is unavailable, not rate limiting: 503.
+    server
+        .state()
+        .is_shutting_down
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, retry_after, e) = refused(app.clone()).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    assert!(retry_after.is_some());
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains("shutting down")),
+        "{e}"
     );
     Ok(())
 }
@@ -422,5 +446,44 @@ async fn stop_strings_end_the_text() -> TestResult {
     let v: Value = serde_json::from_str(&text)?;
     assert_eq!(v["choices"][0]["text"], full[..cut], "{text}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // A stop string that completes on the last allowed token: the engine finished the request
+    // (length) on that token, the client sees `stop`, and so must /metrics.
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    let tail = (0..chars.len().saturating_sub(1))
+        .rev()
+        .map(|i| &full[chars[i].0..])
+        .find(|t| !t.contains('\u{FFFD}') && full.find(t) == Some(full.len() - t.len()))
+        .ok_or("no suffix of the output that occurs once")?;
+    req["stop"] = json!([tail]);
+    let (_, text) = send(&app, post_json("/v1/completions", &req)).await?;
+    let v: Value = serde_json::from_str(&text)?;
+    assert_eq!(v["choices"][0]["text"], full[..full.len() - tail.len()], "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // Both stop-string requests count as finished with reason stop, none as aborted. The
+    // engine loop counts on its own thread: wait until it has (bounded).
+    let finished = |metrics: &str, reason: &str| {
+        let label = format!("finished_reason=\"{reason}\"}}");
+        metrics
+            .lines()
+            .find(|l| l.starts_with("multilora:request_success_total{") && l.contains(&label))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = send(&app, Request::get("/metrics").body(Body::empty())?).await?.1;
+        if finished(&metrics, "stop") >= Some(2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(finished(&metrics, "stop"), Some(2), "{metrics}");
+    assert_eq!(finished(&metrics, "length"), Some(1), "{metrics}");
+    assert_eq!(finished(&metrics, "abort"), Some(0), "{metrics}");
+    assert_eq!(
+        common::metric(&metrics, "multilora:e2e_request_latency_seconds_count"),
+        Some(3.0),
+        "a stop-string finish has its latencies observed: {metrics}"
+    );
     Ok(())
 }

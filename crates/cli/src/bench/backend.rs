@@ -189,6 +189,7 @@ impl Backend for EngineBackend {
                     finish_reason: out.finish_reason.map_or("", |f| f.as_str()).to_string(),
                     first_token_time_s: secs(m.first_scheduled_time, m.first_token_time),
                     completion_time_s: secs(m.first_token_time, m.last_token_time),
+                    inter_token_latencies_s: Vec::new(),
                 });
             }
         }

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use multilora_engine::EngineConfig;
+use multilora_engine::{Device, EngineConfig, LoadFormat};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -119,11 +119,6 @@ impl Keys<'_> {
             v => Ok(v),
         }
     }
-
-    fn required<T: DeserializeOwned>(&mut self, key: &str, what: &str, why: &str) -> anyhow::Result<T> {
-        self.take(key, what)?
-            .with_context(|| format!("{}: missing key {key:?} ({what}); {why}", self.file.display()))
-    }
 }
 
 /// vLLM's `dtype` values that this engine accepts.
@@ -149,93 +144,186 @@ pub fn resolve_path(raw: &Path, config_dir: &Path) -> PathBuf {
     }
 }
 
+/// A `common.json` as written: every key it may hold type-checked (an error names the file, the
+/// key and the value), relative paths resolved, nothing required and no flags applied yet.
+/// `multilora serve --config` takes its engine keys from it ([`CommonJson::apply_engine`]); the
+/// benchmark resolves it with its flags into a [`BenchConfig`] ([`resolve`]).
+#[derive(Debug, Default)]
+pub struct CommonJson {
+    pub file: PathBuf,
+    pub base_model_path: Option<PathBuf>,
+    pub dtype: Option<String>,
+    pub enable_lora: Option<bool>,
+    pub max_loras: Option<usize>,
+    pub max_lora_rank: Option<usize>,
+    pub max_cpu_loras: Option<usize>,
+    pub enforce_eager: Option<bool>,
+    pub max_model_len: Option<usize>,
+    pub gpu_memory_utilization: Option<f32>,
+    pub tensor_parallel_size: Option<usize>,
+    pub max_num_seqs: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub load_format: Option<LoadFormat>,
+    pub device: Option<Device>,
+    pub random_seed: Option<u64>,
+    pub no_lora_prompts_path: Option<PathBuf>,
+    pub lora_adapters_config_path: Option<PathBuf>,
+    pub lora_adapters_path: Option<PathBuf>,
+    pub report_dir: Option<PathBuf>,
+    pub num_tokens: Option<usize>,
+    pub warmup_num_tokens: Option<usize>,
+    pub workload_type: Option<String>,
+    pub identical_lora_id: Option<usize>,
+    pub batch_sizes: Option<Vec<usize>>,
+    pub repeat: Option<usize>,
+    /// Keys in the file that no command reads (warned about).
+    pub unknown_keys: Vec<String>,
+}
+
+impl CommonJson {
+    /// Reads and checks `file`; unknown keys are warned about on stderr.
+    pub fn read(file: &Path) -> anyhow::Result<CommonJson> {
+        let text = std::fs::read_to_string(file).with_context(|| {
+            format!(
+                "reading the config {} (give another with --config)",
+                file.display()
+            )
+        })?;
+        let value: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
+        let Value::Object(map) = value else {
+            bail!("{}: expected one JSON object of settings", file.display());
+        };
+        // Warned about first: a misspelt key may be why a required one is missing.
+        for key in map.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str())) {
+            eprintln!("warning: {}: unknown key {key:?} ignored", file.display());
+        }
+        CommonJson::from_map(file, map)
+    }
+
+    fn from_map(file: &Path, map: Map<String, Value>) -> anyhow::Result<CommonJson> {
+        let unknown_keys: Vec<String> = map
+            .keys()
+            .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        let mut k = Keys { file, map };
+        let dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut path = |key: &str| -> anyhow::Result<Option<PathBuf>> {
+            Ok(k.take::<PathBuf>(key, PATH)?.map(|p| resolve_path(&p, dir)))
+        };
+        let base_model_path = path("base_model_path")?;
+        let no_lora_prompts_path = path("no_lora_prompts_path")?;
+        let lora_adapters_config_path = path("lora_adapters_config_path")?;
+        let lora_adapters_path = path("lora_adapters_path")?;
+        let report_dir = path("report_dir")?;
+        let f = file.display();
+        let dtype: Option<String> = k.take("dtype", STR)?;
+        if let Some(d) = dtype.as_deref().filter(|d| !DTYPES.contains(d)) {
+            bail!(
+                "{f}: key \"dtype\" must be one of {}, got {d:?}",
+                DTYPES.join(", ")
+            );
+        }
+        let gpu_memory_utilization: Option<f32> = k.take("gpu_memory_utilization", "a number in (0, 1]")?;
+        if let Some(v) = gpu_memory_utilization.filter(|v| !(*v > 0.0 && *v <= 1.0)) {
+            bail!("{f}: key \"gpu_memory_utilization\" must be a number in (0, 1], got {v}");
+        }
+        let tensor_parallel_size = k.positive("tensor_parallel_size")?;
+        if let Some(n) = tensor_parallel_size.filter(|&n| n != 1) {
+            bail!(
+                "{f}: tensor_parallel_size {n} is not supported: this engine runs on one device; set it to 1"
+            );
+        }
+        let load_format = k
+            .take::<String>("load_format", STR)?
+            .map(|s| parse_load_format(&s).with_context(|| format!("{f}: key \"load_format\"")))
+            .transpose()?;
+        let device = k
+            .take::<String>("device", STR)?
+            .map(|s| parse_device(&s).with_context(|| format!("{f}: key \"device\"")))
+            .transpose()?;
+        let c = CommonJson {
+            file: file.to_path_buf(),
+            base_model_path,
+            dtype,
+            enable_lora: k.take("enable_lora", BOOL)?,
+            max_loras: k.positive("max_loras")?,
+            max_lora_rank: k.positive("max_lora_rank")?,
+            max_cpu_loras: k.positive("max_cpu_loras")?,
+            enforce_eager: k.take("enforce_eager", BOOL)?,
+            max_model_len: k.positive("max_model_len")?,
+            gpu_memory_utilization,
+            tensor_parallel_size,
+            max_num_seqs: k.positive("max_num_seqs")?,
+            max_num_batched_tokens: k.positive("max_num_batched_tokens")?,
+            load_format,
+            device,
+            random_seed: k.take("random_seed", INT)?,
+            no_lora_prompts_path,
+            lora_adapters_config_path,
+            lora_adapters_path,
+            report_dir,
+            num_tokens: k.take("num_tokens", INT)?,
+            warmup_num_tokens: k.take("warmup_num_tokens", INT)?,
+            workload_type: k.take("workload_type", STR)?,
+            identical_lora_id: k.take("identical_lora_id", INT)?,
+            batch_sizes: k.take("batch_sizes", "a list of positive integers")?,
+            repeat: k.positive("repeat")?,
+            unknown_keys,
+        };
+        assert!(
+            k.map
+                .keys()
+                .all(|key| c.unknown_keys.contains(key) || key == "disable_async_output_proc"),
+            "every key in KNOWN_KEYS is read"
+        );
+        Ok(c)
+    }
+
+    /// Sets the engine settings the file gives on `engine` (`random_seed` is the engine's
+    /// seed); the rest stays as it is.
+    pub fn apply_engine(&self, engine: &mut EngineConfig) {
+        if let Some(v) = &self.dtype {
+            engine.dtype = v.clone();
+        }
+        if let Some(v) = self.enable_lora {
+            engine.enable_lora = v;
+        }
+        engine.max_loras = self.max_loras.unwrap_or(engine.max_loras);
+        engine.max_lora_rank = self.max_lora_rank.unwrap_or(engine.max_lora_rank);
+        engine.max_cpu_loras = self.max_cpu_loras.or(engine.max_cpu_loras);
+        engine.enforce_eager = self.enforce_eager.unwrap_or(engine.enforce_eager);
+        engine.max_model_len = self.max_model_len.or(engine.max_model_len);
+        engine.gpu_memory_utilization = self
+            .gpu_memory_utilization
+            .unwrap_or(engine.gpu_memory_utilization);
+        engine.max_num_seqs = self.max_num_seqs.unwrap_or(engine.max_num_seqs);
+        engine.max_num_batched_tokens = self.max_num_batched_tokens.or(engine.max_num_batched_tokens);
+        engine.load_format = self.load_format.unwrap_or(engine.load_format);
+        engine.device = self.device.unwrap_or(engine.device);
+        engine.seed = self.random_seed.unwrap_or(engine.seed);
+    }
+}
+
 /// Reads `args.config` and applies the flags. Warnings (unknown keys, ignored settings) are
 /// printed to stderr.
 /// `lora` is `Some` for `multi-lora`, `None` for `no-lora`.
 pub fn load(args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow::Result<BenchConfig> {
-    let file = args.config.as_path();
-    let text = std::fs::read_to_string(file).with_context(|| {
-        format!(
-            "reading the benchmark config {} (give another with --config)",
-            file.display()
-        )
-    })?;
-    let value: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
-    let Value::Object(map) = value else {
-        bail!("{}: expected one JSON object of settings", file.display());
-    };
-    // Warned about first: a misspelt key may be why a required one is missing.
-    for key in map.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str())) {
-        eprintln!("warning: {}: unknown key {key:?} ignored", file.display());
-    }
-    from_map(file, map, args, lora)
+    resolve(CommonJson::read(&args.config)?, args, lora)
 }
 
-fn from_map(
-    file: &Path,
-    map: Map<String, Value>,
-    args: &CommonArgs,
-    lora: Option<&LoraArgs>,
-) -> anyhow::Result<BenchConfig> {
-    let unknown_keys: Vec<String> = map
-        .keys()
-        .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    let mut k = Keys { file, map };
-    let dir = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let path = |p: PathBuf| resolve_path(&p, dir);
-
-    let base_model_path = path(k.required("base_model_path", PATH, "the base model folder")?);
-    let dtype: String = k.take("dtype", STR)?.unwrap_or_else(|| "auto".into());
-    if !DTYPES.contains(&dtype.as_str()) {
-        bail!(
-            "{}: key \"dtype\" must be one of {}, got {dtype:?}",
-            file.display(),
-            DTYPES.join(", ")
-        );
-    }
-    let enable_lora: Option<bool> = k.take("enable_lora", BOOL)?;
-    let max_loras: Option<usize> = k.positive("max_loras")?;
-    let max_lora_rank: Option<usize> = k.positive("max_lora_rank")?;
-    let max_cpu_loras: Option<usize> = k.positive("max_cpu_loras")?;
-    let enforce_eager: Option<bool> = k.take("enforce_eager", BOOL)?;
-    let max_model_len: Option<usize> = k.positive("max_model_len")?;
-    let gpu_memory_utilization: Option<f32> = k.take("gpu_memory_utilization", "a number in (0, 1]")?;
-    let tensor_parallel_size: usize = k.positive("tensor_parallel_size")?.unwrap_or(1);
-    let max_num_seqs: Option<usize> = k.positive("max_num_seqs")?;
-    let max_num_batched_tokens: Option<usize> = k.positive("max_num_batched_tokens")?;
-    let load_format: Option<String> = k.take("load_format", STR)?;
-    let device: Option<String> = k.take("device", STR)?;
-    let random_seed: u64 = k.take("random_seed", INT)?.unwrap_or(0);
-    let no_lora_prompts_path: Option<PathBuf> = k.take("no_lora_prompts_path", PATH)?;
-    let lora_adapters_config_path: Option<PathBuf> = k.take("lora_adapters_config_path", PATH)?;
-    let lora_adapters_path: Option<PathBuf> = k.take("lora_adapters_path", PATH)?;
-    let report_dir: Option<PathBuf> = k.take("report_dir", PATH)?;
-    let num_tokens: Option<usize> = k.take("num_tokens", INT)?;
-    let warmup_num_tokens: Option<usize> = k.take("warmup_num_tokens", INT)?;
-    let workload_type: Option<String> = k.take("workload_type", STR)?;
-    let identical_lora_id: Option<usize> = k.take("identical_lora_id", INT)?;
-    let batch_sizes: Option<Vec<usize>> = k.take("batch_sizes", "a list of positive integers")?;
-    let repeat: Option<usize> = k.positive("repeat")?;
-    assert!(
-        k.map
-            .keys()
-            .all(|key| unknown_keys.contains(key) || key == "disable_async_output_proc"),
-        "every key in KNOWN_KEYS is read"
-    );
-
-    let f = file.display();
-    if tensor_parallel_size != 1 {
-        bail!(
-            "{f}: tensor_parallel_size {tensor_parallel_size} is not supported: this engine runs on one device; set it to 1"
-        );
-    }
-    let num_tokens = args.num_tokens.or(num_tokens).with_context(|| {
+/// The file's values, then defaults and flags, checked into what the benchmark runs.
+fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow::Result<BenchConfig> {
+    let f = c.file.display();
+    let base_model_path = c
+        .base_model_path
+        .clone()
+        .with_context(|| format!("{f}: missing key \"base_model_path\" ({PATH}); the base model folder"))?;
+    let num_tokens = args.num_tokens.or(c.num_tokens).with_context(|| {
         format!("{f}: missing key \"num_tokens\" (output tokens per request); or give --num-tokens")
     })?;
     if num_tokens < 2 {
@@ -243,16 +331,16 @@ fn from_map(
             "num_tokens is {num_tokens} ({f} or --num-tokens): it must be at least 2, since decode latency is the mean of the last num_tokens - 1 steps"
         );
     }
-    let warmup_num_tokens = args.warmup_num_tokens.or(warmup_num_tokens).with_context(|| {
+    let warmup_num_tokens = args.warmup_num_tokens.or(c.warmup_num_tokens).with_context(|| {
         format!("{f}: missing key \"warmup_num_tokens\" (output tokens of the warm-up run; 0 for none); or give --warmup-num-tokens")
     })?;
     let batch_sizes = args
         .batch_sizes
         .clone()
-        .or(batch_sizes)
+        .or(c.batch_sizes.clone())
         .unwrap_or_else(|| DEFAULT_BATCH_SIZES.to_vec());
     check_batch_sizes(&batch_sizes).with_context(|| format!("batch sizes ({f} or --batch-sizes)"))?;
-    let repeat = args.repeat.or(repeat).unwrap_or(1);
+    let repeat = args.repeat.or(c.repeat).unwrap_or(1);
     if repeat == 0 {
         bail!("--repeat must be at least 1");
     }
@@ -260,13 +348,13 @@ fn from_map(
     let (workloads, baseline) = match lora {
         None => (Vec::new(), true),
         Some(l) => {
-            let raw = l.workload.clone().or(workload_type);
+            let raw = l.workload.clone().or(c.workload_type.clone());
             let workloads = match raw.as_deref() {
                 None => Workload::ALL.to_vec(),
                 Some(s) => Workload::parse_list(s)
                     .with_context(|| format!("workload {s:?} ({f} key \"workload_type\" or --workload)"))?,
             };
-            if enable_lora == Some(false) {
+            if c.enable_lora == Some(false) {
                 bail!("{f}: enable_lora is false, but multi-lora needs it; set it to true");
             }
             (workloads, !l.no_baseline)
@@ -274,23 +362,9 @@ fn from_map(
     };
 
     let mut engine = EngineConfig::new(&base_model_path);
-    engine.dtype = dtype;
+    c.apply_engine(&mut engine);
     engine.enable_lora = lora.is_some();
-    engine.max_loras = max_loras.unwrap_or(engine.max_loras);
-    engine.max_lora_rank = max_lora_rank.unwrap_or(engine.max_lora_rank);
-    engine.max_cpu_loras = max_cpu_loras;
-    engine.enforce_eager = enforce_eager.unwrap_or(engine.enforce_eager);
-    engine.max_model_len = max_model_len;
-    engine.gpu_memory_utilization = gpu_memory_utilization.unwrap_or(engine.gpu_memory_utilization);
-    engine.max_num_seqs = max_num_seqs.unwrap_or(engine.max_num_seqs);
-    engine.max_num_batched_tokens = max_num_batched_tokens;
-    if let Some(s) = &load_format {
-        engine.load_format = parse_load_format(s).with_context(|| format!("{f}: key \"load_format\""))?;
-    }
-    if let Some(s) = &device {
-        engine.device = parse_device(s).with_context(|| format!("{f}: key \"device\""))?;
-    }
-    engine.seed = args.engine.seed.unwrap_or(random_seed);
+    engine.seed = args.engine.seed.unwrap_or(engine.seed);
     if let Some(v) = args.gpu_memory_utilization {
         engine.gpu_memory_utilization = v;
     }
@@ -305,61 +379,54 @@ fn from_map(
         );
     }
 
-    let need = |p: Option<PathBuf>, key: &str, why: &str| -> anyhow::Result<PathBuf> {
-        p.map(path)
+    let need = |p: &Option<PathBuf>, key: &str, why: &str| -> anyhow::Result<PathBuf> {
+        p.clone()
             .with_context(|| format!("{f}: missing key {key:?} ({PATH}); {why}"))
     };
-    let (no_lora_prompts_path, lora_adapters_config_path, lora_adapters_path) = match lora {
-        None => (
-            Some(need(
-                no_lora_prompts_path,
-                "no_lora_prompts_path",
-                "no-lora reads its prompts from it",
-            )?),
-            lora_adapters_config_path.map(path),
-            lora_adapters_path.map(path),
-        ),
-        Some(_) => (
-            no_lora_prompts_path.map(path),
-            Some(need(
-                lora_adapters_config_path,
-                "lora_adapters_config_path",
-                "multi-lora reads its adapters.json from it",
-            )?),
-            Some(need(
-                lora_adapters_path,
-                "lora_adapters_path",
-                "the folder that holds the adapters",
-            )?),
-        ),
-    };
-    // A flag is the working directory's; only the file's value may fall back to its folder.
-    let report_dir = match (args.report_dir.clone(), report_dir) {
-        (Some(p), _) => p,
-        (None, Some(p)) => path(p),
-        (None, None) => PathBuf::from("reports"),
-    };
-
+    if lora.is_none() {
+        need(
+            &c.no_lora_prompts_path,
+            "no_lora_prompts_path",
+            "no-lora reads its prompts from it",
+        )?;
+    } else {
+        need(
+            &c.lora_adapters_config_path,
+            "lora_adapters_config_path",
+            "multi-lora reads its adapters.json from it",
+        )?;
+        need(
+            &c.lora_adapters_path,
+            "lora_adapters_path",
+            "the folder that holds the adapters",
+        )?;
+    }
+    let random_seed = args.engine.seed.or(c.random_seed).unwrap_or(0);
     Ok(BenchConfig {
-        config_path: file.to_path_buf(),
+        config_path: c.file.clone(),
         base_model_path,
-        no_lora_prompts_path,
-        lora_adapters_config_path,
-        lora_adapters_path,
-        report_dir,
+        no_lora_prompts_path: c.no_lora_prompts_path,
+        lora_adapters_config_path: c.lora_adapters_config_path,
+        lora_adapters_path: c.lora_adapters_path,
+        // A flag is the working directory's; only the file's value may fall back to its folder.
+        report_dir: args
+            .report_dir
+            .clone()
+            .or(c.report_dir)
+            .unwrap_or_else(|| PathBuf::from("reports")),
         num_tokens,
         warmup_num_tokens,
         workloads,
         identical_lora_id: lora
             .and_then(|l| l.identical_lora_id)
-            .or(identical_lora_id)
+            .or(c.identical_lora_id)
             .unwrap_or(0),
-        random_seed: args.engine.seed.unwrap_or(random_seed),
+        random_seed,
         batch_sizes,
         repeat,
         baseline,
-        tensor_parallel_size,
-        unknown_keys,
+        tensor_parallel_size: c.tensor_parallel_size.unwrap_or(1),
+        unknown_keys: c.unknown_keys,
         engine,
     })
 }
@@ -401,7 +468,11 @@ mod tests {
             Value::Object(m) => m,
             _ => unreachable!("tests give objects"),
         };
-        from_map(Path::new("cfg/common.json"), map, &args(flags), lora)
+        resolve(
+            CommonJson::from_map(Path::new("cfg/common.json"), map)?,
+            &args(flags),
+            lora,
+        )
     }
 
     const MULTI: Option<&LoraArgs> = Some(&LoraArgs {

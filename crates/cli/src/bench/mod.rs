@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::engine_args::EngineArgs;
 
 mod backend;
-mod config;
+pub(crate) mod config;
 mod inputs;
 mod openai;
 mod plan;
@@ -194,12 +194,18 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let rows = summary::summarize(&points);
     for series in cfg.series() {
         let of_series: Vec<&Point> = points.iter().filter(|p| p.series == series).collect();
-        for (name, text) in report::series_files(&of_series, cfg.repeat) {
+        for (name, text) in report::series_files(&of_series, cfg.repeat, !is_client) {
             staging.write(&format!("{}/{name}", series.name()), &text)?;
         }
     }
     staging.write("summary.csv", &report::summary_csv(&rows, &points))?;
-    staging.write("steps.csv", &report::steps_csv(&points))?;
+    // A client of a server sees requests, not engine steps: no step files (rather than empty
+    // ones), and the per-request latencies' percentiles instead.
+    let request_latencies = is_client.then(|| summary::request_latencies(&points));
+    match &request_latencies {
+        Some(r) => staging.write(report::REQUEST_LATENCIES_FILE, &report::request_latencies_csv(r))?,
+        None => staging.write("steps.csv", &report::steps_csv(&points))?,
+    }
     let device = backends
         .values()
         .next()
@@ -239,18 +245,30 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             "notes": p.repeats.iter().map(|m| &m.notes).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "summary": rows,
-        "layout": "one folder per series (no-lora, distinct, uniform, identical) holding the original's per_batch_latency.csv, per_request_latency-<B>.csv and step_latency-<B>.csv; with repeat > 1 each gets a trailing repeat column",
+        "client_latency_percentiles": request_latencies,
+        "layout": if is_client { CLIENT_LAYOUT } else { ENGINE_LAYOUT },
     });
     staging.write("run.json", &(serde_json::to_string_pretty(&run_json)? + "\n"))?;
     let dest = staging.finish()?;
 
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({ "report_dir": dest, "summary": rows }))?
-        );
+        let mut out = json!({ "report_dir": dest, "summary": rows });
+        if let Some(r) = &request_latencies {
+            out["client_latency_percentiles"] = json!(r);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print!("{}", table::render(&rows));
+        if let Some(r) = &request_latencies {
+            println!("\nper-request latencies as the client saw them:");
+            print!("{}", table::render_request_latencies(r));
+        }
+    }
+    if is_client {
+        eprintln!(
+            "note: client mode: {} holds TTFT/TPOT/ITL/e2e percentiles per batch; no step_latency-<B>.csv or steps.csv, since a client sees no engine steps",
+            report::REQUEST_LATENCIES_FILE
+        );
     }
     eprintln!(
         "report: {} ({:.1} s)",
@@ -259,6 +277,9 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+const ENGINE_LAYOUT: &str = "one folder per series (no-lora, distinct, uniform, identical) holding the original's per_batch_latency.csv, per_request_latency-<B>.csv and step_latency-<B>.csv; with repeat > 1 each gets a trailing repeat column; beside them summary.csv, steps.csv (every engine step), latency.svg";
+const CLIENT_LAYOUT: &str = "one folder per series (no-lora, distinct, uniform, identical) holding the original's per_batch_latency.csv and per_request_latency-<B>.csv; with repeat > 1 each gets a trailing repeat column; no step_latency-<B>.csv and no steps.csv: a client of a server sees no engine steps; beside them summary.csv, client_latency_percentiles.csv (TTFT/TPOT/ITL/e2e mean, p50, p90, p95, p99, max in ms per series and batch size, pooled over repeats), latency.svg";
 
 /// Measures the points of one engine. Per batch size: a warm-up run (thrown away) of each
 /// point, then the `repeat` measured runs round-robin over the points, so slow drift of the

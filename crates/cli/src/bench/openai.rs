@@ -38,7 +38,8 @@ pub struct BackendArgs {
 /// Where the server is.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArgs {
-    /// The server's OpenAI API root.
+    /// The server's OpenAI API root, http:// or https:// (certificates checked against the
+    /// system's and Mozilla's roots; SSL_CERT_FILE adds a private CA).
     #[arg(long, default_value = "http://127.0.0.1:8000/v1")]
     pub base_url: String,
     /// Sent as `Authorization: Bearer` (default: $OPENAI_API_KEY).
@@ -99,6 +100,15 @@ impl OpenAiClient {
         if !(args.request_timeout.is_finite() && args.request_timeout > 0.0) {
             bail!("--request-timeout must be a positive number of seconds");
         }
+        let url = reqwest::Url::parse(&args.base_url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+        if url.is_none() {
+            bail!(
+                "--base-url {:?}: expected the server's API root as http://HOST:PORT/v1 or https://HOST/v1",
+                args.base_url
+            );
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs_f64(args.request_timeout))
             .pool_max_idle_per_host(1024)
@@ -131,10 +141,7 @@ impl OpenAiClient {
         if let Some(k) = &self.api_key {
             req = req.bearer_auth(k);
         }
-        let res = req
-            .send()
-            .await
-            .with_context(|| format!("GET {url}: is the server running?"))?;
+        let res = send(req, "GET", &url).await?;
         let body = checked_body(res, &url).await?;
         let v: Value = serde_json::from_str(&body).with_context(|| format!("GET {url}: not JSON"))?;
         Ok(v["data"].as_array().cloned().unwrap_or_default())
@@ -174,7 +181,7 @@ impl OpenAiClient {
         if let Some(k) = &self.api_key {
             req = req.bearer_auth(k);
         }
-        let res = req.send().await.with_context(|| format!("POST {url}"))?;
+        let res = send(req, "POST", &url).await?;
         if res.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -186,12 +193,10 @@ impl OpenAiClient {
     /// vLLM's `/v1/load_lora_adapter`; the path is the server's.
     pub async fn load_lora(&self, name: &str, path: &str) -> anyhow::Result<()> {
         let url = format!("{}/load_lora_adapter", self.base_url);
-        let res = self
+        let req = self
             .post("/load_lora_adapter")
-            .json(&json!({"lora_name": name, "lora_path": path}))
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
+            .json(&json!({"lora_name": name, "lora_path": path}));
+        let res = send(req, "POST", &url).await?;
         checked_body(res, &url)
             .await
             .with_context(|| format!("loading adapter {name:?} from {path} on the server"))?;
@@ -212,12 +217,7 @@ impl OpenAiClient {
         });
         let url = format!("{}/completions", self.base_url);
         let sent = Instant::now();
-        let res = self
-            .post("/completions")
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
+        let res = send(self.post("/completions").json(&body), "POST", &url).await?;
         if !res.status().is_success() {
             checked_body(res, &url).await?;
             unreachable!("checked_body fails on an error status");
@@ -262,6 +262,18 @@ impl OpenAiClient {
         }
         Ok(timing)
     }
+}
+
+/// Sends a request; a failure to connect (or to complete the TLS handshake) says what to check.
+async fn send(req: reqwest::RequestBuilder, method: &str, url: &str) -> anyhow::Result<reqwest::Response> {
+    req.send().await.map_err(|e| {
+        let hint = match (e.is_connect(), url.starts_with("https://")) {
+            (false, _) => String::new(),
+            (true, false) => ": no connection (is the server running?)".into(),
+            (true, true) => ": no HTTPS connection (is the server running, and serving HTTPS on that port? A plain-HTTP server wants an http:// --base-url; a certificate from a private CA wants SSL_CERT_FILE set to its PEM file)".into(),
+        };
+        anyhow::Error::new(e).context(format!("{method} {url}{hint}"))
+    })
 }
 
 /// Index just past the first `\n\n` (or `\r\n\r\n`) in `buf`.
@@ -421,6 +433,7 @@ impl Backend for OpenAiBackend {
                 // From sending the request: a client cannot see when it was scheduled.
                 first_token_time_s: (first - t.sent).as_secs_f64(),
                 completion_time_s: (t.done - first).as_secs_f64(),
+                inter_token_latencies_s: t.itls_s().collect(),
             });
         }
         if let (Some(s), Some(d)) = (first_sent, last_done) {
@@ -457,6 +470,7 @@ mod tests {
             finish_reason: "length".into(),
             first_token_time_s: ttft,
             completion_time_s: completion,
+            inter_token_latencies_s: Vec::new(),
         };
         // Prefill: the slowest first token; decode: mean of (completion / (n - 1)).
         let l = BatchLatency::from_requests(&[req(0.010, 0.040, 5), req(0.020, 0.080, 5)], 120.0)?;
@@ -465,6 +479,27 @@ mod tests {
         assert_eq!(l.e2e_ms, 120.0);
         assert!(BatchLatency::from_requests(&[req(0.01, 0.0, 1)], 1.0).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn base_url_must_be_an_http_or_https_url() {
+        let args = |base_url: &str| ServerArgs {
+            base_url: base_url.into(),
+            api_key: None,
+            model: None,
+            request_timeout: 1.0,
+        };
+        for bad in ["localhost:8000/v1", "127.0.0.1:8000", "ftp://host/v1", "/v1", ""] {
+            let e = OpenAiClient::new(&args(bad)).err().map(|e| format!("{e:#}"));
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains("--base-url") && e.contains(&format!("{bad:?}"))),
+                "{bad}: {e:?}"
+            );
+        }
+        for good in ["http://127.0.0.1:8000/v1", "https://gpu-host.example/v1"] {
+            assert!(OpenAiClient::new(&args(good)).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct RequestRecord {
     pub first_token_time_s: f64,
     /// Last token − first token, seconds.
     pub completion_time_s: f64,
+    /// Gaps between streamed chunks, seconds: what a client measures as inter-token latency
+    /// (empty for the engine backend, whose per-token times are its steps).
+    pub inter_token_latencies_s: Vec<f64>,
 }
 
 impl RequestRecord {
@@ -46,6 +49,18 @@ impl RequestRecord {
     /// The original's `latency`: completion time / output tokens, seconds.
     pub fn latency_s(&self) -> f64 {
         self.completion_time_s / self.output_num_tokens as f64
+    }
+
+    /// First token time + completion time: from the start (sent, or first scheduled) to the
+    /// last token, seconds.
+    pub fn e2e_s(&self) -> f64 {
+        self.first_token_time_s + self.completion_time_s
+    }
+
+    /// vLLM's TPOT: (last token − first token) / (output tokens − 1), seconds; `None` for a
+    /// single token.
+    pub fn tpot_s(&self) -> Option<f64> {
+        (self.output_num_tokens > 1).then(|| self.completion_time_s / (self.output_num_tokens - 1) as f64)
     }
 }
 
@@ -101,16 +116,12 @@ impl BatchLatency {
     /// over requests of (last token − first token) / (tokens − 1), the mean inter-token
     /// latency; e2e as measured.
     pub fn from_requests(requests: &[RequestRecord], e2e_ms: f64) -> anyhow::Result<Self> {
-        let decoding: Vec<&RequestRecord> = requests.iter().filter(|r| r.output_num_tokens > 1).collect();
-        if decoding.is_empty() {
+        let tpots: Vec<f64> = requests.iter().filter_map(RequestRecord::tpot_s).collect();
+        if tpots.is_empty() {
             bail!("no request produced two tokens or more: no inter-token latency to measure");
         }
         let prefill_s = requests.iter().map(|r| r.first_token_time_s).fold(0.0, f64::max);
-        let decode_s = decoding
-            .iter()
-            .map(|r| r.completion_time_s / (r.output_num_tokens - 1) as f64)
-            .sum::<f64>()
-            / decoding.len() as f64;
+        let decode_s = tpots.iter().sum::<f64>() / tpots.len() as f64;
         Ok(BatchLatency {
             prefill_ms: prefill_s * 1e3,
             decode_ms: decode_s * 1e3,
@@ -190,6 +201,7 @@ mod tests {
             finish_reason: "length".into(),
             first_token_time_s: 0.1,
             completion_time_s: 0.5,
+            inter_token_latencies_s: Vec::new(),
         }
     }
 
@@ -207,6 +219,9 @@ mod tests {
         let r = req(4);
         assert_eq!(r.tokens_per_second(), 8.0);
         assert_eq!(r.latency_s(), 0.125);
+        assert_eq!(r.e2e_s(), 0.6);
+        assert!((r.tpot_s().unwrap_or(0.0) - 0.5 / 3.0).abs() < 1e-12);
+        assert_eq!(req(1).tpot_s(), None);
     }
 
     #[test]

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::summary::{Point, Stats, SummaryRow};
-use super::workload::Series;
+use super::summary::{ClientLatencies, Percentiles, Point, RequestLatencyRow, Stats, SummaryRow};
 
 /// A report being written.
 pub struct Staging {
@@ -140,8 +139,9 @@ pub const PER_REQUEST_HEADER: [&str; 8] = [
 pub const STEP_HEADER: [&str; 1] = ["step_latency_ms"];
 
 /// The original's three files for one series, keyed by file name. With more than one repeat a
-/// trailing `repeat` column (1-based) tells the repetitions apart.
-pub fn series_files(points: &[&Point], repeat: usize) -> Vec<(String, String)> {
+/// trailing `repeat` column (1-based) tells the repetitions apart. Without `with_steps` (a
+/// client of a server, which sees no engine steps) there is no `step_latency-<B>.csv`.
+pub fn series_files(points: &[&Point], repeat: usize, with_steps: bool) -> Vec<(String, String)> {
     let with_repeat = |h: &[&'static str]| -> Vec<&'static str> {
         let mut h = h.to_vec();
         if repeat > 1 {
@@ -190,7 +190,9 @@ pub fn series_files(points: &[&Point], repeat: usize) -> Vec<(String, String)> {
             }
         }
         files.push((format!("per_request_latency-{}.csv", p.batch_size), per_request.0));
-        files.push((format!("step_latency-{}.csv", p.batch_size), steps.0));
+        if with_steps {
+            files.push((format!("step_latency-{}.csv", p.batch_size), steps.0));
+        }
     }
     files.insert(0, ("per_batch_latency.csv".into(), per_batch.0));
     files
@@ -268,6 +270,38 @@ pub fn summary_csv(rows: &[SummaryRow], points: &[Point]) -> String {
     c.0
 }
 
+/// The file of per-request latency percentiles that client mode writes.
+pub const REQUEST_LATENCIES_FILE: &str = "client_latency_percentiles.csv";
+
+/// `client_latency_percentiles.csv`: one row per series × batch size; for each of TTFT, TPOT,
+/// ITL and e2e its mean, p50, p90, p95, p99 and max in ms (empty where there were no samples).
+pub fn request_latencies_csv(rows: &[RequestLatencyRow]) -> String {
+    let mut header: Vec<String> = ["mode", "workload", "batch_size", "repeats", "num_requests"]
+        .map(String::from)
+        .to_vec();
+    for metric in ClientLatencies::NAMES {
+        header.extend(Percentiles::NAMES.map(|n| format!("{metric}_{n}")));
+    }
+    let mut c = Csv::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
+    for r in rows {
+        let mut f = vec![
+            r.mode.to_string(),
+            r.workload.to_string(),
+            r.batch_size.to_string(),
+            r.repeats.to_string(),
+            r.num_requests.to_string(),
+        ];
+        for p in r.latencies.all() {
+            match p {
+                Some(p) => f.extend(p.values().map(ms)),
+                None => f.extend(Percentiles::NAMES.map(|_| String::new())),
+            }
+        }
+        c.row(f);
+    }
+    c.0
+}
+
 pub const STEPS_HEADER: [&str; 13] = [
     "mode",
     "workload",
@@ -294,7 +328,7 @@ pub fn steps_csv(points: &[Point]) -> String {
             for (i, s) in m.run.steps.iter().enumerate() {
                 c.row([
                     p.series.mode().to_string(),
-                    workload_name(p.series).to_string(),
+                    p.series.workload_name().to_string(),
                     p.batch_size.to_string(),
                     (k + 1).to_string(),
                     (i + 1).to_string(),
@@ -313,19 +347,12 @@ pub fn steps_csv(points: &[Point]) -> String {
     c.0
 }
 
-pub fn workload_name(s: Series) -> &'static str {
-    match s {
-        Series::NoLora => "none",
-        Series::Lora(w) => w.name(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bench::records::{BatchLatency, BatchRun, RequestRecord, StepRecord};
-    use crate::bench::summary::{summarize, Measured};
-    use crate::bench::workload::Workload;
+    use crate::bench::summary::{request_latencies, summarize, Measured};
+    use crate::bench::workload::{Series, Workload};
 
     fn point(series: Series, batch_size: usize, num_tokens: usize, repeats: usize) -> Point {
         let run = BatchRun {
@@ -345,6 +372,7 @@ mod tests {
                     finish_reason: "length".into(),
                     first_token_time_s: 0.01,
                     completion_time_s: 0.02,
+                    inter_token_latencies_s: vec![0.02 / (num_tokens - 1) as f64; num_tokens - 1],
                 })
                 .collect(),
             e2e_ms: 20.0,
@@ -374,7 +402,7 @@ mod tests {
     fn original_files_have_the_originals_headers_and_rows() {
         let a = point(Series::NoLora, 2, 4, 1);
         let b = point(Series::NoLora, 3, 4, 1);
-        let files = series_files(&[&a, &b], 1);
+        let files = series_files(&[&a, &b], 1, true);
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -409,7 +437,7 @@ mod tests {
     #[test]
     fn repeats_add_a_trailing_column() {
         let a = point(Series::Lora(Workload::Uniform), 2, 3, 2);
-        let files = series_files(&[&a], 2);
+        let files = series_files(&[&a], 2, true);
         let per_batch = lines(&files[0].1);
         assert_eq!(
             per_batch[0],
@@ -419,6 +447,50 @@ mod tests {
         assert!(per_batch[2].ends_with(",2"));
         assert_eq!(lines(&files[1].1).len(), 1 + 2 * 2);
         assert_eq!(lines(&files[2].1).len(), 1 + 2 * 3);
+    }
+
+    #[test]
+    fn client_mode_writes_no_step_files_and_a_percentiles_file() {
+        let a = point(Series::NoLora, 2, 3, 1);
+        let b = point(Series::Lora(Workload::Distinct), 4, 3, 2);
+        let files = series_files(&[&a, &b], 1, false);
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "per_batch_latency.csv",
+                "per_request_latency-2.csv",
+                "per_request_latency-4.csv"
+            ]
+        );
+        let text = request_latencies_csv(&request_latencies(&[a, b]));
+        let l = lines(&text);
+        assert_eq!(l.len(), 3);
+        let header: Vec<&str> = l[0].split(',').collect();
+        assert_eq!(header.len(), 5 + 4 * 6);
+        assert_eq!(
+            header[..6],
+            [
+                "mode",
+                "workload",
+                "batch_size",
+                "repeats",
+                "num_requests",
+                "ttft_ms_mean"
+            ]
+        );
+        assert!(
+            header.contains(&"itl_ms_p99") && header[28] == "e2e_ms_max",
+            "{header:?}"
+        );
+        // 4 requests x 2 repeats; TTFT 10 ms, e2e 30 ms, 2 gaps of 10 ms each.
+        let row: Vec<&str> = l[2].split(',').collect();
+        assert_eq!(row[..5], ["multi-lora", "distinct", "4", "2", "8"]);
+        let col = |name: &str| row[header.iter().position(|h| *h == name).expect("column")];
+        assert_eq!(col("ttft_ms_p50"), "10.0000");
+        assert_eq!(col("tpot_ms_p99"), "10.0000");
+        assert_eq!(col("itl_ms_mean"), "10.0000");
+        assert_eq!(col("e2e_ms_max"), "30.0000");
     }
 
     #[test]

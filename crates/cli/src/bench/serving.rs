@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use super::openai::{OpenAiClient, RequestTiming, ServerArgs};
 use super::report::{Csv, Staging};
+use super::summary::ClientLatencies;
 use super::{inputs, run_info};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -86,44 +87,6 @@ struct Outcome {
     result: Result<RequestTiming, String>,
 }
 
-/// Percentiles of one latency, milliseconds.
-#[derive(Debug, Clone, Serialize)]
-pub struct Percentiles {
-    pub count: usize,
-    pub mean: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p95: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-impl Percentiles {
-    /// `None` for no values. Linear interpolation between ranks (numpy's default, as vLLM's
-    /// benchmark reports them).
-    pub fn of(values: &[f64]) -> Option<Percentiles> {
-        if values.is_empty() {
-            return None;
-        }
-        let mut v = values.to_vec();
-        v.sort_by(f64::total_cmp);
-        let at = |p: f64| {
-            let rank = p / 100.0 * (v.len() - 1) as f64;
-            let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-            v[lo] + (v[hi] - v[lo]) * (rank - lo as f64)
-        };
-        Some(Percentiles {
-            count: v.len(),
-            mean: v.iter().sum::<f64>() / v.len() as f64,
-            p50: at(50.0),
-            p90: at(90.0),
-            p95: at(95.0),
-            p99: at(99.0),
-            max: v[v.len() - 1],
-        })
-    }
-}
-
 #[derive(Debug, Serialize)]
 pub struct ServingSummary {
     pub duration_s: f64,
@@ -133,10 +96,8 @@ pub struct ServingSummary {
     pub request_throughput: f64,
     pub output_token_throughput: f64,
     pub total_token_throughput: f64,
-    pub ttft_ms: Option<Percentiles>,
-    pub tpot_ms: Option<Percentiles>,
-    pub itl_ms: Option<Percentiles>,
-    pub e2e_ms: Option<Percentiles>,
+    #[serde(flatten)]
+    pub latencies: ClientLatencies,
     /// Requests per second that met every SLO given; `None` without SLOs.
     pub goodput: Option<f64>,
     pub slo_attainment_pct: Option<f64>,
@@ -357,10 +318,7 @@ fn summarize(args: &ServingArgs, outcomes: &[Outcome], duration_s: f64) -> Servi
         request_throughput: per_s(ok.len() as f64),
         output_token_throughput: per_s(output as f64),
         total_token_throughput: per_s((output + prompt) as f64),
-        ttft_ms: Percentiles::of(&ttft),
-        tpot_ms: Percentiles::of(&tpot),
-        itl_ms: Percentiles::of(&itl),
-        e2e_ms: Percentiles::of(&e2e),
+        latencies: ClientLatencies::of(&ttft, &tpot, &itl, &e2e),
         goodput: has_slo.then(|| per_s(num_good as f64)),
         slo_attainment_pct: (has_slo && !outcomes.is_empty())
             .then(|| 100.0 * num_good as f64 / outcomes.len() as f64),
@@ -415,24 +373,11 @@ pub const SUMMARY_HEADER: [&str; 8] = ["metric", "count", "mean", "p50", "p90", 
 
 fn summary_csv(s: &ServingSummary) -> String {
     let mut csv = Csv::new(&SUMMARY_HEADER);
-    for (name, p) in [
-        ("ttft_ms", &s.ttft_ms),
-        ("tpot_ms", &s.tpot_ms),
-        ("itl_ms", &s.itl_ms),
-        ("e2e_ms", &s.e2e_ms),
-    ] {
+    for (name, p) in ClientLatencies::NAMES.into_iter().zip(s.latencies.all()) {
         if let Some(p) = p {
-            let f = |v: f64| format!("{v:.4}");
-            csv.row([
-                name.to_string(),
-                p.count.to_string(),
-                f(p.mean),
-                f(p.p50),
-                f(p.p90),
-                f(p.p95),
-                f(p.p99),
-                f(p.max),
-            ]);
+            let mut row = vec![name.to_string(), p.count.to_string()];
+            row.extend(p.values().map(|v| format!("{v:.4}")));
+            csv.row(row);
         }
     }
     let one = |csv: &mut Csv, name: &str, v: f64| {
@@ -484,12 +429,7 @@ fn render(s: &ServingSummary) -> String {
         line(&mut out, "Goodput (req/s):", format!("{g:.2}"));
         line(&mut out, "SLO attainment (%):", format!("{a:.1}"));
     }
-    for (name, p) in [
-        ("TTFT", &s.ttft_ms),
-        ("TPOT", &s.tpot_ms),
-        ("ITL", &s.itl_ms),
-        ("E2E", &s.e2e_ms),
-    ] {
+    for (name, p) in ClientLatencies::LABELS.into_iter().zip(s.latencies.all()) {
         if let Some(p) = p {
             line(
                 &mut out,
@@ -509,15 +449,11 @@ fn render(s: &ServingSummary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::summary::Percentiles;
 
     #[test]
-    fn percentiles_interpolate_like_numpy() {
-        let p = Percentiles::of(&[4.0, 1.0, 3.0, 2.0]).expect("values");
-        assert_eq!(p.p50, 2.5);
-        assert!((p.p90 - 3.7).abs() < 1e-12);
-        assert_eq!(p.max, 4.0);
-        assert_eq!(p.mean, 2.5);
-        assert!(Percentiles::of(&[]).is_none());
+    fn summary_columns_are_the_percentiles_names() {
+        assert_eq!(SUMMARY_HEADER[2..], Percentiles::NAMES);
     }
 
     #[test]

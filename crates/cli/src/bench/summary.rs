@@ -1,10 +1,11 @@
 //! Results of a whole run ([`Point`]: one series at one batch size, K repeats) and the summary
 //! across them: mean, median and spread of each latency, and the LoRA overhead against the
-//! no-LoRA series at the same batch size.
+//! no-LoRA series at the same batch size; and, for client mode, percentiles of the per-request
+//! latencies (TTFT, TPOT, ITL, e2e) of each point, as `bench serving` reports them.
 
 use serde::Serialize;
 
-use super::records::{BatchLatency, BatchRun};
+use super::records::{BatchLatency, BatchRun, RequestRecord};
 use super::workload::Series;
 
 /// One measured repetition.
@@ -58,6 +59,124 @@ impl Stats {
             max: sorted[sorted.len() - 1],
         }
     }
+}
+
+/// Percentiles of one latency over many samples, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Names of [`Percentiles::values`], in order (CSV column suffixes).
+    pub const NAMES: [&'static str; 6] = ["mean", "p50", "p90", "p95", "p99", "max"];
+
+    /// `None` for no values. Linear interpolation between ranks (numpy's default, as vLLM's
+    /// benchmark reports them).
+    pub fn of(values: &[f64]) -> Option<Percentiles> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            let rank = p / 100.0 * (v.len() - 1) as f64;
+            let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (rank - lo as f64)
+        };
+        Some(Percentiles {
+            count: v.len(),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: at(50.0),
+            p90: at(90.0),
+            p95: at(95.0),
+            p99: at(99.0),
+            max: v[v.len() - 1],
+        })
+    }
+
+    pub fn values(&self) -> [f64; 6] {
+        [self.mean, self.p50, self.p90, self.p95, self.p99, self.max]
+    }
+}
+
+/// What a client of a server measures per request, as percentiles in ms: TTFT and e2e from
+/// sending the request, TPOT per request, ITL every gap between streamed chunks. `None` where
+/// there were no samples.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientLatencies {
+    pub ttft_ms: Option<Percentiles>,
+    pub tpot_ms: Option<Percentiles>,
+    pub itl_ms: Option<Percentiles>,
+    pub e2e_ms: Option<Percentiles>,
+}
+
+impl ClientLatencies {
+    /// Field names (CSV and JSON) and display labels, in the order of [`Self::all`].
+    pub const NAMES: [&'static str; 4] = ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"];
+    pub const LABELS: [&'static str; 4] = ["TTFT", "TPOT", "ITL", "E2E"];
+
+    /// From samples in ms.
+    pub fn of(ttft: &[f64], tpot: &[f64], itl: &[f64], e2e: &[f64]) -> ClientLatencies {
+        ClientLatencies {
+            ttft_ms: Percentiles::of(ttft),
+            tpot_ms: Percentiles::of(tpot),
+            itl_ms: Percentiles::of(itl),
+            e2e_ms: Percentiles::of(e2e),
+        }
+    }
+
+    pub fn all(&self) -> [Option<&Percentiles>; 4] {
+        [
+            self.ttft_ms.as_ref(),
+            self.tpot_ms.as_ref(),
+            self.itl_ms.as_ref(),
+            self.e2e_ms.as_ref(),
+        ]
+    }
+}
+
+/// The per-request latencies of one point in client mode, pooled over its repeats.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestLatencyRow {
+    pub mode: &'static str,
+    pub workload: &'static str,
+    pub batch_size: usize,
+    pub repeats: usize,
+    pub num_requests: usize,
+    #[serde(flatten)]
+    pub latencies: ClientLatencies,
+}
+
+pub fn request_latencies(points: &[Point]) -> Vec<RequestLatencyRow> {
+    points
+        .iter()
+        .map(|p| {
+            let requests: Vec<&RequestRecord> = p.repeats.iter().flat_map(|m| &m.run.requests).collect();
+            let ms = |v: f64| v * 1e3;
+            let ttft: Vec<f64> = requests.iter().map(|r| ms(r.first_token_time_s)).collect();
+            let tpot: Vec<f64> = requests.iter().filter_map(|r| r.tpot_s()).map(ms).collect();
+            let itl: Vec<f64> = requests
+                .iter()
+                .flat_map(|r| r.inter_token_latencies_s.iter().map(|&v| ms(v)))
+                .collect();
+            let e2e: Vec<f64> = requests.iter().map(|r| ms(r.e2e_s())).collect();
+            RequestLatencyRow {
+                mode: p.series.mode(),
+                workload: p.series.workload_name(),
+                batch_size: p.batch_size,
+                repeats: p.repeats.len(),
+                num_requests: requests.len(),
+                latencies: ClientLatencies::of(&ttft, &tpot, &itl, &e2e),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,10 +248,7 @@ fn row(p: &Point) -> SummaryRow {
     }
     SummaryRow {
         mode: p.series.mode(),
-        workload: match p.series {
-            Series::NoLora => "none",
-            Series::Lora(w) => w.name(),
-        },
+        workload: p.series.workload_name(),
         batch_size: p.batch_size,
         repeats: p.repeats.len(),
         num_adapters: distinct.len(),
@@ -159,6 +275,56 @@ pub(crate) mod tests {
         assert_eq!((s.mean, s.median, s.min, s.max), (3.0, 2.5, 1.0, 6.0));
         assert!((s.stdev.unwrap_or(0.0) - (14.0f64 / 3.0).sqrt()).abs() < 1e-12);
         assert_eq!(Stats::of(&[5.0]).stdev, None);
+    }
+
+    #[test]
+    fn percentiles_interpolate_like_numpy() {
+        let p = Percentiles::of(&[4.0, 1.0, 3.0, 2.0]).expect("values");
+        assert_eq!(p.p50, 2.5);
+        assert!((p.p90 - 3.7).abs() < 1e-12);
+        assert_eq!(p.max, 4.0);
+        assert_eq!(p.mean, 2.5);
+        assert!(Percentiles::of(&[]).is_none());
+    }
+
+    #[test]
+    fn request_latencies_pool_the_repeats() {
+        let req = |ttft: f64, itls: &[f64]| RequestRecord {
+            request_id: "0".into(),
+            lora: None,
+            prompt_num_tokens: 3,
+            output_num_tokens: itls.len() + 1,
+            finish_reason: "length".into(),
+            first_token_time_s: ttft,
+            completion_time_s: itls.iter().sum(),
+            inter_token_latencies_s: itls.to_vec(),
+        };
+        let mut p = point(Series::Lora(Workload::Uniform), 2, &[1.0, 1.0]);
+        p.repeats[0].run.requests = vec![req(0.010, &[0.001, 0.003]), req(0.020, &[0.002, 0.002])];
+        p.repeats[1].run.requests = vec![req(0.030, &[0.004, 0.004]), req(0.040, &[0.001])];
+        let rows = request_latencies(&[p]);
+        let r = &rows[0];
+        assert_eq!((r.mode, r.workload, r.batch_size), ("multi-lora", "uniform", 2));
+        assert_eq!((r.repeats, r.num_requests), (2, 4));
+        let ttft = r.latencies.ttft_ms.as_ref().expect("ttft");
+        assert!(
+            (ttft.p50 - 25.0).abs() < 1e-9 && (ttft.max - 40.0).abs() < 1e-9,
+            "{ttft:?}"
+        );
+        // Every gap of every request is one ITL sample; TPOT is one value per request.
+        let itl = r.latencies.itl_ms.as_ref().expect("itl");
+        assert_eq!(itl.count, 7);
+        assert!((itl.max - 4.0).abs() < 1e-9);
+        let tpot = r.latencies.tpot_ms.as_ref().expect("tpot");
+        assert_eq!(tpot.count, 4);
+        assert!((tpot.p50 - 2.0).abs() < 1e-9, "{tpot:?}");
+        let e2e = r.latencies.e2e_ms.as_ref().expect("e2e");
+        assert!((e2e.max - 41.0).abs() < 1e-9, "{e2e:?}");
+        // The engine backend records no gaps: no ITL rather than zeros.
+        assert!(request_latencies(&[point(Series::NoLora, 1, &[1.0])])[0]
+            .latencies
+            .itl_ms
+            .is_none());
     }
 
     pub fn point(series: Series, batch_size: usize, decode_ms: &[f64]) -> Point {

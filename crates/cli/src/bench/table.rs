@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::summary::{Stats, SummaryRow};
+use super::summary::{ClientLatencies, RequestLatencyRow, Stats, SummaryRow};
 
 fn cell(s: &Stats) -> String {
     match s.stdev {
@@ -44,37 +44,10 @@ pub fn render(rows: &[SummaryRow]) -> String {
             ]
         })
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &body {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let line = |out: &mut String, cells: &[String]| {
-        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-            // Text columns left-aligned, numbers right-aligned.
-            if i < 2 {
-                let _ = write!(out, "{c:<w$}  ");
-            } else {
-                let _ = write!(out, "{c:>w$}  ");
-            }
-        }
-        let trimmed = out.trim_end().len();
-        out.truncate(trimmed);
-        out.push('\n');
-    };
-    line(&mut out, &header.map(String::from));
-    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
-    line(&mut out, &rule);
-    let mut last_mode = "";
-    for (r, cells) in rows.iter().zip(&body) {
-        if !last_mode.is_empty() && r.workload != last_mode {
-            out.push('\n');
-        }
-        last_mode = r.workload;
-        line(&mut out, cells);
-    }
+    // A blank line between workloads.
+    let mut out = grid(&header, &body, |i| {
+        i > 0 && rows[i].workload != rows[i - 1].workload
+    });
     // Spread this large says more about the machine than about the engine.
     let noisy = rows
         .iter()
@@ -107,10 +80,75 @@ pub fn render(rows: &[SummaryRow]) -> String {
     out
 }
 
+/// Client mode's second table: p50 and p99 of each per-request latency, ms.
+pub fn render_request_latencies(rows: &[RequestLatencyRow]) -> String {
+    let mut header = vec!["mode".to_string(), "workload".into(), "batch".into()];
+    for m in ClientLatencies::LABELS {
+        header.push(format!("{m} p50/p99 ms"));
+    }
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut cells = vec![
+                r.mode.to_string(),
+                r.workload.to_string(),
+                r.batch_size.to_string(),
+            ];
+            cells.extend(
+                r.latencies
+                    .all()
+                    .map(|p| p.map_or("-".into(), |p| format!("{:.2} / {:.2}", p.p50, p.p99))),
+            );
+            cells
+        })
+        .collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    grid(&header, &body, |i| {
+        i > 0 && rows[i].workload != rows[i - 1].workload
+    })
+}
+
+/// Aligned columns under a header and a rule: the first two (text) left-aligned, numbers
+/// right-aligned; a blank line before each row where `gap_before(row index)`.
+fn grid<C: AsRef<[String]>>(header: &[&str], body: &[C], gap_before: impl Fn(usize) -> bool) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in body {
+        for (w, c) in widths.iter_mut().zip(row.as_ref()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[String]| {
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i < 2 {
+                let _ = write!(out, "{c:<w$}  ");
+            } else {
+                let _ = write!(out, "{c:>w$}  ");
+            }
+        }
+        let trimmed = out.trim_end().len();
+        out.truncate(trimmed);
+        out.push('\n');
+    };
+    line(
+        &mut out,
+        &header.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+    );
+    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+    line(&mut out, &rule);
+    for (i, cells) in body.iter().enumerate() {
+        if gap_before(i) {
+            out.push('\n');
+        }
+        line(&mut out, cells.as_ref());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::summary::{summarize, tests::point};
+    use crate::bench::summary::{summarize, tests::point, Percentiles};
     use crate::bench::workload::{Series, Workload};
 
     #[test]
@@ -128,5 +166,35 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("1 of 2 points vary by more than 10%"), "{t}");
+    }
+
+    #[test]
+    fn renders_request_latency_percentiles() {
+        let p = |v: f64| Percentiles::of(&[v, 2.0 * v]);
+        let row = |workload, batch_size, itl_ms| RequestLatencyRow {
+            mode: "multi-lora",
+            workload,
+            batch_size,
+            repeats: 1,
+            num_requests: batch_size,
+            latencies: ClientLatencies {
+                ttft_ms: p(10.0),
+                tpot_ms: p(1.0),
+                itl_ms,
+                e2e_ms: p(100.0),
+            },
+        };
+        let t = render_request_latencies(&[row("distinct", 1, p(1.0)), row("uniform", 16, None)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].starts_with("mode") && lines[0].ends_with("E2E p50/p99 ms"),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains("15.00 / 19.90") && lines[2].ends_with("150.00 / 199.00"),
+            "{t}"
+        );
+        assert_eq!(lines[3], "", "a blank line between workloads: {t}");
+        assert!(lines[4].contains(" 16 ") && lines[4].contains(" - "), "{t}");
     }
 }

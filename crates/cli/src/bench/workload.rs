@@ -91,6 +91,14 @@ impl Series {
         }
     }
 
+    /// The workload's name, `none` for no-LoRA (the `workload` column of the reports).
+    pub fn workload_name(self) -> &'static str {
+        match self {
+            Series::NoLora => "none",
+            Series::Lora(w) => w.name(),
+        }
+    }
+
     /// The original script that measures this series.
     pub fn mode(self) -> &'static str {
         match self {
