@@ -32,7 +32,7 @@ bench)
   echo "== multilora on Llama-2-7B shape (dummy bf16), 32 rank-16 adapters on q,k,v,o"
   timeout 300 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   echo "== the same, eager (no CUDA graphs), batch 1 and 32"
-  "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/bench_eager.jsonl" --eager --batch-sizes 1,32 2>&1 | tee "$OUT/bench_eager.log"
+  "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$WORK/bench_eager.jsonl" --eager --batch-sizes 1,32 2>&1 | tee "$OUT/bench_eager.log"
   ;;
 sweep)
   for g in ${SWEEP:-0 1 32}; do

@@ -564,7 +564,7 @@ const CORE_NAMES: &[&str] = &[
 ];
 
 /// Token counts above which `lora_shrink_wide` replaces `lora_shrink` (prefill).
-pub const SHRINK_WIDE_MIN_TOKENS: usize = 16;
+pub const SHRINK_WIDE_MIN_TOKENS: usize = 64;
 /// Largest head_dim the attention kernel takes (`32 * MAX_DPL`).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Threads of an attention block (`ATT_WARPS * 32`).
