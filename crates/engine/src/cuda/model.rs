@@ -514,6 +514,7 @@ impl CudaModel {
 
     /// LoRA shrink + expand of one group, added into `y[T, ldy]`: segmented (SGMV) for prefill
     /// and mixed steps, BGMV (a token at a time) for decode.
+    #[allow(clippy::too_many_arguments)]
     fn lora(
         &self,
         gpu: &Gpu,
