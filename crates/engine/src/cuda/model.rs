@@ -536,7 +536,7 @@ impl CudaModel {
         } else {
             (n1, if nsub == 2 { n } else { n2 })
         };
-        if shape.num_tokens > shape.num_seqs {
+        if shape.num_tokens > shape.num_seqs && t >= SGMV_MIN_TOKENS {
             let w = sgmv::GroupWeights {
                 a: g.a.ptr,
                 b: g.b.ptr,
@@ -988,6 +988,12 @@ pub fn linear(
     }
     Ok(())
 }
+
+/// Token counts from which prefill/mixed steps use SGMV rather than per-token BGMV. On the H200
+/// (Llama-2-7B shape, 32 distinct rank-16 adapters on q,k,v,o) SGMV cost +12.3 ms over no-LoRA
+/// at 32 × 128 tokens against BGMV's +22.7 ms, but +3.3 ms against +1.2 ms at 128 tokens
+/// (BENCHMARKS.md); the crossover between those two points was not measured.
+const SGMV_MIN_TOKENS: usize = 512;
 
 /// Head sizes `decode_attention` takes: hd / 8 lanes per key, a power of two up to a warp.
 fn decode_attention_fits(hd: usize) -> bool {
