@@ -209,6 +209,20 @@ impl LLMEngine {
                 config.dtype
             )));
         }
+        if config.device == Device::Cuda {
+            let wanted = match config.dtype.as_str() {
+                "auto" => model_config
+                    .torch_dtype
+                    .clone()
+                    .unwrap_or_else(|| "bfloat16".into()),
+                d => d.to_string(),
+            };
+            if !matches!(wanted.as_str(), "bfloat16" | "bf16") {
+                tracing::warn!(
+                    "the CUDA backend keeps weights, activations and the KV cache in bfloat16; dtype {wanted} is run as bfloat16"
+                );
+            }
+        }
         let bytes_per_block = match config.device {
             Device::Cpu => KvCache::bytes_per_block(&model_config, config.block_size),
             Device::Cuda => crate::cuda::kv_bytes_per_block(&model_config, config.block_size),

@@ -91,6 +91,32 @@ fn lora_requests(case: &str) -> HashMap<String, LoraRequest> {
 struct Run {
     tokens: Vec<Vec<u32>>,
     first_logits: Vec<Vec<f32>>,
+    /// logits of output token [`DECODE_CHECK_TOKEN`], drawn in a decode step (fused LoRA kernels)
+    decode_logits: Vec<Vec<f32>>,
+}
+
+/// The output token whose decode-step logits are checked against the CPU backend.
+const DECODE_CHECK_TOKEN: usize = 6;
+
+/// Logits of the next token after `prompt` + `prefix`, computed by the CPU backend (f32, the
+/// oracle) in one prefill: a teacher-forced reference for a GPU decode step.
+fn cpu_next_logits(case: &str, prompt: &[u32], prefix: &[u32], lora: Option<&LoraRequest>) -> Vec<f32> {
+    let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+    cfg.enable_lora = true;
+    cfg.max_loras = 4;
+    cfg.max_lora_rank = 16;
+    cfg.max_model_len = Some(256);
+    let mut engine = LLMEngine::new(cfg).expect("CPU engine loads");
+    let ids: Vec<u32> = prompt.iter().chain(prefix).copied().collect();
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(1)
+    };
+    engine
+        .add_request("r", Prompt::TokenIds(ids), params, lora)
+        .unwrap();
+    engine.step().unwrap();
+    engine.last_logits("r").expect("CPU keeps logits").to_vec()
 }
 
 /// Runs the golden requests greedily on the GPU. With `return_logits` every step's device id is
@@ -127,6 +153,7 @@ fn run(case: &str, golden: &Golden, enforce_eager: bool, return_logits: bool) ->
     let mut out = Run {
         tokens: vec![Vec::new(); k],
         first_logits: vec![Vec::new(); k],
+        decode_logits: vec![Vec::new(); k],
     };
     while engine.has_unfinished_requests() {
         for o in engine.step().unwrap() {
@@ -148,6 +175,9 @@ fn run(case: &str, golden: &Golden, enforce_eager: bool, return_logits: bool) ->
             );
             if o.num_output_tokens == 1 {
                 out.first_logits[i] = logits.to_vec();
+            }
+            if o.num_output_tokens == DECODE_CHECK_TOKEN {
+                out.decode_logits[i] = logits.to_vec();
             }
             if o.is_finished() {
                 out.tokens[i] = o.output_token_ids;
@@ -208,6 +238,22 @@ fn check_case(case: &str) {
         assert_eq!(
             graphs.tokens[i], ids_only.tokens[i],
             "{case} request {i}: tokens with return_logits vs ids only"
+        );
+        // A decode step (graph, fused LoRA expand in RoPE and RMSNorm) against the CPU backend
+        // prefilling the same tokens.
+        let loras = lora_requests(case);
+        let prefix = &graphs.tokens[i][..DECODE_CHECK_TOKEN - 1];
+        let want = cpu_next_logits(
+            case,
+            &r.prompt_token_ids,
+            prefix,
+            r.lora.as_ref().map(|n| &loras[n]),
+        );
+        let rel = max_diff(&graphs.decode_logits[i], &want) / max_abs(&want).max(1e-6);
+        eprintln!("{case} request {i}: decode-step logits vs CPU max rel diff {rel:.2e}");
+        assert!(
+            rel < 6e-2,
+            "{case} request {i}: logits of output token {DECODE_CHECK_TOKEN} (a decode step) differ from the CPU backend's by {rel} (relative)"
         );
         let d = max_diff(&graphs.first_logits[i], &eager.first_logits[i]);
         assert!(

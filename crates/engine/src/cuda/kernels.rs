@@ -1,4 +1,5 @@
-//! The CUDA C of every kernel the CUDA backend launches, compiled at run time by NVRTC.
+//! The CUDA C prelude every kernel module starts with, the module list, and the core kernels
+//! (everything but the skinny GEMM, SGMV and sampling), compiled at run time by NVRTC.
 //!
 //! Header-free on purpose: NVRTC 13 cannot find `cuda_bf16.h` without include paths, so bf16 is
 //! a `unsigned short` converted with bit shifts (round to nearest even). Weights and the KV
@@ -322,7 +323,8 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     int lpk = hd >> 3, grp = threadIdx.x / lpk, sub = threadIdx.x % lpk, ngrp = DA_THREADS / lpk;
     int kvh = h / (nh / nkv), kvs = nkv * hd;
     int ctx = (int)positions[s] + 1;
-    int per = max((ctx + (int)gridDim.z - 1) / (int)gridDim.z, DA_MIN_PART);
+    int parts = min((int)gridDim.z, DA_MAX_PARTS);
+    int per = max((ctx + parts - 1) / parts, DA_MIN_PART);
     int P = (ctx + per - 1) / per;
     if (p >= P) return;
     int k0 = p * per, k1 = min(ctx, k0 + per);

@@ -2,13 +2,14 @@
 //! boundary as the CPU one. bf16 weights and KV cache, f32 residual stream and accumulation.
 //!
 //! Libraries (driver, NVRTC, cuBLAS) are loaded at run time, so this compiles and its tests run
-//! on machines without CUDA; asking for it there is an error, never a panic. Projections use our
-//! tensor-core skinny GEMM ([`skinny`], next elementwise op fused) for up to
-//! [`skinny::SKINNY_MAX_M`] tokens and cuBLAS above; LoRA is one shrink and one expand per projection group for any mix of adapters (BGMV for decode,
-//! segmented SGMV for prefill). Decode steps are captured once per batch-size bucket as CUDA
-//! graphs (unless `enforce_eager`) over persistent input buffers, and every step is timed with
-//! CUDA events. Tokens are sampled on the device ([`sampling`]), inside the graph, so a step
-//! copies back only token ids unless logits are asked for.
+//! on machines without CUDA; asking for it there is an error, never a panic. One-token steps use
+//! our tensor-core skinny GEMM ([`skinny`], the next elementwise op fused), larger ones cuBLAS.
+//! LoRA is one shrink and one expand per projection group for any mix of adapters: BGMV for
+//! decode (the expand fused into RoPE and RMSNorm), segmented SGMV for long prefills. Decode
+//! steps are captured once per batch-size bucket as CUDA graphs (unless `enforce_eager`) over
+//! persistent input buffers, and every step is timed with CUDA events. Tokens are sampled on the
+//! device ([`sampling`]), inside the graph, so a step copies back only token ids unless logits
+//! are asked for.
 
 pub mod gpu;
 pub mod kernels;

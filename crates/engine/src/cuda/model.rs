@@ -537,6 +537,7 @@ impl CudaModel {
             (n1, if nsub == 2 { n } else { n2 })
         };
         if shape.num_tokens > shape.num_seqs && t >= SGMV_MIN_TOKENS {
+            assert!(!shrink_only, "fused LoRA expand is a decode-step (BGMV) path");
             let w = sgmv::GroupWeights {
                 a: g.a.ptr,
                 b: g.b.ptr,

@@ -156,7 +156,7 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
             for (int n = 0; n < NT; n++) {
                 int m = n * 8 + g;
                 uint4 xa = z4, xb = z4;
-                if (m < M) {
+                if (m < M && e < K) {
                     const bf16_t* xp = x + (size_t)m * K + e;
                     xa = __ldg((const uint4*)xp);
                     if (e + 32 < K) xb = __ldg((const uint4*)(xp + 32));
@@ -179,11 +179,11 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
         int l = idx & 31, i = (idx >> 5) & 3, n = idx >> 7;
         int m = n * 8 + (l & 3) * 2 + (i & 1);
         if (m >= M) continue;
+        if (EPI == EPI_SILU && i >= 2) continue;
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < SK_WARPS; w++) s += red[w][idx];
         if (EPI == EPI_SILU) {
-            if (i >= 2) continue;
             int j = blockIdx.x * 8 + (l >> 2);
             if (j >= N) continue;
             float up = 0.f;
