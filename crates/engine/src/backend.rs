@@ -64,7 +64,9 @@ pub struct RowSampling {
     /// 1.0: disabled.
     pub top_p: f32,
     /// Drawn by the engine from the request's own RNG, so `seed` reproduces a request wherever
-    /// it is batched; filled only when the backend samples the step.
+    /// it is batched; filled only when the backend samples the step. A step whose banned ids
+    /// do not fit the device buffer (many `stop_token_ids` under `min_tokens`) is sampled on the
+    /// host for every row, which draws differently: seeded output then depends on that step.
     pub random: u64,
 }
 
