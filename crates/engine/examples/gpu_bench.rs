@@ -139,7 +139,7 @@ fn micro(cfg: &ModelConfig, bw: f64) {
     use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu};
     use multilora_engine::cuda::model::linear;
     use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
-    let gpu = Gpu::new(0).expect("gpu");
+    let mut gpu = Gpu::new(0).expect("gpu");
     let (h, q, kv, i) = (
         cfg.hidden_size,
         cfg.q_size(),
@@ -173,7 +173,9 @@ fn micro(cfg: &ModelConfig, bw: f64) {
     let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
     println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
     // Tuning variants of the skinny Store kernel, one token.
-    for &name in multilora_engine::cuda::skinny::VARIANTS {
+    let tuning = &multilora_engine::cuda::skinny::TUNING;
+    gpu.load(tuning).expect("tuning kernels");
+    for &name in ["skinny_store_8"].iter().chain(tuning.kernels) {
         let pass = || {
             for (w, &(n, k)) in ws.iter().zip(&shapes) {
                 let mut b = gpu.stream.launch_builder(gpu.func(name));

@@ -73,6 +73,8 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// NVRTC target, e.g. `compute_90a`
+    arch: String,
     pub name: String,
     pub num_sms: u32,
     _blas_workspace: Option<DevBuf>,
@@ -117,30 +119,21 @@ impl Gpu {
         } else {
             format!("compute_{major}{minor}")
         };
-        let mut funcs = HashMap::new();
-        for m in kernels::MODULES {
-            let ptx = compile_cached(&m.source(), &arch)?;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| cuda_err(&format!("loading the {} kernels", m.name), e))?;
-            for &n in m.kernels {
-                let f = module
-                    .load_function(n)
-                    .map_err(|e| cuda_err(&format!("loading kernel {n}"), e))?;
-                funcs.insert(n, f);
-            }
-        }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating the cuBLAS handle", e))?;
         let mut gpu = Gpu {
             ctx,
             stream,
             blas,
-            funcs,
+            funcs: HashMap::new(),
+            arch,
             name,
             num_sms,
             _blas_workspace: None,
         };
         // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
+        for m in kernels::MODULES {
+            gpu.load(m)?;
+        }
         let ws = gpu.alloc(32 << 20)?;
         // SAFETY: the handle is live and the workspace outlives it (both owned by `gpu`).
         let st = unsafe {
@@ -151,6 +144,22 @@ impl Gpu {
         }
         gpu._blas_workspace = Some(ws);
         Ok(gpu)
+    }
+
+    /// Compiles (or reads from the PTX cache) and loads a module; its kernels join `func`'s.
+    pub fn load(&mut self, m: &kernels::Module) -> Result<()> {
+        let ptx = compile_cached(&m.source(), &self.arch)?;
+        let module = self
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| cuda_err(&format!("loading the {} kernels", m.name), e))?;
+        for &n in m.kernels {
+            let f = module
+                .load_function(n)
+                .map_err(|e| cuda_err(&format!("loading kernel {n}"), e))?;
+            self.funcs.insert(n, f);
+        }
+        Ok(())
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
@@ -295,7 +304,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        for m in kernels::MODULES {
+        for m in kernels::MODULES.iter().chain([&super::super::skinny::TUNING]) {
             let opts = CompileOptions {
                 options: vec!["--gpu-architecture=compute_90a".into(), "--std=c++17".into()],
                 ..Default::default()

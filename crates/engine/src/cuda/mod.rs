@@ -13,6 +13,7 @@
 
 pub mod gpu;
 pub mod kernels;
+mod lora;
 pub mod model;
 pub mod sampling;
 pub mod sgmv;

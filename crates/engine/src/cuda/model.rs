@@ -9,6 +9,7 @@ use half::bf16;
 
 use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
+use super::lora::LoraGroup;
 use super::sgmv;
 use super::skinny::{self, Epilogue, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
 use crate::backend::BackendConfig;
@@ -49,35 +50,6 @@ struct Linear {
     bias: Option<DevBuf>,
     n: usize,
     k: usize,
-}
-
-/// The stacked adapter weights of one projection group (projections that share their input:
-/// q/k/v, o, gate/up, down) for all `max_loras` slots.
-struct LoraGroup {
-    targets: Vec<LoraTarget>,
-    /// out features of each target, concatenated in `b`
-    outs: Vec<usize>,
-    k: usize,
-    /// `[nsub, max_loras, R, K]` bf16
-    a: DevBuf,
-    /// `[max_loras, N, R]` bf16
-    b: DevBuf,
-    /// `[nsub, max_loras]` i32
-    ranks: DevBuf,
-    /// `[nsub, max_loras]` f32
-    scales: DevBuf,
-    host_ranks: Vec<i32>,
-    host_scales: Vec<f32>,
-}
-
-impl LoraGroup {
-    fn n(&self) -> usize {
-        self.outs.iter().sum()
-    }
-
-    fn is_active(&self) -> bool {
-        self.host_ranks.iter().any(|&r| r > 0)
-    }
 }
 
 struct Layer {
@@ -999,74 +971,4 @@ const SGMV_MIN_TOKENS: usize = 512;
 /// Head sizes `decode_attention` takes: hd / 8 lanes per key, a power of two up to a warp.
 fn decode_attention_fits(hd: usize) -> bool {
     hd % 8 == 0 && (hd / 8).is_power_of_two() && hd / 8 <= 32
-}
-
-impl LoraGroup {
-    fn new(
-        gpu: &Gpu,
-        cfg: &ModelConfig,
-        targets: Vec<LoraTarget>,
-        max_loras: usize,
-        r: usize,
-    ) -> Result<Self> {
-        let k = targets[0].shape(cfg).0;
-        let outs: Vec<usize> = targets.iter().map(|t| t.shape(cfg).1).collect();
-        let n: usize = outs.iter().sum();
-        let nsub = targets.len();
-        Ok(LoraGroup {
-            a: gpu.alloc(nsub * max_loras * r * k * 2)?,
-            b: gpu.alloc(max_loras * n * r * 2)?,
-            ranks: gpu.alloc(nsub * max_loras * 4)?,
-            scales: gpu.alloc(nsub * max_loras * 4)?,
-            host_ranks: vec![0; nsub * max_loras],
-            host_scales: vec![0.0; nsub * max_loras],
-            targets,
-            outs,
-            k,
-        })
-    }
-
-    fn set(
-        &mut self,
-        gpu: &Gpu,
-        layer: usize,
-        slot: LoraSlot,
-        adapter: Option<&LoraAdapter>,
-        max_loras: usize,
-        r: usize,
-    ) -> Result<()> {
-        let s = slot.index();
-        let (k, n) = (self.k, self.n());
-        let mut b = vec![0u16; n * r]; // [N, R] of this slot
-        let mut a = vec![0u16; r * k]; // [R, K] of one target
-        let mut row0 = 0;
-        for (z, &t) in self.targets.iter().enumerate() {
-            let module = adapter.and_then(|ad| ad.module(layer, t));
-            a.fill(0);
-            let (rank, scale) = match module {
-                Some(m) => {
-                    assert!(m.rank <= r, "adapter rank checked against max_lora_rank at load");
-                    for (dst, &src) in a.iter_mut().zip(&m.a) {
-                        *dst = bf16::from_f32(src).to_bits();
-                    }
-                    for (o, src) in m.b.chunks_exact(m.rank).enumerate() {
-                        for (j, &v) in src.iter().enumerate() {
-                            b[(row0 + o) * r + j] = bf16::from_f32(v).to_bits();
-                        }
-                    }
-                    (m.rank as i32, m.scale)
-                }
-                None => (0, 0.0),
-            };
-            gpu.htod(self.a.at::<u16>((z * max_loras + s) * r * k), &a)?;
-            self.host_ranks[z * max_loras + s] = rank;
-            self.host_scales[z * max_loras + s] = scale;
-            row0 += self.outs[z];
-        }
-        gpu.htod(self.b.at::<u16>(s * n * r), &b)?;
-        gpu.htod(self.ranks.ptr, &self.host_ranks)?;
-        gpu.htod(self.scales.ptr, &self.host_scales)?;
-        // The host vectors above are pageable; wait so they may be reused or dropped.
-        gpu.sync()
-    }
 }

@@ -51,38 +51,10 @@ pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
     names[i]
 }
 
-pub const MODULE: Module = Module {
-    name: "skinny",
-    body: BODY,
-    kernels: &[
-        "skinny_store_8",
-        "skinny_store_16",
-        "skinny_store_32",
-        "skinny_add_8",
-        "skinny_add_16",
-        "skinny_add_32",
-        "skinny_silu_8",
-        "skinny_silu_16",
-        "skinny_silu_32",
-        "skinny_var_u4_b2",
-        "skinny_var_u4_b3",
-        "skinny_var_u4_b2_nopf",
-        "skinny_var_u8_b1",
-        "skinny_var_u8_b2",
-    ],
-};
-
-/// The tuning variants of the Store kernel (up to 8 tokens) `gpu_bench --micro` times.
-pub const VARIANTS: &[&str] = &[
-    "skinny_store_8",
-    "skinny_var_u4_b2",
-    "skinny_var_u4_b3",
-    "skinny_var_u4_b2_nopf",
-    "skinny_var_u8_b1",
-    "skinny_var_u8_b2",
-];
-
-const BODY: &str = r#"
+/// The skinny GEMM template (CUDA C), instantiated by [`MODULE`] and [`TUNING`].
+macro_rules! skinny_template {
+    () => {
+        r#"
 #define SK_WARPS 8
 #define EPI_STORE 0
 #define EPI_ADD 1
@@ -201,6 +173,15 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
     }
 }
 
+"#
+    };
+}
+
+pub const MODULE: Module = Module {
+    name: "skinny",
+    body: concat!(
+        skinny_template!(),
+        r#"
 // Two chunks in flight per warp and four blocks per SM (the fastest variant at one token on
 // the H200, BENCHMARKS.md); more tokens need more registers: two blocks.
 #define SKINNY(NAME, NT, EPI)                                                                          \
@@ -218,6 +199,28 @@ SKINNY(skinny_silu_8, 1, EPI_SILU)
 SKINNY(skinny_silu_16, 2, EPI_SILU)
 SKINNY(skinny_silu_32, 4, EPI_SILU)
 
+"#
+    ),
+    kernels: &[
+        "skinny_store_8",
+        "skinny_store_16",
+        "skinny_store_32",
+        "skinny_add_8",
+        "skinny_add_16",
+        "skinny_add_32",
+        "skinny_silu_8",
+        "skinny_silu_16",
+        "skinny_silu_32",
+    ],
+};
+
+/// Tuning variants of the Store kernel (up to 8 tokens), timed by `gpu_bench --micro` next to
+/// the default (`skinny_store_8`). Not loaded by the backend.
+pub const TUNING: Module = Module {
+    name: "skinny-tuning",
+    body: concat!(
+        skinny_template!(),
+        r#"
 // Tuning variants (Store, up to 8 tokens), timed by `gpu_bench --micro`: chunks in flight,
 // blocks per SM asked of the register allocator, L2 prefetch.
 #define SKINNY_VAR(NAME, U, MINB, PF)                                                                  \
@@ -230,4 +233,13 @@ SKINNY_VAR(skinny_var_u4_b3, 4, 3, true)
 SKINNY_VAR(skinny_var_u4_b2_nopf, 4, 2, false)
 SKINNY_VAR(skinny_var_u8_b1, 8, 1, true)
 SKINNY_VAR(skinny_var_u8_b2, 8, 2, true)
-"#;
+"#
+    ),
+    kernels: &[
+        "skinny_var_u4_b2",
+        "skinny_var_u4_b3",
+        "skinny_var_u4_b2_nopf",
+        "skinny_var_u8_b1",
+        "skinny_var_u8_b2",
+    ],
+};
