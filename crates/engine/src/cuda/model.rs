@@ -438,7 +438,8 @@ impl CudaModel {
         let mb = self.max_blocks_per_seq;
         arena[a.block_tables..][..s * mb].copy_from_slice(&batch.block_tables[..s * mb]);
         arena[a.block_tables + s * mb..][..(shape.num_seqs - s) * mb].fill(0);
-        let num_segments = if t > s && self.max_loras > 0 {
+        // Segments only for the steps `lora` runs SGMV on.
+        let num_segments = if t > s && t >= SGMV_MIN_TOKENS && self.max_loras > 0 {
             let segs = &mut arena[a.lora_segments..][..3 * self.max_tokens];
             sgmv::pack_lora_segments(&batch.token_lora, segs)
         } else {
