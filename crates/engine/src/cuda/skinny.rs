@@ -4,13 +4,13 @@
 //!
 //! At a handful of tokens the product is memory-bound: what matters is keeping enough bytes in
 //! flight to saturate HBM, not the math. Each warp owns a tile of 16 weight rows and a share of
-//! K; each lane loads 32 contiguous bytes of two rows (16-byte vectors, four 64-wide K chunks in
-//! flight). The trick that makes plain vector loads valid `mma.m16n8k16` fragments: lane
-//! (g = lane/4, t = lane%4) holds elements `8t..8t+8` and `32+8t..32+8t+8` of each 64-wide
-//! chunk, of weight rows g and g+8 and of token g, and both operands number K the same
+//! K; each lane loads 32 bytes of each of two rows per 64-wide K chunk (16-byte vectors, two
+//! chunks in flight by default). The trick that makes plain vector loads valid `mma.m16n8k16`
+//! fragments: lane (g = lane/4, t = lane%4) holds elements `8t..8t+8` and `32+8t..32+8t+8` of
+//! each chunk, of weight rows g and g+8 and of token g, and both operands number K the same
 //! (permuted) way, so the dot products are unchanged and neither operand goes through shared
-//! memory. The four lanes of a row read 64 contiguous bytes per load: whole 32-byte sectors. Warps then sum their
-//! partial tiles in shared memory and the epilogue writes the output.
+//! memory. The four lanes of a row read 64 contiguous bytes per load: whole 32-byte sectors.
+//! Warps then sum their partial tiles in shared memory and the epilogue writes the output.
 
 use super::kernels::Module;
 
