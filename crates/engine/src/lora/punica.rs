@@ -125,47 +125,63 @@ pub fn expand_ref(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y:
     }
 }
 
-/// Fast shrink: tokens in parallel, each reading only its slot's first `rank` rows of A.
+/// Below this many multiply-adds a shrink or expand runs on the calling thread: handing a few
+/// thousand FMAs to the rayon pool (the demo model's LoRA ops) costs more than doing them.
+const PAR_MIN_WORK: usize = 1 << 16;
+
+/// Fast shrink: tokens in parallel (serially when small), each reading only its slot's first
+/// `rank` rows of A.
 pub fn shrink(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp: &mut [f32]) {
     let (i, r_max) = (stack.in_features, stack.max_rank);
     let num_tokens = slots.len();
-    tmp[..num_tokens * r_max]
-        .par_chunks_mut(r_max)
-        .zip(x[..num_tokens * i].par_chunks(i))
-        .zip(slots.par_iter())
-        .for_each(|((out, xt), slot)| {
-            out.fill(0.0);
-            if let Some(slot) = slot {
-                let s = slot.index();
-                let scale = stack.scales[s];
-                for (r, o) in out.iter_mut().enumerate().take(stack.ranks[s]) {
-                    *o = scale * dot(xt, stack.a_row(s, r));
-                }
+    let token = |((out, xt), slot): ((&mut [f32], &[f32]), &Option<LoraSlot>)| {
+        out.fill(0.0);
+        if let Some(slot) = slot {
+            let s = slot.index();
+            let scale = stack.scales[s];
+            for (r, o) in out.iter_mut().enumerate().take(stack.ranks[s]) {
+                *o = scale * dot(xt, stack.a_row(s, r));
             }
-        });
+        }
+    };
+    let (tmp, x) = (&mut tmp[..num_tokens * r_max], &x[..num_tokens * i]);
+    if num_tokens * r_max * i < PAR_MIN_WORK {
+        tmp.chunks_mut(r_max).zip(x.chunks(i)).zip(slots).for_each(token);
+    } else {
+        tmp.par_chunks_mut(r_max)
+            .zip(x.par_chunks(i))
+            .zip(slots.par_iter())
+            .for_each(token);
+    }
 }
 
-/// Fast expand: tokens in parallel; `y[t] += tmp[t, r] · Bᵀ[s, r]` for each rank row.
+/// Fast expand: tokens in parallel (serially when small); `y[t] += tmp[t, r] · Bᵀ[s, r]` for each
+/// rank row.
 pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mut [f32]) {
     let (o_n, r_max) = (stack.out_features, stack.max_rank);
     let num_tokens = slots.len();
-    y[..num_tokens * o_n]
-        .par_chunks_mut(o_n)
-        .zip(tmp[..num_tokens * r_max].par_chunks(r_max))
-        .zip(slots.par_iter())
-        .for_each(|((yt, tt), slot)| {
-            let Some(slot) = slot else { return };
-            let s = slot.index();
-            let rank = stack.ranks[s];
-            if rank == 0 {
-                return;
+    let token = |((yt, tt), slot): ((&mut [f32], &[f32]), &Option<LoraSlot>)| {
+        let Some(slot) = slot else { return };
+        let s = slot.index();
+        let rank = stack.ranks[s];
+        for (r, &c) in tt[..rank].iter().enumerate() {
+            for (yo, &bv) in yt.iter_mut().zip(stack.bt_row(s, r)) {
+                *yo += c * bv;
             }
-            for (r, &c) in tt[..rank].iter().enumerate() {
-                for (yo, &bv) in yt.iter_mut().zip(stack.bt_row(s, r)) {
-                    *yo += c * bv;
-                }
-            }
-        });
+        }
+    };
+    let (y, tmp) = (&mut y[..num_tokens * o_n], &tmp[..num_tokens * r_max]);
+    if num_tokens * r_max * o_n < PAR_MIN_WORK {
+        y.chunks_mut(o_n)
+            .zip(tmp.chunks(r_max))
+            .zip(slots)
+            .for_each(token);
+    } else {
+        y.par_chunks_mut(o_n)
+            .zip(tmp.par_chunks(r_max))
+            .zip(slots.par_iter())
+            .for_each(token);
+    }
 }
 
 #[cfg(test)]
@@ -183,7 +199,7 @@ mod tests {
     }
 
     /// The fast ops equal the reference loops across batch sizes, ranks, slot mixes and rows
-    /// without an adapter.
+    /// without an adapter, on both sides of PAR_MIN_WORK (the 64-token case runs in parallel).
     #[test]
     fn fast_matches_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
