@@ -5,46 +5,16 @@
 //! alone against host-computed top-k/top-p sets and softmax frequencies. Skipped, with a note,
 //! where no CUDA driver is found (CI).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::collections::HashMap;
+
+use common::{case_dir, load, lora_requests, max_abs, max_diff, Golden};
 use multilora_engine::backend::{RowSampling, SamplingBatch};
 use multilora_engine::cuda::gpu::Gpu;
 use multilora_engine::cuda::sampling::DeviceSampler;
 use multilora_engine::sampling::argmax;
-use multilora_engine::{AdapterId, Device, EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Golden {
-    num_steps: usize,
-    requests: Vec<GoldenRequest>,
-}
-
-#[derive(Deserialize, Clone)]
-struct GoldenRequest {
-    prompt_token_ids: Vec<u32>,
-    lora: Option<String>,
-    greedy_token_ids: Vec<u32>,
-    first_logits: Vec<f32>,
-}
-
-/// The fixtures: from the build's source tree, or, for a test binary carried to the GPU
-/// machine, `crates/engine` under the working directory.
-fn case_dir(case: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = if built.exists() {
-        built.to_path_buf()
-    } else {
-        PathBuf::from("crates/engine")
-    };
-    root.join("tests/golden").join(case)
-}
-
-fn load_golden(case: &str) -> Golden {
-    let path = case_dir(case).join("golden.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+use multilora_engine::{Device, EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
 
 /// An engine on the GPU over a golden case's model, without LoRA.
 fn cuda_engine(case: &str, max_num_seqs: usize) -> LLMEngine {
@@ -63,29 +33,6 @@ fn have_gpu() -> bool {
             false
         }
     }
-}
-
-fn lora_requests(case: &str) -> HashMap<String, LoraRequest> {
-    let dir = case_dir(case).join("adapters");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-        .into_iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let req = LoraRequest {
-                name: n.clone(),
-                id: AdapterId(i as u32 + 1),
-                path: dir.join(&n),
-            };
-            (n, req)
-        })
-        .collect()
 }
 
 struct Run {
@@ -187,14 +134,6 @@ fn run(case: &str, golden: &Golden, enforce_eager: bool, return_logits: bool) ->
     out
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn max_abs(a: &[f32]) -> f32 {
-    a.iter().fold(0.0f32, |m, x| m.max(x.abs()))
-}
-
 /// Number of leading tokens two sequences share.
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -204,7 +143,7 @@ fn check_case(case: &str) {
     if !have_gpu() {
         return;
     }
-    let golden = load_golden(case);
+    let golden = load(case);
     let graphs = run(case, &golden, false, true);
     let eager = run(case, &golden, true, true);
     let ids_only = run(case, &golden, false, false);
@@ -609,7 +548,7 @@ fn cuda_engine_seeded_sampling_and_min_tokens() {
         return;
     }
     let case = "llama";
-    let golden = load_golden(case);
+    let golden = load(case);
     let prompt = golden.requests[0].prompt_token_ids.clone();
     let stop = golden.requests[0].greedy_token_ids[0];
     let sample_once = || {
@@ -675,7 +614,7 @@ fn cuda_engine_many_bans_fall_back_to_host_sampling() {
         return;
     }
     let case = "llama";
-    let golden = load_golden(case);
+    let golden = load(case);
     let mut engine = cuda_engine(case, 4);
     let mut stop: Vec<u32> = (0..100).collect();
     stop.push(golden.requests[0].greedy_token_ids[0]);

@@ -2,61 +2,12 @@
 //! supported architecture and PEFT adapters, and recorded greedy tokens and logits per request
 //! (each run alone in PyTorch). Here the requests run as one mixed batch.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
-use multilora_engine::{AdapterId, EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Golden {
-    num_steps: usize,
-    requests: Vec<GoldenRequest>,
-}
-
-#[derive(Deserialize, Clone)]
-struct GoldenRequest {
-    prompt_token_ids: Vec<u32>,
-    lora: Option<String>,
-    greedy_token_ids: Vec<u32>,
-    first_logits: Vec<f32>,
-    last_logits: Vec<f32>,
-}
-
-fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(case)
-}
-
-fn load(case: &str) -> Golden {
-    let text = std::fs::read_to_string(case_dir(case).join("golden.json")).expect("golden.json");
-    serde_json::from_str(&text).expect("golden.json parses")
-}
-
-/// Adapter names of a case, with stable ids 1.. in sorted name order.
-fn lora_requests(case: &str) -> HashMap<String, LoraRequest> {
-    let dir = case_dir(case).join("adapters");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-        .into_iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let req = LoraRequest {
-                name: n.clone(),
-                id: AdapterId(i as u32 + 1),
-                path: dir.join(&n),
-            };
-            (n, req)
-        })
-        .collect()
-}
+use common::{case_dir, load, lora_requests, max_diff, Golden};
+use multilora_engine::{EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
 
 fn engine(case: &str, max_loras: usize, max_cpu_loras: usize) -> LLMEngine {
     let mut cfg = EngineConfig::new(case_dir(case).join("model"));
@@ -124,11 +75,6 @@ fn run(
         }
     }
     out
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 fn check_against_golden(case: &str, max_loras: usize, max_cpu_loras: usize) -> LLMEngine {

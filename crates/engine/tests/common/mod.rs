@@ -1,0 +1,74 @@
+//! The golden fixtures (`scripts/make_golden.py`) as the engine tests read them: each test
+//! binary uses part of this.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use multilora_engine::{AdapterId, LoraRequest};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+pub struct Golden {
+    pub num_steps: usize,
+    pub requests: Vec<GoldenRequest>,
+}
+
+#[derive(Deserialize, Clone)]
+pub struct GoldenRequest {
+    pub prompt_token_ids: Vec<u32>,
+    pub lora: Option<String>,
+    pub greedy_token_ids: Vec<u32>,
+    pub first_logits: Vec<f32>,
+    pub last_logits: Vec<f32>,
+}
+
+/// A case's directory: from the build's source tree, or, for a test binary carried to the GPU
+/// machine, `crates/engine` under the working directory.
+pub fn case_dir(case: &str) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = if built.exists() {
+        built.to_path_buf()
+    } else {
+        PathBuf::from("crates/engine")
+    };
+    root.join("tests/golden").join(case)
+}
+
+pub fn load(case: &str) -> Golden {
+    let text = std::fs::read_to_string(case_dir(case).join("golden.json")).expect("golden.json");
+    serde_json::from_str(&text).expect("golden.json parses")
+}
+
+/// Adapter names of a case, with stable ids 1.. in sorted name order.
+pub fn lora_requests(case: &str) -> HashMap<String, LoraRequest> {
+    let dir = case_dir(case).join("adapters");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let req = LoraRequest {
+                name: n.clone(),
+                id: AdapterId(i as u32 + 1),
+                path: dir.join(&n),
+            };
+            (n, req)
+        })
+        .collect()
+}
+
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
