@@ -96,6 +96,8 @@ pub struct CudaModel {
     num_sms: usize,
     /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
     lora_rank: usize,
+    /// Bit g set: LoRA group g holds an adapter in some slot (updated by `set_lora_slot`).
+    lora_mask: u8,
     embed_tokens: DevBuf,
     lm_head: Option<DevBuf>,
     norm: DevBuf,
@@ -334,6 +336,7 @@ impl CudaModel {
                 .min(SKINNY_MAX_M),
             num_sms: gpu.num_sms as usize,
             lora_rank,
+            lora_mask: 0,
             embed_tokens,
             lm_head,
             norm,
@@ -378,16 +381,7 @@ impl CudaModel {
 
     /// Which LoRA groups hold any adapter, as a bit mask.
     pub fn lora_mask(&self) -> u8 {
-        let Some(layer) = self.layers.first() else {
-            return 0;
-        };
-        let mut mask = 0;
-        for g in 0..layer.lora.len() {
-            if self.layers.iter().any(|l| l.lora[g].is_active()) {
-                mask |= 1 << g;
-            }
-        }
-        mask
+        self.lora_mask
     }
 
     pub fn set_lora_slot(&mut self, gpu: &Gpu, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
@@ -395,6 +389,15 @@ impl CudaModel {
         for (li, layer) in self.layers.iter_mut().enumerate() {
             for group in &mut layer.lora {
                 group.set(gpu, li, slot, adapter, self.max_loras, self.lora_rank)?;
+            }
+        }
+        // Slots change rarely, steps often: the mask is kept, not recomputed per step.
+        self.lora_mask = 0;
+        for layer in &self.layers {
+            for (g, group) in layer.lora.iter().enumerate() {
+                if group.is_active() {
+                    self.lora_mask |= 1 << g;
+                }
             }
         }
         Ok(())
@@ -583,8 +586,40 @@ impl CudaModel {
     fn fused_expand(&self, layer: &Layer, g: usize, fused: bool) -> (u64, u64, u64) {
         match layer.lora.get(g).filter(|_| fused) {
             Some(grp) => (self.lora_tmp.ptr, grp.b.ptr, grp.ranks.ptr),
-            None => (0, 0, 0),
+            None => NO_LORA,
         }
+    }
+
+    /// RMSNorm of `n` rows of the residual stream into `out` (bf16): row i is `rows[i]` (a
+    /// device `u32` array), or i where `rows` is 0. `lora` fuses a decode step's LoRA expand
+    /// into it first ([`Self::fused_expand`], or [`NO_LORA`]).
+    fn rms_norm(
+        &self,
+        gpu: &Gpu,
+        n: usize,
+        rows: u64,
+        w: u64,
+        out: u64,
+        lora: (u64, u64, u64),
+    ) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let (l_tmp, l_b, l_ranks) = lora;
+        launch!(
+            gpu,
+            "add_rms_norm",
+            cfg((n as u32, 1, 1), (h.div_ceil(32) * 32).min(1024) as u32),
+            self.hidden.ptr,
+            rows,
+            w,
+            out,
+            h as i32,
+            self.cfg.rms_norm_eps,
+            l_tmp,
+            l_b,
+            l_ranks,
+            self.input(self.arena_layout.token_slot),
+            self.lora_rank as i32
+        )
     }
 
     /// Enqueues the kernels of one step on the stream (also what a graph captures).
@@ -598,7 +633,6 @@ impl CudaModel {
         let a = self.arena_layout;
         let eps = c.rms_norm_eps;
         let ti = t as u32;
-        let norm_threads = (h.div_ceil(32) * 32).min(1024) as u32;
         // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
         let decode_parts = (t == s && decode_attention_fits(hd))
             .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
@@ -615,22 +649,7 @@ impl CudaModel {
         let lora_on = |g: usize| shape.lora_mask & (1 << g) != 0;
         for (li, layer) in self.layers.iter().enumerate() {
             if li == 0 {
-                launch!(
-                    gpu,
-                    "add_rms_norm",
-                    cfg((ti, 1, 1), norm_threads),
-                    self.hidden.ptr,
-                    0u64,
-                    layer.input_layernorm.ptr,
-                    self.normed.ptr,
-                    h as i32,
-                    eps,
-                    0u64,
-                    0u64,
-                    0u64,
-                    0u64,
-                    0i32
-                )?;
+                self.rms_norm(gpu, t, 0, layer.input_layernorm.ptr, self.normed.ptr, NO_LORA)?;
             }
             self.linear(
                 gpu,
@@ -757,22 +776,14 @@ impl CudaModel {
                     fuse_o,
                 )?;
             }
-            let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 1, fuse_o);
-            launch!(
+            let lora = self.fused_expand(layer, 1, fuse_o);
+            self.rms_norm(
                 gpu,
-                "add_rms_norm",
-                cfg((ti, 1, 1), norm_threads),
-                self.hidden.ptr,
-                0u64,
+                t,
+                0,
                 layer.post_attention_layernorm.ptr,
                 self.normed.ptr,
-                h as i32,
-                eps,
-                l_tmp,
-                l_b,
-                l_ranks,
-                self.input(a.token_slot),
-                self.lora_rank as i32
+                lora,
             )?;
             if lora_on(2) {
                 // LoRA on gate/up must land before the activation: no fused epilogue.
@@ -837,46 +848,17 @@ impl CudaModel {
                     fuse_down,
                 )?;
             }
-            let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 3, fuse_down);
+            let lora = self.fused_expand(layer, 3, fuse_down);
             // The next layer's input norm (the last layer's output norm is recomputed below on
             // the rows that need logits).
             let next_norm = self
                 .layers
                 .get(li + 1)
                 .map_or(self.norm.ptr, |l| l.input_layernorm.ptr);
-            launch!(
-                gpu,
-                "add_rms_norm",
-                cfg((ti, 1, 1), norm_threads),
-                self.hidden.ptr,
-                0u64,
-                next_norm,
-                self.normed.ptr,
-                h as i32,
-                eps,
-                l_tmp,
-                l_b,
-                l_ranks,
-                self.input(a.token_slot),
-                self.lora_rank as i32
-            )?;
+            self.rms_norm(gpu, t, 0, next_norm, self.normed.ptr, lora)?;
         }
-        launch!(
-            gpu,
-            "add_rms_norm",
-            cfg((s as u32, 1, 1), norm_threads),
-            self.hidden.ptr,
-            self.input(a.last_rows),
-            self.norm.ptr,
-            self.last_normed.ptr,
-            h as i32,
-            eps,
-            0u64,
-            0u64,
-            0u64,
-            0u64,
-            0i32
-        )?;
+        let last_rows = self.input(a.last_rows);
+        self.rms_norm(gpu, s, last_rows, self.norm.ptr, self.last_normed.ptr, NO_LORA)?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         linear(
             gpu,
@@ -968,6 +950,9 @@ pub fn linear(
 /// at 32 × 128 tokens against BGMV's +22.7 ms, but +3.3 ms against +1.2 ms at 128 tokens
 /// (BENCHMARKS.md); the crossover between those two points was not measured.
 const SGMV_MIN_TOKENS: usize = 512;
+
+/// [`CudaModel::rms_norm`] without a fused LoRA expand.
+const NO_LORA: (u64, u64, u64) = (0, 0, 0);
 
 /// Head sizes `decode_attention` takes: hd / 8 lanes per key, a power of two up to a warp.
 fn decode_attention_fits(hd: usize) -> bool {
