@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{case_dir, load, lora_requests, max_abs, max_diff, Golden};
+use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden};
 use multilora_engine::backend::{RowSampling, SamplingBatch};
 use multilora_engine::cuda::gpu::Gpu;
 use multilora_engine::cuda::sampling::DeviceSampler;
@@ -79,23 +79,8 @@ fn run(case: &str, golden: &Golden, enforce_eager: bool, return_logits: bool) ->
     cfg.max_model_len = Some(256);
     cfg.max_num_seqs = 16;
     let mut engine = LLMEngine::new(cfg).expect("engine loads");
-    let loras = lora_requests(case);
-    let n = golden.num_steps;
-    for (i, r) in golden.requests.iter().enumerate() {
-        let params = SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(n)
-        };
-        let lora = r.lora.as_ref().map(|name| &loras[name]);
-        engine
-            .add_request(
-                &i.to_string(),
-                Prompt::TokenIds(r.prompt_token_ids.clone()),
-                params,
-                lora,
-            )
-            .unwrap();
-    }
+    let all: Vec<usize> = (0..golden.requests.len()).collect();
+    add_requests(&mut engine, golden, &lora_requests(case), &all);
     let k = golden.requests.len();
     let mut out = Run {
         tokens: vec![Vec::new(); k],

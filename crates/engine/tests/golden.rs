@@ -6,8 +6,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{case_dir, load, lora_requests, max_diff, Golden};
-use multilora_engine::{EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
+use common::{add_requests, case_dir, load, lora_requests, max_diff, Golden};
+use multilora_engine::{EngineConfig, LLMEngine, LoraRequest};
 
 fn engine(case: &str, max_loras: usize, max_cpu_loras: usize) -> LLMEngine {
     let mut cfg = EngineConfig::new(case_dir(case).join("model"));
@@ -32,23 +32,7 @@ fn run(
     loras: &HashMap<String, LoraRequest>,
     requests: &[usize],
 ) -> Run {
-    let n = golden.num_steps;
-    for &i in requests {
-        let r = &golden.requests[i];
-        let params = SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(n)
-        };
-        let lora = r.lora.as_ref().map(|name| &loras[name]);
-        engine
-            .add_request(
-                &i.to_string(),
-                Prompt::TokenIds(r.prompt_token_ids.clone()),
-                params,
-                lora,
-            )
-            .unwrap();
-    }
+    add_requests(engine, golden, loras, requests);
     let mut out = Run {
         tokens: vec![Vec::new(); requests.len()],
         first_logits: vec![Vec::new(); requests.len()],
@@ -58,7 +42,10 @@ fn run(
     while engine.has_unfinished_requests() {
         let outputs = engine.step().unwrap();
         step += 1;
-        assert!(step <= (n + 1) * requests.len(), "requests did not finish");
+        assert!(
+            step <= (golden.num_steps + 1) * requests.len(),
+            "requests did not finish"
+        );
         for o in outputs {
             let k = requests
                 .iter()

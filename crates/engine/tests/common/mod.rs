@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use multilora_engine::{AdapterId, LoraRequest};
+use multilora_engine::{AdapterId, LLMEngine, LoraRequest, Prompt, SamplingParams};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -71,4 +71,29 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 pub fn max_abs(a: &[f32]) -> f32 {
     a.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// Adds golden requests `which` to `engine` (request id = index), greedy for the case's steps.
+pub fn add_requests(
+    engine: &mut LLMEngine,
+    golden: &Golden,
+    loras: &HashMap<String, LoraRequest>,
+    which: &[usize],
+) {
+    for &i in which {
+        let r = &golden.requests[i];
+        let params = SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(golden.num_steps)
+        };
+        let lora = r.lora.as_ref().map(|name| &loras[name]);
+        engine
+            .add_request(
+                &i.to_string(),
+                Prompt::TokenIds(r.prompt_token_ids.clone()),
+                params,
+                lora,
+            )
+            .unwrap();
+    }
 }
