@@ -1,23 +1,24 @@
 //! The CUDA C prelude every kernel module starts with, the module list, and the core kernels
 //! (everything but the skinny GEMM, SGMV and sampling), compiled at run time by NVRTC.
 //!
-//! Header-free on purpose: NVRTC 13 cannot find `cuda_bf16.h` without include paths, so bf16 is
-//! a `unsigned short` converted with bit shifts (round to nearest even). Weights and the KV
-//! cache are bf16; every accumulation, the residual stream and projection outputs are f32.
+//! Header-free on purpose: NVRTC 13 cannot find `cuda_bf16.h` without include paths, so the
+//! 16-bit element type `elem_t` (bf16) is an `unsigned short` converted with bit shifts (round
+//! to nearest even) by `e2f` / `f2e`. Weights, activations fed to GEMMs and the KV cache are
+//! `elem_t`; every accumulation, the residual stream and projection outputs are f32.
 
 /// Types and helpers every module starts with.
 pub const PRELUDE: &str = r#"
-typedef unsigned short bf16_t;
+typedef unsigned short elem_t;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
 
-__device__ __forceinline__ float bf2f(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
-__device__ __forceinline__ bf16_t f2bf(float f) {
+__device__ __forceinline__ float e2f(elem_t v) { return __uint_as_float(((u32)v) << 16); }
+__device__ __forceinline__ elem_t f2e(float f) {
     u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (elem_t)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
+    return (elem_t)(u >> 16);
 }
 __device__ __forceinline__ float lo(u32 v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
@@ -96,32 +97,32 @@ pub const MODULES: &[Module] = &[
 const CORE: &str = r#"
 // Seeded uniform values in [-bound, bound) for load_format=dummy: a splitmix64 hash of the
 // element index, so weights are generated on the device in one pass.
-extern "C" __global__ void fill_uniform_bf16(bf16_t* out, u64 n, u64 seed, float bound) {
+extern "C" __global__ void fill_uniform_bf16(elem_t* out, u64 n, u64 seed, float bound) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
         z ^= z >> 31;
         float u = (float)(z >> 40) * (1.0f / 16777216.0f);
-        out[i] = f2bf((2.f * u - 1.f) * bound);
+        out[i] = f2e((2.f * u - 1.f) * bound);
     }
 }
 
-extern "C" __global__ void fill_bf16(bf16_t* out, u64 n, float v) {
-    bf16_t b = f2bf(v);
+extern "C" __global__ void fill_bf16(elem_t* out, u64 n, float v) {
+    elem_t b = f2e(v);
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = b;
 }
 
 // hidden: [T, H] f32; table: [vocab, H] bf16; ids: [T]
-extern "C" __global__ void embed(float* hidden, const bf16_t* table, const u32* ids, int H) {
+extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H) {
     int t = blockIdx.x;
-    const bf16_t* row = table + (size_t)ids[t] * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) hidden[(size_t)t * H + i] = bf2f(row[i]);
+    const elem_t* row = table + (size_t)ids[t] * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) hidden[(size_t)t * H + i] = e2f(row[i]);
 }
 
 // One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the
 // slot's B row for this output, bf16, 16-byte aligned, zero-padded to a multiple of 8).
-__device__ __forceinline__ float lora_dot(const float* tr, const bf16_t* b, int rank) {
+__device__ __forceinline__ float lora_dot(const float* tr, const elem_t* b, int rank) {
     float acc = 0.f;
     for (int r8 = 0; r8 < rank; r8 += 8) {
         uint4 bv = __ldg((const uint4*)(b + r8));
@@ -142,14 +143,14 @@ __device__ __forceinline__ float lora_dot(const float* tr, const bf16_t* b, int 
 // With lora_tmp set (decode), the LoRA expand of the projection that just added into the
 // residual stream (o_proj or down_proj, one target) is added into it first, as lora_expand
 // would: lora_tmp [T, R] from lora_shrink, B [L, H, R], ranks [L], tok_slot [T].
-extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const bf16_t* w, bf16_t* out, int H,
-                                        float eps, const float* lora_tmp, const bf16_t* B, const int* ranks,
+extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const elem_t* w, elem_t* out, int H,
+                                        float eps, const float* lora_tmp, const elem_t* B, const int* ranks,
                                         const int* tok_slot, int R) {
     int r = rows ? (int)rows[blockIdx.x] : (int)blockIdx.x;
     float* x = hidden + (size_t)r * H;
     int rank = 0;
     const float* tr = 0;
-    const bf16_t* b = 0;
+    const elem_t* b = 0;
     if (lora_tmp) {
         int sl = tok_slot[r];
         if (sl >= 0) {
@@ -169,21 +170,21 @@ extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const bf
     }
     ss = block_sum(ss);
     float inv = rsqrtf(ss / (float)H + eps);
-    bf16_t* o = out + (size_t)blockIdx.x * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = f2bf(bf2f(w[i]) * (x[i] * inv));
+    elem_t* o = out + (size_t)blockIdx.x * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = f2e(e2f(w[i]) * (x[i] * inv));
 }
 
 // Qwen3's per-head RMSNorm of q and k, in place. qkv: [T, ld] f32 with q heads then k heads.
 // grid (T, nh + nkv), 32 threads.
-extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const bf16_t* qw, const bf16_t* kw, float eps) {
+extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const elem_t* qw, const elem_t* kw, float eps) {
     int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     float* x = qkv + (size_t)t * ld + (size_t)h * hd;
-    const bf16_t* w = h < nh ? qw : kw;
+    const elem_t* w = h < nh ? qw : kw;
     float ss = 0.f;
     for (int i = lane; i < hd; i += 32) ss += x[i] * x[i];
     ss = warp_sum(ss);
     float inv = rsqrtf(ss / (float)hd + eps);
-    for (int i = lane; i < hd; i += 32) x[i] = bf2f(w[i]) * (x[i] * inv);
+    for (int i = lane; i < hd; i += 32) x[i] = e2f(w[i]) * (x[i] * inv);
 }
 
 // HF non-interleaved RoPE on q (in place) and k, then k and v into the paged cache.
@@ -194,8 +195,8 @@ extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const bf1
 // lora_tmp [3, T, R] from lora_shrink, B [L, ld, R], ranks [3, L], tok_slot [T].
 extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, int hd, const float* cos_t,
                                          const float* sin_t, const u32* positions, const u32* slot_mapping,
-                                         bf16_t* k_cache, bf16_t* v_cache, const float* lora_tmp,
-                                         const bf16_t* B, const int* ranks, const int* tok_slot, int T, int R,
+                                         elem_t* k_cache, elem_t* v_cache, const float* lora_tmp,
+                                         const elem_t* B, const int* ranks, const int* tok_slot, int T, int R,
                                          int L) {
     int t = blockIdx.x, h = blockIdx.y, half = hd / 2, kvs = nkv * hd;
     float* x = qkv + (size_t)t * ld + (size_t)h * hd;
@@ -203,7 +204,7 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
     // This head's LoRA: projection z (q, k or v), the token's slot and rank.
     int z = h < nh ? 0 : (h < nh + nkv ? 1 : 2), rank = 0;
     const float* tr = 0;
-    const bf16_t* b = 0;
+    const elem_t* b = 0;
     if (lora_tmp) {
         int sl = tok_slot[t];
         if (sl >= 0) {
@@ -213,9 +214,9 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
         }
     }
     if (h >= nh + nkv) {
-        bf16_t* v = v_cache + slot * kvs + (size_t)(h - nh - nkv) * hd;
+        elem_t* v = v_cache + slot * kvs + (size_t)(h - nh - nkv) * hd;
         for (int i = threadIdx.x; i < hd; i += blockDim.x)
-            v[i] = f2bf(x[i] + (rank ? lora_dot(tr, b + (size_t)i * R, rank) : 0.f));
+            v[i] = f2e(x[i] + (rank ? lora_dot(tr, b + (size_t)i * R, rank) : 0.f));
         return;
     }
     u32 p = positions[t];
@@ -232,9 +233,9 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
             x[j] = ra;
             x[j + half] = rb;
         } else {
-            bf16_t* k = k_cache + slot * kvs + (size_t)(h - nh) * hd;
-            k[j] = f2bf(ra);
-            k[j + half] = f2bf(rb);
+            elem_t* k = k_cache + slot * kvs + (size_t)(h - nh) * hd;
+            k[j] = f2e(ra);
+            k[j + half] = f2e(rb);
         }
     }
 }
@@ -247,7 +248,7 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
 #define ATT_WARPS 8
 #define MAX_DPL 8
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
-    const float* qkv, int ld, bf16_t* out, const bf16_t* k_cache, const bf16_t* v_cache, const u32* token_seq,
+    const float* qkv, int ld, elem_t* out, const elem_t* k_cache, const elem_t* v_cache, const u32* token_seq,
     const u32* positions, const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd,
     float scale) {
     int t = blockIdx.x, h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -265,14 +266,14 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
     float m = -INFINITY, l = 0.f;
     for (int p = warp; p < ctx; p += ATT_WARPS) {
         size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-        const bf16_t* k = k_cache + slot * kvs + (size_t)kvh * hd;
-        const bf16_t* v = v_cache + slot * kvs + (size_t)kvh * hd;
+        const elem_t* k = k_cache + slot * kvs + (size_t)kvh * hd;
+        const elem_t* v = v_cache + slot * kvs + (size_t)kvh * hd;
         float kv[MAX_DPL], vv[MAX_DPL];
 #pragma unroll
         for (int j = 0; j < MAX_DPL; j++) {
             int d = lane + 32 * j;
-            kv[j] = d < hd ? bf2f(k[d]) : 0.f;
-            vv[j] = d < hd ? bf2f(v[d]) : 0.f;
+            kv[j] = d < hd ? e2f(k[d]) : 0.f;
+            vv[j] = d < hd ? e2f(v[d]) : 0.f;
         }
         float sc = 0.f;
 #pragma unroll
@@ -295,11 +296,11 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
     for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm[w]);
     float L = 0.f;
     for (int w = 0; w < ATT_WARPS; w++) L += sl[w] * __expf(sm[w] - mx);
-    bf16_t* o = out + (size_t)t * nh * hd + (size_t)h * hd;
+    elem_t* o = out + (size_t)t * nh * hd + (size_t)h * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float s = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) s += so[w][d] * __expf(sm[w] - mx);
-        o[d] = f2bf(s / L);
+        o[d] = f2e(s / L);
     }
 }
 
@@ -316,7 +317,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
 #define DA_MIN_PART 32
 #define DA_MAX_PARTS 64
 extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
-    const float* qkv, int ld, bf16_t* out, const bf16_t* k_cache, const bf16_t* v_cache, const u32* positions,
+    const float* qkv, int ld, elem_t* out, const elem_t* k_cache, const elem_t* v_cache, const u32* positions,
     const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd, float scale, float* part,
     u32* counters) {
     int s = blockIdx.x, h = blockIdx.y, p = blockIdx.z;
@@ -402,12 +403,12 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     __syncthreads();
     float L = stat[1];
     size_t sh = (size_t)s * nh + h;
-    bf16_t* o = out + sh * hd;
+    elem_t* o = out + sh * hd;
     if (P == 1) {
         for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
             float v = 0.f;
             for (int j = 0; j < ngrp; j++) v += go[j * hd + d];
-            o[d] = f2bf(L > 0.f ? v / L : 0.f);
+            o[d] = f2e(L > 0.f ? v / L : 0.f);
         }
         return;
     }
@@ -450,27 +451,27 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     for (int d = threadIdx.x; d < hd; d += DA_THREADS) {
         float v = 0.f;
         for (int j = 0; j < P; j++) v += pw[j] * __ldcg(all + j * stride + 2 + d);
-        o[d] = f2bf(LL > 0.f ? v / LL : 0.f);
+        o[d] = f2e(LL > 0.f ? v / LL : 0.f);
     }
     if (threadIdx.x == 0) counters[sh] = 0;
 }
 
 // gu: [T, 2I] f32 (gate then up); out: [T, I] bf16 = silu(gate) * up
-extern "C" __global__ void silu_mul(const float* gu, bf16_t* out, int I, int T) {
+extern "C" __global__ void silu_mul(const float* gu, elem_t* out, int I, int T) {
     u64 n = (u64)T * I;
     for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
         u64 t = idx / I, i = idx - t * I;
         float g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
-        out[idx] = f2bf(g / (1.f + __expf(-g)) * u);
+        out[idx] = f2e(g / (1.f + __expf(-g)) * u);
     }
 }
 
 // y: [T, ldy] f32 += bias[N] (bf16)
-extern "C" __global__ void add_bias(float* y, const bf16_t* bias, int N, int T, int ldy) {
+extern "C" __global__ void add_bias(float* y, const elem_t* bias, int N, int T, int ldy) {
     u64 n = (u64)T * N;
     for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
         u64 t = idx / N, o = idx - t * N;
-        y[t * ldy + o] += bf2f(bias[o]);
+        y[t * ldy + o] += e2f(bias[o]);
     }
 }
 
@@ -481,7 +482,7 @@ extern "C" __global__ void add_bias(float* y, const bf16_t* bias, int N, int T, 
 // Rows r >= rank (or tokens without adapter) get 0 and read no weights.
 // x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
 // tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, ceil(R / 8)), 256 threads.
-extern "C" __global__ void lora_shrink_wide(const bf16_t* __restrict__ x, const bf16_t* __restrict__ A,
+extern "C" __global__ void lora_shrink_wide(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
                                        const int* ranks, const float* scales, const int* tok_slot, float* tmp,
                                        int T, int K, int R, int L) {
     int t = blockIdx.x, z = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -509,7 +510,7 @@ extern "C" __global__ void lora_shrink_wide(const bf16_t* __restrict__ x, const 
 // without adapter) write 0 and read no weights, so a small adapter does not pay max rank.
 // x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
 // tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, R), 256 threads.
-extern "C" __global__ void lora_shrink(const bf16_t* __restrict__ x, const bf16_t* __restrict__ A,
+extern "C" __global__ void lora_shrink(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
                                        const int* ranks, const float* scales, const int* tok_slot, float* tmp,
                                        int T, int K, int R, int L) {
     int t = blockIdx.x, z = blockIdx.y, r = blockIdx.z;
@@ -532,7 +533,7 @@ extern "C" __global__ void lora_shrink(const bf16_t* __restrict__ x, const bf16_
 // projections are concatenated along N: outputs below n1 belong to sub 0, below n2 to sub 1,
 // the rest to sub 2. Only the slot's own rank is read (in chunks of 8; padding is zero).
 // tmp: [nsub, T, R]; B: [L, N, R] bf16; y: [T, ldy] f32. grid (ceil(N / 256), T), 256 threads.
-extern "C" __global__ void lora_expand(const float* tmp, const bf16_t* __restrict__ B, const int* ranks,
+extern "C" __global__ void lora_expand(const float* tmp, const elem_t* __restrict__ B, const int* ranks,
                                        const int* tok_slot, float* y, int T, int N, int R, int L, int ldy, int n1,
                                        int n2) {
     int t = blockIdx.y, o = blockIdx.x * blockDim.x + threadIdx.x;

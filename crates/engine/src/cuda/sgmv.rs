@@ -45,10 +45,10 @@ __device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ u32 pack_bf16x2(float lo_v, float hi_v) {
-    return (u32)f2bf(lo_v) | ((u32)f2bf(hi_v) << 16);
+    return (u32)f2e(lo_v) | ((u32)f2e(hi_v) << 16);
 }
 // The bf16 rounding residual of v, so hi + lo carries ~16 mantissa bits of an f32.
-__device__ __forceinline__ float bf_resid(float v) { return v - bf2f(f2bf(v)); }
+__device__ __forceinline__ float bf_resid(float v) { return v - e2f(f2e(v)); }
 
 // SGMV shrink: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ for the tokens t of each segment
 // (s its slot) and the nsub projections of a group sharing x. One block per (segment tile,
@@ -60,7 +60,7 @@ __device__ __forceinline__ float bf_resid(float v) { return v - bf2f(f2bf(v)); }
 // segs: [*, 3] (start, end, slot), end - start <= SGMV_TILE; num_segs: [1];
 // tmp: [nsub, T, R] f32. grid (>= num_segs, SGMV_TILE / 16, ceil(R / 16)), 32 * SHRINK_WARPS threads.
 extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) sgmv_shrink(
-    const bf16_t* __restrict__ x, const bf16_t* __restrict__ A, const int* ranks, const float* scales,
+    const elem_t* __restrict__ x, const elem_t* __restrict__ A, const int* ranks, const float* scales,
     const u32* segs, const u32* num_segs, float* tmp, int nsub, int T, int K, int R, int L) {
     __shared__ float red[SHRINK_WARPS - 1][24][32];
     int seg = blockIdx.x;
@@ -159,7 +159,7 @@ extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) sgmv_shrink(
 // tmp: [nsub, T, R] f32; B: [L, N, R] bf16; ranks: [nsub, L]; segs, num_segs: as sgmv_shrink;
 // y: [T, ldy] f32. grid (>= num_segs, ceil(N / EXPAND_N)), 128 threads.
 extern "C" __global__ void __launch_bounds__(128) sgmv_expand(
-    const float* tmp, const bf16_t* __restrict__ B, const int* ranks, const u32* segs, const u32* num_segs,
+    const float* tmp, const elem_t* __restrict__ B, const int* ranks, const u32* segs, const u32* num_segs,
     float* y, int T, int N, int R, int L, int ldy, int n1, int n2) {
     int seg = blockIdx.x;
     if (seg >= (int)*num_segs) return;

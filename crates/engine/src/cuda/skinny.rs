@@ -69,7 +69,7 @@ __device__ __forceinline__ void mma_bf16(float* d, u32 a0, u32 a1, u32 a2, u32 a
 
 // A weight vector read once: no L1 allocation, and a 256-byte L2 prefetch (the row goes on).
 template <bool PF>
-__device__ __forceinline__ uint4 ld_stream(const bf16_t* p) {
+__device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
     uint4 v;
     if (PF)
         asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -85,8 +85,8 @@ __device__ __forceinline__ uint4 ld_stream(const bf16_t* p) {
 // I + 8b.. (N = I). K must be a multiple of 8. grid ceil(N / 16) (Store/Add) or ceil(I / 8).
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments.
 template <int NT, int EPI, int SK_U, bool PF>
-__device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_t* __restrict__ W,
-                                       const bf16_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy) {
+__device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_t* __restrict__ W,
+                                       const elem_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int lo, hi;
     bool vlo, vhi;
@@ -100,8 +100,8 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
         vlo = lo < N;
         vhi = hi < N;
     }
-    const bf16_t* wlo = W + (size_t)(vlo ? lo : 0) * K + t * 8;
-    const bf16_t* whi = W + (size_t)(vhi ? hi : 0) * K + t * 8;
+    const elem_t* wlo = W + (size_t)(vlo ? lo : 0) * K + t * 8;
+    const elem_t* whi = W + (size_t)(vhi ? hi : 0) * K + t * 8;
     const uint4 z4 = make_uint4(0, 0, 0, 0);
     float acc[NT][4];
 #pragma unroll
@@ -129,7 +129,7 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
                 int m = n * 8 + g;
                 uint4 xa = z4, xb = z4;
                 if (m < M && e < K) {
-                    const bf16_t* xp = x + (size_t)m * K + e;
+                    const elem_t* xp = x + (size_t)m * K + e;
                     xa = __ldg((const uint4*)xp);
                     if (e + 32 < K) xb = __ldg((const uint4*)(xp + 32));
                 }
@@ -161,11 +161,11 @@ __device__ __forceinline__ void skinny(const bf16_t* __restrict__ x, const bf16_
             float up = 0.f;
 #pragma unroll
             for (int w = 0; w < SK_WARPS; w++) up += red[w][idx + 64];
-            ((bf16_t*)yv)[(size_t)m * ldy + j] = f2bf(s / (1.f + __expf(-s)) * up);
+            ((elem_t*)yv)[(size_t)m * ldy + j] = f2e(s / (1.f + __expf(-s)) * up);
         } else {
             int row = blockIdx.x * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
             if (row >= N) continue;
-            if (bias) s += bf2f(bias[row]);
+            if (bias) s += e2f(bias[row]);
             float* y = (float*)yv + (size_t)m * ldy + row;
             if (EPI == EPI_ADD) *y += s;
             else *y = s;
@@ -186,7 +186,7 @@ pub const MODULE: Module = Module {
 // the H200, BENCHMARKS.md); more tokens need more registers: two blocks.
 #define SKINNY(NAME, NT, EPI)                                                                          \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, NT == 1 ? 4 : 2) NAME(                \
-        const bf16_t* x, const bf16_t* W, const bf16_t* bias, void* y, int M, int N, int K, int ldy) { \
+        const elem_t* x, const elem_t* W, const elem_t* bias, void* y, int M, int N, int K, int ldy) { \
         skinny<NT, EPI, 2, true>(x, W, bias, y, M, N, K, ldy);                                         \
     }
 SKINNY(skinny_store_8, 1, EPI_STORE)
@@ -225,7 +225,7 @@ pub const TUNING: Module = Module {
 // blocks per SM asked of the register allocator, L2 prefetch.
 #define SKINNY_VAR(NAME, U, MINB, PF)                                                                  \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, MINB) NAME(                           \
-        const bf16_t* x, const bf16_t* W, const bf16_t* bias, void* y, int M, int N, int K, int ldy) { \
+        const elem_t* x, const elem_t* W, const elem_t* bias, void* y, int M, int N, int K, int ldy) { \
         skinny<1, EPI_STORE, U, PF>(x, W, bias, y, M, N, K, ldy);                                      \
     }
 SKINNY_VAR(skinny_var_u4_b2, 4, 2, true)
