@@ -135,8 +135,7 @@ fn copy_bandwidth() -> f64 {
 /// The skinny GEMM against cuBLAS on every projection of the model (weights streamed once per
 /// pass, far more than L2), for token counts 1..32.
 fn micro(cfg: &ModelConfig, bw: f64) {
-    use cudarc::driver::PushKernelArg;
-    use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu};
+    use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
     use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
     let mut gpu = Gpu::new(0).expect("gpu");
@@ -152,11 +151,9 @@ fn micro(cfg: &ModelConfig, bw: f64) {
     }
     shapes.push((cfg.vocab_size, h));
     let fill = |buf: &multilora_engine::cuda::gpu::DevBuf, n: usize| {
-        let f = gpu.func("fill_uniform_bf16");
-        let mut b = gpu.stream.launch_builder(f);
-        let (p, n64, seed, bound) = (buf.ptr, n as u64, 7u64, 0.05f32);
-        b.arg(&p).arg(&n64).arg(&seed).arg(&bound);
-        unsafe { b.launch(lcfg((65536, 1, 1), 256)) }.unwrap();
+        let args = [buf.ptr, n as u64, 7, 0.05f32.bits()];
+        // SAFETY: fill_uniform_bf16 takes (out, n, seed, bound); `buf` holds n elements.
+        unsafe { gpu.launch("fill_uniform_bf16", lcfg((65536, 1, 1), 256), &args) }.unwrap();
     };
     let ws: Vec<_> = shapes
         .iter()
@@ -178,17 +175,18 @@ fn micro(cfg: &ModelConfig, bw: f64) {
     for &name in ["skinny_store_8"].iter().chain(tuning.kernels) {
         let pass = || {
             for (w, &(n, k)) in ws.iter().zip(&shapes) {
-                let mut b = gpu.stream.launch_builder(gpu.func(name));
-                let (bias, m32, n32, k32, ld32) = (0u64, 1i32, n as i32, k as i32, n as i32);
-                b.arg(&x.ptr)
-                    .arg(&w.ptr)
-                    .arg(&bias)
-                    .arg(&y.ptr)
-                    .arg(&m32)
-                    .arg(&n32)
-                    .arg(&k32)
-                    .arg(&ld32);
-                unsafe { b.launch(lcfg((n.div_ceil(16) as u32, 1, 1), 256)) }.unwrap();
+                let args = [
+                    x.ptr,
+                    w.ptr,
+                    0,
+                    y.ptr,
+                    1i32.bits(),
+                    (n as i32).bits(),
+                    (k as i32).bits(),
+                    (n as i32).bits(),
+                ];
+                // SAFETY: the skinny kernels take (x, W, bias, y, M, N, K, ldy); the buffers hold these shapes.
+                unsafe { gpu.launch(name, lcfg((n.div_ceil(16) as u32, 1, 1), 256), &args) }.unwrap();
             }
         };
         pass();

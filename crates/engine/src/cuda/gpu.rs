@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
-use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
+use cudarc::driver::sys::{self, CUdeviceptr, CUevent_flags};
 use cudarc::driver::{
     result as drv, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
 };
@@ -77,6 +77,8 @@ pub struct Gpu {
     arch: String,
     pub name: String,
     pub num_sms: u32,
+    /// Launch kernels with programmatic dependent launch (sm_90+): see [`Gpu::launch`].
+    pub pdl: bool,
     _blas_workspace: Option<DevBuf>,
 }
 
@@ -128,6 +130,8 @@ impl Gpu {
             arch,
             name,
             num_sms,
+            // `MULTILORA_PDL=0` turns it off, to measure what it brings.
+            pdl: major >= 9 && std::env::var("MULTILORA_PDL").map_or(true, |v| v != "0"),
             _blas_workspace: None,
         };
         // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
@@ -213,6 +217,57 @@ impl Gpu {
         &self.funcs[name]
     }
 
+    /// Launches kernel `name` on the stream; `args` are its parameters in order, as
+    /// [`KernelArg::bits`]. With [`Gpu::pdl`] the launch allows programmatic stream
+    /// serialization: the kernel may start while the previous one drains, which hides the launch
+    /// gap between the short kernels of a decode step and lets a GEMM fetch weights early. That
+    /// is correct only because every kernel of ours calls `pdl_wait` (kernels.rs) before it
+    /// touches anything an earlier kernel writes.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number and type, and every pointer among
+    /// them must address a live buffer of the shape the kernel reads or writes.
+    pub unsafe fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[u64]) -> Result<()> {
+        const MAX_ARGS: usize = 24;
+        assert!(
+            args.len() <= MAX_ARGS,
+            "kernel {name}: more than {MAX_ARGS} arguments"
+        );
+        let mut params = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_ARGS];
+        for (p, a) in params.iter_mut().zip(args) {
+            *p = a as *const u64 as *mut std::ffi::c_void;
+        }
+        // SAFETY: a zeroed attribute value is valid; only the field we set is read.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl),
+        };
+        // SAFETY: `params` points at `args.len()` live parameter slots; each slot holds the
+        // parameter's bits from its first byte (little-endian), and the driver reads as many bytes
+        // as the kernel's parameter takes; the caller vouches for the rest.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func(name).cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| cuda_err(&format!("launching {name}"), e))
+    }
+
     /// `y[M, ldy] (f32) = x[M, K] · W[N, K]ᵀ + beta · y` with bf16 x and W, through cuBLAS.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_bf16(
@@ -280,7 +335,36 @@ fn compile_cached(src: &str, arch: &str) -> Result<Ptx> {
     Ok(Ptx::from_src(text))
 }
 
-/// A launch helper: grid, block and the raw arguments.
+/// A kernel parameter passed by value, as the bits a parameter slot holds.
+pub trait KernelArg {
+    fn bits(self) -> u64;
+}
+
+impl KernelArg for u64 {
+    fn bits(self) -> u64 {
+        self
+    }
+}
+
+impl KernelArg for i32 {
+    fn bits(self) -> u64 {
+        self as u32 as u64
+    }
+}
+
+impl KernelArg for u32 {
+    fn bits(self) -> u64 {
+        self as u64
+    }
+}
+
+impl KernelArg for f32 {
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+
+/// A launch configuration: grid, and a block of `block` threads.
 pub fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,

@@ -44,6 +44,28 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+// Programmatic dependent launch (sm_90+; `Gpu::launch`): a kernel may be launched while the
+// previous one in the stream drains. `pdl_wait` blocks until that kernel has finished and its
+// writes are visible, so every kernel waits before it touches activations (work on weights
+// alone may come first); `pdl_trigger` lets the next kernel start launching once every block
+// of this one has called it. `pdl_begin` triggers first: the next kernel's blocks then wait in
+// free slots, which lets a GEMM behind a short kernel (a norm, attention) start loading its
+// weights while the GEMM before that short kernel drains. Correct whatever the order, since
+// each kernel waits for its predecessor, which waited for its own.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+__device__ __forceinline__ void pdl_begin() {
+    pdl_trigger();
+    pdl_wait();
+}
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
 __device__ float block_sum(float v) {
     __shared__ float part[32];
@@ -98,6 +120,7 @@ const CORE: &str = r#"
 // Seeded uniform values in [-bound, bound) for load_format=dummy: a splitmix64 hash of the
 // element index, so weights are generated on the device in one pass.
 extern "C" __global__ void fill_uniform_bf16(elem_t* out, u64 n, u64 seed, float bound) {
+    pdl_begin();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -109,12 +132,14 @@ extern "C" __global__ void fill_uniform_bf16(elem_t* out, u64 n, u64 seed, float
 }
 
 extern "C" __global__ void fill_bf16(elem_t* out, u64 n, float v) {
+    pdl_begin();
     elem_t b = f2e(v);
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = b;
 }
 
 // hidden: [T, H] f32; table: [vocab, H] bf16; ids: [T]
 extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H) {
+    pdl_begin();
     int t = blockIdx.x;
     const elem_t* row = table + (size_t)ids[t] * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) hidden[(size_t)t * H + i] = e2f(row[i]);
@@ -146,6 +171,7 @@ __device__ __forceinline__ float lora_dot(const float* tr, const elem_t* b, int 
 extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const elem_t* w, elem_t* out, int H,
                                         float eps, const float* lora_tmp, const elem_t* B, const int* ranks,
                                         const int* tok_slot, int R) {
+    pdl_begin();
     int r = rows ? (int)rows[blockIdx.x] : (int)blockIdx.x;
     float* x = hidden + (size_t)r * H;
     int rank = 0;
@@ -177,6 +203,7 @@ extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const el
 // Qwen3's per-head RMSNorm of q and k, in place. qkv: [T, ld] f32 with q heads then k heads.
 // grid (T, nh + nkv), 32 threads.
 extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const elem_t* qw, const elem_t* kw, float eps) {
+    pdl_begin();
     int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     float* x = qkv + (size_t)t * ld + (size_t)h * hd;
     const elem_t* w = h < nh ? qw : kw;
@@ -198,6 +225,7 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
                                          elem_t* k_cache, elem_t* v_cache, const float* lora_tmp,
                                          const elem_t* B, const int* ranks, const int* tok_slot, int T, int R,
                                          int L) {
+    pdl_begin();
     int t = blockIdx.x, h = blockIdx.y, half = hd / 2, kvs = nkv * hd;
     float* x = qkv + (size_t)t * ld + (size_t)h * hd;
     size_t slot = slot_mapping[t];
@@ -251,6 +279,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
     const float* qkv, int ld, elem_t* out, const elem_t* k_cache, const elem_t* v_cache, const u32* token_seq,
     const u32* positions, const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd,
     float scale) {
+    pdl_begin();
     int t = blockIdx.x, h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int kvh = h / (nh / nkv), kvs = nkv * hd;
     const float* q = qkv + (size_t)t * ld + (size_t)h * hd;
@@ -320,6 +349,7 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     const float* qkv, int ld, elem_t* out, const elem_t* k_cache, const elem_t* v_cache, const u32* positions,
     const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd, float scale, float* part,
     u32* counters) {
+    pdl_begin();
     int s = blockIdx.x, h = blockIdx.y, p = blockIdx.z;
     int lpk = hd >> 3, grp = threadIdx.x / lpk, sub = threadIdx.x % lpk, ngrp = DA_THREADS / lpk;
     int kvh = h / (nh / nkv), kvs = nkv * hd;
@@ -458,6 +488,7 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
 
 // gu: [T, 2I] f32 (gate then up); out: [T, I] bf16 = silu(gate) * up
 extern "C" __global__ void silu_mul(const float* gu, elem_t* out, int I, int T) {
+    pdl_begin();
     u64 n = (u64)T * I;
     for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
         u64 t = idx / I, i = idx - t * I;
@@ -468,6 +499,7 @@ extern "C" __global__ void silu_mul(const float* gu, elem_t* out, int I, int T) 
 
 // y: [T, ldy] f32 += bias[N] (bf16)
 extern "C" __global__ void add_bias(float* y, const elem_t* bias, int N, int T, int ldy) {
+    pdl_begin();
     u64 n = (u64)T * N;
     for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
         u64 t = idx / N, o = idx - t * N;
@@ -485,6 +517,7 @@ extern "C" __global__ void add_bias(float* y, const elem_t* bias, int N, int T, 
 extern "C" __global__ void lora_shrink_wide(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
                                        const int* ranks, const float* scales, const int* tok_slot, float* tmp,
                                        int T, int K, int R, int L) {
+    pdl_begin();
     int t = blockIdx.x, z = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r = blockIdx.z * 8 + warp;
     if (r >= R) return;
@@ -510,21 +543,37 @@ extern "C" __global__ void lora_shrink_wide(const elem_t* __restrict__ x, const 
 // without adapter) write 0 and read no weights, so a small adapter does not pay max rank.
 // x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
 // tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, R), 256 threads.
+#define SHRINK_PRE 4
 extern "C" __global__ void lora_shrink(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
                                        const int* ranks, const float* scales, const int* tok_slot, float* tmp,
                                        int T, int K, int R, int L) {
     int t = blockIdx.x, z = blockIdx.y, r = blockIdx.z;
     int s = tok_slot[t];
+    bool on = s >= 0 && r < ranks[z * L + s];
+    int K8 = K >> 3;
+    const uint4* a = (const uint4*)(A + (((size_t)z * L + (on ? s : 0)) * R + r) * K);
+    // The slot table and A are written before the step: load the first SHRINK_PRE vectors of
+    // the row while the previous kernel drains, then wait for x.
+    uint4 pre[SHRINK_PRE];
+#pragma unroll
+    for (int j = 0; j < SHRINK_PRE; j++) {
+        int k = threadIdx.x + j * blockDim.x;
+        pre[j] = on && k < K8 ? __ldg(a + k) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_begin();
     float* o = tmp + ((size_t)z * T + t) * R + r;
-    if (s < 0 || r >= ranks[z * L + s]) {
+    if (!on) {
         if (threadIdx.x == 0) *o = 0.f;
         return;
     }
-    int K8 = K >> 3;
-    const uint4* a = (const uint4*)(A + (((size_t)z * L + s) * R + r) * K);
     const uint4* xr = (const uint4*)(x + (size_t)t * K);
     float acc = 0.f;
-    for (int k = threadIdx.x; k < K8; k += blockDim.x) acc += dot8(__ldg(a + k), __ldg(xr + k));
+#pragma unroll
+    for (int j = 0; j < SHRINK_PRE; j++) {
+        int k = threadIdx.x + j * blockDim.x;
+        if (k < K8) acc += dot8(pre[j], __ldg(xr + k));
+    }
+    for (int k = threadIdx.x + SHRINK_PRE * blockDim.x; k < K8; k += blockDim.x) acc += dot8(__ldg(a + k), __ldg(xr + k));
     acc = block_sum(acc);
     if (threadIdx.x == 0) *o = acc * scales[z * L + s];
 }
@@ -536,6 +585,7 @@ extern "C" __global__ void lora_shrink(const elem_t* __restrict__ x, const elem_
 extern "C" __global__ void lora_expand(const float* tmp, const elem_t* __restrict__ B, const int* ranks,
                                        const int* tok_slot, float* y, int T, int N, int R, int L, int ldy, int n1,
                                        int n2) {
+    pdl_begin();
     int t = blockIdx.y, o = blockIdx.x * blockDim.x + threadIdx.x;
     if (o >= N) return;
     int s = tok_slot[t];

@@ -4,10 +4,9 @@
 //! a step allocates nothing and can be captured in a CUDA graph.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::PushKernelArg;
 use half::bf16;
 
-use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
+use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::lora::LoraGroup;
 use super::sgmv;
@@ -25,11 +24,9 @@ use crate::ModelConfig;
 macro_rules! launch {
     ($gpu:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let gpu: &Gpu = $gpu;
-        let mut b = gpu.stream.launch_builder(gpu.func($name));
-        $( let a = $arg; b.arg(&a); )*
         // SAFETY: argument types and counts match the kernel's signature in kernels.rs, and
         // every pointer is a live buffer of the shape the kernel reads.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| cuda_err(concat!("launching ", $name), e))
+        unsafe { gpu.launch($name, $cfg, &[$(KernelArg::bits($arg)),*]) }
     }};
 }
 
@@ -545,20 +542,11 @@ impl CudaModel {
             (t as u32, nsub as u32, r as u32)
         };
         let f = if wide { "lora_shrink_wide" } else { "lora_shrink" };
-        let mut b = gpu.stream.launch_builder(gpu.func(f));
         let (t32, k32, r32, l32) = (t as i32, g.k as i32, r as i32, self.max_loras as i32);
-        b.arg(&x)
-            .arg(&g.a.ptr)
-            .arg(&g.ranks.ptr)
-            .arg(&g.scales.ptr)
-            .arg(&slots)
-            .arg(&self.lora_tmp.ptr)
-            .arg(&t32)
-            .arg(&k32)
-            .arg(&r32)
-            .arg(&l32);
+        let args = [x, g.a.ptr, g.ranks.ptr, g.scales.ptr, slots, self.lora_tmp.ptr].map(KernelArg::bits);
+        let ints = [t32, k32, r32, l32].map(KernelArg::bits);
         // SAFETY: both shrink kernels take these arguments (kernels.rs).
-        unsafe { b.launch(cfg(grid, 256)) }.map_err(|e| cuda_err("launching lora_shrink", e))?;
+        unsafe { gpu.launch(f, cfg(grid, 256), &[args.as_slice(), &ints].concat()) }?;
         if shrink_only {
             return Ok(());
         }
@@ -901,22 +889,11 @@ pub fn linear(
             Epilogue::SiluMul => (n / 2, SKINNY_ROWS / 2),
             _ => (n, SKINNY_ROWS),
         };
-        let f = gpu.func(skinny::kernel_name(epi, m));
-        let mut b = gpu.stream.launch_builder(f);
         let (bias, m32, n32, k32, ld32) = (bias.unwrap_or(0), m as i32, rows as i32, k as i32, ldy as i32);
-        b.arg(&x)
-            .arg(&w)
-            .arg(&bias)
-            .arg(&y)
-            .arg(&m32)
-            .arg(&n32)
-            .arg(&k32)
-            .arg(&ld32);
         let grid = (rows.div_ceil(per_block) as u32, 1, 1);
+        let args = [x, w, bias, y, m32.bits(), n32.bits(), k32.bits(), ld32.bits()];
         // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy) (skinny.rs).
-        return unsafe { b.launch(cfg(grid, SKINNY_THREADS)) }
-            .map(|_| ())
-            .map_err(|e| cuda_err("launching the skinny GEMM", e));
+        return unsafe { gpu.launch(skinny::kernel_name(epi, m), cfg(grid, SKINNY_THREADS), &args) };
     }
     let (out, ld, beta) = match epi {
         Epilogue::Store => (y, ldy, 0.0),

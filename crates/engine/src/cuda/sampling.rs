@@ -16,9 +16,8 @@
 //! a captured decode graph), like the model's other inputs.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::PushKernelArg;
 
-use super::gpu::{cfg, cuda_err, DevBuf, Gpu};
+use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use crate::backend::SamplingBatch;
 use crate::error::Result;
 
@@ -138,6 +137,7 @@ __device__ float kept_mass(const float* x, int V, u32 thr, float m, float inv_t)
 // ids: [S]. grid S, SAMPLE_THREADS threads.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* logits, int V, const u32* rows,
                                                                        const u32* banned, u32* ids) {
+    pdl_begin();
     int tid = threadIdx.x, nt = blockDim.x;
     float* x = logits + (size_t)blockIdx.x * V;
     const u32* r = rows + (size_t)blockIdx.x * ROW_WORDS;
@@ -277,18 +277,16 @@ impl DeviceSampler {
         if num_rows == 0 {
             return Ok(());
         }
-        let mut b = gpu.stream.launch_builder(gpu.func("sample_rows"));
-        let v = vocab as i32;
-        b.arg(&logits)
-            .arg(&v)
-            .arg(&self.rows.ptr)
-            .arg(&self.banned.ptr)
-            .arg(&self.ids.ptr);
+        let args = [
+            logits,
+            (vocab as i32).bits(),
+            self.rows.ptr,
+            self.banned.ptr,
+            self.ids.ptr,
+        ];
         // SAFETY: the arguments match `sample_rows` above; `logits` holds num_rows rows of
         // `vocab`, and the parameter buffers were written for at least num_rows rows.
-        unsafe { b.launch(cfg((num_rows as u32, 1, 1), THREADS)) }
-            .map(|_| ())
-            .map_err(|e| cuda_err("launching sample_rows", e))
+        unsafe { gpu.launch("sample_rows", cfg((num_rows as u32, 1, 1), THREADS), &args) }
     }
 
     /// Copies the ids of the first `n` rows to the host (waits for the stream).

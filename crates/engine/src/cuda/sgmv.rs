@@ -12,9 +12,8 @@
 //! operands use the same one; `tests::fragment_mapping_*` check this on the host.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::PushKernelArg;
 
-use super::gpu::{cfg, cuda_err, Gpu};
+use super::gpu::{cfg, Gpu, KernelArg};
 use crate::error::Result;
 use crate::lora::LoraSlot;
 
@@ -62,6 +61,7 @@ __device__ __forceinline__ float bf_resid(float v) { return v - e2f(f2e(v)); }
 extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) sgmv_shrink(
     const elem_t* __restrict__ x, const elem_t* __restrict__ A, const int* ranks, const float* scales,
     const u32* segs, const u32* num_segs, float* tmp, int nsub, int T, int K, int R, int L) {
+    pdl_begin();
     __shared__ float red[SHRINK_WARPS - 1][24][32];
     int seg = blockIdx.x;
     if (seg >= (int)*num_segs) return;
@@ -161,6 +161,7 @@ extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) sgmv_shrink(
 extern "C" __global__ void __launch_bounds__(128) sgmv_expand(
     const float* tmp, const elem_t* __restrict__ B, const int* ranks, const u32* segs, const u32* num_segs,
     float* y, int T, int N, int R, int L, int ldy, int n1, int n2) {
+    pdl_begin();
     int seg = blockIdx.x;
     if (seg >= (int)*num_segs) return;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -305,22 +306,16 @@ pub fn shrink(
         (SGMV_TILE_TOKENS / SHRINK_TOKENS) as u32,
         w.r.div_ceil(SHRINK_RANKS) as u32,
     );
-    let mut b = gpu.stream.launch_builder(gpu.func("sgmv_shrink"));
-    let ints = [w.nsub, t, w.k, w.r, w.max_loras].map(|v| v as i32);
-    b.arg(&x)
-        .arg(&w.a)
-        .arg(&w.ranks)
-        .arg(&w.scales)
-        .arg(&seg.segs)
-        .arg(&seg.num_segs)
-        .arg(&tmp);
-    for v in &ints {
-        b.arg(v);
-    }
+    let ints = [w.nsub, t, w.k, w.r, w.max_loras].map(|v| (v as i32).bits());
+    let ptrs = [x, w.a, w.ranks, w.scales, seg.segs, seg.num_segs, tmp];
     // SAFETY: arguments match sgmv_shrink's signature and point at buffers of its shapes.
-    unsafe { b.launch(cfg(grid, SHRINK_THREADS)) }
-        .map(|_| ())
-        .map_err(|e| cuda_err("launching sgmv_shrink", e))
+    unsafe {
+        gpu.launch(
+            "sgmv_shrink",
+            cfg(grid, SHRINK_THREADS),
+            &[ptrs.as_slice(), &ints].concat(),
+        )
+    }
 }
 
 /// `y[t, ldy] += tmp[z(o), t, :rank] · B[s, o, :rank]` for every token in a segment.
@@ -337,21 +332,16 @@ pub fn expand(
         return Ok(());
     }
     let grid = (seg.max_segs as u32, w.n.div_ceil(EXPAND_OUTPUTS) as u32, 1);
-    let mut b = gpu.stream.launch_builder(gpu.func("sgmv_expand"));
-    let ints = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| v as i32);
-    b.arg(&tmp)
-        .arg(&w.b)
-        .arg(&w.ranks)
-        .arg(&seg.segs)
-        .arg(&seg.num_segs)
-        .arg(&y);
-    for v in &ints {
-        b.arg(v);
-    }
+    let ints = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| (v as i32).bits());
+    let ptrs = [tmp, w.b, w.ranks, seg.segs, seg.num_segs, y];
     // SAFETY: arguments match sgmv_expand's signature and point at buffers of its shapes.
-    unsafe { b.launch(cfg(grid, EXPAND_THREADS)) }
-        .map(|_| ())
-        .map_err(|e| cuda_err("launching sgmv_expand", e))
+    unsafe {
+        gpu.launch(
+            "sgmv_expand",
+            cfg(grid, EXPAND_THREADS),
+            &[ptrs.as_slice(), &ints].concat(),
+        )
+    }
 }
 
 #[cfg(test)]
