@@ -16,8 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 
 for s in $steps; do case $s in
 check)
-  echo "== CUDA backend vs golden fixtures (bf16 tolerance) and graphs vs eager"
-  timeout ${CHECK_TIMEOUT:-240} "$BIN/cuda_test" --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
+  echo "== CUDA backend vs golden fixtures (bf16 and f16 tolerances) and graphs vs eager"
+  timeout ${CHECK_TIMEOUT:-480} "$BIN/cuda_test" --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
   [ "${CHECK_PEFT:-1}" = 1 ] || continue
   echo "== greedy tokens vs transformers+PEFT on this GPU (mixed-adapter batch)"
   python3 scripts/gpu_check_peft.py make "$WORK/peft" > "$OUT/peft.log" 2>&1 || tail -20 "$OUT/peft.log"

@@ -1,15 +1,16 @@
 //! A minimal GPU benchmark of the engine, for `bench/gpu.sh`, until `multilora bench` runs there:
-//! a model from `config.json` alone (`load_format: dummy`, bf16 on the device), N synthesized
+//! a model from `config.json` alone (`load_format: dummy`, bf16 or f16 on the device), N synthesized
 //! PEFT adapters, batch sizes 1..32, fixed prompt and output lengths, the no-LoRA series and the
 //! three workloads (distinct, uniform, identical), each step timed with CUDA events. Also the
 //! device's copy bandwidth, for the decode step's floor.
 //!
 //! usage: gpu_bench MODEL_DIR ADAPTER_DIR OUT.jsonl [--batch-sizes 1,2,4] [--prompt-len 128]
-//!        [--num-tokens 32] [--num-adapters 32] [--rank 16] [--eager]
+//!        [--num-tokens 32] [--num-adapters 32] [--rank 16] [--eager] [--dtype bfloat16|float16]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use multilora_engine::cuda::elem::Elem;
 use multilora_engine::demo::{synth_adapter, SynthSpec};
 use multilora_engine::lora::LoraTarget;
 use multilora_engine::{
@@ -28,6 +29,8 @@ struct Args {
     num_adapters: usize,
     rank: usize,
     eager: bool,
+    /// `bfloat16` or `float16`
+    dtype: String,
     micro: bool,
     /// Only these series (default: all four).
     series: Vec<String>,
@@ -47,6 +50,7 @@ fn parse() -> Args {
         num_adapters: 32,
         rank: 16,
         eager: false,
+        dtype: "bfloat16".into(),
         micro: false,
         series: ["no-lora", "distinct", "uniform", "identical"]
             .map(String::from)
@@ -62,6 +66,7 @@ fn parse() -> Args {
             "--num-adapters" => a.num_adapters = val().parse().unwrap(),
             "--rank" => a.rank = val().parse().unwrap(),
             "--eager" => a.eager = true,
+            "--dtype" => a.dtype = val(),
             "--micro" => a.micro = true,
             "--series" => a.series = val().split(',').map(String::from).collect(),
             "--profile" => a.profile = true,
@@ -95,7 +100,7 @@ fn synth_all(a: &Args, cfg: &ModelConfig) -> Vec<LoraRequest> {
         .collect()
 }
 
-/// Bytes a decode step must read at least: every projection and lm_head weight once (bf16),
+/// Bytes a decode step must read at least: every projection and lm_head weight once (16-bit),
 /// the KV cache of every sequence, and the adapters in use.
 fn floor_bytes(cfg: &ModelConfig, batch: usize, ctx: usize, num_adapters: usize, rank: usize) -> f64 {
     let (h, q, kv, i, l) = (
@@ -113,7 +118,7 @@ fn floor_bytes(cfg: &ModelConfig, batch: usize, ctx: usize, num_adapters: usize,
 
 fn copy_bandwidth() -> f64 {
     use cudarc::driver::result as drv;
-    let gpu = multilora_engine::cuda::gpu::Gpu::new(0).expect("gpu");
+    let gpu = multilora_engine::cuda::gpu::Gpu::new(0, Elem::Bf16).expect("gpu");
     let bytes = 4usize << 30;
     let (a, b) = (gpu.alloc(bytes).unwrap(), gpu.alloc(bytes).unwrap());
     let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
@@ -134,11 +139,11 @@ fn copy_bandwidth() -> f64 {
 
 /// The skinny GEMM against cuBLAS on every projection of the model (weights streamed once per
 /// pass, far more than L2), for token counts 1..32.
-fn micro(cfg: &ModelConfig, bw: f64) {
+fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
     use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
     use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
-    let mut gpu = Gpu::new(0).expect("gpu");
+    let mut gpu = Gpu::new(0, elem).expect("gpu");
     let (h, q, kv, i) = (
         cfg.hidden_size,
         cfg.q_size(),
@@ -152,8 +157,8 @@ fn micro(cfg: &ModelConfig, bw: f64) {
     shapes.push((cfg.vocab_size, h));
     let fill = |buf: &multilora_engine::cuda::gpu::DevBuf, n: usize| {
         let args = [buf.ptr, n as u64, 7, 0.05f32.bits()];
-        // SAFETY: fill_uniform_bf16 takes (out, n, seed, bound); `buf` holds n elements.
-        unsafe { gpu.launch("fill_uniform_bf16", lcfg((65536, 1, 1), 256), &args) }.unwrap();
+        // SAFETY: fill_uniform takes (out, n, seed, bound); `buf` holds n elements.
+        unsafe { gpu.launch("fill_uniform", lcfg((65536, 1, 1), 256), &args) }.unwrap();
     };
     let ws: Vec<_> = shapes
         .iter()
@@ -244,11 +249,12 @@ fn micro(cfg: &ModelConfig, bw: f64) {
 
 fn main() {
     let a = parse();
+    let elem = Elem::from_dtype(&a.dtype, None).expect("--dtype is bfloat16 or float16");
     let bw = copy_bandwidth();
     println!("device copy bandwidth (read + write): {:.3} TB/s", bw / 1e12);
     let cfg = ModelConfig::from_dir(&a.model).expect("config.json");
     if a.micro {
-        micro(&cfg, bw);
+        micro(&cfg, bw, elem);
         return;
     }
     let t0 = Instant::now();
@@ -263,7 +269,7 @@ fn main() {
     let mut ec = EngineConfig::new(&a.model);
     ec.load_format = LoadFormat::Dummy;
     ec.device = Device::Cuda;
-    ec.dtype = "bfloat16".into();
+    ec.dtype = elem.name().into();
     ec.max_num_seqs = max_batch.max(1);
     ec.max_model_len = Some((a.prompt_len + a.num_tokens + 16).next_power_of_two().max(256));
     ec.max_num_batched_tokens = Some((max_batch * a.prompt_len).max(2048));
@@ -351,7 +357,7 @@ fn main() {
                 "series": s, "batch_size": b, "prompt_len": a.prompt_len, "num_tokens": a.num_tokens,
                 "num_adapters_in_batch": num_distinct, "prefill_ms": prefill, "decode_ms": decode,
                 "e2e_wall_ms": e2e, "floor_ms": floor_ms, "copy_bw_bytes_per_s": bw, "steps_ms": steps,
-                "eager": a.eager, "device": engine.device_name(),
+                "eager": a.eager, "device": engine.device_name(), "dtype": engine.resolved().dtype,
             });
             use std::io::Write;
             writeln!(out, "{rec}").unwrap();

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use crate::backend::{Backend, BackendConfig, RowSampling, StepBatch};
 use crate::block_manager::BlockManager;
 use crate::cpu::{CpuBackend, KvCache};
+use crate::cuda::elem::Elem;
 use crate::error::{Error, Result};
 use crate::lora::manager::{LoraConfig, LoraManager, LoraStats};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
@@ -47,8 +48,11 @@ pub struct EngineConfig {
     pub tokenizer: Option<PathBuf>,
     pub load_format: LoadFormat,
     pub device: Device,
-    /// `auto`, `float32`, `float16`, `bfloat16`. The CPU backend computes in f32 whatever the
-    /// checkpoint's dtype; the value is recorded in reports.
+    /// `auto`, `float32`, `float16`, `bfloat16` (and vLLM's aliases `half`, `float`). The CPU
+    /// backend computes in f32 whatever the checkpoint's dtype. The CUDA backend stores weights,
+    /// activations, LoRA weights and the KV cache as bf16 or f16 (`auto`: the checkpoint's
+    /// `torch_dtype`) and runs float32 as bf16, with a warning. [`ResolvedEngine::dtype`] says
+    /// what ran.
     pub dtype: String,
     /// Defaults to the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
@@ -151,6 +155,9 @@ pub struct ResolvedEngine {
     pub num_kv_blocks: usize,
     pub block_size: usize,
     pub lora: Option<LoraConfig>,
+    /// What weights and activations are stored as: `float32` on the CPU, `bfloat16` or
+    /// `float16` on the GPU.
+    pub dtype: &'static str,
 }
 
 pub struct LLMEngine {
@@ -209,25 +216,23 @@ impl LLMEngine {
                 config.dtype
             )));
         }
-        if config.device == Device::Cuda {
+        // What the CUDA backend stores weights, activations and the KV cache as.
+        let cuda_elem = Elem::from_dtype(&config.dtype, model_config.torch_dtype.as_deref());
+        if config.device == Device::Cuda && cuda_elem.is_none() {
             let wanted = match config.dtype.as_str() {
-                "auto" => model_config
-                    .torch_dtype
-                    .clone()
-                    .unwrap_or_else(|| "bfloat16".into()),
-                d => d.to_string(),
+                "auto" => model_config.torch_dtype.as_deref().unwrap_or("auto"),
+                d => d,
             };
-            if !matches!(wanted.as_str(), "bfloat16" | "bf16") {
-                tracing::warn!(
-                    "the CUDA backend keeps weights, activations and the KV cache in bfloat16; dtype {wanted} is run as bfloat16"
-                );
-            }
+            tracing::warn!(
+                "the CUDA backend keeps weights, activations and the KV cache in bfloat16 or float16; dtype {wanted} is run as bfloat16"
+            );
         }
+        let cuda_elem = cuda_elem.unwrap_or(Elem::Bf16);
         let bytes_per_block = match config.device {
             Device::Cpu => KvCache::bytes_per_block(&model_config, config.block_size),
             Device::Cuda => crate::cuda::kv_bytes_per_block(&model_config, config.block_size),
         };
-        // The CUDA backend's KV cache is bf16 in device memory; default to 16 GiB there.
+        // The CUDA backend's KV cache is 16-bit in device memory; default to 16 GiB there.
         let default_kv_bytes: usize = match config.device {
             Device::Cpu => 4 << 30,
             Device::Cuda => 16 << 30,
@@ -279,7 +284,12 @@ impl LLMEngine {
         };
         let backend: Box<dyn Backend> = match config.device {
             Device::Cpu => Box::new(CpuBackend::new(&model_config, &mut weights, &bc)?),
-            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(&model_config, &mut weights, &bc)?),
+            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(
+                &model_config,
+                &mut weights,
+                &bc,
+                cuda_elem,
+            )?),
         };
         drop(weights);
 
@@ -295,6 +305,10 @@ impl LLMEngine {
                 num_kv_blocks,
                 block_size: config.block_size,
                 lora: lora_cfg,
+                dtype: match config.device {
+                    Device::Cpu => "float32",
+                    Device::Cuda => cuda_elem.name(),
+                },
             },
             scheduler: Scheduler::new(SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,

@@ -1,6 +1,7 @@
 //! The CUDA backend against the golden fixtures (transformers + PEFT, f32) and against itself
-//! (graphs vs eager). bf16 weights make logits differ by rounding, so tokens are compared for
-//! the first steps and logits within a bf16 tolerance. Tokens are sampled on the device: greedy
+//! (graphs vs eager), with weights, activations and KV cache in bf16 and again in f16. 16-bit
+//! weights make logits differ by rounding, so tokens are compared for the first steps and logits
+//! within a tolerance of the element type. Tokens are sampled on the device: greedy
 //! ids are checked against the host argmax of the device's logits, and the sampling kernel
 //! alone against host-computed top-k/top-p sets and softmax frequencies. Skipped, with a note,
 //! where no CUDA driver is found (CI).
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 
 use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden};
 use multilora_engine::backend::{RowSampling, SamplingBatch};
+use multilora_engine::cuda::elem::Elem;
 use multilora_engine::cuda::gpu::Gpu;
 use multilora_engine::cuda::sampling::DeviceSampler;
 use multilora_engine::sampling::argmax;
@@ -66,11 +68,13 @@ fn cpu_next_logits(case: &str, prompt: &[u32], prefix: &[u32], lora: Option<&Lor
     engine.last_logits("r").expect("CPU keeps logits").to_vec()
 }
 
-/// Runs the golden requests greedily on the GPU. With `return_logits` every step's device id is
-/// checked against the host argmax of the logits it was drawn from; without, no logits come back.
-fn run(case: &str, golden: &Golden, enforce_eager: bool, return_logits: bool) -> Run {
+/// Runs the golden requests greedily on the GPU, in `elem`. With `return_logits` every step's
+/// device id is checked against the host argmax of the logits it was drawn from; without, no
+/// logits come back.
+fn run(case: &str, golden: &Golden, elem: Elem, enforce_eager: bool, return_logits: bool) -> Run {
     let mut cfg = EngineConfig::new(case_dir(case).join("model"));
     cfg.device = Device::Cuda;
+    cfg.dtype = elem.name().into();
     cfg.enforce_eager = enforce_eager;
     cfg.return_logits = return_logits;
     cfg.enable_lora = true;
@@ -79,6 +83,11 @@ fn run(case: &str, golden: &Golden, enforce_eager: bool, return_logits: bool) ->
     cfg.max_model_len = Some(256);
     cfg.max_num_seqs = 16;
     let mut engine = LLMEngine::new(cfg).expect("engine loads");
+    assert_eq!(
+        engine.resolved().dtype,
+        elem.name(),
+        "{case}: the dtype the engine ran"
+    );
     let all: Vec<usize> = (0..golden.requests.len()).collect();
     add_requests(&mut engine, golden, &lora_requests(case), &all);
     let k = golden.requests.len();
@@ -124,28 +133,40 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-fn check_case(case: &str) {
+/// Largest relative difference of logits from the f32 reference, for an element type. Tiny
+/// random models have small, near-tied logits: bf16 weight rounding alone moves them by a few
+/// percent of the largest; f16 keeps 3 more mantissa bits.
+fn logits_tolerance(elem: Elem) -> f32 {
+    match elem {
+        Elem::Bf16 => 6e-2,
+        Elem::F16 => 2e-2,
+    }
+}
+
+fn check_case(case: &str, elem: Elem) {
     if !have_gpu() {
         return;
     }
     let golden = load(case);
-    let graphs = run(case, &golden, false, true);
-    let eager = run(case, &golden, true, true);
-    let ids_only = run(case, &golden, false, false);
+    let tol = logits_tolerance(elem);
+    let graphs = run(case, &golden, elem, false, true);
+    let eager = run(case, &golden, elem, true, true);
+    let ids_only = run(case, &golden, elem, false, false);
     for (i, r) in golden.requests.iter().enumerate() {
         let rel = max_diff(&graphs.first_logits[i], &r.first_logits) / max_abs(&r.first_logits).max(1e-6);
         let same = common_prefix(&graphs.tokens[i], &r.greedy_token_ids);
         eprintln!(
-            "{case} request {i} (adapter {:?}): first-logits max rel diff {rel:.2e}, {same}/{} greedy tokens match PEFT",
+            "{case} ({}) request {i} (adapter {:?}): first-logits max rel diff {rel:.2e}, {same}/{} greedy tokens match PEFT",
+            elem.name(),
             r.lora,
             r.greedy_token_ids.len()
         );
-        // Tiny random models have small, near-tied logits: bf16 weight rounding alone moves them
-        // by a few percent of the largest, and later greedy tokens may flip on near-ties
-        // (scripts/gpu_check_peft.py compares longer runs on a larger model).
+        // Later greedy tokens may flip on near-ties (scripts/gpu_check_peft.py compares longer
+        // runs on a larger model).
         assert!(
-            rel < 6e-2,
-            "{case} request {i}: first logits differ by {rel} (relative)"
+            rel < tol,
+            "{case} ({}) request {i}: first logits differ by {rel} (relative)",
+            elem.name()
         );
         assert!(
             same >= 1,
@@ -174,10 +195,14 @@ fn check_case(case: &str) {
             r.lora.as_ref().map(|n| &loras[n]),
         );
         let rel = max_diff(&graphs.decode_logits[i], &want) / max_abs(&want).max(1e-6);
-        eprintln!("{case} request {i}: decode-step logits vs CPU max rel diff {rel:.2e}");
+        eprintln!(
+            "{case} ({}) request {i}: decode-step logits vs CPU max rel diff {rel:.2e}",
+            elem.name()
+        );
         assert!(
-            rel < 6e-2,
-            "{case} request {i}: logits of output token {DECODE_CHECK_TOKEN} (a decode step) differ from the CPU backend's by {rel} (relative)"
+            rel < tol,
+            "{case} ({}) request {i}: logits of output token {DECODE_CHECK_TOKEN} (a decode step) differ from the CPU backend's by {rel} (relative)",
+            elem.name()
         );
         let d = max_diff(&graphs.first_logits[i], &eager.first_logits[i]);
         assert!(
@@ -189,27 +214,52 @@ fn check_case(case: &str) {
 
 #[test]
 fn cuda_llama_mixed_adapters() {
-    check_case("llama");
+    check_case("llama", Elem::Bf16);
 }
 
 #[test]
 fn cuda_llama3_tied() {
-    check_case("llama3_tied");
+    check_case("llama3_tied", Elem::Bf16);
 }
 
 #[test]
 fn cuda_qwen2_bias() {
-    check_case("qwen2_bf16_sharded");
+    check_case("qwen2_bf16_sharded", Elem::Bf16);
 }
 
 #[test]
 fn cuda_qwen3_qk_norm() {
-    check_case("qwen3");
+    check_case("qwen3", Elem::Bf16);
 }
 
 #[test]
 fn cuda_mistral() {
-    check_case("mistral");
+    check_case("mistral", Elem::Bf16);
+}
+
+#[test]
+fn cuda_f16_llama_mixed_adapters() {
+    check_case("llama", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_llama3_tied() {
+    check_case("llama3_tied", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_qwen2_bias() {
+    check_case("qwen2_bf16_sharded", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_qwen3_qk_norm() {
+    check_case("qwen3", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_mistral() {
+    check_case("mistral", Elem::F16);
 }
 
 /// Asking for CUDA where there is none is a clear error, not a panic.
@@ -225,25 +275,28 @@ fn cuda_without_driver_is_an_error() {
     assert!(err.to_string().contains("use device=cpu"), "{err}");
 }
 
-/// The skinny GEMM (tensor cores, fused epilogues) against cuBLAS on the same bf16 inputs, for
+/// The skinny GEMM (tensor cores, fused epilogues) against cuBLAS on the same inputs, for
 /// token counts on both sides of each n-tile, row counts that are not a multiple of 16 and K
-/// that is not a multiple of the 64-wide chunk.
+/// that is not a multiple of the 64-wide chunk, in bf16 and f16.
 #[test]
 fn cuda_skinny_gemm_matches_cublas() {
-    use cudarc::driver::PushKernelArg;
-    use multilora_engine::cuda::gpu::{cfg, Gpu};
-    use multilora_engine::cuda::model::linear;
-    use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
     if !have_gpu() {
         return;
     }
-    let gpu = Gpu::new(0).expect("CUDA context");
+    for elem in Elem::ALL {
+        skinny_vs_cublas(elem);
+    }
+}
+
+fn skinny_vs_cublas(elem: Elem) {
+    use multilora_engine::cuda::gpu::{cfg, Gpu, KernelArg};
+    use multilora_engine::cuda::model::linear;
+    use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
+    let gpu = Gpu::new(0, elem).expect("CUDA context");
     let fill = |ptr: u64, n: usize, seed: u64| {
-        let mut b = gpu.stream.launch_builder(gpu.func("fill_uniform_bf16"));
-        let (n64, bound) = (n as u64, 1.0f32);
-        b.arg(&ptr).arg(&n64).arg(&seed).arg(&bound);
-        // SAFETY: `ptr` holds n bf16 values (fill_uniform_bf16's signature in kernels.rs).
-        unsafe { b.launch(cfg((256, 1, 1), 256)) }.unwrap();
+        let args = [ptr, n as u64, seed, 1.0f32.bits()];
+        // SAFETY: `ptr` holds n 16-bit values (fill_uniform's signature in kernels.rs).
+        unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
     };
     for &(n, k) in &[(1000usize, 4104usize), (4096, 4096), (48, 64), (320, 160)] {
         let w = gpu.alloc(n * k * 2).unwrap();
@@ -284,7 +337,7 @@ fn cuda_skinny_gemm_matches_cublas() {
                     let got = if epi == Epilogue::SiluMul {
                         let mut h = vec![0u16; m * ldy];
                         gpu.dtoh(&mut h, y.ptr).unwrap();
-                        h.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect()
+                        h.iter().map(|&v| elem.decode(v)).collect()
                     } else {
                         let mut h = vec![0f32; m * ldy];
                         gpu.dtoh(&mut h, y.ptr).unwrap();
@@ -294,10 +347,16 @@ fn cuda_skinny_gemm_matches_cublas() {
                 }
                 let scale = max_abs(&out[0]).max(1e-3);
                 let diff = max_diff(&out[0], &out[1]);
-                let tol = if epi == Epilogue::SiluMul { 1e-2 } else { 1e-4 };
+                // SiluMul rounds its output to the element type (either side of a rounding edge).
+                let tol = match (epi, elem) {
+                    (Epilogue::SiluMul, Elem::Bf16) => 1e-2,
+                    (Epilogue::SiluMul, Elem::F16) => 2e-3,
+                    _ => 1e-4,
+                };
                 assert!(
                     diff <= tol * scale,
-                    "skinny GEMM vs cuBLAS, {epi:?}, M={m}, N={n}, K={k}: max diff {diff} against max |y| {scale}"
+                    "skinny GEMM vs cuBLAS ({}), {epi:?}, M={m}, N={n}, K={k}: max diff {diff} against max |y| {scale}",
+                    elem.name()
                 );
             }
         }
@@ -440,7 +499,7 @@ fn cuda_sampling_follows_the_softmax() {
     if !have_gpu() {
         return;
     }
-    let gpu = Gpu::new(0).unwrap();
+    let gpu = Gpu::new(0, Elem::Bf16).unwrap();
     for ((what, r), want) in cases.iter().zip(&want) {
         let (ids, _) = device_sample(&gpu, &row, &rows(8192, *r, &[], 1));
         check_draws(&ids, want, what);
@@ -461,7 +520,7 @@ fn cuda_sampling_large_vocab_with_bans() {
     if !have_gpu() {
         return;
     }
-    let gpu = Gpu::new(0).unwrap();
+    let gpu = Gpu::new(0, Elem::Bf16).unwrap();
     let (ids, logits) = device_sample(&gpu, &row, &rows(1024, r, &[top], 3));
     assert!(!ids.contains(&top), "a banned token was drawn");
     check_draws(&ids, &want, "vocab 152064, top_k 40, top_p 0.95, argmax banned");
@@ -485,7 +544,7 @@ fn cuda_sampling_mixes_greedy_and_sampled_rows() {
     if !have_gpu() {
         return;
     }
-    let gpu = Gpu::new(0).unwrap();
+    let gpu = Gpu::new(0, Elem::Bf16).unwrap();
     let greedy = RowSampling::default();
     let batch: Vec<(RowSampling, Vec<u32>)> = (0..512u64)
         .map(|i| {
@@ -633,9 +692,7 @@ fn cuda_engine_many_bans_fall_back_to_host_sampling() {
 
 // ---- SGMV (segmented LoRA, prefill) against a host reference and against BGMV ----
 
-use cudarc::driver::PushKernelArg;
-use half::bf16;
-use multilora_engine::cuda::gpu::{cfg, DevBuf};
+use multilora_engine::cuda::gpu::{cfg, DevBuf, KernelArg};
 use multilora_engine::cuda::sgmv::{self, GroupWeights, Segments};
 use multilora_engine::lora::LoraSlot;
 use rand::{Rng, SeedableRng};
@@ -654,14 +711,6 @@ struct LoraCase {
     lora: Vec<Option<u32>>,
 }
 
-fn bf(v: f32) -> f32 {
-    bf16::from_f32(v).to_f32()
-}
-
-fn bits(v: &[f32]) -> Vec<u16> {
-    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
-}
-
 fn upload<T>(gpu: &Gpu, v: &[T]) -> DevBuf {
     let buf = gpu.alloc(std::mem::size_of_val(v)).unwrap();
     gpu.htod(buf.ptr, v).unwrap();
@@ -674,9 +723,10 @@ fn download(gpu: &Gpu, buf: &DevBuf, n: usize) -> Vec<f32> {
     v
 }
 
-/// Host data of a case: bf16-representable x, A, B (zero past each rank, as `LoraGroup::set`
-/// writes them), scales, an initial y, and the reference tmp and y (f64 sums).
+/// Host data of a case: x, A, B representable in the element type (zero past each rank, as
+/// `LoraGroup::set` writes them), scales, an initial y, and the reference tmp and y (f64 sums).
 struct LoraData {
+    elem: Elem,
     nsub: usize,
     max_loras: usize,
     t: usize,
@@ -695,7 +745,7 @@ struct LoraData {
 }
 
 /// `with_ref`: compute the reference (skipped for timing).
-fn lora_data(c: &LoraCase, seed: u64, with_ref: bool) -> LoraData {
+fn lora_data(c: &LoraCase, seed: u64, with_ref: bool, elem: Elem) -> LoraData {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (nsub, max_loras, t, k, r) = (c.outs.len(), c.ranks[0].len(), c.lora.len(), c.k, c.r);
     let n: usize = c.outs.iter().sum();
@@ -711,8 +761,11 @@ fn lora_data(c: &LoraCase, seed: u64, with_ref: bool) -> LoraData {
             2
         }
     };
-    let mut uni =
-        |lim: f32, len: usize| -> Vec<f32> { (0..len).map(|_| bf(rng.random_range(-lim..lim))).collect() };
+    let mut uni = |lim: f32, len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| elem.round(rng.random_range(-lim..lim)))
+            .collect()
+    };
     let x = uni(1.0, t * k);
     let mut a = uni(1.0 / (k as f32).sqrt(), nsub * max_loras * r * k);
     let mut b = uni(1.0, max_loras * n * r);
@@ -758,6 +811,7 @@ fn lora_data(c: &LoraCase, seed: u64, with_ref: bool) -> LoraData {
         }
     }
     LoraData {
+        elem,
         nsub,
         max_loras,
         t,
@@ -797,8 +851,12 @@ struct LoraDev {
 
 fn upload_lora(gpu: &Gpu, c: &LoraCase, d: &LoraData) -> LoraDev {
     let (t, r) = (d.t, c.r);
-    let a = upload(gpu, &bits(&d.a));
-    let b = upload(gpu, &bits(&d.b));
+    assert_eq!(
+        gpu.elem, d.elem,
+        "the case's data is encoded for the device's element type"
+    );
+    let a = upload(gpu, &d.elem.encode_all(&d.a));
+    let b = upload(gpu, &d.elem.encode_all(&d.b));
     let ranks = upload(gpu, &d.ranks);
     let scales = upload(gpu, &d.scales);
     let tok_slot: Vec<i32> = c.lora.iter().map(|s| s.map_or(-1, |s| s as i32)).collect();
@@ -828,7 +886,7 @@ fn upload_lora(gpu: &Gpu, c: &LoraCase, d: &LoraData) -> LoraDev {
     };
     LoraDev {
         _weights: vec![a, b, ranks, scales, seg_buf, num_buf],
-        x: upload(gpu, &bits(&d.x)),
+        x: upload(gpu, &d.elem.encode_all(&d.x)),
         y: upload(gpu, &d.y0),
         // NaN-filled, so a kernel that skips a value it should write shows.
         tmp: upload(gpu, &vec![f32::NAN; d.nsub * t * r]),
@@ -845,18 +903,11 @@ fn launch_shrink(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
     match kernel {
         Kernel::Sgmv => sgmv::shrink(gpu, w, &dev.seg, dev.x.ptr, dev.tmp.ptr, t).unwrap(),
         Kernel::Bgmv => {
-            let mut lb = gpu.stream.launch_builder(gpu.func("lora_shrink_wide"));
             let p = [dev.x.ptr, w.a, w.ranks, w.scales, dev.tok_slot.ptr, dev.tmp.ptr];
-            let v = [t, w.k, w.r, w.max_loras].map(|x| x as i32);
-            p.iter().for_each(|p| {
-                lb.arg(p);
-            });
-            v.iter().for_each(|v| {
-                lb.arg(v);
-            });
+            let v = [t, w.k, w.r, w.max_loras].map(|x| (x as i32).bits());
             let grid = (t as u32, w.nsub as u32, w.r.div_ceil(8) as u32);
             // SAFETY: arguments as lora_shrink_wide's signature (kernels.rs).
-            unsafe { lb.launch(cfg(grid, 256)) }.unwrap();
+            unsafe { gpu.launch("lora_shrink_wide", cfg(grid, 256), &[p.as_slice(), &v].concat()) }.unwrap();
         }
     }
 }
@@ -866,17 +917,11 @@ fn launch_expand(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
     match kernel {
         Kernel::Sgmv => sgmv::expand(gpu, w, &dev.seg, dev.tmp.ptr, dev.y.ptr, t, ldy).unwrap(),
         Kernel::Bgmv => {
-            let mut lb = gpu.stream.launch_builder(gpu.func("lora_expand"));
             let p = [dev.tmp.ptr, w.b, w.ranks, dev.tok_slot.ptr, dev.y.ptr];
-            let v = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|x| x as i32);
-            p.iter().for_each(|p| {
-                lb.arg(p);
-            });
-            v.iter().for_each(|v| {
-                lb.arg(v);
-            });
+            let v = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|x| (x as i32).bits());
+            let grid = (w.n.div_ceil(256) as u32, t as u32, 1);
             // SAFETY: arguments as lora_expand's signature (kernels.rs).
-            unsafe { lb.launch(cfg((w.n.div_ceil(256) as u32, t as u32, 1), 256)) }.unwrap();
+            unsafe { gpu.launch("lora_expand", cfg(grid, 256), &[p.as_slice(), &v].concat()) }.unwrap();
         }
     }
 }
@@ -1007,15 +1052,21 @@ fn lora_cases() -> Vec<LoraCase> {
 
 /// SGMV shrink and expand agree with the reference loops, and mix with the BGMV kernels (same
 /// tmp layout), for one long segment, many short ones, tokens without adapter, ranks below R,
-/// and 1-3 projections per group.
+/// and 1-3 projections per group, in bf16 and f16.
 #[test]
 fn cuda_sgmv_matches_reference_and_bgmv() {
     if !have_gpu() {
         return;
     }
-    let gpu = Gpu::new(0).expect("CUDA device");
+    for elem in Elem::ALL {
+        sgmv_vs_reference_and_bgmv(elem);
+    }
+}
+
+fn sgmv_vs_reference_and_bgmv(elem: Elem) {
+    let gpu = Gpu::new(0, elem).expect("CUDA device");
     for (i, c) in lora_cases().iter().enumerate() {
-        let d = lora_data(c, 7 + i as u64, true);
+        let d = lora_data(c, 7 + i as u64, true, elem);
         for (shrink, expand) in [
             (Kernel::Sgmv, Kernel::Sgmv),
             (Kernel::Sgmv, Kernel::Bgmv),
@@ -1023,7 +1074,7 @@ fn cuda_sgmv_matches_reference_and_bgmv() {
             (Kernel::Bgmv, Kernel::Bgmv),
         ] {
             let (tmp, y) = run_lora(&gpu, c, &d, shrink, expand);
-            let what = format!("{shrink:?} shrink + {expand:?} expand");
+            let what = format!("{} {shrink:?} shrink + {expand:?} expand", elem.name());
             check_lora(c, &d, &tmp, &y, &what);
             eprintln!("{}: {what}: ok", c.name);
         }
@@ -1039,7 +1090,7 @@ fn cuda_sgmv_timing() {
     if !have_gpu() {
         return;
     }
-    let gpu = Gpu::new(0).expect("CUDA device");
+    let gpu = Gpu::new(0, Elem::Bf16).expect("CUDA device");
     let (start, end) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
     let time = |f: &dyn Fn()| {
         f();
@@ -1061,7 +1112,7 @@ fn cuda_sgmv_timing() {
                 r: 16,
                 lora: (0..num_seqs * 128).map(|i| Some((i / 128) as u32)).collect(),
             };
-            let d = lora_data(&c, 1, false);
+            let d = lora_data(&c, 1, false, Elem::Bf16);
             let dev = upload_lora(&gpu, &c, &d);
             for k in [Kernel::Sgmv, Kernel::Bgmv] {
                 let shrink = time(&|| launch_shrink(&gpu, &dev, k));

@@ -228,6 +228,7 @@ impl Backend for EngineBackend {
                 "max_num_batched_tokens": r.max_num_batched_tokens,
                 "num_kv_blocks": r.num_kv_blocks,
                 "block_size": r.block_size,
+                "dtype": r.dtype,
                 "lora": r.lora.map(|l| json!({
                     "max_loras": l.max_loras,
                     "max_lora_rank": l.max_lora_rank,

@@ -1,5 +1,6 @@
-//! The device: context, one non-default stream (capturable), the NVRTC-compiled kernels (PTX
-//! cached on disk by source hash and arch), cuBLAS, and raw device buffers.
+//! The device: context, one non-default stream (capturable), the NVRTC-compiled kernels built
+//! for one element type ([`Elem`]; PTX cached on disk by source hash and arch), cuBLAS, and raw
+//! device buffers.
 //!
 //! Buffers are plain allocations addressed by raw device pointers: every buffer the model uses
 //! lives as long as the backend, so pointers baked into a captured CUDA graph stay valid, and
@@ -16,6 +17,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use super::elem::Elem;
 use super::kernels;
 use crate::error::{Error, Result};
 
@@ -79,6 +81,9 @@ pub struct Gpu {
     pub num_sms: u32,
     /// Launch kernels with programmatic dependent launch (sm_90+): see [`Gpu::launch`].
     pub pdl: bool,
+    /// What weights, GEMM inputs, LoRA weights and the KV cache are stored as; the kernels are
+    /// built for it.
+    pub elem: Elem,
     _blas_workspace: Option<DevBuf>,
 }
 
@@ -102,7 +107,7 @@ fn cache_dir() -> PathBuf {
 }
 
 impl Gpu {
-    pub fn new(ordinal: usize) -> Result<Self> {
+    pub fn new(ordinal: usize, elem: Elem) -> Result<Self> {
         probe()?;
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("creating the CUDA context", e))?;
         // SAFETY: no buffers exist yet; we manage ordering ourselves with one stream.
@@ -132,6 +137,7 @@ impl Gpu {
             num_sms,
             // `MULTILORA_PDL=0` turns it off, to measure what it brings.
             pdl: major >= 9 && std::env::var("MULTILORA_PDL").map_or(true, |v| v != "0"),
+            elem,
             _blas_workspace: None,
         };
         // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
@@ -152,7 +158,7 @@ impl Gpu {
 
     /// Compiles (or reads from the PTX cache) and loads a module; its kernels join `func`'s.
     pub fn load(&mut self, m: &kernels::Module) -> Result<()> {
-        let ptx = compile_cached(&m.source(), &self.arch)?;
+        let ptx = compile_cached(&m.source(self.elem), &self.arch)?;
         let module = self
             .ctx
             .load_module(ptx)
@@ -268,9 +274,10 @@ impl Gpu {
         .map_err(|e| cuda_err(&format!("launching {name}"), e))
     }
 
-    /// `y[M, ldy] (f32) = x[M, K] · W[N, K]ᵀ + beta · y` with bf16 x and W, through cuBLAS.
+    /// `y[M, ldy] (f32) = x[M, K] · W[N, K]ᵀ + beta · y` with x and W of type `elem`, through
+    /// cuBLAS (f32 compute).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm_bf16(
+    pub fn gemm(
         &self,
         x: CUdeviceptr,
         w: CUdeviceptr,
@@ -282,6 +289,7 @@ impl Gpu {
         beta: f32,
     ) -> Result<()> {
         let alpha = 1.0f32;
+        let elem = self.elem.cuda_type();
         use cublas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
         // SAFETY: pointers are live device buffers of the stated shapes.
         unsafe {
@@ -294,10 +302,10 @@ impl Gpu {
                 k as i32,
                 &alpha as *const f32 as *const _,
                 w as *const _,
-                cudaDataType::CUDA_R_16BF,
+                elem,
                 k as i32,
                 x as *const _,
-                cudaDataType::CUDA_R_16BF,
+                elem,
                 k as i32,
                 &beta as *const f32 as *const _,
                 y as *mut _,
@@ -377,9 +385,10 @@ pub fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
 mod tests {
     use super::*;
 
-    /// Every module compiles under NVRTC and, where `ptxas` is on PATH, assembles for sm_90a
-    /// (ptxas checks what NVRTC does not: inline PTX, register limits). Needs only libnvrtc,
-    /// no GPU; skipped (with a note) where libnvrtc cannot be loaded, as on CI.
+    /// Every module compiles under NVRTC for both element types and, where `ptxas` is on PATH,
+    /// assembles for sm_90a (ptxas checks what NVRTC does not: inline PTX, register limits).
+    /// Needs only libnvrtc, no GPU; skipped (with a note) where libnvrtc cannot be loaded, as
+    /// on CI.
     #[test]
     fn kernels_compile() {
         // SAFETY: only tries to dlopen the library.
@@ -388,15 +397,33 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        for m in kernels::MODULES.iter().chain([&super::super::skinny::TUNING]) {
+        let modules = kernels::MODULES.iter().chain([&super::super::skinny::TUNING]);
+        for (m, elem) in modules.flat_map(|m| Elem::ALL.map(|e| (m, e))) {
             let opts = CompileOptions {
                 options: vec!["--gpu-architecture=compute_90a".into(), "--std=c++17".into()],
                 ..Default::default()
             };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(m.source(), opts)
-                .unwrap_or_else(|e| panic!("NVRTC failed on module {}: {e:?}", m.name));
-            let path = dir.path().join(format!("{}.ptx", m.name));
-            std::fs::write(&path, ptx.to_src()).unwrap();
+            let what = format!("module {} ({})", m.name, elem.name());
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(m.source(elem), opts)
+                .unwrap_or_else(|e| panic!("NVRTC failed on {what}: {e:?}"));
+            let text = ptx.to_src();
+            // The build is the one asked for: tensor cores and conversions of that type.
+            let ty = match elem {
+                Elem::Bf16 => "bf16",
+                Elem::F16 => "f16",
+            };
+            if m.body.contains("mma.sync") {
+                let mma = format!("m16n8k16.row.col.f32.{ty}.{ty}.f32");
+                assert!(text.contains(&mma), "{what}: no {mma} in the PTX");
+            }
+            if elem == Elem::F16 && m.body.contains("e2f(") {
+                assert!(
+                    text.contains("cvt.f32.f16"),
+                    "{what}: no f16 conversion in the PTX"
+                );
+            }
+            let path = dir.path().join(format!("{}-{}.ptx", m.name, elem.name()));
+            std::fs::write(&path, text).unwrap();
             match std::process::Command::new("ptxas")
                 .args(["-arch=sm_90a", "-v", "-o", "/dev/null"])
                 .arg(&path)
@@ -404,12 +431,12 @@ mod tests {
             {
                 Ok(out) => {
                     let log = String::from_utf8_lossy(&out.stderr);
-                    assert!(out.status.success(), "ptxas failed on module {}:\n{log}", m.name);
+                    assert!(out.status.success(), "ptxas failed on {what}:\n{log}");
                     if std::env::var_os("MULTILORA_PTXAS_LOG").is_some() {
-                        eprintln!("{log}");
+                        eprintln!("{what}:\n{log}");
                     }
                 }
-                Err(_) => eprintln!("note: ptxas not on PATH; module {} only NVRTC-checked", m.name),
+                Err(_) => eprintln!("note: ptxas not on PATH; {what} only NVRTC-checked"),
             }
         }
     }

@@ -1,10 +1,16 @@
 //! The CUDA C prelude every kernel module starts with, the module list, and the core kernels
 //! (everything but the skinny GEMM, SGMV and sampling), compiled at run time by NVRTC.
 //!
-//! Header-free on purpose: NVRTC 13 cannot find `cuda_bf16.h` without include paths, so the
-//! 16-bit element type `elem_t` (bf16) is an `unsigned short` converted with bit shifts (round
-//! to nearest even) by `e2f` / `f2e`. Weights, activations fed to GEMMs and the KV cache are
-//! `elem_t`; every accumulation, the residual stream and projection outputs are f32.
+//! Header-free on purpose: NVRTC 13 cannot find `cuda_bf16.h` / `cuda_fp16.h` without include
+//! paths, so the 16-bit element type `elem_t` is an `unsigned short` and every kernel reads and
+//! writes it through `e2f` / `f2e` (one element), `lo` / `hi` (the two halves of a u32) and
+//! `dot8`. Each module is one source built twice: as is, `elem_t` is bf16 (bit shifts, round to
+//! nearest even); after `#define ML_F16 1` ([`Elem::source_prefix`]) it is IEEE f16 (PTX `cvt`,
+//! round to nearest even), and `MMA_ELEM` names the type for `mma.sync`. Weights, activations
+//! fed to GEMMs, LoRA weights and the KV cache are `elem_t`; every accumulation, the residual
+//! stream and projection outputs are f32.
+
+use super::elem::Elem;
 
 /// Types and helpers every module starts with.
 pub const PRELUDE: &str = r#"
@@ -13,6 +19,25 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
 
+// MMA_ELEM: elem_t's name in `mma.sync` type strings.
+#ifdef ML_F16
+// IEEE half: PTX conversions (no cuda_fp16.h under NVRTC).
+#define MMA_ELEM "f16"
+__device__ __forceinline__ float e2f(elem_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+__device__ __forceinline__ elem_t f2e(float f) {
+    elem_t v;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+__device__ __forceinline__ float lo(u32 v) { return e2f((elem_t)(v & 0xffffu)); }
+__device__ __forceinline__ float hi(u32 v) { return e2f((elem_t)(v >> 16)); }
+#else
+// bfloat16: the top half of an f32.
+#define MMA_ELEM "bf16"
 __device__ __forceinline__ float e2f(elem_t v) { return __uint_as_float(((u32)v) << 16); }
 __device__ __forceinline__ elem_t f2e(float f) {
     u32 u = __float_as_uint(f);
@@ -22,7 +47,8 @@ __device__ __forceinline__ elem_t f2e(float f) {
 }
 __device__ __forceinline__ float lo(u32 v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
-// Dot product of 8 bf16 pairs packed in two uint4.
+#endif
+// Dot product of 8 element pairs packed in two uint4.
 __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
     float s = lo(a.x) * lo(b.x);
     s = fmaf(hi(a.x), hi(b.x), s);
@@ -90,8 +116,9 @@ pub struct Module {
 }
 
 impl Module {
-    pub fn source(&self) -> String {
-        format!("{PRELUDE}{}", self.body)
+    /// The source built for element type `elem`.
+    pub fn source(&self, elem: Elem) -> String {
+        format!("{}{PRELUDE}{}", elem.source_prefix(), self.body)
     }
 }
 
@@ -119,7 +146,7 @@ pub const MODULES: &[Module] = &[
 const CORE: &str = r#"
 // Seeded uniform values in [-bound, bound) for load_format=dummy: a splitmix64 hash of the
 // element index, so weights are generated on the device in one pass.
-extern "C" __global__ void fill_uniform_bf16(elem_t* out, u64 n, u64 seed, float bound) {
+extern "C" __global__ void fill_uniform(elem_t* out, u64 n, u64 seed, float bound) {
     pdl_begin();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
@@ -131,13 +158,13 @@ extern "C" __global__ void fill_uniform_bf16(elem_t* out, u64 n, u64 seed, float
     }
 }
 
-extern "C" __global__ void fill_bf16(elem_t* out, u64 n, float v) {
+extern "C" __global__ void fill(elem_t* out, u64 n, float v) {
     pdl_begin();
     elem_t b = f2e(v);
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = b;
 }
 
-// hidden: [T, H] f32; table: [vocab, H] bf16; ids: [T]
+// hidden: [T, H] f32; table: [vocab, H] elem_t; ids: [T]
 extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H) {
     pdl_begin();
     int t = blockIdx.x;
@@ -146,7 +173,7 @@ extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* 
 }
 
 // One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the
-// slot's B row for this output, bf16, 16-byte aligned, zero-padded to a multiple of 8).
+// slot's B row for this output, elem_t, 16-byte aligned, zero-padded to a multiple of 8).
 __device__ __forceinline__ float lora_dot(const float* tr, const elem_t* b, int rank) {
     float acc = 0.f;
     for (int r8 = 0; r8 < rank; r8 += 8) {
@@ -163,7 +190,7 @@ __device__ __forceinline__ float lora_dot(const float* tr, const elem_t* b, int 
     return acc;
 }
 
-// One row per block: out[n, H] bf16 = rmsnorm(hidden[row]) * w, hidden: [*, H] f32 residual
+// One row per block: out[n, H] elem_t = rmsnorm(hidden[row]) * w, hidden: [*, H] f32 residual
 // stream; rows: [n] source row of each output row (may be null: row = blockIdx.x).
 // With lora_tmp set (decode), the LoRA expand of the projection that just added into the
 // residual stream (o_proj or down_proj, one target) is added into it first, as lora_expand
@@ -216,7 +243,7 @@ extern "C" __global__ void qk_norm(float* qkv, int ld, int nh, int hd, const ele
 
 // HF non-interleaved RoPE on q (in place) and k, then k and v into the paged cache.
 // qkv: [T, ld] f32 (q heads, k heads, v heads); cos/sin: [max_pos, hd/2];
-// k_cache/v_cache: [num_slots, nkv * hd] bf16. grid (T, nh + 2 nkv): a block per head (the
+// k_cache/v_cache: [num_slots, nkv * hd] elem_t. grid (T, nh + 2 nkv): a block per head (the
 // v heads are copied), at least hd / 2 threads.
 // With lora_tmp set (decode), the q/k/v LoRA expand is added first, as lora_expand would:
 // lora_tmp [3, T, R] from lora_shrink, B [L, ld, R], ranks [3, L], tok_slot [T].
@@ -271,7 +298,7 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
 // Causal attention over the paged cache, prefill and decode alike: token t attends to positions
 // 0..=positions[t] of its sequence. grid (T, nh), ATT_WARPS warps; each warp takes every
 // ATT_WARPS-th key with an online softmax, then the warps are merged.
-// qkv: [T, ld] f32 (q first); out: [T, nh * hd] bf16; token_seq: [T];
+// qkv: [T, ld] f32 (q first); out: [T, nh * hd] elem_t; token_seq: [T];
 // block_tables: [num_seqs, max_blocks]
 #define ATT_WARPS 8
 #define MAX_DPL 8
@@ -486,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     if (threadIdx.x == 0) counters[sh] = 0;
 }
 
-// gu: [T, 2I] f32 (gate then up); out: [T, I] bf16 = silu(gate) * up
+// gu: [T, 2I] f32 (gate then up); out: [T, I] elem_t = silu(gate) * up
 extern "C" __global__ void silu_mul(const float* gu, elem_t* out, int I, int T) {
     pdl_begin();
     u64 n = (u64)T * I;
@@ -497,7 +524,7 @@ extern "C" __global__ void silu_mul(const float* gu, elem_t* out, int I, int T) 
     }
 }
 
-// y: [T, ldy] f32 += bias[N] (bf16)
+// y: [T, ldy] f32 += bias[N] (elem_t)
 extern "C" __global__ void add_bias(float* y, const elem_t* bias, int N, int T, int ldy) {
     pdl_begin();
     u64 n = (u64)T * N;
@@ -512,7 +539,7 @@ extern "C" __global__ void add_bias(float* y, const elem_t* bias, int N, int T, 
 // BGMV shrink, every token its own adapter: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ with
 // s = tok_slot[t], for the nsub projections of a group that share the input x (q/k/v, gate/up).
 // Rows r >= rank (or tokens without adapter) get 0 and read no weights.
-// x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
+// x: [T, K] elem_t; A: [nsub, L, R, K] elem_t; ranks: [nsub, L]; scales: [nsub, L];
 // tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, ceil(R / 8)), 256 threads.
 extern "C" __global__ void lora_shrink_wide(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
                                        const int* ranks, const float* scales, const int* tok_slot, float* tmp,
@@ -541,7 +568,7 @@ extern "C" __global__ void lora_shrink_wide(const elem_t* __restrict__ x, const 
 // s = tok_slot[t], for the nsub projections of a group that share the input x (q/k/v, gate/up).
 // One block per (token, projection, rank row): its warps split K. Rows r >= rank (or tokens
 // without adapter) write 0 and read no weights, so a small adapter does not pay max rank.
-// x: [T, K] bf16; A: [nsub, L, R, K] bf16; ranks: [nsub, L]; scales: [nsub, L];
+// x: [T, K] elem_t; A: [nsub, L, R, K] elem_t; ranks: [nsub, L]; scales: [nsub, L];
 // tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, R), 256 threads.
 #define SHRINK_PRE 4
 extern "C" __global__ void lora_shrink(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
@@ -581,7 +608,7 @@ extern "C" __global__ void lora_shrink(const elem_t* __restrict__ x, const elem_
 // BGMV expand: y[t, o] += tmp[z(o), t, :rank] · B[s, o, :rank], s = tok_slot[t]. The group's
 // projections are concatenated along N: outputs below n1 belong to sub 0, below n2 to sub 1,
 // the rest to sub 2. Only the slot's own rank is read (in chunks of 8; padding is zero).
-// tmp: [nsub, T, R]; B: [L, N, R] bf16; y: [T, ldy] f32. grid (ceil(N / 256), T), 256 threads.
+// tmp: [nsub, T, R]; B: [L, N, R] elem_t; y: [T, ldy] f32. grid (ceil(N / 256), T), 256 threads.
 extern "C" __global__ void lora_expand(const float* tmp, const elem_t* __restrict__ B, const int* ranks,
                                        const int* tok_slot, float* y, int T, int N, int R, int L, int ldy, int n1,
                                        int n2) {
@@ -601,8 +628,8 @@ extern "C" __global__ void lora_expand(const float* tmp, const elem_t* __restric
 
 /// Kernel names of [`CORE`].
 const CORE_NAMES: &[&str] = &[
-    "fill_uniform_bf16",
-    "fill_bf16",
+    "fill_uniform",
+    "fill",
     "embed",
     "add_rms_norm",
     "qk_norm",

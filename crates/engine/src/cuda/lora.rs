@@ -2,8 +2,6 @@
 //! the BGMV/SGMV kernels index them, filled from the host cache when the LoRA manager activates
 //! an adapter.
 
-use half::bf16;
-
 use super::gpu::{DevBuf, Gpu};
 use crate::error::Result;
 use crate::lora::adapter::LoraAdapter;
@@ -17,9 +15,9 @@ pub(super) struct LoraGroup {
     /// out features of each target, concatenated in `b`
     pub outs: Vec<usize>,
     pub k: usize,
-    /// `[nsub, max_loras, R, K]` bf16
+    /// `[nsub, max_loras, R, K]` in the device's element type
     pub a: DevBuf,
-    /// `[max_loras, N, R]` bf16
+    /// `[max_loras, N, R]` in the device's element type
     pub b: DevBuf,
     /// `[nsub, max_loras]` i32
     pub ranks: DevBuf,
@@ -85,11 +83,11 @@ impl LoraGroup {
                 Some(m) => {
                     assert!(m.rank <= r, "adapter rank checked against max_lora_rank at load");
                     for (dst, &src) in a.iter_mut().zip(&m.a) {
-                        *dst = bf16::from_f32(src).to_bits();
+                        *dst = gpu.elem.encode(src);
                     }
                     for (o, src) in m.b.chunks_exact(m.rank).enumerate() {
                         for (j, &v) in src.iter().enumerate() {
-                            b[(row0 + o) * r + j] = bf16::from_f32(v).to_bits();
+                            b[(row0 + o) * r + j] = gpu.elem.encode(v);
                         }
                     }
                     (m.rank as i32, m.scale)

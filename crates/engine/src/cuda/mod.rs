@@ -1,5 +1,6 @@
 //! The CUDA backend: the Llama-family decoder on one NVIDIA GPU, behind the same [`Backend`]
-//! boundary as the CPU one. bf16 weights and KV cache, f32 residual stream and accumulation.
+//! boundary as the CPU one. Weights, LoRA weights, GEMM inputs and the KV cache in bf16 or f16
+//! ([`elem::Elem`], the engine's resolved dtype), f32 residual stream and accumulation.
 //!
 //! Libraries (driver, NVRTC, cuBLAS) are loaded at run time, so this compiles and its tests run
 //! on machines without CUDA; asking for it there is an error, never a panic. One-token steps use
@@ -11,6 +12,7 @@
 //! device ([`sampling`]), inside the graph, so a step copies back only token ids unless logits
 //! are asked for.
 
+pub mod elem;
 pub mod gpu;
 pub mod kernels;
 mod lora;
@@ -31,11 +33,12 @@ use crate::lora::adapter::LoraAdapter;
 use crate::lora::LoraSlot;
 use crate::weights::WeightSource;
 use crate::ModelConfig;
+use elem::Elem;
 use gpu::{cuda_err, Gpu};
 use model::{CudaModel, StepShape};
 use sampling::DeviceSampler;
 
-/// Bytes one KV block takes over all layers (K and V, bf16).
+/// Bytes one KV block takes over all layers (K and V, 16-bit elements).
 pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
     2 * cfg.num_hidden_layers * block_size * cfg.kv_size() * 2
 }
@@ -68,8 +71,9 @@ impl CudaBackend {
         cfg: &ModelConfig,
         weights: &mut WeightSource,
         bc: &crate::backend::BackendConfig,
+        elem: Elem,
     ) -> Result<Self> {
-        let gpu = Gpu::new(0)?;
+        let gpu = Gpu::new(0, elem)?;
         let model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
         let sampler = DeviceSampler::new(&gpu, bc.max_num_seqs)?;
         gpu.sync()?;

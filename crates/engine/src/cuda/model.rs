@@ -4,7 +4,6 @@
 //! a step allocates nothing and can be captured in a CUDA graph.
 
 use cudarc::driver::sys::CUdeviceptr;
-use half::bf16;
 
 use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
@@ -41,7 +40,7 @@ pub struct StepShape {
     pub num_lora_segments: usize,
 }
 
-/// `y[T, N] = x[T, K] · Wᵀ (+ b)`, bf16 weights `[N, K]`.
+/// `y[T, N] = x[T, K] · Wᵀ (+ b)`, weights `[N, K]` of the element type.
 struct Linear {
     w: DevBuf,
     bias: Option<DevBuf>,
@@ -101,25 +100,21 @@ pub struct CudaModel {
     layers: Vec<Layer>,
     rope_cos: DevBuf, // [max_model_len, head_dim / 2] f32
     rope_sin: DevBuf,
-    k_cache: Vec<DevBuf>, // per layer [(num_blocks + 1) * block_size, kv_size] bf16
+    k_cache: Vec<DevBuf>, // per layer [(num_blocks + 1) * block_size, kv_size] elem
     v_cache: Vec<DevBuf>,
     arena_layout: Arena,
     arena: DevBuf,       // u32, see Arena
     hidden: DevBuf,      // [T, hidden] f32 residual stream
-    normed: DevBuf,      // [T, hidden] bf16
+    normed: DevBuf,      // [T, hidden] elem
     qkv: DevBuf,         // [T, q + 2 kv] f32
-    attn: DevBuf,        // [T, q] bf16
+    attn: DevBuf,        // [T, q] elem
     gate_up: DevBuf,     // [T, 2 * intermediate] f32
-    act: DevBuf,         // [T, intermediate] bf16
+    act: DevBuf,         // [T, intermediate] elem
     lora_tmp: DevBuf,    // [3, T, R] f32
-    last_normed: DevBuf, // [S, hidden] bf16
+    last_normed: DevBuf, // [S, hidden] elem
     att_part: DevBuf,    // [S, heads, DECODE_ATT_MAX_PARTS, head_dim + 2] f32
     att_count: DevBuf,   // [S * heads] u32, zero between steps
     logits: DevBuf,      // [S, vocab] f32
-}
-
-fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
-    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
 }
 
 /// Fills weights: from the checkpoint (widened to f32 by `WeightSource`, narrowed here), or
@@ -136,14 +131,14 @@ impl Loader<'_> {
         matches!(self.weights, WeightSource::Dummy { .. })
     }
 
-    /// Writes tensor `name` of `shape` (bf16) at `dst`.
+    /// Writes tensor `name` of `shape` (in the device's element type) at `dst`.
     fn fill(&mut self, name: &str, shape: &[usize], dst: CUdeviceptr) -> Result<()> {
         let n: usize = shape.iter().product();
         if self.is_dummy() {
             self.counter += 1;
             let grid = (n.div_ceil(256).min(65536) as u32, 1, 1);
             if name.ends_with("norm.weight") {
-                launch!(self.gpu, "fill_bf16", cfg(grid, 256), dst, n as u64, 1.0f32)
+                launch!(self.gpu, "fill", cfg(grid, 256), dst, n as u64, 1.0f32)
             } else {
                 let bound = 1.0 / (shape.last().copied().unwrap_or(1) as f32).sqrt();
                 let seed = self
@@ -151,7 +146,7 @@ impl Loader<'_> {
                     .wrapping_add(self.counter.wrapping_mul(0x2545F4914F6CDD1D));
                 launch!(
                     self.gpu,
-                    "fill_uniform_bf16",
+                    "fill_uniform",
                     cfg(grid, 256),
                     dst,
                     n as u64,
@@ -161,7 +156,7 @@ impl Loader<'_> {
             }
         } else {
             let v = self.weights.get(name, shape)?;
-            self.gpu.htod(dst, &to_bf16_bits(&v))
+            self.gpu.htod(dst, &self.gpu.elem.encode_all(&v))
         }
     }
 
@@ -578,7 +573,7 @@ impl CudaModel {
         }
     }
 
-    /// RMSNorm of `n` rows of the residual stream into `out` (bf16): row i is `rows[i]` (a
+    /// RMSNorm of `n` rows of the residual stream into `out` (elem): row i is `rows[i]` (a
     /// device `u32` array), or i where `rows` is 0. `lora` fuses a decode step's LoRA expand
     /// into it first ([`Self::fused_expand`], or [`NO_LORA`]).
     fn rms_norm(
@@ -867,7 +862,7 @@ impl CudaModel {
 
 /// `x[m, k] · W[n, k]ᵀ (+ bias)` into `y[m, ldy]` as `epi` says: the skinny GEMM (epilogue
 /// fused) for up to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
-/// [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is bf16 `[m, I]`, and the cuBLAS path
+/// [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is elem `[m, I]`, and the cuBLAS path
 /// goes through `scratch` (f32 `[m, n]`).
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
@@ -900,7 +895,7 @@ pub fn linear(
         Epilogue::Add => (y, ldy, 1.0),
         Epilogue::SiluMul => (scratch, n, 0.0),
     };
-    gpu.gemm_bf16(x, w, out, m, n, k, ld, beta)?;
+    gpu.gemm(x, w, out, m, n, k, ld, beta)?;
     if let Some(b) = bias {
         let grid = ((m * n).div_ceil(256).min(65536) as u32, 1, 1);
         launch!(

@@ -4,8 +4,8 @@
 //! once per tile of up to [`SGMV_TILE_TOKENS`] tokens instead of once per token (BGMV).
 //!
 //! Same contract and buffer layouts as the BGMV kernels in `kernels.rs` (tmp `[nsub, T, R]` f32,
-//! A `[nsub, L, R, K]`, B `[L, N, R]` bf16), so SGMV and BGMV shrink/expand can be mixed. Both
-//! kernels use bf16 tensor cores (`mma.sync m16n8k16`, f32 accumulation). The reduction index of
+//! A `[nsub, L, R, K]`, B `[L, N, R]` elem_t), so SGMV and BGMV shrink/expand can be mixed. Both
+//! kernels use bf16 or f16 tensor cores (`mma.sync m16n8k16`, f32 accumulation). The reduction index of
 //! one mma (16 logical k) is mapped to physical k so that every lane loads contiguous vectors:
 //! logical `{2q, 2q+1, 2q+8, 2q+9}` of lane `q = lane % 4` is physical `{4q .. 4q+3}` (expand)
 //! or, over two mmas, `{8q .. 8q+7}` (shrink). Any permutation of k is exact as long as both
@@ -33,21 +33,24 @@ pub const SGMV: &str = r#"
 #define SHRINK_WARPS 16
 #define EXPAND_N 256
 
-// d[16x8] += a[16x16] · b[16x8], bf16 in, f32 accumulate. Fragments (g = lane / 4, q = lane % 4):
+// d[16x8] += a[16x16] · b[16x8], elem_t in, f32 accumulate. Fragments (g = lane / 4, q = lane % 4):
 // a0 = (row g, k 2q..2q+1), a1 = (row g+8, k 2q..), a2 = (row g, k 2q+8..), a3 = (row g+8, k 2q+8..);
 // b0 = (k 2q.., col g), b1 = (k 2q+8.., col g); c0,c1 = (row g, cols 2q, 2q+1), c2,c3 = row g+8.
-__device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
+        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_ELEM "." MMA_ELEM ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ u32 pack_bf16x2(float lo_v, float hi_v) {
+__device__ __forceinline__ u32 pack2(float lo_v, float hi_v) {
     return (u32)f2e(lo_v) | ((u32)f2e(hi_v) << 16);
 }
-// The bf16 rounding residual of v, so hi + lo carries ~16 mantissa bits of an f32.
-__device__ __forceinline__ float bf_resid(float v) { return v - e2f(f2e(v)); }
+// The elem_t rounding residual of v, so hi + lo carries ~16 (bf16) or ~22 (f16) mantissa bits
+// of an f32. With f16, |v| must stay below 65504 (f16's largest finite value; tmp is a LoRA
+// shrink output, far smaller), and below f16's normal range (6.1e-5) lo loses bits, an absolute
+// error under 3e-8.
+__device__ __forceinline__ float resid(float v) { return v - e2f(f2e(v)); }
 
 // SGMV shrink: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ for the tokens t of each segment
 // (s its slot) and the nsub projections of a group sharing x. One block per (segment tile,
@@ -55,7 +58,7 @@ __device__ __forceinline__ float bf_resid(float v) { return v - e2f(f2e(v)); }
 // per 16 tokens (not per token). The block's SHRINK_WARPS warps take every SHRINK_WARPS-th
 // 32-wide K chunk (a long K is the whole cost, and prefill tiles are few) and are summed in
 // shared memory. Ranks past a projection's rank get 0 and read no weights.
-// x: [T, K] bf16 (K % 8 == 0); A: [nsub, L, R, K] bf16; ranks, scales: [nsub, L];
+// x: [T, K] elem_t (K % 8 == 0); A: [nsub, L, R, K] elem_t; ranks, scales: [nsub, L];
 // segs: [*, 3] (start, end, slot), end - start <= SGMV_TILE; num_segs: [1];
 // tmp: [nsub, T, R] f32. grid (>= num_segs, SGMV_TILE / 16, ceil(R / 16)), 32 * SHRINK_WARPS threads.
 extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) sgmv_shrink(
@@ -113,8 +116,8 @@ extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) sgmv_shrink(
 #pragma unroll
                 for (int f = 0; f < 2; f++)
                     if (f < nfz[z]) {
-                        mma_bf16(acc[z][f], xva.x, xvb.x, xva.y, xvb.y, w[z][f].x, w[z][f].y);
-                        mma_bf16(acc[z][f], xva.z, xvb.z, xva.w, xvb.w, w[z][f].z, w[z][f].w);
+                        mma_16816(acc[z][f], xva.x, xvb.x, xva.y, xvb.y, w[z][f].x, w[z][f].y);
+                        mma_16816(acc[z][f], xva.z, xvb.z, xva.w, xvb.w, w[z][f].z, w[z][f].w);
                     }
         }
     }
@@ -155,8 +158,8 @@ extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) sgmv_shrink(
 // The group's projections are concatenated along N: outputs below n1 belong to sub 0, below n2
 // to sub 1, the rest to sub 2 (as lora_expand). One block per (segment tile, EXPAND_N outputs),
 // a warp per 16-token row fragment; each B row is read once per tile. tmp enters the tensor
-// cores as bf16 hi + lo halves (two mmas), so the result keeps f32-like precision.
-// tmp: [nsub, T, R] f32; B: [L, N, R] bf16; ranks: [nsub, L]; segs, num_segs: as sgmv_shrink;
+// cores as elem_t hi + lo halves (two mmas), so the result keeps f32-like precision.
+// tmp: [nsub, T, R] f32; B: [L, N, R] elem_t; ranks: [nsub, L]; segs, num_segs: as sgmv_shrink;
 // y: [T, ldy] f32. grid (>= num_segs, ceil(N / EXPAND_N)), 128 threads.
 extern "C" __global__ void __launch_bounds__(128) sgmv_expand(
     const float* tmp, const elem_t* __restrict__ B, const int* ranks, const u32* segs, const u32* num_segs,
@@ -192,18 +195,18 @@ extern "C" __global__ void __launch_bounds__(128) sgmv_expand(
                 bool rv = rr < R;
                 float4 fa = (va && rv) ? *(const float4*)(ta + rr) : make_float4(0.f, 0.f, 0.f, 0.f);
                 float4 fb = (vb && rv) ? *(const float4*)(tb + rr) : make_float4(0.f, 0.f, 0.f, 0.f);
-                u32 h0 = pack_bf16x2(fa.x, fa.y), h1 = pack_bf16x2(fb.x, fb.y);
-                u32 h2 = pack_bf16x2(fa.z, fa.w), h3 = pack_bf16x2(fb.z, fb.w);
-                u32 l0 = pack_bf16x2(bf_resid(fa.x), bf_resid(fa.y)), l1 = pack_bf16x2(bf_resid(fb.x), bf_resid(fb.y));
-                u32 l2 = pack_bf16x2(bf_resid(fa.z), bf_resid(fa.w)), l3 = pack_bf16x2(bf_resid(fb.z), bf_resid(fb.w));
+                u32 h0 = pack2(fa.x, fa.y), h1 = pack2(fb.x, fb.y);
+                u32 h2 = pack2(fa.z, fa.w), h3 = pack2(fb.z, fb.w);
+                u32 l0 = pack2(resid(fa.x), resid(fa.y)), l1 = pack2(resid(fb.x), resid(fb.y));
+                u32 l2 = pack2(resid(fa.z), resid(fa.w)), l3 = pack2(resid(fb.z), resid(fb.w));
 #pragma unroll
                 for (int f = 0; f < 4; f++) {
                     int o = n0 + f * 8 + g;
                     int zo = o < n1 ? 0 : (o < n2 ? 1 : 2);
                     uint2 bw = (o < N && zo == z && rv) ? __ldg((const uint2*)(B + ((size_t)s * N + o) * R + rr))
                                                         : make_uint2(0, 0);
-                    mma_bf16(acc[f], h0, h1, h2, h3, bw.x, bw.y);
-                    mma_bf16(acc[f], l0, l1, l2, l3, bw.x, bw.y);
+                    mma_16816(acc[f], h0, h1, h2, h3, bw.x, bw.y);
+                    mma_16816(acc[f], l0, l1, l2, l3, bw.x, bw.y);
                 }
             }
         }
@@ -260,9 +263,9 @@ pub fn pack_lora_segments(token_lora: &[Option<LoraSlot>], segs: &mut [u32]) -> 
 /// One projection group's stacked adapter weights on the device (layouts as `LoraGroup`).
 #[derive(Debug, Clone, Copy)]
 pub struct GroupWeights {
-    /// `[nsub, L, R, K]` bf16
+    /// `[nsub, L, R, K]` elem_t
     pub a: CUdeviceptr,
-    /// `[L, N, R]` bf16
+    /// `[L, N, R]` elem_t
     pub b: CUdeviceptr,
     /// `[nsub, L]` i32
     pub ranks: CUdeviceptr,
@@ -422,7 +425,7 @@ mod tests {
         bf16::from_f32(lo).to_bits() as u32 | (bf16::from_f32(hi).to_bits() as u32) << 16
     }
 
-    /// Small integers: exact in bf16 and in f32 sums, so the check is equality.
+    /// Small integers: exact in bf16 (and f16) and in f32 sums, so the check is equality.
     fn ints(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| ((i * 7 + seed * 13) % 11) as f32 - 5.0).collect()
     }

@@ -38,7 +38,7 @@ pub enum Epilogue {
     Store,
     /// `y[m, n] += acc (+ bias)`, f32: the residual stream
     Add,
-    /// W is `[gate; up]` (2I rows): `y[m, j] = silu(gate_j) · up_j`, bf16, `j < I`
+    /// W is `[gate; up]` (2I rows): `y[m, j] = silu(gate_j) · up_j`, elem_t, `j < I`
     SiluMul,
 }
 
@@ -66,9 +66,10 @@ macro_rules! skinny_template {
 #define EPI_ADD 1
 #define EPI_SILU 2
 
-// d += a · b for one m16n8k16 tile, bf16 in, f32 accumulate.
-__device__ __forceinline__ void mma_bf16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+// d += a · b for one m16n8k16 tile, elem_t in, f32 accumulate.
+__device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_ELEM "." MMA_ELEM ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
@@ -147,10 +148,10 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
                     xa = __ldg((const uint4*)xp);
                     if (e + 32 < K) xb = __ldg((const uint4*)(xp + 32));
                 }
-                mma_bf16(acc[n], w[u][0].x, w[u][2].x, w[u][0].y, w[u][2].y, xa.x, xa.y);
-                mma_bf16(acc[n], w[u][0].z, w[u][2].z, w[u][0].w, w[u][2].w, xa.z, xa.w);
-                mma_bf16(acc[n], w[u][1].x, w[u][3].x, w[u][1].y, w[u][3].y, xb.x, xb.y);
-                mma_bf16(acc[n], w[u][1].z, w[u][3].z, w[u][1].w, w[u][3].w, xb.z, xb.w);
+                mma_16816(acc[n], w[u][0].x, w[u][2].x, w[u][0].y, w[u][2].y, xa.x, xa.y);
+                mma_16816(acc[n], w[u][0].z, w[u][2].z, w[u][0].w, w[u][2].w, xa.z, xa.w);
+                mma_16816(acc[n], w[u][1].x, w[u][3].x, w[u][1].y, w[u][3].y, xb.x, xb.y);
+                mma_16816(acc[n], w[u][1].z, w[u][3].z, w[u][1].w, w[u][3].w, xb.z, xb.w);
             }
         }
     }
