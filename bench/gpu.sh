@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU").
-#   bench/gpu.sh [check] [micro] [bench] [sweep] [pdl] [profile] [mlbench] [peer]    default: check micro bench peer
+#   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [profile] [mlbench] [peer]    default: check micro bench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench.
 # Writes logs and results under $OUT.
 set -uo pipefail
@@ -40,10 +40,11 @@ sweep)
     MULTILORA_SKINNY_MAX_M=$g "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/sweep_$g.jsonl" --batch-sizes ${SWEEP_BATCHES:-1,8,16,32} --series no-lora,distinct 2>&1 | grep -E "no-lora|distinct"
   done 2>&1 | tee "$OUT/sweep.log"
   ;;
-pdl)
-  echo "== without programmatic dependent launch (MULTILORA_PDL=0), to compare with bench"
-  MULTILORA_PDL=0 timeout 300 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$OUT/nopdl.jsonl" \
-    --batch-sizes ${PDL_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 | tee "$OUT/nopdl.log" | grep -E "no-lora|distinct"
+ab)
+  # A/B of a switch against the bench step, e.g. AB_ENV=MULTILORA_PDL=0 or MULTILORA_SIDE_STREAM=0
+  echo "== with ${AB_ENV:=MULTILORA_PDL=0}, to compare with bench"
+  env $AB_ENV timeout 300 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$WORK/ab.jsonl" \
+    --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 | tee "$OUT/ab.log" | grep -E "no-lora|distinct"
   ;;
 profile)
   echo "== per-kernel times of one eager decode step (ncu), no-LoRA and distinct, batch 1 and 32"

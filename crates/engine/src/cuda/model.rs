@@ -4,6 +4,7 @@
 //! a step allocates nothing and can be captured in a CUDA graph.
 
 use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::CudaStream;
 
 use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
@@ -480,6 +481,54 @@ impl CudaModel {
         )
     }
 
+    /// BGMV shrink of one group on `stream`: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`.
+    fn bgmv_shrink(
+        &self,
+        gpu: &Gpu,
+        stream: &CudaStream,
+        g: &LoraGroup,
+        x: CUdeviceptr,
+        t: usize,
+    ) -> Result<()> {
+        let (r, nsub) = (self.lora_rank, g.targets.len());
+        let slots = self.input(self.arena_layout.token_slot);
+        // Decode: a block per (token, rank row), its warps splitting K (more parallelism for
+        // few tokens). Prefill: a warp per row (fewer, fuller blocks).
+        let wide = t > kernels::SHRINK_WIDE_MIN_TOKENS;
+        let grid = if wide {
+            (t as u32, nsub as u32, r.div_ceil(8) as u32)
+        } else {
+            (t as u32, nsub as u32, r as u32)
+        };
+        let f = if wide { "lora_shrink_wide" } else { "lora_shrink" };
+        let (t32, k32, r32, l32) = (t as i32, g.k as i32, r as i32, self.max_loras as i32);
+        let args = [x, g.a.ptr, g.ranks.ptr, g.scales.ptr, slots, self.lora_tmp.ptr].map(KernelArg::bits);
+        let ints = [t32, k32, r32, l32].map(KernelArg::bits);
+        // SAFETY: both shrink kernels take these arguments (kernels.rs).
+        unsafe { gpu.launch_on(stream, f, cfg(grid, 256), &[args.as_slice(), &ints].concat()) }
+    }
+
+    /// A decode step's LoRA shrink for a group whose expand is fused into a later kernel. With
+    /// [`Gpu::side_stream`] it runs on the side stream beside `base` (the GEMM that reads the
+    /// same input), and the main stream waits for both; otherwise after `base`.
+    fn shrink_beside(
+        &self,
+        gpu: &Gpu,
+        g: &LoraGroup,
+        x: CUdeviceptr,
+        t: usize,
+        base: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if !gpu.side_stream {
+            base()?;
+            return self.bgmv_shrink(gpu, &gpu.stream, g, x, t);
+        }
+        gpu.fork()?;
+        self.bgmv_shrink(gpu, &gpu.side, g, x, t)?;
+        base()?;
+        gpu.join()
+    }
+
     /// LoRA shrink + expand of one group, added into `y[T, ldy]`: segmented (SGMV) for prefill
     /// and mixed steps, BGMV (a token at a time) for decode.
     #[allow(clippy::too_many_arguments)]
@@ -491,7 +540,6 @@ impl CudaModel {
         y: CUdeviceptr,
         shape: StepShape,
         ldy: usize,
-        shrink_only: bool,
     ) -> Result<()> {
         let t = shape.num_tokens;
         let r = self.lora_rank;
@@ -505,7 +553,6 @@ impl CudaModel {
             (n1, if nsub == 2 { n } else { n2 })
         };
         if shape.num_tokens > shape.num_seqs && t >= SGMV_MIN_TOKENS {
-            assert!(!shrink_only, "fused LoRA expand is a decode-step (BGMV) path");
             let w = sgmv::GroupWeights {
                 a: g.a.ptr,
                 b: g.b.ptr,
@@ -527,24 +574,8 @@ impl CudaModel {
             sgmv::shrink(gpu, &w, &segs, x, self.lora_tmp.ptr, t)?;
             return sgmv::expand(gpu, &w, &segs, self.lora_tmp.ptr, y, t, ldy);
         }
+        self.bgmv_shrink(gpu, &gpu.stream, g, x, t)?;
         let slots = self.input(self.arena_layout.token_slot);
-        // Decode: a block per (token, rank row), its warps splitting K (more parallelism for
-        // few tokens). Prefill: a warp per row (fewer, fuller blocks).
-        let wide = t > kernels::SHRINK_WIDE_MIN_TOKENS;
-        let grid = if wide {
-            (t as u32, nsub as u32, r.div_ceil(8) as u32)
-        } else {
-            (t as u32, nsub as u32, r as u32)
-        };
-        let f = if wide { "lora_shrink_wide" } else { "lora_shrink" };
-        let (t32, k32, r32, l32) = (t as i32, g.k as i32, r as i32, self.max_loras as i32);
-        let args = [x, g.a.ptr, g.ranks.ptr, g.scales.ptr, slots, self.lora_tmp.ptr].map(KernelArg::bits);
-        let ints = [t32, k32, r32, l32].map(KernelArg::bits);
-        // SAFETY: both shrink kernels take these arguments (kernels.rs).
-        unsafe { gpu.launch(f, cfg(grid, 256), &[args.as_slice(), &ints].concat()) }?;
-        if shrink_only {
-            return Ok(());
-        }
         launch!(
             gpu,
             "lora_expand",
@@ -634,27 +665,26 @@ impl CudaModel {
             if li == 0 {
                 self.rms_norm(gpu, t, 0, layer.input_layernorm.ptr, self.normed.ptr, NO_LORA)?;
             }
-            self.linear(
-                gpu,
-                &layer.qkv_proj,
-                Epilogue::Store,
-                self.normed.ptr,
-                self.qkv.ptr,
-                t,
-                qkv_n,
-            )?;
-            // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
-            let fuse_qkv_expand = lora_on(0) && t == s && layer.q_norm.is_none();
-            if lora_on(0) {
-                self.lora(
+            let qkv = || {
+                self.linear(
                     gpu,
-                    &layer.lora[0],
+                    &layer.qkv_proj,
+                    Epilogue::Store,
                     self.normed.ptr,
                     self.qkv.ptr,
-                    shape,
+                    t,
                     qkv_n,
-                    fuse_qkv_expand,
-                )?;
+                )
+            };
+            // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
+            let fuse_qkv_expand = lora_on(0) && t == s && layer.q_norm.is_none();
+            if fuse_qkv_expand {
+                self.shrink_beside(gpu, &layer.lora[0], self.normed.ptr, t, qkv)?;
+            } else {
+                qkv()?;
+                if lora_on(0) {
+                    self.lora(gpu, &layer.lora[0], self.normed.ptr, self.qkv.ptr, shape, qkv_n)?;
+                }
             }
             let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 0, fuse_qkv_expand);
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
@@ -737,27 +767,26 @@ impl CudaModel {
                 )?;
             }
             // o_proj (and its LoRA) add straight into the residual stream.
-            self.linear(
-                gpu,
-                &layer.o_proj,
-                Epilogue::Add,
-                self.attn.ptr,
-                self.hidden.ptr,
-                t,
-                h,
-            )?;
-            // Decode: the o_proj LoRA expand is fused into the norm that follows.
-            let fuse_o = lora_on(1) && t == s;
-            if lora_on(1) {
-                self.lora(
+            let o = || {
+                self.linear(
                     gpu,
-                    &layer.lora[1],
+                    &layer.o_proj,
+                    Epilogue::Add,
                     self.attn.ptr,
                     self.hidden.ptr,
-                    shape,
+                    t,
                     h,
-                    fuse_o,
-                )?;
+                )
+            };
+            // Decode: the o_proj LoRA expand is fused into the norm that follows.
+            let fuse_o = lora_on(1) && t == s;
+            if fuse_o {
+                self.shrink_beside(gpu, &layer.lora[1], self.attn.ptr, t, o)?;
+            } else {
+                o()?;
+                if lora_on(1) {
+                    self.lora(gpu, &layer.lora[1], self.attn.ptr, self.hidden.ptr, shape, h)?;
+                }
             }
             let lora = self.fused_expand(layer, 1, fuse_o);
             self.rms_norm(
@@ -786,7 +815,6 @@ impl CudaModel {
                     self.gate_up.ptr,
                     shape,
                     2 * inter,
-                    false,
                 )?;
                 let grid = ((t * inter).div_ceil(256).min(65536) as u32, 1, 1);
                 launch!(
@@ -809,27 +837,26 @@ impl CudaModel {
                     inter,
                 )?;
             }
-            self.linear(
-                gpu,
-                &layer.down_proj,
-                Epilogue::Add,
-                self.act.ptr,
-                self.hidden.ptr,
-                t,
-                h,
-            )?;
-            // Decode: the down_proj LoRA expand is fused into the next norm.
-            let fuse_down = lora_on(3) && t == s;
-            if lora_on(3) {
-                self.lora(
+            let down = || {
+                self.linear(
                     gpu,
-                    &layer.lora[3],
+                    &layer.down_proj,
+                    Epilogue::Add,
                     self.act.ptr,
                     self.hidden.ptr,
-                    shape,
+                    t,
                     h,
-                    fuse_down,
-                )?;
+                )
+            };
+            // Decode: the down_proj LoRA expand is fused into the next norm.
+            let fuse_down = lora_on(3) && t == s;
+            if fuse_down {
+                self.shrink_beside(gpu, &layer.lora[3], self.act.ptr, t, down)?;
+            } else {
+                down()?;
+                if lora_on(3) {
+                    self.lora(gpu, &layer.lora[3], self.act.ptr, self.hidden.ptr, shape, h)?;
+                }
             }
             let lora = self.fused_expand(layer, 3, fuse_down);
             // The next layer's input norm (the last layer's output norm is recomputed below on
