@@ -508,17 +508,31 @@ impl CudaModel {
         unsafe { gpu.launch_on(stream, f, cfg(grid, 256), &[args.as_slice(), &ints].concat()) }
     }
 
-    /// A decode step's LoRA shrink for a group whose expand is fused into a later kernel. With
-    /// [`Gpu::side_stream`] it runs on the side stream beside `base` (the GEMM that reads the
-    /// same input), and the main stream waits for both; otherwise after `base`.
-    fn shrink_beside(
+    /// `base` (the GEMM of LoRA group `g`'s projections, reading `x`), then the group's LoRA
+    /// into `y[T, ldy]` if it runs this step. With `fused` (a decode step whose expand a later
+    /// kernel does) only the shrink runs here: with [`Gpu::side_stream`] on the side stream,
+    /// beside `base`, and the main stream waits for both.
+    #[allow(clippy::too_many_arguments)]
+    fn with_lora(
         &self,
         gpu: &Gpu,
         g: &LoraGroup,
+        (on, fused): (bool, bool),
         x: CUdeviceptr,
-        t: usize,
+        y: CUdeviceptr,
+        ldy: usize,
+        shape: StepShape,
         base: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
+        let t = shape.num_tokens;
+        if !fused {
+            base()?;
+            return if on {
+                self.lora(gpu, g, x, y, shape, ldy)
+            } else {
+                Ok(())
+            };
+        }
         if !gpu.side_stream {
             base()?;
             return self.bgmv_shrink(gpu, &gpu.stream, g, x, t);
@@ -678,14 +692,16 @@ impl CudaModel {
             };
             // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
             let fuse_qkv_expand = lora_on(0) && t == s && layer.q_norm.is_none();
-            if fuse_qkv_expand {
-                self.shrink_beside(gpu, &layer.lora[0], self.normed.ptr, t, qkv)?;
-            } else {
-                qkv()?;
-                if lora_on(0) {
-                    self.lora(gpu, &layer.lora[0], self.normed.ptr, self.qkv.ptr, shape, qkv_n)?;
-                }
-            }
+            self.with_lora(
+                gpu,
+                &layer.lora[0],
+                (lora_on(0), fuse_qkv_expand),
+                self.normed.ptr,
+                self.qkv.ptr,
+                qkv_n,
+                shape,
+                qkv,
+            )?;
             let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 0, fuse_qkv_expand);
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 launch!(
@@ -780,14 +796,16 @@ impl CudaModel {
             };
             // Decode: the o_proj LoRA expand is fused into the norm that follows.
             let fuse_o = lora_on(1) && t == s;
-            if fuse_o {
-                self.shrink_beside(gpu, &layer.lora[1], self.attn.ptr, t, o)?;
-            } else {
-                o()?;
-                if lora_on(1) {
-                    self.lora(gpu, &layer.lora[1], self.attn.ptr, self.hidden.ptr, shape, h)?;
-                }
-            }
+            self.with_lora(
+                gpu,
+                &layer.lora[1],
+                (lora_on(1), fuse_o),
+                self.attn.ptr,
+                self.hidden.ptr,
+                h,
+                shape,
+                o,
+            )?;
             let lora = self.fused_expand(layer, 1, fuse_o);
             self.rms_norm(
                 gpu,
@@ -850,14 +868,16 @@ impl CudaModel {
             };
             // Decode: the down_proj LoRA expand is fused into the next norm.
             let fuse_down = lora_on(3) && t == s;
-            if fuse_down {
-                self.shrink_beside(gpu, &layer.lora[3], self.act.ptr, t, down)?;
-            } else {
-                down()?;
-                if lora_on(3) {
-                    self.lora(gpu, &layer.lora[3], self.act.ptr, self.hidden.ptr, shape, h)?;
-                }
-            }
+            self.with_lora(
+                gpu,
+                &layer.lora[3],
+                (lora_on(3), fuse_down),
+                self.act.ptr,
+                self.hidden.ptr,
+                h,
+                shape,
+                down,
+            )?;
             let lora = self.fused_expand(layer, 3, fuse_down);
             // The next layer's input norm (the last layer's output norm is recomputed below on
             // the rows that need logits).
