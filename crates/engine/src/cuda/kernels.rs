@@ -376,7 +376,6 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     const float* qkv, int ld, elem_t* out, const elem_t* k_cache, const elem_t* v_cache, const u32* positions,
     const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd, float scale, float* part,
     u32* counters) {
-    pdl_begin();
     int s = blockIdx.x, h = blockIdx.y, p = blockIdx.z;
     int lpk = hd >> 3, grp = threadIdx.x / lpk, sub = threadIdx.x % lpk, ngrp = DA_THREADS / lpk;
     int kvh = h / (nh / nkv), kvs = nkv * hd;
@@ -384,26 +383,18 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
     int parts = min((int)gridDim.z, DA_MAX_PARTS);
     int per = max((ctx + parts - 1) / parts, DA_MIN_PART);
     int P = (ctx + per - 1) / per;
+    pdl_trigger();
     if (p >= P) return;
     int k0 = p * per, k1 = min(ctx, k0 + per);
-    const float* q = qkv + (size_t)s * ld + (size_t)h * hd + sub * 8;
-    float qr[8], acc[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        qr[i] = q[i] * scale;
-        acc[i] = 0.f;
-    }
     const u32* table = block_tables + (size_t)s * max_blocks;
     size_t off = (size_t)kvh * hd + sub * 8;
-    float m = -INFINITY, l = 0.f;
-    // Trip counts are the same for every lane: the shuffles below need the whole warp.
-    for (int base0 = k0; base0 < k1; base0 += ngrp * DA_DEPTH) {
-        int base = base0 + grp;
-        uint4 kv[DA_DEPTH], vv[DA_DEPTH];
+    uint4 kv[DA_DEPTH], vv[DA_DEPTH];
+    // Keys and values of position `pos` (zeros past the part), unless it is `skip`.
+    auto load = [&](int base, int skip) {
 #pragma unroll
         for (int u = 0; u < DA_DEPTH; u++) {
             int pos = base + u * ngrp;
-            if (pos < k1) {
+            if (pos < k1 && pos != skip) {
                 size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
                 kv[u] = __ldg((const uint4*)(k_cache + slot * kvs + off));
                 vv[u] = __ldg((const uint4*)(v_cache + slot * kvs + off));
@@ -411,6 +402,33 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
                 kv[u] = vv[u] = make_uint4(0, 0, 0, 0);
             }
         }
+    };
+    // Positions and block tables are step inputs, and the cache before the new token was
+    // written by earlier steps: the first keys are loaded while the kernel ahead (RoPE, which
+    // writes the new token's K/V) drains; the new token's own K/V after waiting for it.
+    load(k0 + grp, ctx - 1);
+    pdl_wait();
+#pragma unroll
+    for (int u = 0; u < DA_DEPTH; u++) {
+        int pos = k0 + grp + u * ngrp;
+        if (pos == ctx - 1) {
+            size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
+            kv[u] = __ldg((const uint4*)(k_cache + slot * kvs + off));
+            vv[u] = __ldg((const uint4*)(v_cache + slot * kvs + off));
+        }
+    }
+    const float* q = qkv + (size_t)s * ld + (size_t)h * hd + sub * 8;
+    float qr[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        qr[i] = q[i] * scale;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    // Trip counts are the same for every lane: the shuffles below need the whole warp.
+    for (int base0 = k0; base0 < k1; base0 += ngrp * DA_DEPTH) {
+        int base = base0 + grp;
+        if (base0 != k0) load(base, -1);
 #pragma unroll
         for (int u = 0; u < DA_DEPTH; u++) {
             const u32* kw = (const u32*)&kv[u];
@@ -566,43 +584,70 @@ extern "C" __global__ void lora_shrink_wide(const elem_t* __restrict__ x, const 
 
 // BGMV shrink, every token its own adapter: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ with
 // s = tok_slot[t], for the nsub projections of a group that share the input x (q/k/v, gate/up).
-// One block per (token, projection, rank row): its warps split K. Rows r >= rank (or tokens
-// without adapter) write 0 and read no weights, so a small adapter does not pay max rank.
+// One block per (token, projection, SHRINK_ROWS rank rows): its threads split K, and each x
+// vector serves the block's rows. Rows r >= rank (or tokens without adapter) write 0 and read
+// no weights, so a small adapter does not pay max rank. The slot table and A are written before
+// the step, so the first SHRINK_PRE vectors of each row are loaded before waiting on the kernel
+// ahead (programmatic dependent launch): for K <= 256 * 8 * SHRINK_PRE the whole of A is in
+// flight while that kernel drains, and the block's critical path is x and the reduction.
 // x: [T, K] elem_t; A: [nsub, L, R, K] elem_t; ranks: [nsub, L]; scales: [nsub, L];
-// tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, R), 256 threads.
-#define SHRINK_PRE 4
-extern "C" __global__ void lora_shrink(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
-                                       const int* ranks, const float* scales, const int* tok_slot, float* tmp,
-                                       int T, int K, int R, int L) {
-    int t = blockIdx.x, z = blockIdx.y, r = blockIdx.z;
+// tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, ceil(R / SHRINK_ROWS)), 256 threads.
+#define SHRINK_ROWS 4
+#define SHRINK_PRE 2
+extern "C" __global__ void __launch_bounds__(256) lora_shrink(const elem_t* __restrict__ x,
+                                                              const elem_t* __restrict__ A, const int* ranks,
+                                                              const float* scales, const int* tok_slot, float* tmp,
+                                                              int T, int K, int R, int L) {
+    int t = blockIdx.x, z = blockIdx.y, r0 = blockIdx.z * SHRINK_ROWS;
     int s = tok_slot[t];
-    bool on = s >= 0 && r < ranks[z * L + s];
+    int rank = s >= 0 ? ranks[z * L + s] : 0;
     int K8 = K >> 3;
-    const uint4* a = (const uint4*)(A + (((size_t)z * L + (on ? s : 0)) * R + r) * K);
-    // The slot table and A are written before the step: load the first SHRINK_PRE vectors of
-    // the row while the previous kernel drains, then wait for x.
-    uint4 pre[SHRINK_PRE];
+    const uint4* a = (const uint4*)(A + (((size_t)z * L + (s >= 0 ? s : 0)) * R + r0) * K);
+    uint4 pre[SHRINK_ROWS][SHRINK_PRE];
 #pragma unroll
-    for (int j = 0; j < SHRINK_PRE; j++) {
-        int k = threadIdx.x + j * blockDim.x;
-        pre[j] = on && k < K8 ? __ldg(a + k) : make_uint4(0, 0, 0, 0);
-    }
+    for (int i = 0; i < SHRINK_ROWS; i++)
+#pragma unroll
+        for (int j = 0; j < SHRINK_PRE; j++) {
+            int k = threadIdx.x + j * blockDim.x;
+            pre[i][j] = r0 + i < rank && k < K8 ? __ldg(a + (size_t)i * K8 + k) : make_uint4(0, 0, 0, 0);
+        }
     pdl_begin();
-    float* o = tmp + ((size_t)z * T + t) * R + r;
-    if (!on) {
-        if (threadIdx.x == 0) *o = 0.f;
-        return;
-    }
-    const uint4* xr = (const uint4*)(x + (size_t)t * K);
-    float acc = 0.f;
+    float acc[SHRINK_ROWS];
 #pragma unroll
-    for (int j = 0; j < SHRINK_PRE; j++) {
-        int k = threadIdx.x + j * blockDim.x;
-        if (k < K8) acc += dot8(pre[j], __ldg(xr + k));
+    for (int i = 0; i < SHRINK_ROWS; i++) acc[i] = 0.f;
+    if (r0 < rank) {
+        const uint4* xr = (const uint4*)(x + (size_t)t * K);
+#pragma unroll
+        for (int j = 0; j < SHRINK_PRE; j++) {
+            int k = threadIdx.x + j * blockDim.x;
+            if (k < K8) {
+                uint4 xv = __ldg(xr + k);
+#pragma unroll
+                for (int i = 0; i < SHRINK_ROWS; i++) acc[i] += dot8(pre[i][j], xv);
+            }
+        }
+        for (int k = threadIdx.x + SHRINK_PRE * blockDim.x; k < K8; k += blockDim.x) {
+            uint4 xv = __ldg(xr + k);
+#pragma unroll
+            for (int i = 0; i < SHRINK_ROWS; i++)
+                if (r0 + i < rank) acc[i] += dot8(__ldg(a + (size_t)i * K8 + k), xv);
+        }
     }
-    for (int k = threadIdx.x + SHRINK_PRE * blockDim.x; k < K8; k += blockDim.x) acc += dot8(__ldg(a + k), __ldg(xr + k));
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) *o = acc * scales[z * L + s];
+    // Sum each row over the block: warps first, then one warp over the warps' partials.
+    __shared__ float part[SHRINK_ROWS][8];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < SHRINK_ROWS; i++) {
+        float v = warp_sum(acc[i]);
+        if (lane == 0) part[i][warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < SHRINK_ROWS && r0 + (int)threadIdx.x < R) {
+        int i = threadIdx.x;
+        float v = 0.f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) v += part[i][w];
+        tmp[((size_t)z * T + t) * R + r0 + i] = r0 + i < rank ? v * scales[z * L + s] : 0.f;
+    }
 }
 
 // BGMV expand: y[t, o] += tmp[z(o), t, :rank] · B[s, o, :rank], s = tok_slot[t]. The group's
@@ -645,6 +690,8 @@ const CORE_NAMES: &[&str] = &[
 
 /// Token counts above which `lora_shrink_wide` replaces `lora_shrink` (prefill).
 pub const SHRINK_WIDE_MIN_TOKENS: usize = 64;
+/// Rank rows one `lora_shrink` block computes (`#define SHRINK_ROWS` in [`CORE`]).
+pub const SHRINK_ROWS: usize = 4;
 /// Largest head_dim the attention kernel takes (`32 * MAX_DPL`).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Threads of an attention block (`ATT_WARPS * 32`).
@@ -653,3 +700,23 @@ pub const ATT_THREADS: u32 = 256;
 pub const DECODE_ATT_THREADS: u32 = 128;
 /// Most context parts `decode_attention` splits one (sequence, head) into (`DA_MAX_PARTS`).
 pub const DECODE_ATT_MAX_PARTS: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's copies of kernel sizes match the `#define`s the kernels are built with.
+    #[test]
+    fn host_constants_match_the_kernel_defines() {
+        for (name, v) in [
+            ("SHRINK_ROWS", SHRINK_ROWS),
+            ("DA_THREADS", DECODE_ATT_THREADS as usize),
+            ("DA_MAX_PARTS", DECODE_ATT_MAX_PARTS),
+            ("ATT_WARPS", ATT_THREADS as usize / 32),
+            ("MAX_DPL", MAX_HEAD_DIM / 32),
+        ] {
+            let line = format!("#define {name} {v}\n");
+            assert!(CORE.contains(&line), "kernels.rs: CORE lacks `{}`", line.trim());
+        }
+    }
+}

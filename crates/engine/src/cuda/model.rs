@@ -492,13 +492,13 @@ impl CudaModel {
     ) -> Result<()> {
         let (r, nsub) = (self.lora_rank, g.targets.len());
         let slots = self.input(self.arena_layout.token_slot);
-        // Decode: a block per (token, rank row), its warps splitting K (more parallelism for
-        // few tokens). Prefill: a warp per row (fewer, fuller blocks).
+        // Decode: a block per (token, SHRINK_ROWS rank rows), its threads splitting K (more
+        // parallelism for few tokens). Prefill: a warp per row (fewer, fuller blocks).
         let wide = t > kernels::SHRINK_WIDE_MIN_TOKENS;
         let grid = if wide {
             (t as u32, nsub as u32, r.div_ceil(8) as u32)
         } else {
-            (t as u32, nsub as u32, r as u32)
+            (t as u32, nsub as u32, r.div_ceil(kernels::SHRINK_ROWS) as u32)
         };
         let f = if wide { "lora_shrink_wide" } else { "lora_shrink" };
         let (t32, k32, r32, l32) = (t as i32, g.k as i32, r as i32, self.max_loras as i32);
@@ -509,14 +509,14 @@ impl CudaModel {
     }
 
     /// `base` (the GEMM of LoRA group `g`'s projections, reading `x`), then the group's LoRA
-    /// into `y[T, ldy]` if it runs this step. With `fused` (a decode step whose expand a later
+    /// into `y[T, ldy]` if it runs this step (`on`). With `fused` (a decode step whose expand a later
     /// kernel does) only the shrink runs here: with [`Gpu::side_stream`] on the side stream,
     /// beside `base`, and the main stream waits for both.
     #[allow(clippy::too_many_arguments)]
     fn with_lora(
         &self,
         gpu: &Gpu,
-        g: &LoraGroup,
+        g: Option<&LoraGroup>,
         (on, fused): (bool, bool),
         x: CUdeviceptr,
         y: CUdeviceptr,
@@ -525,13 +525,13 @@ impl CudaModel {
         base: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         let t = shape.num_tokens;
+        // An engine without LoRA has no groups.
+        let Some(g) = g.filter(|_| on) else {
+            return base();
+        };
         if !fused {
             base()?;
-            return if on {
-                self.lora(gpu, g, x, y, shape, ldy)
-            } else {
-                Ok(())
-            };
+            return self.lora(gpu, g, x, y, shape, ldy);
         }
         if !gpu.side_stream {
             base()?;
@@ -694,7 +694,7 @@ impl CudaModel {
             let fuse_qkv_expand = lora_on(0) && t == s && layer.q_norm.is_none();
             self.with_lora(
                 gpu,
-                &layer.lora[0],
+                layer.lora.first(),
                 (lora_on(0), fuse_qkv_expand),
                 self.normed.ptr,
                 self.qkv.ptr,
@@ -798,7 +798,7 @@ impl CudaModel {
             let fuse_o = lora_on(1) && t == s;
             self.with_lora(
                 gpu,
-                &layer.lora[1],
+                layer.lora.get(1),
                 (lora_on(1), fuse_o),
                 self.attn.ptr,
                 self.hidden.ptr,
@@ -870,7 +870,7 @@ impl CudaModel {
             let fuse_down = lora_on(3) && t == s;
             self.with_lora(
                 gpu,
-                &layer.lora[3],
+                layer.lora.get(3),
                 (lora_on(3), fuse_down),
                 self.act.ptr,
                 self.hidden.ptr,
