@@ -174,19 +174,35 @@ extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* 
 
 // One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the
 // slot's B row for this output, elem_t, 16-byte aligned, zero-padded to a multiple of 8).
+__device__ __forceinline__ float dot8f(const float* tr, uint4 bv, float acc) {
+    acc = fmaf(tr[0], lo(bv.x), acc);
+    acc = fmaf(tr[1], hi(bv.x), acc);
+    acc = fmaf(tr[2], lo(bv.y), acc);
+    acc = fmaf(tr[3], hi(bv.y), acc);
+    acc = fmaf(tr[4], lo(bv.z), acc);
+    acc = fmaf(tr[5], hi(bv.z), acc);
+    acc = fmaf(tr[6], lo(bv.w), acc);
+    return fmaf(tr[7], hi(bv.w), acc);
+}
 __device__ __forceinline__ float lora_dot(const float* tr, const elem_t* b, int rank) {
     float acc = 0.f;
-    for (int r8 = 0; r8 < rank; r8 += 8) {
-        uint4 bv = __ldg((const uint4*)(b + r8));
-        acc = fmaf(tr[r8 + 0], lo(bv.x), acc);
-        acc = fmaf(tr[r8 + 1], hi(bv.x), acc);
-        acc = fmaf(tr[r8 + 2], lo(bv.y), acc);
-        acc = fmaf(tr[r8 + 3], hi(bv.y), acc);
-        acc = fmaf(tr[r8 + 4], lo(bv.z), acc);
-        acc = fmaf(tr[r8 + 5], hi(bv.z), acc);
-        acc = fmaf(tr[r8 + 6], lo(bv.w), acc);
-        acc = fmaf(tr[r8 + 7], hi(bv.w), acc);
-    }
+    for (int r8 = 0; r8 < rank; r8 += 8) acc = dot8f(tr + r8, __ldg((const uint4*)(b + r8)), acc);
+    return acc;
+}
+// The first two chunks of a B row, loaded ahead (before the PDL wait: B and the slot table are
+// set before the step), and lora_dot over them and the rest of the row.
+struct BPre {
+    uint4 c0, c1;
+};
+__device__ __forceinline__ BPre lora_pre(const elem_t* b, int rank) {
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    return BPre{rank > 0 ? __ldg((const uint4*)b) : z, rank > 8 ? __ldg((const uint4*)(b + 8)) : z};
+}
+__device__ __forceinline__ float lora_dot_pre(const float* tr, BPre p, const elem_t* b, int rank) {
+    float acc = 0.f;
+    if (rank > 0) acc = dot8f(tr, p.c0, acc);
+    if (rank > 8) acc = dot8f(tr + 8, p.c1, acc);
+    for (int r8 = 16; r8 < rank; r8 += 8) acc = dot8f(tr + r8, __ldg((const uint4*)(b + r8)), acc);
     return acc;
 }
 
@@ -195,25 +211,49 @@ __device__ __forceinline__ float lora_dot(const float* tr, const elem_t* b, int 
 // With lora_tmp set (decode), the LoRA expand of the projection that just added into the
 // residual stream (o_proj or down_proj, one target) is added into it first, as lora_expand
 // would: lora_tmp [T, R] from lora_shrink, B [L, H, R], ranks [L], tok_slot [T].
+#define NORM_PRE 4
 extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const elem_t* w, elem_t* out, int H,
                                         float eps, const float* lora_tmp, const elem_t* B, const int* ranks,
                                         const int* tok_slot, int R) {
-    pdl_begin();
     int r = rows ? (int)rows[blockIdx.x] : (int)blockIdx.x;
-    float* x = hidden + (size_t)r * H;
     int rank = 0;
-    const float* tr = 0;
     const elem_t* b = 0;
     if (lora_tmp) {
         int sl = tok_slot[r];
         if (sl >= 0) {
             rank = ranks[sl];
-            tr = lora_tmp + (size_t)r * R;
             b = B + (size_t)sl * H * R;
         }
     }
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    // Rows, slots, the norm weight and B are set before the step: this thread's first NORM_PRE
+    // weights and B rows are loaded while the kernel ahead drains.
+    elem_t wp[NORM_PRE];
+    BPre bp[NORM_PRE];
+#pragma unroll
+    for (int e = 0; e < NORM_PRE; e++) {
+        int i = threadIdx.x + e * blockDim.x;
+        wp[e] = i < H ? w[i] : (elem_t)0;
+        bp[e] = lora_pre(b + (size_t)i * R, i < H ? rank : 0);
+    }
+    pdl_begin();
+    float* x = hidden + (size_t)r * H;
+    const float* tr = lora_tmp + (size_t)r * R;
+    float xv[NORM_PRE], ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < NORM_PRE; e++) {
+        int i = threadIdx.x + e * blockDim.x;
+        xv[e] = 0.f;
+        if (i < H) {
+            float v = x[i];
+            if (rank) {
+                v += lora_dot_pre(tr, bp[e], b + (size_t)i * R, rank);
+                x[i] = v;
+            }
+            xv[e] = v;
+            ss += v * v;
+        }
+    }
+    for (int i = threadIdx.x + NORM_PRE * blockDim.x; i < H; i += blockDim.x) {
         float v = x[i];
         if (rank) {
             v += lora_dot(tr, b + (size_t)i * R, rank);
@@ -224,7 +264,12 @@ extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const el
     ss = block_sum(ss);
     float inv = rsqrtf(ss / (float)H + eps);
     elem_t* o = out + (size_t)blockIdx.x * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = f2e(e2f(w[i]) * (x[i] * inv));
+#pragma unroll
+    for (int e = 0; e < NORM_PRE; e++) {
+        int i = threadIdx.x + e * blockDim.x;
+        if (i < H) o[i] = f2e(e2f(wp[e]) * (xv[e] * inv));
+    }
+    for (int i = threadIdx.x + NORM_PRE * blockDim.x; i < H; i += blockDim.x) o[i] = f2e(e2f(w[i]) * (x[i] * inv));
 }
 
 // Qwen3's per-head RMSNorm of q and k, in place. qkv: [T, ld] f32 with q heads then k heads.
@@ -252,26 +297,38 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
                                          elem_t* k_cache, elem_t* v_cache, const float* lora_tmp,
                                          const elem_t* B, const int* ranks, const int* tok_slot, int T, int R,
                                          int L) {
-    pdl_begin();
     int t = blockIdx.x, h = blockIdx.y, half = hd / 2, kvs = nkv * hd;
-    float* x = qkv + (size_t)t * ld + (size_t)h * hd;
-    size_t slot = slot_mapping[t];
+    bool is_v = h >= nh + nkv;
     // This head's LoRA: projection z (q, k or v), the token's slot and rank.
-    int z = h < nh ? 0 : (h < nh + nkv ? 1 : 2), rank = 0;
-    const float* tr = 0;
+    int z = h < nh ? 0 : (is_v ? 2 : 1), rank = 0;
     const elem_t* b = 0;
     if (lora_tmp) {
         int sl = tok_slot[t];
         if (sl >= 0) {
             rank = ranks[z * L + sl];
-            tr = lora_tmp + ((size_t)z * T + t) * R;
             b = B + ((size_t)sl * ld + (size_t)h * hd) * R;
         }
     }
-    if (h >= nh + nkv) {
+    // B is set before the step: the rows of this thread's first two outputs (j and j + half,
+    // or i and i + blockDim for v) are loaded while the kernel ahead drains.
+    int e0 = threadIdx.x, e1 = e0 + (is_v ? (int)blockDim.x : half);
+    bool first = is_v ? e0 < hd : e0 < half;
+    BPre p0 = lora_pre(b + (size_t)e0 * R, first ? rank : 0);
+    BPre p1 = lora_pre(b + (size_t)e1 * R, first && e1 < hd ? rank : 0);
+    pdl_begin();
+    float* x = qkv + (size_t)t * ld + (size_t)h * hd;
+    size_t slot = slot_mapping[t];
+    const float* tr = lora_tmp + ((size_t)z * T + t) * R;
+    // The LoRA term of output e (rank > 0): preloaded rows for the first two, read here for
+    // the rest.
+    auto delta = [&](int e) {
+        if (e == e0) return lora_dot_pre(tr, p0, b + (size_t)e * R, rank);
+        if (e == e1) return lora_dot_pre(tr, p1, b + (size_t)e * R, rank);
+        return lora_dot(tr, b + (size_t)e * R, rank);
+    };
+    if (is_v) {
         elem_t* v = v_cache + slot * kvs + (size_t)(h - nh - nkv) * hd;
-        for (int i = threadIdx.x; i < hd; i += blockDim.x)
-            v[i] = f2e(x[i] + (rank ? lora_dot(tr, b + (size_t)i * R, rank) : 0.f));
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] = f2e(rank ? x[i] + delta(i) : x[i]);
         return;
     }
     u32 p = positions[t];
@@ -280,8 +337,8 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         float a = x[j], bb = x[j + half];
         if (rank) {
-            a += lora_dot(tr, b + (size_t)j * R, rank);
-            bb += lora_dot(tr, b + (size_t)(j + half) * R, rank);
+            a += delta(j);
+            bb += delta(j + half);
         }
         float ra = a * c[j] - bb * s[j], rb = bb * c[j] + a * s[j];
         if (h < nh) {
