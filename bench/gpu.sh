@@ -41,7 +41,7 @@ sweep)
   done 2>&1 | tee "$OUT/sweep.log"
   ;;
 ab)
-  # A/B of a switch against the bench step, e.g. AB_ENV=MULTILORA_PDL=0 or MULTILORA_SIDE_STREAM=0
+  # A/B of a switch against the bench step, e.g. AB_ENV=MULTILORA_PDL=0 or MULTILORA_SKINNY_MAX_M=1
   echo "== with ${AB_ENV:=MULTILORA_PDL=0}, to compare with bench"
   env $AB_ENV timeout 300 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$WORK/ab.jsonl" \
     --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 | tee "$OUT/ab.log" | grep -E "no-lora|distinct"

@@ -73,13 +73,6 @@ impl DevBuf {
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    /// A second stream for work that can run beside the main stream's ([`Gpu::fork`]).
-    pub side: Arc<CudaStream>,
-    fork_event: CudaEvent,
-    join_event: CudaEvent,
-    /// Run the decode LoRA shrink on [`Gpu::side`], beside the base GEMM that reads the same
-    /// input (`MULTILORA_SIDE_STREAM=0` keeps everything on one stream, to measure it).
-    pub side_stream: bool,
     pub blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
     /// NVRTC target, e.g. `compute_90a`
@@ -120,12 +113,6 @@ impl Gpu {
         // SAFETY: no buffers exist yet; we manage ordering ourselves with one stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
-        let side = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
-        let sync_event = || {
-            ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
-                .map_err(|e| cuda_err("creating an event", e))
-        };
-        let (fork_event, join_event) = (sync_event()?, sync_event()?);
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let (major, minor) = ctx
             .compute_capability()
@@ -143,10 +130,6 @@ impl Gpu {
         let mut gpu = Gpu {
             ctx,
             stream,
-            side,
-            fork_event,
-            join_event,
-            side_stream: std::env::var("MULTILORA_SIDE_STREAM").map_or(true, |v| v != "0"),
             blas,
             funcs: HashMap::new(),
             arch,
@@ -251,21 +234,6 @@ impl Gpu {
     /// `args` must match the kernel's parameters in number and type, and every pointer among
     /// them must address a live buffer of the shape the kernel reads or writes.
     pub unsafe fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[u64]) -> Result<()> {
-        // SAFETY: as this function's.
-        unsafe { self.launch_on(&self.stream, name, cfg, args) }
-    }
-
-    /// [`Gpu::launch`] on a given stream (the main one or [`Gpu::side`]).
-    ///
-    /// # Safety
-    /// As [`Gpu::launch`].
-    pub unsafe fn launch_on(
-        &self,
-        stream: &CudaStream,
-        name: &'static str,
-        cfg: LaunchConfig,
-        args: &[u64],
-    ) -> Result<()> {
         const MAX_ARGS: usize = 24;
         assert!(
             args.len() <= MAX_ARGS,
@@ -287,7 +255,7 @@ impl Gpu {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: stream.cu_stream(),
+            hStream: self.stream.cu_stream(),
             attrs: &mut attr,
             numAttrs: u32::from(self.pdl),
         };
@@ -304,24 +272,6 @@ impl Gpu {
         }
         .result()
         .map_err(|e| cuda_err(&format!("launching {name}"), e))
-    }
-
-    /// Opens a branch: what is enqueued on [`Gpu::side`] from now on runs after everything
-    /// enqueued so far on the main stream, alongside what follows there, until [`Gpu::join`].
-    /// Both are stream-ordered, so a captured graph gets the same fork and join.
-    pub fn fork(&self) -> Result<()> {
-        self.fork_event
-            .record(&self.stream)
-            .and_then(|_| self.side.wait(&self.fork_event))
-            .map_err(|e| cuda_err("forking to the side stream", e))
-    }
-
-    /// Closes a branch: what follows on the main stream waits for the side stream's work.
-    pub fn join(&self) -> Result<()> {
-        self.join_event
-            .record(&self.side)
-            .and_then(|_| self.stream.wait(&self.join_event))
-            .map_err(|e| cuda_err("joining the side stream", e))
     }
 
     /// `y[M, ldy] (f32) = x[M, K] · W[N, K]ᵀ + beta · y` with x and W of type `elem`, through

@@ -4,7 +4,6 @@
 //! a step allocates nothing and can be captured in a CUDA graph.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::CudaStream;
 
 use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
@@ -481,15 +480,8 @@ impl CudaModel {
         )
     }
 
-    /// BGMV shrink of one group on `stream`: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`.
-    fn bgmv_shrink(
-        &self,
-        gpu: &Gpu,
-        stream: &CudaStream,
-        g: &LoraGroup,
-        x: CUdeviceptr,
-        t: usize,
-    ) -> Result<()> {
+    /// BGMV shrink of one group: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`.
+    fn bgmv_shrink(&self, gpu: &Gpu, g: &LoraGroup, x: CUdeviceptr, t: usize) -> Result<()> {
         let (r, nsub) = (self.lora_rank, g.targets.len());
         let slots = self.input(self.arena_layout.token_slot);
         // Decode: a block per (token, SHRINK_ROWS rank rows), its threads splitting K (more
@@ -505,13 +497,12 @@ impl CudaModel {
         let args = [x, g.a.ptr, g.ranks.ptr, g.scales.ptr, slots, self.lora_tmp.ptr].map(KernelArg::bits);
         let ints = [t32, k32, r32, l32].map(KernelArg::bits);
         // SAFETY: both shrink kernels take these arguments (kernels.rs).
-        unsafe { gpu.launch_on(stream, f, cfg(grid, 256), &[args.as_slice(), &ints].concat()) }
+        unsafe { gpu.launch(f, cfg(grid, 256), &[args.as_slice(), &ints].concat()) }
     }
 
     /// `base` (the GEMM of LoRA group `g`'s projections, reading `x`), then the group's LoRA
-    /// into `y[T, ldy]` if it runs this step (`on`). With `fused` (a decode step whose expand a later
-    /// kernel does) only the shrink runs here: with [`Gpu::side_stream`] on the side stream,
-    /// beside `base`, and the main stream waits for both.
+    /// into `y[T, ldy]` if it runs this step (`on`). With `fused` (a decode step whose expand a
+    /// later kernel does) only the shrink runs here.
     #[allow(clippy::too_many_arguments)]
     fn with_lora(
         &self,
@@ -524,23 +515,13 @@ impl CudaModel {
         shape: StepShape,
         base: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
-        let t = shape.num_tokens;
-        // An engine without LoRA has no groups.
-        let Some(g) = g.filter(|_| on) else {
-            return base();
-        };
-        if !fused {
-            base()?;
-            return self.lora(gpu, g, x, y, shape, ldy);
-        }
-        if !gpu.side_stream {
-            base()?;
-            return self.bgmv_shrink(gpu, &gpu.stream, g, x, t);
-        }
-        gpu.fork()?;
-        self.bgmv_shrink(gpu, &gpu.side, g, x, t)?;
         base()?;
-        gpu.join()
+        // An engine without LoRA has no groups.
+        match g.filter(|_| on) {
+            Some(g) if fused => self.bgmv_shrink(gpu, g, x, shape.num_tokens),
+            Some(g) => self.lora(gpu, g, x, y, shape, ldy),
+            None => Ok(()),
+        }
     }
 
     /// LoRA shrink + expand of one group, added into `y[T, ldy]`: segmented (SGMV) for prefill
@@ -588,7 +569,7 @@ impl CudaModel {
             sgmv::shrink(gpu, &w, &segs, x, self.lora_tmp.ptr, t)?;
             return sgmv::expand(gpu, &w, &segs, self.lora_tmp.ptr, y, t, ldy);
         }
-        self.bgmv_shrink(gpu, &gpu.stream, g, x, t)?;
+        self.bgmv_shrink(gpu, g, x, t)?;
         let slots = self.input(self.arena_layout.token_slot);
         launch!(
             gpu,
