@@ -3,8 +3,11 @@
 //! ([`elem::Elem`], the engine's resolved dtype), f32 residual stream and accumulation.
 //!
 //! Libraries (driver, NVRTC, cuBLAS) are loaded at run time, so this compiles and its tests run
-//! on machines without CUDA; asking for it there is an error, never a panic. One-token steps use
-//! our tensor-core skinny GEMM ([`skinny`], the next elementwise op fused), larger ones cuBLAS.
+//! on machines without CUDA; asking for it there is an error, never a panic. Steps of up to 8
+//! tokens use our tensor-core skinny GEMM ([`skinny`], the next elementwise op fused), larger
+//! ones cuBLAS. Every kernel of ours is launched with programmatic dependent launch
+//! ([`gpu::Gpu::launch`]): it may start while the kernel ahead drains, and loads what does not
+//! depend on that kernel (weights, adapter rows, cached keys) before waiting for it.
 //! LoRA is one shrink and one expand per projection group for any mix of adapters: BGMV for
 //! decode (the expand fused into RoPE and RMSNorm), segmented SGMV for long prefills. Decode
 //! steps are captured once per batch-size bucket as CUDA graphs (unless `enforce_eager`) over
