@@ -747,7 +747,7 @@ const CORE_NAMES: &[&str] = &[
 
 /// Token counts above which `lora_shrink_wide` replaces `lora_shrink` (prefill).
 pub const SHRINK_WIDE_MIN_TOKENS: usize = 64;
-/// Rank rows one `lora_shrink` block computes (`#define SHRINK_ROWS` in [`CORE`]).
+/// Rank rows one `lora_shrink` block computes (`#define SHRINK_ROWS` in the core kernels).
 pub const SHRINK_ROWS: usize = 4;
 /// Largest head_dim the attention kernel takes (`32 * MAX_DPL`).
 pub const MAX_HEAD_DIM: usize = 256;
