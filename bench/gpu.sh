@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU").
-#   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [profile] [mlbench] [peer]    default: check micro bench peer
+#   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [profile] [mlbench] [peer]    default: check micro bench mlbench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench.
 # Writes logs and results under $OUT.
 set -uo pipefail
@@ -11,7 +11,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRAR
 export MULTILORA_CACHE_DIR=${MULTILORA_CACHE_DIR:-/tmp/multilora-cache}
 WORK=${WORK:-/tmp/multilora-work}
 mkdir -p "$WORK"
-steps=${*:-check micro bench peer}
+steps=${*:-check micro bench mlbench peer}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 
 for s in $steps; do case $s in
