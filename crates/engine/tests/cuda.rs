@@ -693,6 +693,7 @@ fn cuda_engine_many_bans_fall_back_to_host_sampling() {
 // ---- SGMV (segmented LoRA, prefill) against a host reference and against BGMV ----
 
 use multilora_engine::cuda::gpu::{cfg, DevBuf, KernelArg};
+use multilora_engine::cuda::kernels;
 use multilora_engine::cuda::sgmv::{self, GroupWeights, Segments};
 use multilora_engine::lora::LoraSlot;
 use rand::{Rng, SeedableRng};
@@ -833,7 +834,11 @@ fn lora_data(c: &LoraCase, seed: u64, with_ref: bool, elem: Elem) -> LoraData {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Kernel {
     Sgmv,
+    /// BGMV as prefill runs it (`lora_shrink_wide`, a warp per rank row)
     Bgmv,
+    /// BGMV as decode runs it (`lora_shrink`, SHRINK_ROWS rank rows a block); its expand is
+    /// `lora_expand` as for Bgmv
+    BgmvDecode,
 }
 
 /// A case's buffers on the device.
@@ -909,6 +914,13 @@ fn launch_shrink(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
             // SAFETY: arguments as lora_shrink_wide's signature (kernels.rs).
             unsafe { gpu.launch("lora_shrink_wide", cfg(grid, 256), &[p.as_slice(), &v].concat()) }.unwrap();
         }
+        Kernel::BgmvDecode => {
+            let p = [dev.x.ptr, w.a, w.ranks, w.scales, dev.tok_slot.ptr, dev.tmp.ptr];
+            let v = [t, w.k, w.r, w.max_loras].map(|x| (x as i32).bits());
+            let grid = (t as u32, w.nsub as u32, w.r.div_ceil(kernels::SHRINK_ROWS) as u32);
+            // SAFETY: arguments as lora_shrink's signature (kernels.rs).
+            unsafe { gpu.launch("lora_shrink", cfg(grid, 256), &[p.as_slice(), &v].concat()) }.unwrap();
+        }
     }
 }
 
@@ -916,7 +928,7 @@ fn launch_expand(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
     let (w, t, ldy) = (&dev.w, dev.t, dev.ldy);
     match kernel {
         Kernel::Sgmv => sgmv::expand(gpu, w, &dev.seg, dev.tmp.ptr, dev.y.ptr, t, ldy).unwrap(),
-        Kernel::Bgmv => {
+        Kernel::Bgmv | Kernel::BgmvDecode => {
             let p = [dev.tmp.ptr, w.b, w.ranks, dev.tok_slot.ptr, dev.y.ptr];
             let v = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|x| (x as i32).bits());
             let grid = (w.n.div_ceil(256) as u32, t as u32, 1);
@@ -1047,12 +1059,22 @@ fn lora_cases() -> Vec<LoraCase> {
             ranks: vec![vec![16, 8]],
             lora: big,
         },
+        LoraCase {
+            // Past the rows the decode shrink loads before its PDL wait (K > 256 * 8 * 2).
+            name: "a decode step, nsub 2, N=40+24, K=5000, R=32, ranks 32, 17, 5",
+            outs: vec![40, 24],
+            k: 5000,
+            r: 32,
+            ranks: vec![vec![32, 17, 5], vec![5, 32, 17]],
+            lora: vec![Some(0), Some(2), None, Some(1), Some(1), Some(0)],
+        },
     ]
 }
 
 /// SGMV shrink and expand agree with the reference loops, and mix with the BGMV kernels (same
-/// tmp layout), for one long segment, many short ones, tokens without adapter, ranks below R,
-/// and 1-3 projections per group, in bf16 and f16.
+/// tmp layout), for one long segment, many short ones, tokens without adapter, ranks below R
+/// and not multiples of 8, K past what the decode shrink preloads, and 1-3 projections per
+/// group, in bf16 and f16; the decode BGMV shrink against the same reference.
 #[test]
 fn cuda_sgmv_matches_reference_and_bgmv() {
     if !have_gpu() {
@@ -1072,6 +1094,7 @@ fn sgmv_vs_reference_and_bgmv(elem: Elem) {
             (Kernel::Sgmv, Kernel::Bgmv),
             (Kernel::Bgmv, Kernel::Sgmv),
             (Kernel::Bgmv, Kernel::Bgmv),
+            (Kernel::BgmvDecode, Kernel::Bgmv),
         ] {
             let (tmp, y) = run_lora(&gpu, c, &d, shrink, expand);
             let what = format!("{} {shrink:?} shrink + {expand:?} expand", elem.name());

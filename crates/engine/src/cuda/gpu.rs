@@ -230,9 +230,13 @@ impl Gpu {
     /// is correct only because every kernel of ours calls `pdl_wait` (kernels.rs) before it
     /// touches anything an earlier kernel writes.
     ///
+    /// The context must be current on the calling thread ([`Gpu::bind`]; the backend binds it
+    /// at the start of every step and slot update).
+    ///
     /// # Safety
-    /// `args` must match the kernel's parameters in number and type, and every pointer among
-    /// them must address a live buffer of the shape the kernel reads or writes.
+    /// `args` must match the kernel's parameters in number and type (a missing one is read
+    /// through a null pointer), and every pointer among them must address a live buffer of the
+    /// shape the kernel reads or writes.
     pub unsafe fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[u64]) -> Result<()> {
         const MAX_ARGS: usize = 24;
         assert!(
@@ -357,12 +361,6 @@ impl KernelArg for u64 {
 impl KernelArg for i32 {
     fn bits(self) -> u64 {
         self as u32 as u64
-    }
-}
-
-impl KernelArg for u32 {
-    fn bits(self) -> u64 {
-        self as u64
     }
 }
 

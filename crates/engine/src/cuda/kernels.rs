@@ -211,8 +211,9 @@ __device__ __forceinline__ float lora_dot_pre(const float* tr, BPre p, const ele
 // With lora_tmp set (decode), the LoRA expand of the projection that just added into the
 // residual stream (o_proj or down_proj, one target) is added into it first, as lora_expand
 // would: lora_tmp [T, R] from lora_shrink, B [L, H, R], ranks [L], tok_slot [T].
+// Launched with up to 1024 threads: the bound keeps the register count where that fits.
 #define NORM_PRE 4
-extern "C" __global__ void add_rms_norm(float* hidden, const u32* rows, const elem_t* w, elem_t* out, int H,
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm(float* hidden, const u32* rows, const elem_t* w, elem_t* out, int H,
                                         float eps, const float* lora_tmp, const elem_t* B, const int* ranks,
                                         const int* tok_slot, int R) {
     int r = rows ? (int)rows[blockIdx.x] : (int)blockIdx.x;
@@ -468,7 +469,7 @@ extern "C" __global__ void __launch_bounds__(DA_THREADS) decode_attention(
 #pragma unroll
     for (int u = 0; u < DA_DEPTH; u++) {
         int pos = k0 + grp + u * ngrp;
-        if (pos == ctx - 1) {
+        if (pos == ctx - 1 && pos < k1) {
             size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
             kv[u] = __ldg((const uint4*)(k_cache + slot * kvs + off));
             vv[u] = __ldg((const uint4*)(v_cache + slot * kvs + off));
@@ -610,12 +611,8 @@ extern "C" __global__ void add_bias(float* y, const elem_t* bias, int N, int T, 
 }
 
 // BGMV shrink for many tokens (prefill): one warp per (token, rank row), 8 rows per block.
-// Same contract as lora_shrink; grid (T, nsub, ceil(R / 8)). Below: the decode version.
-// BGMV shrink, every token its own adapter: tmp[z, t, r] = scale[z, s] · x[t] · A[z, s, r]ᵀ with
-// s = tok_slot[t], for the nsub projections of a group that share the input x (q/k/v, gate/up).
-// Rows r >= rank (or tokens without adapter) get 0 and read no weights.
-// x: [T, K] elem_t; A: [nsub, L, R, K] elem_t; ranks: [nsub, L]; scales: [nsub, L];
-// tok_slot: [T] (-1: none); tmp: [nsub, T, R] f32. grid (T, nsub, ceil(R / 8)), 256 threads.
+// Same contract as lora_shrink below (the decode version); grid (T, nsub, ceil(R / 8)), 256
+// threads.
 extern "C" __global__ void lora_shrink_wide(const elem_t* __restrict__ x, const elem_t* __restrict__ A,
                                        const int* ranks, const float* scales, const int* tok_slot, float* tmp,
                                        int T, int K, int R, int L) {
@@ -775,5 +772,11 @@ mod tests {
             let line = format!("#define {name} {v}\n");
             assert!(CORE.contains(&line), "kernels.rs: CORE lacks `{}`", line.trim());
         }
+        let line = format!("#define SK_WARPS {}\n", super::super::skinny::SKINNY_THREADS / 32);
+        assert!(
+            super::super::skinny::MODULE.body.contains(&line),
+            "skinny.rs lacks `{}`",
+            line.trim()
+        );
     }
 }

@@ -22,7 +22,7 @@ use super::kernels::Module;
 pub const SKINNY_MAX_M: usize = 32;
 /// Token counts it is used for by default; cuBLAS above. On the H200, with programmatic
 /// dependent launch and the first weight loads issued before the wait, the skinny GEMM streams
-/// the 7B projections at 86% of copy bandwidth at one token against cuBLAS's 78%, and whole
+/// the 7B projections at 86% of copy bandwidth at one token against cuBLAS's 79%, and whole
 /// decode steps ran 2–5% faster with it up to 8 tokens; at 16 its x fragments, re-read from L2
 /// by every warp, make it lose (BENCHMARKS.md).
 pub const SKINNY_DEFAULT_M: usize = 8;
