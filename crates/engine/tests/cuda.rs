@@ -907,19 +907,28 @@ fn launch_shrink(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
     let (w, t) = (&dev.w, dev.t);
     match kernel {
         Kernel::Sgmv => sgmv::shrink(gpu, w, &dev.seg, dev.x.ptr, dev.tmp.ptr, t).unwrap(),
-        Kernel::Bgmv => {
-            let p = [dev.x.ptr, w.a, w.ranks, w.scales, dev.tok_slot.ptr, dev.tmp.ptr];
-            let v = [t, w.k, w.r, w.max_loras].map(|x| (x as i32).bits());
-            let grid = (t as u32, w.nsub as u32, w.r.div_ceil(8) as u32);
-            // SAFETY: arguments as lora_shrink_wide's signature (kernels.rs).
-            unsafe { gpu.launch("lora_shrink_wide", cfg(grid, 256), &[p.as_slice(), &v].concat()) }.unwrap();
-        }
-        Kernel::BgmvDecode => {
-            let p = [dev.x.ptr, w.a, w.ranks, w.scales, dev.tok_slot.ptr, dev.tmp.ptr];
-            let v = [t, w.k, w.r, w.max_loras].map(|x| (x as i32).bits());
-            let grid = (t as u32, w.nsub as u32, w.r.div_ceil(kernels::SHRINK_ROWS) as u32);
-            // SAFETY: arguments as lora_shrink's signature (kernels.rs).
-            unsafe { gpu.launch("lora_shrink", cfg(grid, 256), &[p.as_slice(), &v].concat()) }.unwrap();
+        Kernel::Bgmv | Kernel::BgmvDecode => {
+            // The prefill kernel takes a warp per rank row, the decode one SHRINK_ROWS rows.
+            let (name, rows) = match kernel {
+                Kernel::Bgmv => ("lora_shrink_wide", 8),
+                _ => ("lora_shrink", kernels::SHRINK_ROWS),
+            };
+            let [t32, k, r, l] = [t, w.k, w.r, w.max_loras].map(|x| (x as i32).bits());
+            let args = [
+                dev.x.ptr,
+                w.a,
+                w.ranks,
+                w.scales,
+                dev.tok_slot.ptr,
+                dev.tmp.ptr,
+                t32,
+                k,
+                r,
+                l,
+            ];
+            let grid = (t as u32, w.nsub as u32, w.r.div_ceil(rows) as u32);
+            // SAFETY: arguments as both shrink kernels' signature (kernels.rs).
+            unsafe { gpu.launch(name, cfg(grid, 256), &args) }.unwrap();
         }
     }
 }
@@ -929,11 +938,25 @@ fn launch_expand(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
     match kernel {
         Kernel::Sgmv => sgmv::expand(gpu, w, &dev.seg, dev.tmp.ptr, dev.y.ptr, t, ldy).unwrap(),
         Kernel::Bgmv | Kernel::BgmvDecode => {
-            let p = [dev.tmp.ptr, w.b, w.ranks, dev.tok_slot.ptr, dev.y.ptr];
-            let v = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|x| (x as i32).bits());
+            let [t32, n, r, l, ldy, n1, n2] =
+                [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|x| (x as i32).bits());
+            let args = [
+                dev.tmp.ptr,
+                w.b,
+                w.ranks,
+                dev.tok_slot.ptr,
+                dev.y.ptr,
+                t32,
+                n,
+                r,
+                l,
+                ldy,
+                n1,
+                n2,
+            ];
             let grid = (w.n.div_ceil(256) as u32, t as u32, 1);
             // SAFETY: arguments as lora_expand's signature (kernels.rs).
-            unsafe { gpu.launch("lora_expand", cfg(grid, 256), &[p.as_slice(), &v].concat()) }.unwrap();
+            unsafe { gpu.launch("lora_expand", cfg(grid, 256), &args) }.unwrap();
         }
     }
 }

@@ -755,6 +755,16 @@ pub const DECODE_ATT_THREADS: u32 = 128;
 /// Most context parts `decode_attention` splits one (sequence, head) into (`DA_MAX_PARTS`).
 pub const DECODE_ATT_MAX_PARTS: usize = 64;
 
+/// Asserts that kernel source `body` (of file `what`) holds `#define NAME value` for each pair:
+/// the host's copy of a kernel size has not drifted from the kernel's.
+#[cfg(test)]
+pub(crate) fn assert_defines(what: &str, body: &str, defines: &[(&str, usize)]) {
+    for (name, v) in defines {
+        let line = format!("#define {name} {v}\n");
+        assert!(body.contains(&line), "{what}: the kernels lack `{}`", line.trim());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,21 +772,19 @@ mod tests {
     /// The host's copies of kernel sizes match the `#define`s the kernels are built with.
     #[test]
     fn host_constants_match_the_kernel_defines() {
-        for (name, v) in [
-            ("SHRINK_ROWS", SHRINK_ROWS),
-            ("DA_THREADS", DECODE_ATT_THREADS as usize),
-            ("DA_MAX_PARTS", DECODE_ATT_MAX_PARTS),
-            ("ATT_WARPS", ATT_THREADS as usize / 32),
-            ("MAX_DPL", MAX_HEAD_DIM / 32),
-        ] {
-            let line = format!("#define {name} {v}\n");
-            assert!(CORE.contains(&line), "kernels.rs: CORE lacks `{}`", line.trim());
-        }
-        let line = format!("#define SK_WARPS {}\n", super::super::skinny::SKINNY_THREADS / 32);
-        assert!(
-            super::super::skinny::MODULE.body.contains(&line),
-            "skinny.rs lacks `{}`",
-            line.trim()
+        assert_defines(
+            "kernels.rs",
+            CORE,
+            &[
+                ("SHRINK_ROWS", SHRINK_ROWS),
+                ("DA_THREADS", DECODE_ATT_THREADS as usize),
+                ("DA_MAX_PARTS", DECODE_ATT_MAX_PARTS),
+                ("ATT_WARPS", ATT_THREADS as usize / 32),
+                ("MAX_DPL", MAX_HEAD_DIM / 32),
+            ],
         );
+        let skinny = &super::super::skinny::MODULE;
+        let sk_warps = super::super::skinny::SKINNY_THREADS as usize / 32;
+        assert_defines("skinny.rs", skinny.body, &[("SK_WARPS", sk_warps)]);
     }
 }

@@ -130,7 +130,8 @@ impl CudaBackend {
             num_lora_segments: 0,
         };
         shape.num_lora_segments = self.model.pack_inputs(batch, shape, &mut self.arena);
-        self.model.upload_inputs(&self.gpu, &self.arena)?;
+        self.model
+            .upload_inputs(&self.gpu, &self.arena, shape.num_lora_segments)?;
         if sample {
             self.sampler.upload(&self.gpu, &batch.sampling, shape.num_seqs)?;
         }

@@ -69,11 +69,12 @@ struct Arena {
     slot_mapping: usize,
     token_seq: usize,
     token_slot: usize,
-    /// `[max_tokens, 3]` LoRA segments (start, end, slot) of a prefill step, and their number
-    lora_segments: usize,
-    num_lora_segments: usize,
     last_rows: usize,
     block_tables: usize,
+    /// The number of LoRA segments of a prefill step, then `[max_tokens, 3]` segments (start,
+    /// end, slot): last, so steps without segments upload none of them.
+    num_lora_segments: usize,
+    lora_segments: usize,
     len: usize,
 }
 
@@ -304,10 +305,10 @@ impl CudaModel {
             slot_mapping: take(t),
             token_seq: take(t),
             token_slot: take(t),
-            lora_segments: take(3 * t),
-            num_lora_segments: take(1),
             last_rows: take(s),
             block_tables: take(s * max_blocks_per_seq),
+            num_lora_segments: take(1),
+            lora_segments: take(3 * t),
             len: 0,
         };
         let arena_layout = Arena {
@@ -444,8 +445,15 @@ impl CudaModel {
         num_segments
     }
 
-    pub fn upload_inputs(&self, gpu: &Gpu, arena: &[u32]) -> Result<()> {
-        gpu.htod(self.arena.ptr, arena)
+    /// Copies the packed inputs to the device: the LoRA segments only for a step that has
+    /// them (`num_lora_segments`, from [`Self::pack_inputs`]).
+    pub fn upload_inputs(&self, gpu: &Gpu, arena: &[u32], num_lora_segments: usize) -> Result<()> {
+        let a = self.arena_layout;
+        let len = match num_lora_segments {
+            0 => a.num_lora_segments,
+            n => a.lora_segments + 3 * n,
+        };
+        gpu.htod(self.arena.ptr, &arena[..len])
     }
 
     fn input(&self, offset: usize) -> CUdeviceptr {
@@ -493,11 +501,21 @@ impl CudaModel {
             (t as u32, nsub as u32, r.div_ceil(kernels::SHRINK_ROWS) as u32)
         };
         let f = if wide { "lora_shrink_wide" } else { "lora_shrink" };
-        let (t32, k32, r32, l32) = (t as i32, g.k as i32, r as i32, self.max_loras as i32);
-        let args = [x, g.a.ptr, g.ranks.ptr, g.scales.ptr, slots, self.lora_tmp.ptr].map(KernelArg::bits);
-        let ints = [t32, k32, r32, l32].map(KernelArg::bits);
+        let [t32, k32, r32, l32] = [t, g.k, r, self.max_loras].map(|v| (v as i32).bits());
+        let args = [
+            x,
+            g.a.ptr,
+            g.ranks.ptr,
+            g.scales.ptr,
+            slots,
+            self.lora_tmp.ptr,
+            t32,
+            k32,
+            r32,
+            l32,
+        ];
         // SAFETY: both shrink kernels take these arguments (kernels.rs).
-        unsafe { gpu.launch(f, cfg(grid, 256), &[args.as_slice(), &ints].concat()) }
+        unsafe { gpu.launch(f, cfg(grid, 256), &args) }
     }
 
     /// `base` (the GEMM of LoRA group `g`'s projections, reading `x`), then the group's LoRA

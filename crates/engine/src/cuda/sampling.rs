@@ -327,6 +327,12 @@ mod tests {
     use crate::backend::RowSampling;
 
     #[test]
+    fn host_constants_match_the_kernel_defines() {
+        let defines = [("SAMPLE_THREADS", THREADS as usize), ("ROW_WORDS", ROW_WORDS)];
+        crate::cuda::kernels::assert_defines("sampling.rs", BODY, &defines);
+    }
+
+    #[test]
     fn rows_pack_as_the_kernel_reads_them() {
         let mut s = SamplingBatch::default();
         s.clear();

@@ -309,16 +309,23 @@ pub fn shrink(
         (SGMV_TILE_TOKENS / SHRINK_TOKENS) as u32,
         w.r.div_ceil(SHRINK_RANKS) as u32,
     );
-    let ints = [w.nsub, t, w.k, w.r, w.max_loras].map(|v| (v as i32).bits());
-    let ptrs = [x, w.a, w.ranks, w.scales, seg.segs, seg.num_segs, tmp];
+    let [nsub, t, k, r, l] = [w.nsub, t, w.k, w.r, w.max_loras].map(|v| (v as i32).bits());
+    let args = [
+        x,
+        w.a,
+        w.ranks,
+        w.scales,
+        seg.segs,
+        seg.num_segs,
+        tmp,
+        nsub,
+        t,
+        k,
+        r,
+        l,
+    ];
     // SAFETY: arguments match sgmv_shrink's signature and point at buffers of its shapes.
-    unsafe {
-        gpu.launch(
-            "sgmv_shrink",
-            cfg(grid, SHRINK_THREADS),
-            &[ptrs.as_slice(), &ints].concat(),
-        )
-    }
+    unsafe { gpu.launch("sgmv_shrink", cfg(grid, SHRINK_THREADS), &args) }
 }
 
 /// `y[t, ldy] += tmp[z(o), t, :rank] · B[s, o, :rank]` for every token in a segment.
@@ -335,16 +342,24 @@ pub fn expand(
         return Ok(());
     }
     let grid = (seg.max_segs as u32, w.n.div_ceil(EXPAND_OUTPUTS) as u32, 1);
-    let ints = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| (v as i32).bits());
-    let ptrs = [tmp, w.b, w.ranks, seg.segs, seg.num_segs, y];
+    let [t, n, r, l, ldy, n1, n2] = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| (v as i32).bits());
+    let args = [
+        tmp,
+        w.b,
+        w.ranks,
+        seg.segs,
+        seg.num_segs,
+        y,
+        t,
+        n,
+        r,
+        l,
+        ldy,
+        n1,
+        n2,
+    ];
     // SAFETY: arguments match sgmv_expand's signature and point at buffers of its shapes.
-    unsafe {
-        gpu.launch(
-            "sgmv_expand",
-            cfg(grid, EXPAND_THREADS),
-            &[ptrs.as_slice(), &ints].concat(),
-        )
-    }
+    unsafe { gpu.launch("sgmv_expand", cfg(grid, EXPAND_THREADS), &args) }
 }
 
 #[cfg(test)]
@@ -353,6 +368,16 @@ pub fn expand(
 mod tests {
     use super::*;
     use half::bf16;
+
+    #[test]
+    fn host_constants_match_the_kernel_defines() {
+        let defines = [
+            ("SGMV_TILE", SGMV_TILE_TOKENS),
+            ("SHRINK_WARPS", SHRINK_THREADS as usize / 32),
+            ("EXPAND_N", EXPAND_OUTPUTS),
+        ];
+        crate::cuda::kernels::assert_defines("sgmv.rs", SGMV, &defines);
+    }
 
     fn segments(lora: &[Option<u32>]) -> Vec<(u32, u32, u32)> {
         let lora: Vec<Option<LoraSlot>> = lora.iter().map(|s| s.map(LoraSlot)).collect();
