@@ -35,9 +35,7 @@ impl LoraGroup {
     pub fn is_active(&self) -> bool {
         self.host_ranks.iter().any(|&r| r > 0)
     }
-}
 
-impl LoraGroup {
     pub fn new(
         gpu: &Gpu,
         cfg: &ModelConfig,
