@@ -261,10 +261,9 @@ pub fn spawn(
 struct Live {
     events: mpsc::UnboundedSender<TokenEvent>,
     has_stop_strings: bool,
-    last_token_time: Option<Instant>,
-    /// The engine's timestamps and output length as of the last token, for the latency
-    /// histograms of a request ended at a stop string.
-    last_metrics: Option<(RequestMetrics, usize)>,
+    /// The last token's time, and the engine's timestamps and output length then (for the
+    /// latency histograms of a request ended at a stop string).
+    last: Option<(Instant, RequestMetrics, usize)>,
 }
 
 struct EngineLoop {
@@ -327,8 +326,7 @@ impl EngineLoop {
                 let live = Live {
                     events,
                     has_stop_strings,
-                    last_token_time: None,
-                    last_metrics: None,
+                    last: None,
                 };
                 let result = self.add(request_id, prompt_token_ids, params, lora, live);
                 if let Err(AddError::QueueFull { .. }) = &result {
@@ -424,17 +422,16 @@ impl EngineLoop {
                 continue;
             };
             let now = out.metrics.last_token_time.unwrap_or_else(Instant::now);
-            match live.last_token_time {
+            match live.last {
                 None => {
                     metrics.num_prompt_tokens += out.num_prompt_tokens as u64;
                     metrics
                         .time_to_first_token
                         .observe((now - out.metrics.arrival_time).as_secs_f64());
                 }
-                Some(prev) => metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
+                Some((prev, ..)) => metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
             }
-            live.last_token_time = Some(now);
-            live.last_metrics = Some((out.metrics, out.num_output_tokens));
+            live.last = Some((now, out.metrics, out.num_output_tokens));
             metrics.num_generation_tokens += 1;
             let sent = live.events.send(TokenEvent::Token {
                 token_id,
@@ -474,7 +471,7 @@ impl EngineLoop {
             if let Some(live) = self.live.remove(request_id) {
                 self.engine.abort_request(request_id);
                 metrics.count_finish("stop");
-                if let (Some(now), Some((m, n))) = (live.last_token_time, live.last_metrics) {
+                if let Some((now, m, n)) = live.last {
                     metrics.observe_finished(&m, now, n);
                 }
             }

@@ -364,7 +364,6 @@ fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow:
     let mut engine = EngineConfig::new(&base_model_path);
     c.apply_engine(&mut engine);
     engine.enable_lora = lora.is_some();
-    engine.seed = args.engine.seed.unwrap_or(engine.seed);
     if let Some(v) = args.gpu_memory_utilization {
         engine.gpu_memory_utilization = v;
     }
@@ -379,9 +378,11 @@ fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow:
         );
     }
 
-    let need = |p: &Option<PathBuf>, key: &str, why: &str| -> anyhow::Result<PathBuf> {
-        p.clone()
-            .with_context(|| format!("{f}: missing key {key:?} ({PATH}); {why}"))
+    let need = |p: &Option<PathBuf>, key: &str, why: &str| -> anyhow::Result<()> {
+        match p {
+            Some(_) => Ok(()),
+            None => bail!("{f}: missing key {key:?} ({PATH}); {why}"),
+        }
     };
     if lora.is_none() {
         need(
@@ -401,7 +402,8 @@ fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow:
             "the folder that holds the adapters",
         )?;
     }
-    let random_seed = args.engine.seed.or(c.random_seed).unwrap_or(0);
+    // `--seed` over `random_seed` over 0, as `args.engine.apply` left it.
+    let random_seed = engine.seed;
     Ok(BenchConfig {
         config_path: c.file.clone(),
         base_model_path,

@@ -8,7 +8,7 @@
 //! first request sent to the last token received. [`RequestTiming`] keeps every chunk's arrival
 //! for TTFT/TPOT/ITL percentiles.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -125,8 +125,9 @@ impl OpenAiClient {
         })
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.post(format!("{}{path}", self.base_url));
+    /// A request to `url` with the API key, if any.
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, url);
         match &self.api_key {
             Some(k) => req.bearer_auth(k),
             None => req,
@@ -137,11 +138,7 @@ impl OpenAiClient {
     /// server reports it).
     pub async fn models(&self) -> anyhow::Result<Vec<Value>> {
         let url = format!("{}/models", self.base_url);
-        let mut req = self.http.get(&url);
-        if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k);
-        }
-        let res = send(req, "GET", &url).await?;
+        let res = send(self.request(reqwest::Method::GET, &url), "GET", &url).await?;
         let body = checked_body(res, &url).await?;
         let v: Value = serde_json::from_str(&body).with_context(|| format!("GET {url}: not JSON"))?;
         Ok(v["data"].as_array().cloned().unwrap_or_default())
@@ -174,13 +171,9 @@ impl OpenAiClient {
     pub async fn count_tokens(&self, model: &str, prompt: &str) -> anyhow::Result<Option<usize>> {
         let root = self.base_url.trim_end_matches("/v1");
         let url = format!("{root}/tokenize");
-        let mut req = self
-            .http
-            .post(&url)
+        let req = self
+            .request(reqwest::Method::POST, &url)
             .json(&json!({"model": model, "prompt": prompt}));
-        if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k);
-        }
         let res = send(req, "POST", &url).await?;
         if res.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
@@ -194,7 +187,7 @@ impl OpenAiClient {
     pub async fn load_lora(&self, name: &str, path: &str) -> anyhow::Result<()> {
         let url = format!("{}/load_lora_adapter", self.base_url);
         let req = self
-            .post("/load_lora_adapter")
+            .request(reqwest::Method::POST, &url)
             .json(&json!({"lora_name": name, "lora_path": path}));
         let res = send(req, "POST", &url).await?;
         checked_body(res, &url)
@@ -217,10 +210,12 @@ impl OpenAiClient {
         });
         let url = format!("{}/completions", self.base_url);
         let sent = Instant::now();
-        let res = send(self.post("/completions").json(&body), "POST", &url).await?;
+        let req = self.request(reqwest::Method::POST, &url).json(&body);
+        let res = send(req, "POST", &url).await?;
         if !res.status().is_success() {
+            // An error status: checked_body turns it into the server's message.
             checked_body(res, &url).await?;
-            unreachable!("checked_body fails on an error status");
+            bail!("{url}: error status");
         }
         let mut timing = RequestTiming {
             sent,
@@ -342,6 +337,8 @@ pub struct OpenAiBackend {
     /// Adapters the server has (listed, or loaded by us).
     adapters: HashSet<String>,
     num_loaded: usize,
+    /// Prompts counted so far, and their token counts.
+    prompt_tokens: HashMap<String, usize>,
 }
 
 impl OpenAiBackend {
@@ -368,24 +365,41 @@ impl OpenAiBackend {
             model,
             max_model_len,
             num_loaded: 0,
+            prompt_tokens: HashMap::new(),
         })
     }
 }
 
 impl Backend for OpenAiBackend {
     /// Counted by the server: `/tokenize` where it has one, else a one-token request's usage.
+    /// Each distinct prompt is counted once (the plan checks every request of every point).
     fn num_prompt_tokens(&mut self, prompt: &str) -> anyhow::Result<usize> {
-        if let Some(n) = self
+        if let Some(&n) = self.prompt_tokens.get(prompt) {
+            return Ok(n);
+        }
+        let n = match self
             .runtime
             .block_on(self.client.count_tokens(&self.model, prompt))?
         {
-            return Ok(n);
-        }
-        let timing = self
-            .runtime
-            .block_on(self.client.complete(&self.model, prompt, 1))
-            .context("counting prompt tokens with a one-token request")?;
-        Ok(timing.prompt_tokens)
+            Some(n) => n,
+            None => {
+                let timing = self
+                    .runtime
+                    .block_on(self.client.complete(&self.model, prompt, 1))
+                    .context("counting prompt tokens with a one-token request")?;
+                // A prompt has at least one token: 0 means the server sent no usage.
+                if timing.prompt_tokens == 0 {
+                    bail!(
+                        "{}: the server has no /tokenize and reported no usage for a one-token \
+                         request, so prompt lengths cannot be checked against its max_model_len",
+                        self.base_url
+                    );
+                }
+                timing.prompt_tokens
+            }
+        };
+        self.prompt_tokens.insert(prompt.to_string(), n);
+        Ok(n)
     }
 
     fn max_model_len(&self) -> usize {
@@ -398,7 +412,10 @@ impl Backend for OpenAiBackend {
         for r in requests {
             if let Some(l) = &r.lora {
                 if !self.adapters.contains(&l.name) {
-                    let path = l.path.to_string_lossy().into_owned();
+                    // Absolute: the server does not share our working directory.
+                    let path = std::path::absolute(&l.path)
+                        .with_context(|| format!("adapter {}: resolving {}", l.name, l.path.display()))?;
+                    let path = path.to_string_lossy().into_owned();
                     self.runtime.block_on(self.client.load_lora(&l.name, &path))?;
                     self.adapters.insert(l.name.clone());
                     self.num_loaded += 1;
