@@ -49,6 +49,7 @@ ab)
 profile)
   echo "== per-kernel times of one eager decode step (ncu), no-LoRA and distinct, batch 1 and 32"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$NCU" ] || { echo "profile: ncu (Nsight Compute) not found on PATH or in /opt/nvidia/nsight-compute"; continue; }
   timeout 240 "$NCU" --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum \
     --csv --print-units base "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null --eager \
     --batch-sizes 1,32 --series no-lora,distinct --num-tokens 3 --profile > "$OUT/profile.csv" 2> "$OUT/profile.err"

@@ -4,17 +4,15 @@ per profiled run (one series at one batch size), the kernels of its last decode 
 starts at the `embed` kernel), grouped by name: count, total and share of the step's time."""
 import csv
 import sys
-from collections import OrderedDict
 
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
 hdr, rows = rows[0], rows[1:]
-ki, ni, vi = hdr.index("ID"), hdr.index("Kernel Name"), hdr.index("Metric Value")
-kernels = [(int(r[ki]), r[ni].split("(")[0], float(r[vi].replace(",", ""))) for r in rows]
-# Profiled runs are contiguous ID ranges; IDs restart at 0 for each start? ncu numbers globally,
-# so split runs on the prefill step: a step whose embed is followed by many more tokens is not
-# visible here, so we split every run's steps on `embed` and keep runs of (prefill, decode...).
+ni, vi = hdr.index("Kernel Name"), hdr.index("Metric Value")
+kernels = [(r[ni].split("(")[0], float(r[vi].replace(",", ""))) for r in rows]
+# Kernels in launch order; every step starts with `embed`, and each profiled run is `per_run`
+# steps (gpu.sh runs gpu_bench with --num-tokens 3: prefill and two decode steps).
 steps, cur = [], []
-for _, name, ns in kernels:
+for name, ns in kernels:
     if name == "embed" and cur:
         steps.append(cur)
         cur = []
@@ -27,7 +25,7 @@ for r in range(len(steps) // per_run):
     total = sum(ns for _, ns in step)
     label = labels[r] if r < len(labels) else f"run {r}"
     print(f"== {label}: last decode step, {len(step)} kernels, {total / 1e3:.1f} us of kernel time")
-    agg = OrderedDict()
+    agg = {}
     for name, ns in step:
         c, t = agg.get(name, (0, 0.0))
         agg[name] = (c + 1, t + ns)

@@ -38,6 +38,9 @@ struct Args {
     profile: bool,
 }
 
+/// The series a run may measure.
+const SERIES: [&str; 4] = ["no-lora", "distinct", "uniform", "identical"];
+
 fn parse() -> Args {
     let mut it = std::env::args().skip(1);
     let mut a = Args {
@@ -52,9 +55,7 @@ fn parse() -> Args {
         eager: false,
         dtype: "bfloat16".into(),
         micro: false,
-        series: ["no-lora", "distinct", "uniform", "identical"]
-            .map(String::from)
-            .to_vec(),
+        series: SERIES.map(String::from).to_vec(),
         profile: false,
     };
     while let Some(flag) = it.next() {
@@ -68,7 +69,12 @@ fn parse() -> Args {
             "--eager" => a.eager = true,
             "--dtype" => a.dtype = val(),
             "--micro" => a.micro = true,
-            "--series" => a.series = val().split(',').map(String::from).collect(),
+            "--series" => {
+                a.series = val().split(',').map(String::from).collect();
+                if let Some(bad) = a.series.iter().find(|s| !SERIES.contains(&s.as_str())) {
+                    panic!("--series: unknown series {bad:?}, expected some of {SERIES:?}");
+                }
+            }
             "--profile" => a.profile = true,
             other => panic!("unknown flag {other}"),
         }
@@ -304,7 +310,7 @@ fn main() {
                     "no-lora" => None,
                     "distinct" => Some(i),
                     "uniform" => Some(rng.random_range(0..loras.len())),
-                    _ => Some(0),
+                    _ => Some(0), // identical
                 })
                 .collect();
             let num_distinct = {
@@ -335,13 +341,15 @@ fn main() {
                 }
                 (steps, t.elapsed().as_secs_f64() * 1e3)
             };
-            run(4); // warm-up: loads adapters into slots, captures this bucket's graph
-                    // SAFETY: profiler start/stop only toggle collection for an attached profiler.
+            // Warm-up: loads adapters into slots, captures this bucket's graph.
+            run(4);
             if a.profile {
+                // SAFETY: profiler start/stop only toggle collection for an attached profiler.
                 unsafe { cudarc::driver::sys::cuProfilerStart() };
             }
             let (steps, e2e) = run(a.num_tokens);
             if a.profile {
+                // SAFETY: as cuProfilerStart above.
                 unsafe { cudarc::driver::sys::cuProfilerStop() };
             }
             let num_decode = a.num_tokens - 1;

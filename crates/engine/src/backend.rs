@@ -83,7 +83,7 @@ impl RowSampling {
 
 /// The sampling side of a step: a row per sequence, and the token ids each row must not draw
 /// (EOS and stop ids before `min_tokens`). Reused across steps: cleared, never shrunk.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SamplingBatch {
     /// `[num_seqs]`
     pub rows: Vec<RowSampling>,
@@ -91,6 +91,16 @@ pub struct SamplingBatch {
     pub banned_start: Vec<u32>,
     /// `[banned_start[num_seqs]]`
     pub banned: Vec<u32>,
+}
+
+impl Default for SamplingBatch {
+    fn default() -> Self {
+        SamplingBatch {
+            rows: Vec::new(),
+            banned_start: vec![0],
+            banned: Vec::new(),
+        }
+    }
 }
 
 impl SamplingBatch {
@@ -102,9 +112,6 @@ impl SamplingBatch {
     }
 
     pub fn push(&mut self, row: RowSampling, banned: impl IntoIterator<Item = u32>) {
-        if self.banned_start.is_empty() {
-            self.banned_start.push(0);
-        }
         self.rows.push(row);
         self.banned.extend(banned);
         self.banned_start.push(self.banned.len() as u32);

@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden};
+use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden, GoldenRequest};
 use multilora_engine::backend::{RowSampling, SamplingBatch};
 use multilora_engine::cuda::elem::Elem;
 use multilora_engine::cuda::gpu::Gpu;
@@ -452,7 +452,6 @@ fn device_sample(gpu: &Gpu, row: &[f32], rows: &[(RowSampling, Vec<u32>)]) -> (V
     let logits = gpu.alloc(n * vocab * 4).unwrap();
     gpu.htod(logits.ptr, &row.repeat(n)).unwrap();
     let mut batch = SamplingBatch::default();
-    batch.clear();
     for (r, banned) in rows {
         batch.push(*r, banned.iter().copied());
     }
@@ -593,8 +592,11 @@ fn cuda_engine_seeded_sampling_and_min_tokens() {
     }
     let case = "llama";
     let golden = load(case);
-    let prompt = golden.requests[0].prompt_token_ids.clone();
-    let stop = golden.requests[0].greedy_token_ids[0];
+    // A request of the base model (this engine has no adapters): its first greedy token is the
+    // stop id to ban, so the ban has something to change.
+    let base = base_request(&golden);
+    let prompt = base.prompt_token_ids.clone();
+    let stop = base.greedy_token_ids[0];
     let sample_once = || {
         let mut engine = cuda_engine(case, 16);
         let sampled = |seed| SamplingParams {
@@ -616,13 +618,15 @@ fn cuda_engine_seeded_sampling_and_min_tokens() {
                 stop_token_ids: vec![stop],
                 ..SamplingParams::greedy(12)
             },
+            // the same without the ban: it does draw the stop id first
+            SamplingParams::greedy(12),
         ];
         for (i, p) in requests.into_iter().enumerate() {
             engine
                 .add_request(&i.to_string(), Prompt::TokenIds(prompt.clone()), p, None)
                 .unwrap();
         }
-        let mut tokens = vec![Vec::new(); 4];
+        let mut tokens = vec![Vec::new(); 5];
         while engine.has_unfinished_requests() {
             for o in engine.step().unwrap() {
                 if o.is_finished() {
@@ -642,12 +646,22 @@ fn cuda_engine_seeded_sampling_and_min_tokens() {
         a[0], a[2],
         "two requests with seed 1 and the same prompt in one batch (identical rows compute identical logits)"
     );
+    assert_eq!(a[4][0], stop, "the unbanned greedy twin starts with the stop id");
     assert!(
         !a[3].contains(&stop),
         "stop id {stop} drawn before min_tokens: {:?}",
         a[3]
     );
     assert_eq!(a[3].len(), 12);
+}
+
+/// The first golden request without an adapter.
+fn base_request(golden: &Golden) -> &GoldenRequest {
+    golden
+        .requests
+        .iter()
+        .find(|r| r.lora.is_none())
+        .expect("the llama fixture has a request without adapter")
 }
 
 /// A step whose banned ids overflow the device buffer (16 per sequence) is sampled on the host
@@ -660,14 +674,15 @@ fn cuda_engine_many_bans_fall_back_to_host_sampling() {
     let case = "llama";
     let golden = load(case);
     let mut engine = cuda_engine(case, 4);
+    let base = base_request(&golden);
     let mut stop: Vec<u32> = (0..100).collect();
-    stop.push(golden.requests[0].greedy_token_ids[0]);
+    stop.push(base.greedy_token_ids[0]);
     let params = SamplingParams {
         min_tokens: 8,
         stop_token_ids: stop.clone(),
         ..SamplingParams::greedy(8)
     };
-    let prompt = golden.requests[0].prompt_token_ids.clone();
+    let prompt = base.prompt_token_ids.clone();
     engine
         .add_request("0", Prompt::TokenIds(prompt), params, None)
         .unwrap();
@@ -981,7 +996,7 @@ fn run_lora(gpu: &Gpu, c: &LoraCase, d: &LoraData, shrink: Kernel, expand: Kerne
 /// Checks tmp (tokens with an adapter; padding ranks must be 0) and y against the reference.
 fn check_lora(c: &LoraCase, d: &LoraData, tmp: &[f32], y: &[f32], what: &str) {
     let (t, r) = (d.t, c.r);
-    let tmp_scale = d.tmp_ref.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+    let tmp_scale = max_abs(&d.tmp_ref).max(1e-3);
     for z in 0..d.nsub {
         for ti in 0..t {
             let Some(s) = c.lora[ti] else { continue };
@@ -998,11 +1013,7 @@ fn check_lora(c: &LoraCase, d: &LoraData, tmp: &[f32], y: &[f32], what: &str) {
             }
         }
     }
-    let delta = d
-        .y_ref
-        .iter()
-        .zip(&d.y0)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let delta = max_diff(&d.y_ref, &d.y0);
     let tol = 2e-3 * delta.max(1e-3) + 1e-5;
     for ti in 0..t {
         for o in 0..d.ldy {
