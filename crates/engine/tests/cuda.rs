@@ -13,10 +13,13 @@ use std::collections::HashMap;
 use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden, GoldenRequest};
 use multilora_engine::backend::{RowSampling, SamplingBatch};
 use multilora_engine::cuda::elem::Elem;
-use multilora_engine::cuda::gpu::Gpu;
+use multilora_engine::cuda::gpu::{DevBuf, Gpu};
 use multilora_engine::cuda::sampling::DeviceSampler;
+use multilora_engine::cuda::sgmv::{self, GroupWeights, Segments};
+use multilora_engine::lora::LoraSlot;
 use multilora_engine::sampling::argmax;
 use multilora_engine::{Device, EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
+use rand::{Rng, SeedableRng};
 
 /// An engine on the GPU over a golden case's model, without LoRA.
 fn cuda_engine(case: &str, max_num_seqs: usize) -> LLMEngine {
@@ -707,12 +710,6 @@ fn cuda_engine_many_bans_fall_back_to_host_sampling() {
 
 // ---- SGMV (segmented LoRA, prefill) against a host reference and against BGMV ----
 
-use multilora_engine::cuda::gpu::{cfg, DevBuf, KernelArg};
-use multilora_engine::cuda::kernels;
-use multilora_engine::cuda::sgmv::{self, GroupWeights, Segments};
-use multilora_engine::lora::LoraSlot;
-use rand::{Rng, SeedableRng};
-
 /// One layout of tokens, adapters and shapes for the LoRA kernels.
 struct LoraCase {
     name: &'static str,
@@ -919,61 +916,24 @@ fn upload_lora(gpu: &Gpu, c: &LoraCase, d: &LoraData) -> LoraDev {
 }
 
 fn launch_shrink(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
-    let (w, t) = (&dev.w, dev.t);
+    let (w, t, slots) = (&dev.w, dev.t, dev.tok_slot.ptr);
     match kernel {
-        Kernel::Sgmv => sgmv::shrink(gpu, w, &dev.seg, dev.x.ptr, dev.tmp.ptr, t).unwrap(),
-        Kernel::Bgmv | Kernel::BgmvDecode => {
-            // The prefill kernel takes a warp per rank row, the decode one SHRINK_ROWS rows.
-            let (name, rows) = match kernel {
-                Kernel::Bgmv => ("lora_shrink_wide", 8),
-                _ => ("lora_shrink", kernels::SHRINK_ROWS),
-            };
-            let [t32, k, r, l] = [t, w.k, w.r, w.max_loras].map(|x| (x as i32).bits());
-            let args = [
-                dev.x.ptr,
-                w.a,
-                w.ranks,
-                w.scales,
-                dev.tok_slot.ptr,
-                dev.tmp.ptr,
-                t32,
-                k,
-                r,
-                l,
-            ];
-            let grid = (t as u32, w.nsub as u32, w.r.div_ceil(rows) as u32);
-            // SAFETY: arguments as both shrink kernels' signature (kernels.rs).
-            unsafe { gpu.launch(name, cfg(grid, 256), &args) }.unwrap();
-        }
+        Kernel::Sgmv => sgmv::shrink(gpu, w, &dev.seg, dev.x.ptr, dev.tmp.ptr, t),
+        Kernel::Bgmv => sgmv::bgmv_shrink(gpu, w, slots, dev.x.ptr, dev.tmp.ptr, t, true),
+        Kernel::BgmvDecode => sgmv::bgmv_shrink(gpu, w, slots, dev.x.ptr, dev.tmp.ptr, t, false),
     }
+    .unwrap()
 }
 
 fn launch_expand(gpu: &Gpu, dev: &LoraDev, kernel: Kernel) {
     let (w, t, ldy) = (&dev.w, dev.t, dev.ldy);
     match kernel {
-        Kernel::Sgmv => sgmv::expand(gpu, w, &dev.seg, dev.tmp.ptr, dev.y.ptr, t, ldy).unwrap(),
+        Kernel::Sgmv => sgmv::expand(gpu, w, &dev.seg, dev.tmp.ptr, dev.y.ptr, t, ldy),
         Kernel::Bgmv | Kernel::BgmvDecode => {
-            let [t32, n, r, l, ldy, n1, n2] =
-                [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|x| (x as i32).bits());
-            let args = [
-                dev.tmp.ptr,
-                w.b,
-                w.ranks,
-                dev.tok_slot.ptr,
-                dev.y.ptr,
-                t32,
-                n,
-                r,
-                l,
-                ldy,
-                n1,
-                n2,
-            ];
-            let grid = (w.n.div_ceil(256) as u32, t as u32, 1);
-            // SAFETY: arguments as lora_expand's signature (kernels.rs).
-            unsafe { gpu.launch("lora_expand", cfg(grid, 256), &args) }.unwrap();
+            sgmv::bgmv_expand(gpu, w, dev.tok_slot.ptr, dev.tmp.ptr, dev.y.ptr, t, ldy)
         }
     }
+    .unwrap()
 }
 
 /// Runs shrink then expand with the given kernels on the device; returns (tmp, y).

@@ -3,6 +3,7 @@
 //! an adapter.
 
 use super::gpu::{DevBuf, Gpu};
+use super::sgmv::GroupWeights;
 use crate::error::Result;
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::{LoraSlot, LoraTarget};
@@ -34,6 +35,26 @@ impl LoraGroup {
 
     pub fn is_active(&self) -> bool {
         self.host_ranks.iter().any(|&r| r > 0)
+    }
+
+    /// The group as the SGMV/BGMV launchers take it (device rank `r`, `max_loras` slots).
+    pub fn weights(&self, r: usize, max_loras: usize) -> GroupWeights {
+        let n = self.n();
+        // Where sub 1 and sub 2 start along N (`n` where absent).
+        let start = |z: usize| self.outs[..z.min(self.outs.len())].iter().sum::<usize>();
+        GroupWeights {
+            a: self.a.ptr,
+            b: self.b.ptr,
+            ranks: self.ranks.ptr,
+            scales: self.scales.ptr,
+            nsub: self.outs.len(),
+            k: self.k,
+            n,
+            n1: start(1),
+            n2: start(2),
+            r,
+            max_loras,
+        }
     }
 
     pub fn new(

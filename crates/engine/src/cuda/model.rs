@@ -488,34 +488,14 @@ impl CudaModel {
         )
     }
 
-    /// BGMV shrink of one group: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`.
+    /// BGMV shrink of one group: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`; decode
+    /// steps take a block per token and SHRINK_ROWS rank rows (more parallelism for few
+    /// tokens), prefill a warp per row (fewer, fuller blocks).
     fn bgmv_shrink(&self, gpu: &Gpu, g: &LoraGroup, x: CUdeviceptr, t: usize) -> Result<()> {
-        let (r, nsub) = (self.lora_rank, g.targets.len());
+        let w = g.weights(self.lora_rank, self.max_loras);
         let slots = self.input(self.arena_layout.token_slot);
-        // Decode: a block per (token, SHRINK_ROWS rank rows), its threads splitting K (more
-        // parallelism for few tokens). Prefill: a warp per row (fewer, fuller blocks).
         let wide = t > kernels::SHRINK_WIDE_MIN_TOKENS;
-        let grid = if wide {
-            (t as u32, nsub as u32, r.div_ceil(8) as u32)
-        } else {
-            (t as u32, nsub as u32, r.div_ceil(kernels::SHRINK_ROWS) as u32)
-        };
-        let f = if wide { "lora_shrink_wide" } else { "lora_shrink" };
-        let [t32, k32, r32, l32] = [t, g.k, r, self.max_loras].map(|v| (v as i32).bits());
-        let args = [
-            x,
-            g.a.ptr,
-            g.ranks.ptr,
-            g.scales.ptr,
-            slots,
-            self.lora_tmp.ptr,
-            t32,
-            k32,
-            r32,
-            l32,
-        ];
-        // SAFETY: both shrink kernels take these arguments (kernels.rs).
-        unsafe { gpu.launch(f, cfg(grid, 256), &args) }
+        sgmv::bgmv_shrink(gpu, &w, slots, x, self.lora_tmp.ptr, t, wide)
     }
 
     /// `base` (the GEMM of LoRA group `g`'s projections, reading `x`), then the group's LoRA
@@ -555,30 +535,8 @@ impl CudaModel {
         ldy: usize,
     ) -> Result<()> {
         let t = shape.num_tokens;
-        let r = self.lora_rank;
-        let nsub = g.targets.len();
-        let n = g.n();
-        let n1 = g.outs[0];
-        let n2 = n1 + g.outs.get(1).copied().unwrap_or(0);
-        let (n1, n2) = if nsub == 1 {
-            (n, n)
-        } else {
-            (n1, if nsub == 2 { n } else { n2 })
-        };
+        let w = g.weights(self.lora_rank, self.max_loras);
         if shape.num_tokens > shape.num_seqs && t >= SGMV_MIN_TOKENS {
-            let w = sgmv::GroupWeights {
-                a: g.a.ptr,
-                b: g.b.ptr,
-                ranks: g.ranks.ptr,
-                scales: g.scales.ptr,
-                nsub,
-                k: g.k,
-                n,
-                n1,
-                n2,
-                r,
-                max_loras: self.max_loras,
-            };
             let segs = sgmv::Segments {
                 segs: self.input(self.arena_layout.lora_segments),
                 num_segs: self.input(self.arena_layout.num_lora_segments),
@@ -589,23 +547,7 @@ impl CudaModel {
         }
         self.bgmv_shrink(gpu, g, x, t)?;
         let slots = self.input(self.arena_layout.token_slot);
-        launch!(
-            gpu,
-            "lora_expand",
-            cfg((n.div_ceil(256) as u32, t as u32, 1), 256),
-            self.lora_tmp.ptr,
-            g.b.ptr,
-            g.ranks.ptr,
-            slots,
-            y,
-            t as i32,
-            n as i32,
-            r as i32,
-            self.max_loras as i32,
-            ldy as i32,
-            n1 as i32,
-            n2 as i32
-        )
+        sgmv::bgmv_expand(gpu, &w, slots, self.lora_tmp.ptr, y, t, ldy)
     }
 
     /// What a kernel that fuses group `g`'s LoRA expand reads (shrink result, B, ranks), or

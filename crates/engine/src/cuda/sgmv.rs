@@ -260,7 +260,8 @@ pub fn pack_lora_segments(token_lora: &[Option<LoraSlot>], segs: &mut [u32]) -> 
     n
 }
 
-/// One projection group's stacked adapter weights on the device (layouts as `LoraGroup`).
+/// One projection group's stacked adapter weights on the device (layouts as `LoraGroup`), as
+/// the SGMV and BGMV launchers take them.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupWeights {
     /// `[nsub, L, R, K]` elem_t
@@ -360,6 +361,47 @@ pub fn expand(
     ];
     // SAFETY: arguments match sgmv_expand's signature and point at buffers of its shapes.
     unsafe { gpu.launch("sgmv_expand", cfg(grid, EXPAND_THREADS), &args) }
+}
+
+/// BGMV shrink (every token its own slot, `tok_slot` `[t]` i32, -1: none), as [`shrink`]
+/// computes it per segment: `lora_shrink` (a block per SHRINK_ROWS rank rows, for decode) or,
+/// with `wide`, `lora_shrink_wide` (a warp per rank row, for many tokens).
+pub fn bgmv_shrink(
+    gpu: &Gpu,
+    w: &GroupWeights,
+    tok_slot: CUdeviceptr,
+    x: CUdeviceptr,
+    tmp: CUdeviceptr,
+    t: usize,
+    wide: bool,
+) -> Result<()> {
+    let (name, rows) = if wide {
+        ("lora_shrink_wide", 8)
+    } else {
+        ("lora_shrink", super::kernels::SHRINK_ROWS)
+    };
+    let grid = (t as u32, w.nsub as u32, w.r.div_ceil(rows) as u32);
+    let [t, k, r, l] = [t, w.k, w.r, w.max_loras].map(|v| (v as i32).bits());
+    let args = [x, w.a, w.ranks, w.scales, tok_slot, tmp, t, k, r, l];
+    // SAFETY: both shrink kernels take these arguments (kernels.rs), over buffers of these shapes.
+    unsafe { gpu.launch(name, cfg(grid, 256), &args) }
+}
+
+/// BGMV expand: `y[t, ldy] += tmp[z(o), t, :rank] · B[slot(t), o, :rank]` (`lora_expand`).
+pub fn bgmv_expand(
+    gpu: &Gpu,
+    w: &GroupWeights,
+    tok_slot: CUdeviceptr,
+    tmp: CUdeviceptr,
+    y: CUdeviceptr,
+    t: usize,
+    ldy: usize,
+) -> Result<()> {
+    let grid = (w.n.div_ceil(256) as u32, t as u32, 1);
+    let [t, n, r, l, ldy, n1, n2] = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| (v as i32).bits());
+    let args = [tmp, w.b, w.ranks, tok_slot, y, t, n, r, l, ldy, n1, n2];
+    // SAFETY: lora_expand takes these arguments (kernels.rs), over buffers of these shapes.
+    unsafe { gpu.launch("lora_expand", cfg(grid, 256), &args) }
 }
 
 #[cfg(test)]
