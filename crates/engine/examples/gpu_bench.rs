@@ -178,28 +178,11 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
     let x = gpu.alloc(32 * i.max(h) * 2).unwrap();
     fill(&x, 32 * i.max(h));
     let y = gpu.alloc(32 * cfg.vocab_size.max(2 * i) * 4).unwrap();
-    let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
-    println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
-    // Tuning variants of the skinny Store kernel, one token.
     let tuning = &multilora_engine::cuda::skinny::TUNING;
     gpu.load(tuning).expect("tuning kernels");
-    for &name in ["skinny_store_8"].iter().chain(tuning.kernels) {
-        let pass = || {
-            for (w, &(n, k)) in ws.iter().zip(&shapes) {
-                let args = [
-                    x.ptr,
-                    w.ptr,
-                    0,
-                    y.ptr,
-                    1i32.bits(),
-                    (n as i32).bits(),
-                    (k as i32).bits(),
-                    (n as i32).bits(),
-                ];
-                // SAFETY: the skinny kernels take (x, W, bias, y, M, N, K, ldy); the buffers hold these shapes.
-                unsafe { gpu.launch(name, lcfg((n.div_ceil(16) as u32, 1, 1), 256), &args) }.unwrap();
-            }
-        };
+    let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
+    // Milliseconds per call of `pass` (one warm-up, then the mean of five).
+    let time = |pass: &dyn Fn()| {
         pass();
         e0.record(&gpu.stream).unwrap();
         for _ in 0..5 {
@@ -207,16 +190,76 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
         }
         e1.record(&gpu.stream).unwrap();
         gpu.sync().unwrap();
-        let ms = e0.elapsed_ms(&e1).unwrap() as f64 / 5.0;
+        e0.elapsed_ms(&e1).unwrap() as f64 / 5.0
+    };
+    let report = |what: &str, ms: f64, bytes: f64| {
         println!(
-            "micro m= 1 {name:>22}: {ms:7.3} ms per pass, {:.2} TB/s ({:.0}% of copy)",
+            "micro {what:>34}: {ms:7.3} ms, {:.2} TB/s ({:.1}% of copy)",
             bytes / ms / 1e9,
             100.0 * bytes / (ms / 1e3) / bw
         );
+    };
+    // One skinny launch of `name` on weight `i`, one token, K cut into `split` shares.
+    let launch = |name: &'static str, i: usize, split: u32| {
+        let (n, k) = shapes[i];
+        let args = [
+            x.ptr,
+            ws[i].ptr,
+            0,
+            y.ptr,
+            1i32.bits(),
+            (n as i32).bits(),
+            (k as i32).bits(),
+            (n as i32).bits(),
+        ];
+        // SAFETY: the skinny kernels take (x, W, bias, y, M, N, K, ldy); the buffers hold these shapes.
+        unsafe { gpu.launch(name, lcfg((n.div_ceil(16) as u32, split, 1), 256), &args) }.unwrap();
+    };
+    println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
+    // The read-only ceiling: every weight streamed once by a kernel that only loads and sums.
+    let sink = gpu.alloc(4).unwrap();
+    let read = |i: usize| {
+        let (n, k) = shapes[i];
+        let args = [ws[i].ptr, ((n * k * 2 / 16) as u64), sink.ptr];
+        // SAFETY: read_stream takes (p, number of 16-byte vectors, sink); ws[i] holds n * k elems.
+        unsafe { gpu.launch("read_stream", lcfg((132 * 8, 1, 1), 256), &args) }.unwrap();
+    };
+    report(
+        "read-only, every weight",
+        time(&|| (0..ws.len()).for_each(read)),
+        bytes,
+    );
+    // Each projection kind alone (32 launches, one per layer), one token.
+    let kinds = ["q/k/v", "o", "gate/up", "down"];
+    for (j, kind) in kinds.iter().enumerate() {
+        let idx: Vec<usize> = (j..ws.len() - 1).step_by(4).collect();
+        let kb: f64 = idx.iter().map(|&i| (shapes[i].0 * shapes[i].1 * 2) as f64).sum();
+        report(
+            &format!("{kind} read-only"),
+            time(&|| idx.iter().for_each(|&i| read(i))),
+            kb,
+        );
+        report(
+            &format!("{kind} skinny_store_8"),
+            time(&|| idx.iter().for_each(|&i| launch("skinny_store_8", i, 1))),
+            kb,
+        );
+        for split in [1, 2, 3, 4] {
+            let ms = time(&|| idx.iter().for_each(|&i| launch("skinny_add_8", i, split)));
+            report(&format!("{kind} skinny_add_8 split-K {split}"), ms, kb);
+        }
+    }
+    // Tuning variants of the Store kernel over every projection, one token.
+    for &name in ["skinny_store_8"]
+        .iter()
+        .chain(tuning.kernels.iter().filter(|k| k.starts_with("skinny")))
+    {
+        let ms = time(&|| (0..ws.len()).for_each(|i| launch(name, i, 1)));
+        report(&format!("m= 1 {name}"), ms, bytes);
     }
     for m in [1usize, 2, 4, 8, 16, 32] {
         for (name, gm) in [("skinny", SKINNY_MAX_M), ("cublas", 0)] {
-            let pass = || {
+            let ms = time(&|| {
                 for (w, &(n, k)) in ws.iter().zip(&shapes) {
                     linear(
                         &gpu,
@@ -234,21 +277,8 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
                     )
                     .unwrap();
                 }
-            };
-            pass();
-            e0.record(&gpu.stream).unwrap();
-            let reps = 5;
-            for _ in 0..reps {
-                pass();
-            }
-            e1.record(&gpu.stream).unwrap();
-            gpu.sync().unwrap();
-            let ms = e0.elapsed_ms(&e1).unwrap() as f64 / reps as f64;
-            println!(
-                "micro m={m:>2} {name:>6}: {ms:7.3} ms per pass, {:.2} TB/s ({:.0}% of copy)",
-                bytes / ms / 1e9,
-                100.0 * bytes / (ms / 1e3) / bw
-            );
+            });
+            report(&format!("m={m:>2} {name}"), ms, bytes);
         }
     }
 }

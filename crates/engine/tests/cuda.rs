@@ -301,7 +301,13 @@ fn skinny_vs_cublas(elem: Elem) {
         // SAFETY: `ptr` holds n 16-bit values (fill_uniform's signature in kernels.rs).
         unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
     };
-    for &(n, k) in &[(1000usize, 4104usize), (4096, 4096), (48, 64), (320, 160)] {
+    for &(n, k) in &[
+        (1000usize, 4104usize),
+        (4096, 4096),
+        (512, 11008),
+        (48, 64),
+        (320, 160),
+    ] {
         let w = gpu.alloc(n * k * 2).unwrap();
         let x = gpu.alloc(SKINNY_MAX_M * k * 2).unwrap();
         fill(w.ptr, n * k, 1);

@@ -873,7 +873,15 @@ pub fn linear(
             _ => (n, SKINNY_ROWS),
         };
         let (bias, m32, n32, k32, ld32) = (bias.unwrap_or(0), m as i32, rows as i32, k as i32, ldy as i32);
-        let grid = (rows.div_ceil(per_block) as u32, 1, 1);
+        let blocks = rows.div_ceil(per_block);
+        // A residual add with few rows and a long K (o_proj, down_proj at one token: 256 blocks
+        // where an SM holds four) cuts K into shares of at least 32 chunks, added atomically
+        // (on the H200: o_proj 71% → 80% and down_proj 81% → 93% of copy bandwidth).
+        let split = match epi {
+            Epilogue::Add if m <= 8 && blocks < 4 * gpu.num_sms as usize => (k.div_ceil(64) / 32).clamp(1, 4),
+            _ => 1,
+        };
+        let grid = (blocks as u32, split as u32, 1);
         let args = [x, w, bias, y, m32.bits(), n32.bits(), k32.bits(), ld32.bits()];
         // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy) (skinny.rs).
         return unsafe { gpu.launch(skinny::kernel_name(epi, m), cfg(grid, SKINNY_THREADS), &args) };

@@ -11,6 +11,8 @@
 //! (permuted) way, so the dot products are unchanged and neither operand goes through shared
 //! memory. The four lanes of a row read 64 contiguous bytes per load: whole 32-byte sectors.
 //! Warps then sum their partial tiles in shared memory and the epilogue writes the output.
+//! A residual add with too few rows to fill the GPU may also cut K across `gridDim.y` blocks
+//! that add their partial sums atomically.
 //!
 //! Weights never depend on the kernel before: each warp issues its first loads before
 //! `pdl_wait` (programmatic dependent launch, kernels.rs), so a GEMM's blocks fetch weights in
@@ -89,7 +91,9 @@ __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
 
 // y = x[M, K] · W[rows, K]ᵀ for M <= 8 * NT. Block b owns 16 output rows: for Store/Add rows
 // 16b..16b+15 of W (N rows); for SiLU, gate rows 8b..8b+7 (rows of W) and the matching up rows
-// I + 8b.. (N = I). K must be a multiple of 8. grid ceil(N / 16) (Store/Add) or ceil(I / 8).
+// I + 8b.. (N = I). K must be a multiple of 8. grid (ceil(N / 16) (Store/Add) or ceil(I / 8),
+// S): with S > 1 (Add only) block (b, s) takes the s-th of S equal shares of K's 64-wide chunks
+// and adds its partial sum atomically (bias from s = 0).
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments;
 // PL: issue the first iteration's weight loads before waiting on the previous kernel.
 template <int NT, int EPI, int SK_U, bool PF, bool PL>
@@ -115,29 +119,24 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     int nchunks = (K + 63) >> 6;
-    uint4 w[SK_U][4];
-    auto load = [&](int c0) {
+    int cb = (int)(blockIdx.y * nchunks / gridDim.y), ce = (int)((blockIdx.y + 1) * nchunks / gridDim.y);
+    auto load = [&](uint4 (&w)[SK_U][4], int c0) {
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
             int c = c0 + u * SK_WARPS;
             int e = c * 64 + t * 8;
-            bool ok0 = c < nchunks && e < K, ok1 = c < nchunks && e + 32 < K;
+            bool ok0 = c < ce && e < K, ok1 = c < ce && e + 32 < K;
             w[u][0] = vlo && ok0 ? ld_stream<PF>(wlo + c * 64) : z4;
             w[u][1] = vlo && ok1 ? ld_stream<PF>(wlo + c * 64 + 32) : z4;
             w[u][2] = vhi && ok0 ? ld_stream<PF>(whi + c * 64) : z4;
             w[u][3] = vhi && ok1 ? ld_stream<PF>(whi + c * 64 + 32) : z4;
         }
     };
-    // The weights do not depend on the previous kernel: with PL, the first iteration's loads
-    // are issued before waiting for it (programmatic dependent launch), so they overlap its tail.
-    if (PL) load(warp);
-    pdl_begin();
-    for (int c0 = warp; c0 < nchunks; c0 += SK_WARPS * SK_U) {
-        if (!PL || c0 != warp) load(c0);
+    auto mul = [&](const uint4 (&w)[SK_U][4], int c0) {
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
             int c = c0 + u * SK_WARPS;
-            if (c >= nchunks) break;
+            if (c >= ce) break;
             int e = c * 64 + t * 8;
 #pragma unroll
             for (int n = 0; n < NT; n++) {
@@ -154,6 +153,15 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
                 mma_16816(acc[n], w[u][1].z, w[u][3].z, w[u][1].w, w[u][3].w, xb.z, xb.w);
             }
         }
+    };
+    // The weights do not depend on the previous kernel: with PL, the first iteration's loads
+    // are issued before waiting for it (programmatic dependent launch), so they overlap its tail.
+    uint4 w[SK_U][4];
+    if (PL) load(w, cb + warp);
+    pdl_begin();
+    for (int c0 = cb + warp; c0 < ce; c0 += SK_WARPS * SK_U) {
+        if (!PL || c0 != cb + warp) load(w, c0);
+        mul(w, c0);
     }
     // Sum the warps' partial tiles. Entry (n, i, lane): row lo (i < 2) or hi, token n*8 + 2t + (i & 1).
     __shared__ float red[SK_WARPS][NT * 128];
@@ -180,9 +188,10 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
         } else {
             int row = blockIdx.x * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
             if (row >= N) continue;
-            if (bias) s += e2f(bias[row]);
+            if (bias && blockIdx.y == 0) s += e2f(bias[row]);
             float* y = (float*)yv + (size_t)m * ldy + row;
-            if (EPI == EPI_ADD) *y += s;
+            if (EPI == EPI_ADD && gridDim.y > 1) atomicAdd(y, s);
+            else if (EPI == EPI_ADD) *y += s;
             else *y = s;
         }
     }
@@ -239,21 +248,36 @@ pub const TUNING: Module = Module {
 // Tuning variants (Store, up to 8 tokens), timed by `gpu_bench --micro`: chunks in flight,
 // blocks per SM asked of the register allocator, L2 prefetch, weights loaded before the
 // programmatic-launch wait.
-#define SKINNY_VAR(NAME, U, MINB, PF, PL)                                                              \
+#define SKINNY_VAR(NAME, U, MINB, PF, PL)                                                          \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, MINB) NAME(                           \
         const elem_t* x, const elem_t* W, const elem_t* bias, void* y, int M, int N, int K, int ldy) { \
-        skinny<1, EPI_STORE, U, PF, PL>(x, W, bias, y, M, N, K, ldy);                                  \
+        skinny<1, EPI_STORE, U, PF, PL>(x, W, bias, y, M, N, K, ldy);                              \
     }
 SKINNY_VAR(skinny_var_u2_b4_nopl, 2, 4, true, false)
 SKINNY_VAR(skinny_var_u2_b4_nopf, 2, 4, false, true)
 SKINNY_VAR(skinny_var_u4_b2, 4, 2, true, true)
-SKINNY_VAR(skinny_var_u4_b3, 4, 3, true, true)
+
+// The read-only ceiling: streams n16 16-byte vectors once (4 in flight per thread) and only
+// sums them (the sink is written when the sum hits a value no test data makes).
+extern "C" __global__ void __launch_bounds__(256) read_stream(const elem_t* p, unsigned long long n16, u32* sink) {
+    const uint4* v = (const uint4*)p;
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    u32 acc = 0;
+    pdl_begin();
+    for (; i + 3 * stride < n16; i += 4 * stride) {
+        uint4 a = ld_stream<true>((const elem_t*)(v + i)), b = ld_stream<true>((const elem_t*)(v + i + stride));
+        uint4 c = ld_stream<true>((const elem_t*)(v + i + 2 * stride)), d = ld_stream<true>((const elem_t*)(v + i + 3 * stride));
+        acc += a.x ^ b.y ^ c.z ^ d.w ^ a.w ^ b.x ^ c.y ^ d.z;
+    }
+    for (; i < n16; i += stride) acc += ld_stream<true>((const elem_t*)(v + i)).x;
+    if (acc == 0x9e3779b9u) *sink = acc;
+}
 "#
     ),
     kernels: &[
         "skinny_var_u2_b4_nopl",
         "skinny_var_u2_b4_nopf",
         "skinny_var_u4_b2",
-        "skinny_var_u4_b3",
+        "read_stream",
     ],
 };
