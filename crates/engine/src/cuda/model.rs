@@ -591,6 +591,121 @@ impl CudaModel {
         )
     }
 
+    /// Whether the q/k/v GEMM with the RoPE epilogue takes `t` tokens of `lin`.
+    fn rope_fits(&self, lin: &Linear, t: usize) -> bool {
+        skinny::fits(self.skinny_max_m, Epilogue::Store, lin.n, lin.k, t) && self.cfg.head_dim % 16 == 0
+    }
+
+    /// What RoPE and the cache write read, for layer `li`: cos and sin tables, each token's
+    /// position and cache slot, the layer's K and V caches.
+    fn rope_args(&self, li: usize) -> [u64; 6] {
+        let a = self.arena_layout;
+        [
+            self.rope_cos.ptr,
+            self.rope_sin.ptr,
+            self.input(a.positions),
+            self.input(a.slot_mapping),
+            self.k_cache[li].ptr,
+            self.v_cache[li].ptr,
+        ]
+    }
+
+    /// Decode, layer `li`: q/k/v with RoPE and the K/V cache write in the GEMM's epilogue (one
+    /// launch where [`Self::qkv_then_rope`] makes two).
+    fn qkv_rope(&self, gpu: &Gpu, layer: &Layer, li: usize, t: usize) -> Result<()> {
+        let c = &self.cfg;
+        let lin = &layer.qkv_proj;
+        let grid = ((lin.n / SKINNY_ROWS) as u32, 1, 1);
+        let mut args = vec![
+            self.normed.ptr,
+            lin.w.ptr,
+            lin.bias.as_ref().map_or(0, |b| b.ptr),
+            self.qkv.ptr,
+            (t as i32).bits(),
+            (lin.n as i32).bits(),
+            (lin.k as i32).bits(),
+            (lin.n as i32).bits(),
+        ];
+        args.extend(self.rope_args(li));
+        args.extend([c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()));
+        // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, cos, sin,
+        // positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
+        // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
+        unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
+    }
+
+    /// Layer `li`'s q/k/v GEMM with its LoRA, Qwen3's q/k norms, then RoPE and the K/V cache
+    /// write (prefill, and decode with q/k/v LoRA or q/k norms).
+    fn qkv_then_rope(&self, gpu: &Gpu, layer: &Layer, li: usize, shape: StepShape) -> Result<()> {
+        let c = &self.cfg;
+        let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let qkv_n = c.q_size() + 2 * c.kv_size();
+        let (t, ti, a) = (shape.num_tokens, shape.num_tokens as u32, self.arena_layout);
+        let on = shape.lora_mask & 1 != 0;
+        let qkv = || {
+            self.linear(
+                gpu,
+                &layer.qkv_proj,
+                Epilogue::Store,
+                self.normed.ptr,
+                self.qkv.ptr,
+                t,
+                qkv_n,
+            )
+        };
+        // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
+        let fuse_qkv_expand = on && t == shape.num_seqs && layer.q_norm.is_none();
+        self.with_lora(
+            gpu,
+            layer.lora.first(),
+            (on, fuse_qkv_expand),
+            self.normed.ptr,
+            self.qkv.ptr,
+            qkv_n,
+            shape,
+            qkv,
+        )?;
+        let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 0, fuse_qkv_expand);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            launch!(
+                gpu,
+                "qk_norm",
+                cfg((ti, (nh + nkv) as u32, 1), 32),
+                self.qkv.ptr,
+                qkv_n as i32,
+                nh as i32,
+                hd as i32,
+                qn.ptr,
+                kn.ptr,
+                c.rms_norm_eps
+            )?;
+        }
+        let [cos, sin, pos, slots, kc, vc] = self.rope_args(li);
+        launch!(
+            gpu,
+            "rope_kv_write",
+            cfg((ti, (nh + 2 * nkv) as u32, 1), (hd / 2).div_ceil(32) as u32 * 32),
+            self.qkv.ptr,
+            qkv_n as i32,
+            nh as i32,
+            nkv as i32,
+            hd as i32,
+            cos,
+            sin,
+            pos,
+            slots,
+            kc,
+            vc,
+            l_tmp,
+            l_b,
+            l_ranks,
+            self.input(a.token_slot),
+            t as i32,
+            self.lora_rank as i32,
+            self.max_loras as i32
+        )
+    }
+
     /// Enqueues the kernels of one step on the stream (also what a graph captures).
     pub fn record_forward(&self, gpu: &Gpu, shape: StepShape) -> Result<()> {
         let c = &self.cfg;
@@ -600,7 +715,6 @@ impl CudaModel {
         let qkv_n = qs + 2 * kvs;
         let (t, s) = (shape.num_tokens, shape.num_seqs);
         let a = self.arena_layout;
-        let eps = c.rms_norm_eps;
         let ti = t as u32;
         // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
         let decode_parts = (t == s && decode_attention_fits(hd))
@@ -620,67 +734,13 @@ impl CudaModel {
             if li == 0 {
                 self.rms_norm(gpu, t, 0, layer.input_layernorm.ptr, self.normed.ptr, NO_LORA)?;
             }
-            let qkv = || {
-                self.linear(
-                    gpu,
-                    &layer.qkv_proj,
-                    Epilogue::Store,
-                    self.normed.ptr,
-                    self.qkv.ptr,
-                    t,
-                    qkv_n,
-                )
-            };
-            // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
-            let fuse_qkv_expand = lora_on(0) && t == s && layer.q_norm.is_none();
-            self.with_lora(
-                gpu,
-                layer.lora.first(),
-                (lora_on(0), fuse_qkv_expand),
-                self.normed.ptr,
-                self.qkv.ptr,
-                qkv_n,
-                shape,
-                qkv,
-            )?;
-            let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 0, fuse_qkv_expand);
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                launch!(
-                    gpu,
-                    "qk_norm",
-                    cfg((ti, (nh + nkv) as u32, 1), 32),
-                    self.qkv.ptr,
-                    qkv_n as i32,
-                    nh as i32,
-                    hd as i32,
-                    qn.ptr,
-                    kn.ptr,
-                    eps
-                )?;
+            // Decode without q/k norms or q/k/v LoRA: RoPE and the cache write are the q/k/v
+            // GEMM's epilogue.
+            if t == s && !lora_on(0) && layer.q_norm.is_none() && self.rope_fits(&layer.qkv_proj, t) {
+                self.qkv_rope(gpu, layer, li, t)?;
+            } else {
+                self.qkv_then_rope(gpu, layer, li, shape)?;
             }
-            launch!(
-                gpu,
-                "rope_kv_write",
-                cfg((ti, (nh + 2 * nkv) as u32, 1), (hd / 2).div_ceil(32) as u32 * 32),
-                self.qkv.ptr,
-                qkv_n as i32,
-                nh as i32,
-                nkv as i32,
-                hd as i32,
-                self.rope_cos.ptr,
-                self.rope_sin.ptr,
-                self.input(a.positions),
-                self.input(a.slot_mapping),
-                self.k_cache[li].ptr,
-                self.v_cache[li].ptr,
-                l_tmp,
-                l_b,
-                l_ranks,
-                self.input(a.token_slot),
-                t as i32,
-                self.lora_rank as i32,
-                self.max_loras as i32
-            )?;
             if let Some(parts) = decode_parts {
                 launch!(
                     gpu,
@@ -867,7 +927,7 @@ pub fn linear(
     ldy: usize,
     scratch: CUdeviceptr,
 ) -> Result<()> {
-    if m <= skinny_max_m && k % 8 == 0 && (epi != Epilogue::SiluMul || n % 2 == 0) {
+    if skinny::fits(skinny_max_m, epi, n, k, m) {
         let (rows, per_block) = match epi {
             Epilogue::SiluMul => (n / 2, SKINNY_ROWS / 2),
             _ => (n, SKINNY_ROWS),

@@ -44,6 +44,11 @@ pub enum Epilogue {
     SiluMul,
 }
 
+/// Whether the skinny GEMM takes `m` tokens of an `n × k` weight (else cuBLAS does).
+pub fn fits(skinny_max_m: usize, epi: Epilogue, n: usize, k: usize, m: usize) -> bool {
+    m <= skinny_max_m && k % 8 == 0 && (epi != Epilogue::SiluMul || n % 2 == 0)
+}
+
 /// Kernel name for an epilogue and a token count (rounded up to 8, 16 or 32).
 pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
     let i = match m {
@@ -59,6 +64,16 @@ pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
     names[i]
 }
 
+/// The q/k/v kernel with RoPE and the K/V cache write as its epilogue (`RopeArgs` in the
+/// kernels), for `m` tokens (rounded up to 8, 16 or 32); its weight's heads need `hd % 16 == 0`.
+pub fn rope_kernel_name(m: usize) -> &'static str {
+    match m {
+        0..=8 => "skinny_rope_8",
+        9..=16 => "skinny_rope_16",
+        _ => "skinny_rope_32",
+    }
+}
+
 /// The skinny GEMM template (CUDA C), instantiated by [`MODULE`] and [`TUNING`].
 macro_rules! skinny_template {
     () => {
@@ -67,6 +82,20 @@ macro_rules! skinny_template {
 #define EPI_STORE 0
 #define EPI_ADD 1
 #define EPI_SILU 2
+#define EPI_ROPE 3
+
+// What the RoPE epilogue needs (decode steps; see rope_kv_write in the core kernels, whose work
+// it does): cos/sin [max_pos, hd/2] f32, a position and a cache slot per token, the paged
+// caches [num_slots, nkv * hd] elem_t, and the head layout of W's rows (q, k, v heads).
+struct RopeArgs {
+    const float* cos;
+    const float* sin;
+    const u32* positions;
+    const u32* slots;
+    elem_t* k_cache;
+    elem_t* v_cache;
+    int nh, nkv, hd;
+};
 
 // d += a · b for one m16n8k16 tile, elem_t in, f32 accumulate.
 __device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -91,18 +120,29 @@ __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
 
 // y = x[M, K] · W[rows, K]ᵀ for M <= 8 * NT. Block b owns 16 output rows: for Store/Add rows
 // 16b..16b+15 of W (N rows); for SiLU, gate rows 8b..8b+7 (rows of W) and the matching up rows
-// I + 8b.. (N = I). K must be a multiple of 8. grid (ceil(N / 16) (Store/Add) or ceil(I / 8),
+// I + 8b.. (N = I); for RoPE (W is q/k/v, N rows, hd a multiple of 16), rows 8j..8j+7 of a head
+// and their rotation partners hd/2 further, so a lane holds both halves of its pairs: q rows go
+// to y rotated, k rows rotated and v rows as they are to the caches (K/V not kept in y). K must be a multiple of 8. grid (ceil(N / 16) (Store/Add) or ceil(I / 8),
 // S): with S > 1 (Add only) block (b, s) takes the s-th of S equal shares of K's 64-wide chunks
 // and adds its partial sum atomically (bias from s = 0).
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments;
 // PL: issue the first iteration's weight loads before waiting on the previous kernel.
 template <int NT, int EPI, int SK_U, bool PF, bool PL>
 __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_t* __restrict__ W,
-                                       const elem_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy) {
+                                       const elem_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy,
+                                       RopeArgs ra = RopeArgs{}) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int lo, hi;
     bool vlo, vhi;
-    if (EPI == EPI_SILU) {
+    // RoPE: the block's head and the first of its 8 frequencies.
+    int head = 0, j0 = 0;
+    if (EPI == EPI_ROPE) {
+        head = blockIdx.x / (ra.hd >> 4);
+        j0 = (blockIdx.x % (ra.hd >> 4)) * 8;
+        lo = head * ra.hd + j0 + g;
+        hi = lo + (ra.hd >> 1);
+        vlo = vhi = hi < N;
+    } else if (EPI == EPI_SILU) {
         lo = blockIdx.x * 8 + g;
         hi = N + lo;
         vlo = vhi = lo < N;
@@ -174,11 +214,41 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
         int l = idx & 31, i = (idx >> 5) & 3, n = idx >> 7;
         int m = n * 8 + (l & 3) * 2 + (i & 1);
         if (m >= M) continue;
-        if (EPI == EPI_SILU && i >= 2) continue;
+        if ((EPI == EPI_SILU || EPI == EPI_ROPE) && i >= 2) continue;
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < SK_WARPS; w++) s += red[w][idx];
-        if (EPI == EPI_SILU) {
+        if (EPI == EPI_ROPE) {
+            int half = ra.hd >> 1, j = j0 + (l >> 2);
+            int rlo = head * ra.hd + j, rhi = rlo + half;
+            if (rhi >= N) continue;
+            float b = 0.f;
+#pragma unroll
+            for (int w = 0; w < SK_WARPS; w++) b += red[w][idx + 64];
+            if (bias) {
+                s += e2f(bias[rlo]);
+                b += e2f(bias[rhi]);
+            }
+            size_t kvs = (size_t)ra.nkv * ra.hd, slot = ra.slots[m];
+            if (head >= ra.nh + ra.nkv) {
+                elem_t* v = ra.v_cache + slot * kvs + (size_t)(head - ra.nh - ra.nkv) * ra.hd;
+                v[j] = f2e(s);
+                v[j + half] = f2e(b);
+                continue;
+            }
+            size_t cs = (size_t)ra.positions[m] * half + j;
+            float c = ra.cos[cs], sn = ra.sin[cs];
+            float r0 = s * c - b * sn, r1 = b * c + s * sn;
+            if (head < ra.nh) {
+                float* y = (float*)yv + (size_t)m * ldy;
+                y[rlo] = r0;
+                y[rhi] = r1;
+            } else {
+                elem_t* k = ra.k_cache + slot * kvs + (size_t)(head - ra.nh) * ra.hd;
+                k[j] = f2e(r0);
+                k[j + half] = f2e(r1);
+            }
+        } else if (EPI == EPI_SILU) {
             int j = blockIdx.x * 8 + (l >> 2);
             if (j >= N) continue;
             float up = 0.f;
@@ -223,6 +293,19 @@ SKINNY(skinny_silu_8, 1, EPI_SILU)
 SKINNY(skinny_silu_16, 2, EPI_SILU)
 SKINNY(skinny_silu_32, 4, EPI_SILU)
 
+// q/k/v with RoPE and the K/V cache write as the epilogue (decode steps).
+#define SKINNY_ROPE(NAME, NT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, NT == 1 ? 4 : 2) NAME(                \
+        const elem_t* x, const elem_t* W, const elem_t* bias, float* y, int M, int N, int K, int ldy,   \
+        const float* cos_t, const float* sin_t, const u32* positions, const u32* slots,                  \
+        elem_t* k_cache, elem_t* v_cache, int nh, int nkv, int hd) {                                     \
+        RopeArgs ra{cos_t, sin_t, positions, slots, k_cache, v_cache, nh, nkv, hd};                      \
+        skinny<NT, EPI_ROPE, 2, true, true>(x, W, bias, y, M, N, K, ldy, ra);                            \
+    }
+SKINNY_ROPE(skinny_rope_8, 1)
+SKINNY_ROPE(skinny_rope_16, 2)
+SKINNY_ROPE(skinny_rope_32, 4)
+
 "#
     ),
     kernels: &[
@@ -235,6 +318,9 @@ SKINNY(skinny_silu_32, 4, EPI_SILU)
         "skinny_silu_8",
         "skinny_silu_16",
         "skinny_silu_32",
+        "skinny_rope_8",
+        "skinny_rope_16",
+        "skinny_rope_32",
     ],
 };
 
