@@ -504,6 +504,117 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
     }
 }
 
+/// Both decode attention kernels (128 threads, and the 1024-thread one for few sequences)
+/// against attention computed here from the same paged cache: four sequences with contexts from
+/// one key to 700 (one part, several, a part of one key), GQA, scattered cache blocks, and as
+/// many parts as the model would launch at batch 1 and at batch 32.
+#[test]
+fn cuda_decode_attention_matches_reference() {
+    if !have_gpu() {
+        return;
+    }
+    use multilora_engine::cuda::gpu::{cfg, Gpu, KernelArg};
+    use multilora_engine::cuda::kernels::{
+        DECODE_ATT_MAX_PARTS, DECODE_ATT_THREADS, DECODE_ATT_WIDE_THREADS,
+    };
+    let (nh, nkv, hd, bs, max_blocks) = (8usize, 2usize, 128usize, 16usize, 64usize);
+    let ctxs = [1usize, 33, 144, 700];
+    let (s, kvs, ld) = (ctxs.len(), nkv * hd, (nh + 2 * nkv) * hd);
+    let slots = s * max_blocks * bs;
+    // Sequence i's logical block b sits at physical block i * max_blocks + (7b + i) % max_blocks.
+    let tables: Vec<u32> = (0..s * max_blocks)
+        .map(|j| {
+            ((j / max_blocks) * max_blocks + (7 * (j % max_blocks) + j / max_blocks) % max_blocks) as u32
+        })
+        .collect();
+    let positions: Vec<u32> = ctxs.iter().map(|&c| c as u32 - 1).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let qkv: Vec<f32> = (0..s * ld).map(|_| rng.random_range(-1.0..1.0)).collect();
+    for elem in Elem::ALL {
+        let gpu = Gpu::new(0, elem).expect("CUDA context");
+        let (kc, vc) = (
+            gpu.alloc(slots * kvs * 2).unwrap(),
+            gpu.alloc(slots * kvs * 2).unwrap(),
+        );
+        for (buf, seed) in [(&kc, 21u64), (&vc, 22)] {
+            let args = [buf.ptr, (slots * kvs) as u64, seed, 1.0f32.bits()];
+            // SAFETY: `buf` holds slots * kvs 16-bit values (fill_uniform's signature in kernels.rs).
+            unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
+        }
+        let (mut kh, mut vh) = (vec![0u16; slots * kvs], vec![0u16; slots * kvs]);
+        gpu.dtoh(&mut kh, kc.ptr).unwrap();
+        gpu.dtoh(&mut vh, vc.ptr).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut want = vec![0f32; s * nh * hd];
+        for (i, &ctx) in ctxs.iter().enumerate() {
+            for h in 0..nh {
+                let (q, kvh) = (&qkv[i * ld + h * hd..][..hd], h / (nh / nkv));
+                let at = |pos: usize| {
+                    (tables[i * max_blocks + pos / bs] as usize * bs + pos % bs) * kvs + kvh * hd
+                };
+                let scores: Vec<f32> = (0..ctx)
+                    .map(|p| (0..hd).map(|d| q[d] * elem.decode(kh[at(p) + d])).sum::<f32>() * scale)
+                    .collect();
+                let mx = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|x| (x - mx).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for d in 0..hd {
+                    let v: f32 = (0..ctx).map(|p| e[p] * elem.decode(vh[at(p) + d])).sum();
+                    want[(i * nh + h) * hd + d] = v / sum;
+                }
+            }
+        }
+        let (q_d, pos_d, tab_d) = (
+            gpu.alloc(qkv.len() * 4).unwrap(),
+            gpu.alloc(s * 4).unwrap(),
+            gpu.alloc(tables.len() * 4).unwrap(),
+        );
+        gpu.htod(q_d.ptr, &qkv).unwrap();
+        gpu.htod(pos_d.ptr, &positions).unwrap();
+        gpu.htod(tab_d.ptr, &tables).unwrap();
+        let part = gpu.alloc(s * nh * DECODE_ATT_MAX_PARTS * (hd + 2) * 4).unwrap();
+        let counters = gpu.alloc(s * nh * 4).unwrap();
+        for (name, threads) in [
+            ("decode_attention", DECODE_ATT_THREADS),
+            ("decode_attention_wide", DECODE_ATT_WIDE_THREADS),
+        ] {
+            for parts in [17u32, 1, 3] {
+                let out = gpu.alloc(s * nh * hd * 2).unwrap();
+                let args = [
+                    q_d.ptr,
+                    (ld as i32).bits(),
+                    out.ptr,
+                    kc.ptr,
+                    vc.ptr,
+                    pos_d.ptr,
+                    tab_d.ptr,
+                    (max_blocks as i32).bits(),
+                    (bs as i32).bits(),
+                    (nh as i32).bits(),
+                    (nkv as i32).bits(),
+                    (hd as i32).bits(),
+                    scale.bits(),
+                    part.ptr,
+                    counters.ptr,
+                ];
+                let grid = cfg((s as u32, nh as u32, parts), threads);
+                // SAFETY: the decode attention kernels' signature (kernels.rs); buffers sized above.
+                unsafe { gpu.launch(name, grid, &args) }.unwrap();
+                let mut got = vec![0u16; s * nh * hd];
+                gpu.dtoh(&mut got, out.ptr).unwrap();
+                let got: Vec<f32> = got.iter().map(|&v| elem.decode(v)).collect();
+                let diff = max_diff(&want, &got);
+                assert!(
+                    diff <= 1e-2 * max_abs(&want),
+                    "{name} ({}), {parts} parts: max diff {diff} from the reference (max |out| {})",
+                    elem.name(),
+                    max_abs(&want)
+                );
+            }
+        }
+    }
+}
+
 // ---- the sampling kernel alone, on fixed logits rows ----
 
 /// A fixed logits row: pseudo-random values in [-3, 3) and a few larger ones spread over the

@@ -742,26 +742,34 @@ impl CudaModel {
                 self.qkv_then_rope(gpu, layer, li, shape)?;
             }
             if let Some(parts) = decode_parts {
-                launch!(
-                    gpu,
-                    "decode_attention",
-                    cfg((ti, nh as u32, parts), kernels::DECODE_ATT_THREADS),
+                // Few (sequence, head) pairs: one 1024-thread block each reads a short context
+                // in one round, with no second pass to merge parts (kernels.rs).
+                let (name, threads) = if 2 * s * nh <= self.num_sms {
+                    ("decode_attention_wide", kernels::DECODE_ATT_WIDE_THREADS)
+                } else {
+                    ("decode_attention", kernels::DECODE_ATT_THREADS)
+                };
+                let args = [
                     self.qkv.ptr,
-                    qkv_n as i32,
+                    (qkv_n as i32).bits(),
                     self.attn.ptr,
                     self.k_cache[li].ptr,
                     self.v_cache[li].ptr,
                     self.input(a.positions),
                     self.input(a.block_tables),
-                    self.max_blocks_per_seq as i32,
-                    self.block_size as i32,
-                    nh as i32,
-                    nkv as i32,
-                    hd as i32,
-                    1.0f32 / (hd as f32).sqrt(),
+                    (self.max_blocks_per_seq as i32).bits(),
+                    (self.block_size as i32).bits(),
+                    (nh as i32).bits(),
+                    (nkv as i32).bits(),
+                    (hd as i32).bits(),
+                    (1.0f32 / (hd as f32).sqrt()).bits(),
                     self.att_part.ptr,
-                    self.att_count.ptr
-                )?;
+                    self.att_count.ptr,
+                ];
+                // SAFETY: both decode attention kernels take (qkv, ld, out, k_cache, v_cache,
+                // positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale, part,
+                // counters) (kernels.rs); the buffers are the model's, sized for its limits.
+                unsafe { gpu.launch(name, cfg((ti, nh as u32, parts), threads), &args) }?;
             } else {
                 launch!(
                     gpu,
