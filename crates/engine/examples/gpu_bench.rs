@@ -248,6 +248,10 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             let ms = time(&|| idx.iter().for_each(|&i| launch("skinny_add_8", i, split)));
             report(&format!("{kind} skinny_add_8 split-K {split}"), ms, kb);
         }
+        for &name in tuning.kernels.iter().filter(|k| k.starts_with("skinny")) {
+            let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, 1)));
+            report(&format!("{kind} {name}"), ms, kb);
+        }
     }
     // Tuning variants of the Store kernel over every projection, one token.
     for &name in ["skinny_store_8"]
