@@ -222,14 +222,14 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
         let (n, k) = shapes[i];
         let args = [ws[i].ptr, ((n * k * 2 / 16) as u64), sink.ptr];
         // SAFETY: read_stream takes (p, number of 16-byte vectors, sink); ws[i] holds n * k elems.
-        unsafe { gpu.launch("read_stream", lcfg((132 * 8, 1, 1), 256), &args) }.unwrap();
+        unsafe { gpu.launch("read_stream", lcfg((gpu.num_sms * 8, 1, 1), 256), &args) }.unwrap();
     };
     report(
         "read-only, every weight",
         time(&|| (0..ws.len()).for_each(read)),
         bytes,
     );
-    // Each projection kind alone (32 launches, one per layer), one token.
+    // Each projection kind alone (one launch per layer), one token.
     let kinds = ["q/k/v", "o", "gate/up", "down"];
     for (j, kind) in kinds.iter().enumerate() {
         let idx: Vec<usize> = (j..ws.len() - 1).step_by(4).collect();

@@ -373,8 +373,8 @@ fn skinny_vs_cublas(elem: Elem) {
 }
 
 /// The q/k/v GEMM with RoPE and the K/V cache write as its epilogue against the two launches it
-/// replaces (skinny Store, then rope_kv_write), with 128-wide heads (8 blocks a head, partners
-/// 64 rows apart), a bias, and 1..13 tokens at scattered positions and cache slots.
+/// replaces (skinny Store, then rope_kv_write), for two head sizes, with and without a bias, and
+/// 1..13 tokens at scattered positions and cache slots.
 #[test]
 fn cuda_skinny_rope_matches_gemm_then_rope() {
     if !have_gpu() {
@@ -383,122 +383,125 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
     use multilora_engine::cuda::gpu::{cfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
     use multilora_engine::cuda::skinny::{self, Epilogue, SKINNY_MAX_M, SKINNY_THREADS};
-    let (nh, nkv, hd, k, max_pos, num_slots) = (4usize, 2usize, 128usize, 512usize, 64usize, 64usize);
-    let (n, half, kvs) = ((nh + 2 * nkv) * hd, hd / 2, nkv * hd);
-    for elem in Elem::ALL {
-        let gpu = Gpu::new(0, elem).expect("CUDA context");
-        let fill = |ptr: u64, len: usize, seed: u64| {
-            let args = [ptr, len as u64, seed, 1.0f32.bits()];
-            // SAFETY: `ptr` holds len 16-bit values (fill_uniform's signature in kernels.rs).
-            unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
-        };
-        let (w, x, bias) = (
-            gpu.alloc(n * k * 2).unwrap(),
-            gpu.alloc(SKINNY_MAX_M * k * 2).unwrap(),
-            gpu.alloc(n * 2).unwrap(),
-        );
-        fill(w.ptr, n * k, 11);
-        fill(x.ptr, SKINNY_MAX_M * k, 12);
-        fill(bias.ptr, n, 13);
-        let angles: Vec<f32> = (0..max_pos * half)
-            .map(|i| (i / half) as f32 * 10000f32.powf(-((i % half) as f32) / half as f32))
-            .collect();
-        let (cos, sin) = (
-            gpu.alloc(angles.len() * 4).unwrap(),
-            gpu.alloc(angles.len() * 4).unwrap(),
-        );
-        gpu.htod(cos.ptr, &angles.iter().map(|a| a.cos()).collect::<Vec<_>>())
-            .unwrap();
-        gpu.htod(sin.ptr, &angles.iter().map(|a| a.sin()).collect::<Vec<_>>())
-            .unwrap();
-        for m in [1usize, 5, 8, 13] {
-            let positions: Vec<u32> = (0..m as u32).map(|i| (i * 37 + 5) % max_pos as u32).collect();
-            let slots: Vec<u32> = (0..m as u32).map(|i| (i * 7 + 3) % num_slots as u32).collect();
-            let (pos_d, slot_d) = (gpu.alloc(m * 4).unwrap(), gpu.alloc(m * 4).unwrap());
-            gpu.htod(pos_d.ptr, &positions).unwrap();
-            gpu.htod(slot_d.ptr, &slots).unwrap();
-            // (q rows of y, k cache, v cache) of each path
-            let mut got = Vec::new();
-            for fused in [false, true] {
-                let y = gpu.alloc(m * n * 4).unwrap();
-                let (kc, vc) = (
-                    gpu.alloc(num_slots * kvs * 2).unwrap(),
-                    gpu.alloc(num_slots * kvs * 2).unwrap(),
-                );
-                let rope = [cos.ptr, sin.ptr, pos_d.ptr, slot_d.ptr, kc.ptr, vc.ptr];
-                let heads = [(nh as i32).bits(), (nkv as i32).bits(), (hd as i32).bits()];
-                if fused {
-                    let mut args = vec![
-                        x.ptr,
-                        w.ptr,
-                        bias.ptr,
-                        y.ptr,
-                        (m as i32).bits(),
-                        (n as i32).bits(),
-                        (k as i32).bits(),
-                        (n as i32).bits(),
-                    ];
-                    args.extend(rope);
-                    args.extend(heads);
-                    let grid = cfg(((n / 16) as u32, 1, 1), SKINNY_THREADS);
-                    // SAFETY: skinny_rope's signature (skinny.rs); buffers sized above.
-                    unsafe { gpu.launch(skinny::rope_kernel_name(m), grid, &args) }.unwrap();
-                } else {
-                    let (x_, w_, b_) = (x.ptr, w.ptr, Some(bias.ptr));
-                    linear(
-                        &gpu,
-                        SKINNY_MAX_M,
-                        Epilogue::Store,
-                        w_,
-                        b_,
-                        n,
-                        k,
-                        x_,
-                        y.ptr,
-                        m,
-                        n,
-                        0,
-                    )
-                    .unwrap();
-                    let mut args = vec![y.ptr, (n as i32).bits(), heads[0], heads[1], heads[2]];
-                    args.extend(rope);
-                    // No LoRA: lora_tmp, B, ranks, tok_slot null; T, R, L.
-                    args.extend([0, 0, 0, 0, (m as i32).bits(), 0, 0]);
-                    let grid = cfg(
-                        (m as u32, (nh + 2 * nkv) as u32, 1),
-                        (half as u32).div_ceil(32) * 32,
+    // 128-wide heads with a bias (8 blocks a head, partners 64 rows apart), 64-wide without.
+    for (hd, with_bias) in [(128usize, true), (64, false)] {
+        let (nh, nkv, k, max_pos, num_slots) = (4usize, 2usize, 512usize, 64usize, 64usize);
+        let (n, half, kvs) = ((nh + 2 * nkv) * hd, hd / 2, nkv * hd);
+        for elem in Elem::ALL {
+            let gpu = Gpu::new(0, elem).expect("CUDA context");
+            let fill = |ptr: u64, len: usize, seed: u64| {
+                let args = [ptr, len as u64, seed, 1.0f32.bits()];
+                // SAFETY: `ptr` holds len 16-bit values (fill_uniform's signature in kernels.rs).
+                unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
+            };
+            let (w, x, bias) = (
+                gpu.alloc(n * k * 2).unwrap(),
+                gpu.alloc(SKINNY_MAX_M * k * 2).unwrap(),
+                gpu.alloc(n * 2).unwrap(),
+            );
+            fill(w.ptr, n * k, 11);
+            fill(x.ptr, SKINNY_MAX_M * k, 12);
+            fill(bias.ptr, n, 13);
+            let angles: Vec<f32> = (0..max_pos * half)
+                .map(|i| (i / half) as f32 * 10000f32.powf(-((i % half) as f32) / half as f32))
+                .collect();
+            let (cos, sin) = (
+                gpu.alloc(angles.len() * 4).unwrap(),
+                gpu.alloc(angles.len() * 4).unwrap(),
+            );
+            gpu.htod(cos.ptr, &angles.iter().map(|a| a.cos()).collect::<Vec<_>>())
+                .unwrap();
+            gpu.htod(sin.ptr, &angles.iter().map(|a| a.sin()).collect::<Vec<_>>())
+                .unwrap();
+            for m in [1usize, 5, 8, 13] {
+                let positions: Vec<u32> = (0..m as u32).map(|i| (i * 37 + 5) % max_pos as u32).collect();
+                let slots: Vec<u32> = (0..m as u32).map(|i| (i * 7 + 3) % num_slots as u32).collect();
+                let (pos_d, slot_d) = (gpu.alloc(m * 4).unwrap(), gpu.alloc(m * 4).unwrap());
+                gpu.htod(pos_d.ptr, &positions).unwrap();
+                gpu.htod(slot_d.ptr, &slots).unwrap();
+                // (q rows of y, k cache, v cache) of each path
+                let mut got = Vec::new();
+                for fused in [false, true] {
+                    let y = gpu.alloc(m * n * 4).unwrap();
+                    let (kc, vc) = (
+                        gpu.alloc(num_slots * kvs * 2).unwrap(),
+                        gpu.alloc(num_slots * kvs * 2).unwrap(),
                     );
-                    // SAFETY: rope_kv_write's signature (kernels.rs); buffers sized above.
-                    unsafe { gpu.launch("rope_kv_write", grid, &args) }.unwrap();
+                    let rope = [cos.ptr, sin.ptr, pos_d.ptr, slot_d.ptr, kc.ptr, vc.ptr];
+                    let heads = [(nh as i32).bits(), (nkv as i32).bits(), (hd as i32).bits()];
+                    if fused {
+                        let mut args = vec![
+                            x.ptr,
+                            w.ptr,
+                            if with_bias { bias.ptr } else { 0 },
+                            y.ptr,
+                            (m as i32).bits(),
+                            (n as i32).bits(),
+                            (k as i32).bits(),
+                            (n as i32).bits(),
+                        ];
+                        args.extend(rope);
+                        args.extend(heads);
+                        let grid = cfg(((n / 16) as u32, 1, 1), SKINNY_THREADS);
+                        // SAFETY: skinny_rope's signature (skinny.rs); buffers sized above.
+                        unsafe { gpu.launch(skinny::rope_kernel_name(m), grid, &args) }.unwrap();
+                    } else {
+                        let (x_, w_, b_) = (x.ptr, w.ptr, with_bias.then_some(bias.ptr));
+                        linear(
+                            &gpu,
+                            SKINNY_MAX_M,
+                            Epilogue::Store,
+                            w_,
+                            b_,
+                            n,
+                            k,
+                            x_,
+                            y.ptr,
+                            m,
+                            n,
+                            0,
+                        )
+                        .unwrap();
+                        let mut args = vec![y.ptr, (n as i32).bits(), heads[0], heads[1], heads[2]];
+                        args.extend(rope);
+                        // No LoRA: lora_tmp, B, ranks, tok_slot null; T, R, L.
+                        args.extend([0, 0, 0, 0, (m as i32).bits(), 0, 0]);
+                        let grid = cfg(
+                            (m as u32, (nh + 2 * nkv) as u32, 1),
+                            (half as u32).div_ceil(32) * 32,
+                        );
+                        // SAFETY: rope_kv_write's signature (kernels.rs); buffers sized above.
+                        unsafe { gpu.launch("rope_kv_write", grid, &args) }.unwrap();
+                    }
+                    let mut yh = vec![0f32; m * n];
+                    gpu.dtoh(&mut yh, y.ptr).unwrap();
+                    let q: Vec<f32> = yh.chunks(n).flat_map(|r| r[..nh * hd].to_vec()).collect();
+                    let cache = |buf: u64| {
+                        let mut h = vec![0u16; num_slots * kvs];
+                        gpu.dtoh(&mut h, buf).unwrap();
+                        slots
+                            .iter()
+                            .flat_map(|&sl| h[sl as usize * kvs..][..kvs].to_vec())
+                            .map(|v| elem.decode(v))
+                            .collect::<Vec<f32>>()
+                    };
+                    got.push((q, cache(kc.ptr), cache(vc.ptr)));
                 }
-                let mut yh = vec![0f32; m * n];
-                gpu.dtoh(&mut yh, y.ptr).unwrap();
-                let q: Vec<f32> = yh.chunks(n).flat_map(|r| r[..nh * hd].to_vec()).collect();
-                let cache = |buf: u64| {
-                    let mut h = vec![0u16; num_slots * kvs];
-                    gpu.dtoh(&mut h, buf).unwrap();
-                    slots
-                        .iter()
-                        .flat_map(|&sl| h[sl as usize * kvs..][..kvs].to_vec())
-                        .map(|v| elem.decode(v))
-                        .collect::<Vec<f32>>()
-                };
-                got.push((q, cache(kc.ptr), cache(vc.ptr)));
-            }
-            let (a, b) = (&got[0], &got[1]);
-            let tol = if elem == Elem::Bf16 { 1e-2 } else { 2e-3 };
-            for (what, x, y, tol) in [
-                ("q", &a.0, &b.0, 1e-4),
-                ("k cache", &a.1, &b.1, tol),
-                ("v cache", &a.2, &b.2, tol),
-            ] {
-                let diff = max_diff(x, y);
-                assert!(
+                let (a, b) = (&got[0], &got[1]);
+                let tol = if elem == Elem::Bf16 { 1e-2 } else { 2e-3 };
+                for (what, x, y, tol) in [
+                    ("q", &a.0, &b.0, 1e-4),
+                    ("k cache", &a.1, &b.1, tol),
+                    ("v cache", &a.2, &b.2, tol),
+                ] {
+                    let diff = max_diff(x, y);
+                    assert!(
                     max_abs(x) > 0.0 && diff <= tol * max_abs(x),
-                    "RoPE epilogue vs Store + rope_kv_write ({}), {m} tokens, {what}: max diff {diff} against max {}",
+                    "RoPE epilogue vs Store + rope_kv_write ({}), head_dim {hd}, bias {with_bias}, {m} tokens, {what}: max diff {diff} against max {}",
                     elem.name(),
                     max_abs(x)
                 );
+                }
             }
         }
     }

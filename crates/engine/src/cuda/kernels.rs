@@ -465,8 +465,9 @@ __device__ __forceinline__ void decode_attention_impl(
         }
     };
     // Positions and block tables are step inputs, and the cache before the new token was
-    // written by earlier steps: the first keys are loaded while the kernel ahead (RoPE, which
-    // writes the new token's K/V) drains; the new token's own K/V after waiting for it.
+    // written by earlier steps: the first keys are loaded while the kernel ahead (rope_kv_write,
+    // or the q/k/v GEMM with the RoPE epilogue: either writes the new token's K/V) drains; the
+    // new token's own K/V after waiting for it.
     load(k0 + grp, ctx - 1);
     pdl_wait();
 #pragma unroll

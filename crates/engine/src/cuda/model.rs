@@ -635,7 +635,8 @@ impl CudaModel {
     }
 
     /// Layer `li`'s q/k/v GEMM with its LoRA, Qwen3's q/k norms, then RoPE and the K/V cache
-    /// write (prefill, and decode with q/k/v LoRA or q/k norms).
+    /// write: every step [`Self::qkv_rope`] does not take (prefill, and decode with q/k/v LoRA,
+    /// q/k norms, more tokens than the skinny GEMM takes, or a head_dim not a multiple of 16).
     fn qkv_then_rope(&self, gpu: &Gpu, layer: &Layer, li: usize, shape: StepShape) -> Result<()> {
         let c = &self.cfg;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -716,9 +717,17 @@ impl CudaModel {
         let (t, s) = (shape.num_tokens, shape.num_seqs);
         let a = self.arena_layout;
         let ti = t as u32;
-        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
-        let decode_parts = (t == s && decode_attention_fits(hd))
-            .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
+        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU:
+        // about four 128-thread blocks an SM, or with the 1024-thread kernel (few pairs, below)
+        // at most one, so that a long context stays in one wave of those.
+        let wide_attention = 2 * s * nh <= self.num_sms;
+        let parts = if wide_attention {
+            self.num_sms / (s * nh)
+        } else {
+            (4 * self.num_sms).div_ceil(s * nh)
+        };
+        let decode_parts =
+            (t == s && decode_attention_fits(hd)).then(|| parts.clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
         launch!(
             gpu,
@@ -744,7 +753,7 @@ impl CudaModel {
             if let Some(parts) = decode_parts {
                 // Few (sequence, head) pairs: one 1024-thread block each reads a short context
                 // in one round, with no second pass to merge parts (kernels.rs).
-                let (name, threads) = if 2 * s * nh <= self.num_sms {
+                let (name, threads) = if wide_attention {
                     ("decode_attention_wide", kernels::DECODE_ATT_WIDE_THREADS)
                 } else {
                     ("decode_attention", kernels::DECODE_ATT_THREADS)
@@ -917,7 +926,8 @@ impl CudaModel {
 }
 
 /// `x[m, k] · W[n, k]ᵀ (+ bias)` into `y[m, ldy]` as `epi` says: the skinny GEMM (epilogue
-/// fused) for up to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
+/// fused; a residual add of up to 8 tokens over a long K in 2–4 shares added atomically) for up
+/// to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
 /// [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is elem `[m, I]`, and the cuBLAS path
 /// goes through `scratch` (f32 `[m, n]`).
 #[allow(clippy::too_many_arguments)]

@@ -1,6 +1,7 @@
 //! Skinny GEMM for decode-sized batches: `y = x · Wᵀ` for up to [`SKINNY_MAX_M`] tokens on tensor
 //! cores, streaming every weight byte once, with the step's next elementwise op fused into the
-//! epilogue (store, residual add, or SiLU·mul of gate and up).
+//! epilogue (store, residual add, SiLU·mul of gate and up, or, for q/k/v on decode steps, RoPE
+//! and the K/V-cache write).
 //!
 //! At a handful of tokens the product is memory-bound: what matters is keeping enough bytes in
 //! flight to saturate HBM, not the math. Each warp owns a tile of 16 weight rows and a share of
@@ -12,7 +13,8 @@
 //! memory. The four lanes of a row read 64 contiguous bytes per load: whole 32-byte sectors.
 //! Warps then sum their partial tiles in shared memory and the epilogue writes the output.
 //! A residual add with too few rows to fill the GPU may also cut K across `gridDim.y` blocks
-//! that add their partial sums atomically.
+//! that add their partial sums atomically; the order of those adds varies, so such a step's
+//! output is not bitwise reproducible from run to run (last-bit differences).
 //!
 //! Weights never depend on the kernel before: each warp issues its first loads before
 //! `pdl_wait` (programmatic dependent launch, kernels.rs), so a GEMM's blocks fetch weights in
@@ -120,11 +122,13 @@ __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
 
 // y = x[M, K] · W[rows, K]ᵀ for M <= 8 * NT. Block b owns 16 output rows: for Store/Add rows
 // 16b..16b+15 of W (N rows); for SiLU, gate rows 8b..8b+7 (rows of W) and the matching up rows
-// I + 8b.. (N = I); for RoPE (W is q/k/v, N rows, hd a multiple of 16), rows 8j..8j+7 of a head
-// and their rotation partners hd/2 further, so a lane holds both halves of its pairs: q rows go
-// to y rotated, k rows rotated and v rows as they are to the caches (K/V not kept in y). K must be a multiple of 8. grid (ceil(N / 16) (Store/Add) or ceil(I / 8),
-// S): with S > 1 (Add only) block (b, s) takes the s-th of S equal shares of K's 64-wide chunks
-// and adds its partial sum atomically (bias from s = 0).
+// I + 8b.. (N = I); for RoPE (W is q/k/v, N rows, hd a multiple of 16), block c of a head owns
+// the head's rows 8c..8c+7 and their rotation partners hd/2 further, so a lane holds both
+// halves of its pairs: q rows go to y rotated, k rows rotated and v rows as they are to the
+// caches (K/V not kept in y). K must be a multiple of 8.
+// grid: (ceil(N / 16), S) for Store/Add, (ceil(I / 8), 1) for SiLU, (N / 16, 1) for RoPE. With
+// S > 1 (Add only), block (b, s) takes the s-th of S equal shares of K's 64-wide chunks and adds
+// its partial sum atomically (bias from s = 0).
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments;
 // PL: issue the first iteration's weight loads before waiting on the previous kernel.
 template <int NT, int EPI, int SK_U, bool PF, bool PL>
