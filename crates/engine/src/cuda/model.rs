@@ -717,17 +717,12 @@ impl CudaModel {
         let (t, s) = (shape.num_tokens, shape.num_seqs);
         let a = self.arena_layout;
         let ti = t as u32;
-        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU:
-        // about four 128-thread blocks an SM, or with the 1024-thread kernel (few pairs, below)
-        // at most one, so that a long context stays in one wave of those.
+        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
+        // (With the 1024-thread kernel below, one block an SM, a context long enough to use
+        // every part would run in several waves; measured only at context ~144, BENCHMARKS.md.)
         let wide_attention = 2 * s * nh <= self.num_sms;
-        let parts = if wide_attention {
-            self.num_sms / (s * nh)
-        } else {
-            (4 * self.num_sms).div_ceil(s * nh)
-        };
-        let decode_parts =
-            (t == s && decode_attention_fits(hd)).then(|| parts.clamp(1, DECODE_ATT_MAX_PARTS) as u32);
+        let decode_parts = (t == s && decode_attention_fits(hd))
+            .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
         launch!(
             gpu,
