@@ -1351,7 +1351,8 @@ fn sgmv_vs_reference_and_bgmv(elem: Elem) {
 }
 
 /// Not a check: prints the time of SGMV and BGMV shrink and expand on Llama-2-7B's q/k/v and o
-/// shapes (rank 16, a distinct adapter per 128-token sequence), for tuning on the GPU machine:
+/// shapes (rank 16, a distinct adapter per 128-token sequence) from 128 to 4096 tokens, for
+/// tuning on the GPU machine (where SGMV overtakes BGMV sets `SGMV_MIN_TOKENS` in model.rs):
 /// `cuda_test --ignored --nocapture cuda_sgmv_timing`.
 #[test]
 #[ignore]
@@ -1371,7 +1372,7 @@ fn cuda_sgmv_timing() {
         gpu.sync().unwrap();
         start.elapsed_ms(&end).unwrap() * 1e3 / 20.0
     };
-    for num_seqs in [1, 32] {
+    for num_seqs in [1, 2, 4, 8, 16, 32] {
         for outs in [vec![4096; 3], vec![4096]] {
             let c = LoraCase {
                 name: "timing",
