@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU").
-#   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [profile] [mlbench] [peer]    default: check micro bench mlbench peer
+#   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer]    default: check micro bench mlbench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench.
 # Writes logs and results under $OUT.
 set -uo pipefail
@@ -45,6 +45,18 @@ ab)
   echo "== with ${AB_ENV:=MULTILORA_PDL=0}, to compare with bench"
   env $AB_ENV timeout 300 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" "$WORK/ab.jsonl" \
     --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 | tee "$OUT/ab.log" | grep -E "no-lora|distinct"
+  ;;
+abbuild)
+  # Two builds in one call (lent machines differ by up to a few %): BIN_B=dir holds the other
+  # build's gpu_bench; both run alternately, AB_ROUNDS times each.
+  [ -n "${BIN_B:-}" ] || { echo "abbuild: set BIN_B to the directory of the other build's gpu_bench"; continue; }
+  for r in $(seq ${AB_ROUNDS:-2}); do
+    for b in "$BIN" "$BIN_B"; do
+      echo "== $b/gpu_bench, round $r"
+      timeout 300 "$b/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null \
+        --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 | grep -E "no-lora|distinct|rror|panic"
+    done
+  done 2>&1 | tee "$OUT/abbuild.log"
   ;;
 profile)
   echo "== per-kernel times of one eager decode step (ncu), no-LoRA and distinct, batch 1 and 32"
