@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Everything multilora does on the GPU machine, in one device call (see README, "GPU").
+# Everything multilora does on the GPU machine, in one device call (see README, "GPU"). Each step's
+# timeout is a bound, not its length: check micro bench mlbench took ~110 s on the H200, peer ~90 s.
 #   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer]    default: check micro bench mlbench peer
-# Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench.
+# Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench,
+# multilora.
 # Writes logs and results under $OUT.
 set -uo pipefail
 BIN=${BIN:-.gpubin}
@@ -49,14 +51,14 @@ ab)
 abbuild)
   # Two builds in one call (lent machines differ by up to a few %): BIN_B=dir holds the other
   # build's gpu_bench; both run alternately, AB_ROUNDS times each.
-  [ -n "${BIN_B:-}" ] || { echo "abbuild: set BIN_B to the directory of the other build's gpu_bench"; continue; }
+  [ -x "${BIN_B:-}/gpu_bench" ] || { echo "abbuild: BIN_B=${BIN_B:-} holds no gpu_bench: set it to the other build's directory"; continue; }
   for r in $(seq ${AB_ROUNDS:-2}); do
     for b in "$BIN" "$BIN_B"; do
       echo "== $b/gpu_bench, round $r"
       timeout 300 "$b/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null \
-        --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 | grep -E "no-lora|distinct|rror|panic"
+        --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 || echo "$b/gpu_bench failed (status $?)"
     done
-  done 2>&1 | tee "$OUT/abbuild.log"
+  done 2>&1 | tee "$OUT/abbuild.log" | grep -E "^==|no-lora|distinct|rror|panic|failed"
   ;;
 profile)
   echo "== per-kernel times of one eager decode step (ncu), no-LoRA and distinct, batch 1 and 32"

@@ -289,7 +289,8 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
 
 fn main() {
     let a = parse();
-    let elem = Elem::from_dtype(&a.dtype, None).expect("--dtype is bfloat16 or float16");
+    let elem = Elem::from_dtype(&a.dtype, None)
+        .unwrap_or_else(|| panic!("--dtype {:?}: expected bfloat16 or float16", a.dtype));
     let bw = copy_bandwidth();
     println!("device copy bandwidth (read + write): {:.3} TB/s", bw / 1e12);
     let cfg = ModelConfig::from_dir(&a.model).expect("config.json");

@@ -210,10 +210,12 @@ impl LLMEngine {
                 "max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len ({max_model_len}); prompts are prefilled in one step"
             )));
         }
-        if !["auto", "float32", "float16", "bfloat16", "half", "float"].contains(&config.dtype.as_str()) {
+        const DTYPES: [&str; 6] = ["auto", "float32", "float16", "bfloat16", "half", "float"];
+        if !DTYPES.contains(&config.dtype.as_str()) {
             return Err(Error::InvalidConfig(format!(
-                "dtype {:?} is not one of auto, float32, float16, bfloat16",
-                config.dtype
+                "dtype {:?} is not one of {}",
+                config.dtype,
+                DTYPES.join(", ")
             )));
         }
         // What the CUDA backend stores weights, activations and the KV cache as.

@@ -292,15 +292,10 @@ fn cuda_skinny_gemm_matches_cublas() {
 }
 
 fn skinny_vs_cublas(elem: Elem) {
-    use multilora_engine::cuda::gpu::{cfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
     use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
     let gpu = Gpu::new(0, elem).expect("CUDA context");
-    let fill = |ptr: u64, n: usize, seed: u64| {
-        let args = [ptr, n as u64, seed, 1.0f32.bits()];
-        // SAFETY: `ptr` holds n 16-bit values (fill_uniform's signature in kernels.rs).
-        unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
-    };
+    let fill = |ptr: u64, n: usize, seed: u64| fill_uniform(&gpu, ptr, n, seed);
     for &(n, k) in &[
         (1000usize, 4104usize),
         (4096, 4096),
@@ -389,11 +384,7 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
         let (n, half, kvs) = ((nh + 2 * nkv) * hd, hd / 2, nkv * hd);
         for elem in Elem::ALL {
             let gpu = Gpu::new(0, elem).expect("CUDA context");
-            let fill = |ptr: u64, len: usize, seed: u64| {
-                let args = [ptr, len as u64, seed, 1.0f32.bits()];
-                // SAFETY: `ptr` holds len 16-bit values (fill_uniform's signature in kernels.rs).
-                unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
-            };
+            let fill = |ptr: u64, len: usize, seed: u64| fill_uniform(&gpu, ptr, len, seed);
             let (w, x, bias) = (
                 gpu.alloc(n * k * 2).unwrap(),
                 gpu.alloc(SKINNY_MAX_M * k * 2).unwrap(),
@@ -405,20 +396,12 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
             let angles: Vec<f32> = (0..max_pos * half)
                 .map(|i| (i / half) as f32 * 10000f32.powf(-((i % half) as f32) / half as f32))
                 .collect();
-            let (cos, sin) = (
-                gpu.alloc(angles.len() * 4).unwrap(),
-                gpu.alloc(angles.len() * 4).unwrap(),
-            );
-            gpu.htod(cos.ptr, &angles.iter().map(|a| a.cos()).collect::<Vec<_>>())
-                .unwrap();
-            gpu.htod(sin.ptr, &angles.iter().map(|a| a.sin()).collect::<Vec<_>>())
-                .unwrap();
+            let cos = upload(&gpu, &angles.iter().map(|a| a.cos()).collect::<Vec<_>>());
+            let sin = upload(&gpu, &angles.iter().map(|a| a.sin()).collect::<Vec<_>>());
             for m in [1usize, 5, 8, 13] {
                 let positions: Vec<u32> = (0..m as u32).map(|i| (i * 37 + 5) % max_pos as u32).collect();
                 let slots: Vec<u32> = (0..m as u32).map(|i| (i * 7 + 3) % num_slots as u32).collect();
-                let (pos_d, slot_d) = (gpu.alloc(m * 4).unwrap(), gpu.alloc(m * 4).unwrap());
-                gpu.htod(pos_d.ptr, &positions).unwrap();
-                gpu.htod(slot_d.ptr, &slots).unwrap();
+                let (pos_d, slot_d) = (upload(&gpu, &positions), upload(&gpu, &slots));
                 // (q rows of y, k cache, v cache) of each path
                 let mut got = Vec::new();
                 for fused in [false, true] {
@@ -539,11 +522,8 @@ fn cuda_decode_attention_matches_reference() {
             gpu.alloc(slots * kvs * 2).unwrap(),
             gpu.alloc(slots * kvs * 2).unwrap(),
         );
-        for (buf, seed) in [(&kc, 21u64), (&vc, 22)] {
-            let args = [buf.ptr, (slots * kvs) as u64, seed, 1.0f32.bits()];
-            // SAFETY: `buf` holds slots * kvs 16-bit values (fill_uniform's signature in kernels.rs).
-            unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
-        }
+        fill_uniform(&gpu, kc.ptr, slots * kvs, 21);
+        fill_uniform(&gpu, vc.ptr, slots * kvs, 22);
         let (mut kh, mut vh) = (vec![0u16; slots * kvs], vec![0u16; slots * kvs]);
         gpu.dtoh(&mut kh, kc.ptr).unwrap();
         gpu.dtoh(&mut vh, vc.ptr).unwrap();
@@ -568,13 +548,10 @@ fn cuda_decode_attention_matches_reference() {
             }
         }
         let (q_d, pos_d, tab_d) = (
-            gpu.alloc(qkv.len() * 4).unwrap(),
-            gpu.alloc(s * 4).unwrap(),
-            gpu.alloc(tables.len() * 4).unwrap(),
+            upload(&gpu, &qkv),
+            upload(&gpu, &positions),
+            upload(&gpu, &tables),
         );
-        gpu.htod(q_d.ptr, &qkv).unwrap();
-        gpu.htod(pos_d.ptr, &positions).unwrap();
-        gpu.htod(tab_d.ptr, &tables).unwrap();
         let part = gpu.alloc(s * nh * DECODE_ATT_MAX_PARTS * (hd + 2) * 4).unwrap();
         let counters = gpu.alloc(s * nh * 4).unwrap();
         for (name, threads) in [
@@ -974,6 +951,14 @@ struct LoraCase {
     ranks: Vec<Vec<usize>>,
     /// `[T]` each token's slot
     lora: Vec<Option<u32>>,
+}
+
+/// `n` 16-bit values at `ptr` drawn uniformly from [-1, 1) by the device (seeded).
+fn fill_uniform(gpu: &Gpu, ptr: u64, n: usize, seed: u64) {
+    use multilora_engine::cuda::gpu::{cfg, KernelArg};
+    let args = [ptr, n as u64, seed, 1.0f32.bits()];
+    // SAFETY: callers pass a buffer of n 16-bit values (fill_uniform's signature in kernels.rs).
+    unsafe { gpu.launch("fill_uniform", cfg((256, 1, 1), 256), &args) }.unwrap();
 }
 
 fn upload<T>(gpu: &Gpu, v: &[T]) -> DevBuf {

@@ -125,20 +125,36 @@ impl OpenAiClient {
         })
     }
 
-    /// A request to `url` with the API key, if any.
-    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, url);
-        match &self.api_key {
-            Some(k) => req.bearer_auth(k),
-            None => req,
+    /// Sends `method url` (with the API key, if any, and `body` as JSON); a failure to connect
+    /// (or to complete the TLS handshake) names both and says what to check.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let mut req = self.http.request(method.clone(), url);
+        if let Some(k) = &self.api_key {
+            req = req.bearer_auth(k);
         }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        req.send().await.map_err(|e| {
+            let hint = match (e.is_connect(), url.starts_with("https://")) {
+                (false, _) => String::new(),
+                (true, false) => ": no connection (is the server running?)".into(),
+                (true, true) => ": no HTTPS connection (is the server running, and serving HTTPS on that port? A plain-HTTP server wants an http:// --base-url; a certificate from a private CA wants SSL_CERT_FILE set to its PEM file)".into(),
+            };
+            anyhow::Error::new(e).context(format!("{method} {url}{hint}"))
+        })
     }
 
     /// `/v1/models`' `data`: every model card (`id`, `parent`, `max_model_len` where the
     /// server reports it).
     pub async fn models(&self) -> anyhow::Result<Vec<Value>> {
         let url = format!("{}/models", self.base_url);
-        let res = send(self.request(reqwest::Method::GET, &url), "GET", &url).await?;
+        let res = self.send(reqwest::Method::GET, &url, None).await?;
         let body = checked_body(res, &url).await?;
         let v: Value = serde_json::from_str(&body).with_context(|| format!("GET {url}: not JSON"))?;
         Ok(v["data"].as_array().cloned().unwrap_or_default())
@@ -171,10 +187,8 @@ impl OpenAiClient {
     pub async fn count_tokens(&self, model: &str, prompt: &str) -> anyhow::Result<Option<usize>> {
         let root = self.base_url.trim_end_matches("/v1");
         let url = format!("{root}/tokenize");
-        let req = self
-            .request(reqwest::Method::POST, &url)
-            .json(&json!({"model": model, "prompt": prompt}));
-        let res = send(req, "POST", &url).await?;
+        let body = json!({"model": model, "prompt": prompt});
+        let res = self.send(reqwest::Method::POST, &url, Some(&body)).await?;
         if res.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -186,10 +200,8 @@ impl OpenAiClient {
     /// vLLM's `/v1/load_lora_adapter`; the path is the server's.
     pub async fn load_lora(&self, name: &str, path: &str) -> anyhow::Result<()> {
         let url = format!("{}/load_lora_adapter", self.base_url);
-        let req = self
-            .request(reqwest::Method::POST, &url)
-            .json(&json!({"lora_name": name, "lora_path": path}));
-        let res = send(req, "POST", &url).await?;
+        let body = json!({"lora_name": name, "lora_path": path});
+        let res = self.send(reqwest::Method::POST, &url, Some(&body)).await?;
         checked_body(res, &url)
             .await
             .with_context(|| format!("loading adapter {name:?} from {path} on the server"))?;
@@ -210,13 +222,7 @@ impl OpenAiClient {
         });
         let url = format!("{}/completions", self.base_url);
         let sent = Instant::now();
-        let req = self.request(reqwest::Method::POST, &url).json(&body);
-        let res = send(req, "POST", &url).await?;
-        if !res.status().is_success() {
-            // An error status: checked_body turns it into the server's message.
-            checked_body(res, &url).await?;
-            bail!("{url}: error status");
-        }
+        let res = check_status(self.send(reqwest::Method::POST, &url, Some(&body)).await?, &url).await?;
         let mut timing = RequestTiming {
             sent,
             chunk_times: Vec::with_capacity(num_tokens),
@@ -257,18 +263,6 @@ impl OpenAiClient {
         }
         Ok(timing)
     }
-}
-
-/// Sends a request; a failure to connect (or to complete the TLS handshake) says what to check.
-async fn send(req: reqwest::RequestBuilder, method: &str, url: &str) -> anyhow::Result<reqwest::Response> {
-    req.send().await.map_err(|e| {
-        let hint = match (e.is_connect(), url.starts_with("https://")) {
-            (false, _) => String::new(),
-            (true, false) => ": no connection (is the server running?)".into(),
-            (true, true) => ": no HTTPS connection (is the server running, and serving HTTPS on that port? A plain-HTTP server wants an http:// --base-url; a certificate from a private CA wants SSL_CERT_FILE set to its PEM file)".into(),
-        };
-        anyhow::Error::new(e).context(format!("{method} {url}{hint}"))
-    })
 }
 
 /// Index just past the first `\n\n` (or `\r\n\r\n`) in `buf`.
@@ -312,19 +306,28 @@ fn on_chunk(data: &str, now: Instant, t: &mut RequestTiming) -> anyhow::Result<(
 /// The body of a successful response; an error status becomes an error with the server's
 /// message.
 async fn checked_body(res: reqwest::Response, url: &str) -> anyhow::Result<String> {
+    check_status(res, url)
+        .await?
+        .text()
+        .await
+        .with_context(|| format!("reading the answer of {url}"))
+}
+
+/// `res` if its status is a success, else an error with the server's message.
+async fn check_status(res: reqwest::Response, url: &str) -> anyhow::Result<reqwest::Response> {
     let status = res.status();
+    if status.is_success() {
+        return Ok(res);
+    }
     let body = res
         .text()
         .await
         .with_context(|| format!("reading the answer of {url}"))?;
-    if !status.is_success() {
-        let msg = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or(body);
-        bail!("{url} answered {status}: {msg}");
-    }
-    Ok(body)
+    let msg = serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(body);
+    bail!("{url} answered {status}: {msg}")
 }
 
 /// The benchmark's [`Backend`] over HTTP.

@@ -140,10 +140,10 @@ impl Gpu {
             elem,
             _blas_workspace: None,
         };
-        // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
         for m in kernels::MODULES {
             gpu.load(m)?;
         }
+        // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
         let ws = gpu.alloc(32 << 20)?;
         // SAFETY: the handle is live and the workspace outlives it (both owned by `gpu`).
         let st = unsafe {

@@ -65,11 +65,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 // Programmatic dependent launch (sm_90+; `Gpu::launch`): a kernel may be launched while the
 // previous one in the stream drains. `pdl_wait` blocks until that kernel has finished and its
 // writes are visible, so every kernel waits before it touches activations (work on weights

@@ -36,7 +36,7 @@ pub struct StepShape {
     pub num_seqs: usize,
     /// Bit g set: LoRA group g runs. 0: no LoRA kernels at all.
     pub lora_mask: u8,
-    /// Segments of a prefill or mixed step (SGMV); 0 for decode steps, which use BGMV.
+    /// LoRA segments of a step run with SGMV ([`uses_sgmv`]); 0 for the others, which use BGMV.
     pub num_lora_segments: usize,
 }
 
@@ -398,7 +398,7 @@ impl CudaModel {
 
     /// Writes the step's inputs into `arena` (host), padded to `shape` for graph buckets:
     /// padded tokens write their K/V to the scratch slot and have no adapter. Returns the number
-    /// of LoRA segments of a prefill or mixed step (0 for decode).
+    /// of LoRA segments of a step that runs SGMV ([`uses_sgmv`]; 0 otherwise).
     pub fn pack_inputs(&self, batch: &StepBatch, shape: StepShape, arena: &mut [u32]) -> usize {
         let a = self.arena_layout;
         let (t, s) = (batch.num_tokens(), batch.num_seqs());
@@ -435,7 +435,7 @@ impl CudaModel {
         arena[a.block_tables..][..s * mb].copy_from_slice(&batch.block_tables[..s * mb]);
         arena[a.block_tables + s * mb..][..(shape.num_seqs - s) * mb].fill(0);
         // Segments only for the steps `lora` runs SGMV on.
-        let num_segments = if t > s && t >= SGMV_MIN_TOKENS && self.max_loras > 0 {
+        let num_segments = if uses_sgmv(t, s) && self.max_loras > 0 {
             let segs = &mut arena[a.lora_segments..][..3 * self.max_tokens];
             sgmv::pack_lora_segments(&batch.token_lora, segs)
         } else {
@@ -488,9 +488,9 @@ impl CudaModel {
         )
     }
 
-    /// BGMV shrink of one group: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`; decode
-    /// steps take a block per token and SHRINK_ROWS rank rows (more parallelism for few
-    /// tokens), prefill a warp per row (fewer, fuller blocks).
+    /// BGMV shrink of one group: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`; up to
+    /// SHRINK_WIDE_MIN_TOKENS tokens a block per token and SHRINK_ROWS rank rows (more
+    /// parallelism for few tokens), above a warp per row (fewer, fuller blocks).
     fn bgmv_shrink(&self, gpu: &Gpu, g: &LoraGroup, x: CUdeviceptr, t: usize) -> Result<()> {
         let w = g.weights(self.lora_rank, self.max_loras);
         let slots = self.input(self.arena_layout.token_slot);
@@ -522,8 +522,8 @@ impl CudaModel {
         }
     }
 
-    /// LoRA shrink + expand of one group, added into `y[T, ldy]`: segmented (SGMV) for prefill
-    /// and mixed steps, BGMV (a token at a time) for decode.
+    /// LoRA shrink + expand of one group, added into `y[T, ldy]`: segmented (SGMV) for long
+    /// prefill and mixed steps ([`uses_sgmv`]), BGMV (a token at a time) for the others.
     #[allow(clippy::too_many_arguments)]
     fn lora(
         &self,
@@ -536,7 +536,7 @@ impl CudaModel {
     ) -> Result<()> {
         let t = shape.num_tokens;
         let w = g.weights(self.lora_rank, self.max_loras);
-        if shape.num_tokens > shape.num_seqs && t >= SGMV_MIN_TOKENS {
+        if uses_sgmv(t, shape.num_seqs) {
             let segs = sgmv::Segments {
                 segs: self.input(self.arena_layout.lora_segments),
                 num_segs: self.input(self.arena_layout.num_lora_segments),
@@ -616,7 +616,10 @@ impl CudaModel {
         let c = &self.cfg;
         let lin = &layer.qkv_proj;
         let grid = ((lin.n / SKINNY_ROWS) as u32, 1, 1);
-        let mut args = vec![
+        // (x, W, bias, y, M, N, K, ldy), the RoPE arguments, (nh, nkv, hd): one array, no
+        // allocation per launch.
+        let mut args = [0u64; 17];
+        args[..8].copy_from_slice(&[
             self.normed.ptr,
             lin.w.ptr,
             lin.bias.as_ref().map_or(0, |b| b.ptr),
@@ -625,9 +628,11 @@ impl CudaModel {
             (lin.n as i32).bits(),
             (lin.k as i32).bits(),
             (lin.n as i32).bits(),
-        ];
-        args.extend(self.rope_args(li));
-        args.extend([c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()));
+        ]);
+        args[8..14].copy_from_slice(&self.rope_args(li));
+        args[14..].copy_from_slice(
+            &[c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()),
+        );
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, cos, sin,
         // positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
         // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
@@ -991,6 +996,12 @@ pub fn linear(
 /// at 32 × 128 tokens against BGMV's +22.7 ms, but +3.3 ms against +1.2 ms at 128 tokens
 /// (BENCHMARKS.md); the crossover between those two points was not measured.
 const SGMV_MIN_TOKENS: usize = 512;
+
+/// Whether a step of `t` tokens over `s` sequences runs its LoRA as SGMV (its segments packed
+/// by `pack_inputs`) rather than BGMV.
+fn uses_sgmv(t: usize, s: usize) -> bool {
+    t > s && t >= SGMV_MIN_TOKENS
+}
 
 /// [`CudaModel::rms_norm`] without a fused LoRA expand.
 const NO_LORA: (u64, u64, u64) = (0, 0, 0);

@@ -53,26 +53,26 @@ pub fn fits(skinny_max_m: usize, epi: Epilogue, n: usize, k: usize, m: usize) ->
 
 /// Kernel name for an epilogue and a token count (rounded up to 8, 16 or 32).
 pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
-    let i = match m {
-        0..=8 => 0,
-        9..=16 => 1,
-        _ => 2,
-    };
     let names: [&'static str; 3] = match epi {
         Epilogue::Store => ["skinny_store_8", "skinny_store_16", "skinny_store_32"],
         Epilogue::Add => ["skinny_add_8", "skinny_add_16", "skinny_add_32"],
         Epilogue::SiluMul => ["skinny_silu_8", "skinny_silu_16", "skinny_silu_32"],
     };
-    names[i]
+    names[token_class(m)]
 }
 
 /// The q/k/v kernel with RoPE and the K/V cache write as its epilogue (`RopeArgs` in the
 /// kernels), for `m` tokens (rounded up to 8, 16 or 32); its weight's heads need `hd % 16 == 0`.
 pub fn rope_kernel_name(m: usize) -> &'static str {
+    ["skinny_rope_8", "skinny_rope_16", "skinny_rope_32"][token_class(m)]
+}
+
+/// Which instantiation takes `m` tokens: 8, 16 or 32 of them (one, two or four n-tiles).
+fn token_class(m: usize) -> usize {
     match m {
-        0..=8 => "skinny_rope_8",
-        9..=16 => "skinny_rope_16",
-        _ => "skinny_rope_32",
+        0..=8 => 0,
+        9..=16 => 1,
+        _ => 2,
     }
 }
 

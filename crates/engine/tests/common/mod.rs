@@ -36,19 +36,22 @@ pub fn case_dir(case: &str) -> PathBuf {
 }
 
 pub fn load(case: &str) -> Golden {
-    let text = std::fs::read_to_string(case_dir(case).join("golden.json")).expect("golden.json");
-    serde_json::from_str(&text).expect("golden.json parses")
+    let path = case_dir(case).join("golden.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Adapter names of a case, with stable ids 1.. in sorted name order.
+/// Adapter names of a case, with stable ids 1.. in sorted name order (none for a case without
+/// an adapters folder).
 pub fn lora_requests(case: &str) -> HashMap<String, LoraRequest> {
     let dir = case_dir(case).join("adapters");
+    if !dir.exists() {
+        return HashMap::new();
+    }
     let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names
         .into_iter()
@@ -65,7 +68,11 @@ pub fn lora_requests(case: &str) -> HashMap<String, LoraRequest> {
 }
 
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "comparing rows of different lengths (an empty one was never filled?)"
+    );
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
@@ -86,7 +93,11 @@ pub fn add_requests(
             ignore_eos: true,
             ..SamplingParams::greedy(golden.num_steps)
         };
-        let lora = r.lora.as_ref().map(|name| &loras[name]);
+        let lora = r.lora.as_ref().map(|name| {
+            loras.get(name).unwrap_or_else(|| {
+                panic!("request {i} names adapter {name:?}, which the case's adapters folder lacks")
+            })
+        });
         engine
             .add_request(
                 &i.to_string(),
