@@ -148,7 +148,7 @@ fn copy_bandwidth() -> f64 {
 fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
     use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
-    use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
+    use multilora_engine::cuda::skinny::{self, Epilogue, NormIo, SKINNY_MAX_M};
     let mut gpu = Gpu::new(0, elem).expect("gpu");
     let (h, q, kv, i) = (
         cfg.hidden_size,
@@ -199,10 +199,12 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             100.0 * bytes / (ms / 1e3) / bw
         );
     };
-    // One skinny launch of `name` on weight `i`, one token, K cut into `split` shares.
+    // One skinny launch of `name` on weight `i`, one token, K cut into `split` shares (a split
+    // add kernel's cluster size).
     let launch = |name: &'static str, i: usize, split: u32| {
         let (n, k) = shapes[i];
-        let args = [
+        let mut args = [0u64; 13];
+        args[..8].copy_from_slice(&[
             x.ptr,
             ws[i].ptr,
             0,
@@ -211,8 +213,10 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             (n as i32).bits(),
             (k as i32).bits(),
             (n as i32).bits(),
-        ];
-        // SAFETY: the skinny kernels take (x, W, bias, y, M, N, K, ldy); the buffers hold these shapes.
+        ]);
+        args[8..].copy_from_slice(&NormIo::NONE.args());
+        // SAFETY: the skinny kernels take (x, W, bias, y, M, N, K, ldy, NormArgs); the buffers
+        // hold these shapes.
         unsafe { gpu.launch(name, lcfg((n.div_ceil(16) as u32, split, 1), 256), &args) }.unwrap();
     };
     println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
@@ -244,9 +248,10 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             time(&|| idx.iter().for_each(|&i| launch("skinny_store_8", i, 1))),
             kb,
         );
-        for split in [1, 2, 3, 4] {
-            let ms = time(&|| idx.iter().for_each(|&i| launch("skinny_add_8", i, split)));
-            report(&format!("{kind} skinny_add_8 split-K {split}"), ms, kb);
+        for split in [1, 2, 4] {
+            let name = skinny::add_split_kernel_name(split as usize);
+            let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, split)));
+            report(&format!("{kind} {name} split-K {split}"), ms, kb);
         }
         for &name in tuning.kernels.iter().filter(|k| k.starts_with("skinny")) {
             let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, 1)));
@@ -278,6 +283,7 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
                         m,
                         n,
                         0,
+                        NormIo::NONE,
                     )
                     .unwrap();
                 }

@@ -75,6 +75,19 @@ fn cpu_next_logits(case: &str, prompt: &[u32], prefix: &[u32], lora: Option<&Lor
 /// device id is checked against the host argmax of the logits it was drawn from; without, no
 /// logits come back.
 fn run(case: &str, golden: &Golden, elem: Elem, enforce_eager: bool, return_logits: bool) -> Run {
+    let all: Vec<usize> = (0..golden.requests.len()).collect();
+    run_some(case, golden, elem, enforce_eager, return_logits, &all)
+}
+
+/// [`run`] for the golden requests `which` only (the others' entries stay empty).
+fn run_some(
+    case: &str,
+    golden: &Golden,
+    elem: Elem,
+    enforce_eager: bool,
+    return_logits: bool,
+    which: &[usize],
+) -> Run {
     let mut cfg = EngineConfig::new(case_dir(case).join("model"));
     cfg.device = Device::Cuda;
     cfg.dtype = elem.name().into();
@@ -91,8 +104,7 @@ fn run(case: &str, golden: &Golden, elem: Elem, enforce_eager: bool, return_logi
         elem.name(),
         "{case}: the dtype the engine ran"
     );
-    let all: Vec<usize> = (0..golden.requests.len()).collect();
-    add_requests(&mut engine, golden, &lora_requests(case), &all);
+    add_requests(&mut engine, golden, &lora_requests(case), which);
     let k = golden.requests.len();
     let mut out = Run {
         tokens: vec![Vec::new(); k],
@@ -213,6 +225,30 @@ fn check_case(case: &str, elem: Elem) {
             "{case} request {i}: graph vs eager logits differ by {d}"
         );
     }
+    // The requests without an adapter on their own: decode steps of at most 8 sequences without
+    // LoRA, whose RMSNorms are split across the GEMMs around them (skinny.rs, NormIo).
+    let base: Vec<usize> = (0..golden.requests.len())
+        .filter(|&i| golden.requests[i].lora.is_none())
+        .take(8)
+        .collect();
+    let solo = run_some(case, &golden, elem, false, true, &base);
+    for &i in &base {
+        let r = &golden.requests[i];
+        let prefix = &solo.tokens[i][..DECODE_CHECK_TOKEN - 1];
+        let want = cpu_next_logits(case, &r.prompt_token_ids, prefix, None);
+        let rel = max_diff(&solo.decode_logits[i], &want) / max_abs(&want).max(1e-6);
+        eprintln!(
+            "{case} ({}) request {i} among {} without LoRA: decode-step logits vs CPU max rel diff {rel:.2e}",
+            elem.name(),
+            base.len()
+        );
+        assert!(
+            rel < tol,
+            "{case} ({}) request {i} (batch of {} without LoRA): logits of output token {DECODE_CHECK_TOKEN} differ from the CPU backend's by {rel} (relative)",
+            elem.name(),
+            base.len()
+        );
+    }
 }
 
 #[test]
@@ -293,7 +329,7 @@ fn cuda_skinny_gemm_matches_cublas() {
 
 fn skinny_vs_cublas(elem: Elem) {
     use multilora_engine::cuda::model::linear;
-    use multilora_engine::cuda::skinny::{Epilogue, SKINNY_MAX_M};
+    use multilora_engine::cuda::skinny::{Epilogue, NormIo, SKINNY_MAX_M};
     let gpu = Gpu::new(0, elem).expect("CUDA context");
     let fill = |ptr: u64, n: usize, seed: u64| fill_uniform(&gpu, ptr, n, seed);
     for &(n, k) in &[
@@ -336,6 +372,7 @@ fn skinny_vs_cublas(elem: Elem) {
                         m,
                         ldy,
                         scratch.ptr,
+                        NormIo::NONE,
                     )
                     .unwrap();
                     let got = if epi == Epilogue::SiluMul {
@@ -377,7 +414,7 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
     }
     use multilora_engine::cuda::gpu::{cfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
-    use multilora_engine::cuda::skinny::{self, Epilogue, SKINNY_MAX_M, SKINNY_THREADS};
+    use multilora_engine::cuda::skinny::{self, Epilogue, NormIo, SKINNY_MAX_M, SKINNY_THREADS};
     // 128-wide heads with a bias (8 blocks a head, partners 64 rows apart), 64-wide without.
     for (hd, with_bias) in [(128usize, true), (64, false)] {
         let (nh, nkv, k, max_pos, num_slots) = (4usize, 2usize, 512usize, 64usize, 64usize);
@@ -423,6 +460,7 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
                             (k as i32).bits(),
                             (n as i32).bits(),
                         ];
+                        args.extend(NormIo::NONE.args());
                         args.extend(rope);
                         args.extend(heads);
                         let grid = cfg(((n / 16) as u32, 1, 1), SKINNY_THREADS);
@@ -443,6 +481,7 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
                             m,
                             n,
                             0,
+                            NormIo::NONE,
                         )
                         .unwrap();
                         let mut args = vec![y.ptr, (n as i32).bits(), heads[0], heads[1], heads[2]];
@@ -484,6 +523,139 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
                     elem.name(),
                     max_abs(x)
                 );
+                }
+            }
+        }
+    }
+}
+
+/// An RMSNorm split across two skinny GEMMs (decode steps without LoRA): the residual add
+/// writes h · gamma and each token's sum of squares, and the next GEMM (Store, SiLU·mul) scales
+/// its dot products by 1/rms; against the same add, `add_rms_norm`, then the plain GEMM. The
+/// adds cut K into 1, 2 and 4 shares (clusters), for 1..8 tokens and row counts that are and are
+/// not multiples of 16.
+#[test]
+fn cuda_split_norm_matches_rms_norm() {
+    if !have_gpu() {
+        return;
+    }
+    use multilora_engine::cuda::gpu::{cfg, KernelArg};
+    use multilora_engine::cuda::model::linear;
+    use multilora_engine::cuda::skinny::{Epilogue, NormIo};
+    let eps = 1e-5f32;
+    for elem in Elem::ALL {
+        let gpu = Gpu::new(0, elem).expect("CUDA context");
+        let fill = |ptr: u64, len: usize, seed: u64| fill_uniform(&gpu, ptr, len, seed);
+        // (hidden, the add's K): K of 512 / 4096 / 11008 takes 1 / 2 / 4 shares at H = 4096.
+        for (h, k) in [(4096usize, 512usize), (4096, 4096), (4096, 11008), (1000, 4104)] {
+            let n2 = 768;
+            let (w, x, gamma, w2) = (
+                gpu.alloc(h * k * 2).unwrap(),
+                gpu.alloc(8 * k * 2).unwrap(),
+                gpu.alloc(h * 2).unwrap(),
+                gpu.alloc(n2 * h * 2).unwrap(),
+            );
+            fill(w.ptr, h * k, 21);
+            fill(x.ptr, 8 * k, 22);
+            fill(gamma.ptr, h, 23);
+            fill(w2.ptr, n2 * h, 24);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+            let h0: Vec<f32> = (0..8 * h).map(|_| rng.random_range(-4.0..4.0)).collect();
+            for m in [1usize, 3, 8] {
+                for epi in [Epilogue::Store, Epilogue::SiluMul] {
+                    let ldz = if epi == Epilogue::SiluMul { n2 / 2 } else { n2 };
+                    // (h after the add, z of the next GEMM, sums of squares) of each path
+                    let mut got = Vec::new();
+                    for split in [false, true] {
+                        let y = upload(&gpu, &h0);
+                        let xn = gpu.alloc(8 * h * 2).unwrap();
+                        let ss = upload(&gpu, &[0f32; 8]);
+                        let z = gpu.alloc(8 * n2 * 4).unwrap();
+                        let add = |norm| {
+                            linear(
+                                &gpu,
+                                8,
+                                Epilogue::Add,
+                                w.ptr,
+                                None,
+                                h,
+                                k,
+                                x.ptr,
+                                y.ptr,
+                                m,
+                                h,
+                                0,
+                                norm,
+                            )
+                            .unwrap()
+                        };
+                        let next = |norm| {
+                            linear(&gpu, 8, epi, w2.ptr, None, n2, h, xn.ptr, z.ptr, m, ldz, 0, norm).unwrap()
+                        };
+                        if split {
+                            add(NormIo {
+                                gamma: gamma.ptr,
+                                out: xn.ptr,
+                                out_ss: ss.ptr,
+                                ..NormIo::NONE
+                            });
+                            next(NormIo {
+                                in_ss: ss.ptr,
+                                eps,
+                                ..NormIo::NONE
+                            });
+                        } else {
+                            add(NormIo::NONE);
+                            // add_rms_norm (hidden, rows, w, out, H, eps), no LoRA expand.
+                            let args = [
+                                y.ptr,
+                                0,
+                                gamma.ptr,
+                                xn.ptr,
+                                (h as i32).bits(),
+                                eps.bits(),
+                                0,
+                                0,
+                                0,
+                                0,
+                                0,
+                            ];
+                            let threads = (h.div_ceil(32) * 32).min(1024) as u32;
+                            // SAFETY: add_rms_norm's signature (kernels.rs); buffers sized above.
+                            unsafe { gpu.launch("add_rms_norm", cfg((m as u32, 1, 1), threads), &args) }
+                                .unwrap();
+                            next(NormIo::NONE);
+                        }
+                        let zv = if epi == Epilogue::SiluMul {
+                            let mut v = vec![0u16; m * ldz];
+                            gpu.dtoh(&mut v, z.ptr).unwrap();
+                            v.iter().map(|&e| elem.decode(e)).collect()
+                        } else {
+                            download(&gpu, &z, m * ldz)
+                        };
+                        got.push((download(&gpu, &y, m * h), zv, download(&gpu, &ss, m)));
+                    }
+                    let (a, b) = (&got[0], &got[1]);
+                    let what = format!("{} H={h} K={k} M={m} {epi:?}", elem.name());
+                    // The same add kernel, split or not: the residual stream is bitwise equal.
+                    assert!(a.0 == b.0, "{what}: residual stream differs with the split norm");
+                    for (i, row) in b.0.chunks(h).enumerate() {
+                        let want: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                        let rel = ((b.2[i] as f64 - want) / want).abs();
+                        assert!(
+                            rel < 1e-4,
+                            "{what}: token {i} sum of squares {} vs {want}",
+                            b.2[i]
+                        );
+                    }
+                    // x rounded to 16 bits before or after the 1/rms scale.
+                    let tol = if elem == Elem::Bf16 { 2e-2 } else { 4e-3 };
+                    let diff = max_diff(&a.1, &b.1);
+                    assert!(
+                        max_abs(&a.1) > 0.0 && diff <= tol * max_abs(&a.1),
+                        "{what}: next GEMM after the split norm vs add_rms_norm: max diff {diff} against max {}",
+                        max_abs(&a.1)
+                    );
                 }
             }
         }

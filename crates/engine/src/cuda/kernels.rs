@@ -159,10 +159,13 @@ extern "C" __global__ void fill(elem_t* out, u64 n, float v) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = b;
 }
 
-// hidden: [T, H] f32; table: [vocab, H] elem_t; ids: [T]
-extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H) {
+// hidden: [T, H] f32; table: [vocab, H] elem_t; ids: [T]. Block 0 also zeroes zero[0..nzero)
+// (the step's split-norm sums of squares, skinny.rs).
+extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H, float* zero, int nzero) {
     pdl_begin();
     int t = blockIdx.x;
+    if (t == 0)
+        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero[i] = 0.f;
     const elem_t* row = table + (size_t)ids[t] * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) hidden[(size_t)t * H + i] = e2f(row[i]);
 }

@@ -9,7 +9,7 @@ use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::lora::LoraGroup;
 use super::sgmv;
-use super::skinny::{self, Epilogue, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
+use super::skinny::{self, Epilogue, NormIo, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -113,6 +113,7 @@ pub struct CudaModel {
     act: DevBuf,         // [T, intermediate] elem
     lora_tmp: DevBuf,    // [3, T, R] f32
     last_normed: DevBuf, // [S, hidden] elem
+    norm_ss: DevBuf,     // [2 * layers + 1, NORM_SPLIT_MAX_TOKENS] f32, zero from each step's embed
     att_part: DevBuf,    // [S, heads, DECODE_ATT_MAX_PARTS, head_dim + 2] f32
     att_count: DevBuf,   // [S * heads] u32, zero between steps
     logits: DevBuf,      // [S, vocab] f32
@@ -348,6 +349,7 @@ impl CudaModel {
             act: gpu.alloc(t * inter * 2)?,
             lora_tmp: gpu.alloc(3 * t * lora_rank.max(1) * 4)?,
             last_normed: gpu.alloc(s * h * 2)?,
+            norm_ss: gpu.alloc((2 * cfg.num_hidden_layers + 1) * NORM_SPLIT_MAX_TOKENS * 4)?,
             att_part: gpu.alloc(s * cfg.num_attention_heads * DECODE_ATT_MAX_PARTS * (hd + 2) * 4)?,
             att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
             logits: gpu.alloc(s * v * 4)?,
@@ -470,6 +472,7 @@ impl CudaModel {
         y: CUdeviceptr,
         m: usize,
         ldy: usize,
+        norm: NormIo,
     ) -> Result<()> {
         let bias = lin.bias.as_ref().map(|b| b.ptr);
         linear(
@@ -485,6 +488,7 @@ impl CudaModel {
             m,
             ldy,
             self.gate_up.ptr,
+            norm,
         )
     }
 
@@ -612,13 +616,13 @@ impl CudaModel {
 
     /// Decode, layer `li`: q/k/v with RoPE and the K/V cache write in the GEMM's epilogue (one
     /// launch where [`Self::qkv_then_rope`] makes two).
-    fn qkv_rope(&self, gpu: &Gpu, layer: &Layer, li: usize, t: usize) -> Result<()> {
+    fn qkv_rope(&self, gpu: &Gpu, layer: &Layer, li: usize, t: usize, norm: NormIo) -> Result<()> {
         let c = &self.cfg;
         let lin = &layer.qkv_proj;
         let grid = ((lin.n / SKINNY_ROWS) as u32, 1, 1);
-        // (x, W, bias, y, M, N, K, ldy), the RoPE arguments, (nh, nkv, hd): one array, no
-        // allocation per launch.
-        let mut args = [0u64; 17];
+        // (x, W, bias, y, M, N, K, ldy), NormArgs, the RoPE arguments, (nh, nkv, hd): one
+        // array, no allocation per launch.
+        let mut args = [0u64; 22];
         args[..8].copy_from_slice(&[
             self.normed.ptr,
             lin.w.ptr,
@@ -629,12 +633,13 @@ impl CudaModel {
             (lin.k as i32).bits(),
             (lin.n as i32).bits(),
         ]);
-        args[8..14].copy_from_slice(&self.rope_args(li));
-        args[14..].copy_from_slice(
+        args[8..13].copy_from_slice(&norm.args());
+        args[13..19].copy_from_slice(&self.rope_args(li));
+        args[19..].copy_from_slice(
             &[c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()),
         );
-        // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, cos, sin,
-        // positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
+        // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
+        // out, out_ss, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
         // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
         unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
     }
@@ -642,7 +647,14 @@ impl CudaModel {
     /// Layer `li`'s q/k/v GEMM with its LoRA, Qwen3's q/k norms, then RoPE and the K/V cache
     /// write: every step [`Self::qkv_rope`] does not take (prefill, and decode with q/k/v LoRA,
     /// q/k norms, more tokens than the skinny GEMM takes, or a head_dim not a multiple of 16).
-    fn qkv_then_rope(&self, gpu: &Gpu, layer: &Layer, li: usize, shape: StepShape) -> Result<()> {
+    fn qkv_then_rope(
+        &self,
+        gpu: &Gpu,
+        layer: &Layer,
+        li: usize,
+        shape: StepShape,
+        norm: NormIo,
+    ) -> Result<()> {
         let c = &self.cfg;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let qkv_n = c.q_size() + 2 * c.kv_size();
@@ -657,6 +669,7 @@ impl CudaModel {
                 self.qkv.ptr,
                 t,
                 qkv_n,
+                norm,
             )
         };
         // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
@@ -729,6 +742,14 @@ impl CudaModel {
         let decode_parts = (t == s && decode_attention_fits(hd))
             .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
+        // Small decode steps without LoRA split every RMSNorm after the first across the GEMMs
+        // around it (NormIo): no norm launches; embed zeroes the sums of squares.
+        let split = self.splits_norms(shape);
+        let zero = if split {
+            (self.norm_ss.ptr, self.norm_ss.bytes / 4)
+        } else {
+            (0, 0)
+        };
         launch!(
             gpu,
             "embed",
@@ -736,19 +757,22 @@ impl CudaModel {
             self.hidden.ptr,
             self.embed_tokens.ptr,
             self.input(a.token_ids),
-            h as i32
+            h as i32,
+            zero.0,
+            zero.1 as i32
         )?;
         let lora_on = |g: usize| shape.lora_mask & (1 << g) != 0;
         for (li, layer) in self.layers.iter().enumerate() {
             if li == 0 {
                 self.rms_norm(gpu, t, 0, layer.input_layernorm.ptr, self.normed.ptr, NO_LORA)?;
             }
+            let qkv_norm = self.norm_in(split && li > 0, 2 * li);
             // Decode without q/k norms or q/k/v LoRA: RoPE and the cache write are the q/k/v
             // GEMM's epilogue.
             if t == s && !lora_on(0) && layer.q_norm.is_none() && self.rope_fits(&layer.qkv_proj, t) {
-                self.qkv_rope(gpu, layer, li, t)?;
+                self.qkv_rope(gpu, layer, li, t, qkv_norm)?;
             } else {
-                self.qkv_then_rope(gpu, layer, li, shape)?;
+                self.qkv_then_rope(gpu, layer, li, shape, qkv_norm)?;
             }
             if let Some(parts) = decode_parts {
                 // Few (sequence, head) pairs: one 1024-thread block each reads a short context
@@ -810,6 +834,7 @@ impl CudaModel {
                     self.hidden.ptr,
                     t,
                     h,
+                    self.norm_out(split, 2 * li + 1, layer.post_attention_layernorm.ptr),
                 )
             };
             // Decode: the o_proj LoRA expand is fused into the norm that follows.
@@ -825,14 +850,16 @@ impl CudaModel {
                 o,
             )?;
             let lora = self.fused_expand(layer, 1, fuse_o);
-            self.rms_norm(
-                gpu,
-                t,
-                0,
-                layer.post_attention_layernorm.ptr,
-                self.normed.ptr,
-                lora,
-            )?;
+            if !split {
+                self.rms_norm(
+                    gpu,
+                    t,
+                    0,
+                    layer.post_attention_layernorm.ptr,
+                    self.normed.ptr,
+                    lora,
+                )?;
+            }
             if lora_on(2) {
                 // LoRA on gate/up must land before the activation: no fused epilogue.
                 self.linear(
@@ -843,6 +870,7 @@ impl CudaModel {
                     self.gate_up.ptr,
                     t,
                     2 * inter,
+                    NormIo::NONE,
                 )?;
                 self.lora(
                     gpu,
@@ -871,8 +899,14 @@ impl CudaModel {
                     self.act.ptr,
                     t,
                     inter,
+                    self.norm_in(split, 2 * li + 1),
                 )?;
             }
+            // The next layer's input norm, or the final norm after the last layer.
+            let next_norm = self
+                .layers
+                .get(li + 1)
+                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr);
             let down = || {
                 self.linear(
                     gpu,
@@ -882,6 +916,7 @@ impl CudaModel {
                     self.hidden.ptr,
                     t,
                     h,
+                    self.norm_out(split, 2 * li + 2, next_norm),
                 )
             };
             // Decode: the down_proj LoRA expand is fused into the next norm.
@@ -897,16 +932,20 @@ impl CudaModel {
                 down,
             )?;
             let lora = self.fused_expand(layer, 3, fuse_down);
-            // The next layer's input norm (the last layer's output norm is recomputed below on
-            // the rows that need logits).
-            let next_norm = self
-                .layers
-                .get(li + 1)
-                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr);
-            self.rms_norm(gpu, t, 0, next_norm, self.normed.ptr, lora)?;
+            // (The last layer's output norm is recomputed below on the rows that need logits.)
+            if !split {
+                self.rms_norm(gpu, t, 0, next_norm, self.normed.ptr, lora)?;
+            }
         }
-        let last_rows = self.input(a.last_rows);
-        self.rms_norm(gpu, s, last_rows, self.norm.ptr, self.last_normed.ptr, NO_LORA)?;
+        // Split norms: every token of a decode step is its sequence's last, and the last
+        // down_proj wrote them unscaled into `normed`.
+        let (x_last, lm_norm) = if split {
+            (self.normed.ptr, self.norm_in(true, 2 * self.layers.len()))
+        } else {
+            let last_rows = self.input(a.last_rows);
+            self.rms_norm(gpu, s, last_rows, self.norm.ptr, self.last_normed.ptr, NO_LORA)?;
+            (self.last_normed.ptr, NormIo::NONE)
+        };
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         linear(
             gpu,
@@ -916,20 +955,75 @@ impl CudaModel {
             None,
             c.vocab_size,
             h,
-            self.last_normed.ptr,
+            x_last,
             self.logits.ptr,
             s,
             c.vocab_size,
             0,
+            lm_norm,
         )
+    }
+
+    /// Whether a step splits its RMSNorms (all but layer 0's input norm) across the GEMMs
+    /// around them ([`NormIo`]): decode steps of up to [`NORM_SPLIT_MAX_TOKENS`] tokens without
+    /// LoRA (whose kernels read a whole normed x), every projection on the skinny GEMM.
+    fn splits_norms(&self, shape: StepShape) -> bool {
+        let (t, c) = (shape.num_tokens, &self.cfg);
+        let fits = |lin: &Linear, epi| skinny::fits(self.skinny_max_m, epi, lin.n, lin.k, t);
+        t == shape.num_seqs
+            && t <= NORM_SPLIT_MAX_TOKENS
+            && shape.lora_mask == 0
+            && skinny::fits(self.skinny_max_m, Epilogue::Store, c.vocab_size, c.hidden_size, t)
+            && self.layers.iter().all(|l| {
+                fits(&l.qkv_proj, Epilogue::Store)
+                    && fits(&l.o_proj, Epilogue::Add)
+                    && fits(&l.gate_up_proj, Epilogue::SiluMul)
+                    && fits(&l.down_proj, Epilogue::Add)
+            })
+    }
+
+    /// Split norm `b`'s per-token sums of squares: b = 2·li + 1 after layer li's o_proj,
+    /// 2·li + 2 after its down_proj (the next layer's input norm, or the final norm).
+    fn norm_ss_at(&self, b: usize) -> u64 {
+        self.norm_ss.at::<f32>(b * NORM_SPLIT_MAX_TOKENS)
+    }
+
+    /// A GEMM reading split norm `b`'s unscaled output (`on`), or a plain GEMM.
+    fn norm_in(&self, on: bool, b: usize) -> NormIo {
+        match on {
+            true => NormIo {
+                in_ss: self.norm_ss_at(b),
+                eps: self.cfg.rms_norm_eps,
+                ..NormIo::NONE
+            },
+            false => NormIo::NONE,
+        }
+    }
+
+    /// A residual add writing split norm `b` (weight `gamma`) into `normed` (`on`), or a plain add.
+    fn norm_out(&self, on: bool, b: usize, gamma: u64) -> NormIo {
+        match on {
+            true => NormIo {
+                gamma,
+                out: self.normed.ptr,
+                out_ss: self.norm_ss_at(b),
+                ..NormIo::NONE
+            },
+            false => NormIo::NONE,
+        }
     }
 }
 
+/// Most tokens of a step whose RMSNorms are split across GEMMs ([`CudaModel::splits_norms`]):
+/// the one-n-tile skinny kernels.
+const NORM_SPLIT_MAX_TOKENS: usize = 8;
+
 /// `x[m, k] · W[n, k]ᵀ (+ bias)` into `y[m, ldy]` as `epi` says: the skinny GEMM (epilogue
-/// fused; a residual add of up to 8 tokens over a long K in 2–4 shares added atomically) for up
-/// to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
+/// fused; a residual add of up to 8 tokens over a long K in 2 or 4 shares, a cluster of blocks)
+/// for up to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
 /// [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is elem `[m, I]`, and the cuBLAS path
-/// goes through `scratch` (f32 `[m, n]`).
+/// goes through `scratch` (f32 `[m, n]`). `norm`, either end of an RMSNorm split across two
+/// GEMMs ([`NormIo`]), needs the skinny GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     gpu: &Gpu,
@@ -944,6 +1038,7 @@ pub fn linear(
     m: usize,
     ldy: usize,
     scratch: CUdeviceptr,
+    norm: NormIo,
 ) -> Result<()> {
     if skinny::fits(skinny_max_m, epi, n, k, m) {
         let (rows, per_block) = match epi {
@@ -953,16 +1048,32 @@ pub fn linear(
         let (bias, m32, n32, k32, ld32) = (bias.unwrap_or(0), m as i32, rows as i32, k as i32, ldy as i32);
         let blocks = rows.div_ceil(per_block);
         // A residual add with few rows and a long K (o_proj, down_proj at one token: 256 blocks
-        // where an SM holds four) cuts K into shares of at least 32 chunks, added atomically
-        // (on the H200: o_proj 71% → 80% and down_proj 81% → 93% of copy bandwidth).
+        // where an SM holds four) cuts K into 2 or 4 shares of at least 32 chunks (on the H200,
+        // with atomic adds: o_proj 71% → 80% and down_proj 81% → 93% of copy bandwidth).
         let split = match epi {
-            Epilogue::Add if m <= 8 && blocks < 4 * gpu.num_sms as usize => (k.div_ceil(64) / 32).clamp(1, 4),
+            Epilogue::Add if m <= 8 && blocks < 4 * gpu.num_sms as usize => match k.div_ceil(64) / 32 {
+                0 | 1 => 1,
+                2 | 3 => 2,
+                _ => 4,
+            },
             _ => 1,
         };
+        let name = match split {
+            1 => skinny::kernel_name(epi, m),
+            _ => skinny::add_split_kernel_name(split),
+        };
         let grid = (blocks as u32, split as u32, 1);
-        let args = [x, w, bias, y, m32.bits(), n32.bits(), k32.bits(), ld32.bits()];
-        // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy) (skinny.rs).
-        return unsafe { gpu.launch(skinny::kernel_name(epi, m), cfg(grid, SKINNY_THREADS), &args) };
+        let mut args = [0u64; 13];
+        args[..8].copy_from_slice(&[x, w, bias, y, m32.bits(), n32.bits(), k32.bits(), ld32.bits()]);
+        args[8..].copy_from_slice(&norm.args());
+        // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out,
+        // out_ss) (skinny.rs); a split add's grid is whole clusters of `split` blocks.
+        return unsafe { gpu.launch(name, cfg(grid, SKINNY_THREADS), &args) };
+    }
+    if norm != NormIo::NONE {
+        return Err(Error::Backend(format!(
+            "internal: an RMSNorm split across GEMMs needs the skinny GEMM ({m} tokens, {n} x {k})"
+        )));
     }
     let (out, ld, beta) = match epi {
         Epilogue::Store => (y, ldy, 0.0),
