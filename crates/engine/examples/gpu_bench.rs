@@ -199,11 +199,10 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             100.0 * bytes / (ms / 1e3) / bw
         );
     };
-    // One skinny launch of `name` on weight `i`, one token, K cut into `split` shares (a split
-    // add kernel's cluster size).
+    // One skinny launch of `name` on weight `i`, one token, K cut into `split` shares.
     let launch = |name: &'static str, i: usize, split: u32| {
         let (n, k) = shapes[i];
-        let mut args = [0u64; 13];
+        let mut args = [0u64; 8 + skinny::NORM_ARGS];
         args[..8].copy_from_slice(&[
             x.ptr,
             ws[i].ptr,
@@ -248,10 +247,9 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             time(&|| idx.iter().for_each(|&i| launch("skinny_store_8", i, 1))),
             kb,
         );
-        for split in [1, 2, 4] {
-            let name = skinny::add_split_kernel_name(split as usize);
-            let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, split)));
-            report(&format!("{kind} {name} split-K {split}"), ms, kb);
+        for split in [1, 2, 3, 4] {
+            let ms = time(&|| idx.iter().for_each(|&i| launch("skinny_add_8", i, split)));
+            report(&format!("{kind} skinny_add_8 split-K {split}"), ms, kb);
         }
         for &name in tuning.kernels.iter().filter(|k| k.starts_with("skinny")) {
             let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, 1)));

@@ -114,6 +114,7 @@ pub struct CudaModel {
     lora_tmp: DevBuf,    // [3, T, R] f32
     last_normed: DevBuf, // [S, hidden] elem
     norm_ss: DevBuf,     // [2 * layers + 1, NORM_SPLIT_MAX_TOKENS] f32, zero from each step's embed
+    norm_count: DevBuf,  // [hidden / 16] u32: K shares done per tile of a split add, zero between
     att_part: DevBuf,    // [S, heads, DECODE_ATT_MAX_PARTS, head_dim + 2] f32
     att_count: DevBuf,   // [S * heads] u32, zero between steps
     logits: DevBuf,      // [S, vocab] f32
@@ -350,6 +351,7 @@ impl CudaModel {
             lora_tmp: gpu.alloc(3 * t * lora_rank.max(1) * 4)?,
             last_normed: gpu.alloc(s * h * 2)?,
             norm_ss: gpu.alloc((2 * cfg.num_hidden_layers + 1) * NORM_SPLIT_MAX_TOKENS * 4)?,
+            norm_count: gpu.alloc(h.div_ceil(SKINNY_ROWS) * 4)?,
             att_part: gpu.alloc(s * cfg.num_attention_heads * DECODE_ATT_MAX_PARTS * (hd + 2) * 4)?,
             att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
             logits: gpu.alloc(s * v * 4)?,
@@ -622,7 +624,7 @@ impl CudaModel {
         let grid = ((lin.n / SKINNY_ROWS) as u32, 1, 1);
         // (x, W, bias, y, M, N, K, ldy), NormArgs, the RoPE arguments, (nh, nkv, hd): one
         // array, no allocation per launch.
-        let mut args = [0u64; 22];
+        let mut args = [0u64; 17 + skinny::NORM_ARGS];
         args[..8].copy_from_slice(&[
             self.normed.ptr,
             lin.w.ptr,
@@ -633,13 +635,13 @@ impl CudaModel {
             (lin.k as i32).bits(),
             (lin.n as i32).bits(),
         ]);
-        args[8..13].copy_from_slice(&norm.args());
-        args[13..19].copy_from_slice(&self.rope_args(li));
-        args[19..].copy_from_slice(
+        args[8..14].copy_from_slice(&norm.args());
+        args[14..20].copy_from_slice(&self.rope_args(li));
+        args[20..].copy_from_slice(
             &[c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()),
         );
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
-        // out, out_ss, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
+        // out, out_ss, count, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
         // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
         unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
     }
@@ -1007,6 +1009,7 @@ impl CudaModel {
                 gamma,
                 out: self.normed.ptr,
                 out_ss: self.norm_ss_at(b),
+                count: self.norm_count.ptr,
                 ..NormIo::NONE
             },
             false => NormIo::NONE,
@@ -1019,8 +1022,8 @@ impl CudaModel {
 const NORM_SPLIT_MAX_TOKENS: usize = 8;
 
 /// `x[m, k] · W[n, k]ᵀ (+ bias)` into `y[m, ldy]` as `epi` says: the skinny GEMM (epilogue
-/// fused; a residual add of up to 8 tokens over a long K in 2 or 4 shares, a cluster of blocks)
-/// for up to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
+/// fused; a residual add of up to 8 tokens over a long K in 2–4 shares added atomically) for up
+/// to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
 /// [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is elem `[m, I]`, and the cuBLAS path
 /// goes through `scratch` (f32 `[m, n]`). `norm`, either end of an RMSNorm split across two
 /// GEMMs ([`NormIo`]), needs the skinny GEMM.
@@ -1048,27 +1051,19 @@ pub fn linear(
         let (bias, m32, n32, k32, ld32) = (bias.unwrap_or(0), m as i32, rows as i32, k as i32, ldy as i32);
         let blocks = rows.div_ceil(per_block);
         // A residual add with few rows and a long K (o_proj, down_proj at one token: 256 blocks
-        // where an SM holds four) cuts K into 2 or 4 shares of at least 32 chunks (on the H200,
-        // with atomic adds: o_proj 71% → 80% and down_proj 81% → 93% of copy bandwidth).
+        // where an SM holds four) cuts K into shares of at least 32 chunks, added atomically
+        // (on the H200: o_proj 71% → 80% and down_proj 81% → 93% of copy bandwidth).
         let split = match epi {
-            Epilogue::Add if m <= 8 && blocks < 4 * gpu.num_sms as usize => match k.div_ceil(64) / 32 {
-                0 | 1 => 1,
-                2 | 3 => 2,
-                _ => 4,
-            },
+            Epilogue::Add if m <= 8 && blocks < 4 * gpu.num_sms as usize => (k.div_ceil(64) / 32).clamp(1, 4),
             _ => 1,
         };
-        let name = match split {
-            1 => skinny::kernel_name(epi, m),
-            _ => skinny::add_split_kernel_name(split),
-        };
         let grid = (blocks as u32, split as u32, 1);
-        let mut args = [0u64; 13];
+        let mut args = [0u64; 8 + skinny::NORM_ARGS];
         args[..8].copy_from_slice(&[x, w, bias, y, m32.bits(), n32.bits(), k32.bits(), ld32.bits()]);
         args[8..].copy_from_slice(&norm.args());
         // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out,
-        // out_ss) (skinny.rs); a split add's grid is whole clusters of `split` blocks.
-        return unsafe { gpu.launch(name, cfg(grid, SKINNY_THREADS), &args) };
+        // out_ss, count) (skinny.rs); a norm output's count holds a u32 per 16 rows.
+        return unsafe { gpu.launch(skinny::kernel_name(epi, m), cfg(grid, SKINNY_THREADS), &args) };
     }
     if norm != NormIo::NONE {
         return Err(Error::Backend(format!(

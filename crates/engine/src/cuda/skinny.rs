@@ -63,6 +63,8 @@ pub struct NormIo {
     pub gamma: u64,
     pub out: u64,
     pub out_ss: u64,
+    /// An add cut into K shares: a zeroed u32 per 16-row tile (shares done so far).
+    pub count: u64,
 }
 
 impl NormIo {
@@ -73,19 +75,24 @@ impl NormIo {
         gamma: 0,
         out: 0,
         out_ss: 0,
+        count: 0,
     };
 
     /// The kernel arguments after (x, W, bias, y, M, N, K, ldy).
-    pub fn args(&self) -> [u64; 5] {
+    pub fn args(&self) -> [u64; NORM_ARGS] {
         [
             self.in_ss,
             self.eps.to_bits() as u64,
             self.gamma,
             self.out,
             self.out_ss,
+            self.count,
         ]
     }
 }
+
+/// Kernel arguments of a [`NormIo`].
+pub const NORM_ARGS: usize = 6;
 
 /// Kernel name for an epilogue and a token count (rounded up to 8, 16 or 32).
 pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
@@ -95,16 +102,6 @@ pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
         Epilogue::SiluMul => ["skinny_silu_8", "skinny_silu_16", "skinny_silu_32"],
     };
     names[token_class(m)]
-}
-
-/// The residual add of up to 8 tokens with K cut into `split` shares (1, 2 or 4), launched in
-/// clusters of (1, split, 1) blocks.
-pub fn add_split_kernel_name(split: usize) -> &'static str {
-    match split {
-        1 => "skinny_add_8",
-        2 => "skinny_add_8_k2",
-        _ => "skinny_add_8_k4",
-    }
 }
 
 /// The q/k/v kernel with RoPE and the K/V cache write as its epilogue (`RopeArgs` in the
@@ -155,40 +152,8 @@ struct NormArgs {
     const elem_t* gamma; // Add: the next norm's weight (null: no norm output)
     elem_t* out;         // Add: [M, ldy] h * gamma
     float* out_ss;       // Add: [M] sums of squares, zero before the step
+    u32* count;          // Add cut into K shares: [gridDim.x] shares done per tile, zero between launches
 };
-
-// Thread block clusters (sm_90): split-K shares of a residual add gather their partial tiles in
-// rank 0's shared memory, which adds them in a fixed order.
-__device__ __forceinline__ u32 cluster_rank() {
-    u32 r = 0;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
-    return r;
-}
-__device__ __forceinline__ void cluster_arrive() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_sync() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// *p in the shared memory of cluster block `rank` = v.
-__device__ __forceinline__ void st_cluster(float* p, u32 rank, float v) {
-#if __CUDA_ARCH__ >= 900
-    u32 a = (u32)__cvta_generic_to_shared(p), ra;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
-    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(ra), "f"(v) : "memory");
-#endif
-}
 
 // d += a · b for one m16n8k16 tile, elem_t in, f32 accumulate.
 __device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -217,18 +182,17 @@ __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
 // the head's rows 8c..8c+7 and their rotation partners hd/2 further, so a lane holds both
 // halves of its pairs: q rows go to y rotated, k rows rotated and v rows as they are to the
 // caches (K/V not kept in y). K must be a multiple of 8.
-// grid: (ceil(N / 16), KS) for Store/Add, (ceil(I / 8), 1) for SiLU, (N / 16, 1) for RoPE. With
-// KS > 1 (Add only, launched as clusters of (1, KS, 1) blocks), block (b, s) takes the s-th of
-// KS equal shares of K's 64-wide chunks and cluster rank 0 adds the shares' tiles in order.
+// grid: (ceil(N / 16), S) for Store/Add, (ceil(I / 8), 1) for SiLU, (N / 16, 1) for RoPE. With
+// S > 1 (Add only), block (b, s) takes the s-th of S equal shares of K's 64-wide chunks and adds
+// its partial sum atomically (bias from s = 0); with a norm output, the tile's last share to
+// finish reads the sums back and writes it.
 // na: the norm split across GEMMs (NormArgs): Store/SiLU/RoPE scale by in_ss, Add writes out.
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments;
 // PL: issue the first iteration's weight loads before waiting on the previous kernel.
-template <int NT, int EPI, int SK_U, bool PF, bool PL, int KS = 1>
+template <int NT, int EPI, int SK_U, bool PF, bool PL>
 __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_t* __restrict__ W,
                                        const elem_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy,
                                        NormArgs na, RopeArgs ra = RopeArgs{}) {
-    // Every block of a cluster has started before any writes into another's shared memory.
-    if (KS > 1) cluster_arrive();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int lo, hi;
     bool vlo, vhi;
@@ -303,49 +267,64 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
     }
     // Sum the warps' partial tiles. Entry (n, i, lane): row lo (i < 2) or hi, token n*8 + 2t + (i & 1).
     __shared__ float red[SK_WARPS][NT * 128];
+    __shared__ float tss[NT * 8];  // Add with a norm output: the tile's sums of squares per token
 #pragma unroll
     for (int n = 0; n < NT; n++)
 #pragma unroll
         for (int i = 0; i < 4; i++) red[warp][(n * 4 + i) * 32 + lane] = acc[n][i];
+    if (EPI == EPI_ADD && threadIdx.x < NT * 8) tss[threadIdx.x] = 0.f;
     __syncthreads();
     if (EPI == EPI_ADD) {
-        // The block's tile, or with KS > 1 each share's tile in rank 0's part[share].
-        __shared__ float part[KS][NT * 128];
-        __shared__ float tss[NT * 8];
-        u32 rank = KS > 1 ? cluster_rank() : 0;
-        if (KS > 1) cluster_wait();
+        // Entry idx of the tile: output row and token.
+        auto at = [&](int idx, int& m, int& row) {
+            int l = idx & 31, i = (idx >> 5) & 3, n = idx >> 7;
+            m = n * 8 + (l & 3) * 2 + (i & 1);
+            row = blockIdx.x * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
+            return m < M && row < N;
+        };
+        // The norm output of h, the residual stream's new value at (m, row).
+        auto norm_out = [&](int m, int row, float h) {
+            na.out[(size_t)m * ldy + row] = f2e(h * e2f(na.gamma[row]));
+            atomicAdd(&tss[m], h * h);
+        };
+        bool split = gridDim.y > 1;
         for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
+            int m, row;
+            if (!at(idx, m, row)) continue;
             float s = 0.f;
 #pragma unroll
             for (int w = 0; w < SK_WARPS; w++) s += red[w][idx];
-            if (KS > 1) st_cluster(&part[rank][idx], 0, s);
-            else part[0][idx] = s;
-        }
-        if (threadIdx.x < NT * 8) tss[threadIdx.x] = 0.f;
-        if (KS > 1) cluster_sync();
-        else __syncthreads();
-        if (rank != 0) return;
-        for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
-            int l = idx & 31, i = (idx >> 5) & 3, n = idx >> 7;
-            int m = n * 8 + (l & 3) * 2 + (i & 1);
-            int row = blockIdx.x * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
-            if (m >= M || row >= N) continue;
-            float s = 0.f;
-#pragma unroll
-            for (int r = 0; r < KS; r++) s += part[r][idx];
-            if (bias) s += e2f(bias[row]);
+            if (bias && blockIdx.y == 0) s += e2f(bias[row]);
             float* y = (float*)yv + (size_t)m * ldy + row;
+            if (split) {
+                atomicAdd(y, s);
+                continue;
+            }
             float h = *y + s;
             *y = h;
-            if (na.out) {
-                na.out[(size_t)m * ldy + row] = f2e(h * e2f(na.gamma[row]));
-                atomicAdd(&tss[m], h * h);
+            if (na.out) norm_out(m, row, h);
+        }
+        if (!na.out) return;
+        if (split) {
+            // The tile's last share to finish (its adds, and every other share's, visible
+            // through the counter) reads the sums back from L2.
+            __shared__ bool last;
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                last = atomicAdd(&na.count[blockIdx.x], 1u) == gridDim.y - 1;
+                if (last) na.count[blockIdx.x] = 0;
+            }
+            __syncthreads();
+            if (!last) return;
+            __threadfence();
+            for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
+                int m, row;
+                if (at(idx, m, row)) norm_out(m, row, __ldcg((float*)yv + (size_t)m * ldy + row));
             }
         }
-        if (na.out) {
-            __syncthreads();
-            if (threadIdx.x < M && threadIdx.x < NT * 8) atomicAdd(&na.out_ss[threadIdx.x], tss[threadIdx.x]);
-        }
+        __syncthreads();
+        if (threadIdx.x < M && threadIdx.x < NT * 8) atomicAdd(&na.out_ss[threadIdx.x], tss[threadIdx.x]);
         return;
     }
     for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
@@ -418,13 +397,13 @@ pub const MODULE: Module = Module {
         r#"
 // Two chunks in flight per warp and four blocks per SM (the fastest variant at one token on
 // the H200, BENCHMARKS.md); more tokens need more registers: two blocks. Every skinny kernel
-// takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out, out_ss): NormArgs last.
+// takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out, out_ss, count): NormArgs last.
 #define SKINNY_PARAMS                                                                                  \
     const elem_t *x, const elem_t *W, const elem_t *bias, void *y, int M, int N, int K, int ldy,      \
-        const float *in_ss, float eps, const elem_t *gamma, elem_t *nout, float *out_ss
+        const float *in_ss, float eps, const elem_t *gamma, elem_t *nout, float *out_ss, u32 *count
 #define SKINNY(NAME, NT, EPI)                                                                          \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, NT == 1 ? 4 : 2) NAME(SKINNY_PARAMS) { \
-        skinny<NT, EPI, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss}); \
+        skinny<NT, EPI, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}); \
     }
 SKINNY(skinny_store_8, 1, EPI_STORE)
 SKINNY(skinny_store_16, 2, EPI_STORE)
@@ -436,14 +415,6 @@ SKINNY(skinny_silu_8, 1, EPI_SILU)
 SKINNY(skinny_silu_16, 2, EPI_SILU)
 SKINNY(skinny_silu_32, 4, EPI_SILU)
 
-// A residual add of up to 8 tokens with K cut into KS shares: clusters of (1, KS, 1) blocks.
-#define SKINNY_ADD_SPLIT(NAME, KS)                                                                     \
-    extern "C" __global__ void __cluster_dims__(1, KS, 1) __launch_bounds__(SK_WARPS * 32, 4) NAME(SKINNY_PARAMS) { \
-        skinny<1, EPI_ADD, 2, true, true, KS>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss}); \
-    }
-SKINNY_ADD_SPLIT(skinny_add_8_k2, 2)
-SKINNY_ADD_SPLIT(skinny_add_8_k4, 4)
-
 // q/k/v with RoPE and the K/V cache write as the epilogue (decode steps): the skinny
 // parameters, then RopeArgs.
 #define SKINNY_ROPE(NAME, NT)                                                                          \
@@ -451,7 +422,7 @@ SKINNY_ADD_SPLIT(skinny_add_8_k4, 4)
         const float* cos_t, const float* sin_t, const u32* positions, const u32* slots,                  \
         elem_t* k_cache, elem_t* v_cache, int nh, int nkv, int hd) {                                     \
         RopeArgs ra{cos_t, sin_t, positions, slots, k_cache, v_cache, nh, nkv, hd};                      \
-        skinny<NT, EPI_ROPE, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss}, ra); \
+        skinny<NT, EPI_ROPE, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}, ra); \
     }
 SKINNY_ROPE(skinny_rope_8, 1)
 SKINNY_ROPE(skinny_rope_16, 2)
@@ -466,8 +437,6 @@ SKINNY_ROPE(skinny_rope_32, 4)
         "skinny_add_8",
         "skinny_add_16",
         "skinny_add_32",
-        "skinny_add_8_k2",
-        "skinny_add_8_k4",
         "skinny_silu_8",
         "skinny_silu_16",
         "skinny_silu_32",
@@ -490,8 +459,8 @@ pub const TUNING: Module = Module {
 #define SKINNY_VAR(NAME, U, MINB, PF, PL)                                                          \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, MINB) NAME(                           \
         const elem_t* x, const elem_t* W, const elem_t* bias, void* y, int M, int N, int K, int ldy,   \
-        const float* in_ss, float eps, const elem_t* gamma, elem_t* nout, float* out_ss) {             \
-        skinny<1, EPI_STORE, U, PF, PL>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss}); \
+        const float* in_ss, float eps, const elem_t* gamma, elem_t* nout, float* out_ss, u32* count) {  \
+        skinny<1, EPI_STORE, U, PF, PL>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}); \
     }
 SKINNY_VAR(skinny_var_u2_b4_nopl, 2, 4, true, false)
 SKINNY_VAR(skinny_var_u2_b4_nopf, 2, 4, false, true)
