@@ -199,8 +199,9 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             100.0 * bytes / (ms / 1e3) / bw
         );
     };
-    // One skinny launch of `name` on weight `i`, one token, K cut into `split` shares.
-    let launch = |name: &'static str, i: usize, split: u32| {
+    // One skinny launch of `name` on weight `i`, one token, K cut into `split` shares, blocks of
+    // `threads`.
+    let launch_w = |name: &'static str, i: usize, split: u32, threads: u32| {
         let (n, k) = shapes[i];
         let mut args = [0u64; 8 + skinny::NORM_ARGS];
         args[..8].copy_from_slice(&[
@@ -216,8 +217,9 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
         args[8..].copy_from_slice(&NormIo::NONE.args());
         // SAFETY: the skinny kernels take (x, W, bias, y, M, N, K, ldy, NormArgs); the buffers
         // hold these shapes.
-        unsafe { gpu.launch(name, lcfg((n.div_ceil(16) as u32, split, 1), 256), &args) }.unwrap();
+        unsafe { gpu.launch(name, lcfg((n.div_ceil(16) as u32, split, 1), threads), &args) }.unwrap();
     };
+    let launch = |name: &'static str, i: usize, split: u32| launch_w(name, i, split, 256);
     println!("micro: {:.2} GB of projection weights per pass", bytes / 1e9);
     // The read-only ceiling: every weight streamed once by a kernel that only loads and sums.
     let sink = gpu.alloc(4).unwrap();
@@ -251,6 +253,8 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             let ms = time(&|| idx.iter().for_each(|&i| launch("skinny_add_8", i, split)));
             report(&format!("{kind} skinny_add_8 split-K {split}"), ms, kb);
         }
+        let ms = time(&|| idx.iter().for_each(|&i| launch_w("skinny_add_8_w16", i, 1, 512)));
+        report(&format!("{kind} skinny_add_8_w16"), ms, kb);
         for &name in tuning.kernels.iter().filter(|k| k.starts_with("skinny")) {
             let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, 1)));
             report(&format!("{kind} {name}"), ms, kb);

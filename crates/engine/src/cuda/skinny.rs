@@ -189,7 +189,8 @@ __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
 // na: the norm split across GEMMs (NormArgs): Store/SiLU/RoPE scale by in_ss, Add writes out.
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments;
 // PL: issue the first iteration's weight loads before waiting on the previous kernel.
-template <int NT, int EPI, int SK_U, bool PF, bool PL>
+// WARPS: warps of the block, each taking every WARPS-th chunk of K.
+template <int NT, int EPI, int SK_U, bool PF, bool PL, int WARPS = SK_WARPS>
 __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_t* __restrict__ W,
                                        const elem_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy,
                                        NormArgs na, RopeArgs ra = RopeArgs{}) {
@@ -225,7 +226,7 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
     auto load = [&](uint4 (&w)[SK_U][4], int c0) {
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
-            int c = c0 + u * SK_WARPS;
+            int c = c0 + u * WARPS;
             int e = c * 64 + t * 8;
             bool ok0 = c < ce && e < K, ok1 = c < ce && e + 32 < K;
             w[u][0] = vlo && ok0 ? ld_stream<PF>(wlo + c * 64) : z4;
@@ -237,7 +238,7 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
     auto mul = [&](const uint4 (&w)[SK_U][4], int c0) {
 #pragma unroll
         for (int u = 0; u < SK_U; u++) {
-            int c = c0 + u * SK_WARPS;
+            int c = c0 + u * WARPS;
             if (c >= ce) break;
             int e = c * 64 + t * 8;
 #pragma unroll
@@ -261,12 +262,12 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
     uint4 w[SK_U][4];
     if (PL) load(w, cb + warp);
     pdl_begin();
-    for (int c0 = cb + warp; c0 < ce; c0 += SK_WARPS * SK_U) {
+    for (int c0 = cb + warp; c0 < ce; c0 += WARPS * SK_U) {
         if (!PL || c0 != cb + warp) load(w, c0);
         mul(w, c0);
     }
     // Sum the warps' partial tiles. Entry (n, i, lane): row lo (i < 2) or hi, token n*8 + 2t + (i & 1).
-    __shared__ float red[SK_WARPS][NT * 128];
+    __shared__ float red[WARPS][NT * 128];
     __shared__ float tss[NT * 8];  // Add with a norm output: the tile's sums of squares per token
 #pragma unroll
     for (int n = 0; n < NT; n++)
@@ -293,7 +294,7 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
             if (!at(idx, m, row)) continue;
             float s = 0.f;
 #pragma unroll
-            for (int w = 0; w < SK_WARPS; w++) s += red[w][idx];
+            for (int w = 0; w < WARPS; w++) s += red[w][idx];
             if (bias && blockIdx.y == 0) s += e2f(bias[row]);
             float* y = (float*)yv + (size_t)m * ldy + row;
             if (split) {
@@ -336,7 +337,7 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
         float r = na.in_ss ? rsqrtf(na.in_ss[m] / (float)K + na.eps) : 1.f;
         float s = 0.f;
 #pragma unroll
-        for (int w = 0; w < SK_WARPS; w++) s += red[w][idx];
+        for (int w = 0; w < WARPS; w++) s += red[w][idx];
         s *= r;
         if (EPI == EPI_ROPE) {
             int half = ra.hd >> 1, j = j0 + (l >> 2);
@@ -344,7 +345,7 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
             if (rhi >= N) continue;
             float b = 0.f;
 #pragma unroll
-            for (int w = 0; w < SK_WARPS; w++) b += red[w][idx + 64];
+            for (int w = 0; w < WARPS; w++) b += red[w][idx + 64];
             b *= r;
             if (bias) {
                 s += e2f(bias[rlo]);
@@ -374,7 +375,7 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
             if (j >= N) continue;
             float up = 0.f;
 #pragma unroll
-            for (int w = 0; w < SK_WARPS; w++) up += red[w][idx + 64];
+            for (int w = 0; w < WARPS; w++) up += red[w][idx + 64];
             up *= r;
             ((elem_t*)yv)[(size_t)m * ldy + j] = f2e(s / (1.f + __expf(-s)) * up);
         } else {
@@ -415,6 +416,13 @@ SKINNY(skinny_silu_8, 1, EPI_SILU)
 SKINNY(skinny_silu_16, 2, EPI_SILU)
 SKINNY(skinny_silu_32, 4, EPI_SILU)
 
+// A residual add of up to 8 tokens in 16-warp blocks: twice the warps on a tile's K in one
+// block, where a split across blocks would leave the tile's sum to atomics (the norm output
+// needs it whole).
+extern "C" __global__ void __launch_bounds__(512, 2) skinny_add_8_w16(SKINNY_PARAMS) {
+    skinny<1, EPI_ADD, 2, true, true, 16>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count});
+}
+
 // q/k/v with RoPE and the K/V cache write as the epilogue (decode steps): the skinny
 // parameters, then RopeArgs.
 #define SKINNY_ROPE(NAME, NT)                                                                          \
@@ -437,6 +445,7 @@ SKINNY_ROPE(skinny_rope_32, 4)
         "skinny_add_8",
         "skinny_add_16",
         "skinny_add_32",
+        "skinny_add_8_w16",
         "skinny_silu_8",
         "skinny_silu_16",
         "skinny_silu_32",
