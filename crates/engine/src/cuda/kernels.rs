@@ -159,15 +159,25 @@ extern "C" __global__ void fill(elem_t* out, u64 n, float v) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = b;
 }
 
-// hidden: [T, H] f32; table: [vocab, H] elem_t; ids: [T]. Block 0 also zeroes zero[0..nzero)
-// (the step's split-norm sums of squares, skinny.rs).
-extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H, float* zero, int nzero) {
+// A block per token: hidden [T, H] f32 = table [vocab, H] elem_t at ids [T], and the first
+// layer's input norm of it, out [T, H] elem_t = rmsnorm(hidden) * w. Block 0 also zeroes
+// zero[0..nzero) (the step's split-norm sums of squares, skinny.rs).
+extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H, const elem_t* w,
+                                 elem_t* out, float eps, float* zero, int nzero) {
     pdl_begin();
     int t = blockIdx.x;
     if (t == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero[i] = 0.f;
     const elem_t* row = table + (size_t)ids[t] * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) hidden[(size_t)t * H + i] = e2f(row[i]);
+    float* h = hidden + (size_t)t * H;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = e2f(row[i]);
+        h[i] = v;
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x) out[(size_t)t * H + i] = f2e(e2f(w[i]) * (h[i] * inv));
 }
 
 // One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the

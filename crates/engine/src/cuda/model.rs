@@ -737,15 +737,20 @@ impl CudaModel {
         let (t, s) = (shape.num_tokens, shape.num_seqs);
         let a = self.arena_layout;
         let ti = t as u32;
-        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU.
-        // (With the 1024-thread kernel below, one block an SM, a context long enough to use
-        // every part would run in several waves; measured only at context ~144, BENCHMARKS.md.)
+        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU:
+        // about four 128-thread blocks an SM, or with the 1024-thread kernel (few pairs, below)
+        // at most one, so that a long context stays in one wave of those.
         let wide_attention = 2 * s * nh <= self.num_sms;
-        let decode_parts = (t == s && decode_attention_fits(hd))
-            .then(|| (4 * self.num_sms).div_ceil(s * nh).clamp(1, DECODE_ATT_MAX_PARTS) as u32);
+        let parts = if wide_attention {
+            self.num_sms / (s * nh)
+        } else {
+            (4 * self.num_sms).div_ceil(s * nh)
+        };
+        let decode_parts =
+            (t == s && decode_attention_fits(hd)).then(|| parts.clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
-        // Small decode steps without LoRA split every RMSNorm after the first across the GEMMs
-        // around it (NormIo): no norm launches; embed zeroes the sums of squares.
+        // Small decode steps without LoRA split every RMSNorm after the first (embed's) across
+        // the GEMMs around it (NormIo): no norm launches; embed zeroes the sums of squares.
         let split = self.splits_norms(shape);
         let zero = if split {
             (self.norm_ss.ptr, self.norm_ss.bytes / 4)
@@ -760,14 +765,16 @@ impl CudaModel {
             self.embed_tokens.ptr,
             self.input(a.token_ids),
             h as i32,
+            self.layers
+                .first()
+                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr),
+            self.normed.ptr,
+            c.rms_norm_eps,
             zero.0,
             zero.1 as i32
         )?;
         let lora_on = |g: usize| shape.lora_mask & (1 << g) != 0;
         for (li, layer) in self.layers.iter().enumerate() {
-            if li == 0 {
-                self.rms_norm(gpu, t, 0, layer.input_layernorm.ptr, self.normed.ptr, NO_LORA)?;
-            }
             let qkv_norm = self.norm_in(split && li > 0, 2 * li);
             // Decode without q/k norms or q/k/v LoRA: RoPE and the cache write are the q/k/v
             // GEMM's epilogue.
