@@ -159,25 +159,49 @@ extern "C" __global__ void fill(elem_t* out, u64 n, float v) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) out[i] = b;
 }
 
-// A block per token: hidden [T, H] f32 = table [vocab, H] elem_t at ids [T], and the first
-// layer's input norm of it, out [T, H] elem_t = rmsnorm(hidden) * w. Block 0 also zeroes
-// zero[0..nzero) (the step's split-norm sums of squares, skinny.rs).
-extern "C" __global__ void embed(float* hidden, const elem_t* table, const u32* ids, int H, const elem_t* w,
-                                 elem_t* out, float eps, float* zero, int nzero) {
+// A block per token (up to 1024 threads): hidden [T, H] f32 = table [vocab, H] elem_t at
+// ids [T], and the first layer's input norm of it, out [T, H] elem_t = rmsnorm(hidden) * w.
+// Block 0 also zeroes zero[0..nzero) (the step's split-norm sums of squares, skinny.rs).
+#define EMBED_PRE 4
+extern "C" __global__ void __launch_bounds__(1024) embed(float* hidden, const elem_t* table, const u32* ids, int H,
+                                                         const elem_t* w, elem_t* out, float eps, float* zero, int nzero) {
+    // The norm weight is set before the step: this thread's first EMBED_PRE of it are loaded
+    // while the kernel ahead drains.
+    elem_t wp[EMBED_PRE];
+#pragma unroll
+    for (int e = 0; e < EMBED_PRE; e++) {
+        int i = threadIdx.x + e * blockDim.x;
+        wp[e] = i < H ? w[i] : (elem_t)0;
+    }
     pdl_begin();
     int t = blockIdx.x;
     if (t == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero[i] = 0.f;
     const elem_t* row = table + (size_t)ids[t] * H;
     float* h = hidden + (size_t)t * H;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        float v = e2f(row[i]);
-        h[i] = v;
-        ss += v * v;
+    float v[EMBED_PRE], ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < EMBED_PRE; e++) {
+        int i = threadIdx.x + e * blockDim.x;
+        v[e] = i < H ? e2f(row[i]) : 0.f;
+        ss += v[e] * v[e];
+    }
+    for (int i = threadIdx.x + EMBED_PRE * blockDim.x; i < H; i += blockDim.x) {
+        float x = e2f(row[i]);
+        h[i] = x;
+        ss += x * x;
     }
     float inv = rsqrtf(block_sum(ss) / (float)H + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x) out[(size_t)t * H + i] = f2e(e2f(w[i]) * (h[i] * inv));
+    elem_t* o = out + (size_t)t * H;
+#pragma unroll
+    for (int e = 0; e < EMBED_PRE; e++) {
+        int i = threadIdx.x + e * blockDim.x;
+        if (i < H) {
+            h[i] = v[e];
+            o[i] = f2e(e2f(wp[e]) * (v[e] * inv));
+        }
+    }
+    for (int i = threadIdx.x + EMBED_PRE * blockDim.x; i < H; i += blockDim.x) o[i] = f2e(e2f(w[i]) * (h[i] * inv));
 }
 
 // One output's LoRA expand: tr[0..rank) (the token's shrink result, f32) · b[0..rank) (the

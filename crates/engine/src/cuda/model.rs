@@ -760,7 +760,7 @@ impl CudaModel {
         launch!(
             gpu,
             "embed",
-            cfg((ti, 1, 1), 256),
+            cfg((ti, 1, 1), (h.div_ceil(32) * 32).min(1024) as u32),
             self.hidden.ptr,
             self.embed_tokens.ptr,
             self.input(a.token_ids),
