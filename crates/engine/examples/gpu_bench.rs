@@ -255,18 +255,6 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
         }
         let ms = time(&|| idx.iter().for_each(|&i| launch_w("skinny_add_8_w16", i, 1, 512)));
         report(&format!("{kind} skinny_add_8_w16"), ms, kb);
-        let launch_h8 = |i: usize| {
-            let (n, k) = shapes[i];
-            let mut args = [0u64; 8 + skinny::NORM_ARGS];
-            let dims = [1i32, n as i32, k as i32, n as i32].map(|v| v.bits());
-            args[..4].copy_from_slice(&[x.ptr, ws[i].ptr, 0, y.ptr]);
-            args[4..8].copy_from_slice(&dims);
-            args[8..].copy_from_slice(&NormIo::NONE.args());
-            // SAFETY: as `launch`, in blocks of 8 rows.
-            unsafe { gpu.launch("skinny_add_8_h8", lcfg((n.div_ceil(8) as u32, 1, 1), 256), &args) }.unwrap();
-        };
-        let ms = time(&|| idx.iter().for_each(|&i| launch_h8(i)));
-        report(&format!("{kind} skinny_add_8_h8"), ms, kb);
         for &name in tuning.kernels.iter().filter(|k| k.starts_with("skinny")) {
             let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, 1)));
             report(&format!("{kind} {name}"), ms, kb);

@@ -1064,12 +1064,11 @@ pub fn linear(
             Epilogue::Add if m <= 8 && blocks < 4 * gpu.num_sms as usize => (k.div_ceil(64) / 32).clamp(1, 4),
             _ => 1,
         };
-        // With a norm output, a tile's sum stays in one block: blocks of 8 rows where K would
-        // be split.
-        let (name, split, blocks) = match (split, norm.out) {
-            (1, _) => (skinny::kernel_name(epi, m), 1, blocks),
-            (_, 0) => (skinny::kernel_name(epi, m), split, blocks),
-            _ => ("skinny_add_8_h8", 1, rows.div_ceil(8)),
+        // With a norm output, a tile's sum stays in one block: 16 warps where K would be split.
+        let (name, split, threads) = match (split, norm.out) {
+            (1, _) => (skinny::kernel_name(epi, m), 1, SKINNY_THREADS),
+            (_, 0) => (skinny::kernel_name(epi, m), split, SKINNY_THREADS),
+            _ => ("skinny_add_8_w16", 1, 2 * SKINNY_THREADS),
         };
         let grid = (blocks as u32, split as u32, 1);
         let mut args = [0u64; 8 + skinny::NORM_ARGS];
@@ -1077,7 +1076,7 @@ pub fn linear(
         args[8..].copy_from_slice(&norm.args());
         // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out,
         // out_ss, count) (skinny.rs); a norm output's count holds a u32 per 16 rows.
-        return unsafe { gpu.launch(name, cfg(grid, SKINNY_THREADS), &args) };
+        return unsafe { gpu.launch(name, cfg(grid, threads), &args) };
     }
     if norm != NormIo::NONE {
         return Err(Error::Backend(format!(

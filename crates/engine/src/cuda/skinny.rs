@@ -189,9 +189,8 @@ __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
 // na: the norm split across GEMMs (NormArgs): Store/SiLU/RoPE scale by in_ss, Add writes out.
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments;
 // PL: issue the first iteration's weight loads before waiting on the previous kernel.
-// WARPS: warps of the block, each taking every WARPS-th chunk of K. ROWS (Add only): 16, or 8
-// for twice the blocks over few rows (the mma's upper 8 rows zero, nothing loaded for them).
-template <int NT, int EPI, int SK_U, bool PF, bool PL, int WARPS = SK_WARPS, int ROWS = 16>
+// WARPS: warps of the block, each taking every WARPS-th chunk of K.
+template <int NT, int EPI, int SK_U, bool PF, bool PL, int WARPS = SK_WARPS>
 __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_t* __restrict__ W,
                                        const elem_t* __restrict__ bias, void* yv, int M, int N, int K, int ldy,
                                        NormArgs na, RopeArgs ra = RopeArgs{}) {
@@ -211,10 +210,10 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
         hi = N + lo;
         vlo = vhi = lo < N;
     } else {
-        lo = blockIdx.x * ROWS + g;
+        lo = blockIdx.x * 16 + g;
         hi = lo + 8;
         vlo = lo < N;
-        vhi = ROWS == 16 && hi < N;
+        vhi = hi < N;
     }
     const elem_t* wlo = W + (size_t)(vlo ? lo : 0) * K + t * 8;
     const elem_t* whi = W + (size_t)(vhi ? hi : 0) * K + t * 8;
@@ -232,8 +231,8 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
             bool ok0 = c < ce && e < K, ok1 = c < ce && e + 32 < K;
             w[u][0] = vlo && ok0 ? ld_stream<PF>(wlo + c * 64) : z4;
             w[u][1] = vlo && ok1 ? ld_stream<PF>(wlo + c * 64 + 32) : z4;
-            w[u][2] = ROWS == 16 && vhi && ok0 ? ld_stream<PF>(whi + c * 64) : z4;
-            w[u][3] = ROWS == 16 && vhi && ok1 ? ld_stream<PF>(whi + c * 64 + 32) : z4;
+            w[u][2] = vhi && ok0 ? ld_stream<PF>(whi + c * 64) : z4;
+            w[u][3] = vhi && ok1 ? ld_stream<PF>(whi + c * 64 + 32) : z4;
         }
     };
     auto mul = [&](const uint4 (&w)[SK_U][4], int c0) {
@@ -281,8 +280,8 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
         auto at = [&](int idx, int& m, int& row) {
             int l = idx & 31, i = (idx >> 5) & 3, n = idx >> 7;
             m = n * 8 + (l & 3) * 2 + (i & 1);
-            row = blockIdx.x * ROWS + (l >> 2) + (i >= 2 ? 8 : 0);
-            return m < M && row < N && (ROWS == 16 || i < 2);
+            row = blockIdx.x * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
+            return m < M && row < N;
         };
         // The norm output of h, the residual stream's new value at (m, row).
         auto norm_out = [&](int m, int row, float h) {
@@ -417,12 +416,6 @@ SKINNY(skinny_silu_8, 1, EPI_SILU)
 SKINNY(skinny_silu_16, 2, EPI_SILU)
 SKINNY(skinny_silu_32, 4, EPI_SILU)
 
-// A residual add of up to 8 tokens in blocks of 8 rows (four chunks in flight a warp, as many
-// bytes as two of 16 rows): twice the blocks without splitting K.
-extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, 4) skinny_add_8_h8(SKINNY_PARAMS) {
-    skinny<1, EPI_ADD, 4, true, true, SK_WARPS, 8>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count});
-}
-
 // A residual add of up to 8 tokens in 16-warp blocks: twice the warps on a tile's K in one
 // block, where a split across blocks would leave the tile's sum to atomics (the norm output
 // needs it whole).
@@ -453,7 +446,6 @@ SKINNY_ROPE(skinny_rope_32, 4)
         "skinny_add_16",
         "skinny_add_32",
         "skinny_add_8_w16",
-        "skinny_add_8_h8",
         "skinny_silu_8",
         "skinny_silu_16",
         "skinny_silu_32",
