@@ -414,7 +414,7 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
     }
     use multilora_engine::cuda::gpu::{cfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
-    use multilora_engine::cuda::skinny::{self, Epilogue, NormIo, SKINNY_MAX_M};
+    use multilora_engine::cuda::skinny::{self, Epilogue, NormIo, SKINNY_MAX_M, SKINNY_THREADS};
     // 128-wide heads with a bias (8 blocks a head, partners 64 rows apart), 64-wide without.
     for (hd, with_bias) in [(128usize, true), (64, false)] {
         let (nh, nkv, k, max_pos, num_slots) = (4usize, 2usize, 512usize, 64usize, 64usize);
@@ -463,7 +463,7 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
                         args.extend(NormIo::NONE.args());
                         args.extend(rope);
                         args.extend(heads);
-                        let grid = cfg(((n / 16) as u32, 1, 1), skinny::rope_threads(m));
+                        let grid = cfg(((n / 16) as u32, 1, 1), SKINNY_THREADS);
                         // SAFETY: skinny_rope's signature (skinny.rs); buffers sized above.
                         unsafe { gpu.launch(skinny::rope_kernel_name(m), grid, &args) }.unwrap();
                     } else {
@@ -643,11 +643,10 @@ fn cuda_split_norm_matches_rms_norm() {
                     }
                     let (a, b) = (&got[0], &got[1]);
                     let what = format!("{} H={h} K={k} M={m} {epi:?}", elem.name());
-                    // The same add, its K cut into shares or over 16 warps of a block: only the
-                    // order of the sums differs.
+                    // The same add kernel, split or not (K shares added atomically: last bits).
                     let dh = max_diff(&a.0, &b.0);
                     assert!(
-                        dh <= 1e-5 * max_abs(&a.0),
+                        dh <= 1e-6 * max_abs(&a.0),
                         "{what}: residual stream differs by {dh} with the split norm"
                     );
                     for (i, row) in b.0.chunks(h).enumerate() {

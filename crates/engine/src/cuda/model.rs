@@ -643,13 +643,7 @@ impl CudaModel {
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
         // out, out_ss, count, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
         // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
-        unsafe {
-            gpu.launch(
-                skinny::rope_kernel_name(t),
-                cfg(grid, skinny::rope_threads(t)),
-                &args,
-            )
-        }
+        unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
     }
 
     /// Layer `li`'s q/k/v GEMM with its LoRA, Qwen3's q/k norms, then RoPE and the K/V cache

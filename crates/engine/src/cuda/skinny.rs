@@ -110,14 +110,6 @@ pub fn rope_kernel_name(m: usize) -> &'static str {
     ["skinny_rope_8", "skinny_rope_16", "skinny_rope_32"][token_class(m)]
 }
 
-/// Threads of the [`rope_kernel_name`] kernel for `m` tokens: 16 warps up to 8 tokens, 8 above.
-pub fn rope_threads(m: usize) -> u32 {
-    match token_class(m) {
-        0 => 2 * SKINNY_THREADS,
-        _ => SKINNY_THREADS,
-    }
-}
-
 /// Which instantiation takes `m` tokens: 8, 16 or 32 of them (one, two or four n-tiles).
 fn token_class(m: usize) -> usize {
     match m {
@@ -432,18 +424,17 @@ extern "C" __global__ void __launch_bounds__(512, 2) skinny_add_8_w16(SKINNY_PAR
 }
 
 // q/k/v with RoPE and the K/V cache write as the epilogue (decode steps): the skinny
-// parameters, then RopeArgs. Up to 8 tokens in 16-warp blocks: the q/k/v rows of a 7B layer
-// make 1.5 waves of 8-warp blocks, 2.9 of 16-warp ones.
-#define SKINNY_ROPE(NAME, NT, WARPS, MINB)                                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) NAME(SKINNY_PARAMS,                 \
+// parameters, then RopeArgs.
+#define SKINNY_ROPE(NAME, NT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, NT == 1 ? 4 : 2) NAME(SKINNY_PARAMS,  \
         const float* cos_t, const float* sin_t, const u32* positions, const u32* slots,                  \
         elem_t* k_cache, elem_t* v_cache, int nh, int nkv, int hd) {                                     \
         RopeArgs ra{cos_t, sin_t, positions, slots, k_cache, v_cache, nh, nkv, hd};                      \
-        skinny<NT, EPI_ROPE, 2, true, true, WARPS>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}, ra); \
+        skinny<NT, EPI_ROPE, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}, ra); \
     }
-SKINNY_ROPE(skinny_rope_8, 1, 16, 2)
-SKINNY_ROPE(skinny_rope_16, 2, 8, 2)
-SKINNY_ROPE(skinny_rope_32, 4, 8, 2)
+SKINNY_ROPE(skinny_rope_8, 1)
+SKINNY_ROPE(skinny_rope_16, 2)
+SKINNY_ROPE(skinny_rope_32, 4)
 
 "#
     ),
