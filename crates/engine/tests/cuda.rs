@@ -643,10 +643,11 @@ fn cuda_split_norm_matches_rms_norm() {
                     }
                     let (a, b) = (&got[0], &got[1]);
                     let what = format!("{} H={h} K={k} M={m} {epi:?}", elem.name());
-                    // The same add kernel, split or not (K shares added atomically: last bits).
+                    // The same add, its K cut into shares or over 16 warps of a block: only the
+                    // order of the sums differs.
                     let dh = max_diff(&a.0, &b.0);
                     assert!(
-                        dh <= 1e-6 * max_abs(&a.0),
+                        dh <= 1e-5 * max_abs(&a.0),
                         "{what}: residual stream differs by {dh} with the split norm"
                     );
                     for (i, row) in b.0.chunks(h).enumerate() {
