@@ -759,8 +759,6 @@ fn cuda_decode_attention_matches_reference() {
                     scale.bits(),
                     part.ptr,
                     counters.ptr,
-                    0,
-                    0,
                 ];
                 let grid = cfg((s as u32, nh as u32, parts), threads);
                 // SAFETY: the decode attention kernels' signature (kernels.rs); buffers sized above.

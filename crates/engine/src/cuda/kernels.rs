@@ -460,8 +460,6 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) paged_attention(
 // out[hd]) to `part`, and the last block of (s, h) to finish merges them (a counter per (s, h),
 // reset by the merger, so a captured graph can replay).
 // hd: a power of two from 8 to 256. part: [S, nh, P, hd + 2] f32; counters: [S * nh] u32.
-// pf: the first pf_bytes (a multiple of 256) of the next projection's weights, which the grid
-// prefetches into L2 while this latency-bound kernel leaves HBM idle (none where pf_bytes is 0).
 #define DA_THREADS 128
 #define DA_WIDE_THREADS 1024
 #define DA_DEPTH 4
@@ -470,20 +468,7 @@ template <int THREADS>
 __device__ __forceinline__ void decode_attention_impl(
     const float* qkv, int ld, elem_t* out, const elem_t* k_cache, const elem_t* v_cache, const u32* positions,
     const u32* block_tables, int max_blocks, int block_size, int nh, int nkv, int hd, float scale, float* part,
-    u32* counters, const char* pf, u64 pf_bytes) {
-#if __CUDA_ARCH__ >= 900
-    // Weights are set before the step: a 256-byte-aligned share of pf per block, in bulk
-    // prefetches of at most 32 KB, before anything waits.
-    if (pf_bytes && threadIdx.x == 0) {
-        u64 nb = (u64)gridDim.x * gridDim.y * gridDim.z;
-        u64 b = ((u64)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-        u64 share = (pf_bytes / nb + 255) & ~255ull, lo = b * share, hi = min(pf_bytes, lo + share);
-        for (u64 o = lo; o < hi; o += 32768) {
-            u32 n = (u32)min((u64)32768, hi - o);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + o), "r"(n) : "memory");
-        }
-    }
-#endif
+    u32* counters) {
     int s = blockIdx.x, h = blockIdx.y, p = blockIdx.z;
     int lpk = hd >> 3, grp = threadIdx.x / lpk, sub = threadIdx.x % lpk, ngrp = THREADS / lpk;
     int kvh = h / (nh / nkv), kvs = nkv * hd;
@@ -644,9 +629,9 @@ __device__ __forceinline__ void decode_attention_impl(
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                             \
         const float* qkv, int ld, elem_t* out, const elem_t* k_cache, const elem_t* v_cache,                 \
         const u32* positions, const u32* block_tables, int max_blocks, int block_size, int nh, int nkv,      \
-        int hd, float scale, float* part, u32* counters, const char* pf, u64 pf_bytes) {                     \
+        int hd, float scale, float* part, u32* counters) {                                                   \
         decode_attention_impl<THREADS>(qkv, ld, out, k_cache, v_cache, positions, block_tables, max_blocks, \
-                                       block_size, nh, nkv, hd, scale, part, counters, pf, pf_bytes);       \
+                                       block_size, nh, nkv, hd, scale, part, counters);                     \
     }
 DECODE_ATTENTION(decode_attention, DA_THREADS)
 DECODE_ATTENTION(decode_attention_wide, DA_WIDE_THREADS)

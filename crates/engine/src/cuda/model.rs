@@ -807,13 +807,10 @@ impl CudaModel {
                     (1.0f32 / (hd as f32).sqrt()).bits(),
                     self.att_part.ptr,
                     self.att_count.ptr,
-                    layer.o_proj.w.ptr,
-                    prefetch(&layer.o_proj),
                 ];
                 // SAFETY: both decode attention kernels take (qkv, ld, out, k_cache, v_cache,
                 // positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale, part,
-                // counters, pf, pf_bytes) (kernels.rs); the buffers are the model's, sized for
-                // its limits, and pf_bytes at most o_proj's.
+                // counters) (kernels.rs); the buffers are the model's, sized for its limits.
                 unsafe { gpu.launch(name, cfg((ti, nh as u32, parts), threads), &args) }?;
             } else {
                 launch!(
@@ -1025,15 +1022,6 @@ impl CudaModel {
             false => NormIo::NONE,
         }
     }
-}
-
-/// Bytes of `lin`'s weight that decode attention prefetches into L2 (a multiple of 256).
-fn prefetch(lin: &Linear) -> u64 {
-    let mb: u64 = std::env::var("MULTILORA_ATT_PREFETCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16);
-    ((mb << 20).min(lin.w.bytes as u64)) & !255
 }
 
 /// Most tokens of a step whose RMSNorms are split across GEMMs ([`CudaModel::splits_norms`]):
