@@ -256,8 +256,7 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
         let ms = time(&|| idx.iter().for_each(|&i| launch_w("skinny_add_8_w16", i, 1, 512)));
         report(&format!("{kind} skinny_add_8_w16"), ms, kb);
         for &name in tuning.kernels.iter().filter(|k| k.starts_with("skinny")) {
-            let threads = if name.ends_with("_w4") { 128 } else { 256 };
-            let ms = time(&|| idx.iter().for_each(|&i| launch_w(name, i, 1, threads)));
+            let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, 1)));
             report(&format!("{kind} {name}"), ms, kb);
         }
     }
@@ -266,8 +265,7 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
         .iter()
         .chain(tuning.kernels.iter().filter(|k| k.starts_with("skinny")))
     {
-        let threads = if name.ends_with("_w4") { 128 } else { 256 };
-        let ms = time(&|| (0..ws.len()).for_each(|i| launch_w(name, i, 1, threads)));
+        let ms = time(&|| (0..ws.len()).for_each(|i| launch(name, i, 1)));
         report(&format!("m= 1 {name}"), ms, bytes);
     }
     for m in [1usize, 2, 4, 8, 16, 32] {

@@ -643,13 +643,7 @@ impl CudaModel {
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
         // out, out_ss, count, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
         // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
-        let w4 = t <= 8 && std::env::var("MULTILORA_ROPE_W4").is_ok_and(|v| v == "1");
-        let (name, threads) = if w4 {
-            ("skinny_rope_8_w4", 128)
-        } else {
-            (skinny::rope_kernel_name(t), SKINNY_THREADS)
-        };
-        unsafe { gpu.launch(name, cfg(grid, threads), &args) }
+        unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
     }
 
     /// Layer `li`'s q/k/v GEMM with its LoRA, Qwen3's q/k norms, then RoPE and the K/V cache

@@ -425,17 +425,16 @@ extern "C" __global__ void __launch_bounds__(512, 2) skinny_add_8_w16(SKINNY_PAR
 
 // q/k/v with RoPE and the K/V cache write as the epilogue (decode steps): the skinny
 // parameters, then RopeArgs.
-#define SKINNY_ROPE(NAME, NT, WARPS, MINB)                                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) NAME(SKINNY_PARAMS,                 \
+#define SKINNY_ROPE(NAME, NT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, NT == 1 ? 4 : 2) NAME(SKINNY_PARAMS,  \
         const float* cos_t, const float* sin_t, const u32* positions, const u32* slots,                  \
         elem_t* k_cache, elem_t* v_cache, int nh, int nkv, int hd) {                                     \
         RopeArgs ra{cos_t, sin_t, positions, slots, k_cache, v_cache, nh, nkv, hd};                      \
-        skinny<NT, EPI_ROPE, 2, true, true, WARPS>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}, ra); \
+        skinny<NT, EPI_ROPE, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}, ra); \
     }
-SKINNY_ROPE(skinny_rope_8, 1, 8, 4)
-SKINNY_ROPE(skinny_rope_8_w4, 1, 4, 8)
-SKINNY_ROPE(skinny_rope_16, 2, 8, 2)
-SKINNY_ROPE(skinny_rope_32, 4, 8, 2)
+SKINNY_ROPE(skinny_rope_8, 1)
+SKINNY_ROPE(skinny_rope_16, 2)
+SKINNY_ROPE(skinny_rope_32, 4)
 
 "#
     ),
@@ -451,7 +450,6 @@ SKINNY_ROPE(skinny_rope_32, 4, 8, 2)
         "skinny_silu_16",
         "skinny_silu_32",
         "skinny_rope_8",
-        "skinny_rope_8_w4",
         "skinny_rope_16",
         "skinny_rope_32",
     ],
@@ -476,10 +474,6 @@ pub const TUNING: Module = Module {
 SKINNY_VAR(skinny_var_u2_b4_nopl, 2, 4, true, false)
 SKINNY_VAR(skinny_var_u2_b4_nopf, 2, 4, false, true)
 SKINNY_VAR(skinny_var_u4_b2, 4, 2, true, true)
-extern "C" __global__ void __launch_bounds__(128, 8) skinny_var_w4(const elem_t* x, const elem_t* W, const elem_t* bias, void* y, int M, int N,
-        int K, int ldy, const float* in_ss, float eps, const elem_t* gamma, elem_t* nout, float* out_ss, u32* count) {
-    skinny<1, EPI_STORE, 2, true, true, 4>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count});
-}
 
 // The read-only ceiling: streams n16 16-byte vectors once (4 in flight per thread) and only
 // sums them (the sink is written when the sum hits a value no test data makes).
@@ -502,7 +496,6 @@ extern "C" __global__ void __launch_bounds__(256) read_stream(const elem_t* p, u
         "skinny_var_u2_b4_nopl",
         "skinny_var_u2_b4_nopf",
         "skinny_var_u4_b2",
-        "skinny_var_w4",
         "read_stream",
     ],
 };
