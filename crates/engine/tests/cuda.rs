@@ -532,8 +532,8 @@ fn cuda_skinny_rope_matches_gemm_then_rope() {
 /// An RMSNorm split across two skinny GEMMs (decode steps without LoRA): the residual add
 /// writes h · gamma and each token's sum of squares, and the next GEMM (Store, SiLU·mul) scales
 /// its dot products by 1/rms; against the same add, `add_rms_norm`, then the plain GEMM. The
-/// adds cut K into 1, 2 and 4 shares, for 1..8 tokens and row counts that are and are
-/// not multiples of 16.
+/// adds with a norm output run in 16-warp blocks where the plain ones cut K into 2 or 4 shares;
+/// 1..8 tokens, row counts that are and are not multiples of 16.
 #[test]
 fn cuda_split_norm_matches_rms_norm() {
     if !have_gpu() {
@@ -570,7 +570,6 @@ fn cuda_split_norm_matches_rms_norm() {
                         let y = upload(&gpu, &h0);
                         let xn = gpu.alloc(8 * h * 2).unwrap();
                         let ss = upload(&gpu, &[0f32; 8]);
-                        let count = upload(&gpu, &vec![0u32; h.div_ceil(16)]);
                         let z = gpu.alloc(8 * n2 * 4).unwrap();
                         let add = |norm| {
                             linear(
@@ -598,7 +597,6 @@ fn cuda_split_norm_matches_rms_norm() {
                                 gamma: gamma.ptr,
                                 out: xn.ptr,
                                 out_ss: ss.ptr,
-                                count: count.ptr,
                                 ..NormIo::NONE
                             });
                             next(NormIo {
@@ -606,10 +604,6 @@ fn cuda_split_norm_matches_rms_norm() {
                                 eps,
                                 ..NormIo::NONE
                             });
-                            // The last share of each tile set its counter back to zero.
-                            let mut c = vec![1u32; h.div_ceil(16)];
-                            gpu.dtoh(&mut c, count.ptr).unwrap();
-                            assert!(c.iter().all(|&v| v == 0), "split add left tile counters set");
                         } else {
                             add(NormIo::NONE);
                             // add_rms_norm (hidden, rows, w, out, H, eps), no LoRA expand.

@@ -114,7 +114,6 @@ pub struct CudaModel {
     lora_tmp: DevBuf,    // [3, T, R] f32
     last_normed: DevBuf, // [S, hidden] elem
     norm_ss: DevBuf,     // [2 * layers + 1, NORM_SPLIT_MAX_TOKENS] f32, zero from each step's embed
-    norm_count: DevBuf,  // [hidden / 16] u32: K shares done per tile of a split add, zero between
     att_part: DevBuf,    // [S, heads, DECODE_ATT_MAX_PARTS, head_dim + 2] f32
     att_count: DevBuf,   // [S * heads] u32, zero between steps
     logits: DevBuf,      // [S, vocab] f32
@@ -351,7 +350,6 @@ impl CudaModel {
             lora_tmp: gpu.alloc(3 * t * lora_rank.max(1) * 4)?,
             last_normed: gpu.alloc(s * h * 2)?,
             norm_ss: gpu.alloc((2 * cfg.num_hidden_layers + 1) * NORM_SPLIT_MAX_TOKENS * 4)?,
-            norm_count: gpu.alloc(h.div_ceil(SKINNY_ROWS) * 4)?,
             att_part: gpu.alloc(s * cfg.num_attention_heads * DECODE_ATT_MAX_PARTS * (hd + 2) * 4)?,
             att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
             logits: gpu.alloc(s * v * 4)?,
@@ -641,7 +639,7 @@ impl CudaModel {
             &[c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()),
         );
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
-        // out, out_ss, count, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
+        // out, out_ss, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
         // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
         unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
     }
@@ -1016,7 +1014,6 @@ impl CudaModel {
                 gamma,
                 out: self.normed.ptr,
                 out_ss: self.norm_ss_at(b),
-                count: self.norm_count.ptr,
                 ..NormIo::NONE
             },
             false => NormIo::NONE,
@@ -1075,7 +1072,7 @@ pub fn linear(
         args[..8].copy_from_slice(&[x, w, bias, y, m32.bits(), n32.bits(), k32.bits(), ld32.bits()]);
         args[8..].copy_from_slice(&norm.args());
         // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out,
-        // out_ss, count) (skinny.rs); a norm output's count holds a u32 per 16 rows.
+        // out_ss) (skinny.rs); skinny_add_8_w16 takes 512 threads.
         return unsafe { gpu.launch(name, cfg(grid, threads), &args) };
     }
     if norm != NormIo::NONE {

@@ -63,8 +63,6 @@ pub struct NormIo {
     pub gamma: u64,
     pub out: u64,
     pub out_ss: u64,
-    /// An add cut into K shares: a zeroed u32 per 16-row tile (shares done so far).
-    pub count: u64,
 }
 
 impl NormIo {
@@ -75,7 +73,6 @@ impl NormIo {
         gamma: 0,
         out: 0,
         out_ss: 0,
-        count: 0,
     };
 
     /// The kernel arguments after (x, W, bias, y, M, N, K, ldy).
@@ -86,13 +83,12 @@ impl NormIo {
             self.gamma,
             self.out,
             self.out_ss,
-            self.count,
         ]
     }
 }
 
 /// Kernel arguments of a [`NormIo`].
-pub const NORM_ARGS: usize = 6;
+pub const NORM_ARGS: usize = 5;
 
 /// Kernel name for an epilogue and a token count (rounded up to 8, 16 or 32).
 pub fn kernel_name(epi: Epilogue, m: usize) -> &'static str {
@@ -152,7 +148,6 @@ struct NormArgs {
     const elem_t* gamma; // Add: the next norm's weight (null: no norm output)
     elem_t* out;         // Add: [M, ldy] h * gamma
     float* out_ss;       // Add: [M] sums of squares, zero before the step
-    u32* count;          // Add cut into K shares: [gridDim.x] shares done per tile, zero between launches
 };
 
 // d += a · b for one m16n8k16 tile, elem_t in, f32 accumulate.
@@ -183,9 +178,9 @@ __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
 // halves of its pairs: q rows go to y rotated, k rows rotated and v rows as they are to the
 // caches (K/V not kept in y). K must be a multiple of 8.
 // grid: (ceil(N / 16), S) for Store/Add, (ceil(I / 8), 1) for SiLU, (N / 16, 1) for RoPE. With
-// S > 1 (Add only), block (b, s) takes the s-th of S equal shares of K's 64-wide chunks and adds
-// its partial sum atomically (bias from s = 0); with a norm output, the tile's last share to
-// finish reads the sums back and writes it.
+// S > 1 (Add only, never with a norm output: that needs a tile's whole sum in one block), block
+// (b, s) takes the s-th of S equal shares of K's 64-wide chunks and adds its partial sum
+// atomically (bias from s = 0).
 // na: the norm split across GEMMs (NormArgs): Store/SiLU/RoPE scale by in_ss, Add writes out.
 // SK_U: 64-wide chunks each warp has in flight; PF: ask L2 to prefetch 256-byte segments;
 // PL: issue the first iteration's weight loads before waiting on the previous kernel.
@@ -288,7 +283,6 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
             na.out[(size_t)m * ldy + row] = f2e(h * e2f(na.gamma[row]));
             atomicAdd(&tss[m], h * h);
         };
-        bool split = gridDim.y > 1;
         for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
             int m, row;
             if (!at(idx, m, row)) continue;
@@ -297,7 +291,7 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
             for (int w = 0; w < WARPS; w++) s += red[w][idx];
             if (bias && blockIdx.y == 0) s += e2f(bias[row]);
             float* y = (float*)yv + (size_t)m * ldy + row;
-            if (split) {
+            if (gridDim.y > 1) {
                 atomicAdd(y, s);
                 continue;
             }
@@ -306,24 +300,6 @@ __device__ __forceinline__ void skinny(const elem_t* __restrict__ x, const elem_
             if (na.out) norm_out(m, row, h);
         }
         if (!na.out) return;
-        if (split) {
-            // The tile's last share to finish (its adds, and every other share's, visible
-            // through the counter) reads the sums back from L2.
-            __shared__ bool last;
-            __threadfence();
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                last = atomicAdd(&na.count[blockIdx.x], 1u) == gridDim.y - 1;
-                if (last) na.count[blockIdx.x] = 0;
-            }
-            __syncthreads();
-            if (!last) return;
-            __threadfence();
-            for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
-                int m, row;
-                if (at(idx, m, row)) norm_out(m, row, __ldcg((float*)yv + (size_t)m * ldy + row));
-            }
-        }
         __syncthreads();
         if (threadIdx.x < M && threadIdx.x < NT * 8) atomicAdd(&na.out_ss[threadIdx.x], tss[threadIdx.x]);
         return;
@@ -398,13 +374,13 @@ pub const MODULE: Module = Module {
         r#"
 // Two chunks in flight per warp and four blocks per SM (the fastest variant at one token on
 // the H200, BENCHMARKS.md); more tokens need more registers: two blocks. Every skinny kernel
-// takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out, out_ss, count): NormArgs last.
+// takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out, out_ss): NormArgs last.
 #define SKINNY_PARAMS                                                                                  \
     const elem_t *x, const elem_t *W, const elem_t *bias, void *y, int M, int N, int K, int ldy,      \
-        const float *in_ss, float eps, const elem_t *gamma, elem_t *nout, float *out_ss, u32 *count
+        const float *in_ss, float eps, const elem_t *gamma, elem_t *nout, float *out_ss
 #define SKINNY(NAME, NT, EPI)                                                                          \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, NT == 1 ? 4 : 2) NAME(SKINNY_PARAMS) { \
-        skinny<NT, EPI, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}); \
+        skinny<NT, EPI, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss}); \
     }
 SKINNY(skinny_store_8, 1, EPI_STORE)
 SKINNY(skinny_store_16, 2, EPI_STORE)
@@ -420,7 +396,7 @@ SKINNY(skinny_silu_32, 4, EPI_SILU)
 // block, where a split across blocks would leave the tile's sum to atomics (the norm output
 // needs it whole).
 extern "C" __global__ void __launch_bounds__(512, 2) skinny_add_8_w16(SKINNY_PARAMS) {
-    skinny<1, EPI_ADD, 2, true, true, 16>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count});
+    skinny<1, EPI_ADD, 2, true, true, 16>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss});
 }
 
 // q/k/v with RoPE and the K/V cache write as the epilogue (decode steps): the skinny
@@ -430,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(512, 2) skinny_add_8_w16(SKINNY_PAR
         const float* cos_t, const float* sin_t, const u32* positions, const u32* slots,                  \
         elem_t* k_cache, elem_t* v_cache, int nh, int nkv, int hd) {                                     \
         RopeArgs ra{cos_t, sin_t, positions, slots, k_cache, v_cache, nh, nkv, hd};                      \
-        skinny<NT, EPI_ROPE, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}, ra); \
+        skinny<NT, EPI_ROPE, 2, true, true>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss}, ra); \
     }
 SKINNY_ROPE(skinny_rope_8, 1)
 SKINNY_ROPE(skinny_rope_16, 2)
@@ -468,8 +444,8 @@ pub const TUNING: Module = Module {
 #define SKINNY_VAR(NAME, U, MINB, PF, PL)                                                          \
     extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, MINB) NAME(                           \
         const elem_t* x, const elem_t* W, const elem_t* bias, void* y, int M, int N, int K, int ldy,   \
-        const float* in_ss, float eps, const elem_t* gamma, elem_t* nout, float* out_ss, u32* count) {  \
-        skinny<1, EPI_STORE, U, PF, PL>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss, count}); \
+        const float* in_ss, float eps, const elem_t* gamma, elem_t* nout, float* out_ss) {             \
+        skinny<1, EPI_STORE, U, PF, PL>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss}); \
     }
 SKINNY_VAR(skinny_var_u2_b4_nopl, 2, 4, true, false)
 SKINNY_VAR(skinny_var_u2_b4_nopf, 2, 4, false, true)
