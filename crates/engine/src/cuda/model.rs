@@ -633,9 +633,10 @@ impl CudaModel {
             (lin.k as i32).bits(),
             (lin.n as i32).bits(),
         ]);
-        args[8..14].copy_from_slice(&norm.args());
-        args[14..20].copy_from_slice(&self.rope_args(li));
-        args[20..].copy_from_slice(
+        const R: usize = 8 + skinny::NORM_ARGS;
+        args[8..R].copy_from_slice(&norm.args());
+        args[R..R + 6].copy_from_slice(&self.rope_args(li));
+        args[R + 6..].copy_from_slice(
             &[c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()),
         );
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
