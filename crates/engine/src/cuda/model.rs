@@ -640,8 +640,9 @@ impl CudaModel {
             &[c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()),
         );
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
-        // out, out_ss, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs); n = (nh + 2 nkv) hd rows
-        // in whole heads, hd a multiple of 16 (rope_fits), every buffer sized for the step.
+        // out, out_ss, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs);
+        // n = (nh + 2 nkv) hd rows in whole heads, hd a multiple of 16 (rope_fits), every buffer
+        // sized for the step.
         unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
     }
 

@@ -141,7 +141,9 @@ struct RopeArgs {
 // The RMSNorm between a residual add and the next GEMM, split across both (decode steps of up
 // to 8 tokens): the add's epilogue writes out = h * gamma (elem_t, not yet scaled) and adds each
 // token's sum of squares into out_ss; the next GEMM reads out as its x and scales its dot
-// products by 1/rms = rsqrt(in_ss / K + eps) before the bias, the norm being linear in x.
+// products by 1/rms = rsqrt(in_ss / K + eps) before the bias, the norm being linear in x. The
+// 16-bit rounding then comes before the scale rather than after it (same relative error; in
+// f16, h * gamma must stay below 65504, as the residual stream itself must in an f16 model).
 struct NormArgs {
     const float* in_ss;  // this GEMM's x is unscaled: per-token sums of squares (null: x is final)
     float eps;
