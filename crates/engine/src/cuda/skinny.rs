@@ -144,6 +144,8 @@ struct RopeArgs {
 // products by 1/rms = rsqrt(in_ss / K + eps) before the bias, the norm being linear in x. The
 // 16-bit rounding then comes before the scale rather than after it (same relative error; in
 // f16, h * gamma must stay below 65504, as the residual stream itself must in an f16 model).
+// Every block adds its part of a token's sum of squares atomically: 1/rms, and so the step, is
+// reproducible only to the last bits from run to run.
 struct NormArgs {
     const float* in_ss;  // this GEMM's x is unscaled: per-token sums of squares (null: x is final)
     float eps;
