@@ -226,7 +226,7 @@ fn check_case(case: &str, elem: Elem) {
         );
     }
     // The requests without an adapter on their own: decode steps of at most 8 sequences without
-    // LoRA, whose RMSNorms are split across the GEMMs around them (skinny.rs, NormIo).
+    // LoRA, whose RMSNorms in bf16 are split across the GEMMs around them (skinny.rs, NormIo).
     let base: Vec<usize> = (0..golden.requests.len())
         .filter(|&i| golden.requests[i].lora.is_none())
         .take(8)

@@ -5,6 +5,7 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
+use super::elem::Elem;
 use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::lora::LoraGroup;
@@ -751,7 +752,7 @@ impl CudaModel {
 
         // Small decode steps without LoRA split every RMSNorm after the first (embed's) across
         // the GEMMs around it (NormIo): no norm launches; embed zeroes the sums of squares.
-        let split = self.splits_norms(shape);
+        let split = self.splits_norms(gpu, shape);
         let zero = if split {
             (self.norm_ss.ptr, self.norm_ss.bytes / 4)
         } else {
@@ -974,12 +975,16 @@ impl CudaModel {
     }
 
     /// Whether a step splits its RMSNorms (all but layer 0's input norm) across the GEMMs
-    /// around them ([`NormIo`]): decode steps of up to [`NORM_SPLIT_MAX_TOKENS`] tokens without
-    /// LoRA (whose kernels read a whole normed x), every projection on the skinny GEMM.
-    fn splits_norms(&self, shape: StepShape) -> bool {
+    /// around them ([`NormIo`]): bf16 decode steps of up to [`NORM_SPLIT_MAX_TOKENS`] tokens
+    /// without LoRA (whose kernels read a whole normed x), every projection on the skinny GEMM.
+    /// Not f16, where h · gamma, rounded before the 1/rms scale, could overflow or lose bits
+    /// as a subnormal; not a model without layers, whose only norm is embed's.
+    fn splits_norms(&self, gpu: &Gpu, shape: StepShape) -> bool {
         let (t, c) = (shape.num_tokens, &self.cfg);
         let fits = |lin: &Linear, epi| skinny::fits(self.skinny_max_m, epi, lin.n, lin.k, t);
-        t == shape.num_seqs
+        gpu.elem == Elem::Bf16
+            && !self.layers.is_empty()
+            && t == shape.num_seqs
             && t <= NORM_SPLIT_MAX_TOKENS
             && shape.lora_mask == 0
             && skinny::fits(self.skinny_max_m, Epilogue::Store, c.vocab_size, c.hidden_size, t)
@@ -1049,6 +1054,14 @@ pub fn linear(
     scratch: CUdeviceptr,
     norm: NormIo,
 ) -> Result<()> {
+    debug_assert!(
+        norm.out == 0 || epi == Epilogue::Add,
+        "a norm output needs a residual add"
+    );
+    debug_assert!(
+        norm.in_ss == 0 || epi != Epilogue::Add,
+        "a residual add's x is never a split norm's"
+    );
     if skinny::fits(skinny_max_m, epi, n, k, m) {
         let (rows, per_block) = match epi {
             Epilogue::SiluMul => (n / 2, SKINNY_ROWS / 2),

@@ -142,8 +142,8 @@ struct RopeArgs {
 // to 8 tokens): the add's epilogue writes out = h * gamma (elem_t, not yet scaled) and adds each
 // token's sum of squares into out_ss; the next GEMM reads out as its x and scales its dot
 // products by 1/rms = rsqrt(in_ss / K + eps) before the bias, the norm being linear in x. The
-// 16-bit rounding then comes before the scale rather than after it (same relative error; in
-// f16, h * gamma must stay below 65504, as the residual stream itself must in an f16 model).
+// 16-bit rounding then comes before the scale rather than after it: the same relative error in
+// bf16; in f16 h * gamma could overflow or go subnormal, so the engine splits only bf16 norms.
 // Every block adds its part of a token's sum of squares atomically: 1/rms, and so the step, is
 // reproducible only to the last bits from run to run.
 struct NormArgs {
