@@ -253,8 +253,9 @@ fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
             let ms = time(&|| idx.iter().for_each(|&i| launch("skinny_add_8", i, split)));
             report(&format!("{kind} skinny_add_8 split-K {split}"), ms, kb);
         }
-        let ms = time(&|| idx.iter().for_each(|&i| launch_w("skinny_add_8_w16", i, 1, 512)));
-        report(&format!("{kind} skinny_add_8_w16"), ms, kb);
+        let (wide, threads) = (skinny::ADD_WIDE, skinny::ADD_WIDE_THREADS);
+        let ms = time(&|| idx.iter().for_each(|&i| launch_w(wide, i, 1, threads)));
+        report(&format!("{kind} {wide}"), ms, kb);
         for &name in tuning.kernels.iter().filter(|k| k.starts_with("skinny")) {
             let ms = time(&|| idx.iter().for_each(|&i| launch(name, i, 1)));
             report(&format!("{kind} {name}"), ms, kb);

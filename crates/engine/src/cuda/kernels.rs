@@ -839,6 +839,11 @@ mod tests {
         );
         let skinny = &super::super::skinny::MODULE;
         let sk_warps = super::super::skinny::SKINNY_THREADS as usize / 32;
-        assert_defines("skinny.rs", skinny.body, &[("SK_WARPS", sk_warps)]);
+        let wide_warps = super::super::skinny::ADD_WIDE_THREADS as usize / 32;
+        assert_defines(
+            "skinny.rs",
+            skinny.body,
+            &[("SK_WARPS", sk_warps), ("SK_WIDE_WARPS", wide_warps)],
+        );
     }
 }

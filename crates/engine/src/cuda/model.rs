@@ -750,8 +750,8 @@ impl CudaModel {
         let decode_parts =
             (t == s && decode_attention_fits(hd)).then(|| parts.clamp(1, DECODE_ATT_MAX_PARTS) as u32);
 
-        // Small decode steps without LoRA split every RMSNorm after the first (embed's) across
-        // the GEMMs around it (NormIo): no norm launches; embed zeroes the sums of squares.
+        // Small bf16 decode steps without LoRA split every RMSNorm after the first (embed's)
+        // across the GEMMs around it (NormIo): no norm launches; embed zeroes the sums of squares.
         let split = self.splits_norms(gpu, shape);
         let zero = if split {
             (self.norm_ss.ptr, self.norm_ss.bytes / 4)
@@ -1080,7 +1080,7 @@ pub fn linear(
         let (name, split, threads) = match (split, norm.out) {
             (1, _) => (skinny::kernel_name(epi, m), 1, SKINNY_THREADS),
             (_, 0) => (skinny::kernel_name(epi, m), split, SKINNY_THREADS),
-            _ => ("skinny_add_8_w16", 1, 2 * SKINNY_THREADS),
+            _ => (skinny::ADD_WIDE, 1, skinny::ADD_WIDE_THREADS),
         };
         let grid = (blocks as u32, split as u32, 1);
         let mut args = [0u64; 8 + skinny::NORM_ARGS];

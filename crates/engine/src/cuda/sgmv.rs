@@ -1,5 +1,5 @@
-//! Segmented multi-LoRA (SGMV) for long prefill and mixed steps (shorter ones use BGMV): the tokens of one sequence are
-//! contiguous and share one adapter slot, so a step's tokens fall into *segments* (runs of
+//! Segmented multi-LoRA (SGMV) for long prefill and mixed steps (shorter ones use BGMV): the
+//! tokens of one sequence are contiguous and share one adapter slot, so a step's tokens fall into *segments* (runs of
 //! tokens with the same slot), and each segment is a small GEMM whose adapter weights are loaded
 //! once per tile of up to [`SGMV_TILE_TOKENS`] tokens instead of once per token (BGMV).
 //!

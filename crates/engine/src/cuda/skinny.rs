@@ -34,6 +34,10 @@ pub const SKINNY_DEFAULT_M: usize = 8;
 pub const SKINNY_ROWS: usize = 16;
 /// Threads per block (`SK_WARPS * 32`).
 pub const SKINNY_THREADS: u32 = 256;
+/// The residual add of up to 8 tokens in 16-warp blocks, for adds with a norm output where K
+/// would otherwise be split across blocks, and its threads per block (`SK_WIDE_WARPS * 32`).
+pub const ADD_WIDE: &str = "skinny_add_8_w16";
+pub const ADD_WIDE_THREADS: u32 = 512;
 
 /// What the epilogue does with `acc = x · Wᵀ` (kernel name prefix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -399,8 +403,9 @@ SKINNY(skinny_silu_32, 4, EPI_SILU)
 // A residual add of up to 8 tokens in 16-warp blocks: twice the warps on a tile's K in one
 // block, where a split across blocks would leave the tile's sum to atomics (the norm output
 // needs it whole).
-extern "C" __global__ void __launch_bounds__(512, 2) skinny_add_8_w16(SKINNY_PARAMS) {
-    skinny<1, EPI_ADD, 2, true, true, 16>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss});
+#define SK_WIDE_WARPS 16
+extern "C" __global__ void __launch_bounds__(SK_WIDE_WARPS * 32, 2) skinny_add_8_w16(SKINNY_PARAMS) {
+    skinny<1, EPI_ADD, 2, true, true, SK_WIDE_WARPS>(x, W, bias, y, M, N, K, ldy, NormArgs{in_ss, eps, gamma, nout, out_ss});
 }
 
 // q/k/v with RoPE and the K/V cache write as the epilogue (decode steps): the skinny
