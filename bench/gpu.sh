@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU"). Each step's
 # timeout is a bound, not its length: check micro bench mlbench took ~110 s on the H200, peer ~90 s.
-#   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer]    default: check micro bench mlbench peer
+#   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer] [prefill]
+#   default: check micro bench mlbench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench,
 # multilora.
 # Writes logs and results under $OUT.
@@ -69,6 +70,18 @@ profile)
     --batch-sizes 1,32 --series no-lora,distinct --num-tokens 3 --profile > "$OUT/profile.csv" 2> "$OUT/profile.err"
   python3 bench/profile_summary.py "$OUT/profile.csv" no-lora-1,distinct-1,no-lora-32,distinct-32 3 | tee "$OUT/profile.log"
   ;;
+prefill-profile)
+  echo "== per-kernel times of one prefill step (ncu): Llama-2-7B, 32 x 128 and 4 x 2048 tokens, no-LoRA and distinct"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$NCU" ] || { echo "prefill-profile: ncu (Nsight Compute) not found"; continue; }
+  for bp in "32 128" "4 2048"; do set -- $bp
+    timeout 240 "$NCU" --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      --csv --print-units base "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters-pp-$1" /dev/null --eager \
+      --batch-sizes "$1" --prompt-len "$2" --num-adapters "$1" --series no-lora,distinct --num-tokens 2 --profile \
+      > "$WORK/pprofile-$1.csv" 2> "$WORK/pprofile-$1.err" || tail -5 "$WORK/pprofile-$1.err"
+    python3 bench/profile_summary.py "$WORK/pprofile-$1.csv" "no-lora-$1x$2,distinct-$1x$2" 2 first
+  done 2>&1 | tee "$OUT/prefill-profile.log"
+  ;;
 mlbench)
   echo "== multilora bench multi-lora on the Llama-2-7B dummy example (32 output tokens)"
   "$BIN/multilora" adapters synth --model config/examples/llama2-7b-dummy/model --out demo/llama2-7b-adapters \
@@ -77,6 +90,32 @@ mlbench)
   "$BIN/multilora" bench multi-lora --config config/examples/llama2-7b-dummy/common.json --num-tokens 32 \
     --report-dir "$WORK/reports" 2>&1 | tee -a "$OUT/mlbench.log" | tail -40
   cp "$(ls -d "$WORK"/reports/*/ | tail -1)summary.csv" "$OUT/mlbench_summary.csv" 2>/dev/null
+  ;;
+prefill)
+  # Prefill of B prompts x P tokens (one step) on each shape, no-LoRA and with distinct adapters
+  # (rank 16 on q,k,v,o; with PREFILL_LORA=1 also rank 16 on all seven and rank 64 on q,k,v,o),
+  # beside transformers SDPA and the compute floor measured in this call (bench/prefill_peer.py).
+  echo "== prefill: multilora vs transformers SDPA vs the compute floor"
+  shapes=${PREFILL_SHAPES:-bench/llama-2-7b bench/llama-3-8b bench/qwen2-7b}
+  for m in $shapes; do
+    n=$(basename "$m")
+    pb() { timeout 300 "$BIN/gpu_bench" "$m" "$WORK/adapters-$n-$1-$2" "$WORK/prefill-$n.jsonl.part" --num-tokens 2 \
+      --rank "$1" --targets "$2" "${@:3}" >> "$OUT/prefill.log" 2>&1 && cat "$WORK/prefill-$n.jsonl.part" >> "$WORK/prefill-ours.jsonl"; }
+    pb 16 qkvo --prompt-len 128 --batch-sizes 1,32 --series no-lora,distinct --num-adapters 32
+    pb 16 qkvo --prompt-len 2048 --batch-sizes 4 --series no-lora,distinct --num-adapters 4
+    pb 16 qkvo --prompt-len 4096 --batch-sizes 1 --series no-lora --num-adapters 1
+    [ "$n" = llama-2-7b ] || pb 16 qkvo --prompt-len 32768 --batch-sizes 1 --series no-lora --num-adapters 1
+    if [ "${PREFILL_LORA:-0}" = 1 ]; then
+      pb 16 all --prompt-len 128 --batch-sizes 32 --series distinct --num-adapters 32
+      pb 16 all --prompt-len 2048 --batch-sizes 4 --series distinct --num-adapters 4
+      pb 64 qkvo --prompt-len 128 --batch-sizes 32 --series distinct --num-adapters 32
+      pb 64 qkvo --prompt-len 2048 --batch-sizes 4 --series distinct --num-adapters 4
+    fi
+  done
+  grep -E "panicked|rror" "$OUT/prefill.log" | head -5
+  [ "${PREFILL_PEER:-1}" = 1 ] && python3 bench/prefill_peer.py peer "$OUT/prefill-peer.jsonl" $shapes > "$OUT/prefill-peer.log" 2>&1
+  python3 bench/prefill_peer.py table "$OUT/prefill-peer.jsonl" "$WORK/prefill-ours.jsonl" | tee "$OUT/prefill-table.txt"
+  cp "$WORK/prefill-ours.jsonl" "$OUT/prefill-ours.jsonl"
   ;;
 peer)
   echo "== peer: HF transformers + PEFT, same shapes"

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Summarizes an `ncu --csv --metrics gpu__time_duration.sum` log of `gpu_bench --profile`:
-per profiled run (one series at one batch size), the kernels of its last decode step (a step
-starts at the `embed` kernel), grouped by name: count, total and share of the step's time."""
+per profiled run (one series at one batch size), the kernels of its last decode step (or, with
+`first` as the fourth argument, of its first step: the prefill; a step starts at the `embed`
+kernel), grouped by name: count, total and share of the step's time."""
 import csv
 import sys
 
@@ -20,11 +21,12 @@ for name, ns in kernels:
 steps.append(cur)
 labels = sys.argv[2].split(",") if len(sys.argv) > 2 else []
 per_run = int(sys.argv[3]) if len(sys.argv) > 3 else 3  # steps per profiled run
+first = len(sys.argv) > 4 and sys.argv[4] == "first"
 for r in range(len(steps) // per_run):
-    step = steps[(r + 1) * per_run - 1]
+    step = steps[r * per_run] if first else steps[(r + 1) * per_run - 1]
     total = sum(ns for _, ns in step)
     label = labels[r] if r < len(labels) else f"run {r}"
-    print(f"== {label}: last decode step, {len(step)} kernels, {total / 1e3:.1f} us of kernel time")
+    print(f"== {label}: {'prefill' if first else 'last decode'} step, {len(step)} kernels, {total / 1e3:.1f} us of kernel time")
     agg = {}
     for name, ns in step:
         c, t = agg.get(name, (0, 0.0))

@@ -5,7 +5,8 @@
 //! device's copy bandwidth, for the decode step's floor.
 //!
 //! usage: gpu_bench MODEL_DIR ADAPTER_DIR OUT.jsonl [--batch-sizes 1,2,4] [--prompt-len 128]
-//!        [--num-tokens 32] [--num-adapters 32] [--rank 16] [--eager] [--dtype bfloat16|float16]
+//!        [--num-tokens 32] [--num-adapters 32] [--rank 16] [--targets qkvo|all] [--eager]
+//!        [--dtype bfloat16|float16]
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +29,8 @@ struct Args {
     num_tokens: usize,
     num_adapters: usize,
     rank: usize,
+    /// Adapter targets: `qkvo` (q, k, v, o) or `all` (the seven projections).
+    targets: String,
     eager: bool,
     /// `bfloat16` or `float16`
     dtype: String,
@@ -52,6 +55,7 @@ fn parse() -> Args {
         num_tokens: 32,
         num_adapters: 32,
         rank: 16,
+        targets: "qkvo".into(),
         eager: false,
         dtype: "bfloat16".into(),
         micro: false,
@@ -66,6 +70,7 @@ fn parse() -> Args {
             "--num-tokens" => a.num_tokens = val().parse().unwrap(),
             "--num-adapters" => a.num_adapters = val().parse().unwrap(),
             "--rank" => a.rank = val().parse().unwrap(),
+            "--targets" => a.targets = val(),
             "--eager" => a.eager = true,
             "--dtype" => a.dtype = val(),
             "--micro" => a.micro = true,
@@ -88,10 +93,15 @@ fn synth_all(a: &Args, cfg: &ModelConfig) -> Vec<LoraRequest> {
         .map(|i| {
             let dir = a.adapters.join(format!("lora-{i:03}"));
             if !dir.join("adapter_model.safetensors").exists() {
+                let targets = match a.targets.as_str() {
+                    "qkvo" => vec![QProj, KProj, VProj, OProj],
+                    "all" => vec![QProj, KProj, VProj, OProj, GateProj, UpProj, DownProj],
+                    t => panic!("--targets {t:?}: expected qkvo or all"),
+                };
                 let spec = SynthSpec {
                     rank: a.rank,
                     lora_alpha: 2.0 * a.rank as f32,
-                    targets: vec![QProj, KProj, VProj, OProj],
+                    targets,
                     use_rslora: false,
                     seed: i as u64,
                 };
@@ -108,7 +118,14 @@ fn synth_all(a: &Args, cfg: &ModelConfig) -> Vec<LoraRequest> {
 
 /// Bytes a decode step must read at least: every projection and lm_head weight once (16-bit),
 /// the KV cache of every sequence, and the adapters in use.
-fn floor_bytes(cfg: &ModelConfig, batch: usize, ctx: usize, num_adapters: usize, rank: usize) -> f64 {
+fn floor_bytes(
+    cfg: &ModelConfig,
+    batch: usize,
+    ctx: usize,
+    num_adapters: usize,
+    rank: usize,
+    all: bool,
+) -> f64 {
     let (h, q, kv, i, l) = (
         cfg.hidden_size,
         cfg.q_size(),
@@ -118,7 +135,8 @@ fn floor_bytes(cfg: &ModelConfig, batch: usize, ctx: usize, num_adapters: usize,
     );
     let weights = 2.0 * (l * (h * (q + 2 * kv) + q * h + 3 * h * i) + cfg.vocab_size * h) as f64;
     let kv_bytes = 2.0 * (batch * ctx * l * 2 * kv) as f64;
-    let adapter = 2.0 * (l * rank * ((h + q) + (h + kv) * 2 + (q + h))) as f64;
+    let mlp = if all { 3 * (h + i) } else { 0 };
+    let adapter = 2.0 * (l * rank * ((h + q) + (h + kv) * 2 + (q + h) + mlp)) as f64;
     weights + kv_bytes + num_adapters as f64 * adapter
 }
 
@@ -321,8 +339,10 @@ fn main() {
     ec.device = Device::Cuda;
     ec.dtype = elem.name().into();
     ec.max_num_seqs = max_batch.max(1);
-    ec.max_model_len = Some((a.prompt_len + a.num_tokens + 16).next_power_of_two().max(256));
-    ec.max_num_batched_tokens = Some((max_batch * a.prompt_len).max(2048));
+    let max_model_len = (a.prompt_len + a.num_tokens + 16).next_power_of_two().max(256);
+    ec.max_model_len = Some(max_model_len);
+    // The whole batch's prompts in one step: prefill is measured unchunked.
+    ec.max_num_batched_tokens = Some((max_batch * a.prompt_len).max(max_model_len));
     ec.enable_lora = true;
     ec.max_loras = a.num_adapters;
     ec.max_cpu_loras = Some(a.num_adapters);
@@ -400,13 +420,14 @@ fn main() {
             let prefill: f64 = steps[..steps.len() - num_decode].iter().sum();
             let decode = steps[steps.len() - num_decode..].iter().sum::<f64>() / num_decode as f64;
             let ctx = a.prompt_len + a.num_tokens / 2;
-            let floor_ms = floor_bytes(&cfg, b, ctx, num_distinct, a.rank) / bw * 1e3;
+            let floor_ms = floor_bytes(&cfg, b, ctx, num_distinct, a.rank, a.targets == "all") / bw * 1e3;
             println!(
                 "{s:>10} {b:>5} {prefill:>11.3} {decode:>11.3} {floor_ms:>10.3} {:>9.2}",
                 decode / floor_ms
             );
             let rec = json!({
                 "series": s, "batch_size": b, "prompt_len": a.prompt_len, "num_tokens": a.num_tokens,
+                "model": a.model, "rank": a.rank, "targets": a.targets,
                 "num_adapters_in_batch": num_distinct, "prefill_ms": prefill, "decode_ms": decode,
                 "e2e_wall_ms": e2e, "floor_ms": floor_ms, "copy_bw_bytes_per_s": bw, "steps_ms": steps,
                 "eager": a.eager, "device": engine.device_name(), "dtype": engine.resolved().dtype,

@@ -767,6 +767,240 @@ fn cuda_decode_attention_matches_reference() {
     }
 }
 
+/// One attention case: heads, KV heads, head size, and per sequence (cached context before the
+/// step, query tokens of the step).
+struct AttCase {
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    seqs: Vec<(usize, usize)>,
+    /// Also compare with attention computed here (f64 sums); else only with `paged_attention`.
+    host_ref: bool,
+}
+
+/// The tensor-core prefill attention against `paged_attention` (f32 scalar, the kernel it
+/// replaces) and, on the smaller cases, against attention computed here, on the same paged
+/// cache: prompts from position 0 and chunks whose earlier context is already cached, a
+/// decode-like one-token query in a mixed step, GQA groups 1, 4, 7 and 8, head sizes 128, 64
+/// and 80 (padded), 16-token blocks scattered, a 2,100-token prompt and a 32k-token one. The
+/// output is poisoned with NaN first, so a row the kernel skips fails.
+#[test]
+fn cuda_prefill_attention_matches_reference() {
+    if !have_gpu() {
+        return;
+    }
+    let cases = [
+        AttCase {
+            nh: 8,
+            nkv: 8,
+            hd: 128,
+            seqs: vec![(0, 300), (500, 77), (40, 1)],
+            host_ref: true,
+        },
+        AttCase {
+            nh: 8,
+            nkv: 2,
+            hd: 128,
+            seqs: vec![(0, 2100)],
+            host_ref: true,
+        },
+        AttCase {
+            nh: 14,
+            nkv: 2,
+            hd: 64,
+            seqs: vec![(0, 100), (130, 50), (7, 9)],
+            host_ref: true,
+        },
+        AttCase {
+            nh: 8,
+            nkv: 1,
+            hd: 80,
+            seqs: vec![(0, 200), (64, 33)],
+            host_ref: true,
+        },
+        AttCase {
+            nh: 4,
+            nkv: 4,
+            hd: 16,
+            seqs: vec![(0, 70), (5, 3)],
+            host_ref: true,
+        },
+        AttCase {
+            nh: 4,
+            nkv: 1,
+            hd: 128,
+            seqs: vec![(0, 32768)],
+            host_ref: false,
+        },
+    ];
+    for elem in Elem::ALL {
+        let gpu = Gpu::new(0, elem).expect("CUDA context");
+        for (ci, c) in cases.iter().enumerate() {
+            check_prefill_attention(&gpu, c, ci as u64);
+        }
+    }
+}
+
+fn check_prefill_attention(gpu: &Gpu, c: &AttCase, seed: u64) {
+    use multilora_engine::cuda::gpu::{cfg, KernelArg};
+    use multilora_engine::cuda::kernels::ATT_THREADS;
+    use multilora_engine::cuda::prefill;
+    let (nh, nkv, hd, bs) = (c.nh, c.nkv, c.hd, 16usize);
+    let (kvs, ld) = (nkv * hd, (nh + 2 * nkv) * hd);
+    let max_ctx = c.seqs.iter().map(|&(p, q)| p + q).max().unwrap();
+    let max_blocks = max_ctx.div_ceil(bs);
+    let s = c.seqs.len();
+    // Sequence i's logical block b sits at physical block i * max_blocks + (7b + i) % max_blocks.
+    let tables: Vec<u32> = (0..s * max_blocks)
+        .map(|j| {
+            ((j / max_blocks) * max_blocks + (7 * (j % max_blocks) + j / max_blocks) % max_blocks) as u32
+        })
+        .collect();
+    let slots = s * max_blocks * bs;
+    let (mut query_start, mut positions, mut token_seq) = (vec![0u32], Vec::new(), Vec::new());
+    for (i, &(past, q)) in c.seqs.iter().enumerate() {
+        positions.extend((past..past + q).map(|p| p as u32));
+        token_seq.extend(std::iter::repeat_n(i as u32, q));
+        query_start.push(positions.len() as u32);
+    }
+    let t = positions.len();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let qkv: Vec<f32> = (0..t * ld).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let (kc, vc) = (
+        gpu.alloc(slots * kvs * 2).unwrap(),
+        gpu.alloc(slots * kvs * 2).unwrap(),
+    );
+    fill_uniform(gpu, kc.ptr, slots * kvs, 31 + seed);
+    fill_uniform(gpu, vc.ptr, slots * kvs, 41 + seed);
+    let group = nh / nkv;
+    let name = prefill::kernel(hd, group).expect("a prefill attention kernel for the case");
+    let mut tiles = vec![0u32; 2 * t];
+    let num_tiles = prefill::pack_tiles(&query_start, group, &mut tiles);
+    let (q_d, pos_d, seq_d, tab_d, tiles_d) = (
+        upload(gpu, &qkv),
+        upload(gpu, &positions),
+        upload(gpu, &token_seq),
+        upload(gpu, &tables),
+        upload(gpu, &tiles[..2 * num_tiles]),
+    );
+    let what = format!(
+        "{name} ({}), nh {nh}, nkv {nkv}, hd {hd}, seqs {:?}",
+        gpu.elem.name(),
+        c.seqs
+    );
+    let read = |buf: &DevBuf| {
+        let mut v = vec![0u16; t * nh * hd];
+        gpu.dtoh(&mut v, buf.ptr).unwrap();
+        v.iter().map(|&x| gpu.elem.decode(x)).collect::<Vec<f32>>()
+    };
+    let poisoned = || {
+        let out = gpu.alloc(t * nh * hd * 2).unwrap();
+        let args = [out.ptr, (t * nh * hd) as u64, f32::NAN.bits()];
+        // SAFETY: fill(out, n, v) (kernels.rs) over the n elements just allocated.
+        unsafe { gpu.launch("fill", cfg((256, 1, 1), 256), &args) }.unwrap();
+        out
+    };
+    let fa = poisoned();
+    let inputs = prefill::Inputs {
+        qkv: q_d.ptr,
+        ld,
+        out: fa.ptr,
+        k_cache: kc.ptr,
+        v_cache: vc.ptr,
+        tiles: tiles_d.ptr,
+        num_tiles,
+        token_seq: seq_d.ptr,
+        positions: pos_d.ptr,
+        block_tables: tab_d.ptr,
+        max_blocks,
+        block_size: bs,
+    };
+    prefill::launch(gpu, name, &inputs, nh, nkv, hd).unwrap();
+    let got = read(&fa);
+    let old = poisoned();
+    let args = [
+        q_d.ptr,
+        (ld as i32).bits(),
+        old.ptr,
+        kc.ptr,
+        vc.ptr,
+        seq_d.ptr,
+        pos_d.ptr,
+        tab_d.ptr,
+        (max_blocks as i32).bits(),
+        (bs as i32).bits(),
+        (nh as i32).bits(),
+        (nkv as i32).bits(),
+        (hd as i32).bits(),
+        (1.0f32 / (hd as f32).sqrt()).bits(),
+    ];
+    // SAFETY: paged_attention's signature (kernels.rs); buffers sized above.
+    unsafe {
+        gpu.launch(
+            "paged_attention",
+            cfg((t as u32, nh as u32, 1), ATT_THREADS),
+            &args,
+        )
+    }
+    .unwrap();
+    let want = read(&old);
+    assert!(
+        want.iter().all(|v| v.is_finite()),
+        "{what}: paged_attention left rows unwritten"
+    );
+    check_close(&got, &want, &format!("{what} vs paged_attention"));
+    if c.host_ref {
+        let (mut kh, mut vh) = (vec![0u16; slots * kvs], vec![0u16; slots * kvs]);
+        gpu.dtoh(&mut kh, kc.ptr).unwrap();
+        gpu.dtoh(&mut vh, vc.ptr).unwrap();
+        let dec = |v: &[u16]| v.iter().map(|&x| gpu.elem.decode(x) as f64).collect::<Vec<f64>>();
+        let (kh, vh) = (dec(&kh), dec(&vh));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut host = vec![0f32; t * nh * hd];
+        for i in 0..t {
+            let (seq, ctx) = (token_seq[i] as usize, positions[i] as usize + 1);
+            for h in 0..nh {
+                let (q, kvh) = (&qkv[i * ld + h * hd..][..hd], h / group);
+                let at =
+                    |p: usize| (tables[seq * max_blocks + p / bs] as usize * bs + p % bs) * kvs + kvh * hd;
+                let scores: Vec<f64> = (0..ctx)
+                    .map(|p| (0..hd).map(|d| q[d] as f64 * kh[at(p) + d]).sum::<f64>() * scale)
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let v: f64 = (0..ctx).map(|p| e[p] * vh[at(p) + d]).sum();
+                    host[(i * nh + h) * hd + d] = (v / sum) as f32;
+                }
+            }
+        }
+        check_close(&got, &host, &format!("{what} vs the host"));
+    }
+}
+
+/// `got` within 16-bit rounding of `want`: relative L2 error ≤ 1e-2, every element within 5% of
+/// the largest, and no NaN (an unwritten, poisoned element).
+fn check_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let unwritten = got.iter().filter(|v| !v.is_finite()).count();
+    assert_eq!(
+        unwritten, 0,
+        "{what}: {unwritten} outputs not written (or not finite)"
+    );
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += ((g - w) as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    let rel = (num / den).sqrt();
+    let (diff, top) = (max_diff(got, want), max_abs(want));
+    assert!(
+        rel <= 1e-2 && diff <= 5e-2 * top,
+        "{what}: relative L2 error {rel:.2e}, max diff {diff} (max |want| {top})"
+    );
+}
+
 // ---- the sampling kernel alone, on fixed logits rows ----
 
 /// A fixed logits row: pseudo-random values in [-3, 3) and a few larger ones spread over the

@@ -410,7 +410,7 @@ mod tests {
                 Elem::Bf16 => "bf16",
                 Elem::F16 => "f16",
             };
-            if m.body.contains("mma.sync") {
+            if m.body.contains("mma_16816(") {
                 let mma = format!("m16n8k16.row.col.f32.{ty}.{ty}.f32");
                 assert!(text.contains(&mma), "{what}: no {mma} in the PTX");
             }

@@ -60,6 +60,20 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
     s = fmaf(hi(a.w), hi(b.w), s);
     return s;
 }
+// d[16x8] += a[16x16] · b[16x8] on tensor cores, elem_t in, f32 accumulate. Fragments (g = lane / 4,
+// q = lane % 4): a0 = (row g, k 2q..2q+1), a1 = (row g+8, k 2q..), a2 = (row g, k 2q+8..),
+// a3 = (row g+8, k 2q+8..); b0 = (k 2q.., col g), b1 = (k 2q+8.., col g); d0,d1 = (row g, cols 2q,
+// 2q+1), d2,d3 = row g+8.
+__device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_ELEM "." MMA_ELEM ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Two values as elem_t in one u32, the first in the low half (an mma fragment's element order).
+__device__ __forceinline__ u32 pack2(float lo_v, float hi_v) {
+    return (u32)f2e(lo_v) | ((u32)f2e(hi_v) << 16);
+}
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -125,6 +139,7 @@ pub const MODULES: &[Module] = &[
         kernels: CORE_NAMES,
     },
     super::skinny::MODULE,
+    super::prefill::MODULE,
     Module {
         name: "sampling",
         body: super::sampling::BODY,

@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod kernels;
 mod lora;
 pub mod model;
+pub mod prefill;
 pub mod sampling;
 pub mod sgmv;
 pub mod skinny;
@@ -128,10 +129,10 @@ impl CudaBackend {
             num_seqs: bucket.unwrap_or(num_seqs),
             lora_mask,
             num_lora_segments: 0,
+            num_att_tiles: 0,
         };
-        shape.num_lora_segments = self.model.pack_inputs(batch, shape, &mut self.arena);
-        self.model
-            .upload_inputs(&self.gpu, &self.arena, shape.num_lora_segments)?;
+        self.model.pack_inputs(batch, &mut shape, &mut self.arena);
+        self.model.upload_inputs(&self.gpu, &self.arena, shape)?;
         if sample {
             self.sampler.upload(&self.gpu, &batch.sampling, shape.num_seqs)?;
         }

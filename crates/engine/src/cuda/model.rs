@@ -9,6 +9,7 @@ use super::elem::Elem;
 use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::lora::LoraGroup;
+use super::prefill;
 use super::sgmv;
 use super::skinny::{self, Epilogue, NormIo, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
 use crate::backend::BackendConfig;
@@ -39,6 +40,9 @@ pub struct StepShape {
     pub lora_mask: u8,
     /// LoRA segments of a step run with SGMV ([`uses_sgmv`]); 0 for the others, which use BGMV.
     pub num_lora_segments: usize,
+    /// Query tiles of a step whose attention runs `prefill_attention` ([`prefill::pack_tiles`]);
+    /// 0 for decode steps and for shapes that kernel does not take.
+    pub num_att_tiles: usize,
 }
 
 /// `y[T, N] = x[T, K] · Wᵀ (+ b)`, weights `[N, K]` of the element type.
@@ -73,9 +77,11 @@ struct Arena {
     last_rows: usize,
     block_tables: usize,
     /// The number of LoRA segments of a prefill step, then `[max_tokens, 3]` segments (start,
-    /// end, slot): last, so steps without segments upload none of them.
+    /// end, slot), then `[max_tokens, 2]` prefill attention tiles: last, so a step uploads only
+    /// the ones it has.
     num_lora_segments: usize,
     lora_segments: usize,
+    att_tiles: usize,
     len: usize,
 }
 
@@ -91,6 +97,9 @@ pub struct CudaModel {
     /// Largest token count the skinny GEMM takes; cuBLAS above. `MULTILORA_SKINNY_MAX_M=N`
     /// overrides it (0: cuBLAS for every projection), for comparisons.
     skinny_max_m: usize,
+    /// The tensor-core attention kernel of prefill and mixed steps ([`prefill::kernel`]); `None`
+    /// for head sizes it does not take (then `paged_attention`).
+    prefill_attention: Option<&'static str>,
     num_sms: usize,
     /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
     lora_rank: usize,
@@ -311,6 +320,7 @@ impl CudaModel {
             block_tables: take(s * max_blocks_per_seq),
             num_lora_segments: take(1),
             lora_segments: take(3 * t),
+            att_tiles: take(2 * t),
             len: 0,
         };
         let arena_layout = Arena {
@@ -329,6 +339,7 @@ impl CudaModel {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(SKINNY_DEFAULT_M)
                 .min(SKINNY_MAX_M),
+            prefill_attention: prefill::kernel(hd, cfg.num_attention_heads / cfg.num_key_value_heads),
             num_sms: gpu.num_sms as usize,
             lora_rank,
             lora_mask: 0,
@@ -400,9 +411,9 @@ impl CudaModel {
     }
 
     /// Writes the step's inputs into `arena` (host), padded to `shape` for graph buckets:
-    /// padded tokens write their K/V to the scratch slot and have no adapter. Returns the number
-    /// of LoRA segments of a step that runs SGMV ([`uses_sgmv`]; 0 otherwise).
-    pub fn pack_inputs(&self, batch: &StepBatch, shape: StepShape, arena: &mut [u32]) -> usize {
+    /// padded tokens write their K/V to the scratch slot and have no adapter. Sets the shape's
+    /// LoRA segments (a step that runs SGMV, [`uses_sgmv`]) and prefill attention tiles.
+    pub fn pack_inputs(&self, batch: &StepBatch, shape: &mut StepShape, arena: &mut [u32]) {
         let a = self.arena_layout;
         let (t, s) = (batch.num_tokens(), batch.num_seqs());
         assert!(shape.num_tokens >= t && shape.num_tokens <= self.max_tokens);
@@ -445,18 +456,29 @@ impl CudaModel {
             0
         };
         arena[a.num_lora_segments] = num_segments as u32;
-        num_segments
+        shape.num_lora_segments = num_segments;
+        shape.num_att_tiles = match self.prefill_attention {
+            Some(_) if t > s => {
+                let group = self.cfg.num_attention_heads / self.cfg.num_key_value_heads;
+                prefill::pack_tiles(&batch.query_start, group, &mut arena[a.att_tiles..][..2 * t])
+            }
+            _ => 0,
+        };
     }
 
-    /// Copies the packed inputs to the device: the LoRA segments only for a step that has
-    /// them (`num_lora_segments`, from [`Self::pack_inputs`]).
-    pub fn upload_inputs(&self, gpu: &Gpu, arena: &[u32], num_lora_segments: usize) -> Result<()> {
+    /// Copies the packed inputs to the device: LoRA segments and attention tiles only for a
+    /// step that has them (from [`Self::pack_inputs`]).
+    pub fn upload_inputs(&self, gpu: &Gpu, arena: &[u32], shape: StepShape) -> Result<()> {
         let a = self.arena_layout;
-        let len = match num_lora_segments {
+        let len = match shape.num_lora_segments {
             0 => a.num_lora_segments,
             n => a.lora_segments + 3 * n,
         };
-        gpu.htod(self.arena.ptr, &arena[..len])
+        gpu.htod(self.arena.ptr, &arena[..len])?;
+        match shape.num_att_tiles {
+            0 => Ok(()),
+            n => gpu.htod(self.input(a.att_tiles), &arena[a.att_tiles..][..2 * n]),
+        }
     }
 
     fn input(&self, offset: usize) -> CUdeviceptr {
@@ -813,6 +835,22 @@ impl CudaModel {
                 // positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale, part,
                 // counters) (kernels.rs); the buffers are the model's, sized for its limits.
                 unsafe { gpu.launch(name, cfg((ti, nh as u32, parts), threads), &args) }?;
+            } else if let (Some(name), true) = (self.prefill_attention, shape.num_att_tiles > 0) {
+                let inputs = prefill::Inputs {
+                    qkv: self.qkv.ptr,
+                    ld: qkv_n,
+                    out: self.attn.ptr,
+                    k_cache: self.k_cache[li].ptr,
+                    v_cache: self.v_cache[li].ptr,
+                    tiles: self.input(a.att_tiles),
+                    num_tiles: shape.num_att_tiles,
+                    token_seq: self.input(a.token_seq),
+                    positions: self.input(a.positions),
+                    block_tables: self.input(a.block_tables),
+                    max_blocks: self.max_blocks_per_seq,
+                    block_size: self.block_size,
+                };
+                prefill::launch(gpu, name, &inputs, nh, nkv, hd)?;
             } else {
                 launch!(
                     gpu,

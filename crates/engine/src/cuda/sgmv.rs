@@ -33,19 +33,6 @@ pub const SGMV: &str = r#"
 #define SHRINK_WARPS 16
 #define EXPAND_N 256
 
-// d[16x8] += a[16x16] · b[16x8], elem_t in, f32 accumulate. Fragments (g = lane / 4, q = lane % 4):
-// a0 = (row g, k 2q..2q+1), a1 = (row g+8, k 2q..), a2 = (row g, k 2q+8..), a3 = (row g+8, k 2q+8..);
-// b0 = (k 2q.., col g), b1 = (k 2q+8.., col g); c0,c1 = (row g, cols 2q, 2q+1), c2,c3 = row g+8.
-__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_ELEM "." MMA_ELEM ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ u32 pack2(float lo_v, float hi_v) {
-    return (u32)f2e(lo_v) | ((u32)f2e(hi_v) << 16);
-}
 // The elem_t rounding residual of v, so hi + lo carries ~16 (bf16) or ~22 (f16) mantissa bits
 // of an f32. With f16, |v| must stay below 65504 (f16's largest finite value; tmp is a LoRA
 // shrink output, far smaller), and below f16's normal range (6.1e-5) lo loses bits, an absolute

@@ -158,14 +158,6 @@ struct NormArgs {
     float* out_ss;       // Add: [M] sums of squares, zero before the step
 };
 
-// d += a · b for one m16n8k16 tile, elem_t in, f32 accumulate.
-__device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_ELEM "." MMA_ELEM ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // A weight vector read once: no L1 allocation, and a 256-byte L2 prefetch (the row goes on).
 template <bool PF>
 __device__ __forceinline__ uint4 ld_stream(const elem_t* p) {
