@@ -2,6 +2,7 @@
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU"). Each step's
 # timeout is a bound, not its length: check micro bench mlbench took ~110 s on the H200, peer ~90 s.
 #   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer] [prefill]
+#                [prefill-profile] [attention]
 #   default: check micro bench mlbench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench,
 # multilora.
@@ -69,6 +70,12 @@ profile)
     --csv --print-units base "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null --eager \
     --batch-sizes 1,32 --series no-lora,distinct --num-tokens 3 --profile > "$OUT/profile.csv" 2> "$OUT/profile.err"
   python3 bench/profile_summary.py "$OUT/profile.csv" no-lora-1,distinct-1,no-lora-32,distinct-32 3 | tee "$OUT/profile.log"
+  ;;
+attention)
+  echo "== prefill attention variants alone, on each shape's heads"
+  for m in ${PREFILL_SHAPES:-bench/llama-2-7b bench/llama-3-8b bench/qwen2-7b}; do
+    timeout 120 "$BIN/gpu_bench" "$m" "$WORK/adapters" /dev/null --attention 2>&1 | grep -E "^attention|rror|panic" | sed "s|^|$(basename $m) |"
+  done | tee "$OUT/attention.log"
   ;;
 prefill-profile)
   echo "== per-kernel times of one prefill step (ncu): Llama-2-7B, 32 x 128 and 4 x 2048 tokens, no-LoRA and distinct"

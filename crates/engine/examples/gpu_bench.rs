@@ -35,6 +35,8 @@ struct Args {
     /// `bfloat16` or `float16`
     dtype: String,
     micro: bool,
+    /// Time every prefill attention variant alone (`--attention`).
+    attention: bool,
     /// Only these series (default: all four).
     series: Vec<String>,
     /// Bracket each measured run with cuProfilerStart/Stop (for `ncu --profile-from-start off`).
@@ -59,6 +61,7 @@ fn parse() -> Args {
         eager: false,
         dtype: "bfloat16".into(),
         micro: false,
+        attention: false,
         series: SERIES.map(String::from).to_vec(),
         profile: false,
     };
@@ -74,6 +77,7 @@ fn parse() -> Args {
             "--eager" => a.eager = true,
             "--dtype" => a.dtype = val(),
             "--micro" => a.micro = true,
+            "--attention" => a.attention = true,
             "--series" => {
                 a.series = val().split(',').map(String::from).collect();
                 if let Some(bad) = a.series.iter().find(|s| !SERIES.contains(&s.as_str())) {
@@ -163,6 +167,86 @@ fn copy_bandwidth() -> f64 {
 
 /// The skinny GEMM against cuBLAS on every projection of the model (weights streamed once per
 /// pass, far more than L2), for token counts 1..32.
+/// Every prefill attention variant on the model's heads, alone, over a random paged cache:
+/// B prompts of P tokens from position 0, median of 5 launches, in TFLOP/s of causal attention
+/// (4 · head_dim · heads · P(P+1)/2 a prompt).
+fn attention(cfg: &ModelConfig, elem: Elem) {
+    use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu, KernelArg};
+    use multilora_engine::cuda::prefill;
+    let gpu = Gpu::new(0, elem).expect("gpu");
+    let (nh, nkv, hd, bs) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16);
+    let (kvs, ld) = (nkv * hd, (nh + 2 * nkv) * hd);
+    let fill = |ptr: u64, n: usize, seed: u64| {
+        let args = [ptr, n as u64, seed, 1.0f32.bits()];
+        unsafe { gpu.launch("fill_uniform", lcfg((4096, 1, 1), 256), &args) }.unwrap();
+    };
+    for (b, p) in [(32usize, 128usize), (4, 2048), (1, 4096), (1, 32768)] {
+        let t = b * p;
+        let max_blocks = p.div_ceil(bs);
+        let tables: Vec<u32> = (0..(b * max_blocks) as u32).collect();
+        let positions: Vec<u32> = (0..t).map(|i| (i % p) as u32).collect();
+        let token_seq: Vec<u32> = (0..t).map(|i| (i / p) as u32).collect();
+        let query_start: Vec<u32> = (0..=b).map(|i| (i * p) as u32).collect();
+        let up = |v: &[u32]| {
+            let buf = gpu.alloc(v.len() * 4).unwrap();
+            gpu.htod(buf.ptr, v).unwrap();
+            buf
+        };
+        let (tab_d, pos_d, seq_d) = (up(&tables), up(&positions), up(&token_seq));
+        let qkv = gpu.alloc(t * ld * 4).unwrap();
+        let q16 = gpu.alloc(t * ld * 2).unwrap();
+        fill(q16.ptr, t * ld, 3); // bits of random 16-bit values, reread as f32 pairs: finite
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(qkv.ptr, q16.ptr, t * ld * 2, gpu.stream.cu_stream())
+        }
+        .unwrap();
+        let (kc, vc) = (gpu.alloc(t * kvs * 2).unwrap(), gpu.alloc(t * kvs * 2).unwrap());
+        fill(kc.ptr, t * kvs, 4);
+        fill(vc.ptr, t * kvs, 5);
+        let out = gpu.alloc(t * nh * hd * 2).unwrap();
+        let flops = 4.0 * (hd * nh) as f64 * (b * p * (p + 1) / 2) as f64;
+        let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
+        for k in prefill::VARIANTS
+            .iter()
+            .filter(|k| hd <= k.head_dim && hd > k.head_dim / 2)
+        {
+            let mut tiles = vec![0u32; 2 * t];
+            let n = prefill::pack_tiles(&query_start, k.tokens_per_tile(nh / nkv), &mut tiles);
+            let tiles_d = up(&tiles[..2 * n]);
+            let inputs = prefill::Inputs {
+                qkv: qkv.ptr,
+                ld,
+                out: out.ptr,
+                k_cache: kc.ptr,
+                v_cache: vc.ptr,
+                tiles: tiles_d.ptr,
+                num_tiles: n,
+                token_seq: seq_d.ptr,
+                positions: pos_d.ptr,
+                block_tables: tab_d.ptr,
+                max_blocks,
+                block_size: bs,
+            };
+            let mut ms = Vec::new();
+            for _ in 0..6 {
+                e0.record(&gpu.stream).unwrap();
+                prefill::launch(&gpu, *k, &inputs, nh, nkv, hd).unwrap();
+                e1.record(&gpu.stream).unwrap();
+                gpu.sync().unwrap();
+                ms.push(e0.elapsed_ms(&e1).unwrap() as f64);
+            }
+            ms.remove(0);
+            ms.sort_by(f64::total_cmp);
+            let med = ms[ms.len() / 2];
+            println!(
+                "attention {b:>2}x{p:<5} {:>28}: {med:8.3} ms a layer, {:6.1} TFLOP/s",
+                k.name,
+                flops / med / 1e9
+            );
+        }
+    }
+}
+
 fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
     use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu, KernelArg};
     use multilora_engine::cuda::model::linear;
@@ -323,6 +407,10 @@ fn main() {
     let cfg = ModelConfig::from_dir(&a.model).expect("config.json");
     if a.micro {
         micro(&cfg, bw, elem);
+        return;
+    }
+    if a.attention {
+        attention(&cfg, elem);
         return;
     }
     let t0 = Instant::now();

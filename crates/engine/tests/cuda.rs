@@ -833,15 +833,22 @@ fn cuda_prefill_attention_matches_reference() {
             host_ref: false,
         },
     ];
+    use multilora_engine::cuda::prefill;
     for elem in Elem::ALL {
         let gpu = Gpu::new(0, elem).expect("CUDA context");
         for (ci, c) in cases.iter().enumerate() {
-            check_prefill_attention(&gpu, c, ci as u64);
+            // The kernel the model takes, and every other variant of the head size.
+            let default = prefill::kernel(c.hd, c.nh / c.nkv).expect("a prefill attention kernel");
+            for k in prefill::VARIANTS {
+                if k == default || (c.hd <= k.head_dim && c.hd > k.head_dim / 2) {
+                    check_prefill_attention(&gpu, c, k, ci as u64);
+                }
+            }
         }
     }
 }
 
-fn check_prefill_attention(gpu: &Gpu, c: &AttCase, seed: u64) {
+fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::prefill::Kernel, seed: u64) {
     use multilora_engine::cuda::gpu::{cfg, KernelArg};
     use multilora_engine::cuda::kernels::ATT_THREADS;
     use multilora_engine::cuda::prefill;
@@ -873,9 +880,8 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, seed: u64) {
     fill_uniform(gpu, kc.ptr, slots * kvs, 31 + seed);
     fill_uniform(gpu, vc.ptr, slots * kvs, 41 + seed);
     let group = nh / nkv;
-    let name = prefill::kernel(hd, group).expect("a prefill attention kernel for the case");
     let mut tiles = vec![0u32; 2 * t];
-    let num_tiles = prefill::pack_tiles(&query_start, group, &mut tiles);
+    let num_tiles = prefill::pack_tiles(&query_start, k.tokens_per_tile(group), &mut tiles);
     let (q_d, pos_d, seq_d, tab_d, tiles_d) = (
         upload(gpu, &qkv),
         upload(gpu, &positions),
@@ -884,7 +890,8 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, seed: u64) {
         upload(gpu, &tiles[..2 * num_tiles]),
     );
     let what = format!(
-        "{name} ({}), nh {nh}, nkv {nkv}, hd {hd}, seqs {:?}",
+        "{} ({}), nh {nh}, nkv {nkv}, hd {hd}, seqs {:?}",
+        k.name,
         gpu.elem.name(),
         c.seqs
     );
@@ -915,7 +922,7 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, seed: u64) {
         max_blocks,
         block_size: bs,
     };
-    prefill::launch(gpu, name, &inputs, nh, nkv, hd).unwrap();
+    prefill::launch(gpu, k, &inputs, nh, nkv, hd).unwrap();
     let got = read(&fa);
     let old = poisoned();
     let args = [

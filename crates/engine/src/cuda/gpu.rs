@@ -143,6 +143,7 @@ impl Gpu {
         for m in kernels::MODULES {
             gpu.load(m)?;
         }
+        super::prefill::prepare(&gpu)?;
         // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
         let ws = gpu.alloc(32 << 20)?;
         // SAFETY: the handle is live and the workspace outlives it (both owned by `gpu`).

@@ -400,6 +400,36 @@ extern "C" __global__ void rope_kv_write(float* qkv, int ld, int nh, int nkv, in
     }
 }
 
+// rope_kv_write for many tokens without LoRA (prefill and mixed steps): a block per token,
+// whose threads take the (head, j) rotation pairs of every q and k head, then v's elements, so a
+// warp reads and writes consecutive elements. Same layouts as rope_kv_write. grid (T), 256 threads.
+extern "C" __global__ void rope_kv_write_rows(float* qkv, int ld, int nh, int nkv, int hd, const float* cos_t,
+                                              const float* sin_t, const u32* positions,
+                                              const u32* slot_mapping, elem_t* k_cache, elem_t* v_cache) {
+    pdl_begin();
+    int t = blockIdx.x, half = hd / 2, kvs = nkv * hd;
+    float* x = qkv + (size_t)t * ld;
+    size_t slot = slot_mapping[t];
+    const float* c = cos_t + (size_t)positions[t] * half;
+    const float* s = sin_t + (size_t)positions[t] * half;
+    for (int idx = threadIdx.x; idx < (nh + nkv) * half; idx += blockDim.x) {
+        int h = idx / half, j = idx - h * half;
+        float* xh = x + (size_t)h * hd;
+        float a = xh[j], b = xh[j + half];
+        float ra = a * c[j] - b * s[j], rb = b * c[j] + a * s[j];
+        if (h < nh) {
+            xh[j] = ra;
+            xh[j + half] = rb;
+        } else {
+            elem_t* k = k_cache + slot * kvs + (size_t)(h - nh) * hd;
+            k[j] = f2e(ra);
+            k[j + half] = f2e(rb);
+        }
+    }
+    const float* v = x + (size_t)(nh + nkv) * hd;
+    for (int i = threadIdx.x; i < kvs; i += blockDim.x) v_cache[slot * kvs + i] = f2e(v[i]);
+}
+
 // Causal attention over the paged cache, prefill and decode alike: token t attends to positions
 // 0..=positions[t] of its sequence. grid (T, nh), ATT_WARPS warps; each warp takes every
 // ATT_WARPS-th key with an online softmax, then the warps are merged.
@@ -652,23 +682,37 @@ DECODE_ATTENTION(decode_attention, DA_THREADS)
 DECODE_ATTENTION(decode_attention_wide, DA_WIDE_THREADS)
 
 // gu: [T, 2I] f32 (gate then up); out: [T, I] elem_t = silu(gate) * up
+// Rows over blockIdx.y (strided: a grid has at most 65535 rows), columns over x: no division
+// per element. With I a multiple of 4, four columns a thread (16-byte loads).
+// gu: [T, 2I] f32 (gate, up); out: [T, I] elem_t. grid (x, min(T, 65535)).
 extern "C" __global__ void silu_mul(const float* gu, elem_t* out, int I, int T) {
     pdl_begin();
-    u64 n = (u64)T * I;
-    for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
-        u64 t = idx / I, i = idx - t * I;
-        float g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
-        out[idx] = f2e(g / (1.f + __expf(-g)) * u);
+    int step = 4 * gridDim.x * blockDim.x;
+    for (int t = blockIdx.y; t < T; t += gridDim.y) {
+        const float* g = gu + (size_t)t * 2 * I;
+        const float* u = g + I;
+        elem_t* o = out + (size_t)t * I;
+        for (int i = 4 * (blockIdx.x * blockDim.x + threadIdx.x); i < I; i += step) {
+            if ((I & 3) == 0) {
+                float4 gv = *(const float4*)(g + i), uv = *(const float4*)(u + i);
+                uint2 r;
+                r.x = pack2(gv.x / (1.f + __expf(-gv.x)) * uv.x, gv.y / (1.f + __expf(-gv.y)) * uv.y);
+                r.y = pack2(gv.z / (1.f + __expf(-gv.z)) * uv.z, gv.w / (1.f + __expf(-gv.w)) * uv.w);
+                *(uint2*)(o + i) = r;
+            } else {
+                for (int k = i; k < min(i + 4, I); k++) o[k] = f2e(g[k] / (1.f + __expf(-g[k])) * u[k]);
+            }
+        }
     }
 }
 
-// y: [T, ldy] f32 += bias[N] (elem_t)
+// y: [T, ldy] f32 += bias[N] (elem_t). grid (x, min(T, 65535)), rows strided as silu_mul's.
 extern "C" __global__ void add_bias(float* y, const elem_t* bias, int N, int T, int ldy) {
     pdl_begin();
-    u64 n = (u64)T * N;
-    for (u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x; idx < n; idx += (u64)gridDim.x * blockDim.x) {
-        u64 t = idx / N, o = idx - t * N;
-        y[t * ldy + o] += e2f(bias[o]);
+    for (int t = blockIdx.y; t < T; t += gridDim.y) {
+        for (int o = blockIdx.x * blockDim.x + threadIdx.x; o < N; o += gridDim.x * blockDim.x) {
+            y[(size_t)t * ldy + o] += e2f(bias[o]);
+        }
     }
 }
 
@@ -795,6 +839,7 @@ const CORE_NAMES: &[&str] = &[
     "add_rms_norm",
     "qk_norm",
     "rope_kv_write",
+    "rope_kv_write_rows",
     "paged_attention",
     "decode_attention",
     "decode_attention_wide",

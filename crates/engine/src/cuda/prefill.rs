@@ -4,41 +4,119 @@
 //! (kernels.rs) instead; shapes this kernel does not take fall back to `paged_attention`.
 
 use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::LaunchConfig;
 
-use super::gpu::{cfg, Gpu, KernelArg};
+use super::gpu::{cuda_err, Gpu, KernelArg};
 use super::kernels::Module;
 use crate::error::Result;
 
 pub const MODULE: Module = Module {
     name: "prefill_attention",
     body: include_str!("prefill_attention.cu"),
-    kernels: &["prefill_attention_64", "prefill_attention_128"],
+    kernels: &[
+        "prefill_attention_64_w4_s1",
+        "prefill_attention_128_w4_s1",
+        "prefill_attention_128_w8_s1",
+        "prefill_attention_128_w4_s2",
+        "prefill_attention_128_w8_s2",
+    ],
 };
 
-/// Query rows of a block (`FA_BM`): (token, query head) pairs of one KV head's group.
-pub const ROWS: usize = 64;
-/// Threads of a block (`FA_THREADS`).
-const THREADS: u32 = 128;
+/// Keys a block stages in shared memory at a time (`FA_BN`).
+const KEYS: usize = 64;
 
-/// The kernel for `head_dim` with `group` query heads per KV head, if there is one: head_dim a
-/// multiple of 8 up to 128 (rows are padded to 64 or 128 dims), and a group that fits a tile.
-pub fn kernel(head_dim: usize, group: usize) -> Option<&'static str> {
-    if head_dim == 0 || head_dim % 8 != 0 || group == 0 || group > ROWS {
-        return None;
+/// One compiled variant of the kernel: head dims it pads to, warps (16 query rows each), and
+/// shared-memory stages of K and V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub head_dim: usize,
+    pub warps: usize,
+    pub stages: usize,
+}
+
+impl Kernel {
+    /// Query rows of a block: (token, query head) pairs of one KV head's group.
+    pub fn rows(&self) -> usize {
+        16 * self.warps
     }
-    match head_dim {
-        ..=64 => Some("prefill_attention_64"),
-        ..=128 => Some("prefill_attention_128"),
-        _ => None,
+
+    /// Tokens of a tile for `group` query heads per KV head.
+    pub fn tokens_per_tile(&self, group: usize) -> usize {
+        self.rows() / group
+    }
+
+    fn shared_bytes(&self) -> usize {
+        self.stages * 2 * KEYS * self.head_dim * 2
     }
 }
 
+/// Every variant [`MODULE`] compiles, for comparisons (`gpu_bench --attention`).
+pub const VARIANTS: [Kernel; 5] = [
+    Kernel {
+        name: "prefill_attention_64_w4_s1",
+        head_dim: 64,
+        warps: 4,
+        stages: 1,
+    },
+    Kernel {
+        name: "prefill_attention_128_w4_s1",
+        head_dim: 128,
+        warps: 4,
+        stages: 1,
+    },
+    Kernel {
+        name: "prefill_attention_128_w8_s1",
+        head_dim: 128,
+        warps: 8,
+        stages: 1,
+    },
+    Kernel {
+        name: "prefill_attention_128_w4_s2",
+        head_dim: 128,
+        warps: 4,
+        stages: 2,
+    },
+    Kernel {
+        name: "prefill_attention_128_w8_s2",
+        head_dim: 128,
+        warps: 8,
+        stages: 2,
+    },
+];
+
+/// The kernel for `head_dim` with `group` query heads per KV head, if there is one: head_dim a
+/// multiple of 8 up to 128 (rows are padded to 64 or 128 dims), and a group that fits a tile.
+pub fn kernel(head_dim: usize, group: usize) -> Option<Kernel> {
+    if head_dim == 0 || head_dim % 8 != 0 || group == 0 {
+        return None;
+    }
+    let k = match head_dim {
+        ..=64 => VARIANTS[0],
+        ..=128 => VARIANTS[1],
+        _ => return None,
+    };
+    (group <= k.rows()).then_some(k)
+}
+
+/// Lets every variant use the shared memory it needs (above the 48 KB a launch gets by default).
+pub fn prepare(gpu: &Gpu) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
+    for k in VARIANTS {
+        gpu.func(k.name)
+            .set_attribute(MAX_SMEM, k.shared_bytes() as i32)
+            .map_err(|e| cuda_err(&format!("setting {}'s shared memory", k.name), e))?;
+    }
+    Ok(())
+}
+
 /// Cuts each sequence's query tokens (`query_start`, as in `StepBatch`) into tiles of at most
-/// `ROWS / group` tokens, written as `(first token, end token)` pairs into `tiles` (room for
-/// one tile per token, so any step fits); returns their number. A sequence's tiles go last
-/// first: the later a tile, the more keys it reads, so the longest blocks start first.
-pub fn pack_tiles(query_start: &[u32], group: usize, tiles: &mut [u32]) -> usize {
-    let per = (ROWS / group) as u32;
+/// `per` tokens ([`Kernel::tokens_per_tile`]), written as `(first token, end token)` pairs into
+/// `tiles` (room for one tile per token, so any step fits); returns their number. A sequence's
+/// tiles go last first: the later a tile, the more keys it reads, so the longest blocks start
+/// first.
+pub fn pack_tiles(query_start: &[u32], per: usize, tiles: &mut [u32]) -> usize {
+    let per = per as u32;
     let mut n = 0;
     for w in query_start.windows(2) {
         let (lo, hi) = (w[0], w[1]);
@@ -75,11 +153,12 @@ pub struct Inputs {
     pub block_size: usize,
 }
 
-/// Launches the prefill attention kernel `name` (from [`kernel`]) over `inp.num_tiles` tiles.
-pub fn launch(gpu: &Gpu, name: &'static str, inp: &Inputs, nh: usize, nkv: usize, hd: usize) -> Result<()> {
+/// Launches prefill attention kernel `k` over `inp.num_tiles` tiles (packed for `k`).
+pub fn launch(gpu: &Gpu, k: Kernel, inp: &Inputs, nh: usize, nkv: usize, hd: usize) -> Result<()> {
     assert!(
-        kernel(hd, nh / nkv) == Some(name),
-        "prefill attention kernel {name} for hd {hd}"
+        hd <= k.head_dim && nh / nkv <= k.rows(),
+        "{} for head_dim {hd}",
+        k.name
     );
     let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
     let args = [
@@ -99,11 +178,16 @@ pub fn launch(gpu: &Gpu, name: &'static str, inp: &Inputs, nh: usize, nkv: usize
         (hd as i32).bits(),
         scale_log2.bits(),
     ];
-    let grid = (inp.num_tiles as u32, nkv as u32, 1);
-    // SAFETY: both prefill_attention kernels take (qkv, ld, out, k_cache, v_cache, tiles,
+    let cfg = LaunchConfig {
+        grid_dim: (inp.num_tiles as u32, nkv as u32, 1),
+        block_dim: (32 * k.warps as u32, 1, 1),
+        shared_mem_bytes: k.shared_bytes() as u32,
+    };
+    // SAFETY: every prefill_attention kernel takes (qkv, ld, out, k_cache, v_cache, tiles,
     // token_seq, positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale_log2)
-    // (prefill_attention.cu), in this order; the caller's buffers have the shapes of `Inputs`.
-    unsafe { gpu.launch(name, cfg(grid, THREADS), &args) }
+    // (prefill_attention.cu), in this order, with 32 * warps threads and its shared memory
+    // (allowed by `prepare`); the caller's buffers have the shapes of `Inputs`.
+    unsafe { gpu.launch(k.name, cfg, &args) }
 }
 
 #[cfg(test)]
@@ -112,54 +196,64 @@ mod tests {
 
     #[test]
     fn host_constants_match_the_kernel_defines() {
-        let defines = [("FA_BM", ROWS), ("FA_THREADS", THREADS as usize)];
-        crate::cuda::kernels::assert_defines("prefill_attention.cu", MODULE.body, &defines);
+        crate::cuda::kernels::assert_defines("prefill_attention.cu", MODULE.body, &[("FA_BN", KEYS)]);
+        for k in VARIANTS {
+            let def = format!("FA_KERNEL({}, {}, {})", k.head_dim, k.warps, k.stages);
+            assert!(MODULE.body.contains(&def), "{} is not compiled ({def})", k.name);
+            assert_eq!(
+                k.name,
+                format!("prefill_attention_{}_w{}_s{}", k.head_dim, k.warps, k.stages)
+            );
+            assert!(MODULE.kernels.contains(&k.name), "{} is not loaded", k.name);
+        }
     }
 
-    fn tiles(query_start: &[u32], group: usize) -> Vec<(u32, u32)> {
+    fn tiles(query_start: &[u32], per: usize) -> Vec<(u32, u32)> {
         let t = *query_start.last().unwrap() as usize;
         let mut buf = vec![u32::MAX; 2 * t];
-        let n = pack_tiles(query_start, group, &mut buf);
+        let n = pack_tiles(query_start, per, &mut buf);
         buf[..2 * n].chunks(2).map(|c| (c[0], c[1])).collect()
     }
 
     #[test]
     fn tiles_cover_every_token_once_within_its_sequence() {
-        // Sequences of 130, 1 (a decode token in a mixed step) and 64 tokens, GQA 1..8 and 7.
+        // Sequences of 130, 1 (a decode token in a mixed step) and 64 tokens; tiles for GQA
+        // groups 1..8 and 7 at 64 and 128 rows.
         let qs = [0u32, 130, 131, 195];
-        for group in [1usize, 2, 4, 7, 8, 64] {
-            let per = (ROWS / group) as u32;
-            let got = tiles(&qs, group);
+        for per in [64usize, 128, 32, 16, 9, 8, 1] {
+            let got = tiles(&qs, per);
             let mut seen = vec![0u8; 195];
             for &(lo, hi) in &got {
-                assert!(lo < hi && hi - lo <= per, "group {group}: tile {lo}..{hi}");
+                assert!(lo < hi && (hi - lo) as usize <= per, "per {per}: tile {lo}..{hi}");
                 let seq = qs.partition_point(|&q| q <= lo) - 1;
                 assert!(
                     hi <= qs[seq + 1],
-                    "group {group}: tile {lo}..{hi} crosses a sequence end"
+                    "per {per}: tile {lo}..{hi} crosses a sequence end"
                 );
                 for t in lo..hi {
                     seen[t as usize] += 1;
                 }
             }
-            assert!(
-                seen.iter().all(|&c| c == 1),
-                "group {group}: every token in one tile"
-            );
-            let want: u32 = qs.windows(2).map(|w| (w[1] - w[0]).div_ceil(per)).sum();
-            assert_eq!(got.len(), want as usize, "group {group}: the fewest tiles");
+            assert!(seen.iter().all(|&c| c == 1), "per {per}: every token in one tile");
+            let want: usize = qs
+                .windows(2)
+                .map(|w| ((w[1] - w[0]) as usize).div_ceil(per))
+                .sum();
+            assert_eq!(got.len(), want, "per {per}: the fewest tiles");
         }
         // Last tile of a sequence first.
-        assert_eq!(tiles(&[0, 130], 1), vec![(128, 130), (64, 128), (0, 64)]);
+        assert_eq!(tiles(&[0, 130], 64), vec![(128, 130), (64, 128), (0, 64)]);
         assert_eq!(tiles(&[0, 3, 4], 8), vec![(0, 3), (3, 4)]);
     }
 
     #[test]
     fn head_sizes_and_groups_it_takes() {
-        assert_eq!(kernel(128, 1), Some("prefill_attention_128"));
-        assert_eq!(kernel(80, 7), Some("prefill_attention_128"));
-        assert_eq!(kernel(64, 8), Some("prefill_attention_64"));
-        assert_eq!(kernel(16, 2), Some("prefill_attention_64"));
+        let name = |hd, group| kernel(hd, group).map(|k| k.name);
+        assert_eq!(name(128, 1), Some(VARIANTS[1].name));
+        assert_eq!(name(80, 7), Some(VARIANTS[1].name));
+        assert_eq!(name(64, 8), Some(VARIANTS[0].name));
+        assert_eq!(name(16, 2), Some(VARIANTS[0].name));
+        assert_eq!(kernel(128, 7).unwrap().tokens_per_tile(7), 64 / 7);
         for (hd, group) in [(256, 1), (12, 1), (0, 1), (128, 0), (128, 65)] {
             assert_eq!(kernel(hd, group), None, "hd {hd}, group {group}");
         }
