@@ -14,31 +14,30 @@ pub const MODULE: Module = Module {
     name: "prefill_attention",
     body: include_str!("prefill_attention.cu"),
     kernels: &[
-        "prefill_attention_64_w4_s1",
-        "prefill_attention_128_w4_s1",
-        "prefill_attention_128_w8_s1",
-        "prefill_attention_128_w4_s2",
-        "prefill_attention_128_w8_s2",
+        "prefill_attention_64_w4_m1_n64",
+        "prefill_attention_128_w8_m1_n64",
+        "prefill_attention_128_w4_m1_n64",
+        "prefill_attention_128_w4_m2_n64",
+        "prefill_attention_128_w4_m2_n32",
+        "prefill_attention_128_w8_m2_n32",
     ],
 };
 
-/// Keys a block stages in shared memory at a time (`FA_BN`).
-const KEYS: usize = 64;
-
-/// One compiled variant of the kernel: head dims it pads to, warps (16 query rows each), and
-/// shared-memory stages of K and V.
+/// One compiled variant of the kernel: the head dims it pads to, its warps, the 16-row query
+/// tiles each warp takes, and the keys it stages in shared memory at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernel {
     pub name: &'static str,
     pub head_dim: usize,
     pub warps: usize,
-    pub stages: usize,
+    pub m_tiles: usize,
+    pub keys: usize,
 }
 
 impl Kernel {
     /// Query rows of a block: (token, query head) pairs of one KV head's group.
     pub fn rows(&self) -> usize {
-        16 * self.warps
+        16 * self.m_tiles * self.warps
     }
 
     /// Tokens of a tile for `group` query heads per KV head.
@@ -46,43 +45,30 @@ impl Kernel {
         self.rows() / group
     }
 
+    /// Q for the block's rows, then two stages of K and V tiles.
     fn shared_bytes(&self) -> usize {
-        self.stages * 2 * KEYS * self.head_dim * 2
+        (self.rows() + 4 * self.keys) * self.head_dim * 2
+    }
+}
+
+const fn variant(name: &'static str, head_dim: usize, warps: usize, m_tiles: usize, keys: usize) -> Kernel {
+    Kernel {
+        name,
+        head_dim,
+        warps,
+        m_tiles,
+        keys,
     }
 }
 
 /// Every variant [`MODULE`] compiles, for comparisons (`gpu_bench --attention`).
-pub const VARIANTS: [Kernel; 5] = [
-    Kernel {
-        name: "prefill_attention_64_w4_s1",
-        head_dim: 64,
-        warps: 4,
-        stages: 1,
-    },
-    Kernel {
-        name: "prefill_attention_128_w4_s1",
-        head_dim: 128,
-        warps: 4,
-        stages: 1,
-    },
-    Kernel {
-        name: "prefill_attention_128_w8_s1",
-        head_dim: 128,
-        warps: 8,
-        stages: 1,
-    },
-    Kernel {
-        name: "prefill_attention_128_w4_s2",
-        head_dim: 128,
-        warps: 4,
-        stages: 2,
-    },
-    Kernel {
-        name: "prefill_attention_128_w8_s2",
-        head_dim: 128,
-        warps: 8,
-        stages: 2,
-    },
+pub const VARIANTS: [Kernel; 6] = [
+    variant("prefill_attention_64_w4_m1_n64", 64, 4, 1, 64),
+    variant("prefill_attention_128_w8_m1_n64", 128, 8, 1, 64),
+    variant("prefill_attention_128_w4_m1_n64", 128, 4, 1, 64),
+    variant("prefill_attention_128_w4_m2_n64", 128, 4, 2, 64),
+    variant("prefill_attention_128_w4_m2_n32", 128, 4, 2, 32),
+    variant("prefill_attention_128_w8_m2_n32", 128, 8, 2, 32),
 ];
 
 /// The kernel for `head_dim` with `group` query heads per KV head, if there is one: head_dim a
@@ -195,17 +181,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_constants_match_the_kernel_defines() {
-        crate::cuda::kernels::assert_defines("prefill_attention.cu", MODULE.body, &[("FA_BN", KEYS)]);
+    fn host_variants_match_the_compiled_kernels() {
         for k in VARIANTS {
-            let def = format!("FA_KERNEL({}, {}, {})", k.head_dim, k.warps, k.stages);
-            assert!(MODULE.body.contains(&def), "{} is not compiled ({def})", k.name);
-            assert_eq!(
-                k.name,
-                format!("prefill_attention_{}_w{}_s{}", k.head_dim, k.warps, k.stages)
+            let def = format!(
+                "FA_KERNEL({}, {}, {}, {})",
+                k.head_dim, k.warps, k.m_tiles, k.keys
             );
+            assert!(MODULE.body.contains(&def), "{} is not compiled ({def})", k.name);
+            let name = format!(
+                "prefill_attention_{}_w{}_m{}_n{}",
+                k.head_dim, k.warps, k.m_tiles, k.keys
+            );
+            assert_eq!(k.name, name);
             assert!(MODULE.kernels.contains(&k.name), "{} is not loaded", k.name);
         }
+        assert_eq!(MODULE.kernels.len(), VARIANTS.len());
     }
 
     fn tiles(query_start: &[u32], per: usize) -> Vec<(u32, u32)> {
@@ -253,8 +243,9 @@ mod tests {
         assert_eq!(name(80, 7), Some(VARIANTS[1].name));
         assert_eq!(name(64, 8), Some(VARIANTS[0].name));
         assert_eq!(name(16, 2), Some(VARIANTS[0].name));
-        assert_eq!(kernel(128, 7).unwrap().tokens_per_tile(7), 64 / 7);
-        for (hd, group) in [(256, 1), (12, 1), (0, 1), (128, 0), (128, 65)] {
+        let k = kernel(128, 7).unwrap();
+        assert_eq!(k.tokens_per_tile(7), k.rows() / 7);
+        for (hd, group) in [(256, 1), (12, 1), (0, 1), (128, 0), (64, 65)] {
             assert_eq!(kernel(hd, group), None, "hd {hd}, group {group}");
         }
     }
