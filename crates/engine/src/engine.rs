@@ -544,7 +544,8 @@ impl LLMEngine {
     }
 
     /// Runs one step: schedule, run the model on every scheduled token, sample one token per
-    /// scheduled sequence. Returns one output per sequence that produced a token or finished.
+    /// scheduled sequence that reached its last token (a prompt chunk short of the end samples
+    /// nothing). Returns one output per sequence that produced a token or finished.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let mut outputs = Vec::new();
         let schedule = self.scheduler.schedule(&mut self.seqs, &mut self.blocks);
