@@ -11,9 +11,9 @@ use std::time::Instant;
 use common::{case_dir, load, lora_requests, max_diff};
 use multilora_engine::{EngineConfig, LLMEngine, Prompt, SamplingParams};
 
-/// The llama case's engine with 4-token KV blocks; `None` prefills every prompt in one step.
-fn engine(max_num_batched_tokens: Option<usize>) -> LLMEngine {
-    let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
+/// A golden case's engine with 4-token KV blocks; `None` prefills every prompt in one step.
+fn engine(case: &str, max_num_batched_tokens: Option<usize>) -> LLMEngine {
+    let mut cfg = EngineConfig::new(case_dir(case).join("model"));
     cfg.enable_lora = true;
     cfg.max_loras = 4;
     cfg.max_lora_rank = 16;
@@ -29,12 +29,12 @@ fn engine(max_num_batched_tokens: Option<usize>) -> LLMEngine {
 /// Per request: every output token and the logits it was drawn from.
 type Outputs = Vec<Vec<(u32, Vec<f32>)>>;
 
-/// Runs the llama golden requests together with `params` (the seed offset by the request's
+/// Runs a case's golden requests together with `params` (the seed offset by the request's
 /// index); checks that no step exceeds the budget and that only sequences that finished
 /// their prompt produced output. Returns the outputs and how many steps chunked a prompt.
-fn run(engine: &mut LLMEngine, params: &SamplingParams) -> (Outputs, usize) {
-    let golden = load("llama");
-    let loras = lora_requests("llama");
+fn run(engine: &mut LLMEngine, case: &str, params: &SamplingParams) -> (Outputs, usize) {
+    let golden = load(case);
+    let loras = lora_requests(case);
     for (i, r) in golden.requests.iter().enumerate() {
         let params = SamplingParams {
             seed: params.seed.map(|s| s + i as u64),
@@ -84,29 +84,37 @@ fn assert_same(chunked: &Outputs, whole: &Outputs, what: &str) {
     }
 }
 
+/// Every golden case (adapters in llama, qwen2 and qwen3; GQA, biases, qk-norm, tied
+/// embeddings), prefilled in chunks, against one-step prefill and against PEFT.
 #[test]
 fn chunked_greedy_matches_one_step_prefill_and_peft() {
-    let golden = load("llama");
-    let greedy = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(golden.num_steps)
-    };
-    let (whole, n) = run(&mut engine(None), &greedy);
-    assert_eq!(n, 0, "the default budget prefills every prompt in one step");
-    // Prompts of 5..23 tokens: chunks of 3 and 5 cut through them and through the 4-token
-    // blocks; 16 splits only the longer ones, and shares steps with decodes.
-    for budget in [3, 5, 16] {
-        let (chunked, n) = run(&mut engine(Some(budget)), &greedy);
-        assert!(n > 0, "budget {budget}: some prompt should be chunked");
-        assert_same(&chunked, &whole, &format!("budget {budget}"));
-        for (i, r) in golden.requests.iter().enumerate() {
-            let tokens: Vec<u32> = chunked[i].iter().map(|x| x.0).collect();
-            assert_eq!(tokens, r.greedy_token_ids, "budget {budget}: request {i} vs PEFT");
-            let d = max_diff(&chunked[i][0].1, &r.first_logits);
-            assert!(
-                d < 1e-4,
-                "budget {budget}: request {i}: first logits vs PEFT differ by {d}"
-            );
+    for case in ["llama", "llama3_tied", "qwen2_bf16_sharded", "qwen3", "mistral"] {
+        let golden = load(case);
+        let greedy = SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(golden.num_steps)
+        };
+        let (whole, n) = run(&mut engine(case, None), case, &greedy);
+        assert_eq!(
+            n, 0,
+            "{case}: the default budget prefills every prompt in one step"
+        );
+        // Prompts of 5..90 tokens: chunks of 3 and 5 cut through them and through the
+        // 4-token blocks; 16 splits only the longer ones, and shares steps with decodes.
+        for budget in [3, 5, 16] {
+            let what = format!("{case}, budget {budget}");
+            let (chunked, n) = run(&mut engine(case, Some(budget)), case, &greedy);
+            assert!(n > 0, "{what}: some prompt should be chunked");
+            assert_same(&chunked, &whole, &what);
+            for (i, r) in golden.requests.iter().enumerate() {
+                let tokens: Vec<u32> = chunked[i].iter().map(|x| x.0).collect();
+                assert_eq!(tokens, r.greedy_token_ids, "{what}: request {i} vs PEFT");
+                let d = max_diff(&chunked[i][0].1, &r.first_logits);
+                assert!(
+                    d < 1e-4,
+                    "{what}: request {i}: first logits vs PEFT differ by {d}"
+                );
+            }
         }
     }
 }
@@ -122,11 +130,11 @@ fn chunked_seeded_sampling_matches_one_step_prefill() {
         max_tokens: 12,
         ..Default::default()
     };
-    let (whole, _) = run(&mut engine(None), &params);
+    let (whole, _) = run(&mut engine("llama", None), "llama", &params);
     let distinct: std::collections::HashSet<u32> = whole.iter().flatten().map(|x| x.0).collect();
     assert!(distinct.len() > 10, "sampling is not degenerate: {distinct:?}");
     for budget in [3, 7] {
-        let (chunked, n) = run(&mut engine(Some(budget)), &params);
+        let (chunked, n) = run(&mut engine("llama", Some(budget)), "llama", &params);
         assert!(n > 0);
         assert_same(&chunked, &whole, &format!("seeded, budget {budget}"));
     }
@@ -143,7 +151,7 @@ fn decodes_keep_streaming_while_a_long_prompt_is_chunked() {
         ignore_eos: true,
         ..SamplingParams::greedy(n)
     };
-    let mut alone = engine(None);
+    let mut alone = engine("llama", None);
     alone
         .add_request("long", Prompt::TokenIds(long.clone()), greedy(4), None)
         .unwrap();
@@ -154,7 +162,7 @@ fn decodes_keep_streaming_while_a_long_prompt_is_chunked() {
         }
     }
 
-    let mut e = engine(Some(16));
+    let mut e = engine("llama", Some(16));
     for i in 0..3u32 {
         let prompt = Prompt::TokenIds(vec![1, 5 + i, 9, 13 + i, 2]);
         e.add_request(&format!("d{i}"), prompt, greedy(40), None).unwrap();
