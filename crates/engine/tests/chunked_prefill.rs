@@ -210,3 +210,61 @@ fn decodes_keep_streaming_while_a_long_prompt_is_chunked() {
     }
     assert_eq!(got, expected, "the long prompt's tokens, chunked vs one step");
 }
+
+/// On the GPU (skipped without one, as on CI): chunked prefill with device sampling. Rows whose
+/// chunk stops inside the prompt are in the batch but sample nothing, so each returned id must
+/// still be the host argmax of its own row's logits, and each request's first token and logits
+/// must match PEFT within bf16 rounding (the tolerance of `tests/cuda.rs`).
+#[test]
+fn cuda_chunked_prefill_samples_the_right_rows() {
+    if let Err(e) = multilora_engine::cuda::gpu::probe() {
+        eprintln!("note: skipping CUDA test: {e}");
+        return;
+    }
+    let golden = load("llama");
+    let loras = lora_requests("llama");
+    for budget in [5, 16] {
+        let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
+        cfg.device = multilora_engine::Device::Cuda;
+        cfg.return_logits = true;
+        cfg.enable_lora = true;
+        cfg.max_loras = 4;
+        cfg.max_lora_rank = 16;
+        cfg.max_model_len = Some(256);
+        cfg.block_size = 4;
+        cfg.max_num_batched_tokens = Some(budget);
+        cfg.max_num_seqs = budget.min(8);
+        let mut e = LLMEngine::new(cfg).expect("engine loads");
+        for (i, r) in golden.requests.iter().enumerate() {
+            let lora = r.lora.as_ref().map(|name| &loras[name]);
+            let params = SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(4)
+            };
+            let prompt = Prompt::TokenIds(r.prompt_token_ids.clone());
+            e.add_request(&i.to_string(), prompt, params, lora).unwrap();
+        }
+        let mut num_partial = 0;
+        while e.has_unfinished_requests() {
+            let outputs = e.step().unwrap();
+            num_partial += e.last_step_stats().num_partial_prefills;
+            for o in outputs {
+                let i: usize = o.request_id.parse().unwrap();
+                let logits = e.last_logits(&o.request_id).expect("return_logits");
+                let id = o.token_id.unwrap();
+                let best = multilora_engine::sampling::argmax(logits);
+                assert_eq!(id, best, "budget {budget}: request {i}: device id vs host argmax");
+                if o.num_output_tokens == 1 {
+                    let r = &golden.requests[i];
+                    let rel = max_diff(logits, &r.first_logits) / common::max_abs(&r.first_logits);
+                    assert!(
+                        rel < 6e-2,
+                        "budget {budget}: request {i}: first logits rel diff {rel}"
+                    );
+                    assert_eq!(id, r.greedy_token_ids[0], "budget {budget}: request {i}");
+                }
+            }
+        }
+        assert!(num_partial > 0, "budget {budget}: some prompt should be chunked");
+    }
+}
