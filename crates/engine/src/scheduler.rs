@@ -13,8 +13,11 @@
 //!    passed over (it keeps its place) and running requests are never preempted for it.
 //!
 //! So a long prompt is prefilled over several steps, sharing each with the running decodes,
-//! which keep producing a token a step (as long as the budget covers them). A sequence whose
-//! chunk stops short of its last token produces no token that step (the engine's part).
+//! which keep producing a token a step: a partial chunk uses up the budget, so at most one
+//! running sequence is partially prefilled and it is the newest, scheduled after every decode;
+//! and the engine requires `max_num_batched_tokens >= max_num_seqs`, so the decodes fit. A
+//! sequence whose chunk stops short of its last token produces no token that step (the
+//! engine's part).
 //!
 //! Cannot deadlock or starve: the oldest running sequence is never a victim unless it is the
 //! only one running, and alone it fits — the engine refused at `add_request` anything longer
@@ -475,6 +478,15 @@ mod tests {
                 s.schedule(&mut seqs, &mut bm);
                 let total: usize = s.out.scheduled.iter().map(|x| x.num_new_tokens).sum();
                 assert!(total <= budget, "seed {seed}: {total} tokens > budget {budget}");
+                // Only the last one scheduled may stop short of its last token.
+                let ends = |x: &ScheduledSeq| {
+                    seqs[&x.id].num_computed_tokens + x.num_new_tokens == seqs[&x.id].len()
+                };
+                let n = s.out.scheduled.len();
+                assert!(
+                    s.out.scheduled.iter().take(n.saturating_sub(1)).all(ends),
+                    "seed {seed}"
+                );
                 num_preempted += s.out.preempted.len();
                 num_partial += (s.out.scheduled.iter())
                     .filter(|x| seqs[&x.id].num_computed_tokens + x.num_new_tokens < seqs[&x.id].len())
