@@ -13,6 +13,10 @@ use multilora_engine::{EngineConfig, LLMEngine, Prompt, SamplingParams};
 
 /// A golden case's engine with 4-token KV blocks; `None` prefills every prompt in one step.
 fn engine(case: &str, max_num_batched_tokens: Option<usize>) -> LLMEngine {
+    LLMEngine::new(config(case, max_num_batched_tokens)).expect("engine loads")
+}
+
+fn config(case: &str, max_num_batched_tokens: Option<usize>) -> EngineConfig {
     let mut cfg = EngineConfig::new(case_dir(case).join("model"));
     cfg.enable_lora = true;
     cfg.max_loras = 4;
@@ -23,7 +27,7 @@ fn engine(case: &str, max_num_batched_tokens: Option<usize>) -> LLMEngine {
         cfg.max_num_batched_tokens = Some(n);
         cfg.max_num_seqs = n.min(8);
     }
-    LLMEngine::new(cfg).expect("engine loads")
+    cfg
 }
 
 /// Per request: every output token and the logits it was drawn from.
@@ -224,16 +228,9 @@ fn cuda_chunked_prefill_samples_the_right_rows() {
     let golden = load("llama");
     let loras = lora_requests("llama");
     for budget in [5, 16] {
-        let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
+        let mut cfg = config("llama", Some(budget));
         cfg.device = multilora_engine::Device::Cuda;
         cfg.return_logits = true;
-        cfg.enable_lora = true;
-        cfg.max_loras = 4;
-        cfg.max_lora_rank = 16;
-        cfg.max_model_len = Some(256);
-        cfg.block_size = 4;
-        cfg.max_num_batched_tokens = Some(budget);
-        cfg.max_num_seqs = budget.min(8);
         let mut e = LLMEngine::new(cfg).expect("engine loads");
         for (i, r) in golden.requests.iter().enumerate() {
             let lora = r.lora.as_ref().map(|name| &loras[name]);
