@@ -185,7 +185,7 @@ pub struct LLMEngine {
     scheduled: Vec<ScheduledSeq>,
     /// `[num_seqs]` whether each scheduled sequence reaches its last token this step and so
     /// samples one; false for a chunk that stops inside the prompt (chunked prefill)
-    samples: Vec<bool>,
+    is_sampling: Vec<bool>,
     step_loras: Vec<AdapterId>,
     step_slots: Vec<LoraSlot>,
     /// `[num_seqs]` token of each scheduled sequence
@@ -341,7 +341,7 @@ impl LLMEngine {
             sampler: Sampler::default(),
             batch,
             scheduled: Vec::new(),
-            samples: Vec::new(),
+            is_sampling: Vec::new(),
             step_loras: Vec::new(),
             step_slots: Vec::new(),
             sampled: Vec::new(),
@@ -625,7 +625,7 @@ impl LLMEngine {
         b.clear();
         let bs = self.blocks.block_size();
         let (mut num_prefill_tokens, mut num_decode_tokens, mut num_chunked_prefill_tokens) = (0, 0, 0);
-        self.samples.clear();
+        self.is_sampling.clear();
         for s in &scheduled {
             let seq = &self.seqs[&s.id];
             let slot = seq.lora.map(|a| {
@@ -645,20 +645,20 @@ impl LLMEngine {
             b.block_tables.extend(seq.block_table.iter().map(|x| x.0));
             b.block_tables.resize(start_len + b.max_blocks_per_seq, 0);
             let end = first + s.num_new_tokens;
-            let samples = end == seq.len();
-            self.samples.push(samples);
-            if samples && s.num_new_tokens == 1 && first >= seq.prompt_token_ids.len() {
+            let is_sampling = end == seq.len();
+            self.is_sampling.push(is_sampling);
+            if is_sampling && s.num_new_tokens == 1 && first >= seq.prompt_token_ids.len() {
                 num_decode_tokens += 1;
             } else {
                 num_prefill_tokens += s.num_new_tokens;
-                if first > 0 || !samples {
+                if first > 0 || !is_sampling {
                     num_chunked_prefill_tokens += s.num_new_tokens;
                 }
             }
             // EOS and stop ids are suppressed until min_tokens; a row that samples nothing
             // needs none (and takes no room in the device's banned-id buffer).
             let p = &seq.params;
-            let is_banning = samples && seq.output_token_ids.len() < p.min_tokens;
+            let is_banning = is_sampling && seq.output_token_ids.len() < p.min_tokens;
             let eos = (is_banning && !p.ignore_eos).then_some(&self.model_config.eos_token_ids);
             let stop = is_banning.then_some(&p.stop_token_ids);
             let banned = eos.into_iter().chain(stop).flatten().copied();
@@ -670,7 +670,7 @@ impl LLMEngine {
         for (i, s) in scheduled.iter().enumerate() {
             let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
             seq.num_computed_tokens += s.num_new_tokens;
-            if !self.samples[i] {
+            if !self.is_sampling[i] {
                 // A prompt chunk short of the end: its K/V are cached, nothing else happens.
                 continue;
             }
@@ -712,7 +712,7 @@ impl LLMEngine {
             num_seqs: scheduled.len(),
             num_prefill_tokens,
             num_chunked_prefill_tokens,
-            num_partial_prefills: self.samples.iter().filter(|&&x| !x).count(),
+            num_partial_prefills: self.is_sampling.iter().filter(|&&x| !x).count(),
             num_decode_tokens,
             num_preempted,
             num_loras: self.step_loras.len(),
@@ -726,18 +726,18 @@ impl LLMEngine {
     /// Runs the packed step and draws a token per scheduled sequence into `sampled`: on the
     /// device where the backend can take the step, with a random number per row from the
     /// request's own RNG; else on the host from the logits. A row that does not sample (a
-    /// prompt chunk short of the end, `samples[i]` false) leaves its request's RNG untouched, so
-    /// a seeded request draws the same tokens chunked or not; its entry in `sampled` is a
-    /// placeholder (the device still draws for the row, into nothing).
+    /// prompt chunk short of the end, `is_sampling[i]` false) leaves its request's RNG
+    /// untouched, so a seeded request draws the same tokens chunked or not; its entry in
+    /// `sampled` is a placeholder (the device still draws for the row, into nothing).
     fn sample_step(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
         self.sampled.clear();
         self.logits.clear();
         self.logits_rows.clear();
         if self.backend.can_sample(&self.batch) {
             let rows = self.batch.sampling.rows.iter_mut();
-            for ((row, s), &samples) in rows.zip(scheduled).zip(&self.samples) {
+            for ((row, s), &is_sampling) in rows.zip(scheduled).zip(&self.is_sampling) {
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
-                row.random = if samples { seq.rng.random() } else { 0 };
+                row.random = if is_sampling { seq.rng.random() } else { 0 };
             }
             let (ids, logits) = self.backend.forward_sample(&self.batch, self.return_logits)?;
             self.sampled.extend_from_slice(ids);
@@ -746,7 +746,7 @@ impl LLMEngine {
             let vocab = self.model_config.vocab_size;
             self.logits.extend_from_slice(self.backend.forward(&self.batch)?);
             for (i, s) in scheduled.iter().enumerate() {
-                if !self.samples[i] {
+                if !self.is_sampling[i] {
                     self.sampled.push(0);
                     continue;
                 }
@@ -759,8 +759,8 @@ impl LLMEngine {
         }
         assert_eq!(self.sampled.len(), scheduled.len(), "a token per sequence");
         if !self.logits.is_empty() {
-            let ids = (scheduled.iter().zip(&self.samples))
-                .map(|(s, &samples)| samples.then(|| self.seqs[&s.id].request_id.clone()));
+            let ids = (scheduled.iter().zip(&self.is_sampling))
+                .map(|(s, &is_sampling)| is_sampling.then(|| self.seqs[&s.id].request_id.clone()));
             self.logits_rows.extend(ids);
         }
         Ok(())
