@@ -20,6 +20,8 @@ pub struct EngineArgs {
     pub max_num_seqs: Option<usize>,
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Tokens per step (>= max-num-seqs); below max-model-len, long prompts are prefilled in
+    /// chunks over several steps, beside the running decodes.
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
     /// auto, float32, float16, bfloat16

@@ -231,6 +231,28 @@ fn multi_lora_writes_every_file_and_n_minus_1_decode_steps() -> Result<()> {
     Ok(())
 }
 
+/// A `max_num_batched_tokens` below the batch's prompts chunks their prefill over several
+/// steps; the run still measures, and its notes say so.
+#[test]
+fn chunked_prefill_is_noted() -> Result<()> {
+    let f = Fixture::new()?;
+    f.write_common(json!({ "max_num_batched_tokens": 8 }))?;
+    let out = f.bench(&[
+        "no-lora",
+        "--batch-sizes",
+        "2",
+        "--warmup-num-tokens",
+        "0",
+        "--json",
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "bench failed: {stderr}");
+    let result: Value = serde_json::from_slice(&out.stdout).context("--json prints JSON")?;
+    let notes = result["summary"][0]["notes"].to_string();
+    ensure!(notes.contains("prefill chunked"), "{notes}");
+    Ok(())
+}
+
 #[test]
 fn distinct_needs_as_many_adapters_as_the_batch() -> Result<()> {
     let f = Fixture::new()?;

@@ -57,7 +57,9 @@ pub struct EngineConfig {
     /// Defaults to the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
-    /// Defaults to `max(max_model_len, 2048)`; must be at least `max_model_len`.
+    /// Tokens per step. Defaults to `max(max_model_len, 2048)`; must be at least
+    /// `max_num_seqs` (as in vLLM). Below `max_model_len`, long prompts are prefilled in
+    /// chunks over several steps (chunked prefill, see the scheduler).
     pub max_num_batched_tokens: Option<usize>,
     pub block_size: usize,
     /// Memory for the KV cache; defaults to what `max_num_seqs` full-length sequences need,
@@ -137,6 +139,11 @@ impl RequestOutput {
 pub struct StepStats {
     pub num_seqs: usize,
     pub num_prefill_tokens: usize,
+    /// Of `num_prefill_tokens`, those in chunks of a prompt whose prefill spans several steps
+    /// (chunked prefill: the prompt did not fit what was left of `max_num_batched_tokens`).
+    pub num_chunked_prefill_tokens: usize,
+    /// Sequences whose chunk stopped short of their last token: they produced no token.
+    pub num_partial_prefills: usize,
     pub num_decode_tokens: usize,
     pub num_preempted: usize,
     pub num_loras: usize,
@@ -176,6 +183,9 @@ pub struct LLMEngine {
     batch: StepBatch,
     // step scratch, reused
     scheduled: Vec<ScheduledSeq>,
+    /// `[num_seqs]` whether each scheduled sequence reaches its last token this step and so
+    /// samples one; false for a chunk that stops inside the prompt (chunked prefill)
+    is_sampling: Vec<bool>,
     step_loras: Vec<AdapterId>,
     step_slots: Vec<LoraSlot>,
     /// `[num_seqs]` token of each scheduled sequence
@@ -184,8 +194,8 @@ pub struct LLMEngine {
     /// `[num_seqs, vocab]` logits of the last step, as the sampler saw them; empty where the
     /// device sampled and `return_logits` is off
     logits: Vec<f32>,
-    /// request of each row of `logits`
-    logits_rows: Vec<Arc<str>>,
+    /// request of each row of `logits`; `None` for a row that sampled nothing (a prompt chunk)
+    logits_rows: Vec<Option<Arc<str>>>,
     last_step: StepStats,
 }
 
@@ -205,9 +215,11 @@ impl LLMEngine {
             return Err(Error::InvalidConfig("block_size must be at least 1".into()));
         }
         let max_num_batched_tokens = config.max_num_batched_tokens.unwrap_or(max_model_len.max(2048));
-        if max_num_batched_tokens < max_model_len {
+        // Every running sequence's decode token fits a step (vLLM refuses the same).
+        if max_num_batched_tokens < config.max_num_seqs {
             return Err(Error::InvalidConfig(format!(
-                "max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len ({max_model_len}); prompts are prefilled in one step"
+                "max_num_batched_tokens ({max_num_batched_tokens}) must be at least max_num_seqs ({})",
+                config.max_num_seqs
             )));
         }
         const DTYPES: [&str; 6] = ["auto", "float32", "float16", "bfloat16", "half", "float"];
@@ -329,6 +341,7 @@ impl LLMEngine {
             sampler: Sampler::default(),
             batch,
             scheduled: Vec::new(),
+            is_sampling: Vec::new(),
             step_loras: Vec::new(),
             step_slots: Vec::new(),
             sampled: Vec::new(),
@@ -372,7 +385,10 @@ impl LLMEngine {
     /// `return_logits`). For tests and debugging.
     pub fn last_logits(&self, request_id: &str) -> Option<&[f32]> {
         let vocab = self.model_config.vocab_size;
-        let i = self.logits_rows.iter().position(|r| &**r == request_id)?;
+        let i = self
+            .logits_rows
+            .iter()
+            .position(|r| r.as_deref() == Some(request_id))?;
         self.logits.get(i * vocab..(i + 1) * vocab)
     }
 
@@ -528,7 +544,8 @@ impl LLMEngine {
     }
 
     /// Runs one step: schedule, run the model on every scheduled token, sample one token per
-    /// scheduled sequence. Returns one output per sequence that produced a token or finished.
+    /// scheduled sequence that reached its last token (a prompt chunk short of the end samples
+    /// nothing). Returns one output per sequence that produced a token or finished.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let mut outputs = Vec::new();
         let schedule = self.scheduler.schedule(&mut self.seqs, &mut self.blocks);
@@ -607,7 +624,8 @@ impl LLMEngine {
         let b = &mut self.batch;
         b.clear();
         let bs = self.blocks.block_size();
-        let (mut num_prefill_tokens, mut num_decode_tokens) = (0, 0);
+        let (mut num_prefill_tokens, mut num_decode_tokens, mut num_chunked_prefill_tokens) = (0, 0, 0);
+        self.is_sampling.clear();
         for s in &scheduled {
             let seq = &self.seqs[&s.id];
             let slot = seq.lora.map(|a| {
@@ -626,14 +644,21 @@ impl LLMEngine {
             let start_len = b.block_tables.len();
             b.block_tables.extend(seq.block_table.iter().map(|x| x.0));
             b.block_tables.resize(start_len + b.max_blocks_per_seq, 0);
-            if s.num_new_tokens == 1 && first > 0 {
+            let end = first + s.num_new_tokens;
+            let is_sampling = end == seq.len();
+            self.is_sampling.push(is_sampling);
+            if is_sampling && s.num_new_tokens == 1 && first >= seq.prompt_token_ids.len() {
                 num_decode_tokens += 1;
             } else {
                 num_prefill_tokens += s.num_new_tokens;
+                if first > 0 || !is_sampling {
+                    num_chunked_prefill_tokens += s.num_new_tokens;
+                }
             }
-            // EOS and stop ids are suppressed until min_tokens.
+            // EOS and stop ids are suppressed until min_tokens; a row that samples nothing
+            // needs none (and takes no room in the device's banned-id buffer).
             let p = &seq.params;
-            let is_banning = seq.output_token_ids.len() < p.min_tokens;
+            let is_banning = is_sampling && seq.output_token_ids.len() < p.min_tokens;
             let eos = (is_banning && !p.ignore_eos).then_some(&self.model_config.eos_token_ids);
             let stop = is_banning.then_some(&p.stop_token_ids);
             let banned = eos.into_iter().chain(stop).flatten().copied();
@@ -645,6 +670,10 @@ impl LLMEngine {
         for (i, s) in scheduled.iter().enumerate() {
             let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
             seq.num_computed_tokens += s.num_new_tokens;
+            if !self.is_sampling[i] {
+                // A prompt chunk short of the end: its K/V are cached, nothing else happens.
+                continue;
+            }
             let p = &seq.params;
             let token = self.sampled[i];
             seq.output_token_ids.push(token);
@@ -682,6 +711,8 @@ impl LLMEngine {
         self.last_step = StepStats {
             num_seqs: scheduled.len(),
             num_prefill_tokens,
+            num_chunked_prefill_tokens,
+            num_partial_prefills: self.is_sampling.iter().filter(|&&x| !x).count(),
             num_decode_tokens,
             num_preempted,
             num_loras: self.step_loras.len(),
@@ -694,15 +725,19 @@ impl LLMEngine {
 
     /// Runs the packed step and draws a token per scheduled sequence into `sampled`: on the
     /// device where the backend can take the step, with a random number per row from the
-    /// request's own RNG; else on the host from the logits.
+    /// request's own RNG; else on the host from the logits. A row that does not sample (a
+    /// prompt chunk short of the end, `is_sampling[i]` false) leaves its request's RNG
+    /// untouched, so a seeded request draws the same tokens chunked or not; its entry in
+    /// `sampled` is a placeholder (the device still draws for the row, into nothing).
     fn sample_step(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
         self.sampled.clear();
         self.logits.clear();
         self.logits_rows.clear();
         if self.backend.can_sample(&self.batch) {
-            for (row, s) in self.batch.sampling.rows.iter_mut().zip(scheduled) {
+            let rows = self.batch.sampling.rows.iter_mut();
+            for ((row, s), &is_sampling) in rows.zip(scheduled).zip(&self.is_sampling) {
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
-                row.random = seq.rng.random();
+                row.random = if is_sampling { seq.rng.random() } else { 0 };
             }
             let (ids, logits) = self.backend.forward_sample(&self.batch, self.return_logits)?;
             self.sampled.extend_from_slice(ids);
@@ -711,6 +746,10 @@ impl LLMEngine {
             let vocab = self.model_config.vocab_size;
             self.logits.extend_from_slice(self.backend.forward(&self.batch)?);
             for (i, s) in scheduled.iter().enumerate() {
+                if !self.is_sampling[i] {
+                    self.sampled.push(0);
+                    continue;
+                }
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
                 let row = &mut self.logits[i * vocab..(i + 1) * vocab];
                 let banned = self.batch.sampling.banned(i);
@@ -720,7 +759,8 @@ impl LLMEngine {
         }
         assert_eq!(self.sampled.len(), scheduled.len(), "a token per sequence");
         if !self.logits.is_empty() {
-            let ids = scheduled.iter().map(|s| self.seqs[&s.id].request_id.clone());
+            let ids = (scheduled.iter().zip(&self.is_sampling))
+                .map(|(s, &is_sampling)| is_sampling.then(|| self.seqs[&s.id].request_id.clone()));
             self.logits_rows.extend(ids);
         }
         Ok(())

@@ -1,13 +1,30 @@
-//! Continuous batching. Each step: every running sequence decodes one token (preempting the
-//! newest running sequences, recompute-style, when KV blocks run out); then, if nothing was
-//! preempted, waiting requests are admitted first come first served within `max_num_seqs`, the
-//! token budget and the free blocks. A waiting request whose adapter would make the step use
-//! more than `max_loras` distinct adapters is passed over (it keeps its place) and running
-//! requests are never preempted for it. A prompt is prefilled in one step.
+//! Continuous batching with chunked prefill, as vLLM V1 schedules. Each step has a budget of
+//! `max_num_batched_tokens` tokens:
 //!
-//! Cannot deadlock: with nothing running, the first waiting request always fits — its adapter is
-//! the only one, and the engine refused at `add_request` anything longer than `max_model_len`,
-//! which fits both the token budget and the KV cache.
+//! 1. Running sequences first, oldest first: a decoding sequence takes one token, one still in
+//!    its prompt (partially prefilled) takes `min(remaining prompt, remaining budget)`. Blocks
+//!    are grown for the tokens computed so far plus this step's; when the cache is full the
+//!    newest running sequences are preempted, recompute-style (they lose their KV cache and go
+//!    back to the front of the waiting queue, to restart from token 0).
+//! 2. Then, if nothing was preempted, waiting requests are admitted first come first served
+//!    within `max_num_seqs`, the remaining budget and the free blocks; the last one admitted
+//!    may get only a chunk of its prompt, and carries on in step 1 of the next steps. A waiting
+//!    request whose adapter would make the step use more than `max_loras` distinct adapters is
+//!    passed over (it keeps its place) and running requests are never preempted for it.
+//!
+//! So a long prompt is prefilled over several steps, sharing each with the running decodes,
+//! which keep producing a token a step: a partial chunk uses up the budget, so at most one
+//! running sequence is partially prefilled and it is the newest, scheduled after every decode;
+//! and the engine requires `max_num_batched_tokens >= max_num_seqs`, so the decodes fit. A
+//! sequence whose chunk stops short of its last token produces no token that step (the
+//! engine's part).
+//!
+//! Cannot deadlock or starve: the oldest running sequence is never a victim unless it is the
+//! only one running, and alone it fits — the engine refused at `add_request` anything longer
+//! than `max_model_len`, and sized the cache for at least one such sequence — and the budget is
+//! at least 1, so it computes at least one token every step until it finishes. With nothing
+//! running, the first waiting request is admitted: its adapter is the only one, and a chunk of
+//! it fits the budget and the cache.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -96,15 +113,16 @@ impl Scheduler {
         self.out.admitted.clear();
         let mut budget = self.cfg.max_num_batched_tokens;
 
-        // 1. Running sequences decode; the newest yield their blocks when the cache is full.
+        // 1. Running sequences: a decode token or the next prompt chunk each; the newest yield
+        // their blocks when the cache is full.
         let mut i = 0;
-        'running: while i < self.running.len() {
+        'running: while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            loop {
+            let n = loop {
                 let seq = seqs.get_mut(&id).expect("running seq exists");
-                let len = seq.len();
-                if blocks.grow(&mut seq.block_table, len) {
-                    break;
+                let n = (seq.len() - seq.num_computed_tokens).min(budget);
+                if blocks.grow(&mut seq.block_table, seq.num_computed_tokens + n) {
+                    break n;
                 }
                 let victim = self.running.pop().expect("running is not empty");
                 let v = seqs.get_mut(&victim).expect("victim exists");
@@ -116,21 +134,19 @@ impl Scheduler {
                 if victim == id {
                     break 'running;
                 }
-            }
-            let seq = &seqs[&id];
-            let n = seq.len() - seq.num_computed_tokens;
+            };
             self.out.scheduled.push(ScheduledSeq {
                 id,
                 num_new_tokens: n,
             });
-            budget = budget.saturating_sub(n);
+            budget -= n;
             i += 1;
         }
         if !self.out.preempted.is_empty() {
             return &self.out;
         }
 
-        // 2. Admit waiting requests, first come first served.
+        // 2. Admit waiting requests, first come first served; the last may get a chunk.
         self.step_loras.clear();
         for id in &self.running {
             if let Some(a) = seqs[id].lora {
@@ -140,11 +156,10 @@ impl Scheduler {
             }
         }
         self.passed_over.clear();
-        while let Some(id) = self.waiting.pop_front() {
-            if self.running.len() >= self.cfg.max_num_seqs {
-                self.waiting.push_front(id);
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(id) = self.waiting.pop_front() else {
                 break;
-            }
+            };
             let seq = seqs.get_mut(&id).expect("waiting seq exists");
             if let Some(a) = seq.lora {
                 if !self.step_loras.contains(&a) && self.step_loras.len() >= self.cfg.max_loras {
@@ -152,8 +167,8 @@ impl Scheduler {
                     continue;
                 }
             }
-            let n = seq.len();
-            if n > budget || !blocks.grow(&mut seq.block_table, n) {
+            let n = seq.len().min(budget);
+            if !blocks.grow(&mut seq.block_table, n) {
                 self.waiting.push_front(id);
                 break;
             }
@@ -204,14 +219,45 @@ mod tests {
         }
     }
 
-    /// Plays the engine's part after a step: every scheduled sequence computed its tokens and
-    /// got one new token.
+    /// Plays the engine's part after a step: every scheduled sequence computed its tokens, and
+    /// those that reached their last token got a new one.
     fn advance(s: &Scheduler, seqs: &mut HashMap<SeqId, Sequence>) {
         for sc in &s.out.scheduled {
             let q = seqs.get_mut(&sc.id).unwrap();
             q.num_computed_tokens += sc.num_new_tokens;
-            q.output_token_ids.push(7);
+            if q.num_computed_tokens == q.len() {
+                q.output_token_ids.push(7);
+            }
         }
+    }
+
+    /// `(id, num_new_tokens)` of each sequence the last `schedule` ran.
+    fn planned(s: &Scheduler) -> Vec<(u64, usize)> {
+        s.out
+            .scheduled
+            .iter()
+            .map(|x| (x.id.0, x.num_new_tokens))
+            .collect()
+    }
+
+    /// Requests 0.. with these prompt lengths and adapters, waiting in that order.
+    fn setup_with(
+        prompt_lens: &[usize],
+        loras: &[Option<u32>],
+        max_num_batched_tokens: usize,
+        max_loras: usize,
+    ) -> (Scheduler, HashMap<SeqId, Sequence>) {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens,
+            max_loras,
+        });
+        let mut seqs = HashMap::new();
+        for (i, (&n, l)) in prompt_lens.iter().zip(loras).enumerate() {
+            seqs.insert(SeqId(i as u64), seq(n, *l));
+            s.add(SeqId(i as u64));
+        }
+        (s, seqs)
     }
 
     fn setup(
@@ -219,17 +265,7 @@ mod tests {
         prompt_len: usize,
         max_loras: usize,
     ) -> (Scheduler, HashMap<SeqId, Sequence>) {
-        let mut s = Scheduler::new(SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: 64,
-            max_loras,
-        });
-        let mut seqs = HashMap::new();
-        for (i, l) in loras.iter().enumerate() {
-            seqs.insert(SeqId(i as u64), seq(prompt_len, *l));
-            s.add(SeqId(i as u64));
-        }
-        (s, seqs)
+        setup_with(&vec![prompt_len; loras.len()], loras, 64, max_loras)
     }
 
     #[test]
@@ -304,12 +340,175 @@ mod tests {
     fn respects_max_num_seqs_and_token_budget() {
         let (mut s, mut seqs) = setup(&[None; 12], 10, 1);
         let mut bm = BlockManager::new(100, 4);
-        // budget 64 tokens: 6 prompts of 10
-        assert_eq!(s.schedule(&mut seqs, &mut bm).scheduled.len(), 6);
+        // budget 64 tokens: 6 prompts of 10 and 4 tokens of a 7th
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s).len(), 7);
+        assert_eq!(planned(&s)[6], (6, 4));
         advance(&s, &mut seqs);
-        // 6 decodes + 2 more prompts (max_num_seqs 8)
+        // 6 decodes, the 7th's last 6 tokens, and one more prompt (max_num_seqs 8)
         let sched = s.schedule(&mut seqs, &mut bm);
-        assert_eq!(sched.admitted.len(), 2);
+        assert_eq!(sched.admitted, vec![SeqId(7)]);
         assert_eq!(s.num_running(), 8);
+        assert_eq!(planned(&s)[6..], [(6, 6), (7, 10)]);
+    }
+
+    #[test]
+    fn long_prompt_is_prefilled_in_chunks() {
+        let (mut s, mut seqs) = setup_with(&[20], &[None], 8, 1);
+        let mut bm = BlockManager::new(16, 4);
+        let mut steps = Vec::new();
+        for _ in 0..4 {
+            s.schedule(&mut seqs, &mut bm);
+            advance(&s, &mut seqs);
+            let q = &seqs[&SeqId(0)];
+            steps.push((planned(&s), q.block_table.len(), q.output_token_ids.len()));
+        }
+        // Blocks hold the tokens computed so far; the token comes after the last chunk.
+        assert_eq!(
+            steps,
+            vec![
+                (vec![(0, 8)], 2, 0),
+                (vec![(0, 8)], 4, 0),
+                (vec![(0, 4)], 5, 1),
+                (vec![(0, 1)], 6, 2),
+            ]
+        );
+    }
+
+    #[test]
+    fn decodes_keep_running_while_a_long_prompt_is_chunked() {
+        let (mut s, mut seqs) = setup_with(&[2, 2, 2], &[None; 3], 8, 1);
+        let mut bm = BlockManager::new(64, 4);
+        s.schedule(&mut seqs, &mut bm);
+        advance(&s, &mut seqs);
+        seqs.insert(SeqId(3), seq(30, None));
+        s.add(SeqId(3));
+        // 8 tokens a step: the three decodes, then 5 of the prompt, for 6 steps.
+        for step in 0..6 {
+            s.schedule(&mut seqs, &mut bm);
+            assert_eq!(planned(&s), vec![(0, 1), (1, 1), (2, 1), (3, 5)], "step {step}");
+            assert_eq!(seqs[&SeqId(3)].output_token_ids.len(), 0);
+            advance(&s, &mut seqs);
+        }
+        assert_eq!(seqs[&SeqId(3)].output_token_ids.len(), 1);
+        assert!((0..3).all(|i| seqs[&SeqId(i)].output_token_ids.len() == 7));
+    }
+
+    #[test]
+    fn last_admitted_gets_a_partial_chunk() {
+        let (mut s, mut seqs) = setup_with(&[4, 4, 4, 4], &[None; 4], 10, 1);
+        let mut bm = BlockManager::new(64, 4);
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s), vec![(0, 4), (1, 4), (2, 2)]);
+        assert_eq!(s.out.admitted, vec![SeqId(0), SeqId(1), SeqId(2)]);
+        assert_eq!(s.num_waiting(), 1);
+        advance(&s, &mut seqs);
+        // The partial one finishes its prompt among the running, before anyone is admitted.
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s), vec![(0, 1), (1, 1), (2, 2), (3, 4)]);
+        assert_eq!(s.out.admitted, vec![SeqId(3)]);
+    }
+
+    #[test]
+    fn preempted_partial_prefill_restarts_from_zero() {
+        // 4 blocks of 4 tokens. Seq 0 decodes; seq 1, partially prefilled, is the newest and
+        // loses its blocks when the two no longer fit.
+        let (mut s, mut seqs) = setup_with(&[4, 20], &[None; 2], 8, 1);
+        let mut bm = BlockManager::new(4, 4);
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s), vec![(0, 4), (1, 4)]);
+        advance(&s, &mut seqs);
+        // seq 0 takes its 2nd block; seq 1's chunk of 7 would need 2 more, 1 is free
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s), vec![(0, 1)]);
+        assert_eq!(s.out.preempted, vec![SeqId(1)]);
+        let q = &seqs[&SeqId(1)];
+        assert_eq!((q.num_computed_tokens, q.block_table.len()), (0, 0));
+        assert_eq!(q.metrics.num_preemptions, 1);
+        assert_eq!(bm.num_free(), 2);
+        advance(&s, &mut seqs);
+        s.remove(SeqId(0));
+        bm.free(&mut seqs.get_mut(&SeqId(0)).unwrap().block_table);
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s), vec![(1, 8)], "back from token 0");
+        assert_eq!(s.out.admitted, vec![SeqId(1)]);
+    }
+
+    #[test]
+    fn max_loras_counts_a_partially_prefilled_sequence() {
+        // max_loras 1: while adapter 1's prompt is being chunked, adapter 2 waits and the
+        // request without adapter takes the rest of the budget.
+        let (mut s, mut seqs) = setup_with(&[12, 4, 4], &[Some(1), Some(2), None], 8, 1);
+        let mut bm = BlockManager::new(64, 4);
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s), vec![(0, 8)]);
+        advance(&s, &mut seqs);
+        s.schedule(&mut seqs, &mut bm);
+        assert_eq!(planned(&s), vec![(0, 4), (2, 4)]);
+        assert!(s.out.preempted.is_empty());
+        assert_eq!(s.waiting.front(), Some(&SeqId(1)));
+    }
+
+    /// Random prompts, a small budget and a small cache: every step stays within the budget,
+    /// each running sequence's blocks hold its computed tokens, and everything finishes (no
+    /// deadlock, no starvation).
+    #[test]
+    fn random_workloads_finish_within_budget() {
+        use rand::{Rng, SeedableRng};
+        const MAX_MODEL_LEN: usize = 24;
+        const NUM_OUTPUT: usize = 4;
+        let (mut num_preempted, mut num_partial) = (0, 0);
+        for seed in 0..20 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let budget = rng.random_range(1..=9);
+            let lens: Vec<usize> = (0..12)
+                .map(|_| rng.random_range(1..=MAX_MODEL_LEN - NUM_OUTPUT))
+                .collect();
+            let loras: Vec<Option<u32>> = (0..12)
+                .map(|_| rng.random_range(0..3u32).checked_sub(1))
+                .collect();
+            let (mut s, mut seqs) = setup_with(&lens, &loras, budget, 1);
+            s.cfg.max_num_seqs = budget.min(4);
+            // Enough blocks for one sequence of max_model_len, as the engine guarantees.
+            let mut bm = BlockManager::new(MAX_MODEL_LEN.div_ceil(4), 4);
+            let mut num_steps = 0;
+            while s.has_unfinished() {
+                num_steps += 1;
+                assert!(num_steps < 1000, "seed {seed}: no progress");
+                s.schedule(&mut seqs, &mut bm);
+                let total: usize = s.out.scheduled.iter().map(|x| x.num_new_tokens).sum();
+                assert!(total <= budget, "seed {seed}: {total} tokens > budget {budget}");
+                // Only the last one scheduled may stop short of its last token.
+                let ends = |x: &ScheduledSeq| {
+                    seqs[&x.id].num_computed_tokens + x.num_new_tokens == seqs[&x.id].len()
+                };
+                let n = s.out.scheduled.len();
+                assert!(
+                    s.out.scheduled.iter().take(n.saturating_sub(1)).all(ends),
+                    "seed {seed}"
+                );
+                num_preempted += s.out.preempted.len();
+                num_partial += (s.out.scheduled.iter())
+                    .filter(|x| seqs[&x.id].num_computed_tokens + x.num_new_tokens < seqs[&x.id].len())
+                    .count();
+                advance(&s, &mut seqs);
+                for &id in &s.running {
+                    let q = &seqs[&id];
+                    assert_eq!(q.block_table.len(), bm.blocks_for(q.num_computed_tokens));
+                }
+                let done: Vec<SeqId> = (s.running.iter().copied())
+                    .filter(|id| seqs[id].output_token_ids.len() == NUM_OUTPUT)
+                    .collect();
+                for id in done {
+                    s.remove(id);
+                    bm.free(&mut seqs.get_mut(&id).unwrap().block_table);
+                }
+            }
+            assert_eq!(bm.num_free(), bm.num_blocks(), "seed {seed}");
+        }
+        assert!(
+            num_preempted > 0 && num_partial > 0,
+            "the workloads chunk and preempt"
+        );
     }
 }

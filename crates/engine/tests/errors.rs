@@ -261,6 +261,20 @@ fn engine_config_errors() {
     cfg.max_model_len = Some(64);
     let e = LLMEngine::new(cfg).err().unwrap();
     assert!(e.to_string().contains("KV cache"), "{e}");
+
+    // Below max_model_len is chunked prefill; below max_num_seqs is refused, as in vLLM.
+    let mut cfg = EngineConfig::new(golden("llama/model"));
+    cfg.max_model_len = Some(64);
+    cfg.max_num_batched_tokens = Some(8);
+    cfg.max_num_seqs = 8;
+    assert!(LLMEngine::new(cfg.clone()).is_ok());
+    cfg.max_num_seqs = 9;
+    let e = LLMEngine::new(cfg).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("max_num_batched_tokens (8) must be at least max_num_seqs (9)"),
+        "{e}"
+    );
 }
 
 /// An adapter whose files vanish after `add_request` (and that the host cache had evicted)

@@ -168,6 +168,7 @@ impl Backend for EngineBackend {
                 wall_ms: (end - start).as_secs_f64() * 1e3,
                 num_seqs: stats.num_seqs,
                 num_prefill_tokens: stats.num_prefill_tokens,
+                num_chunked_prefill_tokens: stats.num_chunked_prefill_tokens,
                 num_decode_tokens: stats.num_decode_tokens,
                 num_loras: stats.num_loras,
                 num_preempted: stats.num_preempted,

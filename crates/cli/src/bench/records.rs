@@ -15,6 +15,9 @@ pub struct StepRecord {
     pub wall_ms: f64,
     pub num_seqs: usize,
     pub num_prefill_tokens: usize,
+    /// Of `num_prefill_tokens`, those of prompts prefilled over several steps (chunked
+    /// prefill: `max_num_batched_tokens` split them).
+    pub num_chunked_prefill_tokens: usize,
     pub num_decode_tokens: usize,
     /// Distinct adapters in the step.
     pub num_loras: usize,
@@ -154,7 +157,7 @@ pub fn check(run: &BatchRun, batch_size: usize, num_tokens: usize) -> anyhow::Re
         let num_mixed = decode.iter().filter(|s| s.num_prefill_tokens > 0).count();
         if num_mixed > 0 {
             notes.push(format!(
-                "{num_mixed} of the last {num_decode} steps also prefilled (the batch did not start together: max_loras, max_num_seqs or the KV cache held some requests back)"
+                "{num_mixed} of the last {num_decode} steps also prefilled (the batch did not start together: max_loras, max_num_seqs, max_num_batched_tokens or the KV cache held some requests back)"
             ));
         }
         if let Some(s) = decode.iter().find(|s| s.num_seqs != batch_size) {
@@ -167,6 +170,17 @@ pub fn check(run: &BatchRun, batch_size: usize, num_tokens: usize) -> anyhow::Re
         if first.len() > 1 {
             notes.push(format!("prefill took {} steps", first.len()));
         }
+    }
+    let num_chunked = run
+        .steps
+        .iter()
+        .filter(|s| s.num_chunked_prefill_tokens > 0)
+        .count();
+    if num_chunked > 0 {
+        notes.push(format!(
+            "prefill chunked: {num_chunked} of {} steps ran a chunk of a prompt that max_num_batched_tokens split over several steps",
+            run.steps.len()
+        ));
     }
     let preempted: usize = run.steps.iter().map(|s| s.num_preempted).sum();
     if preempted > 0 {
@@ -238,6 +252,14 @@ mod tests {
         };
         let notes = check(&waves, 2, 3)?;
         assert!(notes.iter().any(|n| n.contains("also prefilled")), "{notes:?}");
+        assert!(!notes.iter().any(|n| n.contains("chunked")), "{notes:?}");
+        let mut chunked = clean.clone();
+        chunked.steps[0].num_chunked_prefill_tokens = 4;
+        let notes = check(&chunked, 2, 3)?;
+        assert!(
+            notes.iter().any(|n| n.contains("prefill chunked: 1 of 3 steps")),
+            "{notes:?}"
+        );
         assert!(check(&clean, 3, 3).is_err());
         assert!(check(&clean, 2, 4).is_err());
         Ok(())
