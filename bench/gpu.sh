@@ -2,7 +2,7 @@
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU"). Each step's
 # timeout is a bound, not its length: check micro bench mlbench took ~110 s on the H200, peer ~90 s.
 #   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer] [prefill]
-#                [prefill-profile] [attention]
+#                [prefill-profile] [attention] [itl]
 #   default: check micro bench mlbench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench,
 # multilora.
@@ -22,6 +22,8 @@ for s in $steps; do case $s in
 check)
   echo "== CUDA backend vs golden fixtures (bf16 and f16 tolerances) and graphs vs eager"
   timeout ${CHECK_TIMEOUT:-480} "$BIN/cuda_test" --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
+  # Chunked prefill on the device (tests/chunked_prefill.rs; its CPU tests run again here too).
+  [ -x "$BIN/chunked_test" ] && timeout 240 "$BIN/chunked_test" --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "test |result|panicked"
   [ "${CHECK_PEFT:-1}" = 1 ] || continue
   echo "== greedy tokens vs transformers+PEFT on this GPU (mixed-adapter batch)"
   python3 scripts/gpu_check_peft.py make "$WORK/peft" > "$OUT/peft.log" 2>&1 || tail -20 "$OUT/peft.log"
@@ -76,6 +78,15 @@ attention)
   for m in ${PREFILL_SHAPES:-bench/llama-2-7b bench/llama-3-8b bench/qwen2-7b}; do
     timeout 120 "$BIN/gpu_bench" "$m" "$WORK/adapters" /dev/null --attention 2>&1 | grep -E "^attention|rror|panic" | sed "s|^|$(basename $m) |"
   done | tee "$OUT/attention.log"
+  ;;
+itl)
+  # Chunked prefill: 16 streams decode while an 8,000-token prompt arrives, at several
+  # max_num_batched_tokens (the largest: no chunking).
+  echo "== inter-token latency of 16 streams while an 8k prompt arrives (Llama-2-7B)"
+  for mbt in ${ITL_BUDGETS:-16384 2048 512 256}; do
+    timeout 120 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null --batch-sizes 16 --prompt-len 128 \
+      --itl 8000 --max-num-batched-tokens "$mbt" 2>&1 | grep -E "^itl|rror|panic"
+  done | tee "$OUT/itl.log"
   ;;
 prefill-profile)
   echo "== per-kernel times of one prefill step (ncu): Llama-2-7B, 32 x 128 and 4 x 2048 tokens, no-LoRA and distinct"

@@ -37,6 +37,10 @@ struct Args {
     micro: bool,
     /// Time every prefill attention variant alone (`--attention`).
     attention: bool,
+    /// `--itl P`: decode steps of `--batch-sizes`' first streams while a P-token prompt arrives,
+    /// under `--max-num-batched-tokens`.
+    itl: Option<usize>,
+    max_num_batched_tokens: Option<usize>,
     /// Only these series (default: all four).
     series: Vec<String>,
     /// Bracket each measured run with cuProfilerStart/Stop (for `ncu --profile-from-start off`).
@@ -62,6 +66,8 @@ fn parse() -> Args {
         dtype: "bfloat16".into(),
         micro: false,
         attention: false,
+        itl: None,
+        max_num_batched_tokens: None,
         series: SERIES.map(String::from).to_vec(),
         profile: false,
     };
@@ -78,6 +84,8 @@ fn parse() -> Args {
             "--dtype" => a.dtype = val(),
             "--micro" => a.micro = true,
             "--attention" => a.attention = true,
+            "--itl" => a.itl = Some(val().parse().unwrap()),
+            "--max-num-batched-tokens" => a.max_num_batched_tokens = Some(val().parse().unwrap()),
             "--series" => {
                 a.series = val().split(',').map(String::from).collect();
                 if let Some(bad) = a.series.iter().find(|s| !SERIES.contains(&s.as_str())) {
@@ -245,6 +253,63 @@ fn attention(cfg: &ModelConfig, elem: Elem) {
             );
         }
     }
+}
+
+/// Streams decoding while a long prompt arrives (chunked prefill): `streams` requests of
+/// `--prompt-len` tokens decode 300 steps; the wall time of each step is every stream's
+/// inter-token latency. Steps 0..150 have no arrival; at step 150 a `long`-token prompt arrives.
+/// Prints p50 / p99 / max of the steps without and with the arrival (up to the last step before
+/// the long prompt's first token, and the 150 steps from its arrival).
+fn itl(engine: &mut LLMEngine, streams: usize, long: usize, a: &Args) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let vocab = engine.model_config().vocab_size as u32;
+    let mut prompt = |n: usize| Prompt::TokenIds((0..n).map(|_| rng.random_range(3..vocab)).collect());
+    let params = |n: usize| SamplingParams {
+        ignore_eos: true,
+        min_tokens: n,
+        ..SamplingParams::greedy(n)
+    };
+    for i in 0..streams {
+        engine
+            .add_request(&format!("s{i}"), prompt(a.prompt_len), params(400), None)
+            .expect("add request");
+    }
+    // Until every stream decodes (its prefill done).
+    while engine.last_step_stats().num_decode_tokens < streams {
+        engine.step().expect("step");
+    }
+    let mut steps = Vec::new();
+    let mut first_token = None;
+    for k in 0..300 {
+        if k == 150 {
+            engine.add_request("long", prompt(long), params(1), None).expect("add request");
+        }
+        let t = Instant::now();
+        let outs = engine.step().expect("step");
+        steps.push(t.elapsed().as_secs_f64() * 1e3);
+        let st = engine.last_step_stats();
+        assert!(st.num_decode_tokens >= streams, "step {k}: a stream did not decode");
+        if outs.iter().any(|o| &*o.request_id == "long") && first_token.is_none() {
+            first_token = Some(k);
+        }
+    }
+    let stats = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        (q(0.5), q(0.99), v[v.len() - 1])
+    };
+    let (b50, b99, bmax) = stats(&steps[..150]);
+    let (w50, w99, wmax) = stats(&steps[150..]);
+    let ttft = first_token.map_or(f64::NAN, |k| steps[150..=k].iter().sum::<f64>());
+    println!(
+        "itl streams {streams} prompt {} long {long} max_num_batched_tokens {}: no arrival p50 {b50:.2} p99 {b99:.2} max {bmax:.2} ms; \
+         with arrival p50 {w50:.2} p99 {w99:.2} max {wmax:.2} ms (p99 x{:.2}); long prompt's first token after {} steps, {ttft:.1} ms",
+        a.prompt_len,
+        engine.resolved().max_num_batched_tokens,
+        w99 / b99,
+        first_token.map_or(0, |k| k - 149)
+    );
 }
 
 fn micro(cfg: &ModelConfig, bw: f64, elem: Elem) {
@@ -427,10 +492,12 @@ fn main() {
     ec.device = Device::Cuda;
     ec.dtype = elem.name().into();
     ec.max_num_seqs = max_batch.max(1);
-    let max_model_len = (a.prompt_len + a.num_tokens + 16).next_power_of_two().max(256);
+    let longest = a.prompt_len.max(a.itl.unwrap_or(0)) + a.num_tokens + 16;
+    let max_model_len = longest.next_power_of_two().max(256);
     ec.max_model_len = Some(max_model_len);
-    // The whole batch's prompts in one step: prefill is measured unchunked.
-    ec.max_num_batched_tokens = Some((max_batch * a.prompt_len).max(max_model_len));
+    // The whole batch's prompts in one step (prefill measured unchunked) unless asked otherwise.
+    let whole = (max_batch * a.prompt_len).max(max_model_len);
+    ec.max_num_batched_tokens = Some(a.max_num_batched_tokens.unwrap_or(whole));
     ec.enable_lora = true;
     ec.max_loras = a.num_adapters;
     ec.max_cpu_loras = Some(a.num_adapters);
@@ -444,6 +511,10 @@ fn main() {
         t0.elapsed().as_secs_f64()
     );
 
+    if let Some(p) = a.itl {
+        itl(&mut engine, max_batch, p, &a);
+        return;
+    }
     let mut out = std::fs::File::create(&a.out).expect("out file");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = cfg.vocab_size as u32;
