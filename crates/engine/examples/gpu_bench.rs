@@ -282,13 +282,18 @@ fn itl(engine: &mut LLMEngine, streams: usize, long: usize, a: &Args) {
     let mut first_token = None;
     for k in 0..300 {
         if k == 150 {
-            engine.add_request("long", prompt(long), params(1), None).expect("add request");
+            engine
+                .add_request("long", prompt(long), params(1), None)
+                .expect("add request");
         }
         let t = Instant::now();
         let outs = engine.step().expect("step");
         steps.push(t.elapsed().as_secs_f64() * 1e3);
         let st = engine.last_step_stats();
-        assert!(st.num_decode_tokens >= streams, "step {k}: a stream did not decode");
+        assert!(
+            st.num_decode_tokens >= streams,
+            "step {k}: a stream did not decode"
+        );
         if outs.iter().any(|o| &*o.request_id == "long") && first_token.is_none() {
             first_token = Some(k);
         }
@@ -491,7 +496,8 @@ fn main() {
     ec.load_format = LoadFormat::Dummy;
     ec.device = Device::Cuda;
     ec.dtype = elem.name().into();
-    ec.max_num_seqs = max_batch.max(1);
+    // --itl: room for the long prompt beside the streams.
+    ec.max_num_seqs = max_batch.max(1) + usize::from(a.itl.is_some());
     let longest = a.prompt_len.max(a.itl.unwrap_or(0)) + a.num_tokens + 16;
     let max_model_len = longest.next_power_of_two().max(256);
     ec.max_model_len = Some(max_model_len);

@@ -15,11 +15,7 @@ pub const MODULE: Module = Module {
     body: include_str!("prefill_attention.cu"),
     kernels: &[
         "prefill_attention_64_w4_m1_n64",
-        "prefill_attention_128_w8_m1_n64",
-        "prefill_attention_128_w4_m1_n64",
         "prefill_attention_128_w4_m2_n64",
-        "prefill_attention_128_w4_m2_n32",
-        "prefill_attention_128_w8_m2_n32",
     ],
 };
 
@@ -61,14 +57,12 @@ const fn variant(name: &'static str, head_dim: usize, warps: usize, m_tiles: usi
     }
 }
 
-/// Every variant [`MODULE`] compiles, for comparisons (`gpu_bench --attention`).
-pub const VARIANTS: [Kernel; 6] = [
+/// Every variant [`MODULE`] compiles (`gpu_bench --attention` times each). At head_dim 128 on
+/// the H200, 4 warps of two row tiles with 64 keys a stage measured fastest of five variants
+/// (BENCHMARKS.md, P3): 175-257 TFLOP/s against 142-197 for 8 warps of one row tile.
+pub const VARIANTS: [Kernel; 2] = [
     variant("prefill_attention_64_w4_m1_n64", 64, 4, 1, 64),
-    variant("prefill_attention_128_w8_m1_n64", 128, 8, 1, 64),
-    variant("prefill_attention_128_w4_m1_n64", 128, 4, 1, 64),
     variant("prefill_attention_128_w4_m2_n64", 128, 4, 2, 64),
-    variant("prefill_attention_128_w4_m2_n32", 128, 4, 2, 32),
-    variant("prefill_attention_128_w8_m2_n32", 128, 8, 2, 32),
 ];
 
 /// The kernel for `head_dim` with `group` query heads per KV head, if there is one: head_dim a

@@ -284,8 +284,4 @@ __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld,
         prefill_attention_impl<HD, WARPS, MT, BN>(FA_ARGS);                                                  \
     }
 FA_KERNEL(64, 4, 1, 64)
-FA_KERNEL(128, 8, 1, 64)
-FA_KERNEL(128, 4, 1, 64)
 FA_KERNEL(128, 4, 2, 64)
-FA_KERNEL(128, 4, 2, 32)
-FA_KERNEL(128, 8, 2, 32)
