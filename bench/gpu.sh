@@ -111,7 +111,8 @@ mlbench)
   ;;
 prefill)
   # Prefill of B prompts x P tokens (one step) on each shape, no-LoRA and with distinct adapters
-  # (rank 16 on q,k,v,o; with PREFILL_LORA=1 also rank 16 on all seven and rank 64 on q,k,v,o),
+  # (rank 16 on q,k,v,o; with PREFILL_LORA=1, or =<shape> for one shape, also rank 16 on all
+  # seven and rank 64 on q,k,v,o),
   # beside transformers SDPA and the compute floor measured in this call (bench/prefill_peer.py).
   echo "== prefill: multilora vs transformers SDPA vs the compute floor"
   shapes=${PREFILL_SHAPES:-bench/llama-2-7b bench/llama-3-8b bench/qwen2-7b}
@@ -123,7 +124,7 @@ prefill)
     pb 16 qkvo --prompt-len 2048 --batch-sizes 4 --series no-lora,distinct --num-adapters 4
     pb 16 qkvo --prompt-len 4096 --batch-sizes 1 --series no-lora --num-adapters 1
     [ "$n" = llama-2-7b ] || pb 16 qkvo --prompt-len 32768 --batch-sizes 1 --series no-lora --num-adapters 1
-    if [ "${PREFILL_LORA:-0}" = 1 ]; then
+    if [ "${PREFILL_LORA:-0}" = 1 ] || [ "${PREFILL_LORA:-0}" = "$n" ]; then
       pb 16 all --prompt-len 128 --batch-sizes 32 --series distinct --num-adapters 32
       pb 16 all --prompt-len 2048 --batch-sizes 4 --series distinct --num-adapters 4
       pb 64 qkvo --prompt-len 128 --batch-sizes 32 --series distinct --num-adapters 32
