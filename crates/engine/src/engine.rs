@@ -16,7 +16,7 @@ use crate::block_manager::BlockManager;
 use crate::cpu::{CpuBackend, KvCache};
 use crate::cuda::elem::Elem;
 use crate::error::{Error, Result};
-use crate::lora::manager::{LoraConfig, LoraManager, LoraStats};
+use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
@@ -74,6 +74,13 @@ pub struct EngineConfig {
     pub max_lora_rank: usize,
     /// Defaults to `max_loras`.
     pub max_cpu_loras: Option<usize>,
+    /// Steps in which a waiting request may be passed over (its adapter still loading, or
+    /// `max_loras` taken by others) while requests behind it are admitted; after that nothing
+    /// behind it is admitted before it (see the scheduler). Not a vLLM setting.
+    pub max_times_passed_over: u32,
+    /// Reads adapters into host memory on the loader threads; `None`: [`DiskLoader`]. Tests
+    /// inject a slow or failing one here.
+    pub adapter_loader: Option<Arc<dyn AdapterLoader>>,
     pub seed: u64,
     /// Also copy each step's logits to the host where the backend samples on the device, so
     /// [`LLMEngine::last_logits`] answers (tests, debugging); costs a `[num_seqs, vocab]` copy
@@ -101,6 +108,8 @@ impl EngineConfig {
             max_loras: 1,
             max_lora_rank: 16,
             max_cpu_loras: None,
+            max_times_passed_over: 64,
+            adapter_loader: None,
             seed: 0,
             return_logits: false,
         }
@@ -126,6 +135,8 @@ pub struct RequestOutput {
     /// All output tokens, when finished.
     pub output_token_ids: Vec<u32>,
     pub metrics: RequestMetrics,
+    /// Why an aborted request ended, when the engine ended it: its adapter failed to load.
+    pub error: Option<String>,
 }
 
 impl RequestOutput {
@@ -276,7 +287,8 @@ impl LLMEngine {
         } else {
             None
         };
-        let lora = lora_cfg.map(|c| LoraManager::new(c, &model_config)).transpose()?;
+        let loader = (config.adapter_loader.clone()).unwrap_or_else(|| Arc::new(DiskLoader));
+        let lora = (lora_cfg.map(|c| LoraManager::new(c, &model_config, loader))).transpose()?;
 
         let tokenizer_path = config.tokenizer.clone().unwrap_or_else(|| config.model.clone());
         let tokenizer = load_tokenizer(&tokenizer_path)?;
@@ -328,6 +340,7 @@ impl LLMEngine {
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens,
                 max_loras: lora_cfg.map_or(0, |c| c.max_loras),
+                max_times_passed_over: config.max_times_passed_over,
             }),
             blocks: BlockManager::new(num_kv_blocks, config.block_size),
             model_config,
@@ -504,6 +517,8 @@ impl LLMEngine {
                     first_token_time: None,
                     last_token_time: None,
                     num_preemptions: 0,
+                    num_times_passed_over: 0,
+                    adapter_wait: Duration::ZERO,
                 },
             },
         );
@@ -548,7 +563,23 @@ impl LLMEngine {
     /// nothing). Returns one output per sequence that produced a token or finished.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let mut outputs = Vec::new();
-        let schedule = self.scheduler.schedule(&mut self.seqs, &mut self.blocks);
+        // Adapters that finished loading join the host cache; a failed load ends its requests.
+        if let Some(lora) = self.lora.as_mut() {
+            // With nothing runnable the step would return empty: wait a little for a load
+            // instead of letting the caller spin (short, so new requests are not held up).
+            let is_idle = self.scheduler.num_running() == 0
+                && (self.scheduler.waiting_loras(&self.seqs)).all(|a| a.is_some_and(|a| !lora.is_ready(a)));
+            let failed = lora.poll(is_idle.then_some(Duration::from_millis(5)));
+            for (adapter, err) in failed {
+                tracing::error!(adapter = adapter.0, "aborting its requests: {err}");
+                self.abort_adapter(adapter, &err.to_string(), &mut outputs);
+            }
+        }
+        let lora = self.lora.as_ref();
+        let is_ready = |a: AdapterId| lora.is_some_and(|l| l.is_ready(a));
+        let schedule = self
+            .scheduler
+            .schedule(&mut self.seqs, &mut self.blocks, &is_ready);
         let num_preempted = schedule.preempted.len();
         if num_preempted > 0 {
             tracing::debug!(num_preempted, "KV cache full: preempted sequences for recompute");
@@ -560,17 +591,30 @@ impl LLMEngine {
         let now = Instant::now();
         for s in &scheduled {
             let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
-            seq.metrics.first_scheduled_time.get_or_insert(now);
+            if seq.metrics.first_scheduled_time.is_none() {
+                seq.metrics.first_scheduled_time = Some(now);
+                // It waited for its adapter if the adapter arrived in host memory after it did.
+                let ready_at = seq.lora.and_then(|a| lora.and_then(|l| l.ready_at(a)));
+                if let Some(t) = ready_at {
+                    seq.metrics.adapter_wait = t.saturating_duration_since(seq.metrics.arrival_time);
+                }
+            }
+        }
+        // Loads for what the waiting queue will need, while this step runs.
+        if let Some(lora) = self.lora.as_mut() {
+            let pinned: Vec<AdapterId> = self.scheduler.running_loras(&self.seqs).collect();
+            lora.prefetch(self.scheduler.waiting_loras(&self.seqs).flatten(), &pinned);
         }
         if scheduled.is_empty() {
             self.last_step = StepStats {
                 num_preempted,
                 ..Default::default()
             };
+            self.scheduled = scheduled;
             return Ok(outputs);
         }
 
-        // Adapters of this step into device slots.
+        // Adapters of this step into device slots; all are in host memory.
         self.step_loras.clear();
         for s in &scheduled {
             if let Some(a) = self.seqs[&s.id].lora {
@@ -580,42 +624,6 @@ impl LLMEngine {
             }
         }
         if let Some(lora) = self.lora.as_mut() {
-            // An adapter evicted from the host cache reloads from disk here; if that fails (its
-            // files changed since add_request), its requests end with `abort`, not the engine.
-            let mut failed = Vec::new();
-            for &a in &self.step_loras {
-                if let Err(e) = lora.ensure_cached(a, &self.step_loras) {
-                    tracing::error!(adapter = a.0, "aborting its requests: {e}");
-                    failed.push(a);
-                }
-            }
-            if !failed.is_empty() {
-                self.step_loras.retain(|a| !failed.contains(a));
-                scheduled.retain(|s| {
-                    let seq = &self.seqs[&s.id];
-                    if !seq.lora.is_some_and(|a| failed.contains(&a)) {
-                        return true;
-                    }
-                    let mut seq = self.seqs.remove(&s.id).expect("scheduled seq exists");
-                    self.scheduler.remove(s.id);
-                    self.blocks.free(&mut seq.block_table);
-                    self.ids.remove(&seq.request_id);
-                    outputs.push(RequestOutput {
-                        request_id: seq.request_id.clone(),
-                        token_id: None,
-                        finish_reason: Some(FinishReason::Abort),
-                        num_prompt_tokens: seq.prompt_token_ids.len(),
-                        num_output_tokens: seq.output_token_ids.len(),
-                        output_token_ids: seq.output_token_ids,
-                        metrics: seq.metrics,
-                    });
-                    false
-                });
-                if scheduled.is_empty() {
-                    self.scheduled = scheduled;
-                    return Ok(outputs);
-                }
-            }
             lora.activate(&self.step_loras, self.backend.as_mut(), &mut self.step_slots)?;
         }
 
@@ -698,6 +706,7 @@ impl LLMEngine {
                 num_output_tokens: n_out,
                 output_token_ids: Vec::new(),
                 metrics: seq.metrics,
+                error: None,
             };
             if finish.is_some() {
                 let mut seq = self.seqs.remove(&s.id).expect("exists");
@@ -721,6 +730,32 @@ impl LLMEngine {
         };
         self.scheduled = scheduled;
         Ok(outputs)
+    }
+
+    /// Ends every request of an adapter that failed to load (waiting ones: a running request's
+    /// adapter is in host memory), with `error`; the other requests carry on.
+    fn abort_adapter(&mut self, adapter: AdapterId, error: &str, outputs: &mut Vec<RequestOutput>) {
+        let mut ids: Vec<SeqId> = (self.seqs.iter())
+            .filter(|(_, s)| s.lora == Some(adapter))
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort();
+        for id in ids {
+            let mut seq = self.seqs.remove(&id).expect("listed above");
+            self.scheduler.remove(id);
+            self.blocks.free(&mut seq.block_table);
+            self.ids.remove(&seq.request_id);
+            outputs.push(RequestOutput {
+                request_id: seq.request_id.clone(),
+                token_id: None,
+                finish_reason: Some(FinishReason::Abort),
+                num_prompt_tokens: seq.prompt_token_ids.len(),
+                num_output_tokens: seq.output_token_ids.len(),
+                output_token_ids: seq.output_token_ids,
+                metrics: seq.metrics,
+                error: Some(error.to_string()),
+            });
+        }
     }
 
     /// Runs the packed step and draws a token per scheduled sequence into `sampled`: on the

@@ -9,8 +9,17 @@
 //! 2. Then, if nothing was preempted, waiting requests are admitted first come first served
 //!    within `max_num_seqs`, the remaining budget and the free blocks; the last one admitted
 //!    may get only a chunk of its prompt, and carries on in step 1 of the next steps. A waiting
-//!    request whose adapter would make the step use more than `max_loras` distinct adapters is
-//!    passed over (it keeps its place) and running requests are never preempted for it.
+//!    request is passed over (it keeps its place, the ones behind it are considered) while its
+//!    adapter is not ready (still loading into host memory: the engine loads the adapters the
+//!    queue's head needs in the background, so requests whose adapters are ready go first) or
+//!    would make the step use more than `max_loras` distinct adapters; running requests are
+//!    never preempted for it.
+//!
+//! Passing over is bounded: a request is passed over in at most `max_times_passed_over` steps.
+//! Once it has been, admission stops at it: nothing behind it is admitted until it is. Then the
+//! running requests finish (each within `max_model_len` tokens), freeing `max_loras`; its
+//! adapter finishes loading (the engine's load window starts at the queue's head, and eviction
+//! spares what the window wants); and it is admitted as with plain FCFS.
 //!
 //! So a long prompt is prefilled over several steps, sharing each with the running decodes,
 //! which keep producing a token a step: a partial chunk uses up the budget, so at most one
@@ -23,8 +32,9 @@
 //! only one running, and alone it fits — the engine refused at `add_request` anything longer
 //! than `max_model_len`, and sized the cache for at least one such sequence — and the budget is
 //! at least 1, so it computes at least one token every step until it finishes. With nothing
-//! running, the first waiting request is admitted: its adapter is the only one, and a chunk of
-//! it fits the budget and the cache.
+//! running, the first waiting request whose adapter is ready is admitted: its adapter is the
+//! only one, and a chunk of it fits the budget and the cache (if no adapter is ready, the
+//! engine waits for a load).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -38,6 +48,8 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Distinct adapters per step; irrelevant when LoRA is disabled (no request has one).
     pub max_loras: usize,
+    /// Steps in which a waiting request may be passed over before admission stops at it.
+    pub max_times_passed_over: u32,
 }
 
 /// Tokens `[num_computed_tokens, num_computed_tokens + num_new_tokens)` of `id` run this step.
@@ -101,13 +113,27 @@ impl Scheduler {
         self.running.iter().filter_map(|id| seqs[id].lora)
     }
 
+    /// The adapter of each waiting request, in queue order (`None`: no adapter).
+    pub fn waiting_loras<'a>(
+        &'a self,
+        seqs: &'a HashMap<SeqId, Sequence>,
+    ) -> impl Iterator<Item = Option<AdapterId>> + 'a {
+        self.waiting.iter().map(|id| seqs[id].lora)
+    }
+
     /// Removes a finished or aborted sequence from the queues. Its blocks are freed by the caller.
     pub fn remove(&mut self, id: SeqId) {
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
     }
 
-    pub fn schedule(&mut self, seqs: &mut HashMap<SeqId, Sequence>, blocks: &mut BlockManager) -> &Schedule {
+    /// `is_ready`: whether an adapter is in host memory, so a step may use it.
+    pub fn schedule(
+        &mut self,
+        seqs: &mut HashMap<SeqId, Sequence>,
+        blocks: &mut BlockManager,
+        is_ready: &dyn Fn(AdapterId) -> bool,
+    ) -> &Schedule {
         self.out.scheduled.clear();
         self.out.preempted.clear();
         self.out.admitted.clear();
@@ -146,7 +172,8 @@ impl Scheduler {
             return &self.out;
         }
 
-        // 2. Admit waiting requests, first come first served; the last may get a chunk.
+        // 2. Admit waiting requests, first come first served, passing over those whose adapter
+        // cannot run yet; the last may get a chunk.
         self.step_loras.clear();
         for id in &self.running {
             if let Some(a) = seqs[id].lora {
@@ -162,7 +189,14 @@ impl Scheduler {
             };
             let seq = seqs.get_mut(&id).expect("waiting seq exists");
             if let Some(a) = seq.lora {
-                if !self.step_loras.contains(&a) && self.step_loras.len() >= self.cfg.max_loras {
+                let is_new = !self.step_loras.contains(&a);
+                if !is_ready(a) || (is_new && self.step_loras.len() >= self.cfg.max_loras) {
+                    if seq.metrics.num_times_passed_over >= self.cfg.max_times_passed_over {
+                        // Waited long enough: nobody behind it goes first any more.
+                        self.waiting.push_front(id);
+                        break;
+                    }
+                    seq.metrics.num_times_passed_over += 1;
                     self.passed_over.push(id);
                     continue;
                 }
@@ -215,6 +249,8 @@ mod tests {
                 first_token_time: None,
                 last_token_time: None,
                 num_preemptions: 0,
+                num_times_passed_over: 0,
+                adapter_wait: std::time::Duration::ZERO,
             },
         }
     }
@@ -251,6 +287,7 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens,
             max_loras,
+            max_times_passed_over: 64,
         });
         let mut seqs = HashMap::new();
         for (i, (&n, l)) in prompt_lens.iter().zip(loras).enumerate() {
@@ -274,7 +311,7 @@ mod tests {
         let (mut s, mut seqs) = setup(&[Some(1), Some(2), Some(1), None, Some(3)], 4, 2);
         let mut bm = BlockManager::new(64, 4);
         let ids: Vec<u64> = s
-            .schedule(&mut seqs, &mut bm)
+            .schedule(&mut seqs, &mut bm, &|_| true)
             .scheduled
             .iter()
             .map(|x| x.id.0)
@@ -282,7 +319,7 @@ mod tests {
         assert_eq!(ids, vec![0, 1, 2, 3]);
         assert_eq!(s.num_waiting(), 1);
         advance(&s, &mut seqs);
-        let sched = s.schedule(&mut seqs, &mut bm);
+        let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(sched.scheduled.len(), 4, "running keep decoding");
         assert!(sched.preempted.is_empty());
         assert!(sched.scheduled.iter().all(|x| x.num_new_tokens == 1));
@@ -290,7 +327,7 @@ mod tests {
         advance(&s, &mut seqs);
         s.remove(SeqId(1));
         bm.free(&mut seqs.get_mut(&SeqId(1)).unwrap().block_table);
-        let sched = s.schedule(&mut seqs, &mut bm);
+        let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(sched.admitted, vec![SeqId(4)]);
     }
 
@@ -298,7 +335,7 @@ mod tests {
     fn passed_over_request_keeps_its_place() {
         let (mut s, mut seqs) = setup(&[Some(1), Some(2), None], 4, 1);
         let mut bm = BlockManager::new(64, 4);
-        let sched = s.schedule(&mut seqs, &mut bm);
+        let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(sched.admitted, vec![SeqId(0), SeqId(2)]);
         assert_eq!(s.waiting.front(), Some(&SeqId(1)));
     }
@@ -308,10 +345,10 @@ mod tests {
         // 3 blocks of 4 tokens; two prompts of 4 tokens fill 2 blocks; decoding needs more.
         let (mut s, mut seqs) = setup(&[None, None], 4, 1);
         let mut bm = BlockManager::new(3, 4);
-        assert_eq!(s.schedule(&mut seqs, &mut bm).scheduled.len(), 2);
+        assert_eq!(s.schedule(&mut seqs, &mut bm, &|_| true).scheduled.len(), 2);
         advance(&s, &mut seqs);
         // seq 0 grows into block 3; seq 1 cannot grow: it is preempted.
-        let sched = s.schedule(&mut seqs, &mut bm);
+        let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(
             sched.scheduled,
             vec![ScheduledSeq {
@@ -326,7 +363,7 @@ mod tests {
         s.remove(SeqId(0));
         bm.free(&mut seqs.get_mut(&SeqId(0)).unwrap().block_table);
         // seq 1 comes back and recomputes prompt + its one output token
-        let sched = s.schedule(&mut seqs, &mut bm);
+        let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(
             sched.scheduled,
             vec![ScheduledSeq {
@@ -341,12 +378,12 @@ mod tests {
         let (mut s, mut seqs) = setup(&[None; 12], 10, 1);
         let mut bm = BlockManager::new(100, 4);
         // budget 64 tokens: 6 prompts of 10 and 4 tokens of a 7th
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s).len(), 7);
         assert_eq!(planned(&s)[6], (6, 4));
         advance(&s, &mut seqs);
         // 6 decodes, the 7th's last 6 tokens, and one more prompt (max_num_seqs 8)
-        let sched = s.schedule(&mut seqs, &mut bm);
+        let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(sched.admitted, vec![SeqId(7)]);
         assert_eq!(s.num_running(), 8);
         assert_eq!(planned(&s)[6..], [(6, 6), (7, 10)]);
@@ -358,7 +395,7 @@ mod tests {
         let mut bm = BlockManager::new(16, 4);
         let mut steps = Vec::new();
         for _ in 0..4 {
-            s.schedule(&mut seqs, &mut bm);
+            s.schedule(&mut seqs, &mut bm, &|_| true);
             advance(&s, &mut seqs);
             let q = &seqs[&SeqId(0)];
             steps.push((planned(&s), q.block_table.len(), q.output_token_ids.len()));
@@ -379,13 +416,13 @@ mod tests {
     fn decodes_keep_running_while_a_long_prompt_is_chunked() {
         let (mut s, mut seqs) = setup_with(&[2, 2, 2], &[None; 3], 8, 1);
         let mut bm = BlockManager::new(64, 4);
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         advance(&s, &mut seqs);
         seqs.insert(SeqId(3), seq(30, None));
         s.add(SeqId(3));
         // 8 tokens a step: the three decodes, then 5 of the prompt, for 6 steps.
         for step in 0..6 {
-            s.schedule(&mut seqs, &mut bm);
+            s.schedule(&mut seqs, &mut bm, &|_| true);
             assert_eq!(planned(&s), vec![(0, 1), (1, 1), (2, 1), (3, 5)], "step {step}");
             assert_eq!(seqs[&SeqId(3)].output_token_ids.len(), 0);
             advance(&s, &mut seqs);
@@ -398,13 +435,13 @@ mod tests {
     fn last_admitted_gets_a_partial_chunk() {
         let (mut s, mut seqs) = setup_with(&[4, 4, 4, 4], &[None; 4], 10, 1);
         let mut bm = BlockManager::new(64, 4);
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s), vec![(0, 4), (1, 4), (2, 2)]);
         assert_eq!(s.out.admitted, vec![SeqId(0), SeqId(1), SeqId(2)]);
         assert_eq!(s.num_waiting(), 1);
         advance(&s, &mut seqs);
         // The partial one finishes its prompt among the running, before anyone is admitted.
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s), vec![(0, 1), (1, 1), (2, 2), (3, 4)]);
         assert_eq!(s.out.admitted, vec![SeqId(3)]);
     }
@@ -415,11 +452,11 @@ mod tests {
         // loses its blocks when the two no longer fit.
         let (mut s, mut seqs) = setup_with(&[4, 20], &[None; 2], 8, 1);
         let mut bm = BlockManager::new(4, 4);
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s), vec![(0, 4), (1, 4)]);
         advance(&s, &mut seqs);
         // seq 0 takes its 2nd block; seq 1's chunk of 7 would need 2 more, 1 is free
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s), vec![(0, 1)]);
         assert_eq!(s.out.preempted, vec![SeqId(1)]);
         let q = &seqs[&SeqId(1)];
@@ -429,7 +466,7 @@ mod tests {
         advance(&s, &mut seqs);
         s.remove(SeqId(0));
         bm.free(&mut seqs.get_mut(&SeqId(0)).unwrap().block_table);
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s), vec![(1, 8)], "back from token 0");
         assert_eq!(s.out.admitted, vec![SeqId(1)]);
     }
@@ -440,13 +477,67 @@ mod tests {
         // request without adapter takes the rest of the budget.
         let (mut s, mut seqs) = setup_with(&[12, 4, 4], &[Some(1), Some(2), None], 8, 1);
         let mut bm = BlockManager::new(64, 4);
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s), vec![(0, 8)]);
         advance(&s, &mut seqs);
-        s.schedule(&mut seqs, &mut bm);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
         assert_eq!(planned(&s), vec![(0, 4), (2, 4)]);
         assert!(s.out.preempted.is_empty());
         assert_eq!(s.waiting.front(), Some(&SeqId(1)));
+    }
+
+    #[test]
+    fn ready_adapters_go_first_and_the_unready_keep_their_place() {
+        // adapter 1 is still loading: the requests behind it go first
+        let (mut s, mut seqs) = setup(&[Some(1), Some(2), None, Some(1)], 4, 4);
+        let mut bm = BlockManager::new(64, 4);
+        let sched = s.schedule(&mut seqs, &mut bm, &|a| a != AdapterId(1));
+        assert_eq!(sched.admitted, vec![SeqId(1), SeqId(2)]);
+        assert_eq!(s.waiting, [SeqId(0), SeqId(3)]);
+        assert_eq!(seqs[&SeqId(0)].metrics.num_times_passed_over, 1);
+        advance(&s, &mut seqs);
+        // loaded: both join, in order
+        let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
+        assert_eq!(sched.admitted, vec![SeqId(0), SeqId(3)]);
+    }
+
+    /// A request whose adapter cannot get a slot (max_loras 1, adapter 1 always busy with new
+    /// arrivals) is passed over `max_times_passed_over` times, then nothing behind it is
+    /// admitted; it gets in once the running requests finish.
+    #[test]
+    fn passing_over_is_bounded() {
+        const MAX_PASSED: u32 = 3;
+        let (mut s, mut seqs) = setup(&[Some(1), Some(2)], 2, 1);
+        s.cfg.max_times_passed_over = MAX_PASSED;
+        let mut bm = BlockManager::new(256, 4);
+        let mut admitted_order = Vec::new();
+        let mut next = 2;
+        for step in 0..40 {
+            // a new request for the busy adapter every step
+            seqs.insert(SeqId(next), seq(2, Some(1)));
+            s.add(SeqId(next));
+            next += 1;
+            let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
+            admitted_order.extend(sched.admitted.iter().map(|x| (x.0, step)));
+            assert!(seqs[&SeqId(1)].metrics.num_times_passed_over <= MAX_PASSED);
+            advance(&s, &mut seqs);
+            let done: Vec<SeqId> = (s.running.iter().copied())
+                .filter(|id| seqs[id].output_token_ids.len() == 3)
+                .collect();
+            for id in done {
+                s.remove(id);
+                bm.free(&mut seqs.get_mut(&id).unwrap().block_table);
+            }
+        }
+        let (_, x_step) = *admitted_order.iter().find(|(id, _)| *id == 1).expect("admitted");
+        assert_eq!(seqs[&SeqId(1)].metrics.num_times_passed_over, MAX_PASSED);
+        // passed over in steps 0..MAX_PASSED; from then on nobody behind it gets in before it
+        let overtaking = admitted_order.iter().filter(|&&(id, st)| id > 1 && st < x_step);
+        assert_eq!(overtaking.map(|&(_, st)| st).max(), Some(MAX_PASSED as usize - 1));
+        assert!(
+            x_step > MAX_PASSED as usize,
+            "it waited for adapter 1's requests to finish"
+        );
     }
 
     /// Random prompts, a small budget and a small cache: every step stays within the budget,
@@ -475,7 +566,7 @@ mod tests {
             while s.has_unfinished() {
                 num_steps += 1;
                 assert!(num_steps < 1000, "seed {seed}: no progress");
-                s.schedule(&mut seqs, &mut bm);
+                s.schedule(&mut seqs, &mut bm, &|_| true);
                 let total: usize = s.out.scheduled.iter().map(|x| x.num_new_tokens).sum();
                 assert!(total <= budget, "seed {seed}: {total} tokens > budget {budget}");
                 // Only the last one scheduled may stop short of its last token.

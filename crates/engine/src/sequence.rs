@@ -43,6 +43,12 @@ pub struct RequestMetrics {
     pub last_token_time: Option<Instant>,
     /// Times the request lost its KV cache and was recomputed.
     pub num_preemptions: u32,
+    /// Steps in which the scheduler passed the request over while waiting (its adapter not yet
+    /// in host memory, or `max_loras` taken); at most `max_times_passed_over`.
+    pub num_times_passed_over: u32,
+    /// How long it waited for its adapter to arrive in host memory (zero if it was there when
+    /// the request arrived), as of its first step.
+    pub adapter_wait: std::time::Duration,
 }
 
 pub struct Sequence {
