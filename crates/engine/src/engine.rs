@@ -208,6 +208,8 @@ pub struct LLMEngine {
     /// request of each row of `logits`; `None` for a row that sampled nothing (a prompt chunk)
     logits_rows: Vec<Option<Arc<str>>>,
     last_step: StepStats,
+    /// The last step ran nothing, and no request arrived since.
+    is_stalled: bool,
 }
 
 impl LLMEngine {
@@ -362,6 +364,7 @@ impl LLMEngine {
             logits: Vec::new(),
             logits_rows: Vec::new(),
             last_step: StepStats::default(),
+            is_stalled: false,
         })
     }
 
@@ -524,6 +527,7 @@ impl LLMEngine {
         );
         self.ids.insert(request_id, id);
         self.scheduler.add(id);
+        self.is_stalled = false;
         Ok(())
     }
 
@@ -565,11 +569,10 @@ impl LLMEngine {
         let mut outputs = Vec::new();
         // Adapters that finished loading join the host cache; a failed load ends its requests.
         if let Some(lora) = self.lora.as_mut() {
-            // With nothing runnable the step would return empty: wait a little for a load
-            // instead of letting the caller spin (short, so new requests are not held up).
-            let is_idle = self.scheduler.num_running() == 0
-                && (self.scheduler.waiting_loras(&self.seqs)).all(|a| a.is_some_and(|a| !lora.is_ready(a)));
-            let failed = lora.poll(is_idle.then_some(Duration::from_millis(5)));
+            // Nothing ran last step and nothing arrived since: only a load can change that, so
+            // wait a little for one rather than let the caller spin (a little, so a request
+            // that arrives meanwhile is not held up).
+            let failed = lora.poll(self.is_stalled.then_some(Duration::from_millis(5)));
             for (adapter, err) in failed {
                 tracing::error!(adapter = adapter.0, "aborting its requests: {err}");
                 self.abort_adapter(adapter, &err.to_string(), &mut outputs);
@@ -605,6 +608,7 @@ impl LLMEngine {
             let pinned: Vec<AdapterId> = self.scheduler.running_loras(&self.seqs).collect();
             lora.prefetch(self.scheduler.waiting_loras(&self.seqs).flatten(), &pinned);
         }
+        self.is_stalled = scheduled.is_empty();
         if scheduled.is_empty() {
             self.last_step = StepStats {
                 num_preempted,

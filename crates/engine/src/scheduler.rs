@@ -15,8 +15,9 @@
 //!    would make the step use more than `max_loras` distinct adapters; running requests are
 //!    never preempted for it.
 //!
-//! Passing over is bounded: a request is passed over in at most `max_times_passed_over` steps.
-//! Once it has been, admission stops at it: nothing behind it is admitted until it is. Then the
+//! Passing over is bounded: a request is passed over (skipped while a request behind it is
+//! admitted) in at most `max_times_passed_over` steps. Once it has been, admission stops at it:
+//! nothing behind it is admitted until it is. Then the
 //! running requests finish (each within `max_model_len` tokens), freeing `max_loras`; its
 //! adapter finishes loading (the engine's load window starts at the queue's head, and eviction
 //! spares what the window wants); and it is admitted as with plain FCFS.
@@ -74,7 +75,8 @@ pub struct Scheduler {
     running: Vec<SeqId>,
     out: Schedule,
     step_loras: Vec<AdapterId>,
-    passed_over: Vec<SeqId>,
+    /// Waiting requests skipped this step, each with the number admitted before it was.
+    passed_over: Vec<(SeqId, usize)>,
 }
 
 impl Scheduler {
@@ -196,8 +198,7 @@ impl Scheduler {
                         self.waiting.push_front(id);
                         break;
                     }
-                    seq.metrics.num_times_passed_over += 1;
-                    self.passed_over.push(id);
+                    self.passed_over.push((id, self.out.admitted.len()));
                     continue;
                 }
             }
@@ -219,7 +220,12 @@ impl Scheduler {
             });
             self.out.admitted.push(id);
         }
-        for &id in self.passed_over.iter().rev() {
+        // Passed over: skipped, and someone behind it was admitted.
+        for &(id, num_admitted_before) in self.passed_over.iter().rev() {
+            if self.out.admitted.len() > num_admitted_before {
+                let seq = seqs.get_mut(&id).expect("waiting seq exists");
+                seq.metrics.num_times_passed_over += 1;
+            }
             self.waiting.push_front(id);
         }
         &self.out
