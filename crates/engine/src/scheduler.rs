@@ -517,12 +517,11 @@ mod tests {
         s.cfg.max_times_passed_over = MAX_PASSED;
         let mut bm = BlockManager::new(256, 4);
         let mut admitted_order = Vec::new();
-        let mut next = 2;
         for step in 0..40 {
             // a new request for the busy adapter every step
-            seqs.insert(SeqId(next), seq(2, Some(1)));
-            s.add(SeqId(next));
-            next += 1;
+            let id = SeqId(2 + step as u64);
+            seqs.insert(id, seq(2, Some(1)));
+            s.add(id);
             let sched = s.schedule(&mut seqs, &mut bm, &|_| true);
             admitted_order.extend(sched.admitted.iter().map(|x| (x.0, step)));
             assert!(seqs[&SeqId(1)].metrics.num_times_passed_over <= MAX_PASSED);
