@@ -605,7 +605,10 @@ impl LLMEngine {
         }
         // Loads for what the waiting queue will need, while this step runs.
         if let Some(lora) = self.lora.as_mut() {
-            let pinned: Vec<AdapterId> = self.scheduler.running_loras(&self.seqs).collect();
+            let mut pinned: Vec<AdapterId> = self.scheduler.running_loras(&self.seqs).collect();
+            // Distinct: the load window is what the host cache holds beyond these.
+            pinned.sort_unstable();
+            pinned.dedup();
             lora.prefetch(self.scheduler.waiting_loras(&self.seqs).flatten(), &pinned);
         }
         self.is_stalled = scheduled.is_empty();

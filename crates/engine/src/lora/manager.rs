@@ -18,7 +18,7 @@
 //! loaded synchronously, so that a broken adapter fails that call with a clear error, as vLLM's
 //! `add_lora` does; register adapters up front (the server does) to keep that off serving.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -138,8 +138,10 @@ pub struct LoraManager {
     next_ticket: u64,
     jobs: Sender<Job>,
     done: Receiver<Done>,
-    /// The adapters the last [`Self::prefetch`] wanted: eviction spares them.
+    /// The adapters the last [`Self::prefetch`] wanted, in queue order, and as a set:
+    /// eviction spares them.
     wanted: Vec<AdapterId>,
+    wanted_set: HashSet<AdapterId>,
     /// `[max_loras]`: which adapter each slot holds, and when it was last used
     slots: Vec<Option<(AdapterId, u64)>>,
     tick: u64,
@@ -219,6 +221,7 @@ impl LoraManager {
             jobs,
             done,
             wanted: Vec::new(),
+            wanted_set: HashSet::new(),
             slots: vec![None; cfg.max_loras],
             tick: 0,
             stats: LoraStats::default(),
@@ -313,7 +316,7 @@ impl LoraManager {
             return true;
         }
         let victim = (self.cache.iter())
-            .filter(|(k, _)| !pinned.contains(k) && !self.wanted.contains(k))
+            .filter(|(k, _)| !pinned.contains(k) && !self.wanted_set.contains(k))
             .min_by_key(|(_, c)| c.last_used)
             .map(|(&k, _)| k);
         let Some(v) = victim else {
@@ -336,17 +339,18 @@ impl LoraManager {
 
     /// Starts background loads for the adapters the waiting queue will need, `wanted` in queue
     /// order (repeats allowed): the first `max_cpu_loras - pinned` distinct ones that no running
-    /// request uses, as far as the cache has room. Eviction spares running adapters and all of
+    /// request uses (`pinned`, distinct), as far as the cache has room. Eviction spares running adapters and all of
     /// these, so what the queue's head needs is never evicted for what its tail needs; the window
     /// is small enough that each of them has room once earlier loads land.
     pub fn prefetch(&mut self, wanted: impl Iterator<Item = AdapterId>, pinned: &[AdapterId]) {
         let window = self.cfg.max_cpu_loras.saturating_sub(pinned.len());
         self.wanted.clear();
+        self.wanted_set.clear();
         for a in wanted {
             if self.wanted.len() >= window {
                 break;
             }
-            if !pinned.contains(&a) && !self.wanted.contains(&a) {
+            if !pinned.contains(&a) && self.wanted_set.insert(a) {
                 self.wanted.push(a);
             }
         }
