@@ -16,6 +16,10 @@ pub struct EngineArgs {
     /// Host adapter cache capacity (>= max-loras).
     #[arg(long)]
     pub max_cpu_loras: Option<usize>,
+    /// Steps a waiting request may be passed over (its adapter loading, or max-loras taken)
+    /// while later requests are admitted; then nothing later is admitted before it (default 64).
+    #[arg(long)]
+    pub max_times_passed_over: Option<u32>,
     #[arg(long)]
     pub max_num_seqs: Option<usize>,
     #[arg(long)]
@@ -64,6 +68,9 @@ impl EngineArgs {
         }
         if let Some(v) = self.max_cpu_loras {
             cfg.max_cpu_loras = Some(v);
+        }
+        if let Some(v) = self.max_times_passed_over {
+            cfg.max_times_passed_over = v;
         }
         if let Some(v) = self.max_num_seqs {
             cfg.max_num_seqs = v;

@@ -416,6 +416,15 @@ impl LLMEngine {
         self.scheduler.num_running()
     }
 
+    /// Waiting requests whose adapter is not in host memory yet (loading, or to be loaded when
+    /// the host cache has room): a gauge for `/metrics`.
+    pub fn num_waiting_for_adapter(&self) -> usize {
+        let Some(lora) = &self.lora else { return 0 };
+        (self.scheduler.waiting_loras(&self.seqs))
+            .filter(|a| a.is_some_and(|a| !lora.is_ready(a)))
+            .count()
+    }
+
     pub fn has_unfinished_requests(&self) -> bool {
         self.scheduler.has_unfinished()
     }

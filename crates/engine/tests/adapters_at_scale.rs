@@ -150,7 +150,7 @@ fn running_sequences_keep_stepping_while_an_adapter_loads() {
         let out = engine.step().unwrap();
         let ids: Vec<&str> = out.iter().map(|o| &*o.request_id).collect();
         assert_eq!(ids, ["run"], "step {step}");
-        assert_eq!(engine.num_waiting(), 1);
+        assert_eq!((engine.num_waiting(), engine.num_waiting_for_adapter()), (1, 1));
         assert_eq!(engine.lora_stats().unwrap().num_loads_in_flight, 1);
     }
     assert_eq!(
