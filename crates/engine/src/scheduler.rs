@@ -507,6 +507,34 @@ mod tests {
         assert_eq!(sched.admitted, vec![SeqId(0), SeqId(3)]);
     }
 
+    /// A request whose adapter takes 8 steps to load, with requests without adapters arriving
+    /// every step: they overtake it twice (max_times_passed_over 2), then wait behind it; it is
+    /// admitted, first, the step its adapter is ready.
+    #[test]
+    fn a_slow_load_is_overtaken_a_bounded_number_of_times() {
+        let (mut s, mut seqs) = setup(&[Some(1)], 2, 4);
+        s.cfg.max_times_passed_over = 2;
+        s.cfg.max_num_seqs = 16;
+        let mut bm = BlockManager::new(256, 4);
+        let mut admitted = Vec::new();
+        for step in 0..10u64 {
+            let id = SeqId(1 + step);
+            seqs.insert(id, seq(2, None));
+            s.add(id);
+            let is_loaded = step >= 8;
+            let sched = s.schedule(&mut seqs, &mut bm, &|_| is_loaded);
+            admitted.push(sched.admitted.iter().map(|x| x.0).collect::<Vec<_>>());
+            advance(&s, &mut seqs);
+        }
+        let expected: Vec<Vec<u64>> = [vec![1], vec![2]]
+            .into_iter()
+            .chain(std::iter::repeat_n(vec![], 6))
+            .chain([(0..=9).filter(|&i| i != 1 && i != 2).collect(), vec![10]])
+            .collect();
+        assert_eq!(admitted, expected);
+        assert_eq!(seqs[&SeqId(0)].metrics.num_times_passed_over, 2);
+    }
+
     /// A request whose adapter cannot get a slot (max_loras 1, adapter 1 always busy with new
     /// arrivals) is passed over `max_times_passed_over` times, then nothing behind it is
     /// admitted; it gets in once the running requests finish.
