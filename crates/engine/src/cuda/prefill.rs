@@ -206,7 +206,7 @@ mod tests {
         let qs = [0u32, 130, 131, 195];
         for per in [64usize, 128, 32, 16, 9, 8, 1] {
             let got = tiles(&qs, per);
-            let mut seen = vec![0u8; 195];
+            let mut seen = [0u8; 195];
             for &(lo, hi) in &got {
                 assert!(lo < hi && (hi - lo) as usize <= per, "per {per}: tile {lo}..{hi}");
                 let seq = qs.partition_point(|&q| q <= lo) - 1;
