@@ -16,10 +16,13 @@ pub struct EngineArgs {
     /// Host adapter cache capacity (>= max-loras).
     #[arg(long)]
     pub max_cpu_loras: Option<usize>,
+    /// Most sequences in one batch.
     #[arg(long)]
     pub max_num_seqs: Option<usize>,
+    /// Longest prompt plus output, in tokens (default: the model's).
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Most tokens in one step; a longer prefill is split over steps.
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
     /// auto, float32, float16, bfloat16
@@ -31,6 +34,7 @@ pub struct EngineArgs {
     /// auto (safetensors) or dummy (random weights from config.json)
     #[arg(long)]
     pub load_format: Option<String>,
+    /// Seed of the sampler (and, in the benchmark, of the workloads' draws).
     #[arg(long)]
     pub seed: Option<u64>,
 }

@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::backend::{Backend, BenchRequest};
+use super::plan::PlannedPoint;
 use super::records::{BatchRun, RequestRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -373,7 +374,33 @@ impl OpenAiBackend {
     }
 }
 
+impl OpenAiBackend {
+    /// Loads the adapters of `requests` the server does not have yet from their folders (a
+    /// path the server must see), as vLLM's /v1/load_lora_adapter takes it.
+    fn load_adapters(&mut self, requests: &[BenchRequest]) -> anyhow::Result<()> {
+        for l in requests.iter().filter_map(|r| r.lora.as_ref()) {
+            if !self.adapters.contains(&l.name) {
+                // Absolute: the server does not share our working directory.
+                let path = std::path::absolute(&l.path)
+                    .with_context(|| format!("adapter {}: resolving {}", l.name, l.path.display()))?;
+                let path = path.to_string_lossy().into_owned();
+                self.runtime.block_on(self.client.load_lora(&l.name, &path))?;
+                self.adapters.insert(l.name.clone());
+                self.num_loaded += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Backend for OpenAiBackend {
+    fn prepare(&mut self, points: &[PlannedPoint]) -> anyhow::Result<()> {
+        for p in points {
+            self.load_adapters(&p.requests)?;
+        }
+        Ok(())
+    }
+
     /// Counted by the server: `/tokenize` where it has one, else a one-token request's usage.
     /// Each distinct prompt is counted once (the plan checks every request of every point).
     fn num_prompt_tokens(&mut self, prompt: &str) -> anyhow::Result<usize> {
@@ -410,21 +437,7 @@ impl Backend for OpenAiBackend {
     }
 
     fn run_batch(&mut self, requests: &[BenchRequest], num_tokens: usize) -> anyhow::Result<BatchRun> {
-        // Adapters the server does not have yet are loaded from their folder (a path the
-        // server must see), as vLLM's /v1/load_lora_adapter takes it.
-        for r in requests {
-            if let Some(l) = &r.lora {
-                if !self.adapters.contains(&l.name) {
-                    // Absolute: the server does not share our working directory.
-                    let path = std::path::absolute(&l.path)
-                        .with_context(|| format!("adapter {}: resolving {}", l.name, l.path.display()))?;
-                    let path = path.to_string_lossy().into_owned();
-                    self.runtime.block_on(self.client.load_lora(&l.name, &path))?;
-                    self.adapters.insert(l.name.clone());
-                    self.num_loaded += 1;
-                }
-            }
-        }
+        self.load_adapters(requests)?;
         let client = &self.client;
         let base = &self.model;
         let timings = self.runtime.block_on(async {
