@@ -59,7 +59,8 @@ pub struct ServerArgs {
 #[derive(Debug, Clone)]
 pub struct RequestTiming {
     pub sent: Instant,
-    /// Arrival of every chunk that carried text (the first is the time to first token).
+    /// Arrival of every chunk that carried a token, its text possibly empty (the first is the
+    /// time to first token).
     pub chunk_times: Vec<Instant>,
     pub done: Instant,
     pub prompt_tokens: usize,
@@ -259,7 +260,7 @@ impl OpenAiClient {
         }
         timing.done = timing.chunk_times.last().copied().unwrap_or_else(Instant::now);
         if timing.output_tokens == 0 {
-            // Servers that do not send usage: count text chunks.
+            // Servers that do not send usage: count token chunks.
             timing.output_tokens = timing.chunk_times.len();
         }
         Ok(timing)
@@ -286,11 +287,11 @@ fn on_chunk(data: &str, now: Instant, t: &mut RequestTiming) -> anyhow::Result<(
         );
     }
     if let Some(choice) = v["choices"].as_array().and_then(|c| c.first()) {
-        let text = choice["text"]
-            .as_str()
-            .or_else(|| choice["delta"]["content"].as_str())
-            .unwrap_or("");
-        if !text.is_empty() {
+        // A token's chunk, whatever its text: a token that completes no character yet streams
+        // empty text (vLLM sends a chunk per step). A chat stream's first chunk (the role) and
+        // last (`delta: {}`) carry no token.
+        let delta = &choice["delta"];
+        if choice.get("text").is_some() || (delta.get("content").is_some() && delta.get("role").is_none()) {
             t.chunk_times.push(now);
         }
         if let Some(f) = choice["finish_reason"].as_str() {
@@ -559,13 +560,19 @@ mod tests {
             now,
             &mut t,
         )?;
+        // A token whose text is empty is still a token; a chat role chunk is not.
         on_chunk(r#"{"choices":[{"text":"","finish_reason":null}]}"#, now, &mut t)?;
+        on_chunk(
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+            now,
+            &mut t,
+        )?;
         on_chunk(
             r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
             now,
             &mut t,
         )?;
-        assert_eq!(t.chunk_times.len(), 2);
+        assert_eq!(t.chunk_times.len(), 3);
         assert_eq!((t.prompt_tokens, t.output_tokens), (3, 2));
         assert_eq!(t.finish_reason, "length");
         assert!(on_chunk(r#"{"error":{"message":"boom"}}"#, now, &mut t).is_err());
