@@ -51,7 +51,6 @@ pub struct SynthArgs {
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let Command::Synth(a) = cmd;
-    let cfg = ModelConfig::from_dir(&a.model)?;
     let targets = a
         .target_modules
         .iter()
@@ -63,6 +62,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     if a.rank == 0 {
         bail!("--rank must be at least 1");
     }
+    let cfg = ModelConfig::from_dir(&a.model)?;
     let json_path = a
         .adapters_json
         .clone()
