@@ -5,10 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
+
+mod first_point;
 
 const NUM_TOKENS: usize = 5;
 
@@ -528,29 +529,16 @@ fn a_broken_adapter_fails_before_anything_is_measured() -> Result<()> {
 fn ctrl_c_keeps_every_measured_point_and_resume_finishes_the_report() -> Result<()> {
     let f = Fixture::new()?;
     // Long enough (seconds) that the interrupt lands mid-run.
-    f.write_common(json!({ "max_model_len": 1024, "max_num_seqs": 8, "num_tokens": 600 }))?;
+    f.write_common(json!({ "max_model_len": 1024, "max_num_seqs": 8, "num_tokens": 300 }))?;
     let sizes = "1,2,3,4,5,6,7,8";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_multilora"))
+    let child = Command::new(env!("CARGO_BIN_EXE_multilora"))
         .args(["bench", "no-lora", "--batch-sizes", sizes, "--config"])
         .arg(f.path("common.json"))
         .current_dir(f.path(""))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let report = loop {
-        let found = std::fs::read_dir(f.path("reports"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .transpose()?
-            .map(|e| e.path())
-            .filter(|d| d.join("points.jsonl").exists());
-        if let Some(d) = found {
-            break d;
-        }
-        ensure!(Instant::now() < deadline, "no point measured in time");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let report = first_point::wait_for_first_point(&f.path("reports"))?;
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()?;
@@ -609,7 +597,7 @@ fn ctrl_c_keeps_every_measured_point_and_resume_finishes_the_report() -> Result<
         .output()?;
     let e = String::from_utf8_lossy(&out.stderr);
     ensure!(
-        !out.status.success() && e.contains("num_tokens was 600, now 7"),
+        !out.status.success() && e.contains("num_tokens was 300, now 7"),
         "{e}"
     );
     Ok(())

@@ -275,10 +275,13 @@ fn bench(args: &CommonArgs, lora: Option<&LoraArgs>, resume: Option<Resume>) -> 
         .with_context(|| format!("creating report_dir {}", cfg.report_dir.display()))?;
     let mut done: Vec<Option<Point>> = vec![None; planned.len()];
     let (start_time, stamp) = run_info::utc(started);
+    let (revision, dirty) = run_info::git_revision();
     let mut run_json = json!({
         "tool": "multilora bench",
         "mode": mode,
         "multilora_version": env!("CARGO_PKG_VERSION"),
+        "git_revision": revision,
+        "git_dirty": dirty,
         "command_line": std::env::args().collect::<Vec<_>>(),
         "working_directory": std::env::current_dir().ok(),
         "start_time": start_time,
@@ -302,7 +305,13 @@ fn bench(args: &CommonArgs, lora: Option<&LoraArgs>, resume: Option<Resume>) -> 
                 })?;
             done[i] = Some(p);
         }
-        let resumed = json!({"start_time": start_time, "command_line": std::env::args().collect::<Vec<_>>()});
+        // What this run adds to the first one's record.
+        let resumed = json!({
+            "start_time": start_time,
+            "command_line": run_json["command_line"],
+            "git_revision": run_json["git_revision"],
+            "git_dirty": run_json["git_dirty"],
+        });
         run_json = r.run_json;
         let mut all = run_json["resumed"].as_array().cloned().unwrap_or_default();
         all.push(resumed);
@@ -389,7 +398,9 @@ fn bench(args: &CommonArgs, lora: Option<&LoraArgs>, resume: Option<Resume>) -> 
     }
     let Some(dest) = dest else {
         // Nothing was measured, so there is no report to keep.
-        return outcome.map(|()| ExitCode::FAILURE);
+        outcome?;
+        eprintln!("interrupted before the first point was measured: no report written");
+        return Ok(ExitCode::from(130));
     };
     if missing.is_empty() {
         eprintln!(
@@ -567,14 +578,11 @@ impl Report<'_> {
                 ),
             )?;
         }
-        let (revision, dirty) = run_info::git_revision();
         let mut run_json = self.run_json.clone();
         let extra = json!({
             "status": status,
             "error": error,
             "missing_points": missing,
-            "git_revision": revision,
-            "git_dirty": dirty,
             "end_time": run_info::utc(SystemTime::now()).0,
             "wall_time_s": self.clock.elapsed().as_secs_f64(),
             "host": { "available_parallelism": std::thread::available_parallelism().map_or(0, |n| n.get()) },
