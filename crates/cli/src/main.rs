@@ -103,7 +103,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             let wrote = multilora_engine::demo::ensure_demo(&args.dir, args.seed)?;
             let verb = if wrote { "wrote" } else { "already complete:" };
-            eprintln!("{verb} demo model and adapters in {}", args.dir.display());
+            eprintln!(
+                "{verb} demo model and adapters in {} (random weights: latencies are real, generated text is noise)",
+                args.dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Adapters(cmd) => adapters::run(cmd),
