@@ -301,7 +301,10 @@ fn prompt_plus_num_tokens_above_max_model_len() -> Result<()> {
         "--num-tokens",
         "16",
     ])?;
-    ensure!(e.contains("above max_model_len 24"), "{e}");
+    ensure!(
+        e.contains("above max_model_len 24") && e.contains("prompt 0 of "),
+        "{e}"
+    );
     Ok(())
 }
 

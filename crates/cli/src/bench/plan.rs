@@ -199,9 +199,11 @@ pub fn check_prompt_lengths(
         for r in &p.requests {
             let n = backend.num_prompt_tokens(&r.prompt)?;
             if n + num_tokens > max_model_len {
-                let source = match &r.lora {
-                    Some(l) => format!("the prompt of adapter {}", l.path.display()),
-                    None => format!("no-LoRA prompt {}", r.request_id),
+                let source = match (&r.lora, &cfg.no_lora_prompts_path) {
+                    (Some(l), _) => format!("the prompt of adapter {}", l.path.display()),
+                    // Request i of a no-LoRA batch uses prompt i (0-based, as the list's index).
+                    (None, Some(file)) => format!("prompt {} of {}", r.request_id, file.display()),
+                    (None, None) => format!("no-LoRA prompt {}", r.request_id),
                 };
                 bail!(
                     "{source} has {n} tokens; with num_tokens {num_tokens} that is {} tokens, above max_model_len {max_model_len} ({} or --max-model-len); raise max_model_len or lower num_tokens",
