@@ -4,8 +4,10 @@
 //! repeats with spread, a summary, a chart and `run.json`.
 //!
 //! Data flow: [`config`] (common.json + flags) → [`inputs`] (adapters.json, prompts.json) →
-//! [`plan`] (every batch's requests, checked up front) → a [`backend::Backend`] runs each batch
-//! into plain [`records`] → [`summary`] → [`report`], [`plot`], [`table`].
+//! [`plan`] (every batch's requests and every adapter, checked before anything is measured) →
+//! a [`backend::Backend`] runs each batch into plain [`records`] → [`summary`] → [`report`],
+//! [`plot`], [`table`]. The report is rewritten after every measured point, so an error or a
+//! Ctrl-C ([`interrupt`]) leaves a valid partial report that `--resume DIR` finishes.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
