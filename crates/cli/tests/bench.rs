@@ -603,6 +603,16 @@ fn ctrl_c_keeps_every_measured_point_and_resume_finishes_the_report() -> Result<
         !out.status.success() && e.contains("num_tokens was 300, now 7"),
         "{e}"
     );
+    // Settings come from the report, not from flags beside --resume.
+    let out = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["bench", "no-lora", "--batch-sizes", "1", "--resume"])
+        .arg(&report)
+        .output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && e.contains("give only --resume DIR (and --json), not --batch-sizes"),
+        "{e}"
+    );
     Ok(())
 }
 
