@@ -222,6 +222,33 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
     let summary = csv_rows(&dir.join(report).join("summary.csv"))?;
     assert!(summary.iter().any(|r| r[0] == "itl_ms"), "{summary:?}");
 
+    // One token per request: no TPOT to give, and the report says so rather than dropping
+    // them silently.
+    let out = multilora(
+        dir,
+        &[
+            "bench",
+            "serving",
+            "--base-url",
+            &base_url,
+            "--prompts",
+            "prompts.json",
+            "--num-prompts",
+            "4",
+            "--num-tokens",
+            "1",
+            "--report-dir",
+            "reports",
+        ],
+    )?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        printed.contains("note: no TPOT: 4 of 4 successful requests have fewer than 2 streamed tokens"),
+        "{printed}"
+    );
+    assert!(!printed.contains("no TTFT"), "{printed}");
+
     let (exit, rest) = server.terminate()?;
     assert!(exit.success(), "{rest:?}");
     Ok(())
