@@ -16,12 +16,14 @@ pub struct EngineArgs {
     /// Host adapter cache capacity (>= max-loras).
     #[arg(long)]
     pub max_cpu_loras: Option<usize>,
+    /// Most sequences in one batch.
     #[arg(long)]
     pub max_num_seqs: Option<usize>,
+    /// Longest prompt plus output, in tokens (default: the model's).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Tokens per step (>= max-num-seqs); below max-model-len, long prompts are prefilled in
-    /// chunks over several steps, beside the running decodes.
+    /// Tokens per step (at least max-num-seqs); below max-model-len, long prompts are
+    /// prefilled in chunks over several steps, beside the running decodes.
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
     /// auto, float32, float16, bfloat16
@@ -33,6 +35,7 @@ pub struct EngineArgs {
     /// auto (safetensors) or dummy (random weights from config.json)
     #[arg(long)]
     pub load_format: Option<String>,
+    /// Seed of the sampler (and, in the benchmark, of the workloads' draws).
     #[arg(long)]
     pub seed: Option<u64>,
 }

@@ -327,10 +327,11 @@ impl Generation {
                 }
                 match s.gen.next().await {
                     Progress::Text(delta, finish) => {
-                        if !delta.is_empty() || finish.is_some() {
-                            let choice = s.gen.text_choice(&delta, finish);
-                            s.pending.push_back(s.gen.chunk(vec![choice], Value::Null));
-                        }
+                        // One chunk per generated token, its text possibly empty (a token that
+                        // completes no character yet), as vLLM streams: clients time tokens
+                        // (TTFT, ITL) by chunks.
+                        let choice = s.gen.text_choice(&delta, finish);
+                        s.pending.push_back(s.gen.chunk(vec![choice], Value::Null));
                         if finish.is_some() {
                             if s.gen.include_usage {
                                 let usage = s.gen.usage();
