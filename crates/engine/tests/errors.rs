@@ -321,13 +321,23 @@ fn max_tokens_near_usize_max_is_too_long_not_a_panic() {
     let mut engine = LLMEngine::new(cfg).unwrap();
     for max_tokens in [usize::MAX, usize::MAX - 2, usize::MAX / 2 + 1] {
         let e = engine
-            .add_request("r", Prompt::TokenIds(vec![5, 6, 7]), SamplingParams::greedy(max_tokens), None)
+            .add_request(
+                "r",
+                Prompt::TokenIds(vec![5, 6, 7]),
+                SamplingParams::greedy(max_tokens),
+                None,
+            )
             .unwrap_err();
         assert!(matches!(e, Error::PromptTooLong { .. }), "{e}");
     }
     // The largest that fits still runs.
     engine
-        .add_request("ok", Prompt::TokenIds(vec![5, 6, 7]), SamplingParams::greedy(61), None)
+        .add_request(
+            "ok",
+            Prompt::TokenIds(vec![5, 6, 7]),
+            SamplingParams::greedy(61),
+            None,
+        )
         .unwrap();
     while engine.has_unfinished_requests() {
         engine.step().unwrap();
@@ -343,7 +353,7 @@ fn with_weight(tmp: &Path, value: f32) -> PathBuf {
     let path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
     let first_a = names.iter().find(|n| n.contains("lora_A")).unwrap().clone();
     let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = names

@@ -83,10 +83,7 @@ pub(crate) async fn serve(
     }
     state.is_shutting_down.store(true, Ordering::Relaxed);
     state.engine.send(Command::AbortAll);
-    let _ = tokio::time::timeout(ABORT_GRACE, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout(ABORT_GRACE, async { while conns.join_next().await.is_some() {} }).await;
     conns.shutdown().await;
     drop(listener);
     if is_engine_dead {

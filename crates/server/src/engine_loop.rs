@@ -14,16 +14,16 @@
 //! stuck or gone while the loop itself cannot answer.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::mpsc as std_mpsc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use multilora_engine::sequence::RequestMetrics;
 use multilora_engine::{
-    AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, ModelConfig,
-    Prompt, SamplingParams,
+    AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, ModelConfig, Prompt,
+    SamplingParams,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -46,7 +46,9 @@ pub enum TokenEvent {
 #[derive(Debug)]
 pub enum AddError {
     Engine(EngineError),
-    QueueFull { max_waiting: usize },
+    QueueFull {
+        max_waiting: usize,
+    },
     AdapterUnloaded(String),
     /// The loop is gone (the server is stopping, or the thread died).
     EngineStopped,
@@ -611,7 +613,9 @@ mod tests {
         assert!(t.join().is_err());
         assert!(!health.is_alive());
         // `stopped` resolves at once for a thread that already died.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), health.stopped()).await })?;
         Ok(())
     }

@@ -102,10 +102,7 @@ pub enum StartError {
     #[error("{0}")]
     ChatTemplate(String),
     #[error("--allowed-lora-dirs {}: {source}", path.display())]
-    AllowedLoraDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    AllowedLoraDir { path: PathBuf, source: std::io::Error },
 }
 
 /// A loaded engine and its HTTP state. Dropping it stops the engine loop.
@@ -149,7 +146,14 @@ impl Server {
             config.max_waiting_requests,
             metrics.clone(),
         )?;
-        let state = AppState::new(handle, config.clone(), model_root, adapters, chat_template, metrics);
+        let state = AppState::new(
+            handle,
+            config.clone(),
+            model_root,
+            adapters,
+            chat_template,
+            metrics,
+        );
         Ok(Server {
             state: Arc::new(state),
             thread: Some(thread),

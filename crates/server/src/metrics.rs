@@ -90,7 +90,11 @@ impl Metrics {
         );
         Metrics {
             num_requests_running: gauge(&mut r, "num_requests_running", "Requests in the running batch."),
-            num_requests_waiting: gauge(&mut r, "num_requests_waiting", "Requests waiting to be scheduled."),
+            num_requests_waiting: gauge(
+                &mut r,
+                "num_requests_waiting",
+                "Requests waiting to be scheduled.",
+            ),
             lora_adapters_on_device: gauge(
                 &mut r,
                 "lora_adapters_on_device",
@@ -162,7 +166,9 @@ impl Metrics {
     }
 
     pub fn count_finish(&self, reason: &'static str) {
-        self.num_finished.get_or_create(&[("finished_reason", reason)]).inc();
+        self.num_finished
+            .get_or_create(&[("finished_reason", reason)])
+            .inc();
     }
 
     /// The latencies of a finished request whose last token came at `now`.
@@ -223,10 +229,18 @@ mod tests {
             assert!(l.starts_with("multilora:"), "{l}");
             assert!(l.contains("model_name=\"demo\""), "{l}");
         }
-        assert!(out.contains("multilora:time_to_first_token_seconds_bucket{le=\"0.06\",model_name=\"demo\"} 1\n")
-            || out.contains("multilora:time_to_first_token_seconds_bucket{model_name=\"demo\",le=\"0.06\"} 1\n"), "{out}");
+        assert!(
+            out.contains("multilora:time_to_first_token_seconds_bucket{le=\"0.06\",model_name=\"demo\"} 1\n")
+                || out.contains(
+                    "multilora:time_to_first_token_seconds_bucket{model_name=\"demo\",le=\"0.06\"} 1\n"
+                ),
+            "{out}"
+        );
         assert!(out.contains("finished_reason=\"length\"} 1\n"), "{out}");
-        assert!(out.contains("multilora:lora_cache_hits_total{model_name=\"demo\"} 3\n"), "{out}");
+        assert!(
+            out.contains("multilora:lora_cache_hits_total{model_name=\"demo\"} 3\n"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -21,7 +21,11 @@ const BOUND: Duration = Duration::from_secs(20);
 async fn read_to_close(stream: &mut TcpStream) -> Result<String, BoxError> {
     let mut raw = Vec::new();
     match timeout(BOUND, stream.read_to_end(&mut raw)).await {
-        Err(_) => Err(format!("the server kept the connection open: {}", String::from_utf8_lossy(&raw)).into()),
+        Err(_) => Err(format!(
+            "the server kept the connection open: {}",
+            String::from_utf8_lossy(&raw)
+        )
+        .into()),
         // A reset counts as closed.
         Ok(_) => Ok(String::from_utf8_lossy(&raw).into_owned()),
     }
@@ -34,7 +38,10 @@ fn status_of(response: &str) -> Option<u16> {
 fn error_of(body: &str) -> Result<Value, BoxError> {
     let v: Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
     let code = &v["error"]["code"];
-    assert!(code.is_string() || code.is_null(), "code is a string or null: {body}");
+    assert!(
+        code.is_string() || code.is_null(),
+        "code is a string or null: {body}"
+    );
     Ok(v["error"].clone())
 }
 
@@ -140,7 +147,12 @@ async fn health_is_503_while_the_engine_is_dead_before_exit() -> TestResult {
     wait_health(addr, 200).await?;
     state.engine.panic_engine_for_tests();
     let body = wait_health(addr, 503).await?;
-    assert!(error_of(&body)?["message"].as_str().is_some_and(|m| m.contains("stopped")), "{body}");
+    assert!(
+        error_of(&body)?["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped")),
+        "{body}"
+    );
     let req = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
     let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&req), &[]).await?;
     assert_eq!(status, 503, "{text}");
@@ -157,7 +169,8 @@ async fn slow_headers_bodies_and_idle_connections_are_closed() -> TestResult {
 
     // Headers that never end.
     let mut slow = TcpStream::connect(addr).await?;
-    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n").await?;
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .await?;
     read_to_close(&mut slow).await?;
 
     // A body shorter than its Content-Length: 408, then closed.
@@ -201,11 +214,18 @@ async fn shutdown_answers_503_while_draining_and_ends_at_its_timeout() -> TestRe
     assert_eq!(status, 503, "{text}");
     assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
     let e = error_of(&text)?;
-    assert!(e["message"].as_str().is_some_and(|m| m.contains("shutting down")), "{text}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains("shutting down")),
+        "{text}"
+    );
     // serve ends at the drain timeout (plus the abort grace), not when the slow client gives up.
     timeout(BOUND, task).await???;
     let rest = read_to_close(&mut long).await?;
-    assert_eq!(sse_data(&rest).last().map(String::as_str), Some("[DONE]"), "{rest}");
+    assert_eq!(
+        sse_data(&rest).last().map(String::as_str),
+        Some("[DONE]"),
+        "{rest}"
+    );
     read_to_close(&mut slowloris).await?;
     Ok(())
 }
@@ -246,11 +266,17 @@ async fn huge_prompts_are_refused_by_bytes_and_tokenizing_never_blocks_health() 
     assert_eq!(status, 400, "{text}");
     let e = error_of(&text)?;
     assert_eq!(e["code"], "context_length_exceeded");
-    assert!(e["message"].as_str().is_some_and(|m| m.contains("bytes")), "{text}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains("bytes")),
+        "{text}"
+    );
 
     // With every tokenize slot taken, text prompts wait; /health and token-id prompts do not.
     let permits = state.tokenize_permits.clone();
-    let held = permits.clone().acquire_many_owned(permits.available_permits() as u32).await?;
+    let held = permits
+        .clone()
+        .acquire_many_owned(permits.available_permits() as u32)
+        .await?;
     let body = json!({"model": MODEL, "prompt": "hello there", "max_tokens": 2});
     let waiting = tokio::spawn(async move { http(addr, "POST", "/v1/completions", Some(&body), &[]).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -300,7 +326,8 @@ async fn the_queue_limit_counts_only_requests_without_a_batch_slot() -> TestResu
     let (addr, stop, task) = start(server).await?;
     let clients: Vec<_> = (0..18)
         .map(|i| {
-            let body = json!({"model": MODEL, "prompt": format!("p{i}"), "max_tokens": 8, "ignore_eos": true});
+            let body =
+                json!({"model": MODEL, "prompt": format!("p{i}"), "max_tokens": 8, "ignore_eos": true});
             tokio::spawn(async move { http(addr, "POST", "/v1/completions", Some(&body), &[]).await })
         })
         .collect();
@@ -340,14 +367,27 @@ async fn the_key_guards_unknown_routes_and_methods_too() -> TestResult {
 async fn metrics_series_all_carry_the_model_label() -> TestResult {
     let (addr, stop, task) = start(demo_server(1, |_, _| {})?).await?;
     let body = json!({"model": "lora-0", "prompt": "x", "max_tokens": 3});
-    assert_eq!(http(addr, "POST", "/v1/completions", Some(&body), &[]).await?.0, 200);
+    assert_eq!(
+        http(addr, "POST", "/v1/completions", Some(&body), &[]).await?.0,
+        200
+    );
     let (_, _, text) = http(addr, "GET", "/metrics", None, &[]).await?;
-    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    let samples: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
     assert!(samples.len() > 50, "{text}");
     for l in samples {
-        assert!(l.starts_with("multilora:") && l.contains("model_name=\"demo\""), "{l}");
+        assert!(
+            l.starts_with("multilora:") && l.contains("model_name=\"demo\""),
+            "{l}"
+        );
     }
-    assert_eq!(common::metric(&text, "multilora:generation_tokens_total"), Some(3.0), "{text}");
+    assert_eq!(
+        common::metric(&text, "multilora:generation_tokens_total"),
+        Some(3.0),
+        "{text}"
+    );
     let _ = stop.send(());
     timeout(BOUND, task).await???;
     Ok(())
@@ -379,10 +419,24 @@ async fn runtime_adapter_loading_is_off_by_default_and_confined_when_on() -> Tes
     let load = |name: &str, path: &Path| json!({"lora_name": name, "lora_path": path});
     // Off by default: 404, whatever the path.
     let (addr, stop, task) = start(demo_server(1, |_, _| {})?).await?;
-    let (status, _, text) = http(addr, "POST", "/v1/load_lora_adapter", Some(&load("x", &adapter(1)?)), &[]).await?;
+    let (status, _, text) = http(
+        addr,
+        "POST",
+        "/v1/load_lora_adapter",
+        Some(&load("x", &adapter(1)?)),
+        &[],
+    )
+    .await?;
     assert_eq!(status, 404, "{text}");
     assert!(text.contains("--enable-runtime-lora-updating"), "{text}");
-    let (status, _, _) = http(addr, "POST", "/v1/unload_lora_adapter", Some(&json!({"lora_name": "lora-0"})), &[]).await?;
+    let (status, _, _) = http(
+        addr,
+        "POST",
+        "/v1/unload_lora_adapter",
+        Some(&json!({"lora_name": "lora-0"})),
+        &[],
+    )
+    .await?;
     assert_eq!(status, 404);
     // Adapter folders are not listed.
     let (_, _, text) = http(addr, "GET", "/v1/models", None, &[]).await?;
@@ -405,18 +459,38 @@ async fn runtime_adapter_loading_is_off_by_default_and_confined_when_on() -> Tes
     let (addr, stop, task) = start(server).await?;
     // Outside the roots, existing or not, through a symlink or not: one answer.
     let mut answers = Vec::new();
-    for path in [Path::new("/etc"), Path::new("/nonexistent"), &root.path().join("escape"), outside.path()] {
-        let (status, _, text) = http(addr, "POST", "/v1/load_lora_adapter", Some(&load("x", path)), &[]).await?;
+    for path in [
+        Path::new("/etc"),
+        Path::new("/nonexistent"),
+        &root.path().join("escape"),
+        outside.path(),
+    ] {
+        let (status, _, text) =
+            http(addr, "POST", "/v1/load_lora_adapter", Some(&load("x", path)), &[]).await?;
         assert_eq!(status, 400, "{}: {text}", path.display());
         answers.push(error_of(&text)?["message"].clone());
     }
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
     // NaN weights: a clear 400.
-    let (status, _, text) = http(addr, "POST", "/v1/load_lora_adapter", Some(&load("nan", &nan)), &[]).await?;
+    let (status, _, text) = http(
+        addr,
+        "POST",
+        "/v1/load_lora_adapter",
+        Some(&load("nan", &nan)),
+        &[],
+    )
+    .await?;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("NaN or Inf"), "{text}");
     // Inside: loads and serves.
-    let (status, _, text) = http(addr, "POST", "/v1/load_lora_adapter", Some(&load("good", &good)), &[]).await?;
+    let (status, _, text) = http(
+        addr,
+        "POST",
+        "/v1/load_lora_adapter",
+        Some(&load("good", &good)),
+        &[],
+    )
+    .await?;
     assert_eq!(status, 200, "{text}");
     let body = json!({"model": "good", "prompt": "x", "max_tokens": 2});
     let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
@@ -444,7 +518,8 @@ async fn a_stuck_adapter_read_holds_neither_generation_nor_health() -> TestResul
     })?;
     let (addr, stop, task) = start(server).await?;
     let body = json!({"lora_name": "slow", "lora_path": slow});
-    let loading = tokio::spawn(async move { http(addr, "POST", "/v1/load_lora_adapter", Some(&body), &[]).await });
+    let loading =
+        tokio::spawn(async move { http(addr, "POST", "/v1/load_lora_adapter", Some(&body), &[]).await });
     // While the read hangs, streams on other adapters run and /health is fine.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let gen = json!({"model": "lora-0", "prompt": "x", "max_tokens": 4});

@@ -95,8 +95,12 @@ impl LoraAdapter {
         }
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| err(format!("adapter_config.json: {e}")))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| err(format!("adapter_config.json: invalid JSON: {}", redact_quoted(&e.to_string()))))?;
+        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| {
+            err(format!(
+                "adapter_config.json: invalid JSON: {}",
+                redact_quoted(&e.to_string())
+            ))
+        })?;
         if let Some(t) = &config.peft_type {
             if t != "LORA" {
                 return Err(err(format!(
