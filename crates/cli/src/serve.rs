@@ -107,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cfg.max_cpu_loras = Some(cfg.max_loras.max(lora_modules.len()));
     }
     let seconds = |flag: &str, v: f64| {
-        if v.is_finite() && v >= 0.0 && v <= 1e9 {
+        if (0.0..=1e9).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
             Err(anyhow::anyhow!("{flag} must be a number of seconds >= 0"))
@@ -132,9 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     server_cfg.body_timeout = seconds("--body-timeout", args.body_timeout)?;
     server_cfg.engine_stall_timeout = seconds("--engine-stall-timeout", args.engine_stall_timeout)?;
     server_cfg.max_connections = args.max_connections;
-    // vLLM reads its variable as "1" or "true" in any case.
-    let env_allows = std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
-        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"));
+    let env_allows = std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING").is_ok_and(|v| is_env_true(&v));
     server_cfg.enable_runtime_lora_updating = args.enable_runtime_lora_updating || env_allows;
     server_cfg.allowed_lora_dirs = args.allowed_lora_dirs.clone();
     server_cfg.show_lora_paths = args.show_lora_paths;
@@ -169,6 +167,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// As vLLM reads its boolean variables: "1" or "true", in any case.
+fn is_env_true(v: &str) -> bool {
+    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true")
+}
+
 /// `NAME=PATH` or `{"name": ..., "path": ...}` as vLLM's `--lora-modules` takes them.
 fn parse_lora_module(spec: &str) -> anyhow::Result<(String, PathBuf)> {
     if spec.trim_start().starts_with('{') {
@@ -188,6 +191,16 @@ fn parse_lora_module(spec: &str) -> anyhow::Result<(String, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_lora_updating_env_as_vllm_reads_it() {
+        for yes in ["True", "true", "1", " TRUE "] {
+            assert!(is_env_true(yes), "{yes}");
+        }
+        for no in ["False", "0", "", "yes"] {
+            assert!(!is_env_true(no), "{no}");
+        }
+    }
 
     #[test]
     fn lora_modules_both_spellings() -> anyhow::Result<()> {
