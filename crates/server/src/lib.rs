@@ -8,11 +8,11 @@
 //!
 //! Nothing a client does may hold the engine or the process: sizes are checked before work is
 //! done for them, tokenization runs on a bounded pool off the async workers, slow connections
-//! time out ([`connections`]), and a shutdown ends at its timeout.
+//! time out (`connections`), and a shutdown ends at its timeout.
 
 pub mod app;
 pub mod chat_template;
-pub mod connections;
+mod connections;
 pub mod detokenize;
 pub mod engine_loop;
 pub mod error;
