@@ -17,6 +17,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const BOUND: Duration = Duration::from_secs(20);
 
+/// Stops the server and waits (bounded) for `serve` to return Ok.
+async fn stop_serving(
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> TestResult {
+    let _ = stop.send(());
+    timeout(BOUND, task).await???;
+    Ok(())
+}
+
 /// Reads until the server closes the connection (or `BOUND` passes: an error).
 async fn read_to_close(stream: &mut TcpStream) -> Result<String, BoxError> {
     let mut raw = Vec::new();
@@ -116,9 +126,7 @@ async fn max_tokens_of_u64_max_is_refused_and_the_engine_lives() -> TestResult {
     let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
     assert_eq!(status, 200, "{text}");
     wait_health(addr, 200).await?;
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,9 +197,7 @@ async fn slow_headers_bodies_and_idle_connections_are_closed() -> TestResult {
     let response = read_to_close(&mut idle).await?;
     assert_eq!(status_of(&response), Some(200), "{response}");
 
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,9 +255,7 @@ async fn connections_beyond_the_cap_wait_for_a_free_one() -> TestResult {
     drop(first);
     let response = read_to_close(&mut third).await?;
     assert_eq!(status_of(&response), Some(200), "{response}");
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,9 +292,7 @@ async fn huge_prompts_are_refused_by_bytes_and_tokenizing_never_blocks_health() 
     drop(held);
     let (status, _, text) = timeout(BOUND, waiting).await???;
     assert_eq!(status, 200, "{text}");
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,9 +313,7 @@ async fn stop_strings_and_stop_ids_are_bounded() -> TestResult {
     let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 2, "stop": vec!["zz"; 64]});
     let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
     assert_eq!(status, 200, "{text}");
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,9 +335,7 @@ async fn the_queue_limit_counts_only_requests_without_a_batch_slot() -> TestResu
         let (status, _, text) = timeout(BOUND, c).await???;
         assert_eq!(status, 200, "{text}");
     }
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,9 +356,7 @@ async fn the_key_guards_unknown_routes_and_methods_too() -> TestResult {
     for open in ["/health", "/metrics"] {
         assert_eq!(http(addr, "GET", open, None, &[]).await?.0, 200, "{open}");
     }
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,9 +384,7 @@ async fn metrics_series_all_carry_the_model_label() -> TestResult {
         Some(3.0),
         "{text}"
     );
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 /// A copy of a demo adapter in `root` whose first `lora_A` element is `value` (F32 tensors).
@@ -441,8 +435,7 @@ async fn runtime_adapter_loading_is_off_by_default_and_confined_when_on() -> Tes
     // Adapter folders are not listed.
     let (_, _, text) = http(addr, "GET", "/v1/models", None, &[]).await?;
     assert!(!text.contains(&*adapter(0)?.to_string_lossy()), "{text}");
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
+    stop_serving(stop, task).await?;
 
     let root = tempfile::tempdir()?;
     let good = root.path().join("good");
@@ -498,9 +491,7 @@ async fn runtime_adapter_loading_is_off_by_default_and_confined_when_on() -> Tes
     let (_, _, text) = http(addr, "GET", "/v1/models", None, &[]).await?;
     let models: Value = serde_json::from_str(&text)?;
     assert_eq!(models["data"][1]["root"], "good", "{text}");
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,9 +521,7 @@ async fn a_stuck_adapter_read_holds_neither_generation_nor_health() -> TestResul
     assert_eq!(status, 504, "{text}");
     error_of(&text)?;
     release_fifo(fifo, content).await?;
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,7 +552,5 @@ async fn health_reports_an_engine_stuck_in_one_command() -> TestResult {
     let (status, _, text) = timeout(BOUND, stuck).await???;
     assert_eq!(status, 200, "{text}");
     wait_health(addr, 200).await?;
-    let _ = stop.send(());
-    timeout(BOUND, task).await???;
-    Ok(())
+    stop_serving(stop, task).await
 }

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{adapter, demo_server, http, metric, open_stream, sse_data, start, TestResult, MODEL};
+use common::{
+    adapter, demo_server, generation_request, http, metric, open_stream, sse_data, start, TestResult, MODEL,
+};
 use serde_json::{json, Value};
 use tokio::time::{timeout, Instant};
 
@@ -52,15 +54,9 @@ async fn generate(addr: SocketAddr, i: u64, model: &str, tally: &Tally) -> Resul
     let is_chat = i % 3 == 0;
     let is_stream = i % 2 == 0;
     let max_tokens = 4 + i % 24;
-    let mut body = json!({"model": model, "max_tokens": max_tokens, "ignore_eos": true,
-        "stream": is_stream, "temperature": 0.7, "seed": i});
-    let path = if is_chat {
-        body["messages"] = json!([{"role": "user", "content": format!("soak {i}")}]);
-        "/v1/chat/completions"
-    } else {
-        body["prompt"] = json!(format!("soak prompt {i}"));
-        "/v1/completions"
-    };
+    let (path, mut body) = generation_request(i, is_chat, model, max_tokens);
+    body["temperature"] = json!(0.7);
+    body["stream"] = json!(is_stream);
     if is_stream {
         body["stream_options"] = json!({"include_usage": true});
     }

@@ -6,7 +6,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{demo_server, http, metric, open_stream, sse_data, start, TestResult, MODEL};
+use common::{
+    demo_server, generation_request, http, metric, open_stream, sse_data, start, TestResult, MODEL,
+};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 
@@ -47,16 +49,10 @@ async fn many_streaming_clients_with_mixed_adapters_all_finish() -> TestResult {
         let max_tokens = 8 + i % 9;
         want_tokens += max_tokens;
         let chat = i % 2 == 0;
-        let mut body = json!({"model": model, "max_tokens": max_tokens, "ignore_eos": true,
-            "stream": true, "stream_options": {"include_usage": true}, "temperature": 0.8,
-            "seed": i});
-        let path = if chat {
-            body["messages"] = json!([{"role": "user", "content": format!("question {i}")}]);
-            "/v1/chat/completions"
-        } else {
-            body["prompt"] = json!(format!("prompt number {i}"));
-            "/v1/completions"
-        };
+        let (path, mut body) = generation_request(i as u64, chat, &model, max_tokens as u64);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        body["temperature"] = json!(0.8);
         clients.push(tokio::spawn(async move {
             let (status, _, text) = http(addr, "POST", path, Some(&body), &[]).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((i, max_tokens, status, text))

@@ -123,6 +123,19 @@ pub async fn open_stream(
     Ok(stream)
 }
 
+/// A generation request `i` for `model`: a chat or a completion, `max_tokens` long whatever
+/// the model says (`ignore_eos`); returns its path and body.
+pub fn generation_request(i: u64, is_chat: bool, model: &str, max_tokens: u64) -> (&'static str, Value) {
+    let mut body = json!({"model": model, "max_tokens": max_tokens, "ignore_eos": true, "seed": i});
+    if is_chat {
+        body["messages"] = json!([{"role": "user", "content": format!("question {i}")}]);
+        ("/v1/chat/completions", body)
+    } else {
+        body["prompt"] = json!(format!("prompt number {i}"));
+        ("/v1/completions", body)
+    }
+}
+
 /// The `data:` payloads of a server-sent-events body.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.lines()
