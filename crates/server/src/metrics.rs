@@ -53,12 +53,6 @@ pub struct Metrics {
     queue_time: Histogram,
 }
 
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
-    }
-}
-
 impl Metrics {
     pub fn new(model_name: &str) -> Self {
         // prometheus-client writes label values as given.
