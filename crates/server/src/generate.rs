@@ -46,10 +46,7 @@ pub async fn completions(
     let lora = st.resolve_model(&req.model)?;
     let (params, output) = req.sampling.resolve(DEFAULT_COMPLETION_MAX_TOKENS)?;
     let prompt_token_ids = match req.prompt.into_single()? {
-        Prompt::Text(text) => {
-            let limits = PromptLimits::of(&st);
-            off_the_runtime(&st, move || limits.encode(&text, true)).await?
-        }
+        Prompt::Text(text) => encode(&st, text, true).await?,
         Prompt::TokenIds(ids) => ids,
     };
     run(
@@ -103,8 +100,7 @@ pub async fn tokenize(
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> ApiResult<Response> {
     st.resolve_model(&req.model)?;
-    let limits = PromptLimits::of(&st);
-    let tokens = off_the_runtime(&st, move || limits.encode(&req.prompt, req.add_special_tokens)).await?;
+    let tokens = encode(&st, req.prompt, req.add_special_tokens).await?;
     Ok(axum::Json(json!({
         "count": tokens.len(),
         "max_model_len": st.engine.info.max_model_len,
@@ -147,6 +143,11 @@ impl PromptLimits {
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| ApiError::bad_param("prompt", format!("cannot tokenize the prompt: {e}")))
     }
+}
+
+async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiResult<Vec<u32>> {
+    let limits = PromptLimits::of(st);
+    off_the_runtime(st, move || limits.encode(&text, add_special_tokens)).await
 }
 
 /// Runs `f` on the blocking pool once a tokenize permit is free; the permit goes with `f`, so

@@ -109,7 +109,6 @@ pub enum StartError {
 pub struct Server {
     state: Arc<AppState>,
     thread: Option<JoinHandle<()>>,
-    config: ServerConfig,
 }
 
 impl Server {
@@ -146,23 +145,15 @@ impl Server {
             config.max_waiting_requests,
             metrics.clone(),
         )?;
-        let state = AppState::new(
-            handle,
-            config.clone(),
-            model_root,
-            adapters,
-            chat_template,
-            metrics,
-        );
+        let state = AppState::new(handle, config, model_root, adapters, chat_template, metrics);
         Ok(Server {
             state: Arc::new(state),
             thread: Some(thread),
-            config,
         })
     }
 
     pub fn router(&self) -> Router {
-        app::router(self.state.clone(), self.config.max_body_bytes)
+        app::router(self.state.clone(), self.state.config.max_body_bytes)
     }
 
     pub fn state(&self) -> &Arc<AppState> {
