@@ -386,6 +386,9 @@ impl EngineLoop {
                 }
             }
             if self.engine.has_unfinished_requests() {
+                // Before the step too: its tokens reach clients before the publish after it,
+                // and a client must not then read the gauges of before its request arrived.
+                self.publish();
                 self.health.set_busy(true);
                 self.step();
             }
