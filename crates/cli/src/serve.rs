@@ -44,7 +44,7 @@ pub struct Args {
     /// A chat template (a file or the template itself) instead of the model's.
     #[arg(long)]
     chat_template: Option<String>,
-    /// Requests waiting for a batch slot beyond which new ones are refused with 429.
+    /// Queued requests that no free batch slot can take, beyond which new ones get 429.
     #[arg(long, default_value_t = 1024)]
     max_waiting_requests: usize,
     /// Largest request body accepted (413 above).

@@ -46,7 +46,7 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// A chat template file or inline template, overriding the model's.
     pub chat_template: Option<String>,
-    /// Requests waiting for a batch slot beyond which new requests get 429.
+    /// Queued requests that no free batch slot can take, beyond which new requests get 429.
     pub max_waiting_requests: usize,
     pub max_body_bytes: usize,
     /// How long a shutdown waits for running requests before aborting them (`--shutdown-timeout`).
