@@ -58,17 +58,7 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
         })
         .to_string(),
     )?;
-    // The benchmark loads the adapters the server does not list.
-    let server = ServerProcess::start(
-        dir,
-        &[
-            "--config",
-            "common.json",
-            "--served-model-name",
-            "demo",
-            "--enable-runtime-lora-updating",
-        ],
-    )?;
+    let server = ServerProcess::start(dir, &["--config", "common.json", "--served-model-name", "demo"])?;
     let base_url = format!("http://{}/v1", server.addr);
 
     let out = multilora(
