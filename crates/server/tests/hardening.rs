@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{adapter, demo_server, http, open_stream, sse_data, start, TestResult, MODEL};
+use common::{adapter, demo_server, http, open_stream, post, sse_data, start, TestResult, MODEL};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -123,7 +123,7 @@ async fn max_tokens_of_u64_max_is_refused_and_the_engine_lives() -> TestResult {
     }
     // The engine thread is alive: generation and /health work.
     let body = json!({"model": MODEL, "prompt": "hello", "max_tokens": 3});
-    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
+    let (status, _, text) = post(addr, "/v1/completions", &body).await?;
     assert_eq!(status, 200, "{text}");
     wait_health(addr, 200).await?;
     stop_serving(stop, task).await
@@ -162,7 +162,7 @@ async fn health_is_503_while_the_engine_is_dead_before_exit() -> TestResult {
         "{body}"
     );
     let req = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
-    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&req), &[]).await?;
+    let (status, _, text) = post(addr, "/v1/completions", &req).await?;
     assert_eq!(status, 503, "{text}");
     Ok(())
 }
@@ -216,7 +216,7 @@ async fn shutdown_answers_503_while_draining_and_ends_at_its_timeout() -> TestRe
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The listener is still open: a new client is told why, in JSON.
     let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
-    let (status, head, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
+    let (status, head, text) = post(addr, "/v1/completions", &body).await?;
     assert_eq!(status, 503, "{text}");
     assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
     let e = error_of(&text)?;
@@ -266,7 +266,7 @@ async fn huge_prompts_are_refused_by_bytes_and_tokenizing_never_blocks_health() 
     // 3.9 MB: refused by its length in bytes, before any tokenization.
     let prompt = "hello ".repeat(650_000);
     let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
-    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
+    let (status, _, text) = post(addr, "/v1/completions", &body).await?;
     assert_eq!(status, 400, "{text}");
     let e = error_of(&text)?;
     assert_eq!(e["code"], "context_length_exceeded");
@@ -282,12 +282,12 @@ async fn huge_prompts_are_refused_by_bytes_and_tokenizing_never_blocks_health() 
         .acquire_many_owned(permits.available_permits() as u32)
         .await?;
     let body = json!({"model": MODEL, "prompt": "hello there", "max_tokens": 2});
-    let waiting = tokio::spawn(async move { http(addr, "POST", "/v1/completions", Some(&body), &[]).await });
+    let waiting = tokio::spawn(async move { post(addr, "/v1/completions", &body).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "tokenized without a permit");
     wait_health(addr, 200).await?;
     let ids = json!({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2});
-    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&ids), &[]).await?;
+    let (status, _, text) = post(addr, "/v1/completions", &ids).await?;
     assert_eq!(status, 200, "{text}");
     drop(held);
     let (status, _, text) = timeout(BOUND, waiting).await???;
@@ -306,12 +306,12 @@ async fn stop_strings_and_stop_ids_are_bounded() -> TestResult {
     ] {
         let mut body = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
         body[field] = value;
-        let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
+        let (status, _, text) = post(addr, "/v1/completions", &body).await?;
         assert_eq!(status, 400, "{text}");
         assert_eq!(error_of(&text)?["param"], field, "{text}");
     }
     let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 2, "stop": vec!["zz"; 64]});
-    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
+    let (status, _, text) = post(addr, "/v1/completions", &body).await?;
     assert_eq!(status, 200, "{text}");
     stop_serving(stop, task).await
 }
@@ -328,7 +328,7 @@ async fn the_queue_limit_counts_only_requests_without_a_batch_slot() -> TestResu
         .map(|i| {
             let body =
                 json!({"model": MODEL, "prompt": format!("p{i}"), "max_tokens": 8, "ignore_eos": true});
-            tokio::spawn(async move { http(addr, "POST", "/v1/completions", Some(&body), &[]).await })
+            tokio::spawn(async move { post(addr, "/v1/completions", &body).await })
         })
         .collect();
     for c in clients {
@@ -363,10 +363,7 @@ async fn the_key_guards_unknown_routes_and_methods_too() -> TestResult {
 async fn metrics_series_all_carry_the_model_label() -> TestResult {
     let (addr, stop, task) = start(demo_server(1, |_, _| {})?).await?;
     let body = json!({"model": "lora-0", "prompt": "x", "max_tokens": 3});
-    assert_eq!(
-        http(addr, "POST", "/v1/completions", Some(&body), &[]).await?.0,
-        200
-    );
+    assert_eq!(post(addr, "/v1/completions", &body).await?.0, 200);
     let (_, _, text) = http(addr, "GET", "/metrics", None, &[]).await?;
     let samples: Vec<&str> = text
         .lines()
@@ -413,24 +410,10 @@ async fn runtime_adapter_loading_is_off_by_default_and_confined_when_on() -> Tes
     let load = |name: &str, path: &Path| json!({"lora_name": name, "lora_path": path});
     // Off by default: 404, whatever the path.
     let (addr, stop, task) = start(demo_server(1, |_, _| {})?).await?;
-    let (status, _, text) = http(
-        addr,
-        "POST",
-        "/v1/load_lora_adapter",
-        Some(&load("x", &adapter(1)?)),
-        &[],
-    )
-    .await?;
+    let (status, _, text) = post(addr, "/v1/load_lora_adapter", &load("x", &adapter(1)?)).await?;
     assert_eq!(status, 404, "{text}");
     assert!(text.contains("--enable-runtime-lora-updating"), "{text}");
-    let (status, _, _) = http(
-        addr,
-        "POST",
-        "/v1/unload_lora_adapter",
-        Some(&json!({"lora_name": "lora-0"})),
-        &[],
-    )
-    .await?;
+    let (status, _, _) = post(addr, "/v1/unload_lora_adapter", &json!({"lora_name": "lora-0"})).await?;
     assert_eq!(status, 404);
     // Adapter folders are not listed.
     let (_, _, text) = http(addr, "GET", "/v1/models", None, &[]).await?;
@@ -458,35 +441,20 @@ async fn runtime_adapter_loading_is_off_by_default_and_confined_when_on() -> Tes
         &root.path().join("escape"),
         outside.path(),
     ] {
-        let (status, _, text) =
-            http(addr, "POST", "/v1/load_lora_adapter", Some(&load("x", path)), &[]).await?;
+        let (status, _, text) = post(addr, "/v1/load_lora_adapter", &load("x", path)).await?;
         assert_eq!(status, 400, "{}: {text}", path.display());
         answers.push(error_of(&text)?["message"].clone());
     }
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
     // NaN weights: a clear 400.
-    let (status, _, text) = http(
-        addr,
-        "POST",
-        "/v1/load_lora_adapter",
-        Some(&load("nan", &nan)),
-        &[],
-    )
-    .await?;
+    let (status, _, text) = post(addr, "/v1/load_lora_adapter", &load("nan", &nan)).await?;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("NaN or Inf"), "{text}");
     // Inside: loads and serves.
-    let (status, _, text) = http(
-        addr,
-        "POST",
-        "/v1/load_lora_adapter",
-        Some(&load("good", &good)),
-        &[],
-    )
-    .await?;
+    let (status, _, text) = post(addr, "/v1/load_lora_adapter", &load("good", &good)).await?;
     assert_eq!(status, 200, "{text}");
     let body = json!({"model": "good", "prompt": "x", "max_tokens": 2});
-    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
+    let (status, _, text) = post(addr, "/v1/completions", &body).await?;
     assert_eq!(status, 200, "{text}");
     let (_, _, text) = http(addr, "GET", "/v1/models", None, &[]).await?;
     let models: Value = serde_json::from_str(&text)?;
@@ -509,12 +477,11 @@ async fn a_stuck_adapter_read_holds_neither_generation_nor_health() -> TestResul
     })?;
     let (addr, stop, task) = start(server).await?;
     let body = json!({"lora_name": "slow", "lora_path": slow});
-    let loading =
-        tokio::spawn(async move { http(addr, "POST", "/v1/load_lora_adapter", Some(&body), &[]).await });
+    let loading = tokio::spawn(async move { post(addr, "/v1/load_lora_adapter", &body).await });
     // While the read hangs, streams on other adapters run and /health is fine.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let gen = json!({"model": "lora-0", "prompt": "x", "max_tokens": 4});
-    let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&gen), &[]).await?;
+    let (status, _, text) = post(addr, "/v1/completions", &gen).await?;
     assert_eq!(status, 200, "{text}");
     wait_health(addr, 200).await?;
     let (status, _, text) = timeout(BOUND, loading).await???;
@@ -542,7 +509,7 @@ async fn health_reports_an_engine_stuck_in_one_command() -> TestResult {
     let content = make_fifo(&fifo)?;
     let (addr, stop, task) = start(server).await?;
     let body = json!({"model": "a", "prompt": "x", "max_tokens": 2});
-    let stuck = tokio::spawn(async move { http(addr, "POST", "/v1/completions", Some(&body), &[]).await });
+    let stuck = tokio::spawn(async move { post(addr, "/v1/completions", &body).await });
     let text = wait_health(addr, 503).await?;
     assert!(text.contains("one step or command"), "{text}");
     // The HTTP side still answers what needs no engine.

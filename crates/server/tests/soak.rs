@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    adapter, demo_server, generation_request, http, metric, open_stream, sse_data, start, TestResult, MODEL,
+    adapter, demo_server, generation_request, http, metric, open_stream, post, sse_data, start, TestResult,
+    MODEL,
 };
 use serde_json::{json, Value};
 use tokio::time::{timeout, Instant};
@@ -60,7 +61,7 @@ async fn generate(addr: SocketAddr, i: u64, model: &str, tally: &Tally) -> Resul
     if is_stream {
         body["stream_options"] = json!({"include_usage": true});
     }
-    let (status, _, text) = http(addr, "POST", path, Some(&body), &[]).await?;
+    let (status, _, text) = post(addr, path, &body).await?;
     match status {
         200 if is_stream => {
             let data = sse_data(&text);
@@ -101,7 +102,7 @@ async fn client(addr: SocketAddr, c: usize, deadline: Instant, tally: Arc<Tally>
             (0 | 1, _) => {
                 let name = format!("extra-{c}");
                 let body = json!({"lora_name": name, "lora_path": adapter(NUM_ADAPTERS + c)?});
-                let (status, _, text) = http(addr, "POST", "/v1/load_lora_adapter", Some(&body), &[]).await?;
+                let (status, _, text) = post(addr, "/v1/load_lora_adapter", &body).await?;
                 if status != 200 {
                     tally.error(format!("load {name}: {status}: {text}"));
                     continue;
@@ -109,8 +110,7 @@ async fn client(addr: SocketAddr, c: usize, deadline: Instant, tally: Arc<Tally>
                 tally.loads.fetch_add(1, Ordering::Relaxed);
                 generate(addr, i, &name, &tally).await?;
                 let body = json!({"lora_name": name});
-                let (status, _, text) =
-                    http(addr, "POST", "/v1/unload_lora_adapter", Some(&body), &[]).await?;
+                let (status, _, text) = post(addr, "/v1/unload_lora_adapter", &body).await?;
                 if status != 200 {
                     tally.error(format!("unload {name}: {status}: {text}"));
                 }

@@ -136,6 +136,15 @@ pub fn generation_request(i: u64, is_chat: bool, model: &str, max_tokens: u64) -
     }
 }
 
+/// A JSON POST over [`http`].
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+) -> Result<(u16, String, String), Box<dyn std::error::Error + Send + Sync>> {
+    http(addr, "POST", path, Some(body), &[]).await
+}
+
 /// The `data:` payloads of a server-sent-events body.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.lines()
