@@ -23,17 +23,22 @@ pub struct SynthArgs {
     /// Folder the adapters go into, one subfolder each (the config's lora_adapters_path).
     #[arg(long)]
     out: PathBuf,
+    /// How many adapters to write.
     #[arg(long, default_value_t = 32)]
     num: usize,
+    /// LoRA rank r of every adapter.
     #[arg(long, default_value_t = 16)]
     rank: usize,
     /// Defaults to 2 × rank.
     #[arg(long)]
     lora_alpha: Option<f32>,
+    /// Comma-separated projections the adapters modify (PEFT's target_modules).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
     target_modules: Vec<String>,
+    /// Scale by lora_alpha / sqrt(r) instead of lora_alpha / r (PEFT's use_rslora).
     #[arg(long)]
     use_rslora: bool,
+    /// Seed of the random weights (adapter i gets its own stream).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Adapter folder names are PREFIX-000, PREFIX-001, ...
@@ -46,7 +51,6 @@ pub struct SynthArgs {
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let Command::Synth(a) = cmd;
-    let cfg = ModelConfig::from_dir(&a.model)?;
     let targets = a
         .target_modules
         .iter()
@@ -55,6 +59,10 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     if a.num == 0 {
         bail!("--num must be at least 1");
     }
+    if a.rank == 0 {
+        bail!("--rank must be at least 1");
+    }
+    let cfg = ModelConfig::from_dir(&a.model)?;
     let json_path = a
         .adapters_json
         .clone()

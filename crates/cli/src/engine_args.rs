@@ -20,12 +20,14 @@ pub struct EngineArgs {
     /// while later requests are admitted; then nothing later is admitted before it (default 64).
     #[arg(long)]
     pub max_times_passed_over: Option<u32>,
+    /// Most sequences in one batch.
     #[arg(long)]
     pub max_num_seqs: Option<usize>,
+    /// Longest prompt plus output, in tokens (default: the model's).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Tokens per step (>= max-num-seqs); below max-model-len, long prompts are prefilled in
-    /// chunks over several steps, beside the running decodes.
+    /// Tokens per step (at least max-num-seqs); below max-model-len, long prompts are
+    /// prefilled in chunks over several steps, beside the running decodes.
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
     /// auto, float32, float16, bfloat16
@@ -37,6 +39,7 @@ pub struct EngineArgs {
     /// auto (safetensors) or dummy (random weights from config.json)
     #[arg(long)]
     pub load_format: Option<String>,
+    /// Seed of the sampler (and, in the benchmark, of the workloads' draws).
     #[arg(long)]
     pub seed: Option<u64>,
 }

@@ -3,11 +3,12 @@
 //! in input order.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use multilora_engine::lora::adapter::LoraAdapter;
 use multilora_engine::{AdapterId, LLMEngine, LoraRequest, Prompt, SamplingParams};
 use serde::Deserialize;
 
@@ -71,7 +72,7 @@ pub fn parse_loras(specs: &[String]) -> anyhow::Result<HashMap<String, LoraReque
     Ok(out)
 }
 
-/// One input line: its index, prompt, sampling parameters and adapter name.
+/// One input line: its line number (1-based), prompt, sampling parameters and adapter name.
 type InputRequest = (usize, Prompt, SamplingParams, Option<String>);
 
 fn read_requests(path: &Path) -> anyhow::Result<Vec<InputRequest>> {
@@ -85,6 +86,8 @@ fn read_requests(path: &Path) -> anyhow::Result<Vec<InputRequest>> {
         let where_ = || format!("{}:{}", path.display(), n + 1);
         let l: InputLine = serde_json::from_str(&line).with_context(where_)?;
         let prompt = match (l.prompt, l.prompt_token_ids) {
+            (Some(p), None) if p.is_empty() => bail!("{}: \"prompt\" is empty", where_()),
+            (None, Some(ids)) if ids.is_empty() => bail!("{}: \"prompt_token_ids\" is empty", where_()),
             (Some(p), None) => Prompt::Text(p),
             (None, Some(ids)) => Prompt::TokenIds(ids),
             _ => bail!(
@@ -103,7 +106,7 @@ fn read_requests(path: &Path) -> anyhow::Result<Vec<InputRequest>> {
             stop_token_ids: l.stop_token_ids.unwrap_or_default(),
             ignore_eos: l.ignore_eos.unwrap_or(false),
         };
-        out.push((out.len(), prompt, params, l.lora));
+        out.push((n + 1, prompt, params, l.lora));
     }
     Ok(out)
 }
@@ -116,24 +119,33 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if cfg.enable_lora && args.engine.max_cpu_loras.is_none() {
         cfg.max_cpu_loras = Some(cfg.max_loras.max(loras.len()));
     }
+    let max_lora_rank = cfg.max_lora_rank;
     let mut engine =
         LLMEngine::new(cfg).with_context(|| format!("loading model {}", args.model.display()))?;
+    // Every adapter given is loaded and checked now, used by a request or not: a typo in an
+    // unused one would otherwise go unnoticed.
+    let mut specs: Vec<&LoraRequest> = loras.values().collect();
+    specs.sort_by_key(|l| l.id.0);
+    for l in specs {
+        LoraAdapter::load(&l.name, &l.path, engine.model_config(), max_lora_rank)
+            .with_context(|| format!("--lora {}={}", l.name, l.path.display()))?;
+    }
 
     let mut names = Vec::with_capacity(requests.len());
-    for (index, prompt, params, lora) in requests {
+    for (index, (line, prompt, params, lora)) in requests.into_iter().enumerate() {
+        let at = || format!("{}:{line}", args.input.display());
         let lora_req = match &lora {
             None => None,
             Some(name) => Some(loras.get(name).with_context(|| {
                 format!(
-                    "{} line {}: unknown adapter {name:?} (give it with --lora {name}=PATH)",
-                    args.input.display(),
-                    index + 1
+                    "{}: unknown adapter {name:?} (give it with --lora {name}=PATH)",
+                    at()
                 )
             })?),
         };
         engine
             .add_request(&index.to_string(), prompt, params, lora_req)
-            .with_context(|| format!("{}: request {index}", args.input.display()))?;
+            .with_context(at)?;
         names.push(lora);
     }
     let mut results: Vec<Option<serde_json::Value>> = vec![None; names.len()];
@@ -160,7 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     match &args.output {
         Some(path) => write_file_atomically(path, text.as_bytes())?,
-        None => std::io::stdout().write_all(text.as_bytes())?,
+        None => crate::print_stdout(&text)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -168,6 +180,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// Writes via a temp file and a rename, so a failure never leaves a half-written file.
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp-multilora");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    // The file the user named, not the temp file beside it.
+    written.with_context(|| format!("writing {}", path.display()))
 }

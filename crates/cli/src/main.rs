@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod adapters;
@@ -42,6 +43,7 @@ struct DemoArgs {
     /// Folder to write `model/` and `adapters/` into; missing parts are written, existing kept.
     #[arg(long, default_value = "demo")]
     dir: std::path::PathBuf,
+    /// Seed of the random weights (the demo model's text is noise whatever the seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -55,11 +57,44 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,
+        // `multilora ... | head`: the reader has what it wanted.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            print_error(&err);
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Prints `error: ` and the chain of causes; a cause that its context already ends with (an
+/// error type that prints its source in its own message) is not repeated.
+fn print_error(err: &anyhow::Error) {
+    let mut text = String::new();
+    for cause in err.chain().map(|c| c.to_string()) {
+        if !text.ends_with(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    eprintln!("error: {text}");
+}
+
+/// Writes `text` to stdout; a closed pipe comes back as an error that `main` ends quietly on.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -68,7 +103,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             let wrote = multilora_engine::demo::ensure_demo(&args.dir, args.seed)?;
             let verb = if wrote { "wrote" } else { "already complete:" };
-            eprintln!("{verb} demo model and adapters in {}", args.dir.display());
+            eprintln!(
+                "{verb} demo model and adapters in {} (random weights: latencies are real, generated text is noise)",
+                args.dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Adapters(cmd) => adapters::run(cmd),

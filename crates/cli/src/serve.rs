@@ -44,15 +44,39 @@ pub struct Args {
     /// A chat template (a file or the template itself) instead of the model's.
     #[arg(long)]
     chat_template: Option<String>,
-    /// Requests waiting for a batch slot beyond which new ones are refused with 429.
+    /// Queued requests that no free batch slot can take, beyond which new ones get 429.
     #[arg(long, default_value_t = 1024)]
     max_waiting_requests: usize,
     /// Largest request body accepted (413 above).
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
-    /// Seconds a shutdown (Ctrl-C, SIGTERM) lets running requests finish before aborting them.
+    /// Seconds a shutdown (Ctrl-C, SIGTERM) lets running requests finish before aborting them;
+    /// new requests get 503 meanwhile. The process ends at most a second after.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
+    /// Allow /v1/load_lora_adapter and /v1/unload_lora_adapter (also vLLM's
+    /// VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); pair with --api-key and --allowed-lora-dirs.
+    #[arg(long)]
+    enable_runtime_lora_updating: bool,
+    /// Folders that runtime adapter paths must resolve inside, after symlinks.
+    #[arg(long, num_args = 1.., value_name = "DIR")]
+    allowed_lora_dirs: Vec<PathBuf>,
+    /// List each adapter's folder as its `root` in /v1/models (default: its name).
+    #[arg(long)]
+    show_lora_paths: bool,
+    /// Seconds a connection may take to send a request's headers, from its opening or its
+    /// previous response (so also how long an idle keep-alive connection stays open).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a request's body may take to arrive after its headers (408 after).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Open connections beyond which new ones wait in the listen backlog.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds one engine step or command may run before /health answers 503.
+    #[arg(long, default_value_t = 60.0)]
+    engine_stall_timeout: f64,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -82,9 +106,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if (cfg.enable_lora || !lora_modules.is_empty()) && cfg.max_cpu_loras.is_none() {
         cfg.max_cpu_loras = Some(cfg.max_loras.max(lora_modules.len()));
     }
-    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
-        bail!("--shutdown-timeout must be a number of seconds >= 0");
-    }
+    let seconds = |flag: &str, v: f64| {
+        if (0.0..=1e9).contains(&v) {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow::anyhow!("{flag} must be a number of seconds >= 0"))
+        }
+    };
     let mut server_cfg = ServerConfig::new(
         args.served_model_name
             .clone()
@@ -99,13 +127,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     server_cfg.chat_template = args.chat_template.clone();
     server_cfg.max_waiting_requests = args.max_waiting_requests;
     server_cfg.max_body_bytes = args.max_body_bytes;
-    server_cfg.drain_timeout = Duration::from_secs_f64(args.shutdown_timeout);
+    server_cfg.drain_timeout = seconds("--shutdown-timeout", args.shutdown_timeout)?;
+    server_cfg.header_timeout = seconds("--header-timeout", args.header_timeout)?;
+    server_cfg.body_timeout = seconds("--body-timeout", args.body_timeout)?;
+    server_cfg.engine_stall_timeout = seconds("--engine-stall-timeout", args.engine_stall_timeout)?;
+    server_cfg.max_connections = args.max_connections;
+    let env_allows = std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING").is_ok_and(|v| is_env_true(&v));
+    server_cfg.enable_runtime_lora_updating = args.enable_runtime_lora_updating || env_allows;
+    server_cfg.allowed_lora_dirs = args.allowed_lora_dirs.clone();
+    server_cfg.show_lora_paths = args.show_lora_paths;
+    if server_cfg.enable_runtime_lora_updating && server_cfg.api_key.is_none() {
+        tracing::warn!("runtime adapter loading is on without --api-key: anyone who reaches the port can load and unload adapters");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let name = server_cfg.served_model_name.clone();
         let num_adapters = server_cfg.lora_modules.len();
         let server =
@@ -121,7 +160,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .context("serving")?;
         eprintln!("multilora serve: stopped");
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // A read stuck on the blocking pool (an adapter folder on a hung mount) must not hold the
+    // exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// As vLLM reads its boolean variables: "1" or "true", in any case.
+fn is_env_true(v: &str) -> bool {
+    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true")
 }
 
 /// `NAME=PATH` or `{"name": ..., "path": ...}` as vLLM's `--lora-modules` takes them.
@@ -143,6 +191,16 @@ fn parse_lora_module(spec: &str) -> anyhow::Result<(String, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_lora_updating_env_as_vllm_reads_it() {
+        for yes in ["True", "true", "1", " TRUE "] {
+            assert!(is_env_true(yes), "{yes}");
+        }
+        for no in ["False", "0", "", "yes"] {
+            assert!(!is_env_true(no), "{no}");
+        }
+    }
 
     #[test]
     fn lora_modules_both_spellings() -> anyhow::Result<()> {

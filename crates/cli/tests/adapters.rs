@@ -79,3 +79,44 @@ fn synth_writes_loadable_adapters_and_their_group() -> Result<()> {
     );
     Ok(())
 }
+
+/// Generated weights are readable by other users (a vLLM server running as another user) as
+/// the umask allows: 0644 under umask 022, 0600 under 077.
+#[test]
+fn generated_files_follow_the_umask() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let bin = env!("CARGO_BIN_EXE_multilora");
+    for (umask, mode) in [("022", 0o644), ("077", 0o600)] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask {umask} && \"$0\" demo --dir demo-{umask} && \"$0\" adapters synth --model demo-{umask}/model --out synth-{umask} --num 1 --rank 4"
+            ))
+            .arg(bin)
+            .current_dir(d)
+            .output()?;
+        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for file in [
+            format!("demo-{umask}/model/model.safetensors"),
+            format!("demo-{umask}/model/config.json"),
+            format!("demo-{umask}/adapters/demo-r16-000/adapter_model.safetensors"),
+            format!("synth-{umask}/lora-000/adapter_model.safetensors"),
+            format!("synth-{umask}/adapters.json"),
+        ] {
+            let got = std::fs::metadata(d.join(&file))?.permissions().mode() & 0o777;
+            ensure!(
+                got == mode,
+                "{file}: {got:o} under umask {umask}, expected {mode:o}"
+            );
+        }
+    }
+    let out = synth(d, &["--rank", "0"])?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && e.contains("--rank must be at least 1"),
+        "{e}"
+    );
+    Ok(())
+}

@@ -1,12 +1,15 @@
 //! `multilora bench` end to end, through the built binary on the demo model: every output file
-//! with its columns and row counts, decode steps numbering exactly N − 1 per batch, and each
-//! error a user will meet failing with a clear message, a non-zero exit and no report left.
+//! with its columns and row counts, decode steps numbering exactly N − 1 per batch, each
+//! error a user will meet failing before any measurement with a clear message, a non-zero exit
+//! and no report left, and an interrupted run keeping what it measured until `--resume`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
+
+mod first_point;
 
 const NUM_TOKENS: usize = 5;
 
@@ -320,7 +323,10 @@ fn prompt_plus_num_tokens_above_max_model_len() -> Result<()> {
         "--num-tokens",
         "16",
     ])?;
-    ensure!(e.contains("above max_model_len 24"), "{e}");
+    ensure!(
+        e.contains("above max_model_len 24") && e.contains("prompt 0 of "),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -352,21 +358,381 @@ fn fewer_prompts_than_the_batch() -> Result<()> {
 #[test]
 fn config_errors_name_the_key_and_file() -> Result<()> {
     let f = Fixture::new()?;
-    f.write_common(json!({ "max_loras": "many", "surprise": 1 }))?;
+    f.write_common(json!({ "max_loras": "many" }))?;
     let e = f.fails(&["multi-lora"])?;
     ensure!(
         e.contains("common.json: key \"max_loras\" must be a positive integer, got \"many\""),
         "{e}"
     );
-    ensure!(e.contains("unknown key \"surprise\""), "{e}");
     Ok(())
 }
 
 #[test]
-fn a_broken_adapter_mid_run_leaves_no_report() -> Result<()> {
+fn a_misspelt_key_is_an_error_with_a_suggestion() -> Result<()> {
+    let f = Fixture::new()?;
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(f.path("common.json"))?)?;
+    let map = c.as_object_mut().context("object")?;
+    map.remove("max_loras");
+    map.insert("max_lora".into(), json!(4));
+    map.insert("surprise".into(), json!(1));
+    std::fs::write(f.path("common.json"), c.to_string())?;
+    let e = f.fails(&["multi-lora", "--batch-sizes", "1"])?;
+    ensure!(
+        e.contains("unknown key \"max_lora\" (did you mean \"max_loras\"?), \"surprise\"")
+            && e.contains("--allow-unknown-keys"),
+        "{e}"
+    );
+    // Checked before anything is written: no demo either.
+    ensure!(!f.path("demo").exists());
+    let out = f.bench(&["no-lora", "--batch-sizes", "1", "--allow-unknown-keys"])?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{e}");
+    ensure!(
+        e.contains("warning:")
+            && e.contains("unknown key \"max_lora\" (did you mean \"max_loras\"?) ignored"),
+        "{e}"
+    );
+    Ok(())
+}
+
+/// The report folder of a run, from `--json`'s `report_dir`.
+fn report_dir(f: &Fixture, out: &Output) -> Result<PathBuf> {
+    let result: Value = serde_json::from_slice(&out.stdout).context("--json prints JSON")?;
+    let report = PathBuf::from(result["report_dir"].as_str().context("report_dir")?);
+    Ok(f.path("").join(report))
+}
+
+/// The original's files (see the original benchmark's description): these headers, one
+/// per_batch row per batch size, one per_request row per request, one step row per step.
+const ORIGINAL_PER_BATCH: &str = "batch_size,prefill_latency_ms,decode_latency_ms,e2e_latency_ms";
+const ORIGINAL_PER_REQUEST: &str = "#tokens,first_token_time,completion_time,prompt_num_tokens,output_num_tokens,finish_reason,tokens_per_second,latency";
+
+#[test]
+fn repeats_leave_the_originals_files_as_the_original_writes_them() -> Result<()> {
+    let f = Fixture::new()?;
+    f.write_common(json!({ "repeat": 3 }))?;
+    let out = f.bench(&[
+        "multi-lora",
+        "--workload",
+        "uniform",
+        "--batch-sizes",
+        "1,3",
+        "--json",
+    ])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = report_dir(&f, &out)?;
+    for series in ["no-lora", "uniform"] {
+        let dir = report.join(series);
+        let text = std::fs::read_to_string(dir.join("per_batch_latency.csv"))?;
+        let lines: Vec<&str> = text.lines().collect();
+        ensure!(lines[0] == ORIGINAL_PER_BATCH, "{series}: {text}");
+        ensure!(lines.len() == 1 + 2, "{series}: one row per batch size: {text}");
+        for b in [1usize, 3] {
+            let text = std::fs::read_to_string(dir.join(format!("per_request_latency-{b}.csv")))?;
+            let lines: Vec<&str> = text.lines().collect();
+            ensure!(
+                lines[0] == ORIGINAL_PER_REQUEST && lines.len() == 1 + b,
+                "{series} {b}: {text}"
+            );
+            let steps = csv(&dir.join(format!("step_latency-{b}.csv")))?;
+            ensure!(steps[0] == ["step_latency_ms"] && steps.iter().all(|r| r.len() == 1));
+            // One run's steps: prefill then N − 1 decode steps.
+            ensure!(steps.len() == 1 + 1 + NUM_TOKENS - 1, "{series} {b}: {steps:?}");
+        }
+    }
+    // Every repeat in our own files.
+    let runs = csv(&report.join("runs.csv"))?;
+    ensure!(runs.len() == 1 + 2 * 2 * 3, "{runs:?}");
+    let shown = runs
+        .iter()
+        .filter(|r| r.last().map(String::as_str) == Some("true"))
+        .count();
+    ensure!(
+        shown == 2 * 2,
+        "one run per point in the original's files: {runs:?}"
+    );
+    let requests = csv(&report.join("requests.csv"))?;
+    ensure!(requests.len() == 1 + 2 * 3 * (1 + 3), "{}", requests.len());
+    let summary = csv(&report.join("summary.csv"))?;
+    ensure!(summary[1..].iter().all(|r| r[3] == "3"), "{summary:?}");
+    Ok(())
+}
+
+#[test]
+fn config_paths_resolve_beside_the_config_from_any_directory() -> Result<()> {
+    let f = Fixture::new()?;
+    let cfg = f.path("cfg");
+    std::fs::create_dir(&cfg)?;
+    std::fs::rename(f.path("prompts.json"), cfg.join("prompts.json"))?;
+    std::fs::rename(f.path("adapters.json"), cfg.join("adapters.json"))?;
+    // As users write them, relative to the config's folder.
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(f.path("common.json"))?)?;
+    for (k, v) in [
+        ("base_model_path", "../demo/model"),
+        ("no_lora_prompts_path", "prompts.json"),
+        ("lora_adapters_config_path", "adapters.json"),
+        ("lora_adapters_path", "../demo/adapters"),
+        ("report_dir", "../reports"),
+    ] {
+        c[k] = json!(v);
+    }
+    std::fs::write(cfg.join("common.json"), c.to_string())?;
+    let elsewhere = tempfile::tempdir()?;
+    let run = |extra: &[&str]| -> Result<Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_multilora"))
+            .args([
+                "bench",
+                "multi-lora",
+                "--workload",
+                "distinct",
+                "--batch-sizes",
+                "1",
+            ])
+            .args(extra)
+            .arg("--config")
+            .arg(cfg.join("common.json"))
+            .current_dir(elsewhere.path())
+            .output()?)
+    };
+    let out = run(&[])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The demo and the report where the config points, nothing in the working directory.
+    ensure!(f.path("demo/model/config.json").is_file());
+    ensure!(std::fs::read_dir(f.path("reports"))?.count() == 1);
+    ensure!(std::fs::read_dir(elsewhere.path())?.next().is_none());
+
+    // A path in neither place: the key, the file, the value and both places looked.
+    c["no_lora_prompts_path"] = json!("nope/prompts.json");
+    std::fs::write(cfg.join("common.json"), c.to_string())?;
+    let out = run(&[])?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "{e}");
+    ensure!(
+        e.contains("common.json: key \"no_lora_prompts_path\" is \"nope/prompts.json\", which is not at")
+            && e.contains(&format!(
+                "{} (beside the config)",
+                cfg.join("nope/prompts.json").display()
+            ))
+            && e.contains(&format!(
+                "{} (the working directory)",
+                elsewhere.path().join("nope/prompts.json").display()
+            )),
+        "{e}"
+    );
+    // A wrong base_model_path names its key before anything is written.
+    c["no_lora_prompts_path"] = json!("prompts.json");
+    c["base_model_path"] = json!("../no-model");
+    std::fs::write(cfg.join("common.json"), c.to_string())?;
+    let e = String::from_utf8_lossy(&run(&[])?.stderr).into_owned();
+    ensure!(e.contains("key \"base_model_path\" is \"../no-model\""), "{e}");
+    Ok(())
+}
+
+#[test]
+fn a_broken_adapter_fails_before_anything_is_measured() -> Result<()> {
     let f = Fixture::new()?;
     multilora_engine::demo::ensure_demo(&f.path("demo"), 0)?;
-    // The third adapter is first needed at batch 3, after batch 1 was measured.
+    // Truncated weights of an adapter first used at the last batch size.
+    let weights = f.path("demo/adapters/demo-r16-003/adapter_model.safetensors");
+    let len = std::fs::metadata(&weights)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)?
+        .set_len(len / 2)?;
+    let e = f.fails(&["multi-lora", "--workload", "distinct", "--batch-sizes", "1,4"])?;
+    ensure!(
+        e.contains("demo-r16-003") && e.contains("index 3 in the rank-16 group"),
+        "{e}"
+    );
+    // Before the no-LoRA baseline: no progress line was printed.
+    ensure!(!e.contains("[1/"), "{e}");
+    Ok(())
+}
+
+/// Starts a long run, Ctrl-C's it after its first point, and resumes it.
+#[test]
+fn ctrl_c_keeps_every_measured_point_and_resume_finishes_the_report() -> Result<()> {
+    let f = Fixture::new()?;
+    // Long enough (seconds) that the interrupt lands mid-run.
+    f.write_common(json!({ "max_model_len": 1024, "max_num_seqs": 8, "num_tokens": 300 }))?;
+    let sizes = "1,2,3,4,5,6,7,8";
+    let child = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["bench", "no-lora", "--batch-sizes", sizes, "--config"])
+        .arg(f.path("common.json"))
+        .current_dir(f.path(""))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let report = first_point::wait_for_first_point(&f.path("reports"))?;
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    ensure!(kill.success());
+    let out = child.wait_with_output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(130), "{:?}: {e}", out.status);
+    ensure!(
+        e.contains("interrupted: partial report") && e.contains("--resume"),
+        "{e}"
+    );
+    // A valid report of what was measured, and a note of what is missing.
+    let per_batch = csv(&report.join("no-lora/per_batch_latency.csv"))?;
+    let num_done = per_batch.len() - 1;
+    ensure!((1..8).contains(&num_done), "{per_batch:?}");
+    ensure!(per_batch[0].join(",") == ORIGINAL_PER_BATCH);
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(report.join("run.json"))?)?;
+    ensure!(run["status"] == "interrupted", "{}", run["status"]);
+    ensure!(run["missing_points"].as_array().map(Vec::len) == Some(8 - num_done));
+    let note = std::fs::read_to_string(report.join("INCOMPLETE.txt"))?;
+    ensure!(
+        note.contains("Missing: no-lora batch 8") || note.contains("no-lora batch 8."),
+        "{note}"
+    );
+
+    // --resume measures only the rest, into the same folder.
+    let out = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["bench", "no-lora", "--json", "--resume"])
+        .arg(&report)
+        .output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{e}");
+    ensure!(
+        e.contains(&format!("[{}/8]", num_done + 1)) && !e.contains("[1/8]"),
+        "{e}"
+    );
+    let per_batch = csv(&report.join("no-lora/per_batch_latency.csv"))?;
+    let sizes_written: Vec<&str> = per_batch[1..].iter().map(|r| r[0].as_str()).collect();
+    ensure!(
+        sizes_written == ["1", "2", "3", "4", "5", "6", "7", "8"],
+        "{per_batch:?}"
+    );
+    ensure!(!report.join("INCOMPLETE.txt").exists());
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(report.join("run.json"))?)?;
+    ensure!(run["status"] == "complete" && run["resumed"].as_array().map(Vec::len) == Some(1));
+    ensure!(
+        std::fs::read_dir(f.path("reports"))?.count() == 1,
+        "no second report"
+    );
+
+    // A resume whose settings changed is refused, naming what changed.
+    f.write_common(json!({ "max_model_len": 1024, "max_num_seqs": 8, "num_tokens": 7 }))?;
+    let out = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["bench", "no-lora", "--resume"])
+        .arg(&report)
+        .output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && e.contains("num_tokens was 300, now 7"),
+        "{e}"
+    );
+    // Settings come from the report, not from flags beside --resume.
+    let out = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["bench", "no-lora", "--batch-sizes", "1", "--resume"])
+        .arg(&report)
+        .output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && e.contains("give only --resume DIR (and --json), not --batch-sizes"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn json_into_a_closed_pipe_ends_quietly() -> Result<()> {
+    let f = Fixture::new()?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["bench", "no-lora", "--batch-sizes", "1", "--json", "--config"])
+        .arg(f.path("common.json"))
+        .current_dir(f.path(""))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // As `| head` does once it has its lines: the reader goes away.
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{:?}: {e}", out.status);
+    ensure!(!e.contains("panicked") && !e.contains("Broken pipe"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn no_lora_refuses_lora_flags_and_hides_them() -> Result<()> {
+    let f = Fixture::new()?;
+    let e = f.fails(&["no-lora", "--max-loras", "4"])?;
+    ensure!(e.contains("--max-loras is a LoRA setting"), "{e}");
+    let help = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args(["bench", "no-lora", "--help"])
+        .output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    ensure!(help.contains("--max-num-seqs"), "{help}");
+    for flag in [
+        "--max-loras",
+        "--max-lora-rank",
+        "--max-cpu-loras",
+        "--workload",
+        "--no-baseline",
+    ] {
+        ensure!(!help.contains(flag), "{flag}: {help}");
+    }
+    Ok(())
+}
+
+/// Flags of `help` (clap's output) with no description.
+fn undescribed_flags(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        // `-h, --help` or `--flag`, not a possible value's `- name: ...`.
+        let is_flag = t.starts_with('-')
+            && t.chars()
+                .nth(1)
+                .is_some_and(|c| c == '-' || c.is_ascii_alphabetic());
+        if !is_flag {
+            continue;
+        }
+        let same_line = t.split("  ").filter(|s| !s.trim().is_empty()).count() > 1;
+        let next_line = lines
+            .get(i + 1)
+            .map(|n| n.trim_start())
+            .is_some_and(|n| !n.is_empty() && !n.starts_with('-'));
+        if !same_line && !next_line {
+            out.push(t.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn every_flag_has_a_description() -> Result<()> {
+    let sample = "Options:\n      --bare <X>\n      --told\n          Told.\n  -h, --help  Print help\n";
+    ensure!(undescribed_flags(sample) == ["--bare <X>"]);
+    for cmd in [
+        &["bench", "no-lora"][..],
+        &["bench", "multi-lora"],
+        &["bench", "serving"],
+        &["generate"],
+        &["adapters", "synth"],
+        &["demo"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_multilora"))
+            .args(cmd)
+            .arg("--help")
+            .output()?;
+        let help = String::from_utf8_lossy(&out.stdout);
+        let missing = undescribed_flags(&help);
+        ensure!(missing.is_empty(), "{cmd:?}: {missing:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_broken_adapter_config_fails_before_anything_is_measured() -> Result<()> {
+    let f = Fixture::new()?;
+    multilora_engine::demo::ensure_demo(&f.path("demo"), 0)?;
+    // The third adapter is first needed at batch 3, after batch 1 would be measured.
     std::fs::write(
         f.path("demo/adapters/demo-r16-002/adapter_config.json"),
         "{ not json",

@@ -2,6 +2,7 @@
 //! benchmarked by `multilora bench multi-lora --backend openai` with the same config files the
 //! in-process benchmark reads, and by `multilora bench serving`; the report files are checked.
 
+mod first_point;
 mod server_process;
 
 use std::io::{Read, Write};
@@ -31,10 +32,9 @@ fn multilora(dir: &Path, args: &[&str]) -> Result<std::process::Output, Box<dyn 
         .output()?)
 }
 
-#[test]
-fn client_mode_benchmarks_multilora_serve() -> TestResult {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
+/// The demo, 4 adapters, the repository's prompts and one `common.json` for the server and
+/// the benchmark in `dir`; `num_tokens` and `max_model_len` as given.
+fn write_setup(dir: &Path, num_tokens: usize, max_model_len: usize) -> TestResult {
     multilora_engine::demo::ensure_demo(&dir.join("demo"), 0)?;
     let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/prompts.json");
     std::fs::copy(prompts, dir.join("prompts.json"))?;
@@ -50,14 +50,22 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
         dir.join("common.json"),
         json!({
             "base_model_path": "demo/model", "enable_lora": true, "max_loras": 4,
-            "max_lora_rank": 16, "max_cpu_loras": 8, "max_model_len": 128, "max_num_seqs": 8,
+            "max_lora_rank": 16, "max_cpu_loras": 8, "max_model_len": max_model_len, "max_num_seqs": 8,
             "random_seed": 0, "no_lora_prompts_path": "prompts.json",
             "lora_adapters_config_path": "adapters.json", "lora_adapters_path": "demo/adapters",
-            "report_dir": "reports", "num_tokens": NUM_TOKENS, "warmup_num_tokens": 2,
+            "report_dir": "reports", "num_tokens": num_tokens, "warmup_num_tokens": 2,
             "workload_type": "all", "identical_lora_id": 1,
         })
         .to_string(),
     )?;
+    Ok(())
+}
+
+#[test]
+fn client_mode_benchmarks_multilora_serve() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_setup(dir, NUM_TOKENS, 128)?;
     let server = ServerProcess::start(dir, &["--config", "common.json", "--served-model-name", "demo"])?;
     let base_url = format!("http://{}/v1", server.addr);
 
@@ -150,16 +158,16 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
         .as_str()
         .is_some_and(|l| l.contains("no step_latency")));
     let printed: Value = serde_json::from_slice(&out.stdout)?;
-    // The no-LoRA batch of 1: one gap per streamed chunk after the first (a chunk may carry
-    // more than one token).
+    // The no-LoRA batch of 1: the server streams one chunk per token, empty text or not, and
+    // the client times tokens, so every gap between tokens is there.
     let num_itls = printed["client_latency_percentiles"][0]["itl_ms"]["count"].as_u64();
-    assert!(
-        num_itls.is_some_and(|n| (1..NUM_TOKENS as u64).contains(&n)),
-        "{printed}"
-    );
+    assert_eq!(num_itls, Some(NUM_TOKENS as u64 - 1), "{printed}");
     assert_eq!(run["backends"]["multi-lora"]["backend"], "openai");
-    // The benchmark loaded the four adapters into the server by name, as vLLM's API takes them.
-    assert_eq!(run["backends"]["multi-lora"]["adapters_loaded_by_benchmark"], 4);
+    // The benchmark loaded the four adapters into the server by name, as vLLM's API takes them,
+    // all before the first measurement (so on the no-LoRA baseline's connection): a broken one
+    // fails the run before anything is measured.
+    let loaded = |key: &str| run["backends"][key]["adapters_loaded_by_benchmark"].as_u64();
+    assert_eq!((loaded("no-lora"), loaded("multi-lora")), (Some(4), Some(0)));
 
     let out = multilora(
         dir,
@@ -191,8 +199,12 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
     let s = &v["summary"];
     assert_eq!(s["num_requests"], 24, "{s}");
     assert_eq!(s["num_failed"], 0, "{s}");
+    // Every request has its figures (the demo's random weights stream many tokens of empty
+    // text), every token its gap, and nothing is left out of the percentiles.
     assert_eq!(s["ttft_ms"]["count"], 24, "{s}");
     assert_eq!(s["tpot_ms"]["count"], 24, "{s}");
+    assert_eq!(s["itl_ms"]["count"], 24 * 5, "{s}");
+    assert_eq!(s["missing_figures"], json!([]), "{s}");
     assert!(
         s["num_adapters_used"]
             .as_u64()
@@ -210,8 +222,91 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
     let summary = csv_rows(&dir.join(report).join("summary.csv"))?;
     assert!(summary.iter().any(|r| r[0] == "itl_ms"), "{summary:?}");
 
+    // One token per request: no TPOT to give, and the report says so rather than dropping
+    // them silently.
+    let out = multilora(
+        dir,
+        &[
+            "bench",
+            "serving",
+            "--base-url",
+            &base_url,
+            "--prompts",
+            "prompts.json",
+            "--num-prompts",
+            "4",
+            "--num-tokens",
+            "1",
+            "--report-dir",
+            "reports",
+        ],
+    )?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        printed.contains("note: no TPOT: 4 of 4 successful requests have fewer than 2 streamed tokens"),
+        "{printed}"
+    );
+    assert!(!printed.contains("no TTFT"), "{printed}");
+
     let (exit, rest) = server.terminate()?;
     assert!(exit.success(), "{rest:?}");
+    Ok(())
+}
+
+/// A server that dies mid-run fails the run, which keeps every point measured before.
+#[test]
+fn a_failure_mid_run_leaves_a_valid_partial_report() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    // Long enough (seconds) that the server dies mid-run.
+    write_setup(dir, 400, 1024)?;
+    let server = ServerProcess::start(dir, &["--config", "common.json", "--served-model-name", "demo"])?;
+    let base_url = format!("http://{}/v1", server.addr);
+    let child = Command::new(env!("CARGO_BIN_EXE_multilora"))
+        .args([
+            "bench",
+            "no-lora",
+            "--config",
+            "common.json",
+            "--backend",
+            "openai",
+        ])
+        .args([
+            "--base-url",
+            &base_url,
+            "--batch-sizes",
+            "1,2,3,4,5,6,7,8",
+            "--repeat",
+            "1",
+        ])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let report = first_point::wait_for_first_point(&dir.join("reports"))?;
+    drop(server);
+    let out = child.wait_with_output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("error: no-lora batch") && e.contains("partial report:"),
+        "{e}"
+    );
+    let per_batch = csv_rows(&report.join("no-lora/per_batch_latency.csv"))?;
+    assert!((2..9).contains(&per_batch.len()), "{per_batch:?}");
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(report.join("run.json"))?)?;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"].as_str().is_some_and(|m| m.contains(&base_url)),
+        "{}",
+        run["error"]
+    );
+    let note = std::fs::read_to_string(report.join("INCOMPLETE.txt"))?;
+    assert!(
+        note.contains("the run failed") && note.contains("--resume"),
+        "{note}"
+    );
     Ok(())
 }
 

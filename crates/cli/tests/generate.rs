@@ -98,6 +98,9 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         ),
         ("{\"prompt\": \"hi\", \"top_p\": 2.0}\n", "top_p"),
         ("{\"prompt\": \"hi\", \"max_tokens\": 5000}\n", "max_model_len"),
+        // The line, once, not "request 0: request \"0\"".
+        ("\n{\"prompt\": \"\"}\n", "in.jsonl:2: \"prompt\" is empty"),
+        ("{\"prompt\": \"hi\", \"top_k\": -7}\n", "in.jsonl:1: "),
     ];
     for (text, expect) in cases {
         let input = d.join("in.jsonl");
@@ -125,4 +128,42 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("x.jsonl"));
+}
+
+#[test]
+fn every_lora_is_checked_used_or_not_and_errors_read_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    demo(d);
+    let input = d.join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"hi\", \"max_tokens\": 2}\n").unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--input", input.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = multilora(&args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let model = d.join("model");
+    let model = model.to_str().unwrap();
+    // No request names x, yet its missing folder is an error.
+    let (ok, err) = run(&["--model", model, "--lora", "x=/nope"]);
+    assert!(
+        !ok && err.contains("--lora x=/nope") && err.contains("does not exist"),
+        "{err}"
+    );
+    // A cause is printed once, not once by the error and again as its source.
+    let (ok, err) = run(&["--model", d.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // --output names the file asked for, not a temp file beside it.
+    let out = d.join("no-such-dir/out.jsonl");
+    let (ok, err) = run(&["--model", model, "--output", out.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains(&format!("writing {}:", out.display())),
+        "{err}"
+    );
+    assert!(!err.contains("tmp-multilora"), "{err}");
 }

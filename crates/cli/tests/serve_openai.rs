@@ -60,6 +60,9 @@ fn openai_python_client_against_multilora_serve() -> TestResult {
             "2",
             "--shutdown-timeout",
             "5",
+            // Long enough that only the shutdown timeout can end the slow client below.
+            "--header-timeout",
+            "600",
             "--lora-modules",
             &sql,
             &chat,
@@ -77,9 +80,19 @@ fn openai_python_client_against_multilora_serve() -> TestResult {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // SIGTERM: a clean stop with exit code 0.
+    // SIGTERM: a clean stop with exit code 0, which a client that never finishes its headers
+    // does not hold past --shutdown-timeout (5 s) by much; without the bound it would be held
+    // until the header timeout (600 s).
+    let mut slow = std::net::TcpStream::connect(addr)?;
+    std::io::Write::write_all(&mut slow, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")?;
+    let stopping = std::time::Instant::now();
     let (exit, rest) = server.terminate()?;
+    let took = stopping.elapsed();
     assert!(exit.success(), "exit {exit:?}: {rest:?}");
+    assert!(
+        took < std::time::Duration::from_secs(60),
+        "the process took {took:?} to stop"
+    );
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
     Ok(())
 }

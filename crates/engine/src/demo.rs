@@ -113,8 +113,12 @@ fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Data)>
         "format".to_string(),
         "pt".to_string(),
     )]));
-    safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
+    // Serialized in memory and written with `fs::write`, which creates the file 0666 less the
+    // umask (0644 as a rule): `serialize_to_file` goes through a temp file created 0600, which
+    // a server running as another user could not read. The folder is renamed into place whole.
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Writes the demo model (config, bf16 weights, tokenizer) to `dir`, deterministically from

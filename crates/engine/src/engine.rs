@@ -169,6 +169,7 @@ pub struct StepStats {
 #[derive(Debug, Clone)]
 pub struct ResolvedEngine {
     pub max_model_len: usize,
+    pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub num_kv_blocks: usize,
     pub block_size: usize,
@@ -329,6 +330,7 @@ impl LLMEngine {
         Ok(LLMEngine {
             resolved: ResolvedEngine {
                 max_model_len,
+                max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens,
                 num_kv_blocks,
                 block_size: config.block_size,
@@ -486,7 +488,9 @@ impl LLMEngine {
             )));
         }
         let max_model_len = self.resolved.max_model_len;
-        if prompt_token_ids.len() + params.max_tokens > max_model_len {
+        // Checked: a client's max_tokens may be any u64, and a wrapped sum would pass.
+        let total_len = prompt_token_ids.len().checked_add(params.max_tokens);
+        if total_len.is_none_or(|n| n > max_model_len) {
             return Err(Error::PromptTooLong {
                 request_id: request_id.to_string(),
                 prompt_len: prompt_token_ids.len(),
@@ -517,7 +521,7 @@ impl LLMEngine {
             Sequence {
                 request_id: request_id.clone(),
                 prompt_token_ids,
-                output_token_ids: Vec::with_capacity(params.max_tokens),
+                output_token_ids: Vec::with_capacity(params.max_tokens.min(max_model_len)),
                 params,
                 lora: adapter,
                 block_table: Vec::new(),

@@ -326,3 +326,88 @@ fn adapter_that_fails_to_reload_aborts_only_its_requests() {
     assert_eq!(finished["rb"], (multilora_engine::FinishReason::Length, 3));
     assert_eq!(finished["base"], (multilora_engine::FinishReason::Length, 3));
 }
+
+#[test]
+fn max_tokens_near_usize_max_is_too_long_not_a_panic() {
+    // Issue 16: prompt_len + max_tokens wrapped and Vec::with_capacity panicked the engine.
+    let mut cfg = EngineConfig::new(golden("llama/model"));
+    cfg.max_model_len = Some(64);
+    let mut engine = LLMEngine::new(cfg).unwrap();
+    for max_tokens in [usize::MAX, usize::MAX - 2, usize::MAX / 2 + 1] {
+        let e = engine
+            .add_request(
+                "r",
+                Prompt::TokenIds(vec![5, 6, 7]),
+                SamplingParams::greedy(max_tokens),
+                None,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::PromptTooLong { .. }), "{e}");
+    }
+    // The largest that fits still runs.
+    engine
+        .add_request(
+            "ok",
+            Prompt::TokenIds(vec![5, 6, 7]),
+            SamplingParams::greedy(61),
+            None,
+        )
+        .unwrap();
+    while engine.has_unfinished_requests() {
+        engine.step().unwrap();
+    }
+}
+
+/// A copy of a golden adapter with the first element of its first `lora_A` set to `value`.
+fn with_weight(tmp: &Path, value: f32) -> PathBuf {
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    let dir = tmp.join(format!("weight-{value}"));
+    copy_dir(&golden("llama/adapters/a_r8_all"), &dir);
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let first_a = names.iter().find(|n| n.contains("lora_A")).unwrap().clone();
+    let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = names
+        .iter()
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            (n.clone(), t.dtype(), t.shape().to_vec(), t.data().to_vec())
+        })
+        .collect();
+    let (_, dtype, _, d) = data.iter_mut().find(|(n, ..)| *n == first_a).unwrap();
+    match dtype {
+        Dtype::F32 => d[..4].copy_from_slice(&value.to_le_bytes()),
+        Dtype::BF16 => d[..2].copy_from_slice(&half::bf16::from_f32(value).to_le_bytes()),
+        Dtype::F16 => d[..2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes()),
+        other => panic!("unexpected dtype {other:?}"),
+    }
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, dt, shape, d)| (n.clone(), TensorView::new(*dt, shape.clone(), d).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    dir
+}
+
+#[test]
+fn non_finite_adapter_weights_are_refused_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let e = load_err(&with_weight(tmp.path(), value), 16);
+        assert!(e.contains("non-finite value (NaN or Inf)"), "{e}");
+        assert!(e.contains("lora_A"), "names the tensor: {e}");
+    }
+    // The same edit with a finite value loads: the check is on the value, not the rewrite.
+    LoraAdapter::load("x", &with_weight(tmp.path(), 0.5), &model_cfg(), 16).unwrap();
+}
+
+#[test]
+fn adapter_config_errors_do_not_quote_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited(tmp.path(), |v| v["r"] = serde_json::json!("root:x:0:0:secret"));
+    let e = load_err(&dir, 16);
+    assert!(e.contains("adapter_config.json") && !e.contains("secret"), "{e}");
+}

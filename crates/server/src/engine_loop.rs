@@ -8,19 +8,24 @@
 //! is aborted, which frees its KV blocks at once. Stop strings are found by the handlers, which
 //! detokenize, behind the engine: a request with stop strings is counted in `/metrics` once its
 //! handler has said how it ended (at a stop string: `stop`, as vLLM counts it).
+//!
+//! [`EngineHealth`] tells the HTTP side, without asking the loop, whether the thread is alive
+//! and how long its current step or command has taken, so `/health` can say the engine is
+//! stuck or gone while the loop itself cannot answer.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use multilora_engine::sequence::RequestMetrics;
 use multilora_engine::{
-    AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, Prompt,
+    AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, ModelConfig, Prompt,
     SamplingParams,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 
@@ -41,9 +46,12 @@ pub enum TokenEvent {
 #[derive(Debug)]
 pub enum AddError {
     Engine(EngineError),
-    QueueFull { max_waiting: usize },
+    QueueFull {
+        max_waiting: usize,
+    },
     AdapterUnloaded(String),
-    ShuttingDown,
+    /// The loop is gone (the server is stopping, or the thread died).
+    EngineStopped,
 }
 
 pub(crate) enum Command {
@@ -73,12 +81,16 @@ pub(crate) enum Command {
     /// Abort every request (shutdown after the drain timeout).
     AbortAll,
     Stop,
+    /// Tests of what follows an engine thread's death (nothing a request can send).
+    Panic,
 }
 
 /// Facts about the loaded engine the handlers need.
 #[derive(Clone)]
 pub struct EngineInfo {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
+    /// For checking runtime adapters off the engine thread before the loop loads them.
+    pub model_config: Arc<ModelConfig>,
     pub max_model_len: usize,
     pub enable_lora: bool,
     pub max_lora_rank: usize,
@@ -89,6 +101,64 @@ pub struct EngineInfo {
 pub struct EngineHandle {
     tx: std_mpsc::Sender<Command>,
     pub info: EngineInfo,
+    pub health: Arc<EngineHealth>,
+}
+
+/// What the HTTP side can see of the loop without a round trip through it.
+#[derive(Debug)]
+pub struct EngineHealth {
+    epoch: Instant,
+    /// Milliseconds after `epoch` (plus one) at which the current step or command began; 0
+    /// while the loop waits for work.
+    busy_since_ms: AtomicU64,
+    is_alive: watch::Sender<bool>,
+}
+
+impl EngineHealth {
+    fn new() -> Self {
+        EngineHealth {
+            epoch: Instant::now(),
+            busy_since_ms: AtomicU64::new(0),
+            is_alive: watch::Sender::new(true),
+        }
+    }
+
+    fn set_busy(&self, is_busy: bool) {
+        let ms = if is_busy {
+            self.epoch.elapsed().as_millis() as u64 + 1
+        } else {
+            0
+        };
+        self.busy_since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long the current step or command has run; `None` while idle.
+    pub fn busy_for(&self) -> Option<Duration> {
+        match self.busy_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(self.epoch.elapsed().saturating_sub(Duration::from_millis(t - 1))),
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        *self.is_alive.borrow()
+    }
+
+    /// Resolves once the engine thread has ended, whatever ended it.
+    pub async fn stopped(&self) {
+        let mut rx = self.is_alive.subscribe();
+        let _ = rx.wait_for(|alive| !alive).await;
+    }
+}
+
+/// Marks the engine dead when the thread ends, by return or by panic.
+struct MarkDeadOnDrop(Arc<EngineHealth>);
+
+impl Drop for MarkDeadOnDrop {
+    fn drop(&mut self) {
+        self.0.set_busy(false);
+        self.0.is_alive.send_replace(false);
+    }
 }
 
 impl EngineHandle {
@@ -126,13 +196,20 @@ impl EngineHandle {
             reply,
         });
         if !sent {
-            return Err(AddError::ShuttingDown);
+            return Err(AddError::EngineStopped);
         }
         match reply_rx.await {
             Ok(Ok(())) => Ok((guard, rx)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(AddError::ShuttingDown),
+            Err(_) => Err(AddError::EngineStopped),
         }
+    }
+
+    /// Makes the engine thread panic: for tests of `/health` and of the server's exit after
+    /// the engine dies. Nothing a client sends reaches this.
+    #[doc(hidden)]
+    pub fn panic_engine_for_tests(&self) {
+        self.send(Command::Panic);
     }
 
     pub async fn add_lora(&self, lora: LoraRequest) -> Result<(), EngineError> {
@@ -197,13 +274,16 @@ pub fn spawn(
     config: EngineConfig,
     loras: Vec<LoraRequest>,
     max_waiting: usize,
-    metrics: Arc<Mutex<Metrics>>,
+    metrics: Arc<Metrics>,
 ) -> Result<(EngineHandle, JoinHandle<()>), EngineError> {
     let (tx, rx) = std_mpsc::channel();
     let (ready_tx, ready_rx) = std_mpsc::channel();
+    let health = Arc::new(EngineHealth::new());
+    let thread_health = health.clone();
     let thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
+            let _mark_dead = MarkDeadOnDrop(thread_health.clone());
             let engine = LLMEngine::new(config).and_then(|mut e| {
                 for l in &loras {
                     e.add_lora(l)?;
@@ -226,6 +306,7 @@ pub fn spawn(
             let lora = engine.lora_manager().map(|m| m.config());
             let info = EngineInfo {
                 tokenizer: Arc::new(tokenizer),
+                model_config: Arc::new(engine.model_config().clone()),
                 max_model_len: engine.resolved().max_model_len,
                 enable_lora: lora.is_some(),
                 max_lora_rank: lora.map_or(0, |c| c.max_lora_rank),
@@ -235,6 +316,7 @@ pub fn spawn(
                 engine,
                 max_waiting,
                 metrics,
+                health: thread_health,
                 live: HashMap::new(),
                 awaiting_handler: HashMap::new(),
                 unloaded: HashSet::new(),
@@ -244,7 +326,7 @@ pub fn spawn(
         })
         .map_err(|e| EngineError::Backend(format!("starting the engine thread: {e}")))?;
     match ready_rx.recv() {
-        Ok(Ok(info)) => Ok((EngineHandle { tx, info }, thread)),
+        Ok(Ok(info)) => Ok((EngineHandle { tx, info, health }, thread)),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
@@ -269,7 +351,8 @@ struct Live {
 struct EngineLoop {
     engine: LLMEngine,
     max_waiting: usize,
-    metrics: Arc<Mutex<Metrics>>,
+    metrics: Arc<Metrics>,
+    health: Arc<EngineHealth>,
     live: HashMap<Arc<str>, Live>,
     /// Requests with stop strings the engine finished, with its reason, counted once their
     /// handler says whether a stop string ended them first.
@@ -284,7 +367,10 @@ impl EngineLoop {
     fn run(mut self, rx: std_mpsc::Receiver<Command>) {
         'outer: loop {
             if !self.engine.has_unfinished_requests() {
-                match rx.recv() {
+                self.health.set_busy(false);
+                let cmd = rx.recv();
+                self.health.set_busy(true);
+                match cmd {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
                             break;
@@ -294,11 +380,16 @@ impl EngineLoop {
                 }
             }
             while let Ok(cmd) = rx.try_recv() {
+                self.health.set_busy(true);
                 if !self.handle(cmd) {
                     break 'outer;
                 }
             }
             if self.engine.has_unfinished_requests() {
+                // Before the step too: its tokens reach clients before the publish after it,
+                // and a client must not then read the gauges of before its request arrived.
+                self.publish();
+                self.health.set_busy(true);
                 self.step();
             }
             if !self.pending_removals.is_empty() {
@@ -330,18 +421,18 @@ impl EngineLoop {
                 };
                 let result = self.add(request_id, prompt_token_ids, params, lora, live);
                 if let Err(AddError::QueueFull { .. }) = &result {
-                    self.metrics_mut().num_rejected_queue_full += 1;
+                    self.metrics.num_rejected_queue_full.inc();
                 }
                 let _ = reply.send(result);
             }
             Command::Abort(id) => {
                 if self.live.remove(id.as_str()).is_some() {
                     self.engine.abort_request(&id);
-                    self.metrics_mut().count_finish("abort");
+                    self.metrics.count_finish("abort");
                     tracing::debug!(request_id = %id, "aborted: client went away");
                 } else if let Some(reason) = self.awaiting_handler.remove(id.as_str()) {
                     // The engine had finished it; the client left before reading the end.
-                    self.metrics_mut().count_finish(reason.as_str());
+                    self.metrics.count_finish(reason.as_str());
                 }
             }
             Command::Finished {
@@ -359,6 +450,7 @@ impl EngineLoop {
             }
             Command::AbortAll => self.abort_all(),
             Command::Stop => return false,
+            Command::Panic => panic!("engine thread panicked on request (a test of engine death)"),
         }
         true
     }
@@ -371,7 +463,10 @@ impl EngineLoop {
         lora: Option<LoraRequest>,
         live: Live,
     ) -> Result<(), AddError> {
-        if self.engine.num_waiting() >= self.max_waiting {
+        // Only requests that cannot start at the next step count as queued: a burst arrives
+        // before any step has run, and free batch slots would otherwise refuse it.
+        let free_slots = (self.engine.resolved().max_num_seqs).saturating_sub(self.engine.num_running());
+        if self.engine.num_waiting().saturating_sub(free_slots) >= self.max_waiting {
             return Err(AddError::QueueFull {
                 max_waiting: self.max_waiting,
             });
@@ -406,8 +501,8 @@ impl EngineLoop {
                 return;
             }
         };
-        let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
-        metrics.num_steps += 1;
+        let metrics = &self.metrics;
+        metrics.num_steps.inc();
         for out in outputs {
             let Some(token_id) = out.token_id else {
                 // Ended without a token: the engine could not reload its adapter.
@@ -424,7 +519,7 @@ impl EngineLoop {
             let now = out.metrics.last_token_time.unwrap_or_else(Instant::now);
             match live.last {
                 None => {
-                    metrics.num_prompt_tokens += out.num_prompt_tokens as u64;
+                    metrics.num_prompt_tokens.inc_by(out.num_prompt_tokens as u64);
                     metrics
                         .time_to_first_token
                         .observe((now - out.metrics.arrival_time).as_secs_f64());
@@ -432,7 +527,7 @@ impl EngineLoop {
                 Some((prev, ..)) => metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
             }
             live.last = Some((now, out.metrics, out.num_output_tokens));
-            metrics.num_generation_tokens += 1;
+            metrics.num_generation_tokens.inc();
             let sent = live.events.send(TokenEvent::Token {
                 token_id,
                 finish_reason: out.finish_reason,
@@ -463,7 +558,7 @@ impl EngineLoop {
     /// stop string is finished (`stop`, as vLLM counts it): if the engine is still running it,
     /// it ends now, with the latencies of its last token.
     fn finished_by_handler(&mut self, request_id: &str, at_stop_string: bool) {
-        let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let metrics = &self.metrics;
         if let Some(reason) = self.awaiting_handler.remove(request_id) {
             // Finished by the engine, its latencies observed then.
             metrics.count_finish(if at_stop_string { "stop" } else { reason.as_str() });
@@ -487,21 +582,44 @@ impl EngineLoop {
         }
     }
 
-    fn metrics_mut(&self) -> std::sync::MutexGuard<'_, Metrics> {
-        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Copies the engine's gauges into the shared metrics.
     fn publish(&mut self) {
-        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
-        m.num_requests_running = self.engine.num_running();
-        m.num_requests_waiting = self.engine.num_waiting();
+        let m = &self.metrics;
+        m.num_requests_running.set(self.engine.num_running() as i64);
+        m.num_requests_waiting.set(self.engine.num_waiting() as i64);
         if let Some(lm) = self.engine.lora_manager() {
-            m.lora_adapters_on_device = lm.num_in_slots();
-            m.lora_adapters_on_host = lm.num_cached();
+            m.lora_adapters_on_device.set(lm.num_in_slots() as i64);
+            m.lora_adapters_on_host.set(lm.num_cached() as i64);
         }
         if let Some(s) = self.engine.lora_stats() {
-            m.lora = s;
+            m.set_lora_stats(&s);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_sees_a_panicked_thread_and_a_busy_one() -> Result<(), Box<dyn std::error::Error>> {
+        let health = Arc::new(EngineHealth::new());
+        assert!(health.is_alive() && health.busy_for().is_none());
+        health.set_busy(true);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(health.busy_for().is_some_and(|d| d >= Duration::from_millis(20)));
+        let h = health.clone();
+        let t = std::thread::spawn(move || {
+            let _mark = MarkDeadOnDrop(h);
+            panic!("boom");
+        });
+        assert!(t.join().is_err());
+        assert!(!health.is_alive());
+        // `stopped` resolves at once for a thread that already died.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), health.stopped()).await })?;
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The server's one error type: every failure a client can see becomes OpenAI's error body
 //! `{"error": {"message", "type", "param", "code"}}` with a fitting status. Engine errors map by
-//! variant; internal failures are logged and answered without their details.
+//! variant; internal failures are logged and answered without their details. `code` is always
+//! what OpenAI's clients type it as: a string (`context_length_exceeded`, ...) or null.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ pub struct ApiError {
     /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `server_error`, ...
     pub kind: &'static str,
     pub param: Option<String>,
+    /// OpenAI's machine-readable `code`; null where none fits.
     pub code: Option<&'static str>,
 }
 
@@ -63,6 +65,11 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", message)
     }
 
+    /// The request's headers came but its body did not, within the body read timeout.
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message)
+    }
+
     /// Too many requests are waiting: 429 as OpenAI answers a rate limit, which clients (the
     /// openai packages among them) retry after `Retry-After`.
     pub fn too_many_requests(message: impl Into<String>) -> Self {
@@ -94,7 +101,7 @@ impl ApiError {
             "message": self.message,
             "type": self.kind,
             "param": self.param,
-            "code": self.code.map_or_else(|| json!(self.status.as_u16()), |c| json!(c)),
+            "code": self.code,
         }})
     }
 }
@@ -127,7 +134,8 @@ impl From<EngineError> for ApiError {
                 ..
             } => ApiError::bad_request(format!(
                 "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). Please reduce the length of the prompt or the completion.",
-                prompt_len + max_tokens
+                // The client's max_tokens may be any u64.
+                prompt_len.saturating_add(max_tokens)
             ))
             .with_code("context_length_exceeded"),
             EngineError::InvalidSamplingParams { field, msg } => {

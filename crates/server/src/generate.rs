@@ -2,6 +2,11 @@
 //! (the chat template first for chat), queue the request on the engine loop, and answer with
 //! one JSON body or a stream of server-sent events ending in `data: [DONE]`.
 //!
+//! Tokenizing a multi-megabyte prompt takes a core for seconds: a prompt is refused by its
+//! byte length first when no tokenization could fit it in `max_model_len`, and the template
+//! and tokenizer run on the blocking pool, `tokenize_permits` at a time, never on an async
+//! worker that other connections' streams and `/health` need.
+//!
 //! The request's [`RequestGuard`] lives in the handler future or the SSE stream: when hyper
 //! drops either because the client left, the request is aborted and its KV blocks freed.
 
@@ -15,6 +20,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use multilora_engine::{LoraRequest, SamplingParams};
 use serde_json::{json, Value};
+use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::app::{ApiJson, AppState};
@@ -40,7 +46,7 @@ pub async fn completions(
     let lora = st.resolve_model(&req.model)?;
     let (params, output) = req.sampling.resolve(DEFAULT_COMPLETION_MAX_TOKENS)?;
     let prompt_token_ids = match req.prompt.into_single()? {
-        Prompt::Text(text) => encode(&st, &text, true)?,
+        Prompt::Text(text) => encode(&st, text, true).await?,
         Prompt::TokenIds(ids) => ids,
     };
     run(
@@ -61,17 +67,22 @@ pub async fn chat_completions(
 ) -> ApiResult<Response> {
     st.check_accepting()?;
     let lora = st.resolve_model(&req.model)?;
-    let template = st.chat_template.as_ref().ok_or_else(|| {
+    let template = st.chat_template.clone().ok_or_else(|| {
         ApiError::bad_request(
             "the model has no chat template (tokenizer_config.json); use /v1/completions or start the server with --chat-template",
         )
     })?;
     let messages = normalize_messages(req.messages)?;
-    let text = template
-        .render(&messages, req.add_generation_prompt)
-        .map_err(|e| ApiError::bad_param("messages", e))?;
-    // The template writes the special tokens (BOS) itself.
-    let prompt_token_ids = encode(&st, &text, false)?;
+    let limits = PromptLimits::of(&st);
+    let add_generation_prompt = req.add_generation_prompt;
+    let prompt_token_ids = off_the_runtime(&st, move || {
+        let text = template
+            .render(&messages, add_generation_prompt)
+            .map_err(|e| ApiError::bad_param("messages", e))?;
+        // The template writes the special tokens (BOS) itself.
+        limits.encode(&text, false)
+    })
+    .await?;
     // As vLLM: without max_tokens, chat may use the rest of the context.
     let default_max_tokens = st
         .engine
@@ -89,7 +100,7 @@ pub async fn tokenize(
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> ApiResult<Response> {
     st.resolve_model(&req.model)?;
-    let tokens = encode(&st, &req.prompt, req.add_special_tokens)?;
+    let tokens = encode(&st, req.prompt, req.add_special_tokens).await?;
     Ok(axum::Json(json!({
         "count": tokens.len(),
         "max_model_len": st.engine.info.max_model_len,
@@ -98,13 +109,65 @@ pub async fn tokenize(
     .into_response())
 }
 
-fn encode(st: &AppState, text: &str, add_special_tokens: bool) -> ApiResult<Vec<u32>> {
-    st.engine
-        .info
-        .tokenizer
-        .encode(text, add_special_tokens)
-        .map(|e| e.get_ids().to_vec())
-        .map_err(|e| ApiError::bad_param("prompt", format!("cannot tokenize the prompt: {e}")))
+/// What tokenizing a prompt needs, to move onto the blocking pool.
+struct PromptLimits {
+    tokenizer: Arc<Tokenizer>,
+    max_prompt_bytes: usize,
+    max_model_len: usize,
+}
+
+impl PromptLimits {
+    fn of(st: &AppState) -> Self {
+        PromptLimits {
+            tokenizer: st.engine.info.tokenizer.clone(),
+            max_prompt_bytes: st.max_prompt_bytes,
+            max_model_len: st.engine.info.max_model_len,
+        }
+    }
+
+    fn encode(&self, text: &str, add_special_tokens: bool) -> ApiResult<Vec<u32>> {
+        if text.len() > self.max_prompt_bytes {
+            return Err(ApiError::bad_param(
+                "prompt",
+                format!(
+                    "This model's maximum context length is {} tokens. However, the prompt is {} bytes, more than any prompt of that many tokens can be ({} bytes). Please reduce the length of the prompt.",
+                    self.max_model_len,
+                    text.len(),
+                    self.max_prompt_bytes
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ApiError::bad_param("prompt", format!("cannot tokenize the prompt: {e}")))
+    }
+}
+
+async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiResult<Vec<u32>> {
+    let limits = PromptLimits::of(st);
+    off_the_runtime(st, move || limits.encode(&text, add_special_tokens)).await
+}
+
+/// Runs `f` on the blocking pool once a tokenize permit is free; the permit goes with `f`, so
+/// a client that leaves does not free its place before its work ends.
+async fn off_the_runtime<T: Send + 'static>(
+    st: &AppState,
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let permit = st
+        .tokenize_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| ApiError::internal("tokenizing", &e))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|e| ApiError::internal("tokenizing", &e))?
 }
 
 impl From<AddError> for ApiError {
@@ -115,7 +178,7 @@ impl From<AddError> for ApiError {
                 "too many requests: {max_waiting} are already waiting for a batch slot (--max-waiting-requests); retry later"
             )),
             AddError::AdapterUnloaded(name) => ApiError::model_not_found(&name),
-            AddError::ShuttingDown => ApiError::overloaded("the server is shutting down"),
+            AddError::EngineStopped => ApiError::overloaded("the engine loop has stopped; see the server log"),
         }
     }
 }
@@ -327,10 +390,11 @@ impl Generation {
                 }
                 match s.gen.next().await {
                     Progress::Text(delta, finish) => {
-                        if !delta.is_empty() || finish.is_some() {
-                            let choice = s.gen.text_choice(&delta, finish);
-                            s.pending.push_back(s.gen.chunk(vec![choice], Value::Null));
-                        }
+                        // One chunk per generated token, its text possibly empty (a token that
+                        // completes no character yet), as vLLM streams: clients time tokens
+                        // (TTFT, ITL) by chunks.
+                        let choice = s.gen.text_choice(&delta, finish);
+                        s.pending.push_back(s.gen.chunk(vec![choice], Value::Null));
                         if finish.is_some() {
                             if s.gen.include_usage {
                                 let usage = s.gen.usage();

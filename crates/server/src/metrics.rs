@@ -1,58 +1,17 @@
-//! `/metrics` in Prometheus text format, written by hand: a few gauges and counters and
-//! histograms with vLLM's metric names under a `multilora:` prefix, so vLLM dashboards carry
-//! over by renaming the prefix. The engine loop updates them; the handler renders them.
+//! `/metrics` through `prometheus-client`: vLLM's metric names under a `multilora:` prefix (so
+//! vLLM dashboards carry over by renaming the prefix), every series labelled with the served
+//! `model_name`. The engine loop updates them (they are atomics: no lock); the handler encodes.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::borrow::Cow;
 use std::time::Instant;
 
 use multilora_engine::lora::manager::LoraStats;
 use multilora_engine::sequence::RequestMetrics;
-
-/// A cumulative histogram with fixed upper bounds (seconds).
-#[derive(Debug, Clone)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// `[bounds.len()]`, not cumulative; `+Inf` is `count`
-    counts: Vec<u64>,
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: vec![0; bounds.len()],
-            count: 0,
-            sum: 0.0,
-        }
-    }
-
-    pub fn observe(&mut self, v: f64) {
-        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
-            self.counts[i] += 1;
-        }
-        self.count += 1;
-        self.sum += v;
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
-}
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 // vLLM's buckets.
 const TTFT_BUCKETS: &[f64] = &[
@@ -67,55 +26,147 @@ const REQUEST_BUCKETS: &[f64] = &[
     960.0, 1920.0, 7680.0,
 ];
 
-#[derive(Debug, Clone)]
+/// vLLM's finish reasons, each with a series from the start (at 0).
+const FINISH_REASONS: [&str; 3] = ["stop", "length", "abort"];
+
+type ReasonLabel = [(&'static str, &'static str); 1];
+
 pub struct Metrics {
-    pub num_requests_running: usize,
-    pub num_requests_waiting: usize,
-    pub num_prompt_tokens: u64,
-    pub num_generation_tokens: u64,
-    pub num_steps: u64,
-    pub num_rejected_queue_full: u64,
-    /// Finished requests by reason (`stop`, `length`, `abort`).
-    pub num_finished: BTreeMap<&'static str, u64>,
+    registry: Registry,
+    pub num_requests_running: Gauge,
+    pub num_requests_waiting: Gauge,
+    pub lora_adapters_on_device: Gauge,
+    pub lora_adapters_on_host: Gauge,
+    pub num_prompt_tokens: Counter,
+    pub num_generation_tokens: Counter,
+    pub num_steps: Counter,
+    pub num_rejected_queue_full: Counter,
+    lora_cache_hits: Counter,
+    lora_cache_misses: Counter,
+    lora_cache_evictions: Counter,
+    lora_slot_loads: Counter,
+    num_finished: Family<ReasonLabel, Counter>,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
-    pub time_per_output_token: Histogram,
-    pub e2e_request_latency: Histogram,
-    pub queue_time: Histogram,
-    pub lora_adapters_on_device: usize,
-    pub lora_adapters_on_host: usize,
-    pub lora: LoraStats,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            num_requests_running: 0,
-            num_requests_waiting: 0,
-            num_prompt_tokens: 0,
-            num_generation_tokens: 0,
-            num_steps: 0,
-            num_rejected_queue_full: 0,
-            num_finished: BTreeMap::new(),
-            time_to_first_token: Histogram::new(TTFT_BUCKETS),
-            inter_token_latency: Histogram::new(TPOT_BUCKETS),
-            time_per_output_token: Histogram::new(TPOT_BUCKETS),
-            e2e_request_latency: Histogram::new(REQUEST_BUCKETS),
-            queue_time: Histogram::new(REQUEST_BUCKETS),
-            lora_adapters_on_device: 0,
-            lora_adapters_on_host: 0,
-            lora: LoraStats::default(),
-        }
-    }
+    time_per_output_token: Histogram,
+    e2e_request_latency: Histogram,
+    queue_time: Histogram,
 }
 
 impl Metrics {
-    pub fn count_finish(&mut self, reason: &'static str) {
-        *self.num_finished.entry(reason).or_default() += 1;
+    pub fn new(model_name: &str) -> Self {
+        // prometheus-client writes label values as given.
+        let model = escape_label(model_name);
+        let mut r = Registry::with_labels([(Cow::Borrowed("model_name"), Cow::Owned(model))].into_iter());
+        let gauge = |r: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            r.register(format!("multilora:{name}"), help, g.clone());
+            g
+        };
+        let counter = |r: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            r.register(format!("multilora:{name}"), help, c.clone());
+            c
+        };
+        let histogram = |r: &mut Registry, name: &str, help: &str, bounds: &[f64]| {
+            let h = Histogram::new(bounds.iter().copied());
+            r.register(format!("multilora:{name}"), help, h.clone());
+            h
+        };
+        let num_finished = Family::<ReasonLabel, Counter>::default();
+        for reason in FINISH_REASONS {
+            let _ = num_finished.get_or_create(&[("finished_reason", reason)]);
+        }
+        r.register(
+            "multilora:request_success",
+            "Finished requests by finish reason.",
+            num_finished.clone(),
+        );
+        Metrics {
+            num_requests_running: gauge(&mut r, "num_requests_running", "Requests in the running batch."),
+            num_requests_waiting: gauge(
+                &mut r,
+                "num_requests_waiting",
+                "Requests waiting to be scheduled.",
+            ),
+            lora_adapters_on_device: gauge(
+                &mut r,
+                "lora_adapters_on_device",
+                "Adapters resident in device slots (max_loras).",
+            ),
+            lora_adapters_on_host: gauge(
+                &mut r,
+                "lora_adapters_on_host",
+                "Adapters in the host cache (max_cpu_loras).",
+            ),
+            num_prompt_tokens: counter(&mut r, "prompt_tokens", "Prefilled prompt tokens."),
+            num_generation_tokens: counter(&mut r, "generation_tokens", "Generated tokens."),
+            num_steps: counter(&mut r, "engine_steps", "Engine steps run."),
+            num_rejected_queue_full: counter(
+                &mut r,
+                "request_rejected_queue_full",
+                "Requests refused because the waiting queue was full.",
+            ),
+            lora_cache_hits: counter(
+                &mut r,
+                "lora_cache_hits",
+                "Adapter lookups served from a device slot or the host cache.",
+            ),
+            lora_cache_misses: counter(&mut r, "lora_cache_misses", "Adapters loaded from disk."),
+            lora_cache_evictions: counter(
+                &mut r,
+                "lora_cache_evictions",
+                "Adapters evicted from the host cache.",
+            ),
+            lora_slot_loads: counter(
+                &mut r,
+                "lora_slot_loads",
+                "Adapters copied from the host cache into a device slot.",
+            ),
+            time_to_first_token: histogram(
+                &mut r,
+                "time_to_first_token_seconds",
+                "Time from arrival to the first token.",
+                TTFT_BUCKETS,
+            ),
+            inter_token_latency: histogram(
+                &mut r,
+                "inter_token_latency_seconds",
+                "Time between consecutive tokens of a request.",
+                TPOT_BUCKETS,
+            ),
+            time_per_output_token: histogram(
+                &mut r,
+                "request_time_per_output_token_seconds",
+                "Per request: (last token - first token) / (output tokens - 1).",
+                TPOT_BUCKETS,
+            ),
+            e2e_request_latency: histogram(
+                &mut r,
+                "e2e_request_latency_seconds",
+                "Time from arrival to the last token.",
+                REQUEST_BUCKETS,
+            ),
+            queue_time: histogram(
+                &mut r,
+                "request_queue_time_seconds",
+                "Time from arrival to first scheduled.",
+                REQUEST_BUCKETS,
+            ),
+            num_finished,
+            // Last: the fields above borrow it.
+            registry: r,
+        }
+    }
+
+    pub fn count_finish(&self, reason: &'static str) {
+        self.num_finished
+            .get_or_create(&[("finished_reason", reason)])
+            .inc();
     }
 
     /// The latencies of a finished request whose last token came at `now`.
-    pub fn observe_finished(&mut self, m: &RequestMetrics, now: Instant, num_output_tokens: usize) {
+    pub fn observe_finished(&self, m: &RequestMetrics, now: Instant, num_output_tokens: usize) {
         self.e2e_request_latency
             .observe((now - m.arrival_time).as_secs_f64());
         if let Some(first) = m.first_token_time.filter(|_| num_output_tokens > 1) {
@@ -127,125 +178,23 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, model_name: &str) -> String {
-        let mut out = String::with_capacity(8 << 10);
-        let model = escape_label(model_name);
-        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP multilora:{name} {help}\n# TYPE multilora:{name} gauge\nmultilora:{name}{{model_name=\"{model}\"}} {v}"
-            );
-        };
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP multilora:{name}_total {help}\n# TYPE multilora:{name}_total counter\nmultilora:{name}_total{{model_name=\"{model}\"}} {v}"
-            );
-        };
-        gauge(
-            &mut out,
-            "num_requests_running",
-            "Requests in the running batch.",
-            self.num_requests_running as f64,
-        );
-        gauge(
-            &mut out,
-            "num_requests_waiting",
-            "Requests waiting to be scheduled.",
-            self.num_requests_waiting as f64,
-        );
-        gauge(
-            &mut out,
-            "lora_adapters_on_device",
-            "Adapters resident in device slots (max_loras).",
-            self.lora_adapters_on_device as f64,
-        );
-        gauge(
-            &mut out,
-            "lora_adapters_on_host",
-            "Adapters in the host cache (max_cpu_loras).",
-            self.lora_adapters_on_host as f64,
-        );
-        counter(
-            &mut out,
-            "prompt_tokens",
-            "Prefilled prompt tokens.",
-            self.num_prompt_tokens,
-        );
-        counter(
-            &mut out,
-            "generation_tokens",
-            "Generated tokens.",
-            self.num_generation_tokens,
-        );
-        counter(&mut out, "engine_steps", "Engine steps run.", self.num_steps);
-        counter(
-            &mut out,
-            "request_rejected_queue_full",
-            "Requests refused because the waiting queue was full.",
-            self.num_rejected_queue_full,
-        );
-        counter(
-            &mut out,
-            "lora_cache_hits",
-            "Adapter lookups served from a device slot or the host cache.",
-            self.lora.cache_hits,
-        );
-        counter(
-            &mut out,
-            "lora_cache_misses",
-            "Adapters loaded from disk.",
-            self.lora.cache_misses,
-        );
-        counter(
-            &mut out,
-            "lora_cache_evictions",
-            "Adapters evicted from the host cache.",
-            self.lora.cache_evictions,
-        );
-        counter(
-            &mut out,
-            "lora_slot_loads",
-            "Adapters copied from the host cache into a device slot.",
-            self.lora.slot_loads,
-        );
-        let name = "multilora:request_success_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Finished requests by finish reason.\n# TYPE {name} counter"
-        );
-        for reason in ["stop", "length", "abort"] {
-            let n = self.num_finished.get(reason).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "{name}{{model_name=\"{model}\",finished_reason=\"{reason}\"}} {n}"
-            );
+    /// The engine's cumulative adapter counters, copied into ours.
+    pub fn set_lora_stats(&self, s: &LoraStats) {
+        for (c, v) in [
+            (&self.lora_cache_hits, s.cache_hits),
+            (&self.lora_cache_misses, s.cache_misses),
+            (&self.lora_cache_evictions, s.cache_evictions),
+            (&self.lora_slot_loads, s.slot_loads),
+        ] {
+            c.inc_by(v.saturating_sub(c.get()));
         }
-        self.time_to_first_token.render(
-            &mut out,
-            "multilora:time_to_first_token_seconds",
-            "Time from arrival to the first token.",
-        );
-        self.inter_token_latency.render(
-            &mut out,
-            "multilora:inter_token_latency_seconds",
-            "Time between consecutive tokens of a request.",
-        );
-        self.time_per_output_token.render(
-            &mut out,
-            "multilora:request_time_per_output_token_seconds",
-            "Per request: (last token - first token) / (output tokens - 1).",
-        );
-        self.e2e_request_latency.render(
-            &mut out,
-            "multilora:e2e_request_latency_seconds",
-            "Time from arrival to the last token.",
-        );
-        self.queue_time.render(
-            &mut out,
-            "multilora:request_queue_time_seconds",
-            "Time from arrival to first scheduled.",
-        );
+    }
+
+    /// OpenMetrics text, which Prometheus scrapes as is.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 << 10);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -259,22 +208,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let mut h = Histogram::new(&[0.1, 1.0]);
-        h.observe(0.05);
-        h.observe(0.5);
-        h.observe(5.0);
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"1\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_count 3\n"), "{out}");
+    fn every_series_has_the_model_label() {
+        let m = Metrics::new("demo");
+        m.time_to_first_token.observe(0.05);
+        m.count_finish("length");
+        m.set_lora_stats(&LoraStats {
+            cache_hits: 3,
+            ..Default::default()
+        });
+        let out = m.render();
+        let samples: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(samples.len() > 20, "{out}");
+        for l in &samples {
+            assert!(l.starts_with("multilora:"), "{l}");
+            assert!(l.contains("model_name=\"demo\""), "{l}");
+        }
+        assert!(
+            out.contains("multilora:time_to_first_token_seconds_bucket{le=\"0.06\",model_name=\"demo\"} 1\n")
+                || out.contains(
+                    "multilora:time_to_first_token_seconds_bucket{model_name=\"demo\",le=\"0.06\"} 1\n"
+                ),
+            "{out}"
+        );
+        assert!(out.contains("finished_reason=\"length\"} 1\n"), "{out}");
+        assert!(
+            out.contains("multilora:lora_cache_hits_total{model_name=\"demo\"} 3\n"),
+            "{out}"
+        );
     }
 
     #[test]
     fn labels_are_escaped() {
-        let out = Metrics::default().render("a\"b");
-        assert!(out.contains("model_name=\"a\\\"b\""));
+        let out = Metrics::new("a\"b").render();
+        assert!(out.contains("model_name=\"a\\\"b\""), "{out}");
     }
 }

@@ -9,6 +9,11 @@ use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
 
+/// Limits on what each generated token is checked against (OpenAI allows 4 stop strings).
+pub const MAX_STOP_STRINGS: usize = 64;
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum StringOrList {
@@ -214,6 +219,32 @@ impl Sampling {
             stop_token_ids: self.stop_token_ids.unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
         };
+        let stop = self.stop.map(StringOrList::into_vec).unwrap_or_default();
+        // Each is searched for after every token, and stop ids by the engine at every step.
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::bad_param(
+                "stop",
+                format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len()),
+            ));
+        }
+        if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return Err(ApiError::bad_param(
+                "stop",
+                format!(
+                    "a stop string may be at most {MAX_STOP_STRING_BYTES} bytes, got one of {}",
+                    s.len()
+                ),
+            ));
+        }
+        if params.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(ApiError::bad_param(
+                "stop_token_ids",
+                format!(
+                    "at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {}",
+                    params.stop_token_ids.len()
+                ),
+            ));
+        }
         let stream = self.stream.unwrap_or(false);
         if !stream && self.stream_options.is_some() {
             return Err(ApiError::bad_param(
@@ -224,7 +255,7 @@ impl Sampling {
         let output = Output {
             stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
-            stop: self.stop.map(StringOrList::into_vec).unwrap_or_default(),
+            stop,
         };
         Ok((params, output))
     }

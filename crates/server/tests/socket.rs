@@ -6,25 +6,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{demo_server, http, metric, sse_data, TestResult, MODEL};
-use multilora_server::Server;
+use common::{
+    demo_server, generation_request, http, metric, open_stream, sse_data, start, TestResult, MODEL,
+};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-type Serving = (SocketAddr, oneshot::Sender<()>, JoinHandle<std::io::Result<()>>);
-
-async fn start(server: Server) -> Result<Serving, Box<dyn std::error::Error + Send + Sync>> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve(listener, async move {
-        let _ = stopped.await;
-    }));
-    Ok((addr, stop, task))
-}
+use tokio::io::AsyncReadExt;
 
 async fn metrics(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
     Ok(http(addr, "GET", "/metrics", None, &[]).await?.2)
@@ -47,33 +33,6 @@ async fn wait_idle(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error
     }
 }
 
-/// Opens a streaming completion and reads until its first content chunk; returns the open
-/// connection.
-async fn open_stream(
-    addr: SocketAddr,
-    max_tokens: usize,
-) -> Result<TcpStream, Box<dyn std::error::Error + Send + Sync>> {
-    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": max_tokens,
-                      "ignore_eos": true, "stream": true})
-    .to_string();
-    let mut stream = TcpStream::connect(addr).await?;
-    let req = format!(
-        "POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).await?;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("data: ") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Err(format!("stream closed early: {}", String::from_utf8_lossy(&seen)).into());
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
-    Ok(stream)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_streaming_clients_with_mixed_adapters_all_finish() -> TestResult {
     let num_adapters = 8;
@@ -90,16 +49,10 @@ async fn many_streaming_clients_with_mixed_adapters_all_finish() -> TestResult {
         let max_tokens = 8 + i % 9;
         want_tokens += max_tokens;
         let chat = i % 2 == 0;
-        let mut body = json!({"model": model, "max_tokens": max_tokens, "ignore_eos": true,
-            "stream": true, "stream_options": {"include_usage": true}, "temperature": 0.8,
-            "seed": i});
-        let path = if chat {
-            body["messages"] = json!([{"role": "user", "content": format!("question {i}")}]);
-            "/v1/chat/completions"
-        } else {
-            body["prompt"] = json!(format!("prompt number {i}"));
-            "/v1/completions"
-        };
+        let (path, mut body) = generation_request(i as u64, chat, &model, max_tokens as u64);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        body["temperature"] = json!(0.8);
         clients.push(tokio::spawn(async move {
             let (status, _, text) = http(addr, "POST", path, Some(&body), &[]).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((i, max_tokens, status, text))

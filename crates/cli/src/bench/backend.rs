@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use multilora_engine::{AdapterId, EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
 use serde_json::json;
 
+use super::plan::PlannedPoint;
 use super::records::{BatchRun, RequestRecord, StepRecord};
 
 /// An adapter as the original names it: `lora-{i+1}`, int id `i+1`, its folder.
@@ -35,6 +36,11 @@ pub trait Backend {
     fn run_batch(&mut self, requests: &[BenchRequest], num_tokens: usize) -> anyhow::Result<BatchRun>;
     /// Device, model and settings, for `run.json`.
     fn describe(&self) -> serde_json::Value;
+    /// Gets ready for every point of the run before the first is measured (a server loads the
+    /// adapters it lacks), so a broken input fails before any measurement.
+    fn prepare(&mut self, _points: &[PlannedPoint]) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 pub struct EngineBackend {

@@ -2,8 +2,10 @@
 //! error names the file, the key and the value; then the command line's overrides on top, and
 //! validated once into a [`BenchConfig`] that the rest of the benchmark reads.
 //!
-//! Relative paths resolve against the working directory, as the original's do; where that path
-//! does not exist but the same path relative to the config file's folder does, that one is used.
+//! Relative paths resolve against the config file's folder first, so a config works from any
+//! working directory; where the path exists only relative to the working directory (as the
+//! original's configs are written), that one is used. A path found in neither place (a report
+//! folder, a demo yet to be written) is the config folder's.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::openai::BackendKind;
 use super::workload::{Series, Workload};
 use super::{CommonArgs, LoraArgs};
 use crate::engine_args::{parse_device, parse_load_format};
@@ -130,18 +133,64 @@ const BOOL: &str = "true or false";
 const STR: &str = "a string";
 const PATH: &str = "a path (string)";
 
-/// Resolves a path from the config: as given (relative to the working directory), else
-/// relative to the config file's folder if it exists there.
+/// Resolves a relative path from a config in `config_dir`: beside the config if it exists there,
+/// else the working directory's if it exists there, else beside the config.
 pub fn resolve_path(raw: &Path, config_dir: &Path) -> PathBuf {
-    if raw.is_absolute() || raw.exists() {
-        return raw.to_path_buf();
-    }
-    let beside = config_dir.join(raw);
-    if beside.exists() {
+    let beside = beside(raw, config_dir);
+    if raw.is_absolute() || beside.exists() || !raw.exists() {
         beside
     } else {
         raw.to_path_buf()
     }
+}
+
+/// `raw` relative to `config_dir`, with `dir/..` folded away (lexically, as a user reads
+/// `config/../demo` as `demo`).
+fn beside(raw: &Path, config_dir: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in config_dir.join(raw).components() {
+        let after_normal = matches!(out.components().next_back(), Some(Component::Normal(_)));
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if after_normal => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Every place [`resolve_path`] looks for `raw`, for an error that says where it looked.
+fn places_looked(raw: &Path, config_dir: &Path) -> String {
+    let beside = beside(raw, config_dir);
+    if raw.is_absolute() || beside == raw {
+        return beside.display().to_string();
+    }
+    let cwd = std::path::absolute(raw).unwrap_or_else(|_| raw.to_path_buf());
+    format!(
+        "{} (beside the config) nor {} (the working directory)",
+        beside.display(),
+        cwd.display()
+    )
+}
+
+/// The folder a demo path (`…/demo/model`, `…/demo/adapters`) belongs to: the benchmark writes
+/// the demo there when it is missing.
+pub fn demo_root(p: &Path, leaf: &str) -> Option<PathBuf> {
+    let parent = p.parent()?;
+    (p.file_name()? == leaf && parent.file_name()? == "demo").then(|| parent.to_path_buf())
+}
+
+/// The closest known key to a misspelt one, if any is close.
+fn did_you_mean(key: &str) -> Option<&'static str> {
+    KNOWN_KEYS
+        .iter()
+        .map(|k| (strsim::levenshtein(key, k), *k))
+        .filter(|&(d, k)| d <= 2.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k)
 }
 
 /// A `common.json` as written: every key it may hold type-checked (an error names the file, the
@@ -178,11 +227,19 @@ pub struct CommonJson {
     pub repeat: Option<usize>,
     /// Keys in the file that no command reads (warned about).
     pub unknown_keys: Vec<String>,
+    /// Each path key's value as written, for errors.
+    raw_paths: Vec<(&'static str, PathBuf)>,
 }
 
 impl CommonJson {
     /// Reads and checks `file`; unknown keys are warned about on stderr.
     pub fn read(file: &Path) -> anyhow::Result<CommonJson> {
+        Self::read_checked(file, true)
+    }
+
+    /// Reads and checks `file`; an unknown key is an error (a misspelt key would silently fall
+    /// back to its default), or only a warning with `allow_unknown_keys`.
+    pub fn read_checked(file: &Path, allow_unknown_keys: bool) -> anyhow::Result<CommonJson> {
         let text = std::fs::read_to_string(file).with_context(|| {
             format!(
                 "reading the config {} (give another with --config)",
@@ -194,9 +251,26 @@ impl CommonJson {
         let Value::Object(map) = value else {
             bail!("{}: expected one JSON object of settings", file.display());
         };
-        // Warned about first: a misspelt key may be why a required one is missing.
-        for key in map.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str())) {
-            eprintln!("warning: {}: unknown key {key:?} ignored", file.display());
+        // Checked first: a misspelt key may be why a required one is missing.
+        let unknown: Vec<String> = map
+            .keys()
+            .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+            .map(|k| match did_you_mean(k) {
+                Some(known) => format!("{k:?} (did you mean {known:?}?)"),
+                None => format!("{k:?}"),
+            })
+            .collect();
+        if !unknown.is_empty() {
+            let f = file.display();
+            if !allow_unknown_keys {
+                bail!(
+                    "{f}: unknown key {}; a misspelt key would fall back to its default (--allow-unknown-keys only warns)",
+                    unknown.join(", ")
+                );
+            }
+            for key in unknown {
+                eprintln!("warning: {f}: unknown key {key} ignored");
+            }
         }
         CommonJson::from_map(file, map)
     }
@@ -208,12 +282,14 @@ impl CommonJson {
             .cloned()
             .collect();
         let mut k = Keys { file, map };
-        let dir = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut path = |key: &str| -> anyhow::Result<Option<PathBuf>> {
-            Ok(k.take::<PathBuf>(key, PATH)?.map(|p| resolve_path(&p, dir)))
+        let dir = file.parent().unwrap_or(Path::new(""));
+        let mut raw_paths = Vec::new();
+        let mut path = |key: &'static str| -> anyhow::Result<Option<PathBuf>> {
+            let raw = k.take::<PathBuf>(key, PATH)?;
+            if let Some(raw) = &raw {
+                raw_paths.push((key, raw.clone()));
+            }
+            Ok(raw.map(|p| resolve_path(&p, dir)))
         };
         let base_model_path = path("base_model_path")?;
         let no_lora_prompts_path = path("no_lora_prompts_path")?;
@@ -274,6 +350,7 @@ impl CommonJson {
             batch_sizes: k.take("batch_sizes", "a list of positive integers")?,
             repeat: k.positive("repeat")?,
             unknown_keys,
+            raw_paths,
         };
         assert!(
             k.map
@@ -282,6 +359,21 @@ impl CommonJson {
             "every key in KNOWN_KEYS is read"
         );
         Ok(c)
+    }
+
+    /// An error for path key `key` that does not exist: the file, the key, its value and the
+    /// places looked.
+    fn missing_path(&self, key: &str) -> anyhow::Error {
+        let dir = self.file.parent().unwrap_or(Path::new(""));
+        match self.raw_paths.iter().find(|(k, _)| *k == key) {
+            Some((_, raw)) => anyhow::anyhow!(
+                "{}: key {key:?} is {:?}, which is not at {}",
+                self.file.display(),
+                raw.display().to_string(),
+                places_looked(raw, dir)
+            ),
+            None => anyhow::anyhow!("{}: missing key {key:?} ({PATH})", self.file.display()),
+        }
     }
 
     /// Sets the engine settings the file gives on `engine` (`random_seed` is the engine's
@@ -313,7 +405,28 @@ impl CommonJson {
 /// printed to stderr.
 /// `lora` is `Some` for `multi-lora`, `None` for `no-lora`.
 pub fn load(args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow::Result<BenchConfig> {
-    resolve(CommonJson::read(&args.config)?, args, lora)
+    let c = CommonJson::read_checked(&args.config, args.allow_unknown_keys)?;
+    let is_client = args.client.backend == BackendKind::Openai;
+    // Inputs must exist before anything is written or measured; a missing demo gets written.
+    // A server has its own model folder.
+    let mut inputs = vec![("base_model_path", &c.base_model_path, "model")];
+    inputs.retain(|_| !is_client);
+    if lora.is_none_or(|l| !l.no_baseline) {
+        inputs.push(("no_lora_prompts_path", &c.no_lora_prompts_path, ""));
+    }
+    if lora.is_some() {
+        inputs.push(("lora_adapters_config_path", &c.lora_adapters_config_path, ""));
+        inputs.push(("lora_adapters_path", &c.lora_adapters_path, "adapters"));
+    }
+    for (key, path, demo_leaf) in inputs {
+        let is_missing = path
+            .as_ref()
+            .is_some_and(|p| !p.exists() && demo_root(p, demo_leaf).is_none());
+        if is_missing {
+            return Err(c.missing_path(key));
+        }
+    }
+    resolve(c, args, lora)
 }
 
 /// The file's values, then defaults and flags, checked into what the benchmark runs.
@@ -384,12 +497,22 @@ fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow:
             None => bail!("{f}: missing key {key:?} ({PATH}); {why}"),
         }
     };
-    if lora.is_none() {
+    if baseline {
         need(
             &c.no_lora_prompts_path,
             "no_lora_prompts_path",
-            "no-lora reads its prompts from it",
+            "the no-LoRA baseline reads its prompts from it (or pass --no-baseline)",
         )?;
+    }
+    if lora.is_none() {
+        let lora_flags = [
+            ("--max-loras", args.engine.max_loras),
+            ("--max-lora-rank", args.engine.max_lora_rank),
+            ("--max-cpu-loras", args.engine.max_cpu_loras),
+        ];
+        if let Some((flag, _)) = lora_flags.iter().find(|(_, v)| v.is_some()) {
+            bail!("{flag} is a LoRA setting; no-lora runs the base model alone (bench multi-lora takes it)");
+        }
     } else {
         need(
             &c.lora_adapters_config_path,
@@ -526,7 +649,8 @@ mod tests {
         assert_eq!(c.workloads, vec![Workload::Uniform]);
         assert_eq!(c.identical_lora_id, 3);
         assert_eq!(c.batch_sizes, DEFAULT_BATCH_SIZES.to_vec());
-        assert_eq!(c.report_dir, PathBuf::from("./reports"));
+        // Relative to the config's folder.
+        assert_eq!(c.report_dir, PathBuf::from("cfg/reports"));
         assert_eq!(c.series(), vec![Series::NoLora, Series::Lora(Workload::Uniform)]);
         Ok(())
     }
@@ -660,14 +784,28 @@ mod tests {
     }
 
     #[test]
-    fn relative_paths_fall_back_to_the_config_folder() -> anyhow::Result<()> {
+    fn relative_paths_resolve_beside_the_config_then_in_the_working_directory() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        std::fs::create_dir(dir.path().join("adapters"))?;
-        let p = resolve_path(Path::new("adapters"), dir.path());
-        assert_eq!(p, dir.path().join("adapters"));
-        // Missing in both places: kept as given (the working directory's).
+        // Tests run in the crate's folder, which has `src`.
+        assert_eq!(resolve_path(Path::new("src"), dir.path()), PathBuf::from("src"));
+        std::fs::create_dir(dir.path().join("src"))?;
+        assert_eq!(resolve_path(Path::new("src"), dir.path()), dir.path().join("src"));
+        // In neither place (a report folder to create): beside the config.
         let p = resolve_path(Path::new("no-such-folder"), dir.path());
-        assert_eq!(p, PathBuf::from("no-such-folder"));
+        assert_eq!(p, dir.path().join("no-such-folder"));
+        assert_eq!(resolve_path(Path::new("/abs"), dir.path()), PathBuf::from("/abs"));
+        assert_eq!(
+            beside(Path::new("../demo/model"), Path::new("config")),
+            PathBuf::from("demo/model")
+        );
+        assert_eq!(beside(Path::new("x"), Path::new("")), PathBuf::from("x"));
         Ok(())
+    }
+
+    #[test]
+    fn misspelt_keys_get_a_suggestion() {
+        assert_eq!(did_you_mean("max_lora"), Some("max_loras"));
+        assert_eq!(did_you_mean("num_token"), Some("num_tokens"));
+        assert_eq!(did_you_mean("surprise"), None);
     }
 }

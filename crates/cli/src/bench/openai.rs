@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::backend::{Backend, BenchRequest};
+use super::plan::PlannedPoint;
 use super::records::{BatchRun, RequestRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,7 +59,8 @@ pub struct ServerArgs {
 #[derive(Debug, Clone)]
 pub struct RequestTiming {
     pub sent: Instant,
-    /// Arrival of every chunk that carried text (the first is the time to first token).
+    /// Arrival of every chunk that carried a token, its text possibly empty (the first is the
+    /// time to first token).
     pub chunk_times: Vec<Instant>,
     pub done: Instant,
     pub prompt_tokens: usize,
@@ -258,7 +260,7 @@ impl OpenAiClient {
         }
         timing.done = timing.chunk_times.last().copied().unwrap_or_else(Instant::now);
         if timing.output_tokens == 0 {
-            // Servers that do not send usage: count text chunks.
+            // Servers that do not send usage: count token chunks.
             timing.output_tokens = timing.chunk_times.len();
         }
         Ok(timing)
@@ -285,11 +287,11 @@ fn on_chunk(data: &str, now: Instant, t: &mut RequestTiming) -> anyhow::Result<(
         );
     }
     if let Some(choice) = v["choices"].as_array().and_then(|c| c.first()) {
-        let text = choice["text"]
-            .as_str()
-            .or_else(|| choice["delta"]["content"].as_str())
-            .unwrap_or("");
-        if !text.is_empty() {
+        // A token's chunk, whatever its text: a token that completes no character yet streams
+        // empty text (vLLM sends a chunk per step). A chat stream's first chunk (the role) and
+        // last (`delta: {}`) carry no token.
+        let delta = &choice["delta"];
+        if choice.get("text").is_some() || (delta.get("content").is_some() && delta.get("role").is_none()) {
             t.chunk_times.push(now);
         }
         if let Some(f) = choice["finish_reason"].as_str() {
@@ -373,7 +375,33 @@ impl OpenAiBackend {
     }
 }
 
+impl OpenAiBackend {
+    /// Loads the adapters of `requests` the server does not have yet from their folders (a
+    /// path the server must see), as vLLM's /v1/load_lora_adapter takes it.
+    fn load_adapters(&mut self, requests: &[BenchRequest]) -> anyhow::Result<()> {
+        for l in requests.iter().filter_map(|r| r.lora.as_ref()) {
+            if !self.adapters.contains(&l.name) {
+                // Absolute: the server does not share our working directory.
+                let path = std::path::absolute(&l.path)
+                    .with_context(|| format!("adapter {}: resolving {}", l.name, l.path.display()))?;
+                let path = path.to_string_lossy().into_owned();
+                self.runtime.block_on(self.client.load_lora(&l.name, &path))?;
+                self.adapters.insert(l.name.clone());
+                self.num_loaded += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Backend for OpenAiBackend {
+    fn prepare(&mut self, points: &[PlannedPoint]) -> anyhow::Result<()> {
+        for p in points {
+            self.load_adapters(&p.requests)?;
+        }
+        Ok(())
+    }
+
     /// Counted by the server: `/tokenize` where it has one, else a one-token request's usage.
     /// Each distinct prompt is counted once (the plan checks every request of every point).
     fn num_prompt_tokens(&mut self, prompt: &str) -> anyhow::Result<usize> {
@@ -410,21 +438,7 @@ impl Backend for OpenAiBackend {
     }
 
     fn run_batch(&mut self, requests: &[BenchRequest], num_tokens: usize) -> anyhow::Result<BatchRun> {
-        // Adapters the server does not have yet are loaded from their folder (a path the
-        // server must see), as vLLM's /v1/load_lora_adapter takes it.
-        for r in requests {
-            if let Some(l) = &r.lora {
-                if !self.adapters.contains(&l.name) {
-                    // Absolute: the server does not share our working directory.
-                    let path = std::path::absolute(&l.path)
-                        .with_context(|| format!("adapter {}: resolving {}", l.name, l.path.display()))?;
-                    let path = path.to_string_lossy().into_owned();
-                    self.runtime.block_on(self.client.load_lora(&l.name, &path))?;
-                    self.adapters.insert(l.name.clone());
-                    self.num_loaded += 1;
-                }
-            }
-        }
+        self.load_adapters(requests)?;
         let client = &self.client;
         let base = &self.model;
         let timings = self.runtime.block_on(async {
@@ -546,13 +560,19 @@ mod tests {
             now,
             &mut t,
         )?;
+        // A token whose text is empty is still a token; a chat role chunk is not.
         on_chunk(r#"{"choices":[{"text":"","finish_reason":null}]}"#, now, &mut t)?;
+        on_chunk(
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+            now,
+            &mut t,
+        )?;
         on_chunk(
             r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
             now,
             &mut t,
         )?;
-        assert_eq!(t.chunk_times.len(), 2);
+        assert_eq!(t.chunk_times.len(), 3);
         assert_eq!((t.prompt_tokens, t.output_tokens), (3, 2));
         assert_eq!(t.finish_reason, "length");
         assert!(on_chunk(r#"{"error":{"message":"boom"}}"#, now, &mut t).is_err());

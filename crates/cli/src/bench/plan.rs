@@ -3,6 +3,8 @@
 //! and the value, instead of after half an hour of measurements.
 
 use anyhow::{bail, Context};
+use multilora_engine::lora::adapter::LoraAdapter;
+use multilora_engine::ModelConfig;
 
 use super::backend::{Backend, BenchLora, BenchRequest};
 use super::config::BenchConfig;
@@ -137,14 +139,18 @@ pub fn build(
             points.push(point);
         }
     }
-    if let Some(set) = adapters {
-        check_adapter_folders(set, &points)?;
-    }
     Ok(points)
 }
 
-/// Every adapter a point uses must be a folder with `adapter_config.json`.
-fn check_adapter_folders(set: &AdapterSet, points: &[PlannedPoint]) -> anyhow::Result<()> {
+/// Every adapter a point uses must be a folder with `adapter_config.json` and, given the base
+/// model's config, must load: its config, every tensor read and its shapes and rank checked
+/// against the model, so a broken adapter stops the run before anything is measured.
+pub fn check_adapters(
+    cfg: &BenchConfig,
+    set: &AdapterSet,
+    points: &[PlannedPoint],
+    model: Option<&ModelConfig>,
+) -> anyhow::Result<()> {
     let mut used: Vec<usize> = points
         .iter()
         .flat_map(|p| p.adapter_indices.iter().copied())
@@ -168,6 +174,15 @@ fn check_adapter_folders(set: &AdapterSet, points: &[PlannedPoint]) -> anyhow::R
                 set.root.display()
             );
         }
+        if let Some(model) = model {
+            LoraAdapter::load(&set.names[i], &dir, model, cfg.engine.max_lora_rank).with_context(|| {
+                format!(
+                    "index {i} in the rank-{} group of {}",
+                    set.rank,
+                    set.file.display()
+                )
+            })?;
+        }
     }
     Ok(())
 }
@@ -184,9 +199,11 @@ pub fn check_prompt_lengths(
         for r in &p.requests {
             let n = backend.num_prompt_tokens(&r.prompt)?;
             if n + num_tokens > max_model_len {
-                let source = match &r.lora {
-                    Some(l) => format!("the prompt of adapter {}", l.path.display()),
-                    None => format!("no-LoRA prompt {}", r.request_id),
+                let source = match (&r.lora, &cfg.no_lora_prompts_path) {
+                    (Some(l), _) => format!("the prompt of adapter {}", l.path.display()),
+                    // Request i of a no-LoRA batch uses prompt i (0-based, as the list's index).
+                    (None, Some(file)) => format!("prompt {} of {}", r.request_id, file.display()),
+                    (None, None) => format!("no-LoRA prompt {}", r.request_id),
                 };
                 bail!(
                     "{source} has {n} tokens; with num_tokens {num_tokens} that is {} tokens, above max_model_len {max_model_len} ({} or --max-model-len); raise max_model_len or lower num_tokens",

@@ -84,18 +84,25 @@ fn label(workload: &str) -> String {
     }
 }
 
-/// A round tick step (1, 2, 2.5 or 5 × 10^k) that covers `max` in at most 5 steps.
-fn tick_step(max: f64) -> f64 {
-    if max <= 0.0 || !max.is_finite() {
-        return 1.0;
+/// A panel's y axis: logarithmic, from the tick (1, 2 or 5 × 10^k) at or below the smallest
+/// value to the one at or above the largest, with every such tick between. On a linear axis
+/// from 0 the small batches' latencies sit on the floor under batch 32's.
+fn log_axis(min: f64, max: f64) -> (f64, f64, Vec<f64>) {
+    if !(min > 0.0 && max >= min && max.is_finite()) {
+        return (1.0, 10.0, vec![1.0, 2.0, 5.0, 10.0]);
     }
-    let raw = max / 5.0;
-    let p = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 2.5, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * p)
-        .find(|&x| x >= raw)
-        .unwrap_or(10.0 * p)
+    let (k0, k1) = (min.log10().floor() as i32, max.log10().ceil() as i32);
+    let all: Vec<f64> = (k0..=k1)
+        .flat_map(|k| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(k)))
+        .collect();
+    let lo = all.iter().copied().filter(|&t| t <= min).fold(all[0], f64::max);
+    let hi = all
+        .iter()
+        .copied()
+        .find(|&t| t >= max && t > lo)
+        .unwrap_or(10f64.powi(k1 + 1));
+    let ticks = all.into_iter().filter(|&t| t >= lo && t <= hi).collect();
+    (lo, hi, ticks)
 }
 
 fn escape(s: &str) -> String {
@@ -107,9 +114,11 @@ type Panel = (&'static str, fn(&SummaryRow) -> &Stats);
 
 pub fn svg(rows: &[SummaryRow], title: &str) -> String {
     let panels: [Panel; 3] = [
-        ("prefill latency (ms)", |r| &r.prefill_latency_ms),
-        ("decode latency per step (ms)", |r| &r.decode_latency_ms),
-        ("end-to-end latency (ms)", |r| &r.e2e_latency_ms),
+        ("prefill latency (ms, log scale)", |r| &r.prefill_latency_ms),
+        ("decode latency per step (ms, log scale)", |r| {
+            &r.decode_latency_ms
+        }),
+        ("end-to-end latency (ms, log scale)", |r| &r.e2e_latency_ms),
     ];
     let mut series: Vec<&str> = Vec::new();
     let mut batches: Vec<usize> = Vec::new();
@@ -147,10 +156,13 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
             PANEL_H - MARGIN_T - MARGIN_B + 40.0,
         );
         let y0 = MARGIN_T;
+        let data_min = rows
+            .iter()
+            .map(|r| stat(r).min)
+            .filter(|&v| v > 0.0)
+            .fold(f64::INFINITY, f64::min);
         let data_max = rows.iter().map(|r| stat(r).max).fold(0.0, f64::max);
-        let step = tick_step(data_max);
-        let num_ticks = (data_max / step).ceil().max(1.0) as usize;
-        let ymax = step * num_ticks as f64;
+        let (ymin, ymax, ticks) = log_axis(data_min, data_max);
         let px = |b: usize| {
             if hi > lo {
                 x0 + ((b as f64).log2() - lo) / (hi - lo) * w
@@ -158,7 +170,10 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
                 x0 + w / 2.0
             }
         };
-        let py = |v: f64| y0 + h - v / ymax * h;
+        let py = |v: f64| {
+            let v = v.clamp(ymin, ymax);
+            y0 + h - (v / ymin).log10() / (ymax / ymin).log10() * h
+        };
         let _ = writeln!(
             s,
             r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{name}</text>"#,
@@ -169,8 +184,7 @@ pub fn svg(rows: &[SummaryRow], title: &str) -> String {
             s,
             r##"<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>"##
         );
-        for i in 0..=num_ticks {
-            let v = step * i as f64;
+        for v in ticks {
             let y = py(v);
             let _ = writeln!(
                 s,
@@ -262,15 +276,43 @@ mod tests {
     use crate::bench::workload::{Series, Workload};
 
     #[test]
-    fn round_ticks() {
-        assert_eq!(tick_step(0.0), 1.0);
-        assert_eq!(tick_step(3.2), 1.0);
-        assert_eq!(tick_step(12.0), 2.5);
-        assert_eq!(tick_step(100.0), 20.0);
-        assert_eq!(tick_step(2400.0), 500.0);
-        assert_eq!(fmt_tick(2.5), "2.5");
+    fn log_axis_spans_the_data_on_round_ticks() {
+        assert_eq!(
+            log_axis(3.0, 180.0),
+            (2.0, 200.0, vec![2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0])
+        );
+        assert_eq!(log_axis(0.4, 0.9).0, 0.2);
+        assert_eq!(log_axis(5.0, 5.0), (5.0, 10.0, vec![5.0, 10.0]));
+        assert_eq!(log_axis(f64::INFINITY, 0.0).0, 1.0);
+        assert_eq!(fmt_tick(0.2), "0.2");
         assert_eq!(fmt_tick(500.0), "500");
-        assert_eq!(fmt_tick(0.25), "0.25");
+    }
+
+    #[test]
+    fn small_batches_are_not_squashed_on_the_floor() {
+        // Decode 1 ms at batch 1, 1000 ms at batch 32: on a linear axis batch 1 would sit
+        // 0.1% above the floor; on the log axis it is at the floor tick and batch 4 well above.
+        let rows = summarize(&[
+            point(Series::NoLora, 1, &[1.0]),
+            point(Series::NoLora, 4, &[10.0]),
+            point(Series::NoLora, 32, &[1000.0]),
+        ]);
+        let s = svg(&rows, "t");
+        let decode = s.split("decode latency").nth(1).expect("decode panel");
+        let line = decode.split("<polyline points=\"").nth(1).expect("a line");
+        let ys: Vec<f64> = line
+            .split('"')
+            .next()
+            .expect("points")
+            .split(' ')
+            .map(|xy| xy.split(',').nth(1).and_then(|y| y.parse().ok()).expect("x,y"))
+            .collect();
+        let (floor, top) = (ys[0], ys[2]);
+        let at_4 = (floor - ys[1]) / (floor - top);
+        assert!(
+            (at_4 - 1.0 / 3.0).abs() < 0.01,
+            "batch 4 at {at_4} of the axis: {ys:?}"
+        );
     }
 
     #[test]

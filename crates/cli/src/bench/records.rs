@@ -3,10 +3,10 @@
 //! Nothing here knows about the engine.
 
 use anyhow::bail;
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// One engine step.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StepRecord {
     /// The step's compute time: device events around the forward on a GPU, forward + sampling
     /// wall time on the CPU. The original's `step_latency_ms`.
@@ -25,7 +25,7 @@ pub struct StepRecord {
 }
 
 /// One request of a batch, with the timestamps the original reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub request_id: String,
     /// Adapter name (`None` for no-LoRA).
@@ -34,12 +34,19 @@ pub struct RequestRecord {
     pub output_num_tokens: usize,
     pub finish_reason: String,
     /// First token − first scheduled, seconds.
+    #[serde(deserialize_with = "nan_if_null")]
     pub first_token_time_s: f64,
     /// Last token − first token, seconds.
+    #[serde(deserialize_with = "nan_if_null")]
     pub completion_time_s: f64,
     /// Gaps between streamed chunks, seconds: what a client measures as inter-token latency
     /// (empty for the engine backend, whose per-token times are its steps).
     pub inter_token_latencies_s: Vec<f64>,
+}
+
+/// JSON writes an unknown time (NaN) as null; reading it back gives NaN again.
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl RequestRecord {
@@ -68,7 +75,7 @@ impl RequestRecord {
 }
 
 /// Everything one measured batch produced.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BatchRun {
     /// Empty for backends that cannot see steps.
     pub steps: Vec<StepRecord>,
@@ -78,7 +85,7 @@ pub struct BatchRun {
 }
 
 /// The original's three numbers for one batch.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BatchLatency {
     /// Sum of the first S − (N − 1) steps.
     pub prefill_ms: f64,
@@ -162,7 +169,7 @@ pub fn check(run: &BatchRun, batch_size: usize, num_tokens: usize) -> anyhow::Re
         }
         if let Some(s) = decode.iter().find(|s| s.num_seqs != batch_size) {
             notes.push(format!(
-                "a decode step ran {} sequences, not the batch's {batch_size}",
+                "a decode step ran {} of the batch's {batch_size} sequences",
                 s.num_seqs
             ));
         }

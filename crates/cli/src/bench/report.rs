@@ -1,20 +1,116 @@
 //! The report folder: the original's CSV files, one subfolder per series (`no-lora/`,
 //! `distinct/`, `uniform/`, `identical/`) so each file keeps the original's name and columns,
-//! and beside them `summary.csv`, `steps.csv`, `run.json` and `latency.svg`.
+//! and beside them our own files (`summary.csv`, `runs.csv`, `requests.csv`, `steps.csv`,
+//! `run.json`, `latency.svg`, `points.jsonl`).
 //!
-//! Everything is written into a hidden staging folder next to the destination and renamed into
-//! place at the end: a failed or interrupted run leaves no half-written report. A run gets a new
-//! timestamped folder under `report_dir`; `--overwrite` writes into `report_dir` itself, as the
-//! original does, replacing files and series folders of the same names.
+//! A bench report ([`ReportDir`]) is rewritten after every measured point, each file replaced
+//! whole (written aside, then renamed), so at any moment, even after a crash or a kill, it is a
+//! valid report of the points measured so far; `points.jsonl` keeps every measurement for
+//! `--resume`. A run gets a new timestamped folder under `report_dir`; `--overwrite` writes into
+//! `report_dir` itself, as the original does. `bench serving` writes its short report aside
+//! ([`Staging`]) and moves it into place at the end.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::summary::{ClientLatencies, Percentiles, Point, RequestLatencyRow, Stats, SummaryRow};
+use super::records::{BatchLatency, RequestRecord};
+use super::summary::{ClientLatencies, Measured, Percentiles, Point, RequestLatencyRow, Stats, SummaryRow};
 
-/// A report being written.
+/// Files of a bench report that are not in a series folder.
+const TOP_FILES: [&str; 9] = [
+    "summary.csv",
+    "runs.csv",
+    "requests.csv",
+    "steps.csv",
+    REQUEST_LATENCIES_FILE,
+    "latency.svg",
+    "run.json",
+    POINTS_FILE,
+    INCOMPLETE_FILE,
+];
+
+/// One JSON line per measured point: what `--resume` reads back.
+pub const POINTS_FILE: &str = "points.jsonl";
+/// Present while the report lacks points: what is missing and how to finish it.
+pub const INCOMPLETE_FILE: &str = "INCOMPLETE.txt";
+
+/// A bench report folder, written as the run goes.
+pub struct ReportDir {
+    pub dir: PathBuf,
+}
+
+impl ReportDir {
+    /// A new folder `report_dir/name` (`name-2`, ... if taken), or with `overwrite`
+    /// `report_dir` itself, cleared of the files and series folders a report holds.
+    pub fn create(
+        report_dir: &Path,
+        name: &str,
+        overwrite: bool,
+        series: &[&str],
+    ) -> anyhow::Result<ReportDir> {
+        std::fs::create_dir_all(report_dir)
+            .with_context(|| format!("creating report_dir {}", report_dir.display()))?;
+        if overwrite {
+            for entry in series.iter().chain(&TOP_FILES) {
+                let path = report_dir.join(entry);
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match removed {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("--overwrite: removing {}", path.display()))
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(ReportDir {
+                dir: report_dir.to_path_buf(),
+            });
+        }
+        let mut dir = report_dir.join(name);
+        let mut n = 2;
+        // create_dir, not exists(): two runs started in the same second get different folders.
+        loop {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(ReportDir { dir }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    dir = report_dir.join(format!("{name}-{n}"));
+                    n += 1;
+                }
+                Err(e) => return Err(e).with_context(|| format!("creating {} in report_dir", dir.display())),
+            }
+        }
+    }
+
+    /// Replaces `rel` whole: written aside, then renamed, so a reader (or a kill) never sees a
+    /// half-written file.
+    pub fn write(&self, rel: &str, text: &str) -> anyhow::Result<()> {
+        let path = self.dir.join(rel);
+        let parent = path.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let name = path.file_name().map_or(rel.into(), |n| n.to_string_lossy());
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn remove(&self, rel: &str) -> anyhow::Result<()> {
+        let path = self.dir.join(rel);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A report being written aside.
 pub struct Staging {
     pub tmp: PathBuf,
     /// Where the report ends up.
@@ -138,64 +234,108 @@ pub const PER_REQUEST_HEADER: [&str; 8] = [
 ];
 pub const STEP_HEADER: [&str; 1] = ["step_latency_ms"];
 
-/// The original's three files for one series, keyed by file name. With more than one repeat a
-/// trailing `repeat` column (1-based) tells the repetitions apart. Without `with_steps` (a
-/// client of a server, which sees no engine steps) there is no `step_latency-<B>.csv`.
-pub fn series_files(points: &[&Point], repeat: usize, with_steps: bool) -> Vec<(String, String)> {
-    let with_repeat = |h: &[&'static str]| -> Vec<&'static str> {
-        let mut h = h.to_vec();
-        if repeat > 1 {
-            h.push("repeat");
-        }
-        h
-    };
-    let tag = |fields: &mut Vec<String>, k: usize| {
-        if repeat > 1 {
-            fields.push((k + 1).to_string());
-        }
-    };
+/// The repeat the original's files show: the one of median decode latency (the lower middle
+/// of an even count), so its three files describe one real run.
+pub fn representative(p: &Point) -> (usize, &Measured) {
+    let mut order: Vec<usize> = (0..p.repeats.len()).collect();
+    order.sort_by(|&a, &b| {
+        let decode = |k: usize| p.repeats[k].latency.decode_ms;
+        decode(a).total_cmp(&decode(b))
+    });
+    let k = order[(order.len() - 1) / 2];
+    (k, &p.repeats[k])
+}
+
+fn per_batch_fields(batch_size: usize, l: &BatchLatency) -> Vec<String> {
+    vec![
+        batch_size.to_string(),
+        ms(l.prefill_ms),
+        ms(l.decode_ms),
+        ms(l.e2e_ms),
+    ]
+}
+
+fn per_request_fields(r: &RequestRecord) -> Vec<String> {
+    vec![
+        r.output_num_tokens.to_string(),
+        secs(r.first_token_time_s),
+        secs(r.completion_time_s),
+        r.prompt_num_tokens.to_string(),
+        r.output_num_tokens.to_string(),
+        r.finish_reason.clone(),
+        format!("{:.3}", r.tokens_per_second()),
+        secs(r.latency_s()),
+    ]
+}
+
+/// The original's three files for one series, keyed by file name, exactly as the original
+/// writes them: one row per batch size, one run per batch size (with repeats, the
+/// [`representative`] one; every repeat is in `runs.csv`, `requests.csv` and `steps.csv`).
+/// Without `with_steps` (a client of a server, which sees no engine steps) there is no
+/// `step_latency-<B>.csv`.
+pub fn series_files(points: &[&Point], with_steps: bool) -> Vec<(String, String)> {
     let mut files = Vec::new();
-    let mut per_batch = Csv::new(&with_repeat(&PER_BATCH_HEADER));
+    let mut per_batch = Csv::new(&PER_BATCH_HEADER);
     for p in points {
-        let mut per_request = Csv::new(&with_repeat(&PER_REQUEST_HEADER));
-        let mut steps = Csv::new(&with_repeat(&STEP_HEADER));
-        for (k, m) in p.repeats.iter().enumerate() {
-            let l = &m.latency;
-            let mut f = vec![
-                p.batch_size.to_string(),
-                ms(l.prefill_ms),
-                ms(l.decode_ms),
-                ms(l.e2e_ms),
-            ];
-            tag(&mut f, k);
-            per_batch.row(f);
-            for r in &m.run.requests {
-                let mut f = vec![
-                    r.output_num_tokens.to_string(),
-                    secs(r.first_token_time_s),
-                    secs(r.completion_time_s),
-                    r.prompt_num_tokens.to_string(),
-                    r.output_num_tokens.to_string(),
-                    r.finish_reason.clone(),
-                    format!("{:.3}", r.tokens_per_second()),
-                    secs(r.latency_s()),
-                ];
-                tag(&mut f, k);
-                per_request.row(f);
-            }
-            for s in &m.run.steps {
-                let mut f = vec![ms(s.latency_ms)];
-                tag(&mut f, k);
-                steps.row(f);
-            }
+        let (_, m) = representative(p);
+        per_batch.row(per_batch_fields(p.batch_size, &m.latency));
+        let mut per_request = Csv::new(&PER_REQUEST_HEADER);
+        for r in &m.run.requests {
+            per_request.row(per_request_fields(r));
         }
         files.push((format!("per_request_latency-{}.csv", p.batch_size), per_request.0));
         if with_steps {
+            let mut steps = Csv::new(&STEP_HEADER);
+            for s in &m.run.steps {
+                steps.row([ms(s.latency_ms)]);
+            }
             files.push((format!("step_latency-{}.csv", p.batch_size), steps.0));
         }
     }
     files.insert(0, ("per_batch_latency.csv".into(), per_batch.0));
     files
+}
+
+/// The columns that say which run a row of `runs.csv` or `requests.csv` belongs to.
+const RUN_KEY: [&str; 4] = ["mode", "workload", "batch_size", "repeat"];
+
+fn run_key(p: &Point, k: usize) -> Vec<String> {
+    vec![
+        p.series.mode().to_string(),
+        p.series.workload_name().to_string(),
+        p.batch_size.to_string(),
+        (k + 1).to_string(),
+    ]
+}
+
+/// `runs.csv`: every measured run (all repeats) with the original's per-batch numbers, and
+/// which run the original's files show; `requests.csv`: every request of every run with the
+/// original's per-request columns.
+pub fn runs_and_requests_csv(points: &[Point]) -> (String, String) {
+    let mut header: Vec<&str> = RUN_KEY.to_vec();
+    header.extend(&PER_BATCH_HEADER[1..]);
+    header.push("in_original_files");
+    let mut runs = Csv::new(&header);
+    let mut header: Vec<&str> = RUN_KEY.to_vec();
+    header.push("request");
+    header.extend(PER_REQUEST_HEADER);
+    let mut requests = Csv::new(&header);
+    for p in points {
+        let (shown, _) = representative(p);
+        for (k, m) in p.repeats.iter().enumerate() {
+            let mut f = run_key(p, k);
+            f.extend(per_batch_fields(p.batch_size, &m.latency).into_iter().skip(1));
+            f.push((k == shown).to_string());
+            runs.row(f);
+            for r in &m.run.requests {
+                let mut f = run_key(p, k);
+                f.push(r.request_id.clone());
+                f.extend(per_request_fields(r));
+                requests.row(f);
+            }
+        }
+    }
+    (runs.0, requests.0)
 }
 
 pub const SUMMARY_HEADER: [&str; 28] = [
@@ -402,7 +542,7 @@ mod tests {
     fn original_files_have_the_originals_headers_and_rows() {
         let a = point(Series::NoLora, 2, 4, 1);
         let b = point(Series::NoLora, 3, 4, 1);
-        let files = series_files(&[&a, &b], 1, true);
+        let files = series_files(&[&a, &b], true);
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -435,25 +575,39 @@ mod tests {
     }
 
     #[test]
-    fn repeats_add_a_trailing_column() {
-        let a = point(Series::Lora(Workload::Uniform), 2, 3, 2);
-        let files = series_files(&[&a], 2, true);
+    fn repeats_keep_the_originals_files_and_go_to_our_own() {
+        let mut a = point(Series::Lora(Workload::Uniform), 2, 3, 3);
+        for (k, decode) in [5.0, 1.0, 3.0].into_iter().enumerate() {
+            a.repeats[k].latency.decode_ms = decode;
+        }
+        // The original's files: its header, one row per batch size, the median run.
+        assert_eq!(representative(&a).0, 2);
+        let files = series_files(&[&a], true);
         let per_batch = lines(&files[0].1);
+        assert_eq!(per_batch[0], PER_BATCH_HEADER.join(","));
+        assert_eq!(per_batch.len(), 2);
+        assert_eq!(per_batch[1], "2,10.0000,3.0000,20.0000");
+        assert_eq!(lines(&files[1].1).len(), 1 + 2);
+        assert_eq!(lines(&files[2].1).len(), 1 + 3);
+        // Ours: every repeat.
+        let (runs, requests) = runs_and_requests_csv(&[a]);
+        let runs = lines(&runs);
         assert_eq!(
-            per_batch[0],
-            "batch_size,prefill_latency_ms,decode_latency_ms,e2e_latency_ms,repeat"
+            runs[0],
+            "mode,workload,batch_size,repeat,prefill_latency_ms,decode_latency_ms,e2e_latency_ms,in_original_files"
         );
-        assert_eq!(per_batch.len(), 3);
-        assert!(per_batch[2].ends_with(",2"));
-        assert_eq!(lines(&files[1].1).len(), 1 + 2 * 2);
-        assert_eq!(lines(&files[2].1).len(), 1 + 2 * 3);
+        assert_eq!(runs.len(), 1 + 3);
+        assert_eq!(runs[3], "multi-lora,uniform,2,3,10.0000,3.0000,20.0000,true");
+        let requests = lines(&requests);
+        assert!(requests[0].starts_with("mode,workload,batch_size,repeat,request,#tokens,"));
+        assert_eq!(requests.len(), 1 + 3 * 2);
     }
 
     #[test]
     fn client_mode_writes_no_step_files_and_a_percentiles_file() {
         let a = point(Series::NoLora, 2, 3, 1);
         let b = point(Series::Lora(Workload::Distinct), 4, 3, 2);
-        let files = series_files(&[&a, &b], 1, false);
+        let files = series_files(&[&a, &b], false);
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,

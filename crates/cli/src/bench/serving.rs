@@ -57,20 +57,26 @@ pub struct ServingArgs {
     /// Adapters to use: the first K the server lists (default all; 0 = base model only).
     #[arg(long)]
     pub num_adapters: Option<usize>,
+    /// How requests pick their adapter.
     #[arg(long, value_enum, default_value = "uniform")]
     pub adapter_popularity: Popularity,
     /// Exponent of the power law.
     #[arg(long, default_value_t = 1.0)]
     pub power_law_alpha: f64,
-    /// SLOs for goodput (requests per second meeting every SLO given).
+    /// SLO on time to first token, ms: goodput counts the requests per second that meet every
+    /// SLO given.
     #[arg(long)]
     pub slo_ttft_ms: Option<f64>,
+    /// SLO on time per output token after the first, ms (see --slo-ttft-ms).
     #[arg(long)]
     pub slo_tpot_ms: Option<f64>,
+    /// SLO on a request's end-to-end latency, ms (see --slo-ttft-ms).
     #[arg(long)]
     pub slo_e2e_ms: Option<f64>,
+    /// Seed of the arrivals, adapter draws and prompt draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Folder the report goes under (a new timestamped folder each run).
     #[arg(long, default_value = "reports")]
     pub report_dir: PathBuf,
     /// Print the summary as JSON on stdout.
@@ -101,6 +107,9 @@ pub struct ServingSummary {
     /// Requests per second that met every SLO given; `None` without SLOs.
     pub goodput: Option<f64>,
     pub slo_attainment_pct: Option<f64>,
+    /// Which successful requests have no TTFT or TPOT, how many and why (empty when every one
+    /// has both): the percentiles leave them out.
+    pub missing_figures: Vec<String>,
 }
 
 pub fn run(args: ServingArgs) -> anyhow::Result<ExitCode> {
@@ -166,12 +175,10 @@ pub fn run(args: ServingArgs) -> anyhow::Result<ExitCode> {
     staging.write("run.json", &(serde_json::to_string_pretty(&run_json)? + "\n"))?;
     let dest = staging.finish()?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"report_dir": dest, "summary": summary}))?
-        );
+        let out = json!({"report_dir": dest, "summary": summary});
+        crate::print_stdout(&(serde_json::to_string_pretty(&out)? + "\n"))?;
     } else {
-        print!("{}", render(&summary));
+        crate::print_stdout(&render(&summary))?;
     }
     eprintln!("report: {}", dest.display());
     Ok(if summary.num_failed == 0 {
@@ -306,6 +313,20 @@ fn summarize(args: &ServingArgs, outcomes: &[Outcome], duration_s: f64) -> Servi
             && within(Some(t.e2e_s()), args.slo_e2e_ms)
     };
     let num_good = ok.iter().filter(|t| meets(t)).count();
+    let mut missing_figures = Vec::new();
+    let num_ok = ok.len();
+    if ttft.len() < num_ok {
+        missing_figures.push(format!(
+            "TTFT: {} of {num_ok} successful requests streamed no token",
+            num_ok - ttft.len()
+        ));
+    }
+    if tpot.len() < num_ok {
+        missing_figures.push(format!(
+            "TPOT: {} of {num_ok} successful requests have fewer than 2 streamed tokens",
+            num_ok - tpot.len()
+        ));
+    }
     let mut used: Vec<&str> = outcomes.iter().map(|o| o.model.as_str()).collect();
     used.sort_unstable();
     used.dedup();
@@ -322,6 +343,7 @@ fn summarize(args: &ServingArgs, outcomes: &[Outcome], duration_s: f64) -> Servi
         goodput: has_slo.then(|| per_s(num_good as f64)),
         slo_attainment_pct: (has_slo && !outcomes.is_empty())
             .then(|| 100.0 * num_good as f64 / outcomes.len() as f64),
+        missing_figures,
     }
 }
 
@@ -442,6 +464,9 @@ fn render(s: &ServingSummary) -> String {
                 format!("{:.2} / {:.2}", p.p90, p.p99),
             );
         }
+    }
+    for m in &s.missing_figures {
+        out.push_str(&format!("note: no {m}; the percentiles leave them out\n"));
     }
     out
 }

@@ -3,13 +3,13 @@
 //! no-LoRA series at the same batch size; and, for client mode, percentiles of the per-request
 //! latencies (TTFT, TPOT, ITL, e2e) of each point, as `bench serving` reports them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::records::{BatchLatency, BatchRun, RequestRecord};
 use super::workload::Series;
 
 /// One measured repetition.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measured {
     pub run: BatchRun,
     pub latency: BatchLatency,
@@ -17,7 +17,8 @@ pub struct Measured {
     pub notes: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+/// Also a line of the report's `points.jsonl`, which `--resume` reads back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     pub series: Series,
     pub batch_size: usize,

@@ -91,6 +91,17 @@ impl Series {
         }
     }
 
+    /// The series named `name` (as [`Series::name`] writes it).
+    pub fn from_name(name: &str) -> Option<Series> {
+        match name {
+            "no-lora" => Some(Series::NoLora),
+            _ => Workload::ALL
+                .into_iter()
+                .find(|w| w.name() == name)
+                .map(Series::Lora),
+        }
+    }
+
     /// The workload's name, `none` for no-LoRA (the `workload` column of the reports).
     pub fn workload_name(self) -> &'static str {
         match self {
@@ -105,6 +116,20 @@ impl Series {
             Series::NoLora => "no-lora",
             Series::Lora(_) => "multi-lora",
         }
+    }
+}
+
+// By name in the report's points.jsonl, which `--resume` reads back.
+impl Serialize for Series {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Series {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Series::from_name(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown series {name:?}")))
     }
 }
 

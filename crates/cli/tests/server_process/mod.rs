@@ -13,12 +13,15 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `multilora serve ARGS --port 0` in `dir` and waits until it listens.
+    /// Starts `multilora serve ARGS --port 0` in `dir` and waits until it listens. Runtime
+    /// adapter loading is on, as the benchmark's client mode needs (it loads the adapters a
+    /// server does not list), through vLLM's variable, so that its spelling is tested too.
     pub fn start(dir: &Path, args: &[&str]) -> Result<Self, Box<dyn std::error::Error>> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_multilora"))
             .arg("serve")
             .args(args)
             .args(["--port", "0"])
+            .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
             .current_dir(dir)
             .stderr(Stdio::piped())
             .spawn()?;

@@ -72,7 +72,7 @@ pub fn kernel(head_dim: usize, group: usize) -> Option<Kernel> {
         return None;
     }
     let k = match head_dim {
-        ..=64 => VARIANTS[0],
+        1..=64 => VARIANTS[0],
         65..=128 => VARIANTS[1],
         _ => return None,
     };

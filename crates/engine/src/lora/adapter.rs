@@ -66,6 +66,19 @@ fn pattern_matches(key: &str, module_name: &str) -> bool {
     }
 }
 
+/// serde's messages quote the values they reject, and an adapter path may name any file the
+/// server can read: keep the position and the expected type, drop what the file says.
+fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for (i, part) in msg.split('"').enumerate() {
+        match i % 2 {
+            0 => out.push_str(part),
+            _ => out.push_str("\"…\""),
+        }
+    }
+    out
+}
+
 impl LoraAdapter {
     pub fn load(name: &str, dir: &Path, cfg: &ModelConfig, max_lora_rank: usize) -> Result<Self> {
         let err = |msg: String| Error::AdapterLoad {
@@ -82,8 +95,12 @@ impl LoraAdapter {
         }
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| err(format!("adapter_config.json: {e}")))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| err(format!("adapter_config.json: invalid JSON: {e}")))?;
+        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| {
+            err(format!(
+                "adapter_config.json: invalid JSON: {}",
+                redact_quoted(&e.to_string())
+            ))
+        })?;
         if let Some(t) = &config.peft_type {
             if t != "LORA" {
                 return Err(err(format!(
@@ -137,8 +154,8 @@ impl LoraAdapter {
                 "adapter_model.safetensors is missing".into()
             }));
         }
-        let files =
-            SafetensorsFiles::open(std::slice::from_ref(&weights_path)).map_err(|e| err(e.to_string()))?;
+        let files = SafetensorsFiles::open(std::slice::from_ref(&weights_path))
+            .map_err(|e| err(redact_quoted(&e.to_string())))?;
 
         let lora_alpha = config.lora_alpha.unwrap_or(8.0);
         let num_layers = cfg.num_hidden_layers;
@@ -216,6 +233,15 @@ impl LoraAdapter {
             let b = files
                 .f32(&b_name, &[out_f, rank])
                 .map_err(|e| err(e.to_string()))?;
+            // A NaN or Inf weight would turn every logit of the adapter's requests into NaN:
+            // refuse it here rather than serve empty text.
+            for (t, w) in [(*tensor, &a), (b_name.as_str(), &b)] {
+                if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+                    return Err(err(format!(
+                        "tensor {t:?} holds a non-finite value (NaN or Inf) at element {i}"
+                    )));
+                }
+            }
             modules[layer * LoraTarget::ALL.len() + target.index()] = Some(LoraModule { rank, scale, a, b });
         }
         if let Some(orphan) = names
@@ -263,6 +289,15 @@ impl LoraAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_values_are_redacted() {
+        assert_eq!(
+            redact_quoted(r#"invalid type: string "root:x:0:0", expected usize at line 1 column 9"#),
+            r#"invalid type: string "…", expected usize at line 1 column 9"#
+        );
+        assert_eq!(redact_quoted("no quotes"), "no quotes");
+    }
 
     #[test]
     fn pattern_keys_match_like_peft() {

@@ -3,14 +3,17 @@
 //! (HTTP/1.0 so that a streamed body ends when the connection closes: no chunked decoding).
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use multilora_engine::EngineConfig;
 use multilora_server::{Server, ServerConfig};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -52,6 +55,19 @@ pub fn demo_server(
     Ok(Server::start(engine, server)?)
 }
 
+pub type Serving = (SocketAddr, oneshot::Sender<()>, JoinHandle<std::io::Result<()>>);
+
+/// Serves on a loopback port until the sender is used (or dropped).
+pub async fn start(server: Server) -> Result<Serving, Box<dyn std::error::Error + Send + Sync>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    Ok((addr, stop, task))
+}
+
 /// A raw HTTP/1.0 exchange: returns (status, headers, body).
 pub async fn http(
     addr: std::net::SocketAddr,
@@ -78,6 +94,55 @@ pub async fn http(
     let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
     let status = head.split(' ').nth(1).ok_or("no status")?.parse::<u16>()?;
     Ok((status, head.to_string(), body.to_string()))
+}
+
+/// Opens a streaming completion and reads until its first content chunk; returns the open
+/// connection.
+pub async fn open_stream(
+    addr: SocketAddr,
+    max_tokens: usize,
+) -> Result<TcpStream, Box<dyn std::error::Error + Send + Sync>> {
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": max_tokens,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    let mut stream = TcpStream::connect(addr).await?;
+    let req = format!(
+        "POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(format!("stream closed early: {}", String::from_utf8_lossy(&seen)).into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(stream)
+}
+
+/// A generation request `i` for `model`: a chat or a completion, `max_tokens` long whatever
+/// the model says (`ignore_eos`); returns its path and body.
+pub fn generation_request(i: u64, is_chat: bool, model: &str, max_tokens: u64) -> (&'static str, Value) {
+    let mut body = json!({"model": model, "max_tokens": max_tokens, "ignore_eos": true, "seed": i});
+    if is_chat {
+        body["messages"] = json!([{"role": "user", "content": format!("question {i}")}]);
+        ("/v1/chat/completions", body)
+    } else {
+        body["prompt"] = json!(format!("prompt number {i}"));
+        ("/v1/completions", body)
+    }
+}
+
+/// A JSON POST over [`http`].
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+) -> Result<(u16, String, String), Box<dyn std::error::Error + Send + Sync>> {
+    http(addr, "POST", path, Some(body), &[]).await
 }
 
 /// The `data:` payloads of a server-sent-events body.

@@ -1,0 +1,4 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    multilora_server_fuzz::load_with("adapter_model.safetensors", data)
+});
