@@ -5,9 +5,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::{adapter, demo_server, http, open_stream, post, sse_data, start, TestResult, MODEL};
+use multilora_engine::lora::adapter::LoraAdapter;
+use multilora_engine::lora::manager::{AdapterLoader, DiskLoader};
+use multilora_engine::{LoraRequest, ModelConfig, Result as EngineResult};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -493,31 +497,62 @@ async fn a_stuck_adapter_read_holds_neither_generation_nor_health() -> TestResul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_an_engine_stuck_in_one_command() -> TestResult {
-    // Two start-up adapters and room for one on the host: `a` is evicted and re-read from disk
-    // by the engine loop when a request names it; its config then blocks that read.
+    // Adapters evicted from the host cache reload on loader threads (issue 13), so what still
+    // reads on the engine thread is a runtime adapter's load into the engine (`add_lora`, after
+    // the handler's own check); the injected loader holds that read.
     let root = tempfile::tempdir()?;
-    let (a, b) = (root.path().join("a"), root.path().join("b"));
-    copy_dir(&adapter(0)?, &a)?;
-    copy_dir(&adapter(2)?, &b)?;
-    let server = demo_server(0, |e, s| {
-        e.max_loras = 1;
-        e.max_cpu_loras = Some(1);
-        s.lora_modules = vec![("a".into(), a.clone()), ("b".into(), b)];
+    let gated = root.path().join("gated");
+    copy_dir(&adapter(0)?, &gated)?;
+    let loader = Arc::new(GatedLoader::default());
+    let (hook, allowed) = (loader.clone(), root.path().to_path_buf());
+    let server = demo_server(1, move |e, s| {
+        e.adapter_loader = Some(hook);
+        s.enable_runtime_lora_updating = true;
+        s.allowed_lora_dirs = vec![allowed];
         s.engine_stall_timeout = Duration::from_millis(300);
     })?;
-    let fifo = a.join("adapter_config.json");
-    let content = make_fifo(&fifo)?;
     let (addr, stop, task) = start(server).await?;
-    let body = json!({"model": "a", "prompt": "x", "max_tokens": 2});
-    let stuck = tokio::spawn(async move { post(addr, "/v1/completions", &body).await });
+    let body = json!({"lora_name": "gated", "lora_path": gated});
+    let stuck = tokio::spawn(async move { post(addr, "/v1/load_lora_adapter", &body).await });
     let text = wait_health(addr, 503).await?;
     assert!(text.contains("one step or command"), "{text}");
     // The HTTP side still answers what needs no engine.
     let (status, _, text) = timeout(BOUND, http(addr, "GET", "/v1/models", None, &[])).await??;
     assert_eq!(status, 200, "{text}");
-    release_fifo(fifo, content).await?;
+    loader.open();
     let (status, _, text) = timeout(BOUND, stuck).await???;
     assert_eq!(status, 200, "{text}");
     wait_health(addr, 200).await?;
     stop_serving(stop, task).await
+}
+
+/// Loads adapters from disk, but one named `gated` only once [`GatedLoader::open`] is called.
+#[derive(Debug, Default)]
+struct GatedLoader {
+    is_open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl GatedLoader {
+    fn open(&self) {
+        *self.is_open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.opened.notify_all();
+    }
+}
+
+impl AdapterLoader for GatedLoader {
+    fn load(
+        &self,
+        req: &LoraRequest,
+        model: &ModelConfig,
+        max_lora_rank: usize,
+    ) -> EngineResult<LoraAdapter> {
+        if req.name == "gated" {
+            let mut is_open = self.is_open.lock().unwrap_or_else(|e| e.into_inner());
+            while !*is_open {
+                is_open = self.opened.wait(is_open).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        DiskLoader.load(req, model, max_lora_rank)
+    }
 }
