@@ -68,13 +68,21 @@ impl ChatTemplate {
 
     /// Renders `messages` (OpenAI chat messages, content already flattened to text). An error
     /// here is the request's fault (the template rejected its messages).
-    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, String> {
+    /// `kwargs` are more variables (vLLM's `chat_template_kwargs`); they cannot replace
+    /// `messages` and the others.
+    pub fn render(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, Value>,
+    ) -> Result<String, String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| e.to_string())?;
         tmpl.render(minijinja::context! {
             messages => messages,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
             add_generation_prompt => add_generation_prompt,
+            ..minijinja::Value::from_serialize(kwargs)
         })
         .map_err(|e| format!("the chat template failed on these messages: {e}"))
     }
@@ -116,9 +124,13 @@ mod tests {
     fn renders_llama3_style_template() -> Result<(), String> {
         let src = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
         let t = ChatTemplate::new(src.into(), "<s>".into(), "</s>".into())?;
+        let none = serde_json::Map::new();
         let msgs = [json!({"role": "user", "content": " hi "})];
-        assert_eq!(t.render(&msgs, true)?, "<s><|user|>\nhi</s><|assistant|>\n");
-        assert_eq!(t.render(&msgs, false)?, "<s><|user|>\nhi</s>");
+        assert_eq!(
+            t.render(&msgs, true, &none)?,
+            "<s><|user|>\nhi</s><|assistant|>\n"
+        );
+        assert_eq!(t.render(&msgs, false, &none)?, "<s><|user|>\nhi</s>");
         Ok(())
     }
 
@@ -126,11 +138,27 @@ mod tests {
     fn python_methods_and_raise_exception() -> Result<(), String> {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
         let t = ChatTemplate::new(src.into(), String::new(), String::new())?;
-        assert_eq!(t.render(&[json!({"role": "user", "content": " a "})], true)?, "A");
+        let none = serde_json::Map::new();
+        assert_eq!(
+            t.render(&[json!({"role": "user", "content": " a "})], true, &none)?,
+            "A"
+        );
         let err = t
-            .render(&[json!({"role": "system", "content": "x"})], true)
+            .render(&[json!({"role": "system", "content": "x"})], true, &none)
             .expect_err("template raises");
         assert!(err.contains("first must be user"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn chat_template_kwargs_are_variables_but_cannot_replace_messages() -> Result<(), String> {
+        let src = "{% if enable_thinking %}T{% else %}F{% endif %}{{ messages | length }}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new())?;
+        let msgs = [json!({"role": "user", "content": "a"})];
+        assert_eq!(t.render(&msgs, true, &serde_json::Map::new())?, "F1");
+        let kwargs = json!({"enable_thinking": true, "messages": []});
+        let kwargs = kwargs.as_object().ok_or("object")?;
+        assert_eq!(t.render(&msgs, true, kwargs)?, "T1");
         Ok(())
     }
 

@@ -27,7 +27,9 @@ use crate::app::{ApiJson, AppState};
 use crate::detokenize::Detokenizer;
 use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
-use crate::protocol::{normalize_messages, ChatRequest, CompletionRequest, Output, Prompt, TokenizeRequest};
+use crate::protocol::{
+    normalize_messages, warn_unknown_fields, ChatRequest, CompletionRequest, Output, Prompt, TokenizeRequest,
+};
 
 /// vLLM's default `max_tokens` for `/v1/completions` (OpenAI's too).
 const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
@@ -43,10 +45,11 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     st.check_accepting()?;
+    warn_unknown_fields("/v1/completions", &req.unknown);
     let lora = st.resolve_model(&req.model)?;
     let (params, output) = req.sampling.resolve(DEFAULT_COMPLETION_MAX_TOKENS)?;
     let prompt_token_ids = match req.prompt.into_single()? {
-        Prompt::Text(text) => encode(&st, text, true).await?,
+        Prompt::Text(text) => encode(&st, text, req.add_special_tokens).await?,
         Prompt::TokenIds(ids) => ids,
     };
     run(
@@ -66,6 +69,8 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
     st.check_accepting()?;
+    warn_unknown_fields("/v1/chat/completions", &req.unknown);
+    req.check_chat_fields()?;
     let lora = st.resolve_model(&req.model)?;
     let template = st.chat_template.clone().ok_or_else(|| {
         ApiError::bad_request(
@@ -75,12 +80,14 @@ pub async fn chat_completions(
     let messages = normalize_messages(req.messages)?;
     let limits = PromptLimits::of(&st);
     let add_generation_prompt = req.add_generation_prompt;
+    let add_special_tokens = req.add_special_tokens;
+    let kwargs = req.chat_template_kwargs.unwrap_or_default();
     let prompt_token_ids = off_the_runtime(&st, move || {
         let text = template
-            .render(&messages, add_generation_prompt)
+            .render(&messages, add_generation_prompt, &kwargs)
             .map_err(|e| ApiError::bad_param("messages", e))?;
-        // The template writes the special tokens (BOS) itself.
-        limits.encode(&text, false)
+        // The template writes the special tokens (BOS) itself, unless asked otherwise.
+        limits.encode(&text, add_special_tokens)
     })
     .await?;
     // As vLLM: without max_tokens, chat may use the rest of the context.
@@ -233,7 +240,12 @@ async fn run(
         model,
         guard,
         events,
-        detok: Detokenizer::new(st.engine.info.tokenizer.clone(), output.stop),
+        detok: Detokenizer::new(
+            st.engine.info.tokenizer.clone(),
+            output.stop,
+            output.include_stop_str_in_output,
+            output.skip_special_tokens,
+        ),
         include_usage: output.include_usage,
         num_prompt_tokens,
         num_output_tokens: 0,
