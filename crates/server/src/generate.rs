@@ -379,17 +379,13 @@ impl Generation {
         struct StreamState {
             gen: Generation,
             pending: VecDeque<Event>,
+            has_sent_role: bool,
             is_done: bool,
-        }
-        let mut pending = VecDeque::new();
-        if self.api == Api::Chat {
-            let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                "logprobs": null, "finish_reason": null});
-            pending.push_back(self.chunk(vec![role], Value::Null));
         }
         let state = StreamState {
             gen: self,
-            pending,
+            pending: VecDeque::new(),
+            has_sent_role: false,
             is_done: false,
         };
         let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -402,6 +398,14 @@ impl Generation {
                 }
                 match s.gen.next().await {
                     Progress::Text(delta, finish) => {
+                        // Chat's first chunk (the role) goes with the first token, as vLLM
+                        // sends it: clients time the first token by the first chunk.
+                        if s.gen.api == Api::Chat && !s.has_sent_role {
+                            s.has_sent_role = true;
+                            let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": null, "finish_reason": null});
+                            s.pending.push_back(s.gen.chunk(vec![role], Value::Null));
+                        }
                         // One chunk per generated token, its text possibly empty (a token that
                         // completes no character yet), as vLLM streams: clients time tokens
                         // (TTFT, ITL) by chunks.

@@ -74,3 +74,50 @@ async fn fields_not_implemented_are_refused_by_name_on_both_endpoints() -> TestR
     assert_eq!(status, StatusCode::OK, "{text}");
     Ok(())
 }
+
+/// The role chunk of a streamed chat used to go out when the request arrived; it must come
+/// with the first token. The engine's steps are held while the client waits for its first
+/// event, so a chunk sent before any step is seen with the step count still 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_chat_first_chunk_comes_after_the_first_step() -> TestResult {
+    use futures_util::StreamExt;
+    let server = demo_server(0, |_, _| {})?;
+    let app = server.router();
+    let metrics = server.state().metrics.clone();
+    server.state().engine.hold_steps_for_tests(true);
+    let mut body = chat("hello");
+    body["stream"] = json!(true);
+    // The handler answers once the engine loop has taken the request; no step has run.
+    let res = app
+        .clone()
+        .oneshot(post_json("/v1/chat/completions", &body))
+        .await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(metrics.num_steps.get(), 0);
+    let reader = tokio::spawn(async move {
+        let mut stream = res.into_body().into_data_stream();
+        let first = stream.next().await;
+        let num_steps_then = metrics.num_steps.get();
+        let mut text = match first {
+            Some(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            _ => String::new(),
+        };
+        while let Some(Ok(bytes)) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        (num_steps_then, text)
+    });
+    // Time enough for an early chunk to arrive; the assertion below does not depend on it.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    server.state().engine.hold_steps_for_tests(false);
+    let (num_steps_then, text) = reader.await?;
+    assert!(
+        num_steps_then >= 1,
+        "the first chunk came before any engine step: {text}"
+    );
+    let data = common::sse_data(&text);
+    let first: Value = serde_json::from_str(data.first().ok_or("no events")?)?;
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant", "{text}");
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    Ok(())
+}
