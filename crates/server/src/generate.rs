@@ -28,7 +28,8 @@ use crate::detokenize::Detokenizer;
 use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
 use crate::protocol::{
-    normalize_messages, warn_unknown_fields, ChatRequest, CompletionRequest, Output, Prompt, TokenizeRequest,
+    normalize_messages, warn_unknown_fields, ChatRequest, CompletionRequest, DetokenizeRequest, Output,
+    Prompt, TokenizeRequest,
 };
 
 /// vLLM's default `max_tokens` for `/v1/completions` (OpenAI's too).
@@ -114,6 +115,35 @@ pub async fn tokenize(
         "tokens": tokens,
     }))
     .into_response())
+}
+
+/// vLLM's `/detokenize`: token ids back to text, special tokens kept (vLLM's benchmark uses it
+/// to realign prompts).
+pub async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<DetokenizeRequest>,
+) -> ApiResult<Response> {
+    st.resolve_model(&req.model)?;
+    let tokenizer = st.engine.info.tokenizer.clone();
+    let vocab_size = tokenizer.get_vocab_size(true);
+    if let Some((i, id)) = req
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= vocab_size)
+    {
+        return Err(ApiError::bad_param(
+            "tokens",
+            format!("tokens[{i}] = {id} is not a token id: the vocabulary has {vocab_size}"),
+        ));
+    }
+    let prompt = off_the_runtime(&st, move || {
+        tokenizer
+            .decode(&req.tokens, false)
+            .map_err(|e| ApiError::bad_param("tokens", format!("cannot decode the tokens: {e}")))
+    })
+    .await?;
+    Ok(axum::Json(json!({"prompt": prompt})).into_response())
 }
 
 /// What tokenizing a prompt needs, to move onto the blocking pool.

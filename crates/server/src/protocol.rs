@@ -253,6 +253,13 @@ pub struct TokenizeRequest {
     pub add_special_tokens: bool,
 }
 
+/// vLLM's `/detokenize` body.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: String,
+    pub tokens: Vec<u32>,
+}
+
 fn yes() -> bool {
     true
 }

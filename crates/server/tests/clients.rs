@@ -121,3 +121,77 @@ async fn streamed_chat_first_chunk_comes_after_the_first_step() -> TestResult {
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_retrieve_detokenize_and_version() -> TestResult {
+    let server = demo_server(1, |_, _| {})?;
+    let app = server.router();
+    let get = |path: &str| Request::get(path).body(Body::empty()).expect("valid request");
+    // One card per model, as /v1/models lists it.
+    let (_, list) = send(&app, get("/v1/models")).await?;
+    let list: Value = serde_json::from_str(&list)?;
+    for id in [MODEL, "lora-0"] {
+        let (status, text) = send(&app, get(&format!("/v1/models/{id}"))).await?;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let card: Value = serde_json::from_str(&text)?;
+        assert_eq!(card["id"], id);
+        assert_eq!(card["object"], "model");
+        let listed = list["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["id"] == id);
+        assert_eq!(Some(&card), listed, "{list}");
+    }
+    let (status, text) = send(&app, get("/v1/models/no-such/model")).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+    let e: Value = serde_json::from_str(&text)?;
+    assert_eq!(e["error"]["code"], "model_not_found");
+    assert!(e["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("no-such/model")));
+
+    // /tokenize then /detokenize gives the text back (BOS included, as vLLM keeps it).
+    let prompt = "Hello there, friend";
+    let (_, text) = send(
+        &app,
+        post_json("/tokenize", &json!({"model": MODEL, "prompt": prompt})),
+    )
+    .await?;
+    let tokens = serde_json::from_str::<Value>(&text)?["tokens"].clone();
+    let (status, text) = send(
+        &app,
+        post_json("/detokenize", &json!({"model": "lora-0", "tokens": tokens})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let back = serde_json::from_str::<Value>(&text)?["prompt"]
+        .as_str()
+        .ok_or("no prompt")?
+        .to_string();
+    assert!(back.ends_with(prompt), "{back:?}");
+    let (status, text) = send(
+        &app,
+        post_json(
+            "/detokenize",
+            &json!({"model": MODEL, "tokens": [1, 4000000000u32]}),
+        ),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text)?["error"]["param"], "tokens");
+    let (status, _) = send(
+        &app,
+        post_json("/detokenize", &json!({"model": "nope", "tokens": []})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, text) = send(&app, get("/version")).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text)?["version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    Ok(())
+}
