@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use multilora_engine::{LoraRequest, SamplingParams};
+use multilora_engine::{FinishReason, LoraRequest, SamplingParams};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
@@ -232,8 +232,16 @@ struct Generation {
     events: mpsc::UnboundedReceiver<TokenEvent>,
     detok: Detokenizer,
     include_usage: bool,
+    /// Usage on every chunk, not only the last (vLLM's `continuous_usage_stats`).
+    continuous_usage: bool,
     num_prompt_tokens: usize,
     num_output_tokens: usize,
+    /// For `stop_reason`: which ids end the request as stop tokens rather than as EOS.
+    stop_token_ids: Vec<u32>,
+    eos_token_ids: Vec<u32>,
+    include_stop_str_in_output: bool,
+    /// vLLM's `stop_reason`: the stop string or stop token id that ended the text, else null.
+    stop_reason: Value,
 }
 
 /// One step of a generation as the client sees it.
@@ -259,6 +267,11 @@ async fn run(
     let id = st.request_id(prefix);
     let num_prompt_tokens = prompt_token_ids.len();
     let has_stop_strings = !output.stop.is_empty();
+    let stop_token_ids = params.stop_token_ids.clone();
+    let eos_token_ids = match params.ignore_eos {
+        true => Vec::new(),
+        false => st.engine.info.model_config.eos_token_ids.clone(),
+    };
     let (guard, events) = st
         .engine
         .add(id.clone(), prompt_token_ids, params, lora, has_stop_strings)
@@ -277,8 +290,13 @@ async fn run(
             output.skip_special_tokens,
         ),
         include_usage: output.include_usage,
+        continuous_usage: output.continuous_usage,
         num_prompt_tokens,
         num_output_tokens: 0,
+        stop_token_ids,
+        eos_token_ids,
+        include_stop_str_in_output: output.include_stop_str_in_output,
+        stop_reason: Value::Null,
     };
     Ok(if output.stream {
         gen.into_sse()
@@ -305,7 +323,15 @@ impl Generation {
             }) => {
                 self.num_prompt_tokens = num_prompt_tokens;
                 self.num_output_tokens = num_output_tokens;
-                let mut hit_stop = self.detok.push(token_id);
+                // As vLLM: EOS first (null), then the stop token id.
+                let is_stop_token = finish_reason == Some(FinishReason::Stop)
+                    && !self.eos_token_ids.contains(&token_id)
+                    && self.stop_token_ids.contains(&token_id);
+                // A stop token's text is not output (vLLM), unless asked for.
+                let mut hit_stop = match is_stop_token && !self.include_stop_str_in_output {
+                    true => false,
+                    false => self.detok.push(token_id),
+                };
                 let mut finish = finish_reason.map(|r| r.as_str());
                 if finish.is_some() && !hit_stop {
                     hit_stop = self.detok.flush();
@@ -314,8 +340,12 @@ impl Generation {
                     // Ends the engine's sequence now, counted as a finish (stop), not an abort.
                     self.guard.stop_at_string();
                     finish = Some("stop");
+                    self.stop_reason = self.detok.matched_stop().map_or(Value::Null, Value::from);
                 } else if finish.is_some() {
                     self.guard.finish();
+                    if is_stop_token {
+                        self.stop_reason = json!(token_id);
+                    }
                 }
                 Progress::Text(self.detok.take_delta(finish.is_some()).to_string(), finish)
             }
@@ -325,10 +355,14 @@ impl Generation {
     }
 
     fn usage(&self) -> Value {
+        self.usage_after(self.num_output_tokens)
+    }
+
+    fn usage_after(&self, num_output_tokens: usize) -> Value {
         json!({
             "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": self.num_output_tokens,
-            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
+            "completion_tokens": num_output_tokens,
+            "total_tokens": self.num_prompt_tokens + num_output_tokens,
         })
     }
 
@@ -348,11 +382,11 @@ impl Generation {
         let choice = match self.api {
             Api::Completion => json!({
                 "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
-                "stop_reason": null,
+                "stop_reason": self.stop_reason,
             }),
             Api::Chat => json!({
                 "index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": null, "finish_reason": finish,
+                "logprobs": null, "finish_reason": finish, "stop_reason": self.stop_reason,
             }),
         };
         let object = match self.api {
@@ -393,6 +427,7 @@ impl Generation {
         match self.api {
             Api::Completion => json!({
                 "index": 0, "text": delta, "logprobs": null, "finish_reason": finish,
+                "stop_reason": self.stop_reason,
             }),
             Api::Chat => {
                 let delta = if finish.is_some() && delta.is_empty() {
@@ -400,7 +435,8 @@ impl Generation {
                 } else {
                     json!({"content": delta})
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish,
+                    "stop_reason": self.stop_reason})
             }
         }
     }
@@ -434,13 +470,21 @@ impl Generation {
                             s.has_sent_role = true;
                             let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                 "logprobs": null, "finish_reason": null});
-                            s.pending.push_back(s.gen.chunk(vec![role], Value::Null));
+                            let usage = match s.gen.continuous_usage {
+                                true => s.gen.usage_after(0),
+                                false => Value::Null,
+                            };
+                            s.pending.push_back(s.gen.chunk(vec![role], usage));
                         }
                         // One chunk per generated token, its text possibly empty (a token that
                         // completes no character yet), as vLLM streams: clients time tokens
                         // (TTFT, ITL) by chunks.
                         let choice = s.gen.text_choice(&delta, finish);
-                        s.pending.push_back(s.gen.chunk(vec![choice], Value::Null));
+                        let usage = match s.gen.continuous_usage {
+                            true => s.gen.usage(),
+                            false => Value::Null,
+                        };
+                        s.pending.push_back(s.gen.chunk(vec![choice], usage));
                         if finish.is_some() {
                             if s.gen.include_usage {
                                 let usage = s.gen.usage();

@@ -195,3 +195,207 @@ async fn models_retrieve_detokenize_and_version() -> TestResult {
     );
     Ok(())
 }
+
+async fn body_of(
+    app: &Router,
+    path: &str,
+    body: &Value,
+) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    let (status, text) = send(app, post_json(path, body)).await?;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The streamed chunks of a request (without `[DONE]`), and the text they carry.
+async fn stream_of(
+    app: &Router,
+    path: &str,
+    body: &Value,
+) -> Result<(Vec<Value>, String), Box<dyn std::error::Error + Send + Sync>> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let (status, text) = send(app, post_json(path, &body)).await?;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let data = common::sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d))
+        .collect::<Result<_, _>>()?;
+    let mut streamed = String::new();
+    for c in &chunks {
+        for choice in c["choices"].as_array().into_iter().flatten() {
+            let piece = choice["text"].as_str().or(choice["delta"]["content"].as_str());
+            streamed.push_str(piece.unwrap_or_default());
+        }
+    }
+    Ok((chunks, streamed))
+}
+
+/// The one `stop_reason` a stream's chunks report with their finish.
+fn streamed_stop_reason(chunks: &[Value]) -> Option<Value> {
+    chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().into_iter().flatten())
+        .find(|c| !c["finish_reason"].is_null())
+        .map(|c| c["stop_reason"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reason_names_the_stop_string_or_token() -> TestResult {
+    let server = demo_server(0, |_, _| {})?;
+    let app = server.router();
+    let base =
+        json!({"model": MODEL, "prompt": "The", "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let v = body_of(&app, "/v1/completions", &base).await?;
+    assert_eq!(
+        v["choices"][0]["stop_reason"],
+        Value::Null,
+        "length: no stop_reason"
+    );
+    let full = v["choices"][0]["text"].as_str().ok_or("no text")?.to_string();
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..]
+        .windows(2)
+        .find(|w| !w.contains(&'\u{FFFD}'))
+        .ok_or("no clean two characters in the output")?
+        .iter()
+        .collect();
+    let cut = full.find(&stop).ok_or("stop not in text")?;
+    // Completions and chat, whole and streamed; the stop string kept on request.
+    let chat_base = json!({"model": MODEL, "messages": [{"role": "user", "content": "The"}],
+                           "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let chat_full = body_of(&app, "/v1/chat/completions", &chat_base).await?["choices"][0]["message"]
+        ["content"]
+        .as_str()
+        .ok_or("no chat text")?
+        .to_string();
+    for (path, base, full) in [
+        ("/v1/completions", &base, &full),
+        ("/v1/chat/completions", &chat_base, &chat_full),
+    ] {
+        let Some(cut) = full.find(&stop) else {
+            assert_eq!(path, "/v1/chat/completions");
+            continue;
+        };
+        for include in [false, true] {
+            let mut req = base.clone();
+            req["stop"] = json!(["never-in-the-output", stop]);
+            req["include_stop_str_in_output"] = json!(include);
+            let expected = match include {
+                true => &full[..cut + stop.len()],
+                false => &full[..cut],
+            };
+            let v = body_of(&app, path, &req).await?;
+            let choice = &v["choices"][0];
+            let text = choice["text"].as_str().or(choice["message"]["content"].as_str());
+            assert_eq!(text, Some(expected), "{path} include={include}: {v}");
+            assert_eq!(choice["finish_reason"], "stop");
+            assert_eq!(choice["stop_reason"], stop.as_str(), "{v}");
+            let (chunks, streamed) = stream_of(&app, path, &req).await?;
+            assert_eq!(streamed, expected, "{path} streamed, include={include}");
+            assert_eq!(streamed_stop_reason(&chunks), Some(json!(stop)));
+        }
+    }
+    let _ = cut;
+
+    // A stop token: every id in one of two halves of the vocabulary; the first greedy token
+    // is in one, which ends the request with its id as stop_reason and without its text.
+    let vocab_size = server.state().engine.info.tokenizer.get_vocab_size(true) as u32;
+    let half = vocab_size / 2;
+    assert!(
+        half <= 1024,
+        "the demo vocabulary fits two requests' stop_token_ids"
+    );
+    let mut stopped_by = None;
+    for ids in [(0..half).collect::<Vec<u32>>(), (half..vocab_size).collect()] {
+        let mut req = base.clone();
+        req["stop_token_ids"] = json!(ids);
+        let v = body_of(&app, "/v1/completions", &req).await?;
+        if v["usage"]["completion_tokens"] == 1 {
+            let id = v["choices"][0]["stop_reason"]
+                .as_u64()
+                .ok_or(format!("no stop_reason: {v}"))?;
+            assert!(ids.contains(&(id as u32)), "{v}");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+            assert_eq!(v["choices"][0]["text"], "", "a stop token's text is not output");
+            let (chunks, streamed) = stream_of(&app, "/v1/completions", &req).await?;
+            assert_eq!(streamed_stop_reason(&chunks), Some(json!(id)));
+            assert_eq!(streamed, "");
+            req["include_stop_str_in_output"] = json!(true);
+            let with = body_of(&app, "/v1/completions", &req).await?;
+            let mut first = base.clone();
+            first["max_tokens"] = json!(1);
+            let first = body_of(&app, "/v1/completions", &first).await?;
+            assert_eq!(with["choices"][0]["text"], first["choices"][0]["text"]);
+            stopped_by = Some(id);
+        }
+    }
+    assert!(stopped_by.is_some(), "the first token was in neither half");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_usage_stats_put_usage_on_every_chunk() -> TestResult {
+    let server = demo_server(0, |_, _| {})?;
+    let app = server.router();
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let mut body = json!({"model": MODEL, "max_tokens": 5, "ignore_eos": true,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}});
+        match path {
+            "/v1/completions" => body["prompt"] = json!("Once upon"),
+            _ => body["messages"] = json!([{"role": "user", "content": "hi"}]),
+        }
+        let (chunks, _) = stream_of(&app, path, &body).await?;
+        let counts: Vec<u64> = chunks
+            .iter()
+            .map(|c| {
+                c["usage"]["completion_tokens"]
+                    .as_u64()
+                    .ok_or(format!("{path}: no usage in {c}"))
+            })
+            .collect::<Result<_, _>>()?;
+        // One chunk per token (chat: after the role chunk), then the usage chunk.
+        let expected: Vec<u64> = match path {
+            "/v1/completions" => vec![1, 2, 3, 4, 5, 5],
+            _ => vec![0, 1, 2, 3, 4, 5, 5],
+        };
+        assert_eq!(counts, expected, "{path}");
+        let prompt_tokens = &chunks[0]["usage"]["prompt_tokens"];
+        assert!(chunks
+            .iter()
+            .all(|c| &c["usage"]["prompt_tokens"] == prompt_tokens));
+        // Without include_usage, no usage (as vLLM).
+        body["stream_options"] = json!({"continuous_usage_stats": true});
+        let (chunks, _) = stream_of(&app, path, &body).await?;
+        assert!(chunks.iter().all(|c| c["usage"].is_null()), "{path}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_history_gets_a_clear_400() -> TestResult {
+    // A template as most are: content concatenated to strings.
+    let server = demo_server(0, |_, s| {
+        s.chat_template =
+            Some("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}\n{% endfor %}".into());
+    })?;
+    let app = server.router();
+    let body = json!({"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]});
+    let (status, text) = send(&app, post_json("/v1/chat/completions", &body)).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let e: Value = serde_json::from_str(&text)?;
+    assert_eq!(e["error"]["param"], "messages");
+    let msg = e["error"]["message"].as_str().ok_or("no message")?;
+    assert!(msg.contains("messages[1]"), "{msg}");
+    assert!(
+        !msg.contains("operator") && !msg.contains("unsupported types"),
+        "{msg}"
+    );
+    Ok(())
+}
