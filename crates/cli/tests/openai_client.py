@@ -62,6 +62,24 @@ for kind in ("completion", "chat"):
     finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
     check(finishes == ["length"], f"{kind} stream finish reasons {finishes}")
 
+# vLLM's stop_reason (the matched stop string) and continuous usage stats.
+full = client.completions.create(
+    model=base_model, prompt="The", max_tokens=10, temperature=0, extra_body={"ignore_eos": True},
+).choices[0].text
+stop = full.strip()[:2]
+if len(stop) == 2 and "\ufffd" not in stop:
+    c = client.completions.create(
+        model=base_model, prompt="The", max_tokens=10, temperature=0, stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    check(getattr(c.choices[0], "stop_reason", None) == stop, f"stop_reason {c.choices[0]}")
+chunks = list(client.chat.completions.create(
+    model=adapter, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+    stream_options={"include_usage": True}, extra_body={"ignore_eos": True,
+    "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+))
+check(all(c.usage is not None for c in chunks), "continuous usage on every chunk")
+
 # Errors surface as the client's typed exceptions.
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
