@@ -189,43 +189,29 @@ mod tests {
             .map_err(|e| e.to_string())?
             .get_ids()
             .to_vec();
-        let mut d = Detokenizer::new(tok.clone(), vec!["three".to_string()], false, true);
-        let mut streamed = String::new();
-        let mut stopped = false;
-        for &id in &ids {
-            stopped = d.push(id);
-            streamed.push_str(d.take_delta(stopped));
-            if stopped {
-                break;
+        // (stops, include_stop_str_in_output, text, matched stop)
+        let cases: [(&[&str], bool, &str, &str); 2] = [
+            (&["three"], false, "one two ", "three"),
+            // The earliest match wins, whatever the order of the list; kept on request.
+            (&["four", "two"], true, "one two", "two"),
+        ];
+        for (stops, include, expected, matched) in cases {
+            let stops = stops.iter().map(|s| s.to_string()).collect();
+            let mut d = Detokenizer::new(tok.clone(), stops, include, true);
+            let mut streamed = String::new();
+            let mut stopped = false;
+            for &id in &ids {
+                stopped = d.push(id);
+                streamed.push_str(d.take_delta(stopped));
+                if stopped {
+                    break;
+                }
             }
+            assert!(stopped);
+            assert_eq!(streamed, expected);
+            assert_eq!(d.text(), expected);
+            assert_eq!(d.matched_stop(), Some(matched));
         }
-        assert!(stopped);
-        assert_eq!(streamed, "one two ");
-        assert_eq!(d.text(), "one two ");
-        assert_eq!(d.matched_stop(), Some("three"));
-        Ok(())
-    }
-
-    #[test]
-    fn include_stop_str_keeps_the_match() -> Result<(), Box<dyn std::error::Error>> {
-        let tok = demo_tokenizer()?;
-        let ids = tok
-            .encode("one two three four", false)
-            .map_err(|e| e.to_string())?
-            .get_ids()
-            .to_vec();
-        let stops = vec!["four".to_string(), "two".to_string()];
-        let mut d = Detokenizer::new(tok.clone(), stops, true, true);
-        let mut streamed = String::new();
-        for &id in &ids {
-            let stopped = d.push(id);
-            streamed.push_str(d.take_delta(stopped));
-            if stopped {
-                break;
-            }
-        }
-        assert_eq!(streamed, "one two");
-        assert_eq!(d.matched_stop(), Some("two"));
         Ok(())
     }
 }

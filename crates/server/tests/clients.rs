@@ -6,28 +6,12 @@
 mod common;
 
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use axum::Router;
+use common::in_process::{post_json, send};
 use common::{demo_server, TestResult, MODEL};
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-async fn send(
-    app: &Router,
-    req: Request<Body>,
-) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let res = app.clone().oneshot(req).await?;
-    let status = res.status();
-    let bytes = axum::body::to_bytes(res.into_body(), 16 << 20).await?;
-    Ok((status, String::from_utf8(bytes.to_vec())?))
-}
-
-fn post_json(path: &str, body: &Value) -> Request<Body> {
-    Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("valid request")
-}
 
 fn chat(content: &str) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 3})
@@ -254,14 +238,7 @@ async fn stop_reason_names_the_stop_string_or_token() -> TestResult {
         "length: no stop_reason"
     );
     let full = v["choices"][0]["text"].as_str().ok_or("no text")?.to_string();
-    let chars: Vec<char> = full.chars().collect();
-    let stop: String = chars[chars.len() / 2..]
-        .windows(2)
-        .find(|w| !w.contains(&'\u{FFFD}'))
-        .ok_or("no clean two characters in the output")?
-        .iter()
-        .collect();
-    let cut = full.find(&stop).ok_or("stop not in text")?;
+    let (stop, _) = common::stop_string_in(&full)?;
     // Completions and chat, whole and streamed; the stop string kept on request.
     let chat_base = json!({"model": MODEL, "messages": [{"role": "user", "content": "The"}],
                            "max_tokens": 12, "temperature": 0, "ignore_eos": true});
@@ -297,7 +274,6 @@ async fn stop_reason_names_the_stop_string_or_token() -> TestResult {
             assert_eq!(streamed_stop_reason(&chunks), Some(json!(stop)));
         }
     }
-    let _ = cut;
 
     // A stop token: every id in one of two halves of the vocabulary; the first greedy token
     // is in one, which ends the request with its id as stop_reason and without its text.
