@@ -1,6 +1,7 @@
 //! The HTTP surface: shared state, the router, the API-key check on `/v1`, our JSON extractor
 //! (so malformed bodies get OpenAI's error format too), and the small endpoints: `/health`,
-//! `/metrics`, `/v1/models`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`.
+//! `/metrics`, `/version`, `/v1/models`, `/v1/models/{id}`, `/v1/load_lora_adapter`,
+//! `/v1/unload_lora_adapter`.
 //! The API key guards every route but `/health` and `/metrics`, unknown ones included (so a
 //! client without it learns nothing of which routes exist).
 //!
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -153,12 +154,16 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/version", get(version))
         .route("/v1/models", get(list_models))
+        // A catch-all: served model names may hold slashes (`org/model`).
+        .route("/v1/models/{*id}", get(retrieve_model))
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/load_lora_adapter", post(load_lora_adapter))
         .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .route("/tokenize", post(generate::tokenize))
+        .route("/detokenize", post(generate::detokenize))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -264,7 +269,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 /// As vLLM lists them: the base model, then each adapter with `parent` the base model and
 /// `root` its folder, or its name unless `show_lora_paths` (the folder says where the server's
 /// files are).
-async fn list_models(State(st): State<Arc<AppState>>) -> Response {
+fn model_cards(st: &AppState) -> Vec<serde_json::Value> {
     let card = |id: &str, root: &str, parent: Option<&str>| {
         json!({
             "id": id,
@@ -286,7 +291,25 @@ async fn list_models(State(st): State<Arc<AppState>>) -> Response {
         };
         data.push(card(name, &root, Some(base)));
     }
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    data
+}
+
+async fn list_models(State(st): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({"object": "list", "data": model_cards(&st)})).into_response()
+}
+
+/// OpenAI's `GET /v1/models/{model}` (`client.models.retrieve`): one card, or 404.
+async fn retrieve_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+    model_cards(&st)
+        .into_iter()
+        .find(|c| c["id"] == id.as_str())
+        .map(|c| axum::Json(c).into_response())
+        .ok_or_else(|| ApiError::model_not_found(&id))
+}
+
+/// vLLM's `/version`.
+async fn version() -> Response {
+    axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
 #[derive(Deserialize)]

@@ -3,8 +3,9 @@
 //! characters split across tokens are held back until complete, and decoders that drop a
 //! leading space on the first token (SentencePiece) still get spacing right.
 //!
-//! Stop strings end the text before the match (vLLM's default); while streaming, the last
-//! `longest stop - 1` bytes are held back so that a stop string is never half-sent.
+//! Stop strings end the text before the match (vLLM's default), or after it with
+//! `include_stop_str_in_output`; while streaming, the last `longest stop - 1` bytes are held
+//! back so that a stop string is never half-sent.
 
 use std::sync::Arc;
 
@@ -20,12 +21,24 @@ pub struct Detokenizer {
     num_emitted: usize,
     stop: Vec<String>,
     max_stop_len: usize,
+    include_stop_str: bool,
+    skip_special_tokens: bool,
+    /// The stop string that ended the text (vLLM's `stop_reason`).
+    matched_stop: Option<usize>,
 }
 
 impl Detokenizer {
-    pub fn new(tokenizer: Arc<Tokenizer>, stop: Vec<String>) -> Self {
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        stop: Vec<String>,
+        include_stop_str: bool,
+        skip_special_tokens: bool,
+    ) -> Self {
         let max_stop_len = stop.iter().map(String::len).max().unwrap_or(0);
         Detokenizer {
+            include_stop_str,
+            skip_special_tokens,
+            matched_stop: None,
             tokenizer,
             ids: Vec::new(),
             prefix_offset: 0,
@@ -38,7 +51,9 @@ impl Detokenizer {
     }
 
     fn decode(&self, ids: &[u32]) -> String {
-        self.tokenizer.decode(ids, true).unwrap_or_default()
+        self.tokenizer
+            .decode(ids, self.skip_special_tokens)
+            .unwrap_or_default()
     }
 
     /// Adds a token; returns true if the text now contains a stop string (the text is cut
@@ -84,12 +99,18 @@ impl Detokenizer {
         let hit = self
             .stop
             .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text[from..].find(s.as_str()))
+            .enumerate()
+            .filter(|(_, s)| !s.is_empty())
+            .filter_map(|(i, s)| self.text[from..].find(s.as_str()).map(|pos| (pos, i)))
             .min();
         match hit {
-            Some(pos) => {
-                self.text.truncate(from + pos);
+            Some((pos, i)) => {
+                let end = match self.include_stop_str {
+                    true => from + pos + self.stop[i].len(),
+                    false => from + pos,
+                };
+                self.text.truncate(end);
+                self.matched_stop = Some(i);
                 self.num_emitted = self.num_emitted.min(self.text.len());
                 true
             }
@@ -121,6 +142,11 @@ impl Detokenizer {
     pub fn text(&self) -> &str {
         &self.text
     }
+
+    /// The stop string that ended the text, if one did.
+    pub fn matched_stop(&self) -> Option<&str> {
+        self.matched_stop.map(|i| self.stop[i].as_str())
+    }
 }
 
 #[cfg(test)]
@@ -143,7 +169,7 @@ mod tests {
             .map_err(|e| e.to_string())?
             .get_ids()
             .to_vec();
-        let mut d = Detokenizer::new(tok.clone(), Vec::new());
+        let mut d = Detokenizer::new(tok.clone(), Vec::new(), false, true);
         let mut streamed = String::new();
         for &id in &ids {
             assert!(!d.push(id));
@@ -163,19 +189,29 @@ mod tests {
             .map_err(|e| e.to_string())?
             .get_ids()
             .to_vec();
-        let mut d = Detokenizer::new(tok.clone(), vec!["three".to_string()]);
-        let mut streamed = String::new();
-        let mut stopped = false;
-        for &id in &ids {
-            stopped = d.push(id);
-            streamed.push_str(d.take_delta(stopped));
-            if stopped {
-                break;
+        // (stops, include_stop_str_in_output, text, matched stop)
+        let cases: [(&[&str], bool, &str, &str); 2] = [
+            (&["three"], false, "one two ", "three"),
+            // The earliest match wins, whatever the order of the list; kept on request.
+            (&["four", "two"], true, "one two", "two"),
+        ];
+        for (stops, include, expected, matched) in cases {
+            let stops = stops.iter().map(|s| s.to_string()).collect();
+            let mut d = Detokenizer::new(tok.clone(), stops, include, true);
+            let mut streamed = String::new();
+            let mut stopped = false;
+            for &id in &ids {
+                stopped = d.push(id);
+                streamed.push_str(d.take_delta(stopped));
+                if stopped {
+                    break;
+                }
             }
+            assert!(stopped);
+            assert_eq!(streamed, expected);
+            assert_eq!(d.text(), expected);
+            assert_eq!(d.matched_stop(), Some(matched));
         }
-        assert!(stopped);
-        assert_eq!(streamed, "one two ");
-        assert_eq!(d.text(), "one two ");
         Ok(())
     }
 }

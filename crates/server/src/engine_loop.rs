@@ -83,6 +83,9 @@ pub(crate) enum Command {
     Stop,
     /// Tests of what follows an engine thread's death (nothing a request can send).
     Panic,
+    /// Tests of what clients see before a request's first step: while held, the loop serves
+    /// commands but runs no step (nothing a request can send).
+    HoldSteps(bool),
 }
 
 /// Facts about the loaded engine the handlers need.
@@ -212,6 +215,13 @@ impl EngineHandle {
         self.send(Command::Panic);
     }
 
+    /// Holds (or resumes) the engine's steps; commands are still served. For tests of what a
+    /// client sees before its request's first token. Nothing a client sends reaches this.
+    #[doc(hidden)]
+    pub fn hold_steps_for_tests(&self, is_held: bool) {
+        self.send(Command::HoldSteps(is_held));
+    }
+
     pub async fn add_lora(&self, lora: LoraRequest) -> Result<(), EngineError> {
         let (reply, rx) = oneshot::channel();
         if !self.send(Command::AddLora { lora, reply }) {
@@ -321,6 +331,7 @@ pub fn spawn(
                 awaiting_handler: HashMap::new(),
                 unloaded: HashSet::new(),
                 pending_removals: Vec::new(),
+                is_holding_steps: false,
             }
             .run(rx);
         })
@@ -361,12 +372,14 @@ struct EngineLoop {
     unloaded: HashSet<AdapterId>,
     /// Unloaded adapters that running requests still use.
     pending_removals: Vec<AdapterId>,
+    /// Set by a test hook: serve commands, run no step.
+    is_holding_steps: bool,
 }
 
 impl EngineLoop {
     fn run(mut self, rx: std_mpsc::Receiver<Command>) {
         'outer: loop {
-            if !self.engine.has_unfinished_requests() {
+            if !self.engine.has_unfinished_requests() || self.is_holding_steps {
                 self.health.set_busy(false);
                 let cmd = rx.recv();
                 self.health.set_busy(true);
@@ -385,7 +398,7 @@ impl EngineLoop {
                     break 'outer;
                 }
             }
-            if self.engine.has_unfinished_requests() {
+            if self.engine.has_unfinished_requests() && !self.is_holding_steps {
                 // Before the step too: its tokens reach clients before the publish after it,
                 // and a client must not then read the gauges of before its request arrived.
                 self.publish();
@@ -451,6 +464,7 @@ impl EngineLoop {
             Command::AbortAll => self.abort_all(),
             Command::Stop => return false,
             Command::Panic => panic!("engine thread panicked on request (a test of engine death)"),
+            Command::HoldSteps(is_held) => self.is_holding_steps = is_held,
         }
         true
     }

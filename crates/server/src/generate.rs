@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use multilora_engine::{LoraRequest, SamplingParams};
+use multilora_engine::{FinishReason, LoraRequest, SamplingParams};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
@@ -27,7 +27,10 @@ use crate::app::{ApiJson, AppState};
 use crate::detokenize::Detokenizer;
 use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
-use crate::protocol::{normalize_messages, ChatRequest, CompletionRequest, Output, Prompt, TokenizeRequest};
+use crate::protocol::{
+    normalize_messages, warn_unknown_fields, ChatRequest, CompletionRequest, DetokenizeRequest, Output,
+    Prompt, TokenizeRequest,
+};
 
 /// vLLM's default `max_tokens` for `/v1/completions` (OpenAI's too).
 const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
@@ -43,10 +46,11 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> ApiResult<Response> {
     st.check_accepting()?;
+    warn_unknown_fields("/v1/completions", &req.unknown);
     let lora = st.resolve_model(&req.model)?;
     let (params, output) = req.sampling.resolve(DEFAULT_COMPLETION_MAX_TOKENS)?;
     let prompt_token_ids = match req.prompt.into_single()? {
-        Prompt::Text(text) => encode(&st, text, true).await?,
+        Prompt::Text(text) => encode(&st, text, req.add_special_tokens).await?,
         Prompt::TokenIds(ids) => ids,
     };
     run(
@@ -66,6 +70,8 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> ApiResult<Response> {
     st.check_accepting()?;
+    warn_unknown_fields("/v1/chat/completions", &req.unknown);
+    req.check_chat_fields()?;
     let lora = st.resolve_model(&req.model)?;
     let template = st.chat_template.clone().ok_or_else(|| {
         ApiError::bad_request(
@@ -75,12 +81,14 @@ pub async fn chat_completions(
     let messages = normalize_messages(req.messages)?;
     let limits = PromptLimits::of(&st);
     let add_generation_prompt = req.add_generation_prompt;
+    let add_special_tokens = req.add_special_tokens;
+    let kwargs = req.chat_template_kwargs.unwrap_or_default();
     let prompt_token_ids = off_the_runtime(&st, move || {
         let text = template
-            .render(&messages, add_generation_prompt)
+            .render(&messages, add_generation_prompt, &kwargs)
             .map_err(|e| ApiError::bad_param("messages", e))?;
-        // The template writes the special tokens (BOS) itself.
-        limits.encode(&text, false)
+        // The template writes the special tokens (BOS) itself, unless asked otherwise.
+        limits.encode(&text, add_special_tokens)
     })
     .await?;
     // As vLLM: without max_tokens, chat may use the rest of the context.
@@ -107,6 +115,35 @@ pub async fn tokenize(
         "tokens": tokens,
     }))
     .into_response())
+}
+
+/// vLLM's `/detokenize`: token ids back to text, special tokens kept (vLLM's benchmark uses it
+/// to realign prompts).
+pub async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<DetokenizeRequest>,
+) -> ApiResult<Response> {
+    st.resolve_model(&req.model)?;
+    let tokenizer = st.engine.info.tokenizer.clone();
+    let vocab_size = tokenizer.get_vocab_size(true);
+    if let Some((i, id)) = req
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= vocab_size)
+    {
+        return Err(ApiError::bad_param(
+            "tokens",
+            format!("tokens[{i}] = {id} is not a token id: the vocabulary has {vocab_size}"),
+        ));
+    }
+    let prompt = off_the_runtime(&st, move || {
+        tokenizer
+            .decode(&req.tokens, false)
+            .map_err(|e| ApiError::bad_param("tokens", format!("cannot decode the tokens: {e}")))
+    })
+    .await?;
+    Ok(axum::Json(json!({"prompt": prompt})).into_response())
 }
 
 /// What tokenizing a prompt needs, to move onto the blocking pool.
@@ -195,8 +232,16 @@ struct Generation {
     events: mpsc::UnboundedReceiver<TokenEvent>,
     detok: Detokenizer,
     include_usage: bool,
+    /// Usage on every chunk, not only the last (vLLM's `continuous_usage_stats`).
+    continuous_usage: bool,
     num_prompt_tokens: usize,
     num_output_tokens: usize,
+    /// For `stop_reason`: which ids end the request as stop tokens rather than as EOS.
+    stop_token_ids: Vec<u32>,
+    eos_token_ids: Vec<u32>,
+    include_stop_str_in_output: bool,
+    /// vLLM's `stop_reason`: the stop string or stop token id that ended the text, else null.
+    stop_reason: Value,
 }
 
 /// One step of a generation as the client sees it.
@@ -222,6 +267,11 @@ async fn run(
     let id = st.request_id(prefix);
     let num_prompt_tokens = prompt_token_ids.len();
     let has_stop_strings = !output.stop.is_empty();
+    let stop_token_ids = params.stop_token_ids.clone();
+    let eos_token_ids = match params.ignore_eos {
+        true => Vec::new(),
+        false => st.engine.info.model_config.eos_token_ids.clone(),
+    };
     let (guard, events) = st
         .engine
         .add(id.clone(), prompt_token_ids, params, lora, has_stop_strings)
@@ -233,10 +283,20 @@ async fn run(
         model,
         guard,
         events,
-        detok: Detokenizer::new(st.engine.info.tokenizer.clone(), output.stop),
+        detok: Detokenizer::new(
+            st.engine.info.tokenizer.clone(),
+            output.stop,
+            output.include_stop_str_in_output,
+            output.skip_special_tokens,
+        ),
         include_usage: output.include_usage,
+        continuous_usage: output.continuous_usage,
         num_prompt_tokens,
         num_output_tokens: 0,
+        stop_token_ids,
+        eos_token_ids,
+        include_stop_str_in_output: output.include_stop_str_in_output,
+        stop_reason: Value::Null,
     };
     Ok(if output.stream {
         gen.into_sse()
@@ -263,7 +323,15 @@ impl Generation {
             }) => {
                 self.num_prompt_tokens = num_prompt_tokens;
                 self.num_output_tokens = num_output_tokens;
-                let mut hit_stop = self.detok.push(token_id);
+                // As vLLM: EOS first (null), then the stop token id.
+                let is_stop_token = finish_reason == Some(FinishReason::Stop)
+                    && !self.eos_token_ids.contains(&token_id)
+                    && self.stop_token_ids.contains(&token_id);
+                // A stop token's text is not output (vLLM), unless asked for.
+                let mut hit_stop = match is_stop_token && !self.include_stop_str_in_output {
+                    true => false,
+                    false => self.detok.push(token_id),
+                };
                 let mut finish = finish_reason.map(|r| r.as_str());
                 if finish.is_some() && !hit_stop {
                     hit_stop = self.detok.flush();
@@ -272,8 +340,12 @@ impl Generation {
                     // Ends the engine's sequence now, counted as a finish (stop), not an abort.
                     self.guard.stop_at_string();
                     finish = Some("stop");
+                    self.stop_reason = self.detok.matched_stop().map_or(Value::Null, Value::from);
                 } else if finish.is_some() {
                     self.guard.finish();
+                    if is_stop_token {
+                        self.stop_reason = json!(token_id);
+                    }
                 }
                 Progress::Text(self.detok.take_delta(finish.is_some()).to_string(), finish)
             }
@@ -283,10 +355,14 @@ impl Generation {
     }
 
     fn usage(&self) -> Value {
+        self.usage_after(self.num_output_tokens)
+    }
+
+    fn usage_after(&self, num_output_tokens: usize) -> Value {
         json!({
             "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": self.num_output_tokens,
-            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
+            "completion_tokens": num_output_tokens,
+            "total_tokens": self.num_prompt_tokens + num_output_tokens,
         })
     }
 
@@ -306,11 +382,11 @@ impl Generation {
         let choice = match self.api {
             Api::Completion => json!({
                 "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
-                "stop_reason": null,
+                "stop_reason": self.stop_reason,
             }),
             Api::Chat => json!({
                 "index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": null, "finish_reason": finish,
+                "logprobs": null, "finish_reason": finish, "stop_reason": self.stop_reason,
             }),
         };
         let object = match self.api {
@@ -351,6 +427,7 @@ impl Generation {
         match self.api {
             Api::Completion => json!({
                 "index": 0, "text": delta, "logprobs": null, "finish_reason": finish,
+                "stop_reason": self.stop_reason,
             }),
             Api::Chat => {
                 let delta = if finish.is_some() && delta.is_empty() {
@@ -358,7 +435,8 @@ impl Generation {
                 } else {
                     json!({"content": delta})
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish,
+                    "stop_reason": self.stop_reason})
             }
         }
     }
@@ -367,17 +445,13 @@ impl Generation {
         struct StreamState {
             gen: Generation,
             pending: VecDeque<Event>,
+            has_sent_role: bool,
             is_done: bool,
-        }
-        let mut pending = VecDeque::new();
-        if self.api == Api::Chat {
-            let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                "logprobs": null, "finish_reason": null});
-            pending.push_back(self.chunk(vec![role], Value::Null));
         }
         let state = StreamState {
             gen: self,
-            pending,
+            pending: VecDeque::new(),
+            has_sent_role: false,
             is_done: false,
         };
         let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -390,11 +464,27 @@ impl Generation {
                 }
                 match s.gen.next().await {
                     Progress::Text(delta, finish) => {
+                        // Chat's first chunk (the role) goes with the first token, as vLLM
+                        // sends it: clients time the first token by the first chunk.
+                        if s.gen.api == Api::Chat && !s.has_sent_role {
+                            s.has_sent_role = true;
+                            let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": null, "finish_reason": null});
+                            let usage = match s.gen.continuous_usage {
+                                true => s.gen.usage_after(0),
+                                false => Value::Null,
+                            };
+                            s.pending.push_back(s.gen.chunk(vec![role], usage));
+                        }
                         // One chunk per generated token, its text possibly empty (a token that
                         // completes no character yet), as vLLM streams: clients time tokens
                         // (TTFT, ITL) by chunks.
                         let choice = s.gen.text_choice(&delta, finish);
-                        s.pending.push_back(s.gen.chunk(vec![choice], Value::Null));
+                        let usage = match s.gen.continuous_usage {
+                            true => s.gen.usage(),
+                            false => Value::Null,
+                        };
+                        s.pending.push_back(s.gen.chunk(vec![choice], usage));
                         if finish.is_some() {
                             if s.gen.include_usage {
                                 let usage = s.gen.usage();

@@ -1,7 +1,12 @@
 //! OpenAI request bodies as vLLM accepts them (with vLLM's extra sampling fields `top_k`,
 //! `min_tokens`, `ignore_eos`, `stop_token_ids`), turned into the engine's `SamplingParams`.
-//! Unknown fields are ignored, as OpenAI and vLLM do; known fields this server does not
-//! implement are refused with 400 rather than silently ignored.
+//! Known fields this server does not implement (logprobs, `n` > 1, structured outputs, vLLM's
+//! `guided_*`, ...) are refused with a 400 naming the field rather than silently ignored,
+//! unless they ask for the default. Unknown fields are ignored, as OpenAI and vLLM do, and
+//! logged once per field name (a bounded set, so clients cannot grow it).
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 
 use multilora_engine::SamplingParams;
 use serde::Deserialize;
@@ -73,9 +78,11 @@ impl PromptInput {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct StreamOptions {
-    #[serde(default)]
     pub include_usage: bool,
+    /// vLLM's: usage on every chunk, not only the last.
+    pub continuous_usage_stats: bool,
 }
 
 /// Sampling and output fields shared by both endpoints.
@@ -109,14 +116,75 @@ pub struct Sampling {
     pub tools: Option<Vec<Value>>,
     pub response_format: Option<Value>,
     pub use_beam_search: Option<bool>,
+    pub min_p: Option<f32>,
+    pub length_penalty: Option<f32>,
+    pub bad_words: Option<Value>,
+    pub allowed_token_ids: Option<Value>,
+    pub prompt_logprobs: Option<Value>,
+    pub truncate_prompt_tokens: Option<Value>,
+    pub return_tokens_as_token_ids: Option<bool>,
+    pub logits_processors: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub detokenize: Option<bool>,
+    pub spaces_between_special_tokens: Option<bool>,
+    pub priority: Option<i64>,
+    // Honored.
+    pub include_stop_str_in_output: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
+    // Accepted and without effect here: they change nothing in the output.
+    pub user: Option<Value>,
+    pub metadata: Option<Value>,
+    pub store: Option<Value>,
+    pub service_tier: Option<Value>,
+    pub request_id: Option<Value>,
+    pub guided_decoding_backend: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
+}
+
+/// Fields the structs above do not know, collected after them (`#[serde(flatten)]` hands a
+/// map only what no earlier field took).
+pub type UnknownFields = serde_json::Map<String, Value>;
+
+/// Distinct unknown field names logged; beyond it, no more are.
+const MAX_WARNED_FIELDS: usize = 256;
+static WARNED_FIELDS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Logs the unknown fields not logged before; returns their names.
+pub fn warn_unknown_fields(endpoint: &str, unknown: &UnknownFields) -> Vec<String> {
+    if unknown.is_empty() {
+        return Vec::new();
+    }
+    let mut warned = WARNED_FIELDS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut new = Vec::new();
+    for name in unknown.keys() {
+        if warned.len() < MAX_WARNED_FIELDS && !warned.contains(name) {
+            warned.insert(name.clone());
+            new.push(name.clone());
+        }
+    }
+    if !new.is_empty() {
+        tracing::warn!(
+            "{endpoint}: the request fields {new:?} are not known to this server and are ignored (logged once per field)"
+        );
+    }
+    new
 }
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptInput,
+    /// vLLM's; true by default for completions.
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
     #[serde(flatten)]
     pub sampling: Sampling,
+    #[serde(flatten)]
+    pub unknown: UnknownFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,8 +193,55 @@ pub struct ChatRequest {
     pub messages: Vec<Value>,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,
+    /// vLLM's; false by default for chat (the template writes BOS).
+    #[serde(default)]
+    pub add_special_tokens: bool,
+    /// Extra variables for the chat template (`enable_thinking`, ...), as vLLM passes them.
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    pub chat_template: Option<Value>,
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
+    #[serde(default)]
+    pub documents: Option<Value>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<Value>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    #[serde(flatten)]
+    pub unknown: UnknownFields,
+}
+
+impl ChatRequest {
+    /// Refuses the chat-only fields this server does not implement.
+    pub fn check_chat_fields(&self) -> ApiResult<()> {
+        let refuse = |param: &str, what: &str| {
+            Err(ApiError::bad_param(
+                param,
+                format!("{param}: {what} is not supported by this server"),
+            ))
+        };
+        if self.chat_template.as_ref().is_some_and(|v| !v.is_null()) {
+            return refuse("chat_template", "a per-request chat template");
+        }
+        if self.continue_final_message == Some(true) {
+            return refuse("continue_final_message", "continuing the final message");
+        }
+        if self.documents.as_ref().is_some_and(|v| !v.is_null()) {
+            return refuse("documents", "retrieval documents");
+        }
+        if self
+            .tool_choice
+            .as_ref()
+            .is_some_and(|v| !(v.is_null() || *v == "none" || *v == "auto"))
+        {
+            return refuse("tool_choice", "tool calling");
+        }
+        Ok(())
+    }
 }
 
 /// vLLM's `/tokenize` body (prompt form).
@@ -138,6 +253,13 @@ pub struct TokenizeRequest {
     pub add_special_tokens: bool,
 }
 
+/// vLLM's `/detokenize` body.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: String,
+    pub tokens: Vec<u32>,
+}
+
 fn yes() -> bool {
     true
 }
@@ -146,7 +268,11 @@ fn yes() -> bool {
 pub struct Output {
     pub stream: bool,
     pub include_usage: bool,
+    /// Usage on every streamed chunk (vLLM's `continuous_usage_stats`).
+    pub continuous_usage: bool,
     pub stop: Vec<String>,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
 }
 
 impl Sampling {
@@ -166,12 +292,16 @@ impl Sampling {
         if self.best_of.is_some_and(|n| n > 1) {
             return refuse("best_of", "best_of > 1");
         }
-        let truthy = |v: &Option<Value>| {
-            v.as_ref()
-                .is_some_and(|v| !(v.is_null() || *v == Value::Bool(false) || *v == 0))
-        };
-        if truthy(&self.logprobs) || truthy(&self.top_logprobs) {
+        let is_set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        // `logprobs: 0` (completions) still asks for the sampled token's log-probability.
+        if is_set(&self.logprobs) && self.logprobs != Some(Value::Bool(false)) {
             return refuse("logprobs", "returning log-probabilities");
+        }
+        if is_set(&self.top_logprobs) {
+            return refuse("top_logprobs", "returning log-probabilities");
+        }
+        if is_set(&self.prompt_logprobs) {
+            return refuse("prompt_logprobs", "returning prompt log-probabilities");
         }
         if self.echo == Some(true) {
             return refuse("echo", "echoing the prompt");
@@ -203,6 +333,55 @@ impl Sampling {
         }
         if self.use_beam_search == Some(true) {
             return refuse("use_beam_search", "beam search");
+        }
+        for (param, value) in [
+            ("guided_json", &self.guided_json),
+            ("guided_choice", &self.guided_choice),
+            ("guided_regex", &self.guided_regex),
+            ("guided_grammar", &self.guided_grammar),
+            ("structured_outputs", &self.structured_outputs),
+        ] {
+            if is_set(value) {
+                return refuse(param, "structured output");
+            }
+        }
+        if self.min_p.is_some_and(|p| p != 0.0) {
+            return refuse("min_p", "min_p sampling");
+        }
+        if self.length_penalty.is_some_and(|p| p != 1.0) {
+            return refuse("length_penalty", "a length penalty");
+        }
+        if self
+            .bad_words
+            .as_ref()
+            .is_some_and(|v| !(v.is_null() || v.as_array().is_some_and(Vec::is_empty)))
+        {
+            return refuse("bad_words", "banning words");
+        }
+        if is_set(&self.allowed_token_ids) {
+            return refuse("allowed_token_ids", "restricting the allowed tokens");
+        }
+        if is_set(&self.truncate_prompt_tokens) {
+            return refuse("truncate_prompt_tokens", "truncating the prompt");
+        }
+        if self.return_tokens_as_token_ids == Some(true) {
+            return refuse("return_tokens_as_token_ids", "returning tokens as ids");
+        }
+        if self
+            .logits_processors
+            .as_ref()
+            .is_some_and(|v| !(v.is_null() || v.as_array().is_some_and(Vec::is_empty)))
+        {
+            return refuse("logits_processors", "logits processors");
+        }
+        if self.detokenize == Some(false) {
+            return refuse("detokenize", "output without text");
+        }
+        if self.spaces_between_special_tokens == Some(false) {
+            return refuse("spaces_between_special_tokens", "changing special-token spacing");
+        }
+        if self.priority.is_some_and(|p| p != 0) {
+            return refuse("priority", "request priorities");
         }
         let d = SamplingParams::default();
         let params = SamplingParams {
@@ -252,10 +431,15 @@ impl Sampling {
                 "stream_options is only allowed when stream is true",
             ));
         }
+        let options = self.stream_options.unwrap_or_default();
         let output = Output {
             stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            include_usage: options.include_usage,
+            // As vLLM: only with include_usage.
+            continuous_usage: options.include_usage && options.continuous_usage_stats,
             stop,
+            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
         };
         Ok((params, output))
     }
@@ -337,6 +521,87 @@ mod tests {
             json!({"model": "m", "prompt": "hi", "n": 1, "logprobs": null, "presence_penalty": 0}),
         )?;
         assert!(req.sampling.resolve(16).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn vllm_extra_fields_not_implemented_are_refused_by_name() -> Result<(), Box<dyn std::error::Error>> {
+        for (field, value) in [
+            ("logprobs", json!(0)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(0)),
+            ("echo", json!(true)),
+            ("n", json!(3)),
+            ("guided_json", json!({"type": "object"})),
+            ("guided_choice", json!(["yes", "no"])),
+            ("guided_regex", json!("[a-z]+")),
+            ("guided_grammar", json!("root ::= \"a\"")),
+            ("structured_outputs", json!({"choice": ["a"]})),
+            ("response_format", json!({"type": "json_object"})),
+            ("bad_words", json!(["x"])),
+            ("allowed_token_ids", json!([1, 2])),
+            ("prompt_logprobs", json!(0)),
+            ("truncate_prompt_tokens", json!(5)),
+            ("return_tokens_as_token_ids", json!(true)),
+            ("min_p", json!(0.1)),
+            ("logits_processors", json!(["x"])),
+            ("spaces_between_special_tokens", json!(false)),
+        ] {
+            let mut body = json!({"model": "m", "prompt": "hi"});
+            body[field] = value.clone();
+            let req: CompletionRequest = serde_json::from_value(body)?;
+            assert!(req.unknown.is_empty(), "{field} is a known field");
+            let err = req
+                .sampling
+                .resolve(16)
+                .err()
+                .ok_or(format!("{field}: {value} accepted"))?;
+            assert_eq!(err.param.as_deref(), Some(field));
+            assert!(err.message.contains(field), "{}", err.message);
+        }
+        // What is harmless or honored is accepted.
+        let req: CompletionRequest = serde_json::from_value(json!({
+            "model": "m", "prompt": "hi", "skip_special_tokens": false,
+            "include_stop_str_in_output": true, "response_format": {"type": "text"},
+            "logprobs": false, "bad_words": [], "user": "u", "guided_decoding_backend": "auto",
+            "stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}
+        }))?;
+        assert!(req.unknown.is_empty());
+        let (_, out) = req.sampling.resolve(16).map_err(|e| e.message)?;
+        assert!(out.include_stop_str_in_output && !out.skip_special_tokens && out.continuous_usage);
+        Ok(())
+    }
+
+    #[test]
+    fn chat_only_fields_are_refused_by_name() -> Result<(), Box<dyn std::error::Error>> {
+        for (field, value) in [
+            ("chat_template", json!("{{ x }}")),
+            ("continue_final_message", json!(true)),
+            ("documents", json!([{"text": "d"}])),
+            ("tool_choice", json!("required")),
+        ] {
+            let mut body = json!({"model": "m", "messages": []});
+            body[field] = value;
+            let req: ChatRequest = serde_json::from_value(body)?;
+            let err = req.check_chat_fields().err().ok_or("accepted")?;
+            assert_eq!(err.param.as_deref(), Some(field));
+        }
+        let req: ChatRequest = serde_json::from_value(json!({"model": "m", "messages": [],
+            "tool_choice": "none", "chat_template_kwargs": {"enable_thinking": false}}))?;
+        assert!(req.check_chat_fields().is_ok() && req.unknown.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_fields_are_collected_and_warned_once() -> Result<(), Box<dyn std::error::Error>> {
+        let req: ChatRequest = serde_json::from_value(json!({
+            "model": "m", "messages": [], "max_tokens": 3, "no_such_field_a": 1, "no_such_field_b": {}
+        }))?;
+        let names: Vec<&str> = req.unknown.keys().map(String::as_str).collect();
+        assert_eq!(names, ["no_such_field_a", "no_such_field_b"]);
+        assert_eq!(req.sampling.max_tokens, Some(3));
+        assert_eq!(warn_unknown_fields("test", &req.unknown).len(), 2);
+        assert!(warn_unknown_fields("test", &req.unknown).is_empty());
         Ok(())
     }
 

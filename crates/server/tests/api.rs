@@ -6,30 +6,10 @@ mod common;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use common::in_process::{post, post_json, send};
 use common::{demo_dir, demo_server, sse_data, TestResult, MODEL};
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-async fn send(
-    app: &Router,
-    req: Request<Body>,
-) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let res = app.clone().oneshot(req).await?;
-    let status = res.status();
-    let bytes = axum::body::to_bytes(res.into_body(), 16 << 20).await?;
-    Ok((status, String::from_utf8(bytes.to_vec())?))
-}
-
-fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
-    Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body.into())
-        .expect("valid request")
-}
-
-fn post_json(path: &str, body: &Value) -> Request<Body> {
-    post(path, body.to_string())
-}
 
 /// Checks OpenAI's error shape and returns the error object.
 fn error_body(text: &str) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
@@ -440,14 +420,7 @@ async fn stop_strings_end_the_text() -> TestResult {
         .ok_or("no text")?
         .to_string();
     // Stop on a piece of the greedy output: the text ends right before its first occurrence.
-    let chars: Vec<char> = full.chars().collect();
-    let stop: String = chars[chars.len() / 2..]
-        .windows(2)
-        .find(|w| !w.contains(&'\u{FFFD}'))
-        .ok_or("no clean two characters in the output")?
-        .iter()
-        .collect();
-    let cut = full.find(&stop).ok_or("stop not in text")?;
+    let (stop, cut) = common::stop_string_in(&full)?;
     let mut req = base.clone();
     req["stop"] = json!([stop]);
     let (_, text) = send(&app, post_json("/v1/completions", &req)).await?;

@@ -161,3 +161,47 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A stop string for a test: two characters from the second half of a greedy output (none a
+/// replacement character), and where it first occurs in it.
+pub fn stop_string_in(full: &str) -> Result<(String, usize), Box<dyn std::error::Error + Send + Sync>> {
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..]
+        .windows(2)
+        .find(|w| !w.contains(&'\u{FFFD}'))
+        .ok_or("no clean two characters in the output")?
+        .iter()
+        .collect();
+    let cut = full.find(&stop).ok_or("stop not in text")?;
+    Ok((stop, cut))
+}
+
+/// Requests through the router in-process (`app.oneshot(...)`), no socket.
+pub mod in_process {
+    use axum::body::Body;
+    use axum::http::{header, Request, StatusCode};
+    use axum::Router;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    pub async fn send(
+        app: &Router,
+        req: Request<Body>,
+    ) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
+        let res = app.clone().oneshot(req).await?;
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 16 << 20).await?;
+        Ok((status, String::from_utf8(bytes.to_vec())?))
+    }
+
+    pub fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
+        Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.into())
+            .expect("valid request")
+    }
+
+    pub fn post_json(path: &str, body: &Value) -> Request<Body> {
+        post(path, body.to_string())
+    }
+}
