@@ -1,6 +1,7 @@
-//! CPU kernels: f32 everywhere, multithreaded with rayon. The linear layer is a weight-streaming
-//! GEMV/GEMM: output features are split across threads and each weight row is read once per
-//! tile of four tokens, so a decode step reads every weight once from memory.
+//! CPU kernels: f32 everywhere, multithreaded with rayon. Linear layers keep their weights
+//! transposed and run on the `gemm` crate (cache-blocked, panels packed only when there are
+//! enough tokens to pay for it, microkernel picked at run time); a weight-streaming GEMV serves
+//! weights in the checkpoint's `[out, in]` layout (the tied lm_head).
 
 use std::cell::RefCell;
 
@@ -79,6 +80,41 @@ mod avx2 {
             s
         })
     }
+
+    /// `R × N` dot products of `R` weight rows against `N` activation rows: a register tile, so
+    /// each loaded weight vector serves `N` FMAs and each activation vector `R` (the GEMV's
+    /// one-row form is load-bound once there are several tokens). Every slice is at least as
+    /// long as `w[0]`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rc<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [[f32; N]; R] {
+        let n = w[0].len();
+        for s in w.iter().chain(&x) {
+            assert!(s.len() >= n);
+        }
+        let wp: [*const f32; R] = std::array::from_fn(|r| w[r].as_ptr());
+        let xp: [*const f32; N] = std::array::from_fn(|t| x[t].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut k = 0;
+        while k + 8 <= n {
+            let wv: [__m256; R] = std::array::from_fn(|r| _mm256_loadu_ps(wp[r].add(k)));
+            for t in 0..N {
+                let xv = _mm256_loadu_ps(xp[t].add(k));
+                for r in 0..R {
+                    acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+                }
+            }
+            k += 8;
+        }
+        std::array::from_fn(|r| {
+            std::array::from_fn(|t| {
+                let mut s = hsum(acc[r][t]);
+                for kk in k..n {
+                    s += *wp[r].add(kk) * *xp[t].add(kk);
+                }
+                s
+            })
+        })
+    }
 }
 
 /// `N` dot products of one weight row against `N` activation rows, reading `w` once.
@@ -138,12 +174,41 @@ impl LinearChunk<'_> {
         let in_f = self.in_f;
         let xs: [&[f32]; N] = std::array::from_fn(|r| &self.x[(t + r) * in_f..][..in_f]);
         for (ro, wrow) in self.w.chunks_exact(in_f).enumerate() {
-            let o = self.o0 + ro;
-            let b = self.bias.map_or(0.0, |b| b[o]);
-            for (r, v) in dot(wrow, xs).into_iter().enumerate() {
-                // SAFETY: (t + r, o) is written by this chunk only: o lies in this chunk.
-                unsafe { *self.y.get().add((t + r) * self.out_f + o) = v + b };
+            self.store(t, ro, dot(wrow, xs));
+        }
+    }
+
+    /// Writes token tile `t..t + N` of the chunk's row `ro`, plus the bias.
+    #[inline(always)]
+    fn store<const N: usize>(&self, t: usize, ro: usize, vals: [f32; N]) {
+        let o = self.o0 + ro;
+        let b = self.bias.map_or(0.0, |b| b[o]);
+        for (r, v) in vals.into_iter().enumerate() {
+            // SAFETY: (t + r, o) is written by this chunk only: o lies in this chunk.
+            unsafe { *self.y.get().add((t + r) * self.out_f + o) = v + b };
+        }
+    }
+
+    /// [`Self::tile`] with a register tile of three weight rows by `N` tokens.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn tile_rows_avx2<const N: usize>(&self, t: usize) {
+        const R: usize = 3;
+        let in_f = self.in_f;
+        let xs: [&[f32]; N] = std::array::from_fn(|r| &self.x[(t + r) * in_f..][..in_f]);
+        let mut rows = self.w.chunks_exact(R * in_f);
+        for (g, group) in rows.by_ref().enumerate() {
+            let ws: [&[f32]; R] = std::array::from_fn(|r| &group[r * in_f..][..in_f]);
+            // SAFETY: only called when the CPU has AVX2 and FMA; slices have length in_f.
+            let vals = unsafe { avx2::dot_rc::<R, N>(ws, xs) };
+            for (r, v) in vals.into_iter().enumerate() {
+                self.store(t, g * R + r, v);
             }
+        }
+        let done = self.w.len() / in_f / R * R;
+        for (ro, wrow) in rows.remainder().chunks_exact(in_f).enumerate() {
+            // SAFETY: as above.
+            self.store(t, done + ro, unsafe { avx2::dot_n::<N>(wrow, xs) });
         }
     }
 
@@ -156,8 +221,12 @@ impl LinearChunk<'_> {
                 ($n:literal) => {{
                     #[cfg(target_arch = "x86_64")]
                     if avx2 {
-                        // SAFETY: `avx2` is true only when the CPU has AVX2 and FMA.
-                        self.tile::<$n>(t, |w, x| unsafe { avx2::dot_n::<$n>(w, x) });
+                        if $n == 1 {
+                            // SAFETY: `avx2` is true only when the CPU has AVX2 and FMA.
+                            self.tile::<$n>(t, |w, x| unsafe { avx2::dot_n::<$n>(w, x) });
+                        } else {
+                            self.tile_rows_avx2::<$n>(t);
+                        }
                         t += $n;
                         continue;
                     }
@@ -184,8 +253,105 @@ impl LinearChunk<'_> {
     }
 }
 
-/// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`.
+/// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`, for weights kept in the checkpoint's layout
+/// (the tied lm_head, which is also the embedding): the weight-streaming GEMV.
 pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+) {
+    linear_gemv(x, w, bias, num_tokens, in_f, out_f, y);
+}
+
+/// `y[T, out] = x[T, in] · w_t[in, out] (+ bias)` through `gemm`, for weights stored transposed
+/// (`w_t`, column-major `[out, in]`). That layout is the one `gemm`'s microkernels read in place:
+/// with few tokens nothing is packed, so a decode step streams each weight once as a GEMV does;
+/// with many tokens `gemm` packs cache-sized panels. Threads split the output features, each a
+/// single-threaded `gemm` over all tokens (on 2 cores `gemm`'s own split cost more in hand-offs
+/// than it gained here: BENCHMARKS.md, "CPU backend against transformers"). The microkernel is
+/// picked at run time: AVX-512, AVX2/FMA, NEON or scalar.
+pub fn linear_t(
+    x: &[f32],
+    w_t: &[f32],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+) {
+    assert_eq!(w_t.len(), in_f * out_f);
+    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
+    let y = &mut y[..num_tokens * out_f];
+    if let Some(b) = bias {
+        assert_eq!(b.len(), out_f);
+        for row in y.chunks_exact_mut(out_f) {
+            row.copy_from_slice(b);
+        }
+    }
+    let threads = rayon::current_num_threads();
+    // Column chunks a multiple of 16 (one AVX-512 register of f32) so microkernels stay full.
+    let cols = out_f.div_ceil(threads).div_ceil(16) * 16;
+    let num_chunks = out_f.div_ceil(cols);
+    let (yp, wp) = (SendPtr(y.as_mut_ptr()), SendPtr(w_t.as_ptr() as *mut f32));
+    (0..num_chunks).into_par_iter().for_each(|c| {
+        let o0 = c * cols;
+        let n = cols.min(out_f - o0);
+        // SAFETY: as gemm sees it, dst is yᵀ [out, T] (row stride 1, column stride out_f), lhs
+        // is w_t read as [out, in] (row stride 1, column stride out_f) and rhs is xᵀ [in, T]
+        // (row stride 1, column stride in_f); the chunk takes rows o0..o0 + n of dst and lhs,
+        // all within the lengths asserted above. Chunks write disjoint elements of y, and y
+        // does not alias x or w_t (a unique borrow). gemm computes dst = alpha·dst +
+        // beta·lhs·rhs, reading dst only when asked to (the bias).
+        unsafe {
+            gemm::gemm(
+                n,
+                num_tokens,
+                in_f,
+                yp.get().add(o0),
+                out_f as isize,
+                1,
+                bias.is_some(),
+                wp.get().add(o0),
+                out_f as isize,
+                1,
+                x.as_ptr(),
+                in_f as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// Transposes `w: [rows, cols]` into `[cols, rows]`, for [`linear_t`].
+pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(w.len(), rows * cols);
+    let mut t = vec![0.0f32; w.len()];
+    // Blocks of 32×32 so both sides stay in cache.
+    for r0 in (0..rows).step_by(32) {
+        for c0 in (0..cols).step_by(32) {
+            for r in r0..(r0 + 32).min(rows) {
+                for c in c0..(c0 + 32).min(cols) {
+                    t[c * rows + r] = w[r * cols + c];
+                }
+            }
+        }
+    }
+    t
+}
+
+/// [`linear`] by streaming weights: output features are split across threads and each weight
+/// row is read once per tile of four tokens.
+pub fn linear_gemv(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -453,5 +619,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `x · wᵀ + bias` by the definition, in f64.
+    fn naive(x: &[f32], w: &[f32], bias: &[f32], t: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; t * out_f];
+        for tt in 0..t {
+            for o in 0..out_f {
+                let dot: f64 = (0..in_f)
+                    .map(|k| x[tt * in_f + k] as f64 * w[o * in_f + k] as f64)
+                    .sum();
+                y[tt * out_f + o] = (dot + bias[o] as f64) as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn linear_t_matches_naive_across_odd_shapes_and_thread_counts() {
+        // Sizes off every block: output features not a multiple of 16 (nor of the thread split),
+        // inputs not a multiple of 8, and token counts on both sides of gemm's packing choices.
+        for (in_f, out_f) in [(37, 70), (64, 17), (130, 333), (5, 1)] {
+            let w: Vec<f32> = (0..in_f * out_f)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let w_t = transpose(&w, out_f, in_f);
+            let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01 - 0.2).collect();
+            for t in [1, 2, 3, 7, 8, 17, 70, 300] {
+                let x: Vec<f32> = (0..t * in_f)
+                    .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+                    .collect();
+                let want = naive(&x, &w, &bias, t, in_f, out_f);
+                let want_nb = naive(&x, &w, &vec![0.0; out_f], t, in_f, out_f);
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    // NaN-filled: every element must be written (and the bias one read back).
+                    let mut y = vec![f32::NAN; t * out_f + 3];
+                    pool.install(|| linear_t(&x, &w_t, Some(&bias), t, in_f, out_f, &mut y));
+                    let mut y_nb = vec![f32::NAN; t * out_f];
+                    pool.install(|| linear_t(&x, &w_t, None, t, in_f, out_f, &mut y_nb));
+                    for i in 0..t * out_f {
+                        let tol = 1e-4 * (1.0 + want[i].abs());
+                        assert!(
+                            (y[i] - want[i]).abs() < tol,
+                            "{in_f}x{out_f} t={t} [{i}]: {} vs {}",
+                            y[i],
+                            want[i]
+                        );
+                        assert!(
+                            (y_nb[i] - want_nb[i]).abs() < tol,
+                            "{in_f}x{out_f} t={t} [{i}] no bias"
+                        );
+                    }
+                    assert!(y[t * out_f..].iter().all(|v| v.is_nan()), "wrote past [T, out]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_round_trips() {
+        let (r, c) = (45, 70);
+        let w: Vec<f32> = (0..r * c).map(|i| i as f32).collect();
+        let t = transpose(&w, r, c);
+        assert_eq!(t[3 * r + 2], w[2 * c + 3]);
+        assert_eq!(transpose(&t, c, r), w);
     }
 }
