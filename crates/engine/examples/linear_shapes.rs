@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use multilora_engine::cpu::ops::{linear_gemv, linear_t, transpose};
+use multilora_engine::cpu::ops::{linear_gemm, linear_gemv};
 
 fn main() {
     let shapes: Vec<(usize, usize)> = {
@@ -25,8 +25,7 @@ fn main() {
     println!("in\tout\ttokens\tgemv_us\tgemm_us\tgemv_GF/s\tgemm_GF/s");
     for (in_f, out_f) in shapes {
         let w: Vec<f32> = (0..in_f * out_f).map(|i| (i % 13) as f32 * 0.01 - 0.06).collect();
-        let w_t = transpose(&w, out_f, in_f);
-        for t in [1, 2, 4, 6, 8, 12, 16, 32, 64, 264, 1056] {
+        for t in [1, 4, 8, 16, 32, 64, 96, 128, 192, 264, 1056] {
             let x: Vec<f32> = (0..t * in_f).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
             let mut y = vec![0.0f32; t * out_f];
             let flops = 2.0 * (t * in_f * out_f) as f64;
@@ -37,7 +36,7 @@ fn main() {
                 linear_gemv(&x, &w, None, t, in_f, out_f, &mut y);
                 a.push(s.elapsed().as_secs_f64());
                 let s = Instant::now();
-                linear_t(&x, &w_t, None, t, in_f, out_f, &mut y);
+                linear_gemm(&x, &w, None, t, in_f, out_f, &mut y);
                 b.push(s.elapsed().as_secs_f64());
             }
             a.sort_by(f64::total_cmp);

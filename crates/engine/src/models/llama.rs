@@ -12,10 +12,8 @@ use crate::weights::WeightSource;
 use crate::ModelConfig;
 
 pub struct Linear {
-    /// The checkpoint's `weight` (`[out_features, in_features]`) stored transposed,
-    /// `[in_features, out_features]`: the layout the GEMM reads without repacking it every step
-    /// (see `ops::linear_t`).
-    pub weight_t: Vec<f32>,
+    /// `[out_features, in_features]`
+    pub weight: Vec<f32>,
     /// `[out_features]`
     pub bias: Option<Vec<f32>>,
     pub in_features: usize,
@@ -25,7 +23,7 @@ pub struct Linear {
 impl Linear {
     fn load(w: &mut WeightSource, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
-            weight_t: ops::transpose(&w.get(&format!("{prefix}.weight"), &[out_f, in_f])?, out_f, in_f),
+            weight: w.get(&format!("{prefix}.weight"), &[out_f, in_f])?,
             bias: if bias {
                 Some(w.get(&format!("{prefix}.bias"), &[out_f])?)
             } else {
@@ -38,9 +36,9 @@ impl Linear {
 
     /// `y[T, out] = x[T, in] · Wᵀ + b`
     fn forward(&self, x: &[f32], num_tokens: usize, y: &mut [f32]) {
-        ops::linear_t(
+        ops::linear(
             x,
-            &self.weight_t,
+            &self.weight,
             self.bias.as_deref(),
             num_tokens,
             self.in_features,
@@ -79,9 +77,8 @@ pub struct Llama {
     pub embed_tokens: Vec<f32>,
     pub layers: Vec<DecoderLayer>,
     pub norm: Vec<f32>,
-    /// The checkpoint's `lm_head.weight` transposed, `[hidden, vocab]` (as `Linear::weight_t`);
-    /// `None` when tied to `embed_tokens`
-    pub lm_head_t: Option<Vec<f32>>,
+    /// `[vocab, hidden]`; `None` when tied to `embed_tokens`
+    pub lm_head: Option<Vec<f32>>,
     rope: Rope,
 }
 
@@ -134,17 +131,17 @@ impl Llama {
         }
         let norm = w.get("model.norm.weight", &[h])?;
         // Some tied checkpoints still store lm_head; either way the embedding is used.
-        let lm_head_t = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(ops::transpose(&w.get("lm_head.weight", &[v, h])?, v, h))
+            Some(w.get("lm_head.weight", &[v, h])?)
         };
         Ok(Llama {
             cfg: cfg.clone(),
             embed_tokens,
             layers,
             norm,
-            lm_head_t,
+            lm_head,
             rope: Rope::new(cfg, max_positions),
         })
     }
@@ -250,19 +247,7 @@ impl Llama {
             let ti = batch.query_start[s + 1] as usize - 1;
             ops::rms_norm_row(&hidden[ti * h..(ti + 1) * h], &self.norm, cfg.rms_norm_eps, row);
         }
-        let logits = &mut ws.logits;
-        match &self.lm_head_t {
-            Some(w_t) => ops::linear_t(last, w_t, None, num_seqs, h, cfg.vocab_size, logits),
-            // Tied: the embedding's own [vocab, hidden] layout, through the GEMV.
-            None => ops::linear(
-                last,
-                &self.embed_tokens,
-                None,
-                num_seqs,
-                h,
-                cfg.vocab_size,
-                logits,
-            ),
-        }
+        let lm_head = self.lm_head.as_deref().unwrap_or(&self.embed_tokens);
+        ops::linear(last, lm_head, None, num_seqs, h, cfg.vocab_size, &mut ws.logits);
     }
 }
