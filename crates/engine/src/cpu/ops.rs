@@ -255,9 +255,17 @@ impl LinearChunk<'_> {
 
 /// From this many tokens on, [`linear`] takes the cache-blocked GEMM, which packs the weights on
 /// every call; below, the weight-streaming GEMV, which reads each weight once per tile of four
-/// tokens from where it lies. Crossover measured with `examples/linear_shapes.rs`
-/// (BENCHMARKS.md, "CPU backend against transformers").
+/// tokens from where it lies. With long rows (`in_features` ≥ [`GEMM_LONG_ROWS`]) the GEMM
+/// wins from [`GEMM_MIN_TOKENS_LONG_ROWS`] tokens. Crossovers measured with
+/// `examples/linear_shapes.rs` (BENCHMARKS.md, "CPU backend against transformers").
 pub const GEMM_MIN_TOKENS: usize = 512;
+pub const GEMM_LONG_ROWS: usize = 1024;
+pub const GEMM_MIN_TOKENS_LONG_ROWS: usize = 64;
+
+/// Whether [`linear`] takes the GEMM for this shape.
+pub fn use_gemm(num_tokens: usize, in_f: usize) -> bool {
+    num_tokens >= GEMM_MIN_TOKENS || (in_f >= GEMM_LONG_ROWS && num_tokens >= GEMM_MIN_TOKENS_LONG_ROWS)
+}
 
 /// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`: the GEMV for a few tokens, the GEMM for many.
 pub fn linear(
@@ -269,7 +277,7 @@ pub fn linear(
     out_f: usize,
     y: &mut [f32],
 ) {
-    if num_tokens >= GEMM_MIN_TOKENS {
+    if use_gemm(num_tokens, in_f) {
         linear_gemm(x, w, bias, num_tokens, in_f, out_f, y);
     } else {
         linear_gemv(x, w, bias, num_tokens, in_f, out_f, y);
