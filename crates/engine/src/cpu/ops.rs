@@ -96,7 +96,12 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); N]; R];
         let mut k = 0;
         while k + 8 <= n {
-            let wv: [__m256; R] = std::array::from_fn(|r| _mm256_loadu_ps(wp[r].add(k)));
+            // Plain loops, not `array::from_fn`: a closure does not inherit this function's
+            // target features, and an outlined call per load would cost more than the FMAs.
+            let mut wv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                wv[r] = _mm256_loadu_ps(wp[r].add(k));
+            }
             for t in 0..N {
                 let xv = _mm256_loadu_ps(xp[t].add(k));
                 for r in 0..R {
