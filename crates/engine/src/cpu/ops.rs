@@ -1,7 +1,7 @@
 //! CPU kernels: f32 everywhere, multithreaded with rayon. The linear layer is a weight-streaming
-//! GEMV for up to a few dozen tokens (register tiles of three weight rows by four tokens, each
-//! weight row read once per tile, so a decode step reads every weight once from memory) and the
-//! `gemm` crate's cache-blocked, panel-packing GEMM for more (prefill).
+//! GEMV for up to a few dozen tokens (each weight row read once per tile of four tokens, so a
+//! decode step reads every weight once from memory) and the `gemm` crate's cache-blocked,
+//! panel-packing GEMM for more (prefill).
 
 use std::cell::RefCell;
 
@@ -80,46 +80,6 @@ mod avx2 {
             s
         })
     }
-
-    /// `R × N` dot products of `R` weight rows against `N` activation rows: a register tile, so
-    /// each loaded weight vector serves `N` FMAs and each activation vector `R` (the GEMV's
-    /// one-row form is load-bound once there are several tokens). Every slice is at least as
-    /// long as `w[0]`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rc<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [[f32; N]; R] {
-        let n = w[0].len();
-        for s in w.iter().chain(&x) {
-            assert!(s.len() >= n);
-        }
-        let wp: [*const f32; R] = std::array::from_fn(|r| w[r].as_ptr());
-        let xp: [*const f32; N] = std::array::from_fn(|t| x[t].as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        let mut k = 0;
-        while k + 8 <= n {
-            // Plain loops, not `array::from_fn`: a closure does not inherit this function's
-            // target features, and an outlined call per load would cost more than the FMAs.
-            let mut wv = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                wv[r] = _mm256_loadu_ps(wp[r].add(k));
-            }
-            for t in 0..N {
-                let xv = _mm256_loadu_ps(xp[t].add(k));
-                for r in 0..R {
-                    acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-                }
-            }
-            k += 8;
-        }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|t| {
-                let mut s = hsum(acc[r][t]);
-                for kk in k..n {
-                    s += *wp[r].add(kk) * *xp[t].add(kk);
-                }
-                s
-            })
-        })
-    }
 }
 
 /// `N` dot products of one weight row against `N` activation rows, reading `w` once.
@@ -194,29 +154,6 @@ impl LinearChunk<'_> {
         }
     }
 
-    /// [`Self::tile`] with a register tile of three weight rows by `N` tokens.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn tile_rows_avx2<const N: usize>(&self, t: usize) {
-        const R: usize = 3;
-        let in_f = self.in_f;
-        let xs: [&[f32]; N] = std::array::from_fn(|r| &self.x[(t + r) * in_f..][..in_f]);
-        let mut rows = self.w.chunks_exact(R * in_f);
-        for (g, group) in rows.by_ref().enumerate() {
-            let ws: [&[f32]; R] = std::array::from_fn(|r| &group[r * in_f..][..in_f]);
-            // SAFETY: only called when the CPU has AVX2 and FMA; slices have length in_f.
-            let vals = unsafe { avx2::dot_rc::<R, N>(ws, xs) };
-            for (r, v) in vals.into_iter().enumerate() {
-                self.store(t, g * R + r, v);
-            }
-        }
-        let done = self.w.len() / in_f / R * R;
-        for (ro, wrow) in rows.remainder().chunks_exact(in_f).enumerate() {
-            // SAFETY: as above.
-            self.store(t, done + ro, unsafe { avx2::dot_n::<N>(wrow, xs) });
-        }
-    }
-
     #[inline(always)]
     fn run_tiles(&self, avx2: bool) {
         let mut t = 0;
@@ -226,12 +163,8 @@ impl LinearChunk<'_> {
                 ($n:literal) => {{
                     #[cfg(target_arch = "x86_64")]
                     if avx2 {
-                        if $n == 1 {
-                            // SAFETY: `avx2` is true only when the CPU has AVX2 and FMA.
-                            self.tile::<$n>(t, |w, x| unsafe { avx2::dot_n::<$n>(w, x) });
-                        } else {
-                            self.tile_rows_avx2::<$n>(t);
-                        }
+                        // SAFETY: `avx2` is true only when the CPU has AVX2 and FMA.
+                        self.tile::<$n>(t, |w, x| unsafe { avx2::dot_n::<$n>(w, x) });
                         t += $n;
                         continue;
                     }
@@ -260,17 +193,9 @@ impl LinearChunk<'_> {
 
 /// From this many tokens on, [`linear`] takes the cache-blocked GEMM, which packs the weights on
 /// every call; below, the weight-streaming GEMV, which reads each weight once per tile of four
-/// tokens from where it lies. With long rows (`in_features` ≥ [`GEMM_LONG_ROWS`]) the GEMM
-/// wins from [`GEMM_MIN_TOKENS_LONG_ROWS`] tokens. Crossovers measured with
-/// `examples/linear_shapes.rs` (BENCHMARKS.md, "CPU backend against transformers").
-pub const GEMM_MIN_TOKENS: usize = 512;
-pub const GEMM_LONG_ROWS: usize = 1024;
-pub const GEMM_MIN_TOKENS_LONG_ROWS: usize = 64;
-
-/// Whether [`linear`] takes the GEMM for this shape.
-pub fn use_gemm(num_tokens: usize, in_f: usize) -> bool {
-    num_tokens >= GEMM_MIN_TOKENS || (in_f >= GEMM_LONG_ROWS && num_tokens >= GEMM_MIN_TOKENS_LONG_ROWS)
-}
+/// tokens from where it lies. Crossover measured with `examples/linear_shapes.rs`
+/// (BENCHMARKS.md, "CPU backend against transformers").
+pub const GEMM_MIN_TOKENS: usize = 96;
 
 /// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`: the GEMV for a few tokens, the GEMM for many.
 pub fn linear(
@@ -282,7 +207,7 @@ pub fn linear(
     out_f: usize,
     y: &mut [f32],
 ) {
-    if use_gemm(num_tokens, in_f) {
+    if num_tokens >= GEMM_MIN_TOKENS {
         linear_gemm(x, w, bias, num_tokens, in_f, out_f, y);
     } else {
         linear_gemv(x, w, bias, num_tokens, in_f, out_f, y);
