@@ -72,8 +72,8 @@ pub fn kernel(head_dim: usize, group: usize) -> Option<Kernel> {
         return None;
     }
     let k = match head_dim {
-        ..=64 => VARIANTS[0],
-        ..=128 => VARIANTS[1],
+        1..=64 => VARIANTS[0],
+        65..=128 => VARIANTS[1],
         _ => return None,
     };
     (group <= k.rows()).then_some(k)
@@ -206,7 +206,7 @@ mod tests {
         let qs = [0u32, 130, 131, 195];
         for per in [64usize, 128, 32, 16, 9, 8, 1] {
             let got = tiles(&qs, per);
-            let mut seen = vec![0u8; 195];
+            let mut seen = [0u8; 195];
             for &(lo, hi) in &got {
                 assert!(lo < hi && (hi - lo) as usize <= per, "per {per}: tile {lo}..{hi}");
                 let seq = qs.partition_point(|&q| q <= lo) - 1;
