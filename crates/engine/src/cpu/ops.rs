@@ -1,6 +1,7 @@
 //! CPU kernels: f32 everywhere, multithreaded with rayon. The linear layer is a weight-streaming
-//! GEMV/GEMM: output features are split across threads and each weight row is read once per
-//! tile of four tokens, so a decode step reads every weight once from memory.
+//! GEMV for up to a few dozen tokens (each weight row read once per tile of four tokens, so a
+//! decode step reads every weight once from memory) and the `gemm` crate's cache-blocked,
+//! panel-packing GEMM for more (prefill).
 
 use std::cell::RefCell;
 
@@ -138,12 +139,18 @@ impl LinearChunk<'_> {
         let in_f = self.in_f;
         let xs: [&[f32]; N] = std::array::from_fn(|r| &self.x[(t + r) * in_f..][..in_f]);
         for (ro, wrow) in self.w.chunks_exact(in_f).enumerate() {
-            let o = self.o0 + ro;
-            let b = self.bias.map_or(0.0, |b| b[o]);
-            for (r, v) in dot(wrow, xs).into_iter().enumerate() {
-                // SAFETY: (t + r, o) is written by this chunk only: o lies in this chunk.
-                unsafe { *self.y.get().add((t + r) * self.out_f + o) = v + b };
-            }
+            self.store(t, ro, dot(wrow, xs));
+        }
+    }
+
+    /// Writes token tile `t..t + N` of the chunk's row `ro`, plus the bias.
+    #[inline(always)]
+    fn store<const N: usize>(&self, t: usize, ro: usize, vals: [f32; N]) {
+        let o = self.o0 + ro;
+        let b = self.bias.map_or(0.0, |b| b[o]);
+        for (r, v) in vals.into_iter().enumerate() {
+            // SAFETY: (t + r, o) is written by this chunk only: o lies in this chunk.
+            unsafe { *self.y.get().add((t + r) * self.out_f + o) = v + b };
         }
     }
 
@@ -184,8 +191,98 @@ impl LinearChunk<'_> {
     }
 }
 
-/// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`.
+/// From this many tokens on, [`linear`] takes the cache-blocked GEMM, which packs the weights on
+/// every call; below, the weight-streaming GEMV, which reads each weight once per tile of four
+/// tokens from where it lies. Crossover measured with `examples/linear_shapes.rs`
+/// (BENCHMARKS.md, "CPU backend against transformers").
+pub const GEMM_MIN_TOKENS: usize = 96;
+
+/// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`: the GEMV for a few tokens, the GEMM for many.
 pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+) {
+    if num_tokens >= GEMM_MIN_TOKENS {
+        linear_gemm(x, w, bias, num_tokens, in_f, out_f, y);
+    } else {
+        linear_gemv(x, w, bias, num_tokens, in_f, out_f, y);
+    }
+}
+
+/// Column chunks of [`linear_gemm`]: several a thread, so a thread the OS preempts (a shared
+/// machine) does not hold up the step; at least this many output features each.
+const LINEAR_CHUNKS_PER_THREAD: usize = 8;
+const LINEAR_MIN_CHUNK: usize = 64;
+
+/// [`linear`] through `gemm`: packs cache-sized panels of `x` and `wᵀ` and runs a register-tiled
+/// microkernel picked at run time (AVX-512, AVX2/FMA, NEON or scalar). Threads split the output
+/// features (contiguous rows of `w`), each a single-threaded `gemm` over all tokens: `gemm`'s
+/// own rayon split cost more in hand-offs than it gained at these sizes on 2 cores. Packing
+/// the weights on every call pays only with many tokens (see [`GEMM_MIN_TOKENS`]).
+pub fn linear_gemm(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+) {
+    assert_eq!(w.len(), in_f * out_f);
+    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
+    let y = &mut y[..num_tokens * out_f];
+    if let Some(b) = bias {
+        assert_eq!(b.len(), out_f);
+        for row in y.chunks_exact_mut(out_f) {
+            row.copy_from_slice(b);
+        }
+    }
+    let threads = rayon::current_num_threads();
+    // Each chunk a multiple of 16 columns (one AVX-512 register of f32) so microkernels stay full.
+    let cols = (out_f / (threads * LINEAR_CHUNKS_PER_THREAD))
+        .max(LINEAR_MIN_CHUNK)
+        .div_ceil(16)
+        * 16;
+    let yp = SendPtr(y.as_mut_ptr());
+    w.par_chunks(cols * in_f).enumerate().for_each(|(c, wchunk)| {
+        let (o0, n) = (c * cols, wchunk.len() / in_f);
+        // SAFETY: x is [T, in] row-major, wchunk (rows o0..o0 + n of w) read as wᵀ [in, n], and
+        // the destination columns o0..o0 + n of y ([T, out], row stride out_f), all within the
+        // lengths asserted above. Chunks write disjoint columns; y does not alias x or w.
+        unsafe {
+            gemm::gemm(
+                num_tokens,
+                n,
+                in_f,
+                yp.get().add(o0),
+                1,
+                out_f as isize,
+                bias.is_some(),
+                x.as_ptr(),
+                1,
+                in_f as isize,
+                wchunk.as_ptr(),
+                in_f as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// [`linear`] by streaming weights: output features are split across threads and each weight
+/// row is read once per tile of four tokens.
+pub fn linear_gemv(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -371,12 +468,151 @@ pub struct AttnMeta<'a> {
     pub block_size: usize,
 }
 
+/// Query tokens a work item of [`paged_attention`] takes (times the heads sharing a KV head).
+const ATTN_QUERY_BLOCK: usize = 16;
+/// Keys read per block: each block of K and V (`64 × head_dim` f32) stays in L1/L2 while every
+/// query row of the work item uses it.
+const ATTN_KEY_BLOCK: usize = 64;
+
+/// Scratch of one [`paged_attention`] work item: `rows = query tokens × group` rows.
+#[derive(Default)]
+struct AttnScratch {
+    /// `[rows]` running max of the scores
+    max: Vec<f32>,
+    /// `[rows]` running sum of exp(score - max)
+    sum: Vec<f32>,
+    /// `[rows, head_dim]` unnormalized output
+    acc: Vec<f32>,
+    /// `[rows, ATTN_KEY_BLOCK]` scores of one key block
+    scores: Vec<f32>,
+}
+
+thread_local! {
+    static ATTN_SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
+}
+
 /// Causal attention over the paged KV cache, for prefill and decode tokens alike: token `t` of a
 /// sequence attends to every cached position up to its own (the step's K/V are written first).
 /// `q: [T, num_heads * hd]`, caches `[num_blocks * block_size, num_kv_heads * hd]`,
 /// `out: [T, num_heads * hd]`.
+///
+/// Blocked as FlashAttention is: a work item is (sequence, KV head, block of up to
+/// [`ATTN_QUERY_BLOCK`] query tokens) with every query head of that KV head, so each key and
+/// value is read once per item rather than once per query token and head; keys come in blocks of
+/// [`ATTN_KEY_BLOCK`] with an online softmax. Items run in parallel across sequences, heads and
+/// query blocks. [`paged_attention_ref`] is the plain per-token loop it is tested against.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    meta: &AttnMeta<'_>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let group = num_heads / num_kv_heads;
+    let kv_row = num_kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let num_seqs = meta.query_start.len() - 1;
+    let num_tokens = meta.positions.len();
+    assert!(out.len() >= num_tokens * num_heads * head_dim);
+    let seq_len = |s: usize| (meta.query_start[s + 1] - meta.query_start[s]) as usize;
+    let max_blocks = (0..num_seqs)
+        .map(|s| seq_len(s).div_ceil(ATTN_QUERY_BLOCK))
+        .max()
+        .unwrap_or(0);
+    let op = SendPtr(out.as_mut_ptr());
+    (0..num_seqs * num_kv_heads * max_blocks)
+        .into_par_iter()
+        .for_each(|item| {
+            let (seq, rest) = (
+                item / (num_kv_heads * max_blocks),
+                item % (num_kv_heads * max_blocks),
+            );
+            let (kvh, qb) = (rest / max_blocks, rest % max_blocks);
+            let start = meta.query_start[seq] as usize;
+            let t0 = start + qb * ATTN_QUERY_BLOCK;
+            let t1 = (t0 + ATTN_QUERY_BLOCK).min(start + seq_len(seq));
+            if t0 >= t1 {
+                return;
+            }
+            let table =
+                &meta.block_tables[seq * meta.max_blocks_per_seq..(seq + 1) * meta.max_blocks_per_seq];
+            let slot = |p: usize| table[p / meta.block_size] as usize * meta.block_size + p % meta.block_size;
+            let rows = (t1 - t0) * group;
+            // Row i is token t0 + i / group, head kvh * group + i % group.
+            let q_row = |i: usize| {
+                let (t, h) = (t0 + i / group, kvh * group + i % group);
+                &q[(t * num_heads + h) * head_dim..][..head_dim]
+            };
+            let ctx_end = (t0..t1)
+                .map(|t| meta.positions[t] as usize + 1)
+                .max()
+                .unwrap_or(0);
+            ATTN_SCRATCH.with_borrow_mut(|sc| {
+                sc.max.clear();
+                sc.max.resize(rows, f32::NEG_INFINITY);
+                sc.sum.clear();
+                sc.sum.resize(rows, 0.0);
+                sc.acc.clear();
+                sc.acc.resize(rows * head_dim, 0.0);
+                sc.scores.resize(rows * ATTN_KEY_BLOCK, 0.0);
+                for p0 in (0..ctx_end).step_by(ATTN_KEY_BLOCK) {
+                    let p1 = (p0 + ATTN_KEY_BLOCK).min(ctx_end);
+                    for i in 0..rows {
+                        let last = meta.positions[t0 + i / group] as usize; // causal limit
+                        if p0 > last {
+                            continue;
+                        }
+                        let (qi, s) = (q_row(i), &mut sc.scores[i * ATTN_KEY_BLOCK..][..p1 - p0]);
+                        let mut block_max = f32::NEG_INFINITY;
+                        for (j, sj) in s.iter_mut().enumerate() {
+                            let p = p0 + j;
+                            *sj = if p <= last {
+                                dot(qi, &k_cache[slot(p) * kv_row + kvh * head_dim..][..head_dim]) * scale
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                            block_max = block_max.max(*sj);
+                        }
+                        let new_max = sc.max[i].max(block_max);
+                        let correction = (sc.max[i] - new_max).exp();
+                        sc.max[i] = new_max;
+                        let acc = &mut sc.acc[i * head_dim..][..head_dim];
+                        if correction != 1.0 {
+                            sc.sum[i] *= correction;
+                            acc.iter_mut().for_each(|a| *a *= correction);
+                        }
+                        for (j, sj) in s.iter_mut().enumerate() {
+                            let e = (*sj - new_max).exp();
+                            sc.sum[i] += e;
+                            if e != 0.0 {
+                                let v = &v_cache[slot(p0 + j) * kv_row + kvh * head_dim..][..head_dim];
+                                for (a, &vv) in acc.iter_mut().zip(v) {
+                                    *a += e * vv;
+                                }
+                            }
+                        }
+                    }
+                }
+                for i in 0..rows {
+                    let (t, h) = (t0 + i / group, kvh * group + i % group);
+                    let inv = 1.0 / sc.sum[i];
+                    for (d, &a) in sc.acc[i * head_dim..][..head_dim].iter().enumerate() {
+                        // SAFETY: (t, h) belongs to this item only (its tokens, its KV head's
+                        // query heads); the index is within out, asserted above.
+                        unsafe { *op.get().add((t * num_heads + h) * head_dim + d) = a * inv };
+                    }
+                }
+            });
+        });
+}
+
+/// The plain per-(token, head) attention loop [`paged_attention`] is tested against.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_ref(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
@@ -450,6 +686,153 @@ mod tests {
                     let want: f32 =
                         (0..in_f).map(|k| x[tt * in_f + k] * w[o * in_f + k]).sum::<f32>() + bias[o];
                     assert!((y[tt * out_f + o] - want).abs() < 1e-4, "t={t} ({tt},{o})");
+                }
+            }
+        }
+    }
+
+    /// `x · wᵀ + bias` by the definition, in f64.
+    fn naive(x: &[f32], w: &[f32], bias: &[f32], t: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; t * out_f];
+        for tt in 0..t {
+            for o in 0..out_f {
+                let dot: f64 = (0..in_f)
+                    .map(|k| x[tt * in_f + k] as f64 * w[o * in_f + k] as f64)
+                    .sum();
+                y[tt * out_f + o] = (dot + bias[o] as f64) as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn blocked_attention_matches_the_per_token_loop() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let block_size = 4;
+        // Sequences as (first position, tokens this step): a prompt longer than one query and
+        // one key block, a chunk that continues a prompt, decodes, a one-token prompt.
+        let seqs = [(0usize, 37usize), (50, 20), (130, 1), (0, 1), (9, 3)];
+        for (num_heads, num_kv_heads, head_dim) in [(4, 4, 8), (6, 2, 12), (3, 1, 5)] {
+            let max_blocks_per_seq = 160usize.div_ceil(block_size);
+            let num_blocks = seqs.len() * max_blocks_per_seq;
+            // A shuffled block table, so pages are not in position order.
+            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+            for i in (1..ids.len()).rev() {
+                ids.swap(i, rng.random_range(0..=i));
+            }
+            let kv_row = num_kv_heads * head_dim;
+            let mut rnd = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+            let (k_cache, v_cache) = (
+                rnd(num_blocks * block_size * kv_row),
+                rnd(num_blocks * block_size * kv_row),
+            );
+            let (mut query_start, mut positions) = (vec![0u32], Vec::new());
+            for &(first, n) in &seqs {
+                positions.extend((first..first + n).map(|p| p as u32));
+                query_start.push(positions.len() as u32);
+            }
+            let t = positions.len();
+            let q = rnd(t * num_heads * head_dim);
+            let meta = AttnMeta {
+                query_start: &query_start,
+                positions: &positions,
+                block_tables: &ids,
+                max_blocks_per_seq,
+                block_size,
+            };
+            let mut want = vec![0.0; t * num_heads * head_dim];
+            paged_attention_ref(
+                &q,
+                &k_cache,
+                &v_cache,
+                &meta,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                &mut want,
+            );
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![f32::NAN; t * num_heads * head_dim];
+                pool.install(|| {
+                    paged_attention(
+                        &q,
+                        &k_cache,
+                        &v_cache,
+                        &meta,
+                        num_heads,
+                        num_kv_heads,
+                        head_dim,
+                        &mut got,
+                    )
+                });
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "heads {num_heads}/{num_kv_heads} d {head_dim} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_and_gemv_match_naive_across_odd_shapes_and_thread_counts() {
+        // Sizes off every block: output features not a multiple of 16, of 3 (the GEMV's row
+        // tile) or of the thread split, inputs not a multiple of 8, and token counts on both
+        // sides of GEMM_MIN_TOKENS and of the GEMV's 4-token tile.
+        for (in_f, out_f) in [(37, 70), (64, 17), (130, 333), (5, 1)] {
+            let w: Vec<f32> = (0..in_f * out_f)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01 - 0.2).collect();
+            for t in [1, 2, 3, 7, 8, 17, 70, GEMM_MIN_TOKENS + 5] {
+                let x: Vec<f32> = (0..t * in_f)
+                    .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+                    .collect();
+                let want = naive(&x, &w, &bias, t, in_f, out_f);
+                let want_nb = naive(&x, &w, &vec![0.0; out_f], t, in_f, out_f);
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    for (name, f) in [
+                        (
+                            "gemm",
+                            linear_gemm
+                                as fn(&[f32], &[f32], Option<&[f32]>, usize, usize, usize, &mut [f32]),
+                        ),
+                        ("gemv", linear_gemv),
+                        ("linear", linear),
+                    ] {
+                        // NaN-filled: every element must be written (and the bias one read).
+                        let mut y = vec![f32::NAN; t * out_f + 3];
+                        pool.install(|| f(&x, &w, Some(&bias), t, in_f, out_f, &mut y));
+                        let mut y_nb = vec![f32::NAN; t * out_f];
+                        pool.install(|| f(&x, &w, None, t, in_f, out_f, &mut y_nb));
+                        for i in 0..t * out_f {
+                            let tol = 1e-4 * (1.0 + want[i].abs());
+                            assert!(
+                                (y[i] - want[i]).abs() < tol,
+                                "{name} {in_f}x{out_f} t={t} [{i}]: {} vs {}",
+                                y[i],
+                                want[i]
+                            );
+                            assert!(
+                                (y_nb[i] - want_nb[i]).abs() < tol,
+                                "{name} {in_f}x{out_f} t={t} [{i}] no bias"
+                            );
+                        }
+                        assert!(
+                            y[t * out_f..].iter().all(|v| v.is_nan()),
+                            "{name} wrote past [T, out]"
+                        );
+                    }
                 }
             }
         }

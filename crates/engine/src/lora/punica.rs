@@ -129,9 +129,145 @@ pub fn expand_ref(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y:
 /// thousand FMAs to the rayon pool (the demo model's LoRA ops) costs more than doing them.
 const PAR_MIN_WORK: usize = 1 << 16;
 
-/// Fast shrink: tokens in parallel (serially when small), each reading only its slot's first
-/// `rank` rows of A.
+/// Runs of at least this many consecutive tokens with one adapter (a prompt being prefilled)
+/// take the GEMM in [`shrink`] and [`expand`]; shorter ones (decodes) the per-token loops.
+pub const GEMM_MIN_SEGMENT: usize = 8;
+
+/// Fast shrink: each run of [`GEMM_MIN_SEGMENT`] or more tokens with one adapter is one GEMM
+/// (`tmp[run, :r] = scale · x[run] · A[s, :r]ᵀ`); the other tokens go through the per-token loop.
 pub fn shrink(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp: &mut [f32]) {
+    let (i, r_max) = (stack.in_features, stack.max_rank);
+    for_runs(slots, |range, slot| match slot {
+        Some(slot) if range.len() >= GEMM_MIN_SEGMENT && stack.ranks[slot.index()] > 0 => {
+            let (s, n) = (slot.index(), range.len());
+            let rank = stack.ranks[s];
+            let tmp = &mut tmp[range.start * r_max..range.end * r_max];
+            let x = &x[range.start * i..range.end * i];
+            let a = &stack.a[s * r_max * i..][..rank * i];
+            for row in tmp.chunks_exact_mut(r_max) {
+                row[rank..].fill(0.0);
+            }
+            // SAFETY: dst is tmp[run] as [n, rank] (row stride r_max), lhs x[run] [n, i]
+            // row-major, rhs A[s, :rank]ᵀ read as [i, rank] from A's [rank, i] rows; all within
+            // the slices taken above, and tmp aliases neither. dst = scale · x · Aᵀ (not read).
+            unsafe {
+                gemm::gemm(
+                    n,
+                    rank,
+                    i,
+                    tmp.as_mut_ptr(),
+                    1,
+                    r_max as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    i as isize,
+                    a.as_ptr(),
+                    i as isize,
+                    1,
+                    0.0,
+                    stack.scales[s],
+                    false,
+                    false,
+                    false,
+                    gemm_parallelism(),
+                )
+            }
+        }
+        _ => shrink_tokens(
+            &x[range.start * i..range.end * i],
+            stack,
+            &slots[range.clone()],
+            &mut tmp[range.start * r_max..range.end * r_max],
+        ),
+    });
+}
+
+/// Fast expand: each run of [`GEMM_MIN_SEGMENT`] or more tokens with one adapter is one GEMM
+/// (`y[run] += tmp[run, :r] · Bᵀ[s, :r]`); the other tokens go through the per-token loop.
+pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mut [f32]) {
+    let (o_n, r_max) = (stack.out_features, stack.max_rank);
+    for_runs(slots, |range, slot| match slot {
+        Some(slot) if range.len() >= GEMM_MIN_SEGMENT && stack.ranks[slot.index()] > 0 => {
+            let (s, n) = (slot.index(), range.len());
+            let rank = stack.ranks[s];
+            let y = &mut y[range.start * o_n..range.end * o_n];
+            let tmp = &tmp[range.start * r_max..range.end * r_max];
+            let bt = &stack.b[s * r_max * o_n..][..rank * o_n];
+            // SAFETY: dst is y[run] [n, o_n] row-major, lhs tmp[run] read as [n, rank] (row
+            // stride r_max), rhs Bᵀ[s, :rank] [rank, o_n] row-major; all within the slices taken
+            // above, and y aliases neither. dst = dst + tmp · Bᵀ.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    o_n,
+                    rank,
+                    y.as_mut_ptr(),
+                    1,
+                    o_n as isize,
+                    true,
+                    tmp.as_ptr(),
+                    1,
+                    r_max as isize,
+                    bt.as_ptr(),
+                    1,
+                    o_n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm_parallelism(),
+                )
+            }
+        }
+        _ => expand_tokens(
+            &tmp[range.start * r_max..range.end * r_max],
+            stack,
+            &slots[range.clone()],
+            &mut y[range.start * o_n..range.end * o_n],
+        ),
+    });
+}
+
+fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// Calls `f(range, slot)` for the token ranges `[start, end)` of a step in which every token
+/// has the same slot, except that when no range is long enough for the GEMM the whole step is
+/// one call (the per-token loops then see every token at once and split them over threads).
+fn for_runs(slots: &[Option<LoraSlot>], mut f: impl FnMut(std::ops::Range<usize>, Option<LoraSlot>)) {
+    let run_end = |start: usize| {
+        let s = slots[start];
+        start + slots[start..].iter().take_while(|&&x| x == s).count()
+    };
+    let mut has_long_run = false;
+    let mut start = 0;
+    while start < slots.len() {
+        let end = run_end(start);
+        has_long_run |= end - start >= GEMM_MIN_SEGMENT && slots[start].is_some();
+        start = end;
+    }
+    if !has_long_run {
+        // The slot passed is only used for runs long enough for the GEMM: this one is not.
+        f(0..slots.len(), None);
+        return;
+    }
+    let mut start = 0;
+    while start < slots.len() {
+        let end = run_end(start);
+        f(start..end, slots[start]);
+        start = end;
+    }
+}
+
+/// Per-token shrink: tokens in parallel (serially when small), each reading only its slot's
+/// first `rank` rows of A.
+fn shrink_tokens(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp: &mut [f32]) {
     let (i, r_max) = (stack.in_features, stack.max_rank);
     let num_tokens = slots.len();
     let token = |((out, xt), slot): ((&mut [f32], &[f32]), &Option<LoraSlot>)| {
@@ -155,9 +291,9 @@ pub fn shrink(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp: &mu
     }
 }
 
-/// Fast expand: tokens in parallel (serially when small); `y[t] += tmp[t, r] · Bᵀ[s, r]` for each
-/// rank row.
-pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mut [f32]) {
+/// Per-token expand: tokens in parallel (serially when small); `y[t] += tmp[t, r] · Bᵀ[s, r]`
+/// for each rank row.
+fn expand_tokens(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mut [f32]) {
     let (o_n, r_max) = (stack.out_features, stack.max_rank);
     let num_tokens = slots.len();
     let token = |((yt, tt), slot): ((&mut [f32], &[f32]), &Option<LoraSlot>)| {
@@ -241,6 +377,49 @@ mod tests {
                 if slots[t].is_none() {
                     assert_eq!(y_fast[t * o..(t + 1) * o], y0[t * o..(t + 1) * o]);
                 }
+            }
+        }
+    }
+
+    /// Prefill-shaped steps: runs of one adapter long enough for the GEMM (of odd lengths,
+    /// ranks and shapes) next to short runs, rows without an adapter and a slot whose adapter
+    /// does not target the projection; the fast ops equal the reference loops.
+    #[test]
+    fn gemm_runs_match_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for &(max_rank, i, o) in &[(16, 33, 17), (8, 64, 96), (64, 130, 40)] {
+            let max_loras = 4;
+            let mut stack = LoraStack::new(max_loras, max_rank, i, o);
+            for (s, rank) in [(0, max_rank), (2, 1), (3, max_rank / 2 + 1)] {
+                stack.set(LoraSlot(s), Some(&random_module(&mut rng, rank, i, o)));
+            }
+            let runs: [(Option<u32>, usize); 7] = [
+                (Some(0), 37),
+                (None, 9),
+                (Some(2), GEMM_MIN_SEGMENT),
+                (Some(3), GEMM_MIN_SEGMENT - 1),
+                (Some(1), 12), // empty slot
+                (Some(3), 20),
+                (Some(0), 1),
+            ];
+            let slots: Vec<Option<LoraSlot>> = runs
+                .iter()
+                .flat_map(|&(s, n)| std::iter::repeat_n(s.map(LoraSlot), n))
+                .collect();
+            let num_tokens = slots.len();
+            let x: Vec<f32> = (0..num_tokens * i).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let y0: Vec<f32> = (0..num_tokens * o).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (mut t_ref, mut t_fast) = (
+                vec![1.0; num_tokens * max_rank],
+                vec![f32::NAN; num_tokens * max_rank],
+            );
+            shrink_ref(&x, &stack, &slots, &mut t_ref);
+            shrink(&x, &stack, &slots, &mut t_fast);
+            let (mut y_ref, mut y_fast) = (y0.clone(), y0.clone());
+            expand_ref(&t_ref, &stack, &slots, &mut y_ref);
+            expand(&t_fast, &stack, &slots, &mut y_fast);
+            for (a, b) in t_ref.iter().zip(&t_fast).chain(y_ref.iter().zip(&y_fast)) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
             }
         }
     }
