@@ -218,9 +218,17 @@ fn attention(cfg: &ModelConfig, elem: Elem) {
             .iter()
             .filter(|k| hd <= k.head_dim && hd > k.head_dim / 2)
         {
-            let mut tiles = vec![0u32; 2 * t];
-            let n = prefill::pack_tiles(&query_start, k.tokens_per_tile(nh / nkv), &mut tiles);
-            let tiles_d = up(&tiles[..2 * n]);
+            let mut tiles = vec![0u32; 4 * t];
+            let packed = prefill::pack_tiles(
+                &query_start,
+                &positions,
+                k.tokens_per_tile(nh / nkv),
+                k.keys,
+                None,
+                &mut tiles,
+                &mut [],
+            );
+            let tiles_d = up(&tiles[..4 * packed.tiles]);
             let inputs = prefill::Inputs {
                 qkv: qkv.ptr,
                 ld,
@@ -228,7 +236,9 @@ fn attention(cfg: &ModelConfig, elem: Elem) {
                 k_cache: kc.ptr,
                 v_cache: vc.ptr,
                 tiles: tiles_d.ptr,
-                num_tiles: n,
+                merges: 0,
+                packed,
+                part: 0,
                 token_seq: seq_d.ptr,
                 positions: pos_d.ptr,
                 block_tables: tab_d.ptr,

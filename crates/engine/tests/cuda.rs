@@ -782,8 +782,10 @@ struct AttCase {
 /// replaces) and, on the smaller cases, against attention computed here, on the same paged
 /// cache: prompts from position 0 and chunks whose earlier context is already cached, a
 /// decode-like one-token query in a mixed step, GQA groups 1, 4, 7 and 8, head sizes 128, 64
-/// and 80 (padded), 16-token blocks scattered, a 2,100-token prompt and a 32k-token one. The
-/// output is poisoned with NaN first, so a row the kernel skips fails.
+/// and 80 (padded), 16-token blocks scattered, a 2,100-token prompt, a chunk over 3,000 cached
+/// keys beside decode tokens, and a 32k-token prompt; each with whole tiles and with long
+/// tiles split into pieces and merged. The output is poisoned with NaN first, so a row the
+/// kernel skips fails.
 #[test]
 fn cuda_prefill_attention_matches_reference() {
     if !have_gpu() {
@@ -823,6 +825,13 @@ fn cuda_prefill_attention_matches_reference() {
             nkv: 4,
             hd: 16,
             seqs: vec![(0, 70), (5, 3)],
+            host_ref: true,
+        },
+        AttCase {
+            nh: 32,
+            nkv: 8,
+            hd: 128,
+            seqs: vec![(3000, 200), (100, 1), (250, 1)],
             host_ref: true,
         },
         AttCase {
@@ -875,14 +884,11 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::pr
     fill_uniform(gpu, kc.ptr, slots * kvs, 31 + seed);
     fill_uniform(gpu, vc.ptr, slots * kvs, 41 + seed);
     let group = nh / nkv;
-    let mut tiles = vec![0u32; 2 * t];
-    let num_tiles = prefill::pack_tiles(&query_start, k.tokens_per_tile(group), &mut tiles);
-    let (q_d, pos_d, seq_d, tab_d, tiles_d) = (
+    let (q_d, pos_d, seq_d, tab_d) = (
         upload(gpu, &qkv),
         upload(gpu, &positions),
         upload(gpu, &token_seq),
         upload(gpu, &tables),
-        upload(gpu, &tiles[..2 * num_tiles]),
     );
     let what = format!(
         "{} ({}), nh {nh}, nkv {nkv}, hd {hd}, seqs {:?}",
@@ -902,23 +908,51 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::pr
         unsafe { gpu.launch("fill", cfg((256, 1, 1), 256), &args) }.unwrap();
         out
     };
-    let fa = poisoned();
-    let inputs = prefill::Inputs {
-        qkv: q_d.ptr,
-        ld,
-        out: fa.ptr,
-        k_cache: kc.ptr,
-        v_cache: vc.ptr,
-        tiles: tiles_d.ptr,
-        num_tiles,
-        token_seq: seq_d.ptr,
-        positions: pos_d.ptr,
-        block_tables: tab_d.ptr,
-        max_blocks,
-        block_size: bs,
+    // Whole tiles, then every tile of more than 256 keys split into pieces (a target of far
+    // more blocks than the step has), whose merge must give the same output.
+    let forced = prefill::Split {
+        nkv,
+        target_blocks: 1 << 20,
+        max_pieces: 4096,
     };
-    prefill::launch(gpu, k, &inputs, nh, nkv, hd).unwrap();
-    let got = read(&fa);
+    let mut outputs = Vec::new();
+    for split in [None, Some(forced)] {
+        let max_pieces = split.map_or(0, |s| s.max_pieces);
+        let (mut tiles, mut merges) = (vec![0u32; 4 * (t + max_pieces)], vec![0u32; 2 * max_pieces]);
+        let packed = prefill::pack_tiles(
+            &query_start,
+            &positions,
+            k.tokens_per_tile(group),
+            k.keys,
+            split,
+            &mut tiles,
+            &mut merges,
+        );
+        assert_eq!(packed.merges > 0, split.is_some() && max_ctx > 256, "{what}: {packed:?}");
+        let tiles_d = upload(gpu, &tiles[..4 * packed.tiles]);
+        let merges_d = upload(gpu, &merges[..(4 * packed.merges).max(1)]);
+        let part = gpu.alloc((packed.tiles * nkv * k.piece_len() * 4).max(4)).unwrap();
+        let fa = poisoned();
+        let inputs = prefill::Inputs {
+            qkv: q_d.ptr,
+            ld,
+            out: fa.ptr,
+            k_cache: kc.ptr,
+            v_cache: vc.ptr,
+            tiles: tiles_d.ptr,
+            merges: merges_d.ptr,
+            packed,
+            part: part.ptr,
+            token_seq: seq_d.ptr,
+            positions: pos_d.ptr,
+            block_tables: tab_d.ptr,
+            max_blocks,
+            block_size: bs,
+        };
+        prefill::launch(gpu, k, &inputs, nh, nkv, hd).unwrap();
+        let label = if split.is_some() { "split" } else { "whole" };
+        outputs.push((label, packed, read(&fa)));
+    }
     let old = poisoned();
     let args = [
         q_d.ptr,
@@ -950,7 +984,9 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::pr
         want.iter().all(|v| v.is_finite()),
         "{what}: paged_attention left rows unwritten"
     );
-    check_close(&got, &want, &format!("{what} vs paged_attention"));
+    for (label, packed, got) in &outputs {
+        check_close(got, &want, &format!("{what}, {label} {packed:?} vs paged_attention"));
+    }
     if c.host_ref {
         let (mut kh, mut vh) = (vec![0u16; slots * kvs], vec![0u16; slots * kvs]);
         gpu.dtoh(&mut kh, kc.ptr).unwrap();
@@ -977,7 +1013,9 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::pr
                 }
             }
         }
-        check_close(&got, &host, &format!("{what} vs the host"));
+        for (label, packed, got) in &outputs {
+            check_close(got, &host, &format!("{what}, {label} {packed:?} vs the host"));
+        }
     }
 }
 

@@ -129,7 +129,7 @@ impl CudaBackend {
             num_seqs: bucket.unwrap_or(num_seqs),
             lora_mask,
             num_lora_segments: 0,
-            num_att_tiles: 0,
+            att_tiles: prefill::Packed::default(),
         };
         self.model.pack_inputs(batch, &mut shape, &mut self.arena);
         self.model.upload_inputs(&self.gpu, &self.arena, shape)?;

@@ -40,9 +40,10 @@ pub struct StepShape {
     pub lora_mask: u8,
     /// LoRA segments of a step run with SGMV ([`uses_sgmv`]); 0 for the others, which use BGMV.
     pub num_lora_segments: usize,
-    /// Query tiles of a step whose attention runs `prefill_attention` ([`prefill::pack_tiles`]);
-    /// 0 for decode steps and for shapes that kernel does not take.
-    pub num_att_tiles: usize,
+    /// Query tiles (and merges of split tiles) of a step whose attention runs
+    /// `prefill_attention` ([`prefill::pack_tiles`]); none for decode steps and for shapes that
+    /// kernel does not take.
+    pub att_tiles: prefill::Packed,
 }
 
 /// `y[T, N] = x[T, K] · Wᵀ (+ b)`, weights `[N, K]` of the element type.
@@ -77,11 +78,12 @@ struct Arena {
     last_rows: usize,
     block_tables: usize,
     /// The number of LoRA segments of a prefill step, then `[max_tokens, 3]` segments (start,
-    /// end, slot), then `[max_tokens, 2]` prefill attention tiles: last, so a step uploads only
-    /// the ones it has.
+    /// end, slot), then prefill attention tiles `[max_tokens + max_pieces, 4]` and merges
+    /// `[max_pieces / 2, 4]`: last, so a step uploads only the ones it has.
     num_lora_segments: usize,
     lora_segments: usize,
     att_tiles: usize,
+    att_merges: usize,
     len: usize,
 }
 
@@ -100,6 +102,10 @@ pub struct CudaModel {
     /// The tensor-core attention kernel of prefill and mixed steps ([`prefill::kernel`]); `None`
     /// for head sizes it does not take (then `paged_attention`).
     prefill_attention: Option<prefill::Kernel>,
+    /// When prefill attention splits long tiles' keys, and `att_pieces` (`[slots,
+    /// Kernel::piece_len]` f32) where the pieces go.
+    att_split: Option<prefill::Split>,
+    att_pieces: DevBuf,
     num_sms: usize,
     /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
     lora_rank: usize,
@@ -304,6 +310,19 @@ impl CudaModel {
 
         let (t, s) = (bc.max_num_batched_tokens.max(bc.max_num_seqs), bc.max_num_seqs);
         let max_blocks_per_seq = bc.max_model_len.div_ceil(bc.block_size);
+        // Split-context prefill attention: aim at two blocks an SM (the head_dim 128 kernel's
+        // shared memory allows two), with room for pieces of twice that many blocks.
+        let prefill_attention = prefill::kernel(hd, cfg.num_attention_heads / cfg.num_key_value_heads);
+        let att_split = prefill_attention.map(|_| prefill::Split {
+            nkv: cfg.num_key_value_heads,
+            target_blocks: 2 * gpu.num_sms as usize,
+            max_pieces: 4 * gpu.num_sms as usize / cfg.num_key_value_heads,
+        });
+        let max_pieces = att_split.map_or(0, |sp| sp.max_pieces);
+        let att_pieces = match prefill_attention {
+            Some(k) if max_pieces > 0 => gpu.alloc(max_pieces * cfg.num_key_value_heads * k.piece_len() * 4)?,
+            _ => gpu.alloc(4)?,
+        };
         let mut off = 0;
         let mut take = |n: usize| {
             let o = off;
@@ -320,7 +339,8 @@ impl CudaModel {
             block_tables: take(s * max_blocks_per_seq),
             num_lora_segments: take(1),
             lora_segments: take(3 * t),
-            att_tiles: take(2 * t),
+            att_tiles: take(4 * (t + max_pieces)),
+            att_merges: take(2 * max_pieces),
             len: 0,
         };
         let arena_layout = Arena {
@@ -339,7 +359,9 @@ impl CudaModel {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(SKINNY_DEFAULT_M)
                 .min(SKINNY_MAX_M),
-            prefill_attention: prefill::kernel(hd, cfg.num_attention_heads / cfg.num_key_value_heads),
+            prefill_attention,
+            att_split: att_split.filter(|sp| sp.max_pieces > 0),
+            att_pieces,
             num_sms: gpu.num_sms as usize,
             lora_rank,
             lora_mask: 0,
@@ -457,12 +479,22 @@ impl CudaModel {
         };
         arena[a.num_lora_segments] = num_segments as u32;
         shape.num_lora_segments = num_segments;
-        shape.num_att_tiles = match self.prefill_attention {
+        shape.att_tiles = match self.prefill_attention {
             Some(k) if t > s => {
                 let per = k.tokens_per_tile(self.cfg.num_attention_heads / self.cfg.num_key_value_heads);
-                prefill::pack_tiles(&batch.query_start, per, &mut arena[a.att_tiles..][..2 * t])
+                let (tiles, merges) = arena[a.att_tiles..].split_at_mut(a.att_merges - a.att_tiles);
+                let merges = &mut merges[..a.len - a.att_merges];
+                prefill::pack_tiles(
+                    &batch.query_start,
+                    &batch.positions,
+                    per,
+                    k.keys,
+                    self.att_split,
+                    tiles,
+                    merges,
+                )
             }
-            _ => 0,
+            _ => prefill::Packed::default(),
         };
     }
 
@@ -475,10 +507,14 @@ impl CudaModel {
             n => a.lora_segments + 3 * n,
         };
         gpu.htod(self.arena.ptr, &arena[..len])?;
-        match shape.num_att_tiles {
-            0 => Ok(()),
-            n => gpu.htod(self.input(a.att_tiles), &arena[a.att_tiles..][..2 * n]),
+        let att = shape.att_tiles;
+        if att.tiles > 0 {
+            gpu.htod(self.input(a.att_tiles), &arena[a.att_tiles..][..4 * att.tiles])?;
         }
+        if att.merges > 0 {
+            gpu.htod(self.input(a.att_merges), &arena[a.att_merges..][..4 * att.merges])?;
+        }
+        Ok(())
     }
 
     fn input(&self, offset: usize) -> CUdeviceptr {
@@ -862,7 +898,7 @@ impl CudaModel {
                 // positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale, part,
                 // counters) (kernels.rs); the buffers are the model's, sized for its limits.
                 unsafe { gpu.launch(name, cfg((ti, nh as u32, parts), threads), &args) }?;
-            } else if let (Some(k), true) = (self.prefill_attention, shape.num_att_tiles > 0) {
+            } else if let (Some(k), true) = (self.prefill_attention, shape.att_tiles.tiles > 0) {
                 let inputs = prefill::Inputs {
                     qkv: self.qkv.ptr,
                     ld: qkv_n,
@@ -870,7 +906,9 @@ impl CudaModel {
                     k_cache: self.k_cache[li].ptr,
                     v_cache: self.v_cache[li].ptr,
                     tiles: self.input(a.att_tiles),
-                    num_tiles: shape.num_att_tiles,
+                    merges: self.input(a.att_merges),
+                    packed: shape.att_tiles,
+                    part: self.att_pieces.ptr,
                     token_seq: self.input(a.token_seq),
                     positions: self.input(a.positions),
                     block_tables: self.input(a.block_tables),

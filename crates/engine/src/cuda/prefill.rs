@@ -16,6 +16,7 @@ pub const MODULE: Module = Module {
     kernels: &[
         "prefill_attention_64_w4_m1_n64",
         "prefill_attention_128_w4_m2_n64",
+        "prefill_attention_merge",
     ],
 };
 
@@ -44,6 +45,12 @@ impl Kernel {
     /// Q for the block's rows, then two stages of K and V tiles.
     fn shared_bytes(&self) -> usize {
         (self.rows() + 4 * self.keys) * self.head_dim * 2
+    }
+
+    /// f32 elements of one piece's slot of the split-context buffer: O `[rows, head_dim]`, then
+    /// the rows' max and sum.
+    pub fn piece_len(&self) -> usize {
+        self.rows() * (self.head_dim + 2)
     }
 }
 
@@ -90,24 +97,116 @@ pub fn prepare(gpu: &Gpu) -> Result<()> {
     Ok(())
 }
 
-/// Cuts each sequence's query tokens (`query_start`, as in `StepBatch`) into tiles of at most
-/// `per` tokens ([`Kernel::tokens_per_tile`]), written as `(first token, end token)` pairs into
-/// `tiles` (room for one tile per token, so any step fits); returns their number. A sequence's
-/// tiles go last first: the later a tile, the more keys it reads, so the longest blocks start
-/// first.
-pub fn pack_tiles(query_start: &[u32], per: usize, tiles: &mut [u32]) -> usize {
+/// Fewest keys a piece of a split tile takes: a shorter piece costs more in its merge than it
+/// saves.
+pub const MIN_PIECE_KEYS: usize = 256;
+
+/// When [`pack_tiles`] splits a tile's keys into pieces: a step whose tiles are few and long (a
+/// chunk of a long prompt: two tiles a KV head over 8k cached keys are 64 blocks for 132 SMs, each
+/// a long serial loop) is cut so that no block does much more than its share of the step.
+#[derive(Debug, Clone, Copy)]
+pub struct Split {
+    pub nkv: usize,
+    /// Blocks that run at once (two an SM at head_dim 128).
+    pub target_blocks: usize,
+    /// Piece rows the split-context buffer has slots for (`slots / nkv`).
+    pub max_pieces: usize,
+}
+
+/// What [`pack_tiles`] wrote: rows of `tiles` (pieces first) and of `merges`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Packed {
+    pub tiles: usize,
+    pub merges: usize,
+}
+
+/// Marks a tile row that is no piece: the whole causal range, normalized into the output.
+pub const WHOLE: u32 = u32::MAX;
+
+/// Each sequence's query tokens (`query_start`, as in `StepBatch`) in tiles of at most `per`
+/// tokens ([`Kernel::tokens_per_tile`]), last tile first (the later a tile, the more keys it
+/// reads: the longest blocks start first). `positions`: each token's.
+fn base_tiles<'a>(query_start: &'a [u32], positions: &'a [u32], per: usize) -> impl Iterator<Item = (u32, u32, usize)> + 'a {
     let per = per as u32;
-    let mut n = 0;
-    for w in query_start.windows(2) {
+    query_start.windows(2).flat_map(move |w| {
         let (lo, hi) = (w[0], w[1]);
-        let count = (hi - lo).div_ceil(per);
-        for i in (0..count).rev() {
+        (0..(hi - lo).div_ceil(per)).rev().map(move |i| {
             let start = lo + i * per;
-            tiles[2 * n..2 * n + 2].copy_from_slice(&[start, (start + per).min(hi)]);
-            n += 1;
+            let end = (start + per).min(hi);
+            (start, end, positions[end as usize - 1] as usize + 1)
+        })
+    })
+}
+
+/// Packs a step's attention tiles of `per` tokens ([`Kernel::tokens_per_tile`]) for a kernel
+/// staging `keys` keys at a time ([`Kernel::keys`]): rows `(first token, end token, key_lo,
+/// key_hi)` into `tiles` and, for tiles cut into pieces (`split`, see [`Split`]), rows `(first
+/// token, end token, first piece row, pieces)` into `merges`. Pieces come first (their row is
+/// their slot of the split-context buffer), each `key_lo..key_hi` a run of whole `k.keys` key
+/// tiles, the last ending at the tile's last position + 1; other rows have key_hi [`WHOLE`].
+/// `tiles` needs room for `4 · (tokens + max_pieces)`, `merges` for `2 · max_pieces`.
+pub fn pack_tiles(
+    query_start: &[u32],
+    positions: &[u32],
+    per: usize,
+    keys: usize,
+    split: Option<Split>,
+    tiles: &mut [u32],
+    merges: &mut [u32],
+) -> Packed {
+    let key_tiles = |n: usize| n.div_ceil(keys);
+    // Key tiles a piece takes: a block's share of the step's work (so a tile longer than that
+    // is cut), at least MIN_PIECE_KEYS; doubled until the pieces fit the buffer. usize::MAX: no
+    // split. A step of many tiles has a share longer than any tile and splits nothing.
+    let piece_kt = split.map_or(usize::MAX, |sp| {
+        let work: usize = base_tiles(query_start, positions, per)
+            .map(|(_, _, keys)| key_tiles(keys))
+            .sum();
+        let mut kt = (work * sp.nkv)
+            .div_ceil(sp.target_blocks.max(1))
+            .max(MIN_PIECE_KEYS.div_ceil(keys));
+        loop {
+            let pieces: usize = base_tiles(query_start, positions, per)
+                .map(|(_, _, keys)| key_tiles(keys))
+                .filter(|&t| t > kt)
+                .map(|t| t.div_ceil(kt))
+                .sum();
+            if pieces <= sp.max_pieces {
+                return kt;
+            }
+            kt *= 2;
+        }
+    });
+    let (mut row, mut merge) = (0, 0);
+    let put = |tiles: &mut [u32], r: &mut usize, v: [u32; 4]| {
+        tiles[4 * *r..4 * *r + 4].copy_from_slice(&v);
+        *r += 1;
+    };
+    for (lo, hi, end) in base_tiles(query_start, positions, per) {
+        let kt = key_tiles(end);
+        if kt <= piece_kt {
+            continue;
+        }
+        // np pieces of (nearly) equal length.
+        let np = kt.div_ceil(piece_kt);
+        let each = kt.div_ceil(np);
+        merges[4 * merge..4 * merge + 4].copy_from_slice(&[lo, hi, row as u32, np as u32]);
+        merge += 1;
+        for p in 0..np {
+            let key_lo = p * each * keys;
+            let key_hi = ((p + 1) * each * keys).min(end);
+            put(tiles, &mut row, [lo, hi, key_lo as u32, key_hi as u32]);
         }
     }
-    n
+    for (lo, hi, end) in base_tiles(query_start, positions, per) {
+        if key_tiles(end) <= piece_kt {
+            put(tiles, &mut row, [lo, hi, 0, WHOLE]);
+        }
+    }
+    Packed {
+        tiles: row,
+        merges: merge,
+    }
 }
 
 /// The paged cache and step inputs the kernel reads (device pointers, u32 inputs).
@@ -121,9 +220,12 @@ pub struct Inputs {
     /// `[slots, nkv * hd]` elem
     pub k_cache: CUdeviceptr,
     pub v_cache: CUdeviceptr,
-    /// `[num_tiles, 2]` from [`pack_tiles`]
+    /// `[packed.tiles, 4]` and `[packed.merges, 4]` from [`pack_tiles`]
     pub tiles: CUdeviceptr,
-    pub num_tiles: usize,
+    pub merges: CUdeviceptr,
+    pub packed: Packed,
+    /// The split-context buffer: `[pieces * nkv, Kernel::piece_len]` f32 (0 when nothing splits)
+    pub part: CUdeviceptr,
     /// `[T]`
     pub token_seq: CUdeviceptr,
     pub positions: CUdeviceptr,
@@ -133,17 +235,21 @@ pub struct Inputs {
     pub block_size: usize,
 }
 
-/// Launches prefill attention kernel `k` over `inp.num_tiles` tiles (packed for `k`).
+/// Launches prefill attention kernel `k` over the tiles packed for it, then the merge of
+/// split tiles' pieces if there are any.
 pub fn launch(gpu: &Gpu, k: Kernel, inp: &Inputs, nh: usize, nkv: usize, hd: usize) -> Result<()> {
     assert!(
         hd <= k.head_dim && nh / nkv <= k.rows(),
         "{} for head_dim {hd}",
         k.name
     );
+    assert!(inp.packed.merges == 0 || inp.part != 0, "split tiles need a buffer");
     let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+    let [ld, max_blocks, block_size, nh32, nkv32, hd32] =
+        [inp.ld, inp.max_blocks, inp.block_size, nh, nkv, hd].map(|v| (v as i32).bits());
     let args = [
         inp.qkv,
-        (inp.ld as i32).bits(),
+        ld,
         inp.out,
         inp.k_cache,
         inp.v_cache,
@@ -151,23 +257,33 @@ pub fn launch(gpu: &Gpu, k: Kernel, inp: &Inputs, nh: usize, nkv: usize, hd: usi
         inp.token_seq,
         inp.positions,
         inp.block_tables,
-        (inp.max_blocks as i32).bits(),
-        (inp.block_size as i32).bits(),
-        (nh as i32).bits(),
-        (nkv as i32).bits(),
-        (hd as i32).bits(),
+        max_blocks,
+        block_size,
+        nh32,
+        nkv32,
+        hd32,
         scale_log2.bits(),
+        inp.part,
     ];
     let cfg = LaunchConfig {
-        grid_dim: (inp.num_tiles as u32, nkv as u32, 1),
+        grid_dim: (inp.packed.tiles as u32, nkv as u32, 1),
         block_dim: (32 * k.warps as u32, 1, 1),
         shared_mem_bytes: k.shared_bytes() as u32,
     };
     // SAFETY: every prefill_attention kernel takes (qkv, ld, out, k_cache, v_cache, tiles,
-    // token_seq, positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale_log2)
-    // (prefill_attention.cu), in this order, with 32 * warps threads and its shared memory
-    // (allowed by `prepare`); the caller's buffers have the shapes of `Inputs`.
-    unsafe { gpu.launch(k.name, cfg, &args) }
+    // token_seq, positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale_log2,
+    // part) (prefill_attention.cu), in this order, with 32 * warps threads and its shared
+    // memory (allowed by `prepare`); the caller's buffers have the shapes of `Inputs`.
+    unsafe { gpu.launch(k.name, cfg, &args) }?;
+    if inp.packed.merges == 0 {
+        return Ok(());
+    }
+    let [rows, hd_pad] = [k.rows(), k.head_dim].map(|v| (v as i32).bits());
+    let args = [inp.part, inp.merges, inp.out, nh32, nkv32, hd32, rows, hd_pad];
+    let grid = (inp.packed.merges as u32, nkv as u32, 1);
+    // SAFETY: prefill_attention_merge takes (part, merges, out, nh, nkv, hd, rows, hd_pad)
+    // (prefill_attention.cu); `part` holds the pieces the launch above wrote for kernel k.
+    unsafe { gpu.launch("prefill_attention_merge", super::gpu::cfg(grid, 128), &args) }
 }
 
 #[cfg(test)]
@@ -189,45 +305,151 @@ mod tests {
             assert_eq!(k.name, name);
             assert!(MODULE.kernels.contains(&k.name), "{} is not loaded", k.name);
         }
-        assert_eq!(MODULE.kernels.len(), VARIANTS.len());
+        // The variants and the merge of split tiles.
+        assert_eq!(MODULE.kernels.len(), VARIANTS.len() + 1);
     }
 
-    fn tiles(query_start: &[u32], per: usize) -> Vec<(u32, u32)> {
-        let t = *query_start.last().unwrap() as usize;
-        let mut buf = vec![u32::MAX; 2 * t];
-        let n = pack_tiles(query_start, per, &mut buf);
-        buf[..2 * n].chunks(2).map(|c| (c[0], c[1])).collect()
+    /// Query starts and positions of sequences given as (cached context, query tokens).
+    fn step(seqs: &[(u32, u32)]) -> (Vec<u32>, Vec<u32>) {
+        let (mut qs, mut pos) = (vec![0u32], Vec::new());
+        for &(past, q) in seqs {
+            pos.extend(past..past + q);
+            qs.push(pos.len() as u32);
+        }
+        (qs, pos)
+    }
+
+    type Rows = (Vec<[u32; 4]>, Vec<[u32; 4]>);
+
+    fn pack(seqs: &[(u32, u32)], per: usize, split: Option<Split>) -> Rows {
+        let (qs, pos) = step(seqs);
+        let t = pos.len();
+        let max_pieces = split.map_or(0, |s| s.max_pieces);
+        let mut tiles = vec![7u32; 4 * (t + max_pieces)];
+        let mut merges = vec![7u32; 2 * max_pieces];
+        let n = pack_tiles(&qs, &pos, per, 64, split, &mut tiles, &mut merges);
+        let rows = |v: &[u32], n| v[..4 * n].chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+        (rows(&tiles, n.tiles), rows(&merges, n.merges))
+    }
+
+    /// Every token in exactly one tile of its sequence (of at most `per` tokens, fewest tiles);
+    /// a split tile's pieces are consecutive rows at the front, listed by one merge, and cover
+    /// its keys 0..last position + 1 in whole 64-key tiles.
+    fn check(seqs: &[(u32, u32)], per: usize, (tiles, merges): &Rows) {
+        let (qs, pos) = step(seqs);
+        let mut seen = vec![0u8; pos.len()];
+        let mut piece_rows = vec![false; tiles.len()];
+        for m in merges {
+            let [lo, hi, first, np] = *m;
+            assert!(np >= 2, "a merge of {np} pieces");
+            let keys = pos[hi as usize - 1] + 1;
+            let mut next = 0;
+            for r in first..first + np {
+                let t = tiles[r as usize];
+                assert_eq!((t[0], t[1]), (lo, hi), "piece {r} belongs to its merge's tile");
+                assert!(!piece_rows[r as usize], "piece row {r} in two merges");
+                piece_rows[r as usize] = true;
+                assert_eq!(t[2], next, "pieces cover the keys in order");
+                assert_eq!(t[2] % 64, 0);
+                assert!(t[3] > t[2] && (t[3] % 64 == 0 || t[3] == keys), "piece {t:?}");
+                next = t[3];
+            }
+            assert_eq!(next, keys, "the last piece ends at the tile's last position + 1");
+        }
+        let first_whole = piece_rows.iter().position(|p| !p).unwrap_or(tiles.len());
+        assert!(piece_rows[..first_whole].iter().all(|&p| p), "pieces first");
+        for (r, t) in tiles.iter().enumerate() {
+            let [lo, hi, key_lo, key_hi] = *t;
+            assert!(lo < hi && (hi - lo) as usize <= per, "tile {t:?}");
+            let seq = qs.partition_point(|&q| q <= lo) - 1;
+            assert!(hi <= qs[seq + 1], "tile {t:?} crosses a sequence end");
+            if piece_rows[r] {
+                // Counted once a tile: at its first piece.
+                if key_lo != 0 {
+                    continue;
+                }
+            } else {
+                assert_eq!((key_lo, key_hi), (0, WHOLE), "row {r} is whole");
+            }
+            for i in lo..hi {
+                seen[i as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "every token in one tile");
+        let want: usize = qs
+            .windows(2)
+            .map(|w| ((w[1] - w[0]) as usize).div_ceil(per))
+            .sum();
+        assert_eq!(tiles.len() - piece_rows.iter().filter(|&&p| p).count() + merges.len(), want);
     }
 
     #[test]
     fn tiles_cover_every_token_once_within_its_sequence() {
-        // Sequences of 130, 1 (a decode token in a mixed step) and 64 tokens; tiles for GQA
-        // groups 1..8 and 7 at 64 and 128 rows.
-        let qs = [0u32, 130, 131, 195];
+        // Sequences of 130, 1 (a decode token in a mixed step) and 64 tokens.
+        let seqs = [(0u32, 130u32), (40, 1), (0, 64)];
         for per in [64usize, 128, 32, 16, 9, 8, 1] {
-            let got = tiles(&qs, per);
-            let mut seen = [0u8; 195];
-            for &(lo, hi) in &got {
-                assert!(lo < hi && (hi - lo) as usize <= per, "per {per}: tile {lo}..{hi}");
-                let seq = qs.partition_point(|&q| q <= lo) - 1;
-                assert!(
-                    hi <= qs[seq + 1],
-                    "per {per}: tile {lo}..{hi} crosses a sequence end"
-                );
-                for t in lo..hi {
-                    seen[t as usize] += 1;
-                }
-            }
-            assert!(seen.iter().all(|&c| c == 1), "per {per}: every token in one tile");
-            let want: usize = qs
-                .windows(2)
-                .map(|w| ((w[1] - w[0]) as usize).div_ceil(per))
-                .sum();
-            assert_eq!(got.len(), want, "per {per}: the fewest tiles");
+            let rows = pack(&seqs, per, None);
+            check(&seqs, per, &rows);
+            assert!(rows.1.is_empty());
         }
         // Last tile of a sequence first.
-        assert_eq!(tiles(&[0, 130], 64), vec![(128, 130), (64, 128), (0, 64)]);
-        assert_eq!(tiles(&[0, 3, 4], 8), vec![(0, 3), (3, 4)]);
+        let whole = |lo, hi| [lo, hi, 0, WHOLE];
+        assert_eq!(
+            pack(&[(0, 130)], 64, None).0,
+            vec![whole(128, 130), whole(64, 128), whole(0, 64)]
+        );
+        assert_eq!(pack(&[(0, 3), (9, 1)], 8, None).0, vec![whole(0, 3), whole(3, 4)]);
+    }
+
+    #[test]
+    fn a_chunk_over_a_long_context_is_split_into_pieces() {
+        // A 256-token chunk at position 7,744 (8k keys) beside 16 decode tokens, Llama-2-7B's 32
+        // KV heads on 132 SMs: two tiles of 128 tokens are 64 blocks, each ~125 key tiles long.
+        let split = Split {
+            nkv: 32,
+            target_blocks: 264,
+            max_pieces: 16,
+        };
+        let mut seqs = vec![(7744u32, 256u32)];
+        seqs.extend((0..16).map(|i| (200 + i, 1)));
+        let rows = pack(&seqs, 128, Some(split));
+        check(&seqs, 128, &rows);
+        let (tiles, merges) = &rows;
+        assert_eq!(merges.len(), 2, "both chunk tiles split: {merges:?}");
+        let pieces: u32 = merges.iter().map(|m| m[3]).sum();
+        assert!((4..=16).contains(&pieces), "{pieces} pieces");
+        // No piece much longer than a block's share of the work.
+        let work: u32 = (8000u32.div_ceil(64) + 7872u32.div_ceil(64)) + 16 * 4;
+        let share = (work * 32).div_ceil(264);
+        for t in &tiles[..pieces as usize] {
+            assert!((t[3] - t[2]).div_ceil(64) <= share + 1, "piece {t:?}, share {share}");
+        }
+        // The buffer bounds the pieces: with room for 5, pieces grow to fit.
+        let small = Split { max_pieces: 5, ..split };
+        let rows = pack(&seqs, 128, Some(small));
+        check(&seqs, 128, &rows);
+        assert!(rows.1.iter().map(|m| m[3]).sum::<u32>() <= 5);
+        // No room at all: nothing splits.
+        let none = Split { max_pieces: 0, ..split };
+        assert!(pack(&seqs, 128, Some(none)).1.is_empty());
+    }
+
+    #[test]
+    fn a_prefill_of_many_tiles_is_not_split() {
+        // 4 prompts of 2,048 tokens: 64 tiles × 32 KV heads, already 2,048 blocks.
+        let split = Split {
+            nkv: 32,
+            target_blocks: 264,
+            max_pieces: 16,
+        };
+        let seqs = [(0u32, 2048u32); 4];
+        let rows = pack(&seqs, 128, Some(split));
+        check(&seqs, 128, &rows);
+        assert!(rows.1.is_empty());
+        // Short pieces are not worth a merge: 300 keys split at most once.
+        let rows = pack(&[(0, 300)], 512, Some(Split { nkv: 1, ..split }));
+        check(&[(0, 300)], 512, &rows);
+        assert!(rows.1.iter().all(|m| m[3] <= 2));
     }
 
     #[test]

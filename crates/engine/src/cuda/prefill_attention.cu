@@ -19,10 +19,18 @@
 // Rows are HD elements whose 16-byte chunks are XOR-swizzled by (row & 7), so the 8 rows an
 // ldmatrix reads hit 8 different bank groups. Shared memory: (ROWS + 4 BN) * HD * 2 bytes.
 //
+// Split context (FlashDecoding's idea, for tiles that are few but long: a chunk of a long prompt
+// over its cached context): a tile's keys may be cut into pieces, each its own block, which
+// writes its unnormalized O and its rows' running max and sum to `part`;
+// prefill_attention_merge then combines the pieces of each tile into `out`.
+//
 // Inputs: qkv [T, ld] f32 (q already rotated), k_cache / v_cache [slots, nkv * hd] elem_t,
-// tiles [num_tiles, 2] (first token, end token; one sequence each, at most ROWS / group
-// tokens), token_seq [T], positions [T], block_tables [S, max_blocks]. Output: out [T, nh * hd]
-// elem_t. grid (num_tiles, nkv), 32 * WARPS threads. hd: a multiple of 8, at most HD.
+// tiles [num_tiles, 4] (first token, end token: one sequence, at most ROWS / group tokens; then
+// the piece's keys [key_lo, key_hi), key_lo a multiple of BN, key_hi a multiple of BN or past the
+// tile's last position, or key_hi = 0xffffffff: the whole causal range, no piece), token_seq [T],
+// positions [T], block_tables [S, max_blocks]. Output: out [T, nh * hd] elem_t, or for a piece
+// in row i of tiles: part[i * nkv + kv head] = (O [ROWS, HD], max [ROWS], sum [ROWS]) f32.
+// grid (num_tiles, nkv), 32 * WARPS threads. hd: a multiple of 8, at most HD.
 // scale_log2: softmax scale · log2(e).
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -91,7 +99,8 @@ template <int HD, int WARPS, int MT, int BN>
 __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld, elem_t* out, const elem_t* k_cache,
                                                        const elem_t* v_cache, const u32* tiles, const u32* token_seq,
                                                        const u32* positions, const u32* block_tables, int max_blocks,
-                                                       int block_size, int nh, int nkv, int hd, float scale_log2) {
+                                                       int block_size, int nh, int nkv, int hd, float scale_log2,
+                                                       float* part) {
     constexpr int THREADS = 32 * WARPS, ROWS = 16 * MT * WARPS, CH = HD / 8, NT = BN / 8;
     constexpr u32 QBYTES = ROWS * HD * 2, TILE = BN * HD * 2;
     extern __shared__ __align__(128) unsigned char fa_smem[];
@@ -101,15 +110,18 @@ __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld,
     int mi = lane >> 3, mr = lane & 7;  // ldmatrix: lane supplies row mr of matrix mi
     int group = nh / nkv, kvs = nkv * hd, kv_off = kvh * hd;
     pdl_begin();
-    int tok0 = (int)tiles[2 * blockIdx.x], tok1 = (int)tiles[2 * blockIdx.x + 1];
+    const u32* tile = tiles + 4 * (size_t)blockIdx.x;
+    int tok0 = (int)tile[0], tok1 = (int)tile[1];
+    bool is_piece = tile[3] != 0xffffffffu;
     const u32* table = block_tables + (size_t)token_seq[tok0] * max_blocks;
     int key_end = (int)positions[tok1 - 1] + 1, min_pos = (int)positions[tok0];
-    int num_kt = (key_end + BN - 1) / BN;
+    if (is_piece) key_end = min(key_end, (int)tile[3]);
+    int j0 = (int)tile[2] / BN, num_kt = (key_end + BN - 1) / BN;
     // Row r of the tile: token tok0 + r / group, head kvh * group + r % group (padding past).
     int valid_rows = min((ROWS / group) * group, (tok1 - tok0) * group);
     auto kv_stage = [&](int j) { return qs + QBYTES + 2 * (u32)(j & 1) * TILE; };
-    fa_load_kv<HD, BN, THREADS>(kv_stage(0), kv_stage(0) + TILE, k_cache, v_cache, table, block_size, 0, key_end,
-                                kvs, kv_off, hd);
+    fa_load_kv<HD, BN, THREADS>(kv_stage(j0), kv_stage(j0) + TILE, k_cache, v_cache, table, block_size, j0 * BN,
+                                key_end, kvs, kv_off, hd);
     cp_async_commit();
     for (int idx = threadIdx.x; idx < ROWS * CH; idx += THREADS) {
         int row = idx / CH, c = idx % CH, d = 8 * c;
@@ -143,7 +155,7 @@ __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld,
         for (int dt = 0; dt < HD / 8; dt++) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
     }
 
-    for (int j = 0; j < num_kt; j++) {
+    for (int j = j0; j < num_kt; j++) {
         int key0 = j * BN;
         if (j + 1 < num_kt) {
             fa_load_kv<HD, BN, THREADS>(kv_stage(j + 1), kv_stage(j + 1) + TILE, k_cache, v_cache, table, block_size,
@@ -251,6 +263,8 @@ __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld,
         __syncthreads();  // every warp is done with tile j's stage before tile j + 2 loads into it
     }
 
+    // A piece: this block's slot of `part`, O [ROWS, HD] then the rows' max and sum.
+    float* piece = part + ((size_t)blockIdx.x * nkv + kvh) * ROWS * (HD + 2);
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
@@ -260,6 +274,20 @@ __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld,
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             if (pos[mt][r] < 0) continue;
             int row = (warp * MT + mt) * 16 + g + 8 * r;
+            if (is_piece) {
+                // Rows with no key in the piece keep max -inf, sum 0 and O 0 (the merge weighs them 0).
+                float* po = piece + (size_t)row * HD;
+#pragma unroll
+                for (int dt = 0; dt < HD / 8; dt++) {
+                    int d = 8 * dt + 2 * q4;
+                    if (d < hd) *(float2*)(po + d) = make_float2(o[mt][dt][2 * r], o[mt][dt][2 * r + 1]);
+                }
+                if (q4 == 0) {
+                    piece[ROWS * HD + row] = m[mt][r];
+                    piece[ROWS * HD + ROWS + row] = sum;
+                }
+                continue;
+            }
             float inv = 1.f / sum;
             elem_t* dst = out + (size_t)(tok0 + row / group) * nh * hd + (size_t)(kvh * group + row % group) * hd;
 #pragma unroll
@@ -274,9 +302,10 @@ __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld,
 #define FA_PARAMS                                                                                            \
     const float *qkv, int ld, elem_t *out, const elem_t *k_cache, const elem_t *v_cache, const u32 *tiles, \
         const u32 *token_seq, const u32 *positions, const u32 *block_tables, int max_blocks, int block_size, \
-        int nh, int nkv, int hd, float scale_log2
-#define FA_ARGS \
-    qkv, ld, out, k_cache, v_cache, tiles, token_seq, positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale_log2
+        int nh, int nkv, int hd, float scale_log2, float *part
+#define FA_ARGS                                                                                              \
+    qkv, ld, out, k_cache, v_cache, tiles, token_seq, positions, block_tables, max_blocks, block_size, nh, nkv, \
+        hd, scale_log2, part
 // prefill_attention_<HD>_w<WARPS>_m<MT>_n<BN>
 #define FA_KERNEL(HD, WARPS, MT, BN)                                                                         \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) prefill_attention_##HD##_w##WARPS##_m##MT##_n##BN( \
@@ -285,3 +314,33 @@ __device__ __forceinline__ void prefill_attention_impl(const float* qkv, int ld,
     }
 FA_KERNEL(64, 4, 1, 64)
 FA_KERNEL(128, 4, 2, 64)
+
+// Combines the pieces of split tiles: merges [num_merges, 4] (first token, end token, the
+// tile's first piece row in `tiles`, number of pieces: consecutive rows), part as the attention
+// kernel writes it for a variant of `rows` rows and `hd_pad` dims. out [T, nh * hd] elem_t.
+// grid (num_merges, nkv), 128 threads.
+extern "C" __global__ void __launch_bounds__(128) prefill_attention_merge(const float* part, const u32* merges,
+                                                                           elem_t* out, int nh, int nkv, int hd,
+                                                                           int rows, int hd_pad) {
+    pdl_begin();
+    const u32* mg = merges + 4 * (size_t)blockIdx.x;
+    int tok0 = (int)mg[0], tok1 = (int)mg[1], first = (int)mg[2], np = (int)mg[3];
+    int kvh = blockIdx.y, group = nh / nkv;
+    int valid_rows = min((rows / group) * group, (tok1 - tok0) * group);
+    size_t slot = (size_t)rows * (hd_pad + 2), stride = (size_t)nkv * slot;
+    const float* p0 = part + ((size_t)first * nkv + kvh) * slot;
+    const float *mx = p0 + (size_t)rows * hd_pad, *sm = mx + rows;
+    for (int idx = threadIdx.x; idx < valid_rows * hd; idx += blockDim.x) {
+        int row = idx / hd, d = idx - row * hd;
+        // Piece 0 holds key 0, which every row sees: the max is finite.
+        float big = -INFINITY;
+        for (int p = 0; p < np; p++) big = fmaxf(big, mx[p * stride + row]);
+        float o = 0.f, l = 0.f;
+        for (int p = 0; p < np; p++) {
+            float w = exp2f(mx[p * stride + row] - big);  // exp2(-inf) = 0: a piece without keys
+            l += w * sm[p * stride + row];
+            o += w * p0[p * stride + (size_t)row * hd_pad + d];
+        }
+        out[(size_t)(tok0 + row / group) * nh * hd + (size_t)(kvh * group + row % group) * hd + d] = f2e(o / l);
+    }
+}
