@@ -928,10 +928,16 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::pr
             &mut tiles,
             &mut merges,
         );
-        assert_eq!(packed.merges > 0, split.is_some() && max_ctx > 256, "{what}: {packed:?}");
+        assert_eq!(
+            packed.merges > 0,
+            split.is_some() && max_ctx > 256,
+            "{what}: {packed:?}"
+        );
         let tiles_d = upload(gpu, &tiles[..4 * packed.tiles]);
         let merges_d = upload(gpu, &merges[..(4 * packed.merges).max(1)]);
-        let part = gpu.alloc((packed.tiles * nkv * k.piece_len() * 4).max(4)).unwrap();
+        let part = gpu
+            .alloc((packed.tiles * nkv * k.piece_len() * 4).max(4))
+            .unwrap();
         let fa = poisoned();
         let inputs = prefill::Inputs {
             qkv: q_d.ptr,
@@ -985,7 +991,11 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::pr
         "{what}: paged_attention left rows unwritten"
     );
     for (label, packed, got) in &outputs {
-        check_close(got, &want, &format!("{what}, {label} {packed:?} vs paged_attention"));
+        check_close(
+            got,
+            &want,
+            &format!("{what}, {label} {packed:?} vs paged_attention"),
+        );
     }
     if c.host_ref {
         let (mut kh, mut vh) = (vec![0u16; slots * kvs], vec![0u16; slots * kvs]);

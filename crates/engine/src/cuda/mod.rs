@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod kernels;
 mod lora;
 pub mod model;
+pub mod plan;
 pub mod prefill;
 pub mod sampling;
 pub mod sgmv;

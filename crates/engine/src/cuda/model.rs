@@ -5,13 +5,16 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::elem::Elem;
 use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::lora::LoraGroup;
+use super::plan::{
+    uses_sgmv, AddLora, AddProj, Attention, Caps, Gemm, LoraGroupId, LoraRun, Mlp, NormAfter, Qkv, QkvLora,
+    Rope, StepPlan, NORM_SPLIT_MAX_TOKENS,
+};
 use super::prefill;
 use super::sgmv;
-use super::skinny::{self, Epilogue, NormIo, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_ROWS, SKINNY_THREADS};
+use super::skinny::{self, Epilogue, NormIo, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -320,7 +323,9 @@ impl CudaModel {
         });
         let max_pieces = att_split.map_or(0, |sp| sp.max_pieces);
         let att_pieces = match prefill_attention {
-            Some(k) if max_pieces > 0 => gpu.alloc(max_pieces * cfg.num_key_value_heads * k.piece_len() * 4)?,
+            Some(k) if max_pieces > 0 => {
+                gpu.alloc(max_pieces * cfg.num_key_value_heads * k.piece_len() * 4)?
+            }
             _ => gpu.alloc(4)?,
         };
         let mut off = 0;
@@ -521,171 +526,238 @@ impl CudaModel {
         self.arena.at::<u32>(offset)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        &self,
-        gpu: &Gpu,
-        lin: &Linear,
-        epi: Epilogue,
-        x: CUdeviceptr,
-        y: CUdeviceptr,
-        m: usize,
-        ldy: usize,
-        norm: NormIo,
-    ) -> Result<()> {
-        let bias = lin.bias.as_ref().map(|b| b.ptr);
-        linear(
-            gpu,
-            self.skinny_max_m,
-            epi,
-            lin.w.ptr,
-            bias,
-            lin.n,
-            lin.k,
-            x,
-            y,
-            m,
-            ldy,
-            self.gate_up.ptr,
-            norm,
-        )
-    }
-
-    /// BGMV shrink of one group: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`; up to
-    /// SHRINK_WIDE_MIN_TOKENS tokens a block per token and SHRINK_ROWS rank rows (more
-    /// parallelism for few tokens), above a warp per row (fewer, fuller blocks).
-    fn bgmv_shrink(&self, gpu: &Gpu, g: &LoraGroup, x: CUdeviceptr, t: usize) -> Result<()> {
-        let w = g.weights(self.lora_rank, self.max_loras);
-        let slots = self.input(self.arena_layout.token_slot);
-        let wide = t > kernels::SHRINK_WIDE_MIN_TOKENS;
-        sgmv::bgmv_shrink(gpu, &w, slots, x, self.lora_tmp.ptr, t, wide)
-    }
-
-    /// `base` (the GEMM of LoRA group `g`'s projections, reading `x`), then the group's LoRA
-    /// into `y[T, ldy]` if it runs this step (`on`). With `fused` (a decode step whose expand a
-    /// later kernel does) only the shrink runs here.
-    #[allow(clippy::too_many_arguments)]
-    fn with_lora(
-        &self,
-        gpu: &Gpu,
-        g: Option<&LoraGroup>,
-        (on, fused): (bool, bool),
-        x: CUdeviceptr,
-        y: CUdeviceptr,
-        ldy: usize,
-        shape: StepShape,
-        base: impl FnOnce() -> Result<()>,
-    ) -> Result<()> {
-        base()?;
-        // An engine without LoRA has no groups.
-        match g.filter(|_| on) {
-            Some(g) if fused => self.bgmv_shrink(gpu, g, x, shape.num_tokens),
-            Some(g) => self.lora(gpu, g, x, y, shape, ldy),
-            None => Ok(()),
+    /// The device's side of a step's plan.
+    pub fn caps(&self, gpu: &Gpu) -> Caps {
+        Caps {
+            elem: gpu.elem,
+            skinny_max_m: self.skinny_max_m,
+            num_sms: self.num_sms,
+            prefill_attention: self.prefill_attention.is_some(),
         }
     }
 
-    /// LoRA shrink + expand of one group, added into `y[T, ldy]`: segmented (SGMV) for long
-    /// prefill and mixed steps ([`uses_sgmv`]), BGMV (a token at a time) for the others.
-    #[allow(clippy::too_many_arguments)]
-    fn lora(
-        &self,
-        gpu: &Gpu,
-        g: &LoraGroup,
-        x: CUdeviceptr,
-        y: CUdeviceptr,
-        shape: StepShape,
-        ldy: usize,
-    ) -> Result<()> {
-        let t = shape.num_tokens;
-        let w = g.weights(self.lora_rank, self.max_loras);
-        if uses_sgmv(t, shape.num_seqs) {
-            let segs = sgmv::Segments {
-                segs: self.input(self.arena_layout.lora_segments),
-                num_segs: self.input(self.arena_layout.num_lora_segments),
-                max_segs: shape.num_lora_segments,
-            };
-            sgmv::shrink(gpu, &w, &segs, x, self.lora_tmp.ptr, t)?;
-            return sgmv::expand(gpu, &w, &segs, self.lora_tmp.ptr, y, t, ldy);
-        }
-        self.bgmv_shrink(gpu, g, x, t)?;
-        let slots = self.input(self.arena_layout.token_slot);
-        sgmv::bgmv_expand(gpu, &w, slots, self.lora_tmp.ptr, y, t, ldy)
-    }
-
-    /// What a kernel that fuses group `g`'s LoRA expand reads (shrink result, B, ranks), or
-    /// null pointers when it does not.
-    fn fused_expand(&self, layer: &Layer, g: usize, fused: bool) -> (u64, u64, u64) {
-        match layer.lora.get(g).filter(|_| fused) {
-            Some(grp) => (self.lora_tmp.ptr, grp.b.ptr, grp.ranks.ptr),
-            None => NO_LORA,
-        }
-    }
-
-    /// RMSNorm of `n` rows of the residual stream into `out` (elem): row i is `rows[i]` (a
-    /// device `u32` array), or i where `rows` is 0. `lora` fuses a decode step's LoRA expand
-    /// into it first ([`Self::fused_expand`], or [`NO_LORA`]).
-    fn rms_norm(
-        &self,
-        gpu: &Gpu,
-        n: usize,
-        rows: u64,
-        w: u64,
-        out: u64,
-        lora: (u64, u64, u64),
-    ) -> Result<()> {
-        let h = self.cfg.hidden_size;
-        let (l_tmp, l_b, l_ranks) = lora;
-        // A row a block: up to 1024 threads for the few rows of a decode step, 256 (more rows
-        // resident an SM, a cheaper block sum) once the rows fill the GPU several times over.
-        let threads = if n >= 4 * self.num_sms {
-            256
+    /// Enqueues the kernels of one step on the stream (also what a graph captures): the step's
+    /// plan ([`StepPlan`]), walked layer by layer.
+    pub fn record_forward(&self, gpu: &Gpu, shape: StepShape) -> Result<()> {
+        let plan = StepPlan::new(&self.cfg, &self.caps(gpu), &shape);
+        let c = &self.cfg;
+        let h = c.hidden_size;
+        let (t, s, a) = (shape.num_tokens, shape.num_seqs, self.arena_layout);
+        let split = plan.split_norms;
+        // With split norms embed zeroes their sums of squares; its own norm is never split.
+        let zero = if split {
+            (self.norm_ss.ptr, self.norm_ss.bytes / 4)
         } else {
-            (h.div_ceil(32) * 32).min(1024)
+            (0, 0)
         };
         launch!(
             gpu,
-            "add_rms_norm",
-            cfg((n as u32, 1, 1), threads as u32),
+            "embed",
+            cfg((t as u32, 1, 1), (h.div_ceil(32) * 32).min(1024) as u32),
             self.hidden.ptr,
-            rows,
-            w,
-            out,
+            self.embed_tokens.ptr,
+            self.input(a.token_ids),
             h as i32,
-            self.cfg.rms_norm_eps,
-            l_tmp,
-            l_b,
-            l_ranks,
-            self.input(self.arena_layout.token_slot),
-            self.lora_rank as i32
+            self.layers
+                .first()
+                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr),
+            self.normed.ptr,
+            c.rms_norm_eps,
+            zero.0,
+            zero.1 as i32
+        )?;
+        let lp = &plan.layer;
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.qkv(
+                gpu,
+                layer,
+                li,
+                &shape,
+                lp.qkv,
+                self.norm_in(split && li > 0, 2 * li),
+            )?;
+            self.attention(gpu, li, &shape, lp.attention)?;
+            let post = layer.post_attention_layernorm.ptr;
+            let o = (&layer.o_proj, layer.lora.get(LoraGroupId::O as usize));
+            self.add_proj(gpu, o, &lp.o, self.attn.ptr, &shape, (2 * li + 1, post))?;
+            self.mlp(gpu, layer, lp.mlp, &shape, self.norm_in(split, 2 * li + 1))?;
+            // The next layer's input norm, or the final norm after the last layer.
+            let next = self
+                .layers
+                .get(li + 1)
+                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr);
+            let down = (&layer.down_proj, layer.lora.get(LoraGroupId::Down as usize));
+            self.add_proj(gpu, down, &lp.down, self.act.ptr, &shape, (2 * li + 2, next))?;
+        }
+        // Split norms: every token of a decode step is its sequence's last, and the last
+        // down_proj wrote them unscaled into `normed`. Else the final norm (already applied to
+        // every row by the last layer) is recomputed on the rows that need logits.
+        let (x_last, lm_norm) = if split {
+            (self.normed.ptr, self.norm_in(true, 2 * self.layers.len()))
+        } else {
+            let rows = (s, self.input(a.last_rows), plan.last_norm_threads);
+            self.rms_norm(gpu, rows, self.norm.ptr, self.last_normed.ptr, NO_LORA)?;
+            (self.last_normed.ptr, NormIo::NONE)
+        };
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let y = (self.logits.ptr, s, c.vocab_size);
+        run_gemm(
+            gpu,
+            plan.lm_head,
+            Epilogue::Store,
+            (lm_head.ptr, None, c.vocab_size, h),
+            x_last,
+            y,
+            0,
+            lm_norm,
         )
     }
 
-    /// Whether the q/k/v GEMM with the RoPE epilogue takes `t` tokens of `lin`.
-    fn rope_fits(&self, lin: &Linear, t: usize) -> bool {
-        skinny::fits(self.skinny_max_m, Epilogue::Store, lin.n, lin.k, t) && self.cfg.head_dim % 16 == 0
+    /// `y[m, ldy] (=, +=) x · Wᵀ` of `lin` as the plan's `gemm` says.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        gpu: &Gpu,
+        gemm: Gemm,
+        epi: Epilogue,
+        lin: &Linear,
+        x: CUdeviceptr,
+        y: (CUdeviceptr, usize, usize),
+        norm: NormIo,
+    ) -> Result<()> {
+        let w = (lin.w.ptr, lin.bias.as_ref().map(|b| b.ptr), lin.n, lin.k);
+        run_gemm(gpu, gemm, epi, w, x, y, self.gate_up.ptr, norm)
     }
 
-    /// What RoPE and the cache write read, for layer `li`: cos and sin tables, each token's
-    /// position and cache slot, the layer's K and V caches.
-    fn rope_args(&self, li: usize) -> [u64; 6] {
-        let a = self.arena_layout;
-        [
-            self.rope_cos.ptr,
-            self.rope_sin.ptr,
-            self.input(a.positions),
-            self.input(a.slot_mapping),
-            self.k_cache[li].ptr,
-            self.v_cache[li].ptr,
-        ]
+    /// Layer `li`'s q/k/v: the GEMM (with RoPE and the K/V cache write as its epilogue, or
+    /// followed by its LoRA, Qwen3's q/k norms and a RoPE kernel).
+    fn qkv(
+        &self,
+        gpu: &Gpu,
+        layer: &Layer,
+        li: usize,
+        shape: &StepShape,
+        plan: Qkv,
+        norm: NormIo,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let qkv_n = layer.qkv_proj.n;
+        let t = shape.num_tokens;
+        let (gemm, lora, qk_norm, rope) = match plan {
+            Qkv::FusedRope { kernel, blocks } => {
+                return self.qkv_rope(gpu, layer, li, t, norm, (kernel, blocks))
+            }
+            Qkv::Gemm {
+                gemm,
+                lora,
+                qk_norm,
+                rope,
+            } => (gemm, lora, qk_norm, rope),
+        };
+        let y = (self.qkv.ptr, t, qkv_n);
+        self.gemm(
+            gpu,
+            gemm,
+            Epilogue::Store,
+            &layer.qkv_proj,
+            self.normed.ptr,
+            y,
+            norm,
+        )?;
+        let group = layer.lora.get(LoraGroupId::Qkv as usize);
+        let fused = match (lora, group) {
+            (QkvLora::None, _) => NO_LORA,
+            (QkvLora::Run(run), Some(g)) => {
+                self.lora(gpu, g, run, self.normed.ptr, y, shape)?;
+                NO_LORA
+            }
+            (QkvLora::ExpandInRope(sh), Some(g)) => {
+                self.bgmv_shrink(gpu, g, self.normed.ptr, t, sh.wide)?;
+                (self.lora_tmp.ptr, g.b.ptr, g.ranks.ptr)
+            }
+            (_, None) => return Err(internal("q/k/v LoRA planned without adapter slots")),
+        };
+        if qk_norm {
+            let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) else {
+                return Err(internal("q/k norms planned for a model without them"));
+            };
+            launch!(
+                gpu,
+                "qk_norm",
+                cfg((t as u32, (nh + nkv) as u32, 1), 32),
+                self.qkv.ptr,
+                qkv_n as i32,
+                nh as i32,
+                hd as i32,
+                qn.ptr,
+                kn.ptr,
+                c.rms_norm_eps
+            )?;
+        }
+        let [cos, sin, pos, slots, kc, vc] = self.rope_args(li);
+        match rope {
+            Rope::Rows if fused == NO_LORA => launch!(
+                gpu,
+                "rope_kv_write_rows",
+                cfg((t as u32, 1, 1), 256),
+                self.qkv.ptr,
+                qkv_n as i32,
+                nh as i32,
+                nkv as i32,
+                hd as i32,
+                cos,
+                sin,
+                pos,
+                slots,
+                kc,
+                vc
+            ),
+            Rope::Rows => Err(internal("a LoRA expand planned into rope_kv_write_rows")),
+            Rope::PerHead => {
+                let (l_tmp, l_b, l_ranks) = fused;
+                launch!(
+                    gpu,
+                    "rope_kv_write",
+                    cfg(
+                        (t as u32, (nh + 2 * nkv) as u32, 1),
+                        (hd / 2).div_ceil(32) as u32 * 32
+                    ),
+                    self.qkv.ptr,
+                    qkv_n as i32,
+                    nh as i32,
+                    nkv as i32,
+                    hd as i32,
+                    cos,
+                    sin,
+                    pos,
+                    slots,
+                    kc,
+                    vc,
+                    l_tmp,
+                    l_b,
+                    l_ranks,
+                    self.input(self.arena_layout.token_slot),
+                    t as i32,
+                    self.lora_rank as i32,
+                    self.max_loras as i32
+                )
+            }
+        }
     }
 
-    /// Decode, layer `li`: q/k/v with RoPE and the K/V cache write in the GEMM's epilogue (one
-    /// launch where [`Self::qkv_then_rope`] makes two).
-    fn qkv_rope(&self, gpu: &Gpu, layer: &Layer, li: usize, t: usize, norm: NormIo) -> Result<()> {
+    /// Decode, layer `li`: q/k/v with RoPE and the K/V cache write in the GEMM's epilogue.
+    fn qkv_rope(
+        &self,
+        gpu: &Gpu,
+        layer: &Layer,
+        li: usize,
+        t: usize,
+        norm: NormIo,
+        (kernel, blocks): (&'static str, u32),
+    ) -> Result<()> {
         let c = &self.cfg;
         let lin = &layer.qkv_proj;
-        let grid = ((lin.n / SKINNY_ROWS) as u32, 1, 1);
         // (x, W, bias, y, M, N, K, ldy), NormArgs, the RoPE arguments, (nh, nkv, hd): one
         // array, no allocation per launch.
         let mut args = [0u64; 17 + skinny::NORM_ARGS];
@@ -707,175 +779,22 @@ impl CudaModel {
         );
         // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
         // out, out_ss, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs);
-        // n = (nh + 2 nkv) hd rows in whole heads, hd a multiple of 16 (rope_fits), every buffer
-        // sized for the step.
-        unsafe { gpu.launch(skinny::rope_kernel_name(t), cfg(grid, SKINNY_THREADS), &args) }
+        // n = (nh + 2 nkv) hd rows in whole heads, hd a multiple of 16 (the plan's rule), every
+        // buffer sized for the step.
+        unsafe { gpu.launch(kernel, cfg((blocks, 1, 1), SKINNY_THREADS), &args) }
     }
 
-    /// Layer `li`'s q/k/v GEMM with its LoRA, Qwen3's q/k norms, then RoPE and the K/V cache
-    /// write: every step [`Self::qkv_rope`] does not take (prefill, and decode with q/k/v LoRA,
-    /// q/k norms, more tokens than the skinny GEMM takes, or a head_dim not a multiple of 16).
-    fn qkv_then_rope(
-        &self,
-        gpu: &Gpu,
-        layer: &Layer,
-        li: usize,
-        shape: StepShape,
-        norm: NormIo,
-    ) -> Result<()> {
+    /// Layer `li`'s attention over the paged cache, as the plan says.
+    fn attention(&self, gpu: &Gpu, li: usize, shape: &StepShape, plan: Attention) -> Result<()> {
         let c = &self.cfg;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let qkv_n = c.q_size() + 2 * c.kv_size();
-        let (t, ti, a) = (shape.num_tokens, shape.num_tokens as u32, self.arena_layout);
-        let on = shape.lora_mask & 1 != 0;
-        let qkv = || {
-            self.linear(
-                gpu,
-                &layer.qkv_proj,
-                Epilogue::Store,
-                self.normed.ptr,
-                self.qkv.ptr,
-                t,
-                qkv_n,
-                norm,
-            )
-        };
-        // Decode without q/k norms: the q/k/v LoRA expand is fused into the RoPE kernel.
-        let fuse_qkv_expand = on && t == shape.num_seqs && layer.q_norm.is_none();
-        self.with_lora(
-            gpu,
-            layer.lora.first(),
-            (on, fuse_qkv_expand),
-            self.normed.ptr,
-            self.qkv.ptr,
-            qkv_n,
-            shape,
-            qkv,
-        )?;
-        let (l_tmp, l_b, l_ranks) = self.fused_expand(layer, 0, fuse_qkv_expand);
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            launch!(
-                gpu,
-                "qk_norm",
-                cfg((ti, (nh + nkv) as u32, 1), 32),
-                self.qkv.ptr,
-                qkv_n as i32,
-                nh as i32,
-                hd as i32,
-                qn.ptr,
-                kn.ptr,
-                c.rms_norm_eps
-            )?;
-        }
-        let [cos, sin, pos, slots, kc, vc] = self.rope_args(li);
-        if t > shape.num_seqs && l_tmp == 0 {
-            // Prefill: a 256-thread block per token (rope_kv_write's block per head is 64
-            // threads at head_dim 128, 0.95 ms a layer for 8,192 tokens on the H200).
-            return launch!(
-                gpu,
-                "rope_kv_write_rows",
-                cfg((ti, 1, 1), 256),
-                self.qkv.ptr,
-                qkv_n as i32,
-                nh as i32,
-                nkv as i32,
-                hd as i32,
-                cos,
-                sin,
-                pos,
-                slots,
-                kc,
-                vc
-            );
-        }
-        launch!(
-            gpu,
-            "rope_kv_write",
-            cfg((ti, (nh + 2 * nkv) as u32, 1), (hd / 2).div_ceil(32) as u32 * 32),
-            self.qkv.ptr,
-            qkv_n as i32,
-            nh as i32,
-            nkv as i32,
-            hd as i32,
-            cos,
-            sin,
-            pos,
-            slots,
-            kc,
-            vc,
-            l_tmp,
-            l_b,
-            l_ranks,
-            self.input(a.token_slot),
-            t as i32,
-            self.lora_rank as i32,
-            self.max_loras as i32
-        )
-    }
-
-    /// Enqueues the kernels of one step on the stream (also what a graph captures).
-    pub fn record_forward(&self, gpu: &Gpu, shape: StepShape) -> Result<()> {
-        let c = &self.cfg;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let (qs, kvs, inter) = (c.q_size(), c.kv_size(), c.intermediate_size);
-        let qkv_n = qs + 2 * kvs;
-        let (t, s) = (shape.num_tokens, shape.num_seqs);
-        let a = self.arena_layout;
-        let ti = t as u32;
-        // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU:
-        // about four 128-thread blocks an SM, or with the 1024-thread kernel (few pairs, below)
-        // at most one, so that a long context stays in one wave of those.
-        let wide_attention = 2 * s * nh <= self.num_sms;
-        let parts = if wide_attention {
-            self.num_sms / (s * nh)
-        } else {
-            (4 * self.num_sms).div_ceil(s * nh)
-        };
-        let decode_parts =
-            (t == s && decode_attention_fits(hd)).then(|| parts.clamp(1, DECODE_ATT_MAX_PARTS) as u32);
-
-        // Small bf16 decode steps without LoRA split every RMSNorm after the first (embed's)
-        // across the GEMMs around it (NormIo): no norm launches; embed zeroes the sums of squares.
-        let split = self.splits_norms(gpu, shape);
-        let zero = if split {
-            (self.norm_ss.ptr, self.norm_ss.bytes / 4)
-        } else {
-            (0, 0)
-        };
-        launch!(
-            gpu,
-            "embed",
-            cfg((ti, 1, 1), (h.div_ceil(32) * 32).min(1024) as u32),
-            self.hidden.ptr,
-            self.embed_tokens.ptr,
-            self.input(a.token_ids),
-            h as i32,
-            self.layers
-                .first()
-                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr),
-            self.normed.ptr,
-            c.rms_norm_eps,
-            zero.0,
-            zero.1 as i32
-        )?;
-        let lora_on = |g: usize| shape.lora_mask & (1 << g) != 0;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let qkv_norm = self.norm_in(split && li > 0, 2 * li);
-            // Decode without q/k norms or q/k/v LoRA: RoPE and the cache write are the q/k/v
-            // GEMM's epilogue.
-            if t == s && !lora_on(0) && layer.q_norm.is_none() && self.rope_fits(&layer.qkv_proj, t) {
-                self.qkv_rope(gpu, layer, li, t, qkv_norm)?;
-            } else {
-                self.qkv_then_rope(gpu, layer, li, shape, qkv_norm)?;
-            }
-            if let Some(parts) = decode_parts {
-                // Few (sequence, head) pairs: one 1024-thread block each reads a short context
-                // in one round, with no second pass to merge parts (kernels.rs).
-                let (name, threads) = if wide_attention {
-                    ("decode_attention_wide", kernels::DECODE_ATT_WIDE_THREADS)
-                } else {
-                    ("decode_attention", kernels::DECODE_ATT_THREADS)
+        let (t, a) = (shape.num_tokens, self.arena_layout);
+        match plan {
+            Attention::Decode { parts, wide } => {
+                let (name, threads) = match wide {
+                    true => ("decode_attention_wide", kernels::DECODE_ATT_WIDE_THREADS),
+                    false => ("decode_attention", kernels::DECODE_ATT_THREADS),
                 };
                 let args = [
                     self.qkv.ptr,
@@ -897,8 +816,12 @@ impl CudaModel {
                 // SAFETY: both decode attention kernels take (qkv, ld, out, k_cache, v_cache,
                 // positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale, part,
                 // counters) (kernels.rs); the buffers are the model's, sized for its limits.
-                unsafe { gpu.launch(name, cfg((ti, nh as u32, parts), threads), &args) }?;
-            } else if let (Some(k), true) = (self.prefill_attention, shape.att_tiles.tiles > 0) {
+                unsafe { gpu.launch(name, cfg((t as u32, nh as u32, parts), threads), &args) }
+            }
+            Attention::Prefill => {
+                let k = self
+                    .prefill_attention
+                    .ok_or_else(|| internal("prefill attention planned without a kernel"))?;
                 let inputs = prefill::Inputs {
                     qkv: self.qkv.ptr,
                     ld: qkv_n,
@@ -915,179 +838,187 @@ impl CudaModel {
                     max_blocks: self.max_blocks_per_seq,
                     block_size: self.block_size,
                 };
-                prefill::launch(gpu, k, &inputs, nh, nkv, hd)?;
-            } else {
-                launch!(
-                    gpu,
-                    "paged_attention",
-                    cfg((ti, nh as u32, 1), kernels::ATT_THREADS),
-                    self.qkv.ptr,
-                    qkv_n as i32,
-                    self.attn.ptr,
-                    self.k_cache[li].ptr,
-                    self.v_cache[li].ptr,
-                    self.input(a.token_seq),
-                    self.input(a.positions),
-                    self.input(a.block_tables),
-                    self.max_blocks_per_seq as i32,
-                    self.block_size as i32,
-                    nh as i32,
-                    nkv as i32,
-                    hd as i32,
-                    1.0f32 / (hd as f32).sqrt()
-                )?;
+                prefill::launch(gpu, k, &inputs, nh, nkv, hd)
             }
-            // o_proj (and its LoRA) add straight into the residual stream.
-            let o = || {
-                self.linear(
-                    gpu,
-                    &layer.o_proj,
-                    Epilogue::Add,
-                    self.attn.ptr,
-                    self.hidden.ptr,
-                    t,
-                    h,
-                    self.norm_out(split, 2 * li + 1, layer.post_attention_layernorm.ptr),
-                )
-            };
-            // Decode: the o_proj LoRA expand is fused into the norm that follows.
-            let fuse_o = lora_on(1) && t == s;
-            self.with_lora(
+            Attention::Paged => launch!(
                 gpu,
-                layer.lora.get(1),
-                (lora_on(1), fuse_o),
+                "paged_attention",
+                cfg((t as u32, nh as u32, 1), kernels::ATT_THREADS),
+                self.qkv.ptr,
+                qkv_n as i32,
                 self.attn.ptr,
-                self.hidden.ptr,
-                h,
-                shape,
-                o,
-            )?;
-            let lora = self.fused_expand(layer, 1, fuse_o);
-            if !split {
-                self.rms_norm(
-                    gpu,
-                    t,
-                    0,
-                    layer.post_attention_layernorm.ptr,
-                    self.normed.ptr,
-                    lora,
-                )?;
+                self.k_cache[li].ptr,
+                self.v_cache[li].ptr,
+                self.input(a.token_seq),
+                self.input(a.positions),
+                self.input(a.block_tables),
+                self.max_blocks_per_seq as i32,
+                self.block_size as i32,
+                nh as i32,
+                nkv as i32,
+                hd as i32,
+                1.0f32 / (hd as f32).sqrt()
+            ),
+        }
+    }
+
+    /// o_proj or down_proj (`lin`, LoRA `group`) adding `x · Wᵀ` into the residual stream, its
+    /// LoRA, then the RMSNorm after it (`norm` = split-norm index and weight) into `normed`.
+    fn add_proj(
+        &self,
+        gpu: &Gpu,
+        (lin, group): (&Linear, Option<&LoraGroup>),
+        plan: &AddProj,
+        x: CUdeviceptr,
+        shape: &StepShape,
+        (b, gamma): (usize, u64),
+    ) -> Result<()> {
+        let (t, h) = (shape.num_tokens, self.cfg.hidden_size);
+        let norm = match plan.norm {
+            NormAfter::Split => self.norm_out(true, b, gamma),
+            NormAfter::Kernel { .. } => NormIo::NONE,
+        };
+        let y = (self.hidden.ptr, t, h);
+        self.gemm(gpu, plan.gemm, Epilogue::Add, lin, x, y, norm)?;
+        let fused = match (plan.lora, group) {
+            (AddLora::None, _) => NO_LORA,
+            (AddLora::Run(run), Some(g)) => {
+                self.lora(gpu, g, run, x, y, shape)?;
+                NO_LORA
             }
-            if lora_on(2) {
-                // LoRA on gate/up must land before the activation: no fused epilogue.
-                self.linear(
+            (AddLora::ExpandInNorm(sh), Some(g)) => {
+                self.bgmv_shrink(gpu, g, x, t, sh.wide)?;
+                (self.lora_tmp.ptr, g.b.ptr, g.ranks.ptr)
+            }
+            (_, None) => return Err(internal("a LoRA planned without adapter slots")),
+        };
+        match plan.norm {
+            NormAfter::Kernel { threads } => {
+                self.rms_norm(gpu, (t, 0, threads), gamma, self.normed.ptr, fused)
+            }
+            NormAfter::Split if fused == NO_LORA => Ok(()),
+            NormAfter::Split => Err(internal("a LoRA expand planned into a split norm")),
+        }
+    }
+
+    /// gate/up and SiLU·mul into `act`: fused in the GEMM, or with the LoRA added in between.
+    fn mlp(&self, gpu: &Gpu, layer: &Layer, plan: Mlp, shape: &StepShape, norm: NormIo) -> Result<()> {
+        let (t, inter) = (shape.num_tokens, self.cfg.intermediate_size);
+        match plan {
+            Mlp::FusedSilu(gemm) => {
+                let y = (self.act.ptr, t, inter);
+                self.gemm(
                     gpu,
-                    &layer.gate_up_proj,
-                    Epilogue::Store,
-                    self.normed.ptr,
-                    self.gate_up.ptr,
-                    t,
-                    2 * inter,
-                    NormIo::NONE,
-                )?;
-                self.lora(
-                    gpu,
-                    &layer.lora[2],
-                    self.normed.ptr,
-                    self.gate_up.ptr,
-                    shape,
-                    2 * inter,
-                )?;
-                silu_mul(gpu, self.gate_up.ptr, self.act.ptr, inter, t)?;
-            } else {
-                self.linear(
-                    gpu,
-                    &layer.gate_up_proj,
+                    gemm,
                     Epilogue::SiluMul,
+                    &layer.gate_up_proj,
                     self.normed.ptr,
-                    self.act.ptr,
-                    t,
-                    inter,
-                    self.norm_in(split, 2 * li + 1),
-                )?;
-            }
-            // The next layer's input norm, or the final norm after the last layer.
-            let next_norm = self
-                .layers
-                .get(li + 1)
-                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr);
-            let down = || {
-                self.linear(
-                    gpu,
-                    &layer.down_proj,
-                    Epilogue::Add,
-                    self.act.ptr,
-                    self.hidden.ptr,
-                    t,
-                    h,
-                    self.norm_out(split, 2 * li + 2, next_norm),
+                    y,
+                    norm,
                 )
-            };
-            // Decode: the down_proj LoRA expand is fused into the next norm.
-            let fuse_down = lora_on(3) && t == s;
-            self.with_lora(
-                gpu,
-                layer.lora.get(3),
-                (lora_on(3), fuse_down),
-                self.act.ptr,
-                self.hidden.ptr,
-                h,
-                shape,
-                down,
-            )?;
-            let lora = self.fused_expand(layer, 3, fuse_down);
-            // (The last layer's output norm is recomputed below on the rows that need logits.)
-            if !split {
-                self.rms_norm(gpu, t, 0, next_norm, self.normed.ptr, lora)?;
+            }
+            Mlp::ThenSilu { gemm, lora } => {
+                let g = layer
+                    .lora
+                    .get(LoraGroupId::GateUp as usize)
+                    .ok_or_else(|| internal("gate/up LoRA planned without adapter slots"))?;
+                let y = (self.gate_up.ptr, t, 2 * inter);
+                self.gemm(
+                    gpu,
+                    gemm,
+                    Epilogue::Store,
+                    &layer.gate_up_proj,
+                    self.normed.ptr,
+                    y,
+                    norm,
+                )?;
+                self.lora(gpu, g, lora, self.normed.ptr, y, shape)?;
+                silu_mul(gpu, self.gate_up.ptr, self.act.ptr, inter, t)
             }
         }
-        // Split norms: every token of a decode step is its sequence's last, and the last
-        // down_proj wrote them unscaled into `normed`.
-        let (x_last, lm_norm) = if split {
-            (self.normed.ptr, self.norm_in(true, 2 * self.layers.len()))
-        } else {
-            let last_rows = self.input(a.last_rows);
-            self.rms_norm(gpu, s, last_rows, self.norm.ptr, self.last_normed.ptr, NO_LORA)?;
-            (self.last_normed.ptr, NormIo::NONE)
-        };
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        linear(
+    }
+
+    /// BGMV shrink of one group: `lora_tmp[z, t, :] = scale · x[t] · A[z, slot(t)]ᵀ`; a block per
+    /// token and SHRINK_ROWS rank rows (more parallelism for few tokens), or with `wide` a warp
+    /// per row (fewer, fuller blocks).
+    fn bgmv_shrink(&self, gpu: &Gpu, g: &LoraGroup, x: CUdeviceptr, t: usize, wide: bool) -> Result<()> {
+        let w = g.weights(self.lora_rank, self.max_loras);
+        let slots = self.input(self.arena_layout.token_slot);
+        sgmv::bgmv_shrink(gpu, &w, slots, x, self.lora_tmp.ptr, t, wide)
+    }
+
+    /// LoRA shrink + expand of one group, added into `y` = (buffer, tokens, ldy).
+    fn lora(
+        &self,
+        gpu: &Gpu,
+        g: &LoraGroup,
+        run: LoraRun,
+        x: CUdeviceptr,
+        (y, t, ldy): (CUdeviceptr, usize, usize),
+        shape: &StepShape,
+    ) -> Result<()> {
+        let w = g.weights(self.lora_rank, self.max_loras);
+        match run {
+            LoraRun::Sgmv => {
+                let segs = sgmv::Segments {
+                    segs: self.input(self.arena_layout.lora_segments),
+                    num_segs: self.input(self.arena_layout.num_lora_segments),
+                    max_segs: shape.num_lora_segments,
+                };
+                sgmv::shrink(gpu, &w, &segs, x, self.lora_tmp.ptr, t)?;
+                sgmv::expand(gpu, &w, &segs, self.lora_tmp.ptr, y, t, ldy)
+            }
+            LoraRun::Bgmv { wide_shrink } => {
+                self.bgmv_shrink(gpu, g, x, t, wide_shrink)?;
+                let slots = self.input(self.arena_layout.token_slot);
+                sgmv::bgmv_expand(gpu, &w, slots, self.lora_tmp.ptr, y, t, ldy)
+            }
+        }
+    }
+
+    /// RMSNorm of `n` rows of the residual stream into `out` (elem), `threads` a row: row i is
+    /// `rows[i]` (a device `u32` array), or i where `rows` is 0. `lora` fuses a decode step's
+    /// LoRA expand into it first (the shrink's output, B, ranks; or [`NO_LORA`]).
+    fn rms_norm(
+        &self,
+        gpu: &Gpu,
+        (n, rows, threads): (usize, u64, u32),
+        w: u64,
+        out: u64,
+        lora: (u64, u64, u64),
+    ) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let (l_tmp, l_b, l_ranks) = lora;
+        launch!(
             gpu,
-            self.skinny_max_m,
-            Epilogue::Store,
-            lm_head.ptr,
-            None,
-            c.vocab_size,
-            h,
-            x_last,
-            self.logits.ptr,
-            s,
-            c.vocab_size,
-            0,
-            lm_norm,
+            "add_rms_norm",
+            cfg((n as u32, 1, 1), threads),
+            self.hidden.ptr,
+            rows,
+            w,
+            out,
+            h as i32,
+            self.cfg.rms_norm_eps,
+            l_tmp,
+            l_b,
+            l_ranks,
+            self.input(self.arena_layout.token_slot),
+            self.lora_rank as i32
         )
     }
 
-    /// Whether a step splits its RMSNorms (all but layer 0's input norm) across the GEMMs
-    /// around them ([`NormIo`]): bf16 decode steps of up to [`NORM_SPLIT_MAX_TOKENS`] tokens
-    /// without LoRA (whose kernels read a whole normed x), every projection on the skinny GEMM.
-    /// Not f16, where h · gamma, rounded before the 1/rms scale, could overflow or lose bits
-    /// as a subnormal; not a model without layers, whose only norm is embed's.
-    fn splits_norms(&self, gpu: &Gpu, shape: StepShape) -> bool {
-        let (t, c) = (shape.num_tokens, &self.cfg);
-        let fits = |lin: &Linear, epi| skinny::fits(self.skinny_max_m, epi, lin.n, lin.k, t);
-        gpu.elem == Elem::Bf16
-            && !self.layers.is_empty()
-            && t == shape.num_seqs
-            && t <= NORM_SPLIT_MAX_TOKENS
-            && shape.lora_mask == 0
-            && skinny::fits(self.skinny_max_m, Epilogue::Store, c.vocab_size, c.hidden_size, t)
-            && self.layers.iter().all(|l| {
-                fits(&l.qkv_proj, Epilogue::Store)
-                    && fits(&l.o_proj, Epilogue::Add)
-                    && fits(&l.gate_up_proj, Epilogue::SiluMul)
-                    && fits(&l.down_proj, Epilogue::Add)
-            })
+    /// What RoPE and the cache write read, for layer `li`: cos and sin tables, each token's
+    /// position and cache slot, the layer's K and V caches.
+    fn rope_args(&self, li: usize) -> [u64; 6] {
+        let a = self.arena_layout;
+        [
+            self.rope_cos.ptr,
+            self.rope_sin.ptr,
+            self.input(a.positions),
+            self.input(a.slot_mapping),
+            self.k_cache[li].ptr,
+            self.v_cache[li].ptr,
+        ]
     }
 
     /// Split norm `b`'s per-token sums of squares: b = 2·li + 1 after layer li's o_proj,
@@ -1122,16 +1053,11 @@ impl CudaModel {
     }
 }
 
-/// Most tokens of a step whose RMSNorms are split across GEMMs ([`CudaModel::splits_norms`]):
-/// the one-n-tile skinny kernels.
-const NORM_SPLIT_MAX_TOKENS: usize = 8;
-
-/// `x[m, k] · W[n, k]ᵀ (+ bias)` into `y[m, ldy]` as `epi` says: the skinny GEMM (epilogue
-/// fused; a residual add of up to 8 tokens over a long K in 2–4 shares added atomically) for up
-/// to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above. For
-/// [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is elem `[m, I]`, and the cuBLAS path
-/// goes through `scratch` (f32 `[m, n]`). `norm`, either end of an RMSNorm split across two
-/// GEMMs ([`NormIo`]), needs the skinny GEMM.
+/// `x[m, k] · W[n, k]ᵀ (+ bias)` into `y[m, ldy]` as `epi` says, on the skinny GEMM (epilogue
+/// fused) for up to `skinny_max_m` tokens, cuBLAS and an elementwise kernel above ([`Gemm::new`]
+/// decides). For [`Epilogue::SiluMul`], W is `[gate; up]` (n = 2I), `y` is elem `[m, I]`, and the
+/// cuBLAS path goes through `scratch` (f32 `[m, n]`). `norm`, either end of an RMSNorm split
+/// across two GEMMs ([`NormIo`]), needs the skinny GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     gpu: &Gpu,
@@ -1148,45 +1074,48 @@ pub fn linear(
     scratch: CUdeviceptr,
     norm: NormIo,
 ) -> Result<()> {
-    debug_assert!(
-        norm.out == 0 || epi == Epilogue::Add,
-        "a norm output needs a residual add"
-    );
-    debug_assert!(
-        norm.in_ss == 0 || epi != Epilogue::Add,
-        "a residual add's x is never a split norm's"
-    );
-    if skinny::fits(skinny_max_m, epi, n, k, m) {
-        let (rows, per_block) = match epi {
-            Epilogue::SiluMul => (n / 2, SKINNY_ROWS / 2),
-            _ => (n, SKINNY_ROWS),
-        };
-        let (bias, m32, n32, k32, ld32) = (bias.unwrap_or(0), m as i32, rows as i32, k as i32, ldy as i32);
-        let blocks = rows.div_ceil(per_block);
-        // A residual add with few rows and a long K (o_proj, down_proj at one token: 256 blocks
-        // where an SM holds four) cuts K into shares of at least 32 chunks, added atomically
-        // (on the H200: o_proj 71% → 80% and down_proj 81% → 93% of copy bandwidth).
-        let split = match epi {
-            Epilogue::Add if m <= 8 && blocks < 4 * gpu.num_sms as usize => (k.div_ceil(64) / 32).clamp(1, 4),
-            _ => 1,
-        };
-        // With a norm output, a tile's sum stays in one block: 16 warps where K would be split.
-        let (name, split, threads) = match (split, norm.out) {
-            (1, _) => (skinny::kernel_name(epi, m), 1, SKINNY_THREADS),
-            (_, 0) => (skinny::kernel_name(epi, m), split, SKINNY_THREADS),
-            _ => (skinny::ADD_WIDE, 1, skinny::ADD_WIDE_THREADS),
-        };
-        let grid = (blocks as u32, split as u32, 1);
+    let caps = Caps {
+        elem: gpu.elem,
+        skinny_max_m,
+        num_sms: gpu.num_sms as usize,
+        prefill_attention: false,
+    };
+    let gemm = Gemm::new(&caps, epi, n, k, m, norm.out != 0);
+    run_gemm(gpu, gemm, epi, (w, bias, n, k), x, (y, m, ldy), scratch, norm)
+}
+
+/// Runs a planned GEMM: weight `(W, bias, n, k)`, output `(y, m, ldy)`, as [`linear`] says.
+#[allow(clippy::too_many_arguments)]
+fn run_gemm(
+    gpu: &Gpu,
+    gemm: Gemm,
+    epi: Epilogue,
+    (w, bias, n, k): (CUdeviceptr, Option<CUdeviceptr>, usize, usize),
+    x: CUdeviceptr,
+    (y, m, ldy): (CUdeviceptr, usize, usize),
+    scratch: CUdeviceptr,
+    norm: NormIo,
+) -> Result<()> {
+    if let Gemm::Skinny {
+        kernel,
+        threads,
+        blocks,
+        split_k,
+    } = gemm
+    {
+        // A SiLU·mul kernel's N is its output rows (I of the 2I weight rows).
+        let rows = if epi == Epilogue::SiluMul { n / 2 } else { n };
         let mut args = [0u64; 8 + skinny::NORM_ARGS];
-        args[..8].copy_from_slice(&[x, w, bias, y, m32.bits(), n32.bits(), k32.bits(), ld32.bits()]);
+        let ints = [m, rows, k, ldy].map(|v| (v as i32).bits());
+        args[..8].copy_from_slice(&[x, w, bias.unwrap_or(0), y, ints[0], ints[1], ints[2], ints[3]]);
         args[8..].copy_from_slice(&norm.args());
         // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out,
-        // out_ss) (skinny.rs); skinny_add_8_w16 takes 512 threads.
-        return unsafe { gpu.launch(name, cfg(grid, threads), &args) };
+        // out_ss) (skinny.rs), with the threads `Gemm::new` chose for it.
+        return unsafe { gpu.launch(kernel, cfg((blocks, split_k, 1), threads), &args) };
     }
     if norm != NormIo::NONE {
-        return Err(Error::Backend(format!(
-            "internal: an RMSNorm split across GEMMs needs the skinny GEMM ({m} tokens, {n} x {k})"
+        return Err(internal(&format!(
+            "an RMSNorm split across GEMMs needs the skinny GEMM ({m} tokens, {n} x {k})"
         )));
     }
     let (out, ld, beta) = match epi {
@@ -1221,22 +1150,10 @@ fn silu_mul(gpu: &Gpu, gu: CUdeviceptr, out: CUdeviceptr, inter: usize, t: usize
     launch!(gpu, "silu_mul", cfg(grid, 256), gu, out, inter as i32, t as i32)
 }
 
-/// Token counts from which prefill/mixed steps use SGMV rather than per-token BGMV. On the H200
-/// (Llama-2-7B shape, 32 distinct rank-16 adapters on q,k,v,o) SGMV cost +12.3 ms over no-LoRA
-/// at 32 × 128 tokens against BGMV's +22.7 ms, but +3.3 ms against +1.2 ms at 128 tokens
-/// (BENCHMARKS.md); the crossover between those two points was not measured.
-const SGMV_MIN_TOKENS: usize = 512;
-
-/// Whether a step of `t` tokens over `s` sequences runs its LoRA as SGMV (its segments packed
-/// by `pack_inputs`) rather than BGMV.
-fn uses_sgmv(t: usize, s: usize) -> bool {
-    t > s && t >= SGMV_MIN_TOKENS
+/// A plan the recorder cannot carry out: a bug, not a user error.
+fn internal(what: &str) -> Error {
+    Error::Backend(format!("internal: {what}"))
 }
 
 /// [`CudaModel::rms_norm`] without a fused LoRA expand.
 const NO_LORA: (u64, u64, u64) = (0, 0, 0);
-
-/// Head sizes `decode_attention` takes: hd / 8 lanes per key, a power of two up to a warp.
-fn decode_attention_fits(hd: usize) -> bool {
-    hd % 8 == 0 && (hd / 8).is_power_of_two() && hd / 8 <= 32
-}

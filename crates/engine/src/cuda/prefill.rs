@@ -126,7 +126,11 @@ pub const WHOLE: u32 = u32::MAX;
 /// Each sequence's query tokens (`query_start`, as in `StepBatch`) in tiles of at most `per`
 /// tokens ([`Kernel::tokens_per_tile`]), last tile first (the later a tile, the more keys it
 /// reads: the longest blocks start first). `positions`: each token's.
-fn base_tiles<'a>(query_start: &'a [u32], positions: &'a [u32], per: usize) -> impl Iterator<Item = (u32, u32, usize)> + 'a {
+fn base_tiles<'a>(
+    query_start: &'a [u32],
+    positions: &'a [u32],
+    per: usize,
+) -> impl Iterator<Item = (u32, u32, usize)> + 'a {
     let per = per as u32;
     query_start.windows(2).flat_map(move |w| {
         let (lo, hi) = (w[0], w[1]);
@@ -243,7 +247,10 @@ pub fn launch(gpu: &Gpu, k: Kernel, inp: &Inputs, nh: usize, nkv: usize, hd: usi
         "{} for head_dim {hd}",
         k.name
     );
-    assert!(inp.packed.merges == 0 || inp.part != 0, "split tiles need a buffer");
+    assert!(
+        inp.packed.merges == 0 || inp.part != 0,
+        "split tiles need a buffer"
+    );
     let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
     let [ld, max_blocks, block_size, nh32, nkv32, hd32] =
         [inp.ld, inp.max_blocks, inp.block_size, nh, nkv, hd].map(|v| (v as i32).bits());
@@ -380,7 +387,10 @@ mod tests {
             .windows(2)
             .map(|w| ((w[1] - w[0]) as usize).div_ceil(per))
             .sum();
-        assert_eq!(tiles.len() - piece_rows.iter().filter(|&&p| p).count() + merges.len(), want);
+        assert_eq!(
+            tiles.len() - piece_rows.iter().filter(|&&p| p).count() + merges.len(),
+            want
+        );
     }
 
     #[test]
@@ -422,15 +432,24 @@ mod tests {
         let work: u32 = (8000u32.div_ceil(64) + 7872u32.div_ceil(64)) + 16 * 4;
         let share = (work * 32).div_ceil(264);
         for t in &tiles[..pieces as usize] {
-            assert!((t[3] - t[2]).div_ceil(64) <= share + 1, "piece {t:?}, share {share}");
+            assert!(
+                (t[3] - t[2]).div_ceil(64) <= share + 1,
+                "piece {t:?}, share {share}"
+            );
         }
         // The buffer bounds the pieces: with room for 5, pieces grow to fit.
-        let small = Split { max_pieces: 5, ..split };
+        let small = Split {
+            max_pieces: 5,
+            ..split
+        };
         let rows = pack(&seqs, 128, Some(small));
         check(&seqs, 128, &rows);
         assert!(rows.1.iter().map(|m| m[3]).sum::<u32>() <= 5);
         // No room at all: nothing splits.
-        let none = Split { max_pieces: 0, ..split };
+        let none = Split {
+            max_pieces: 0,
+            ..split
+        };
         assert!(pack(&seqs, 128, Some(none)).1.is_empty());
     }
 
