@@ -12,7 +12,7 @@ use crate::error::Result;
 
 pub const MODULE: Module = Module {
     name: "prefill_attention",
-    body: include_str!("prefill_attention.cu"),
+    body: include_str!("kernels/prefill_attention.cu"),
     kernels: &[
         "prefill_attention_64_w4_m1_n64",
         "prefill_attention_128_w4_m2_n64",

@@ -1,5 +1,5 @@
 // Causal attention for prefill and mixed steps on tensor cores (FlashAttention-2 style), over
-// the paged KV cache. Compiled by NVRTC after the PRELUDE of kernels.rs (elem_t, mma_16816,
+// the paged KV cache. Compiled by NVRTC after prelude.cuh (elem_t, mma_16816,
 // pack2, pdl_*).
 //
 // A block takes one tile of query rows of one sequence and one KV head: the tile's rows are
