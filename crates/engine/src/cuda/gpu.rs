@@ -160,6 +160,7 @@ impl Gpu {
     /// Compiles (or reads from the PTX cache) and loads a module; its kernels join `func`'s.
     pub fn load(&mut self, m: &kernels::Module) -> Result<()> {
         let ptx = compile_cached(&m.source(self.elem), &self.arch)?;
+        super::launch::check_module(m.name, &ptx.to_src(), m.kernels)?;
         let module = self
             .ctx
             .load_module(ptx)
@@ -414,6 +415,10 @@ mod tests {
             if m.body.contains("mma_16816(") {
                 let mma = format!("m16n8k16.row.col.f32.{ty}.{ty}.f32");
                 assert!(text.contains(&mma), "{what}: no {mma} in the PTX");
+            }
+            // Every kernel's parameters are the ones its launcher declares.
+            if let Err(e) = super::super::launch::check_module(m.name, &text, m.kernels) {
+                panic!("{what}: {e}");
             }
             if elem == Elem::F16 && m.body.contains("e2f(") {
                 assert!(

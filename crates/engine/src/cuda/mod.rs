@@ -18,6 +18,7 @@
 pub mod elem;
 pub mod gpu;
 pub mod kernels;
+pub mod launch;
 mod lora;
 pub mod model;
 pub mod plan;

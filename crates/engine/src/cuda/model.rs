@@ -5,8 +5,9 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
+use super::gpu::{cfg, DevBuf, Gpu};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
+use super::launch;
 use super::lora::LoraGroup;
 use super::plan::{
     uses_sgmv, AddLora, AddProj, Attention, Caps, Gemm, LoraGroupId, LoraRun, Mlp, NormAfter, Qkv, QkvLora,
@@ -14,7 +15,7 @@ use super::plan::{
 };
 use super::prefill;
 use super::sgmv;
-use super::skinny::{self, Epilogue, NormIo, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_THREADS};
+use super::skinny::{Epilogue, NormIo, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -24,13 +25,14 @@ use crate::lora::{LoraSlot, LoraTarget};
 use crate::weights::WeightSource;
 use crate::ModelConfig;
 
-/// Launches a kernel by name with raw arguments (device pointers as `u64`, `i32`, `f32`).
+/// Launches kernel `$name` through its typed launcher (`cuda/launch.rs`).
 macro_rules! launch {
-    ($gpu:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+    ($gpu:expr, $name:ident, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let gpu: &Gpu = $gpu;
-        // SAFETY: argument types and counts match the kernel's signature in kernels.rs, and
-        // every pointer is a live buffer of the shape the kernel reads.
-        unsafe { gpu.launch($name, $cfg, &[$(KernelArg::bits($arg)),*]) }
+        // SAFETY: every pointer passed is a live buffer of this model (weights, caches, step
+        // buffers, the input arena), allocated at load for the largest step, so it holds what
+        // the kernel reads or writes for this grid.
+        unsafe { launch::$name(gpu, $cfg, $($arg),*) }
     }};
 }
 
@@ -159,21 +161,13 @@ impl Loader<'_> {
             self.counter += 1;
             let grid = (n.div_ceil(256).min(65536) as u32, 1, 1);
             if name.ends_with("norm.weight") {
-                launch!(self.gpu, "fill", cfg(grid, 256), dst, n as u64, 1.0f32)
+                launch!(self.gpu, fill, cfg(grid, 256), dst, n as u64, 1.0f32)
             } else {
                 let bound = 1.0 / (shape.last().copied().unwrap_or(1) as f32).sqrt();
                 let seed = self
                     .seed
                     .wrapping_add(self.counter.wrapping_mul(0x2545F4914F6CDD1D));
-                launch!(
-                    self.gpu,
-                    "fill_uniform",
-                    cfg(grid, 256),
-                    dst,
-                    n as u64,
-                    seed,
-                    bound
-                )
+                launch!(self.gpu, fill_uniform, cfg(grid, 256), dst, n as u64, seed, bound)
             }
         } else {
             let v = self.weights.get(name, shape)?;
@@ -552,7 +546,7 @@ impl CudaModel {
         };
         launch!(
             gpu,
-            "embed",
+            embed,
             cfg((t as u32, 1, 1), (h.div_ceil(32) * 32).min(1024) as u32),
             self.hidden.ptr,
             self.embed_tokens.ptr,
@@ -684,7 +678,7 @@ impl CudaModel {
             };
             launch!(
                 gpu,
-                "qk_norm",
+                qk_norm,
                 cfg((t as u32, (nh + nkv) as u32, 1), 32),
                 self.qkv.ptr,
                 qkv_n as i32,
@@ -699,7 +693,7 @@ impl CudaModel {
         match rope {
             Rope::Rows if fused == NO_LORA => launch!(
                 gpu,
-                "rope_kv_write_rows",
+                rope_kv_write_rows,
                 cfg((t as u32, 1, 1), 256),
                 self.qkv.ptr,
                 qkv_n as i32,
@@ -718,7 +712,7 @@ impl CudaModel {
                 let (l_tmp, l_b, l_ranks) = fused;
                 launch!(
                     gpu,
-                    "rope_kv_write",
+                    rope_kv_write,
                     cfg(
                         (t as u32, (nh + 2 * nkv) as u32, 1),
                         (hd / 2).div_ceil(32) as u32 * 32
@@ -758,30 +752,47 @@ impl CudaModel {
     ) -> Result<()> {
         let c = &self.cfg;
         let lin = &layer.qkv_proj;
-        // (x, W, bias, y, M, N, K, ldy), NormArgs, the RoPE arguments, (nh, nkv, hd): one
-        // array, no allocation per launch.
-        let mut args = [0u64; 17 + skinny::NORM_ARGS];
-        args[..8].copy_from_slice(&[
-            self.normed.ptr,
-            lin.w.ptr,
-            lin.bias.as_ref().map_or(0, |b| b.ptr),
-            self.qkv.ptr,
-            (t as i32).bits(),
-            (lin.n as i32).bits(),
-            (lin.k as i32).bits(),
-            (lin.n as i32).bits(),
-        ]);
-        const R: usize = 8 + skinny::NORM_ARGS;
-        args[8..R].copy_from_slice(&norm.args());
-        args[R..R + 6].copy_from_slice(&self.rope_args(li));
-        args[R + 6..].copy_from_slice(
-            &[c.num_attention_heads, c.num_key_value_heads, c.head_dim].map(|v| (v as i32).bits()),
-        );
-        // SAFETY: the skinny_rope kernels take (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma,
-        // out, out_ss, cos, sin, positions, slots, k_cache, v_cache, nh, nkv, hd) (skinny.rs);
-        // n = (nh + 2 nkv) hd rows in whole heads, hd a multiple of 16 (the plan's rule), every
-        // buffer sized for the step.
-        unsafe { gpu.launch(kernel, cfg((blocks, 1, 1), SKINNY_THREADS), &args) }
+        let [cos, sin, positions, slots, k_cache, v_cache] = self.rope_args(li);
+        let [m, n, k, nh, nkv, hd] = [
+            t,
+            lin.n,
+            lin.k,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        ]
+        .map(|v| v as i32);
+        // SAFETY: the model's buffers, sized for the step; n = (nh + 2 nkv) hd rows in whole
+        // heads, hd a multiple of 16 (the plan's rule for this fusion).
+        unsafe {
+            launch::skinny_rope(
+                gpu,
+                kernel,
+                cfg((blocks, 1, 1), SKINNY_THREADS),
+                self.normed.ptr,
+                lin.w.ptr,
+                lin.bias.as_ref().map_or(0, |b| b.ptr),
+                self.qkv.ptr,
+                m,
+                n,
+                k,
+                n,
+                norm.in_ss,
+                norm.eps,
+                norm.gamma,
+                norm.out,
+                norm.out_ss,
+                cos,
+                sin,
+                positions,
+                slots,
+                k_cache,
+                v_cache,
+                nh,
+                nkv,
+                hd,
+            )
+        }
     }
 
     /// Layer `li`'s attention over the paged cache, as the plan says.
@@ -796,27 +807,30 @@ impl CudaModel {
                     true => ("decode_attention_wide", kernels::DECODE_ATT_WIDE_THREADS),
                     false => ("decode_attention", kernels::DECODE_ATT_THREADS),
                 };
-                let args = [
-                    self.qkv.ptr,
-                    (qkv_n as i32).bits(),
-                    self.attn.ptr,
-                    self.k_cache[li].ptr,
-                    self.v_cache[li].ptr,
-                    self.input(a.positions),
-                    self.input(a.block_tables),
-                    (self.max_blocks_per_seq as i32).bits(),
-                    (self.block_size as i32).bits(),
-                    (nh as i32).bits(),
-                    (nkv as i32).bits(),
-                    (hd as i32).bits(),
-                    (1.0f32 / (hd as f32).sqrt()).bits(),
-                    self.att_part.ptr,
-                    self.att_count.ptr,
-                ];
-                // SAFETY: both decode attention kernels take (qkv, ld, out, k_cache, v_cache,
-                // positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale, part,
-                // counters) (kernels.rs); the buffers are the model's, sized for its limits.
-                unsafe { gpu.launch(name, cfg((t as u32, nh as u32, parts), threads), &args) }
+                // SAFETY: the model's buffers, sized for its limits (att_part and att_count for
+                // max_num_seqs × heads × DECODE_ATT_MAX_PARTS).
+                unsafe {
+                    launch::decode_attention(
+                        gpu,
+                        name,
+                        cfg((t as u32, nh as u32, parts), threads),
+                        self.qkv.ptr,
+                        qkv_n as i32,
+                        self.attn.ptr,
+                        self.k_cache[li].ptr,
+                        self.v_cache[li].ptr,
+                        self.input(a.positions),
+                        self.input(a.block_tables),
+                        self.max_blocks_per_seq as i32,
+                        self.block_size as i32,
+                        nh as i32,
+                        nkv as i32,
+                        hd as i32,
+                        1.0 / (hd as f32).sqrt(),
+                        self.att_part.ptr,
+                        self.att_count.ptr,
+                    )
+                }
             }
             Attention::Prefill => {
                 let k = self
@@ -842,7 +856,7 @@ impl CudaModel {
             }
             Attention::Paged => launch!(
                 gpu,
-                "paged_attention",
+                paged_attention,
                 cfg((t as u32, nh as u32, 1), kernels::ATT_THREADS),
                 self.qkv.ptr,
                 qkv_n as i32,
@@ -991,7 +1005,7 @@ impl CudaModel {
         let (l_tmp, l_b, l_ranks) = lora;
         launch!(
             gpu,
-            "add_rms_norm",
+            add_rms_norm,
             cfg((n as u32, 1, 1), threads),
             self.hidden.ptr,
             rows,
@@ -1105,13 +1119,29 @@ fn run_gemm(
     {
         // A SiLU·mul kernel's N is its output rows (I of the 2I weight rows).
         let rows = if epi == Epilogue::SiluMul { n / 2 } else { n };
-        let mut args = [0u64; 8 + skinny::NORM_ARGS];
-        let ints = [m, rows, k, ldy].map(|v| (v as i32).bits());
-        args[..8].copy_from_slice(&[x, w, bias.unwrap_or(0), y, ints[0], ints[1], ints[2], ints[3]]);
-        args[8..].copy_from_slice(&norm.args());
-        // SAFETY: every skinny kernel takes (x, W, bias, y, M, N, K, ldy, in_ss, eps, gamma, out,
-        // out_ss) (skinny.rs), with the threads `Gemm::new` chose for it.
-        return unsafe { gpu.launch(kernel, cfg((blocks, split_k, 1), threads), &args) };
+        let [m, rows, k, ldy] = [m, rows, k, ldy].map(|v| v as i32);
+        // SAFETY: the caller's buffers hold x [m, k], W [n, k], y [m, ldy] (and the split
+        // norm's), the grid and threads are the ones `Gemm::new` chose for this kernel.
+        return unsafe {
+            launch::skinny(
+                gpu,
+                kernel,
+                cfg((blocks, split_k, 1), threads),
+                x,
+                w,
+                bias.unwrap_or(0),
+                y,
+                m,
+                rows,
+                k,
+                ldy,
+                norm.in_ss,
+                norm.eps,
+                norm.gamma,
+                norm.out,
+                norm.out_ss,
+            )
+        };
     }
     if norm != NormIo::NONE {
         return Err(internal(&format!(
@@ -1128,7 +1158,7 @@ fn run_gemm(
         let grid = (n.div_ceil(256) as u32, m.min(65535) as u32, 1);
         launch!(
             gpu,
-            "add_bias",
+            add_bias,
             cfg(grid, 256),
             out,
             b,
@@ -1147,7 +1177,7 @@ fn run_gemm(
 /// elem `[t, inter]`.
 fn silu_mul(gpu: &Gpu, gu: CUdeviceptr, out: CUdeviceptr, inter: usize, t: usize) -> Result<()> {
     let grid = (inter.div_ceil(4 * 256) as u32, t.min(65535) as u32, 1);
-    launch!(gpu, "silu_mul", cfg(grid, 256), gu, out, inter as i32, t as i32)
+    launch!(gpu, silu_mul, cfg(grid, 256), gu, out, inter as i32, t as i32)
 }
 
 /// A plan the recorder cannot carry out: a bug, not a user error.

@@ -6,8 +6,9 @@
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::LaunchConfig;
 
-use super::gpu::{cuda_err, Gpu, KernelArg};
+use super::gpu::{cuda_err, Gpu};
 use super::kernels::Module;
+use super::launch;
 use crate::error::Result;
 
 pub const MODULE: Module = Module {
@@ -252,45 +253,58 @@ pub fn launch(gpu: &Gpu, k: Kernel, inp: &Inputs, nh: usize, nkv: usize, hd: usi
         "split tiles need a buffer"
     );
     let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
-    let [ld, max_blocks, block_size, nh32, nkv32, hd32] =
-        [inp.ld, inp.max_blocks, inp.block_size, nh, nkv, hd].map(|v| (v as i32).bits());
-    let args = [
-        inp.qkv,
-        ld,
-        inp.out,
-        inp.k_cache,
-        inp.v_cache,
-        inp.tiles,
-        inp.token_seq,
-        inp.positions,
-        inp.block_tables,
-        max_blocks,
-        block_size,
-        nh32,
-        nkv32,
-        hd32,
-        scale_log2.bits(),
-        inp.part,
-    ];
+    let [ld, max_blocks, block_size, nh, nkv32, hd] =
+        [inp.ld, inp.max_blocks, inp.block_size, nh, nkv, hd].map(|v| v as i32);
     let cfg = LaunchConfig {
         grid_dim: (inp.packed.tiles as u32, nkv as u32, 1),
         block_dim: (32 * k.warps as u32, 1, 1),
         shared_mem_bytes: k.shared_bytes() as u32,
     };
-    // SAFETY: every prefill_attention kernel takes (qkv, ld, out, k_cache, v_cache, tiles,
-    // token_seq, positions, block_tables, max_blocks, block_size, nh, nkv, hd, scale_log2,
-    // part) (prefill_attention.cu), in this order, with 32 * warps threads and its shared
-    // memory (allowed by `prepare`); the caller's buffers have the shapes of `Inputs`.
-    unsafe { gpu.launch(k.name, cfg, &args) }?;
+    // SAFETY: kernel k's threads and shared memory (allowed by `prepare`); the caller's buffers
+    // have the shapes of `Inputs`, the tiles were packed for k.
+    unsafe {
+        launch::prefill_attention(
+            gpu,
+            k.name,
+            cfg,
+            inp.qkv,
+            ld,
+            inp.out,
+            inp.k_cache,
+            inp.v_cache,
+            inp.tiles,
+            inp.token_seq,
+            inp.positions,
+            inp.block_tables,
+            max_blocks,
+            block_size,
+            nh,
+            nkv32,
+            hd,
+            scale_log2,
+            inp.part,
+        )
+    }?;
     if inp.packed.merges == 0 {
         return Ok(());
     }
-    let [rows, hd_pad] = [k.rows(), k.head_dim].map(|v| (v as i32).bits());
-    let args = [inp.part, inp.merges, inp.out, nh32, nkv32, hd32, rows, hd_pad];
+    let [rows, hd_pad] = [k.rows(), k.head_dim].map(|v| v as i32);
     let grid = (inp.packed.merges as u32, nkv as u32, 1);
-    // SAFETY: prefill_attention_merge takes (part, merges, out, nh, nkv, hd, rows, hd_pad)
-    // (prefill_attention.cu); `part` holds the pieces the launch above wrote for kernel k.
-    unsafe { gpu.launch("prefill_attention_merge", super::gpu::cfg(grid, 128), &args) }
+    // SAFETY: `part` holds the pieces the launch above wrote for kernel k, `merges` lists them.
+    unsafe {
+        launch::prefill_attention_merge(
+            gpu,
+            super::gpu::cfg(grid, 128),
+            inp.part,
+            inp.merges,
+            inp.out,
+            nh,
+            nkv32,
+            hd,
+            rows,
+            hd_pad,
+        )
+    }
 }
 
 #[cfg(test)]

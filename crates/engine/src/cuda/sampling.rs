@@ -17,7 +17,8 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gpu::{cfg, DevBuf, Gpu, KernelArg};
+use super::gpu::{cfg, DevBuf, Gpu};
+use super::launch;
 use crate::backend::SamplingBatch;
 use crate::error::Result;
 
@@ -85,16 +86,20 @@ impl DeviceSampler {
         if num_rows == 0 {
             return Ok(());
         }
-        let args = [
-            logits,
-            (vocab as i32).bits(),
-            self.rows.ptr,
-            self.banned.ptr,
-            self.ids.ptr,
-        ];
-        // SAFETY: the arguments match `sample_rows` above; `logits` holds num_rows rows of
-        // `vocab`, and the parameter buffers were written for at least num_rows rows.
-        unsafe { gpu.launch("sample_rows", cfg((num_rows as u32, 1, 1), THREADS), &args) }
+        let c = cfg((num_rows as u32, 1, 1), THREADS);
+        // SAFETY: `logits` holds num_rows rows of `vocab`, and the parameter buffers were
+        // written for at least num_rows rows.
+        unsafe {
+            launch::sample_rows(
+                gpu,
+                c,
+                logits,
+                vocab as i32,
+                self.rows.ptr,
+                self.banned.ptr,
+                self.ids.ptr,
+            )
+        }
     }
 
     /// Copies the ids of the first `n` rows to the host (waits for the stream).

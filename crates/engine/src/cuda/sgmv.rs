@@ -13,7 +13,8 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gpu::{cfg, Gpu, KernelArg};
+use super::gpu::{cfg, Gpu};
+use super::launch;
 use crate::error::Result;
 use crate::lora::LoraSlot;
 
@@ -107,23 +108,27 @@ pub fn shrink(
         (SGMV_TILE_TOKENS / SHRINK_TOKENS) as u32,
         w.r.div_ceil(SHRINK_RANKS) as u32,
     );
-    let [nsub, t, k, r, l] = [w.nsub, t, w.k, w.r, w.max_loras].map(|v| (v as i32).bits());
-    let args = [
-        x,
-        w.a,
-        w.ranks,
-        w.scales,
-        seg.segs,
-        seg.num_segs,
-        tmp,
-        nsub,
-        t,
-        k,
-        r,
-        l,
-    ];
-    // SAFETY: arguments match sgmv_shrink's signature and point at buffers of its shapes.
-    unsafe { gpu.launch("sgmv_shrink", cfg(grid, SHRINK_THREADS), &args) }
+    let [nsub, t, k, r, l] = [w.nsub, t, w.k, w.r, w.max_loras].map(|v| v as i32);
+    let c = cfg(grid, SHRINK_THREADS);
+    // SAFETY: the group's stacked weights, the step's segments and buffers of its shapes.
+    unsafe {
+        launch::sgmv_shrink(
+            gpu,
+            c,
+            x,
+            w.a,
+            w.ranks,
+            w.scales,
+            seg.segs,
+            seg.num_segs,
+            tmp,
+            nsub,
+            t,
+            k,
+            r,
+            l,
+        )
+    }
 }
 
 /// `y[t, ldy] += tmp[z(o), t, :rank] · B[s, o, :rank]` for every token in a segment.
@@ -140,24 +145,10 @@ pub fn expand(
         return Ok(());
     }
     let grid = (seg.max_segs as u32, w.n.div_ceil(EXPAND_OUTPUTS) as u32, 1);
-    let [t, n, r, l, ldy, n1, n2] = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| (v as i32).bits());
-    let args = [
-        tmp,
-        w.b,
-        w.ranks,
-        seg.segs,
-        seg.num_segs,
-        y,
-        t,
-        n,
-        r,
-        l,
-        ldy,
-        n1,
-        n2,
-    ];
-    // SAFETY: arguments match sgmv_expand's signature and point at buffers of its shapes.
-    unsafe { gpu.launch("sgmv_expand", cfg(grid, EXPAND_THREADS), &args) }
+    let [t, n, r, l, ldy, n1, n2] = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| v as i32);
+    let (c, (segs, num)) = (cfg(grid, EXPAND_THREADS), (seg.segs, seg.num_segs));
+    // SAFETY: the group's stacked weights, the step's segments and buffers of its shapes.
+    unsafe { launch::sgmv_expand(gpu, c, tmp, w.b, w.ranks, segs, num, y, t, n, r, l, ldy, n1, n2) }
 }
 
 /// BGMV shrink (every token its own slot, `tok_slot` `[t]` i32, -1: none), as [`shrink`]
@@ -178,10 +169,25 @@ pub fn bgmv_shrink(
         ("lora_shrink", super::kernels::SHRINK_ROWS)
     };
     let grid = (t as u32, w.nsub as u32, w.r.div_ceil(rows) as u32);
-    let [t, k, r, l] = [t, w.k, w.r, w.max_loras].map(|v| (v as i32).bits());
-    let args = [x, w.a, w.ranks, w.scales, tok_slot, tmp, t, k, r, l];
-    // SAFETY: both shrink kernels take these arguments (kernels.rs), over buffers of these shapes.
-    unsafe { gpu.launch(name, cfg(grid, 256), &args) }
+    let [t, k, r, l] = [t, w.k, w.r, w.max_loras].map(|v| v as i32);
+    // SAFETY: the group's stacked weights, the step's token slots and buffers of its shapes.
+    unsafe {
+        launch::lora_shrink(
+            gpu,
+            name,
+            cfg(grid, 256),
+            x,
+            w.a,
+            w.ranks,
+            w.scales,
+            tok_slot,
+            tmp,
+            t,
+            k,
+            r,
+            l,
+        )
+    }
 }
 
 /// BGMV expand: `y[t, ldy] += tmp[z(o), t, :rank] · B[slot(t), o, :rank]` (`lora_expand`).
@@ -195,10 +201,26 @@ pub fn bgmv_expand(
     ldy: usize,
 ) -> Result<()> {
     let grid = (w.n.div_ceil(256) as u32, t as u32, 1);
-    let [t, n, r, l, ldy, n1, n2] = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| (v as i32).bits());
-    let args = [tmp, w.b, w.ranks, tok_slot, y, t, n, r, l, ldy, n1, n2];
-    // SAFETY: lora_expand takes these arguments (kernels.rs), over buffers of these shapes.
-    unsafe { gpu.launch("lora_expand", cfg(grid, 256), &args) }
+    let [t, n, r, l, ldy, n1, n2] = [t, w.n, w.r, w.max_loras, ldy, w.n1, w.n2].map(|v| v as i32);
+    // SAFETY: the group's stacked weights, the step's token slots and buffers of its shapes.
+    unsafe {
+        launch::lora_expand(
+            gpu,
+            cfg(grid, 256),
+            tmp,
+            w.b,
+            w.ranks,
+            tok_slot,
+            y,
+            t,
+            n,
+            r,
+            l,
+            ldy,
+            n1,
+            n2,
+        )
+    }
 }
 
 #[cfg(test)]
