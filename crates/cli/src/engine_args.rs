@@ -96,7 +96,8 @@ impl EngineArgs {
         if let Some(v) = self.seed {
             cfg.seed = v;
         }
-        Ok(())
+        // The CUDA backend's comparison switches (README, GPU).
+        Ok(cfg.cuda.apply_vars(|k| std::env::var(k).ok())?)
     }
 
     pub fn config(&self, model: PathBuf) -> anyhow::Result<EngineConfig> {

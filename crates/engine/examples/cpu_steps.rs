@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         max_lora_rank: 0,
         enforce_eager: true,
         seed: 0,
+        cuda: Default::default(),
     };
     let mut backend = CpuBackend::new(&cfg, &mut WeightSource::dummy(0), &bc)?;
     let mut batch = StepBatch::default();

@@ -503,6 +503,10 @@ fn main() {
 
     let max_batch = *a.batch_sizes.iter().max().unwrap();
     let mut ec = EngineConfig::new(&a.model);
+    // bench/gpu.sh's sweep and ab steps set these.
+    ec.cuda
+        .apply_vars(|k| std::env::var(k).ok())
+        .expect("CUDA switches");
     ec.load_format = LoadFormat::Dummy;
     ec.device = Device::Cuda;
     ec.dtype = elem.name().into();

@@ -138,6 +138,8 @@ pub struct BackendConfig {
     pub enforce_eager: bool,
     /// Seed of `load_format: dummy` weights where a backend generates them itself.
     pub seed: u64,
+    /// The CUDA backend's tuning switches.
+    pub cuda: crate::cuda::CudaOptions,
 }
 
 /// A device that holds the weights, the paged KV cache and `max_loras` adapter slots.

@@ -86,6 +86,8 @@ pub struct EngineConfig {
     /// [`LLMEngine::last_logits`] answers (tests, debugging); costs a `[num_seqs, vocab]` copy
     /// per step. Host sampling always keeps them.
     pub return_logits: bool,
+    /// The CUDA backend's tuning switches (defaults: what measured fastest).
+    pub cuda: crate::cuda::CudaOptions,
 }
 
 impl EngineConfig {
@@ -112,6 +114,7 @@ impl EngineConfig {
             adapter_loader: None,
             seed: 0,
             return_logits: false,
+            cuda: Default::default(),
         }
     }
 }
@@ -310,6 +313,7 @@ impl LLMEngine {
             max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
             enforce_eager: config.enforce_eager,
             seed: config.seed,
+            cuda: config.cuda.clone(),
         };
         let backend: Box<dyn Backend> = match config.device {
             Device::Cpu => Box::new(CpuBackend::new(&model_config, &mut weights, &bc)?),

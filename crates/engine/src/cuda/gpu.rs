@@ -7,7 +7,7 @@
 //! cudarc's event tracking (host cost, and not capturable) is switched off.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
@@ -19,6 +19,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::elem::Elem;
 use super::kernels;
+use super::CudaOptions;
 use crate::error::{Error, Result};
 
 /// Turns any CUDA-side error into the engine's error type.
@@ -84,6 +85,8 @@ pub struct Gpu {
     /// What weights, GEMM inputs, LoRA weights and the KV cache are stored as; the kernels are
     /// built for it.
     pub elem: Elem,
+    /// Where compiled kernels are cached ([`CudaOptions::kernel_cache_dir`]).
+    cache_dir: PathBuf,
     _blas_workspace: Option<DevBuf>,
 }
 
@@ -96,9 +99,10 @@ fn fnv1a(data: &[u8]) -> u64 {
     h
 }
 
-fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MULTILORA_CACHE_DIR") {
-        return PathBuf::from(d);
+/// The kernel cache: `dir`, or `~/.cache/multilora`.
+fn cache_dir(dir: Option<&Path>) -> PathBuf {
+    if let Some(d) = dir {
+        return d.to_path_buf();
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
@@ -107,7 +111,12 @@ fn cache_dir() -> PathBuf {
 }
 
 impl Gpu {
+    /// Device `ordinal` with the default options.
     pub fn new(ordinal: usize, elem: Elem) -> Result<Self> {
+        Self::with_options(ordinal, elem, &CudaOptions::default())
+    }
+
+    pub fn with_options(ordinal: usize, elem: Elem, opts: &CudaOptions) -> Result<Self> {
         probe()?;
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("creating the CUDA context", e))?;
         // SAFETY: no buffers exist yet; we manage ordering ourselves with one stream.
@@ -135,11 +144,12 @@ impl Gpu {
             arch,
             name,
             num_sms,
-            // `MULTILORA_PDL=0` turns it off, to measure what it brings.
-            pdl: major >= 9 && std::env::var("MULTILORA_PDL").map_or(true, |v| v != "0"),
+            pdl: major >= 9 && opts.pdl,
             elem,
+            cache_dir: PathBuf::new(),
             _blas_workspace: None,
         };
+        gpu.cache_dir = cache_dir(opts.kernel_cache_dir.as_deref());
         for m in kernels::MODULES {
             gpu.load(m)?;
         }
@@ -159,7 +169,7 @@ impl Gpu {
 
     /// Compiles (or reads from the PTX cache) and loads a module; its kernels join `func`'s.
     pub fn load(&mut self, m: &kernels::Module) -> Result<()> {
-        let ptx = compile_cached(&m.source(self.elem), &self.arch)?;
+        let ptx = compile_cached(&m.source(self.elem), &self.arch, &self.cache_dir)?;
         super::launch::check_module(m.name, &ptx.to_src(), m.kernels)?;
         let module = self
             .ctx
@@ -326,9 +336,9 @@ impl Gpu {
 }
 
 /// Compiles `src` for `arch` with NVRTC, or reads the PTX cached from an earlier run.
-fn compile_cached(src: &str, arch: &str) -> Result<Ptx> {
+fn compile_cached(src: &str, arch: &str, dir: &Path) -> Result<Ptx> {
     let key = fnv1a(format!("{arch}\n{src}").as_bytes());
-    let path = cache_dir().join(format!("kernels-{arch}-{key:016x}.ptx"));
+    let path = dir.join(format!("kernels-{arch}-{key:016x}.ptx"));
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok(Ptx::from_src(text));
     }

@@ -28,6 +28,7 @@ pub mod sgmv;
 pub mod skinny;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -55,6 +56,64 @@ struct Graph(CudaGraph);
 // SAFETY: CUDA graph handles are not tied to the thread that created them.
 unsafe impl Send for Graph {}
 
+/// Tuning switches of the CUDA backend (fields of the engine's config; the CLI maps
+/// `MULTILORA_SKINNY_MAX_M`, `MULTILORA_PDL` and `MULTILORA_CACHE_DIR` onto them, for
+/// comparisons). The defaults are what measured fastest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Largest token count whose projections run on the skinny GEMM (at most
+    /// [`skinny::SKINNY_MAX_M`]); cuBLAS above. 0: cuBLAS for every projection.
+    pub skinny_max_m: usize,
+    /// Programmatic dependent launch on sm_90+ ([`gpu::Gpu::launch`]).
+    pub pdl: bool,
+    /// Where compiled kernels are cached; `None`: `~/.cache/multilora`.
+    pub kernel_cache_dir: Option<PathBuf>,
+}
+
+impl CudaOptions {
+    /// Sets the switches named by variables (`get` reads one; the CLI passes the environment):
+    /// `MULTILORA_SKINNY_MAX_M=N` (the skinny GEMM up to N tokens, 0: cuBLAS only),
+    /// `MULTILORA_PDL=0` (plain launches), `MULTILORA_CACHE_DIR` (the kernel cache). A value
+    /// that does not parse is an error naming it.
+    pub fn apply_vars(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let bad = |k: &str, v: &str, want: &str| Error::InvalidConfig(format!("{k}={v:?}: expected {want}"));
+        if let Some(v) = get("MULTILORA_SKINNY_MAX_M") {
+            let max = skinny::SKINNY_MAX_M;
+            match v.trim().parse::<usize>() {
+                Ok(n) if n <= max => self.skinny_max_m = n,
+                _ => {
+                    return Err(bad(
+                        "MULTILORA_SKINNY_MAX_M",
+                        &v,
+                        &format!("a token count from 0 to {max}"),
+                    ))
+                }
+            }
+        }
+        if let Some(v) = get("MULTILORA_PDL") {
+            self.pdl = match v.trim() {
+                "0" | "false" => false,
+                "1" | "true" => true,
+                _ => return Err(bad("MULTILORA_PDL", &v, "0 or 1")),
+            };
+        }
+        if let Some(v) = get("MULTILORA_CACHE_DIR").filter(|v| !v.is_empty()) {
+            self.kernel_cache_dir = Some(PathBuf::from(v));
+        }
+        Ok(())
+    }
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            skinny_max_m: skinny::SKINNY_DEFAULT_M,
+            pdl: true,
+            kernel_cache_dir: None,
+        }
+    }
+}
+
 pub struct CudaBackend {
     // Field order is drop order: graphs and the device buffers before the context.
     /// Keyed by (bucket, LoRA mask, samples on the device)
@@ -79,7 +138,7 @@ impl CudaBackend {
         bc: &crate::backend::BackendConfig,
         elem: Elem,
     ) -> Result<Self> {
-        let gpu = Gpu::new(0, elem)?;
+        let gpu = Gpu::with_options(0, elem, &bc.cuda)?;
         let model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
         let sampler = DeviceSampler::new(&gpu, bc.max_num_seqs)?;
         gpu.sync()?;
@@ -244,5 +303,37 @@ impl Backend for CudaBackend {
 
     fn last_device_time(&self) -> Option<Duration> {
         self.last_device_time
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars<'a>(pairs: &'a [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string())
+    }
+
+    #[test]
+    fn switches_come_from_variables_and_bad_values_are_refused() {
+        let mut o = CudaOptions::default();
+        o.apply_vars(vars(&[])).unwrap();
+        assert_eq!(o, CudaOptions::default());
+        let set = [
+            ("MULTILORA_SKINNY_MAX_M", "0"),
+            ("MULTILORA_PDL", "0"),
+            ("MULTILORA_CACHE_DIR", "/tmp/k"),
+        ];
+        o.apply_vars(vars(&set)).unwrap();
+        assert_eq!((o.skinny_max_m, o.pdl), (0, false));
+        assert_eq!(o.kernel_cache_dir, Some(PathBuf::from("/tmp/k")));
+        for bad in [
+            ("MULTILORA_SKINNY_MAX_M", "64"),
+            ("MULTILORA_SKINNY_MAX_M", "x"),
+            ("MULTILORA_PDL", "no"),
+        ] {
+            let err = o.apply_vars(vars(&[bad])).unwrap_err().to_string();
+            assert!(err.contains(bad.0) && err.contains(bad.1), "{err}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::plan::{
 };
 use super::prefill;
 use super::sgmv;
-use super::skinny::{Epilogue, NormIo, SKINNY_DEFAULT_M, SKINNY_MAX_M, SKINNY_THREADS};
+use super::skinny::{Epilogue, NormIo, SKINNY_MAX_M, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::cpu::ops::inv_freq;
@@ -101,8 +101,7 @@ pub struct CudaModel {
     /// KV slot that padded graph rows write to (an extra block past the engine's)
     scratch_slot: u32,
     max_loras: usize,
-    /// Largest token count the skinny GEMM takes; cuBLAS above. `MULTILORA_SKINNY_MAX_M=N`
-    /// overrides it (0: cuBLAS for every projection), for comparisons.
+    /// Largest token count the skinny GEMM takes; cuBLAS above ([`super::CudaOptions`]).
     skinny_max_m: usize,
     /// The tensor-core attention kernel of prefill and mixed steps ([`prefill::kernel`]); `None`
     /// for head sizes it does not take (then `paged_attention`).
@@ -353,11 +352,7 @@ impl CudaModel {
             block_size: bc.block_size,
             scratch_slot: (bc.num_kv_blocks * bc.block_size) as u32,
             max_loras: bc.max_loras,
-            skinny_max_m: std::env::var("MULTILORA_SKINNY_MAX_M")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(SKINNY_DEFAULT_M)
-                .min(SKINNY_MAX_M),
+            skinny_max_m: bc.cuda.skinny_max_m.min(SKINNY_MAX_M),
             prefill_attention,
             att_split: att_split.filter(|sp| sp.max_pieces > 0),
             att_pieces,
