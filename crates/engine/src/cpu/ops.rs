@@ -7,7 +7,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::model_config::{ModelConfig, RopeScaling};
+use crate::model_config::ModelConfig;
+use crate::models::rope;
 
 /// Dot product; AVX2+FMA where the CPU has it.
 #[inline]
@@ -370,58 +371,14 @@ pub struct Rope {
     sin: Vec<f32>,
 }
 
-/// HF's inverse frequencies, with the scaling rules of `rope_type` linear and llama3.
-pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
-    let dim = cfg.head_dim;
-    let base = cfg.rope_theta as f64;
-    let mut f: Vec<f64> = (0..dim / 2)
-        .map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64))
-        .collect();
-    match cfg.rope_scaling {
-        None => {}
-        Some(RopeScaling::Linear { factor }) => f.iter_mut().for_each(|v| *v /= factor as f64),
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) => {
-            let (factor, low, high, old) = (
-                factor as f64,
-                low_freq_factor as f64,
-                high_freq_factor as f64,
-                original_max_position_embeddings as f64,
-            );
-            let low_wavelen = old / low;
-            let high_wavelen = old / high;
-            for v in f.iter_mut() {
-                let wavelen = 2.0 * std::f64::consts::PI / *v;
-                if wavelen > low_wavelen {
-                    *v /= factor;
-                } else if wavelen >= high_wavelen {
-                    let smooth = (old / wavelen - low) / (high - low);
-                    *v = (1.0 - smooth) * *v / factor + smooth * *v;
-                }
-            }
-        }
-    }
-    f.into_iter().map(|v| v as f32).collect()
-}
-
 impl Rope {
     pub fn new(cfg: &ModelConfig, max_positions: usize) -> Self {
-        let inv = inv_freq(cfg);
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for &f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
+        let (cos, sin) = rope::tables(cfg, max_positions);
+        Rope {
+            half: cfg.head_dim / 2,
+            cos,
+            sin,
         }
-        Rope { half, cos, sin }
     }
 
     pub fn max_positions(&self) -> usize {

@@ -18,7 +18,6 @@ use super::sgmv;
 use super::skinny::{Epilogue, NormIo, SKINNY_MAX_M, SKINNY_THREADS};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
-use crate::cpu::ops::inv_freq;
 use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::{LoraSlot, LoraTarget};
@@ -278,19 +277,7 @@ impl CudaModel {
         };
 
         // RoPE tables exactly as the CPU backend builds them.
-        let inv = inv_freq(cfg);
-        let half = inv.len();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(bc.max_model_len * half),
-            Vec::with_capacity(bc.max_model_len * half),
-        );
-        for p in 0..bc.max_model_len {
-            for &f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = crate::models::rope::tables(cfg, bc.max_model_len);
         let rope_cos = gpu.alloc(cos.len() * 4)?;
         let rope_sin = gpu.alloc(sin.len() * 4)?;
         gpu.htod(rope_cos.ptr, &cos)?;

@@ -2,3 +2,4 @@
 //! their differences are flags in [`crate::ModelConfig`].
 
 pub mod llama;
+pub mod rope;
