@@ -36,6 +36,13 @@ pub struct EngineArgs {
     /// cpu or cuda
     #[arg(long)]
     pub device: Option<String>,
+    /// Share of the GPU's memory this process may take (weights, adapter slots, buffers); the
+    /// KV cache gets what is left of it (config: gpu_memory_utilization; default 0.9).
+    #[arg(long)]
+    pub gpu_memory_utilization: Option<f32>,
+    /// No CUDA graphs: every step launched kernel by kernel (config: enforce_eager).
+    #[arg(long)]
+    pub enforce_eager: bool,
     /// auto (safetensors) or dummy (random weights from config.json)
     #[arg(long)]
     pub load_format: Option<String>,
@@ -89,6 +96,12 @@ impl EngineArgs {
         }
         if let Some(v) = &self.device {
             cfg.device = parse_device(v)?;
+        }
+        if let Some(v) = self.gpu_memory_utilization {
+            cfg.gpu_memory_utilization = v;
+        }
+        if self.enforce_eager {
+            cfg.enforce_eager = true;
         }
         if let Some(v) = &self.load_format {
             cfg.load_format = parse_load_format(v)?;

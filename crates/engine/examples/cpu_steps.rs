@@ -25,7 +25,12 @@ fn main() -> anyhow::Result<()> {
         max_num_seqs: b,
         max_model_len: p + d,
         block_size,
-        num_kv_blocks: b * blocks_per_seq,
+        kv: multilora_engine::backend::KvBudget {
+            wanted_blocks: b * blocks_per_seq,
+            num_blocks_override: Some(b * blocks_per_seq),
+            memory_bytes: None,
+            gpu_memory_utilization: 0.9,
+        },
         max_loras: 0,
         max_lora_rank: 0,
         enforce_eager: true,

@@ -130,7 +130,8 @@ pub struct BackendConfig {
     pub max_num_seqs: usize,
     pub max_model_len: usize,
     pub block_size: usize,
-    pub num_kv_blocks: usize,
+    /// What the KV cache may take: the backend sizes it ([`KvBudget::blocks`]).
+    pub kv: KvBudget,
     /// 0 when LoRA is disabled.
     pub max_loras: usize,
     pub max_lora_rank: usize,
@@ -142,10 +143,48 @@ pub struct BackendConfig {
     pub cuda: crate::cuda::CudaOptions,
 }
 
+/// The memory a KV cache may take, in vLLM's terms. A backend knows its element size and, on a
+/// GPU, how much memory its weights, adapter slots and buffers left; it sizes the cache from
+/// this after loading everything else.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvBudget {
+    /// Blocks the engine can use at most: `max_num_seqs` sequences of `max_model_len` (there is
+    /// no prefix cache, so more would stay empty).
+    pub wanted_blocks: usize,
+    /// vLLM's `num_gpu_blocks_override`: exactly this many.
+    pub num_blocks_override: Option<usize>,
+    /// vLLM's `kv_cache_memory_bytes`: this much memory, whatever the device has left.
+    pub memory_bytes: Option<usize>,
+    /// vLLM's `gpu_memory_utilization`: the share of the device's memory this process may take
+    /// in all (weights and buffers included); the KV cache gets what is left of it.
+    pub gpu_memory_utilization: f32,
+}
+
+impl KvBudget {
+    /// Blocks of `bytes_per_block` the cache gets where the device has `available` bytes for it.
+    pub fn blocks(&self, bytes_per_block: usize, available: usize) -> usize {
+        if let Some(n) = self.num_blocks_override {
+            return n;
+        }
+        let bytes = self.memory_bytes.unwrap_or(available);
+        self.wanted_blocks.min(bytes / bytes_per_block.max(1))
+    }
+}
+
+/// The KV cache a backend allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheSize {
+    pub num_blocks: usize,
+    pub bytes_per_block: usize,
+}
+
 /// A device that holds the weights, the paged KV cache and `max_loras` adapter slots.
 pub trait Backend: Send {
     /// Human-readable device description for reports.
     fn device_name(&self) -> String;
+
+    /// The KV cache it sized from [`BackendConfig::kv`] and allocated.
+    fn kv_cache(&self) -> KvCacheSize;
 
     /// Fills (or clears) an adapter slot; called by the engine when the LoRA manager activates
     /// an adapter for a step.
@@ -181,6 +220,33 @@ pub trait Backend: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kv_budget_takes_the_override_then_the_bytes_then_what_is_left() {
+        let b = KvBudget {
+            wanted_blocks: 100,
+            num_blocks_override: None,
+            memory_bytes: None,
+            gpu_memory_utilization: 0.9,
+        };
+        assert_eq!(b.blocks(1000, 50_500), 50, "what the device has left");
+        assert_eq!(b.blocks(1000, 1 << 30), 100, "no more than the engine can use");
+        assert_eq!(b.blocks(1000, 999), 0);
+        let bytes = KvBudget {
+            memory_bytes: Some(20_000),
+            ..b
+        };
+        assert_eq!(
+            bytes.blocks(1000, 1 << 30),
+            20,
+            "kv_cache_memory_bytes over the device's"
+        );
+        let exact = KvBudget {
+            num_blocks_override: Some(7),
+            ..bytes
+        };
+        assert_eq!(exact.blocks(1000, 0), 7);
+    }
 
     #[test]
     fn sampling_rows_keep_their_banned_ids() {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::{Backend, BackendConfig, RowSampling, StepBatch};
+use crate::backend::{Backend, BackendConfig, KvBudget, RowSampling, StepBatch};
 use crate::block_manager::BlockManager;
-use crate::cpu::{CpuBackend, KvCache};
+use crate::cpu::CpuBackend;
 use crate::cuda::elem::Elem;
 use crate::error::{Error, Result};
 use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats};
@@ -259,30 +259,13 @@ impl LLMEngine {
             );
         }
         let cuda_elem = cuda_elem.unwrap_or(Elem::Bf16);
-        let bytes_per_block = match config.device {
-            Device::Cpu => KvCache::bytes_per_block(&model_config, config.block_size),
-            Device::Cuda => crate::cuda::kv_bytes_per_block(&model_config, config.block_size),
-        };
-        // The CUDA backend's KV cache is 16-bit in device memory; default to 16 GiB there.
-        let default_kv_bytes: usize = match config.device {
-            Device::Cpu => 4 << 30,
-            Device::Cuda => 16 << 30,
-        };
-        let blocks_per_seq = max_model_len.div_ceil(config.block_size);
-        let num_kv_blocks = match config.num_gpu_blocks_override {
-            Some(n) => n,
-            None => {
-                let wanted = config.max_num_seqs * blocks_per_seq;
-                let budget = config.kv_cache_memory_bytes.unwrap_or(default_kv_bytes) / bytes_per_block;
-                wanted.min(budget)
-            }
-        };
-        if num_kv_blocks < blocks_per_seq {
+        if !(config.gpu_memory_utilization > 0.0 && config.gpu_memory_utilization <= 1.0) {
             return Err(Error::InvalidConfig(format!(
-                "the KV cache holds {num_kv_blocks} blocks of {} tokens, fewer than one sequence of max_model_len {max_model_len} needs ({blocks_per_seq}); give it more memory or lower max_model_len",
-                config.block_size
+                "gpu_memory_utilization {} must be in (0, 1]",
+                config.gpu_memory_utilization
             )));
         }
+        let blocks_per_seq = max_model_len.div_ceil(config.block_size);
 
         let lora_cfg = if config.enable_lora {
             Some(LoraConfig {
@@ -308,7 +291,12 @@ impl LLMEngine {
             max_num_seqs: config.max_num_seqs,
             max_model_len,
             block_size: config.block_size,
-            num_kv_blocks,
+            kv: KvBudget {
+                wanted_blocks: config.max_num_seqs * blocks_per_seq,
+                num_blocks_override: config.num_gpu_blocks_override,
+                memory_bytes: config.kv_cache_memory_bytes,
+                gpu_memory_utilization: config.gpu_memory_utilization,
+            },
             max_loras: lora_cfg.map_or(0, |c| c.max_loras),
             max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
             enforce_eager: config.enforce_eager,
@@ -325,6 +313,22 @@ impl LLMEngine {
             )?),
         };
         drop(weights);
+        // The backend sized its KV cache from what its weights and buffers left.
+        let kv = backend.kv_cache();
+        let num_kv_blocks = kv.num_blocks;
+        if num_kv_blocks < blocks_per_seq {
+            return Err(Error::InvalidConfig(format!(
+                "the KV cache holds {num_kv_blocks} blocks of {} tokens, fewer than one sequence of max_model_len {max_model_len} needs ({blocks_per_seq}); give it more memory (gpu_memory_utilization {}, kv_cache_memory_bytes, num_gpu_blocks_override) or lower max_model_len",
+                config.block_size, config.gpu_memory_utilization
+            )));
+        }
+        tracing::info!(
+            "KV cache: {num_kv_blocks} blocks of {} tokens ({:.2} GiB); {} sequences of max_model_len {max_model_len} fit at once (max_num_seqs {})",
+            config.block_size,
+            (num_kv_blocks * kv.bytes_per_block) as f64 / (1u64 << 30) as f64,
+            num_kv_blocks / blocks_per_seq,
+            config.max_num_seqs
+        );
 
         let mut batch = StepBatch {
             max_blocks_per_seq: blocks_per_seq,

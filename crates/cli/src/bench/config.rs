@@ -477,12 +477,6 @@ fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow:
     let mut engine = EngineConfig::new(&base_model_path);
     c.apply_engine(&mut engine);
     engine.enable_lora = lora.is_some();
-    if let Some(v) = args.gpu_memory_utilization {
-        engine.gpu_memory_utilization = v;
-    }
-    if args.enforce_eager {
-        engine.enforce_eager = true;
-    }
     args.engine.apply(&mut engine)?;
     if !(engine.gpu_memory_utilization > 0.0 && engine.gpu_memory_utilization <= 1.0) {
         bail!(

@@ -96,13 +96,6 @@ pub struct CommonArgs {
     /// since a misspelt key would silently fall back to its default).
     #[arg(long)]
     pub allow_unknown_keys: bool,
-    /// No CUDA graphs: every step launched kernel by kernel (config: enforce_eager).
-    #[arg(long)]
-    pub enforce_eager: bool,
-    /// Fraction of the device's memory for weights, KV cache and adapters (config:
-    /// gpu_memory_utilization).
-    #[arg(long)]
-    pub gpu_memory_utilization: Option<f32>,
     /// Engine overrides; --seed sets random_seed (workloads) and the engine seed.
     #[command(flatten)]
     pub engine: EngineArgs,

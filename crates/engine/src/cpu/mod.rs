@@ -4,7 +4,7 @@
 
 pub mod ops;
 
-use crate::backend::{Backend, BackendConfig, StepBatch};
+use crate::backend::{Backend, BackendConfig, KvCacheSize, StepBatch};
 use crate::error::Result;
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::punica::LoraStack;
@@ -61,9 +61,13 @@ impl Workspace {
     }
 }
 
+/// The KV cache's memory where `kv_cache_memory_bytes` is not given (vLLM's CPU default).
+const CPU_KV_BYTES: usize = 4 << 30;
+
 pub struct CpuBackend {
     model: Llama,
     kv: KvCache,
+    kv_size: KvCacheSize,
     ws: Workspace,
     /// `[num_layers * 7]`; empty when LoRA is disabled
     lora_stacks: Vec<LoraStack>,
@@ -72,7 +76,9 @@ pub struct CpuBackend {
 impl CpuBackend {
     pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &BackendConfig) -> Result<Self> {
         let model = Llama::load(weights, cfg, bc.max_model_len)?;
-        let slots = bc.num_kv_blocks * bc.block_size * cfg.kv_size();
+        let bytes_per_block = KvCache::bytes_per_block(cfg, bc.block_size);
+        let num_kv_blocks = bc.kv.blocks(bytes_per_block, CPU_KV_BYTES);
+        let slots = num_kv_blocks * bc.block_size * cfg.kv_size();
         let kv = KvCache {
             block_size: bc.block_size,
             k: (0..cfg.num_hidden_layers).map(|_| vec![0.0; slots]).collect(),
@@ -91,6 +97,10 @@ impl CpuBackend {
         Ok(CpuBackend {
             model,
             kv,
+            kv_size: KvCacheSize {
+                num_blocks: num_kv_blocks,
+                bytes_per_block,
+            },
             ws,
             lora_stacks,
         })
@@ -100,6 +110,10 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     fn device_name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn kv_cache(&self) -> KvCacheSize {
+        self.kv_size
     }
 
     fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {

@@ -34,7 +34,7 @@ use std::time::Duration;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph};
 
-use crate::backend::{Backend, StepBatch};
+use crate::backend::{Backend, KvCacheSize, StepBatch};
 use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::LoraSlot;
@@ -48,6 +48,19 @@ use sampling::DeviceSampler;
 /// Bytes one KV block takes over all layers (K and V, 16-bit elements).
 pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
     2 * cfg.num_hidden_layers * block_size * cfg.kv_size() * 2
+}
+
+/// Memory kept free for what is allocated after the KV cache: CUDA graphs (captured per batch
+/// size on first use) and the driver's own allocations.
+pub const GRAPH_RESERVE_BYTES: usize = 512 << 20;
+
+/// Bytes the KV cache may take on a card of `total` bytes with `free` left after loading, when
+/// this process may use `utilization` of the card (vLLM's `gpu_memory_utilization`): that share
+/// less what is already used (by us, or by anyone else on the card) and [`GRAPH_RESERVE_BYTES`].
+pub fn kv_memory(total: usize, free: usize, utilization: f32) -> usize {
+    let allowed = (total as f64 * utilization as f64) as usize;
+    let used = total.saturating_sub(free);
+    allowed.saturating_sub(used + GRAPH_RESERVE_BYTES)
 }
 
 /// A captured decode step. The backend (and so its graphs) moves between threads but is used
@@ -129,6 +142,7 @@ pub struct CudaBackend {
     last_device_time: Option<Duration>,
     /// An error from `set_lora_slot` (which cannot return one), reported by the next forward.
     pending: Option<Error>,
+    kv_size: KvCacheSize,
 }
 
 impl CudaBackend {
@@ -139,9 +153,21 @@ impl CudaBackend {
         elem: Elem,
     ) -> Result<Self> {
         let gpu = Gpu::with_options(0, elem, &bc.cuda)?;
-        let model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
+        let mut model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
         let sampler = DeviceSampler::new(&gpu, bc.max_num_seqs)?;
         gpu.sync()?;
+        // The KV cache takes what the weights, adapter slots and buffers left of the share of
+        // the card gpu_memory_utilization allows.
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(|e| cuda_err("reading free memory", e))?;
+        let bytes_per_block = kv_bytes_per_block(cfg, bc.block_size);
+        let available = kv_memory(total, free, bc.kv.gpu_memory_utilization);
+        let num_blocks = bc.kv.blocks(bytes_per_block, available);
+        model.alloc_kv(&gpu, num_blocks)?;
+        let kv_size = KvCacheSize {
+            num_blocks,
+            bytes_per_block,
+        };
         let events = (gpu.timing_event()?, gpu.timing_event()?);
         Ok(CudaBackend {
             graphs: HashMap::new(),
@@ -154,6 +180,7 @@ impl CudaBackend {
             events,
             last_device_time: None,
             pending: None,
+            kv_size,
         })
     }
 
@@ -261,6 +288,10 @@ impl Backend for CudaBackend {
         format!("cuda ({}, {} SMs)", self.gpu.name, self.gpu.num_sms)
     }
 
+    fn kv_cache(&self) -> KvCacheSize {
+        self.kv_size
+    }
+
     fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
         let done = self
             .gpu
@@ -312,6 +343,19 @@ mod tests {
 
     fn vars<'a>(pairs: &'a [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string())
+    }
+
+    #[test]
+    fn the_kv_cache_gets_the_allowed_share_less_what_is_used() {
+        const GIB: usize = 1 << 30;
+        // 141 GiB card, 0.9 allowed, 14 GiB used by weights and buffers.
+        let got = kv_memory(141 * GIB, 127 * GIB, 0.9);
+        let allowed = (141.0 * GIB as f64 * 0.9f32 as f64) as usize;
+        assert_eq!(got, allowed - 14 * GIB - GRAPH_RESERVE_BYTES);
+        // Another process's memory on the card counts as used too (117 GiB of it here): nothing
+        // left is 0, not an underflow.
+        assert_eq!(kv_memory(141 * GIB, 10 * GIB, 0.9), 0);
+        assert_eq!(kv_memory(141 * GIB, 141 * GIB, 0.0), 0);
     }
 
     #[test]

@@ -97,7 +97,8 @@ pub struct CudaModel {
     max_seqs: usize,
     max_blocks_per_seq: usize,
     block_size: usize,
-    /// KV slot that padded graph rows write to (an extra block past the engine's)
+    /// KV slot that padded graph rows write to (an extra block past the engine's; set by
+    /// `alloc_kv`)
     scratch_slot: u32,
     max_loras: usize,
     /// Largest token count the skinny GEMM takes; cuBLAS above ([`super::CudaOptions`]).
@@ -283,14 +284,6 @@ impl CudaModel {
         gpu.htod(rope_cos.ptr, &cos)?;
         gpu.htod(rope_sin.ptr, &sin)?;
 
-        let num_slots = (bc.num_kv_blocks + 1) * bc.block_size;
-        let mut k_cache = Vec::new();
-        let mut v_cache = Vec::new();
-        for _ in 0..cfg.num_hidden_layers {
-            k_cache.push(gpu.alloc(num_slots * kvs * 2)?);
-            v_cache.push(gpu.alloc(num_slots * kvs * 2)?);
-        }
-
         let (t, s) = (bc.max_num_batched_tokens.max(bc.max_num_seqs), bc.max_num_seqs);
         let max_blocks_per_seq = bc.max_model_len.div_ceil(bc.block_size);
         // Split-context prefill attention: aim at two blocks an SM (the head_dim 128 kernel's
@@ -337,7 +330,7 @@ impl CudaModel {
             max_seqs: s,
             max_blocks_per_seq,
             block_size: bc.block_size,
-            scratch_slot: (bc.num_kv_blocks * bc.block_size) as u32,
+            scratch_slot: 0,
             max_loras: bc.max_loras,
             skinny_max_m: bc.cuda.skinny_max_m.min(SKINNY_MAX_M),
             prefill_attention,
@@ -352,8 +345,8 @@ impl CudaModel {
             layers,
             rope_cos,
             rope_sin,
-            k_cache,
-            v_cache,
+            k_cache: Vec::new(),
+            v_cache: Vec::new(),
             arena: gpu.alloc(arena_layout.len * 4)?,
             arena_layout,
             hidden: gpu.alloc(t * h * 4)?,
@@ -370,6 +363,20 @@ impl CudaModel {
             logits: gpu.alloc(s * v * 4)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Allocates the paged KV cache: `num_blocks` blocks for the engine and one more that padded
+    /// graph rows write to. Called once, after everything else is loaded (the cache takes what
+    /// memory is left).
+    pub fn alloc_kv(&mut self, gpu: &Gpu, num_blocks: usize) -> Result<()> {
+        let num_slots = (num_blocks + 1) * self.block_size;
+        let kvs = self.cfg.kv_size();
+        for _ in 0..self.cfg.num_hidden_layers {
+            self.k_cache.push(gpu.alloc(num_slots * kvs * 2)?);
+            self.v_cache.push(gpu.alloc(num_slots * kvs * 2)?);
+        }
+        self.scratch_slot = (num_blocks * self.block_size) as u32;
+        Ok(())
     }
 
     pub fn arena_len(&self) -> usize {

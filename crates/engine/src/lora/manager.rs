@@ -482,6 +482,12 @@ mod tests {
         fn device_name(&self) -> String {
             "fake".into()
         }
+        fn kv_cache(&self) -> crate::backend::KvCacheSize {
+            crate::backend::KvCacheSize {
+                num_blocks: 0,
+                bytes_per_block: 0,
+            }
+        }
         fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
             self.loads += 1;
             match adapter {
