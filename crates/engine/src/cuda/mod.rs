@@ -24,14 +24,16 @@ pub mod prefill;
 pub mod sampling;
 pub mod sgmv;
 pub mod skinny;
+mod upload;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph};
 
-use crate::backend::{Backend, StepBatch};
+use crate::backend::{AdapterPreparer, Backend, StepBatch};
 use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::LoraSlot;
@@ -41,6 +43,7 @@ use elem::Elem;
 use gpu::{cuda_err, Gpu};
 use model::{CudaModel, StepShape};
 use sampling::DeviceSampler;
+use upload::{CudaPreparer, DeviceAdapter, SlotLayout, SlotUploads};
 
 /// Bytes one KV block takes over all layers (K and V, 16-bit elements).
 pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
@@ -57,6 +60,9 @@ pub struct CudaBackend {
     // Field order is drop order: graphs and the device buffers before the context.
     /// Keyed by (bucket, LoRA mask, samples on the device)
     graphs: HashMap<(usize, u8, bool), Graph>,
+    /// Holds the host memory of copies in flight: dropped (after waiting for them) before the
+    /// slots they write and the context.
+    uploads: Option<SlotUploads>,
     model: CudaModel,
     sampler: DeviceSampler,
     gpu: Gpu,
@@ -66,6 +72,8 @@ pub struct CudaBackend {
     logits: Vec<f32>,
     events: (CudaEvent, CudaEvent),
     last_device_time: Option<Duration>,
+    /// How the slots lay adapters out; `None` without LoRA.
+    lora_layout: Option<SlotLayout>,
 }
 
 impl CudaBackend {
@@ -80,8 +88,15 @@ impl CudaBackend {
         let sampler = DeviceSampler::new(&gpu, bc.max_num_seqs)?;
         gpu.sync()?;
         let events = (gpu.timing_event()?, gpu.timing_event()?);
+        let lora_layout = model.lora_layout(elem);
+        let uploads = lora_layout
+            .as_ref()
+            .map(|_| SlotUploads::new(&gpu.ctx, bc.max_loras, bc.sync_lora_uploads))
+            .transpose()?;
         Ok(CudaBackend {
             graphs: HashMap::new(),
+            uploads,
+            lora_layout,
             arena: vec![0; model.arena_len()],
             logits: Vec::new(),
             model,
@@ -131,6 +146,10 @@ impl CudaBackend {
             self.sampler.upload(&self.gpu, &batch.sampling, shape.num_seqs)?;
         }
 
+        if let Some(u) = self.uploads.as_mut() {
+            // Outside the timed span, as the host copies before this design were.
+            u.before_step(&self.gpu.stream)?;
+        }
         let (start, end) = &self.events;
         start
             .record(&self.gpu.stream)
@@ -159,7 +178,11 @@ impl CudaBackend {
             None => self.record(shape, sample)?,
         }
         end.record(&self.gpu.stream)
-            .map_err(|e| cuda_err("event record", e))
+            .map_err(|e| cuda_err("event record", e))?;
+        match self.uploads.as_mut() {
+            Some(u) if lora_mask != 0 => u.after_step(&self.gpu.stream, &batch.token_lora),
+            _ => Ok(()),
+        }
     }
 
     /// The model's kernels, then the sampler's over the (padded) rows.
@@ -196,7 +219,28 @@ impl Backend for CudaBackend {
 
     fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
         self.gpu.bind()?;
-        self.model.set_lora_slot(&self.gpu, slot, adapter)
+        let (Some(layout), Some(uploads)) = (&self.lora_layout, self.uploads.as_mut()) else {
+            return Err(Error::Backend("set_lora_slot with LoRA disabled".into()));
+        };
+        // The form the loader thread made; else (an adapter that bypassed the loader) made now.
+        let prepared = adapter.and_then(|a| a.prepared.as_ref()).and_then(|p| {
+            let d = p.0.clone().downcast::<DeviceAdapter>().ok()?;
+            d.is_for(layout).then_some(d)
+        });
+        let device = match (adapter, prepared) {
+            (Some(_), Some(d)) => Some(d),
+            (Some(a), None) => Some(Arc::new(DeviceAdapter::new(a, layout, None)?)),
+            (None, _) => None,
+        };
+        self.model.set_lora_slot(uploads, slot, device)
+    }
+
+    fn adapter_preparer(&self) -> Option<Arc<dyn AdapterPreparer>> {
+        let layout = self.lora_layout.clone()?;
+        Some(Arc::new(CudaPreparer {
+            ctx: self.gpu.ctx.clone(),
+            layout,
+        }))
     }
 
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {

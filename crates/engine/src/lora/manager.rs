@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::adapter::LoraAdapter;
 use super::{AdapterId, LoraRequest, LoraSlot};
-use crate::backend::Backend;
+use crate::backend::{AdapterPreparer, Backend};
 use crate::error::{Error, Result};
 use crate::ModelConfig;
 
@@ -55,6 +55,27 @@ pub struct DiskLoader;
 impl AdapterLoader for DiskLoader {
     fn load(&self, req: &LoraRequest, model: &ModelConfig, max_lora_rank: usize) -> Result<LoraAdapter> {
         LoraAdapter::load(&req.name, &req.path, model, max_lora_rank)
+    }
+}
+
+/// A loader that also converts each adapter into the backend's form, on the same thread (so
+/// off the engine step), timed with the load.
+#[derive(Debug)]
+pub struct PreparingLoader {
+    pub inner: Arc<dyn AdapterLoader>,
+    pub preparer: Arc<dyn AdapterPreparer>,
+}
+
+impl AdapterLoader for PreparingLoader {
+    fn load(&self, req: &LoraRequest, model: &ModelConfig, max_lora_rank: usize) -> Result<LoraAdapter> {
+        let mut adapter = self.inner.load(req, model, max_lora_rank)?;
+        let prepared = self.preparer.prepare(&adapter).map_err(|e| Error::AdapterLoad {
+            name: req.name.clone(),
+            path: req.path.clone(),
+            msg: format!("preparing it for the device: {e}"),
+        })?;
+        adapter.prepared = Some(prepared);
+        Ok(adapter)
     }
 }
 
@@ -184,20 +205,27 @@ fn loader_thread(
     }
 }
 
-impl LoraManager {
-    pub fn new(cfg: LoraConfig, model: &ModelConfig, loader: Arc<dyn AdapterLoader>) -> Result<Self> {
-        if cfg.max_loras == 0 {
+impl LoraConfig {
+    pub fn check(&self) -> Result<()> {
+        if self.max_loras == 0 {
             return Err(Error::InvalidConfig("max_loras must be at least 1".into()));
         }
-        if cfg.max_lora_rank == 0 {
+        if self.max_lora_rank == 0 {
             return Err(Error::InvalidConfig("max_lora_rank must be at least 1".into()));
         }
-        if cfg.max_cpu_loras < cfg.max_loras {
+        if self.max_cpu_loras < self.max_loras {
             return Err(Error::InvalidConfig(format!(
                 "max_cpu_loras ({}) must be >= max_loras ({})",
-                cfg.max_cpu_loras, cfg.max_loras
+                self.max_cpu_loras, self.max_loras
             )));
         }
+        Ok(())
+    }
+}
+
+impl LoraManager {
+    pub fn new(cfg: LoraConfig, model: &ModelConfig, loader: Arc<dyn AdapterLoader>) -> Result<Self> {
+        cfg.check()?;
         let (jobs, job_rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
         let job_rx = Arc::new(Mutex::new(job_rx));
