@@ -675,6 +675,93 @@ mod tests {
         }
     }
 
+    /// Prepares adapters as a number (how many it prepared before), or fails.
+    #[derive(Debug, Default)]
+    struct CountingPreparer {
+        num_prepared: Mutex<usize>,
+        fails: bool,
+    }
+
+    impl AdapterPreparer for CountingPreparer {
+        fn prepare(&self, _: &LoraAdapter) -> Result<crate::backend::PreparedAdapter> {
+            if self.fails {
+                return Err(Error::Backend("out of pinned memory".into()));
+            }
+            let mut n = self.num_prepared.lock().unwrap();
+            *n += 1;
+            Ok(crate::backend::PreparedAdapter(Arc::new(*n)))
+        }
+    }
+
+    #[test]
+    fn preparing_loader_converts_on_the_loading_thread_and_names_failures() {
+        let preparer = Arc::new(CountingPreparer::default());
+        let loader = Arc::new(PreparingLoader {
+            inner: Arc::new(DiskLoader),
+            preparer: preparer.clone(),
+        });
+        let (mut m, r) = setup_with(1, 1, loader.clone());
+        m.register(&r[0], &[]).unwrap();
+        m.register(&r[1], &[]).unwrap(); // evicts a
+        m.prefetch([r[0].id].into_iter(), &[]);
+        assert!(settle(&mut m).is_empty());
+        // The first load (here) and the reload (a loader thread) were both prepared.
+        assert_eq!(*preparer.num_prepared.lock().unwrap(), 3);
+        let a = m.cache[&r[0].id].adapter.clone();
+        let n = a
+            .prepared
+            .as_ref()
+            .and_then(|p| p.0.downcast_ref::<usize>().copied());
+        assert_eq!(n, Some(3));
+
+        let failing = Arc::new(PreparingLoader {
+            inner: Arc::new(DiskLoader),
+            preparer: Arc::new(CountingPreparer {
+                fails: true,
+                ..Default::default()
+            }),
+        });
+        let (mut m, r) = setup_with(1, 1, failing);
+        let err = m.register(&r[0], &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("a_r8_all")
+                && err.contains("preparing it for the device: ")
+                && err.contains("out of pinned memory"),
+            "{err}"
+        );
+    }
+
+    /// Fails every slot copy.
+    struct BrokenBackend;
+
+    impl Backend for BrokenBackend {
+        fn device_name(&self) -> String {
+            "broken".into()
+        }
+        fn set_lora_slot(&mut self, _: LoraSlot, _: Option<&LoraAdapter>) -> Result<()> {
+            Err(Error::Backend("copy failed".into()))
+        }
+        fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_failed_slot_copy_fails_activation_and_frees_the_slot() {
+        let (mut m, r) = setup(1, 2);
+        m.register(&r[0], &[]).unwrap();
+        m.register(&r[1], &[]).unwrap();
+        let (mut be, mut out) = (FakeBackend::default(), Vec::new());
+        m.activate(&[r[0].id], &mut be, &mut out).unwrap();
+        // b's copy over a's slot fails: the slot holds neither now.
+        let err = m.activate(&[r[1].id], &mut BrokenBackend, &mut out).unwrap_err();
+        assert!(err.to_string().contains("copy failed"), "{err}");
+        assert_eq!(m.num_in_slots(), 0);
+        // So a is copied again rather than taken as resident.
+        m.activate(&[r[0].id], &mut be, &mut out).unwrap();
+        assert_eq!(be.loads, 2);
+    }
+
     #[test]
     fn rejects_bad_limits_and_id_reuse() {
         let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama/model");
