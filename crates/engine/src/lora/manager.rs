@@ -7,8 +7,11 @@
 //! disk. The engine asks for loads ahead of need ([`LoraManager::prefetch`], in the waiting
 //! queue's order), collects finished ones at the start of a step ([`LoraManager::poll`]), and the
 //! scheduler admits a request only once its adapter is in host memory ([`LoraManager::is_ready`]).
-//! Copying a ready adapter into a device slot ([`LoraManager::activate`]) stays in the step: it
-//! is a memory copy, not I/O.
+//! A backend that keeps adapters in its own form (the CUDA backend: device element type and slot
+//! layout, in pinned memory) converts them on the loader threads too ([`PreparingLoader`]), so
+//! filling a device slot ([`LoraManager::activate`], in the step) is only a copy, which the CUDA
+//! backend issues asynchronously on a stream of its own. Slots are picked by a [`SlotTable`]:
+//! a step costs its own adapters, whatever `max_loras` is.
 //!
 //! The host cache never holds more than `max_cpu_loras` adapters counting the loads in flight:
 //! a load reserves its entry when it starts (evicting then, not when it lands), so a finished
