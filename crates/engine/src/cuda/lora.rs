@@ -8,7 +8,7 @@ use cudarc::driver::CudaStream;
 use super::gpu::{cuda_err, DevBuf, Gpu};
 use super::sgmv::GroupWeights;
 use super::upload::DeviceAdapter;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::{LoraSlot, LoraTarget};
 use crate::ModelConfig;
 
@@ -74,11 +74,21 @@ impl LoraGroup {
         let outs: Vec<usize> = targets.iter().map(|t| t.shape(cfg).1).collect();
         let n: usize = outs.iter().sum();
         let nsub = targets.len();
+        // Out of memory here is a setting that asks too much: say which.
+        let alloc = |bytes: usize| {
+            gpu.alloc(bytes).map_err(|e| {
+                let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
+                Error::Backend(format!(
+                    "LoRA slots of {} ({max_loras} slots of device rank {r}, in every layer): {e}; lower max_loras or max_lora_rank",
+                    names.join("/")
+                ))
+            })
+        };
         Ok(LoraGroup {
-            a: gpu.alloc(nsub * max_loras * r * k * 2)?,
-            b: gpu.alloc(max_loras * n * r * 2)?,
-            ranks: gpu.alloc(nsub * max_loras * 4)?,
-            scales: gpu.alloc(nsub * max_loras * 4)?,
+            a: alloc(nsub * max_loras * r * k * 2)?,
+            b: alloc(max_loras * n * r * 2)?,
+            ranks: alloc(nsub * max_loras * 4)?,
+            scales: alloc(nsub * max_loras * 4)?,
             host_ranks: vec![0; nsub * max_loras],
             host_scales: vec![0.0; nsub * max_loras],
             num_active: 0,

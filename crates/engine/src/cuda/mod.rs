@@ -90,6 +90,14 @@ impl CudaBackend {
         gpu.sync()?;
         let events = (gpu.timing_event()?, gpu.timing_event()?);
         let lora_layout = model.lora_layout(elem);
+        if let Some(l) = &lora_layout {
+            let mib = (l.bytes_per_slot() * bc.max_loras) as f64 / f64::from(1 << 20);
+            tracing::info!(
+                max_loras = bc.max_loras,
+                device_rank = l.r,
+                "LoRA slots take {mib:.0} MiB of device memory"
+            );
+        }
         let uploads = lora_layout
             .as_ref()
             .map(|_| SlotUploads::new(&gpu.ctx, bc.max_loras, bc.sync_lora_uploads))

@@ -77,6 +77,14 @@ impl SlotLayout {
         self.groups.iter().map(|g| g.targets.len()).sum()
     }
 
+    /// Device memory one slot takes over all layers: A, B, rank and scale of every target.
+    pub fn bytes_per_slot(&self) -> usize {
+        let per_layer: usize = (self.groups.iter())
+            .map(|g| g.targets.len() * (self.r * g.k * 2 + 8) + g.outs.iter().sum::<usize>() * self.r * 2)
+            .sum();
+        self.num_layers * per_layer
+    }
+
     /// Index in [`DeviceAdapter::parts`] of target `z` of group `g` in `layer`.
     fn part_index(&self, layer: usize, g: usize, z: usize) -> usize {
         let before: usize = self.groups[..g].iter().map(|g| g.targets.len()).sum();
@@ -410,6 +418,10 @@ mod tests {
         assert_eq!((po.rank, po.scale), (8, 1.5));
         assert_eq!(po.data.unwrap().0, 16 * (h + q) + 16 * (h + kv));
         assert_eq!(f(po.data.unwrap().0), 3.0);
+        // Per layer: q/k/v A 3·16·64 and B (64+32+32)·16, o A and B 16·64 each, 16-bit; 4 ranks
+        // and scales of 4 bytes.
+        let per_layer = 2 * (3 * 16 * h + (q + 2 * kv) * 16 + 16 * q + h * 16) + 4 * 8;
+        assert_eq!(layout.bytes_per_slot(), cfg.num_hidden_layers * per_layer);
         assert!(dev.is_for(&layout));
         assert!(!dev.is_for(&SlotLayout { r: 8, ..layout }));
     }
