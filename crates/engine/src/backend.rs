@@ -142,6 +142,12 @@ impl std::fmt::Debug for PreparedAdapter {
 /// loader threads, and on the caller's thread for an adapter's first load).
 pub trait AdapterPreparer: Send + Sync + std::fmt::Debug {
     fn prepare(&self, adapter: &LoraAdapter) -> Result<PreparedAdapter>;
+
+    /// The prepared form is all the backend reads: the f32 weights are dropped from the host
+    /// cache once it is made (a third of the memory where the form is 16-bit).
+    fn replaces_host_weights(&self) -> bool {
+        false
+    }
 }
 
 /// What a backend allocates for, resolved once by the engine; every backend reads the same.

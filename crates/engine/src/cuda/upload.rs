@@ -20,7 +20,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 use super::elem::Elem;
 use super::gpu::cuda_err;
 use crate::backend::{AdapterPreparer, PreparedAdapter};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::{LoraSlot, LoraTarget};
 use crate::ModelConfig;
@@ -167,6 +167,12 @@ pub(super) struct DeviceAdapter {
 impl DeviceAdapter {
     /// Converts `adapter`; into pinned memory of `ctx` when given (and the driver has it).
     pub fn new(adapter: &LoraAdapter, layout: &SlotLayout, ctx: Option<&Arc<CudaContext>>) -> Result<Self> {
+        if !adapter.has_host_weights() {
+            return Err(Error::Backend(format!(
+                "adapter {:?} was prepared for other LoRA slots and no longer holds its weights",
+                adapter.name
+            )));
+        }
         let (parts, len) = layout.plan(adapter);
         // SAFETY: the memory is written whole (`pack` zero-fills it) before any read.
         let pinned = ctx.map(|c| unsafe { c.alloc_pinned::<u16>(len.max(1)) });
@@ -220,6 +226,10 @@ impl AdapterPreparer for CudaPreparer {
     fn prepare(&self, adapter: &LoraAdapter) -> Result<PreparedAdapter> {
         let d = DeviceAdapter::new(adapter, &self.layout, Some(&self.ctx))?;
         Ok(PreparedAdapter(Arc::new(d)))
+    }
+
+    fn replaces_host_weights(&self) -> bool {
+        true
     }
 }
 
@@ -423,6 +433,15 @@ mod tests {
         let per_layer = 2 * (3 * 16 * h + (q + 2 * kv) * 16 + 16 * q + h * 16) + 4 * 8;
         assert_eq!(layout.bytes_per_slot(), cfg.num_hidden_layers * per_layer);
         assert!(dev.is_for(&layout));
-        assert!(!dev.is_for(&SlotLayout { r: 8, ..layout }));
+        assert!(!dev.is_for(&SlotLayout {
+            r: 8,
+            ..layout.clone()
+        }));
+        // Once its weights are dropped (the host cache keeps only this form), it cannot be
+        // converted again: an error, not an empty adapter.
+        let mut dropped = adapter;
+        dropped.drop_host_weights();
+        let err = DeviceAdapter::new(&dropped, &layout, None).unwrap_err();
+        assert!(err.to_string().contains("no longer holds its weights"), "{err}");
     }
 }

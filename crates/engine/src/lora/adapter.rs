@@ -280,8 +280,23 @@ impl LoraAdapter {
         }
     }
 
+    /// Frees the f32 weights, keeping the rest (the backend reads its prepared form instead).
+    pub fn drop_host_weights(&mut self) {
+        self.modules = Vec::new();
+    }
+
+    /// False after [`Self::drop_host_weights`]: [`Self::module`] must not be asked then.
+    pub fn has_host_weights(&self) -> bool {
+        !self.modules.is_empty()
+    }
+
     pub fn module(&self, layer: usize, target: LoraTarget) -> Option<&LoraModule> {
         assert!(layer < self.num_layers);
+        assert!(
+            self.has_host_weights(),
+            "the host weights of {:?} were dropped",
+            self.name
+        );
         self.modules[layer * LoraTarget::ALL.len() + target.index()].as_ref()
     }
 

@@ -79,6 +79,9 @@ impl AdapterLoader for PreparingLoader {
             msg: format!("preparing it for the device: {e}"),
         })?;
         adapter.prepared = Some(prepared);
+        if self.preparer.replaces_host_weights() {
+            adapter.drop_host_weights();
+        }
         Ok(adapter)
     }
 }
@@ -672,6 +675,7 @@ mod tests {
     struct CountingPreparer {
         num_prepared: Mutex<usize>,
         fails: bool,
+        replaces: bool,
     }
 
     impl AdapterPreparer for CountingPreparer {
@@ -682,6 +686,10 @@ mod tests {
             let mut n = self.num_prepared.lock().unwrap();
             *n += 1;
             Ok(crate::backend::PreparedAdapter(Arc::new(*n)))
+        }
+
+        fn replaces_host_weights(&self) -> bool {
+            self.replaces
         }
     }
 
@@ -705,6 +713,20 @@ mod tests {
             .as_ref()
             .and_then(|p| p.0.downcast_ref::<usize>().copied());
         assert_eq!(n, Some(3));
+        assert!(a.has_host_weights());
+
+        // A form that replaces the weights: the host cache keeps only it.
+        let replacing = Arc::new(PreparingLoader {
+            inner: Arc::new(DiskLoader),
+            preparer: Arc::new(CountingPreparer {
+                replaces: true,
+                ..Default::default()
+            }),
+        });
+        let (mut m, r) = setup_with(1, 1, replacing);
+        m.register(&r[0], &[]).unwrap();
+        let a = &m.cache[&r[0].id].adapter;
+        assert!(!a.has_host_weights() && a.prepared.is_some() && a.rank == 8);
 
         let failing = Arc::new(PreparingLoader {
             inner: Arc::new(DiskLoader),
