@@ -11,10 +11,10 @@
 //! LoRA is one shrink and one expand per projection group for any mix of adapters: BGMV for
 //! decode (the expand fused into RoPE and RMSNorm), segmented SGMV for long prefills. Decode
 //! steps are captured once per batch-size bucket as CUDA graphs (unless `enforce_eager`) over
-//! persistent input buffers, and every step is timed with CUDA events. Adapters reach their
-//! slots by asynchronous copies on an upload stream, fenced with per-slot events ([`upload`]). Tokens are sampled on the
+//! persistent input buffers, and every step is timed with CUDA events. Tokens are sampled on the
 //! device ([`sampling`]), inside the graph, so a step copies back only token ids unless logits
-//! are asked for.
+//! are asked for. Adapters reach their slots by asynchronous copies on an upload stream, fenced
+//! with per-slot events ([`upload`]).
 
 pub mod elem;
 pub mod gpu;
