@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         max_loras: 0,
         max_lora_rank: 0,
         enforce_eager: true,
+        sync_lora_uploads: false,
         seed: 0,
         cuda: Default::default(),
     };

@@ -4,6 +4,9 @@
 //! writes, and the LoRA slot of its request. A backend may also sample on the device: then the
 //! engine hands it each sequence's sampling parameters and gets token ids back, not logits.
 
+use std::any::Any;
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::LoraSlot;
@@ -123,6 +126,30 @@ impl SamplingBatch {
     }
 }
 
+/// An adapter in a backend's own form (element type, layout, pinned memory), made by its
+/// [`AdapterPreparer`] on a loader thread and carried by the [`LoraAdapter`] to
+/// [`Backend::set_lora_slot`], which then only copies.
+#[derive(Clone)]
+pub struct PreparedAdapter(pub Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for PreparedAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreparedAdapter")
+    }
+}
+
+/// Converts a loaded adapter into its backend's form, off the engine step (on the adapter
+/// loader threads, and on the caller's thread for an adapter's first load).
+pub trait AdapterPreparer: Send + Sync + std::fmt::Debug {
+    fn prepare(&self, adapter: &LoraAdapter) -> Result<PreparedAdapter>;
+
+    /// The prepared form is all the backend reads: the f32 weights are dropped from the host
+    /// cache once it is made (a third of the memory where the form is 16-bit).
+    fn replaces_host_weights(&self) -> bool {
+        false
+    }
+}
+
 /// What a backend allocates for, resolved once by the engine; every backend reads the same.
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
@@ -137,6 +164,9 @@ pub struct BackendConfig {
     pub max_lora_rank: usize,
     /// No CUDA graphs (GPU backends).
     pub enforce_eager: bool,
+    /// Wait for each adapter's copy into its slot before `set_lora_slot` returns, rather than
+    /// ordering it with events (GPU backends; a reference for tests and measurements).
+    pub sync_lora_uploads: bool,
     /// Seed of `load_format: dummy` weights where a backend generates them itself.
     pub seed: u64,
     /// The CUDA backend's tuning switches.
@@ -187,8 +217,16 @@ pub trait Backend: Send {
     fn kv_cache(&self) -> KvCacheSize;
 
     /// Fills (or clears) an adapter slot; called by the engine when the LoRA manager activates
-    /// an adapter for a step.
-    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>);
+    /// an adapter for a step. The slot must not be read by a step that follows until its
+    /// contents arrived (a backend that copies asynchronously orders that itself). An error
+    /// (a failed device copy) fails the step that needed the adapter.
+    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()>;
+
+    /// What converts adapters into this backend's form on the loader threads; `None` where
+    /// `set_lora_slot` takes them as loaded.
+    fn adapter_preparer(&self) -> Option<Arc<dyn AdapterPreparer>> {
+        None
+    }
 
     /// Runs the model over the step and returns the logits of each sequence's last token,
     /// `[num_seqs, vocab_size]`.

@@ -16,7 +16,7 @@ use crate::block_manager::BlockManager;
 use crate::cpu::CpuBackend;
 use crate::cuda::elem::Elem;
 use crate::error::{Error, Result};
-use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats};
+use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats, PreparingLoader};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
@@ -81,6 +81,9 @@ pub struct EngineConfig {
     /// Reads adapters into host memory on the loader threads; `None`: [`DiskLoader`]. Tests
     /// inject a slow or failing one here.
     pub adapter_loader: Option<Arc<dyn AdapterLoader>>,
+    /// GPU: wait for each adapter's copy into its device slot instead of ordering it with
+    /// events (the reference the overlapped copies are tested against).
+    pub sync_lora_uploads: bool,
     pub seed: u64,
     /// Also copy each step's logits to the host where the backend samples on the device, so
     /// [`LLMEngine::last_logits`] answers (tests, debugging); costs a `[num_seqs, vocab]` copy
@@ -112,6 +115,7 @@ impl EngineConfig {
             max_cpu_loras: None,
             max_times_passed_over: 64,
             adapter_loader: None,
+            sync_lora_uploads: false,
             seed: 0,
             return_logits: false,
             cuda: Default::default(),
@@ -276,8 +280,9 @@ impl LLMEngine {
         } else {
             None
         };
-        let loader = (config.adapter_loader.clone()).unwrap_or_else(|| Arc::new(DiskLoader));
-        let lora = (lora_cfg.map(|c| LoraManager::new(c, &model_config, loader))).transpose()?;
+        if let Some(c) = &lora_cfg {
+            c.check()?;
+        }
 
         let tokenizer_path = config.tokenizer.clone().unwrap_or_else(|| config.model.clone());
         let tokenizer = load_tokenizer(&tokenizer_path)?;
@@ -300,6 +305,7 @@ impl LLMEngine {
             max_loras: lora_cfg.map_or(0, |c| c.max_loras),
             max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
             enforce_eager: config.enforce_eager,
+            sync_lora_uploads: config.sync_lora_uploads,
             seed: config.seed,
             cuda: config.cuda.clone(),
         };
@@ -329,6 +335,15 @@ impl LLMEngine {
             num_kv_blocks / blocks_per_seq,
             config.max_num_seqs
         );
+        // The backend's conversion of adapters runs with their loads, off the step.
+        let mut loader = (config.adapter_loader.clone()).unwrap_or_else(|| Arc::new(DiskLoader));
+        if let Some(preparer) = backend.adapter_preparer() {
+            loader = Arc::new(PreparingLoader {
+                inner: loader,
+                preparer,
+            });
+        }
+        let lora = (lora_cfg.map(|c| LoraManager::new(c, &model_config, loader))).transpose()?;
 
         let mut batch = StepBatch {
             max_blocks_per_seq: blocks_per_seq,

@@ -5,16 +5,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::case_dir;
-use multilora_engine::demo::{synth_adapter, SynthSpec};
+use common::{case_dir, synth_adapters};
 use multilora_engine::lora::adapter::LoraAdapter;
 use multilora_engine::lora::manager::{AdapterLoader, DiskLoader};
-use multilora_engine::lora::LoraTarget;
 use multilora_engine::{
     AdapterId, EngineConfig, FinishReason, LLMEngine, LoraRequest, ModelConfig, Prompt, RequestOutput,
     SamplingParams,
@@ -183,34 +180,6 @@ fn running_sequences_keep_stepping_while_an_adapter_loads() {
         last.output_token_ids,
         run_alone(&mut alone, &prompt_late, 4, Some(&a))
     );
-}
-
-/// 200 synthesized adapters of mixed ranks and targets (`num_adapters` of them).
-fn synth_adapters(dir: &Path, num_adapters: usize) -> Vec<LoraRequest> {
-    let model = ModelConfig::from_dir(&case_dir("llama").join("model")).unwrap();
-    let target_sets = [
-        vec![LoraTarget::QProj, LoraTarget::VProj],
-        LoraTarget::ALL.to_vec(),
-        vec![LoraTarget::OProj, LoraTarget::DownProj],
-    ];
-    (0..num_adapters)
-        .map(|i| {
-            let path = dir.join(format!("lora-{i}"));
-            let spec = SynthSpec {
-                rank: [2, 4, 8, 16][i % 4],
-                lora_alpha: 16.0,
-                targets: target_sets[i % 3].clone(),
-                use_rslora: i % 5 == 0,
-                seed: i as u64,
-            };
-            synth_adapter(&path, &model, "golden-llama", &spec).unwrap();
-            LoraRequest {
-                name: format!("lora-{i}"),
-                id: AdapterId(i as u32 + 1),
-                path,
-            }
-        })
-        .collect()
 }
 
 struct Req {

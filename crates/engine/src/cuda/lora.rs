@@ -1,11 +1,14 @@
 //! The adapter slots of one projection group on the device: every slot's A and B stacked, as
-//! the BGMV/SGMV kernels index them, filled from the host cache when the LoRA manager activates
-//! an adapter.
+//! the BGMV/SGMV kernels index them, filled with asynchronous copies of an adapter's device
+//! form ([`super::upload`]) when the LoRA manager activates it.
 
-use super::gpu::{DevBuf, Gpu};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::CudaStream;
+
+use super::gpu::{cuda_err, DevBuf, Gpu};
 use super::sgmv::GroupWeights;
-use crate::error::Result;
-use crate::lora::adapter::LoraAdapter;
+use super::upload::DeviceAdapter;
+use crate::error::{Error, Result};
 use crate::lora::{LoraSlot, LoraTarget};
 use crate::ModelConfig;
 
@@ -24,8 +27,11 @@ pub(super) struct LoraGroup {
     pub ranks: DevBuf,
     /// `[nsub, max_loras]` f32
     pub scales: DevBuf,
+    /// Host mirrors of `ranks` and `scales`: only changed entries are copied.
     host_ranks: Vec<i32>,
     host_scales: Vec<f32>,
+    /// Entries of `host_ranks` that are not 0.
+    num_active: usize,
 }
 
 impl LoraGroup {
@@ -34,7 +40,7 @@ impl LoraGroup {
     }
 
     pub fn is_active(&self) -> bool {
-        self.host_ranks.iter().any(|&r| r > 0)
+        self.num_active > 0
     }
 
     /// The group as the SGMV/BGMV launchers take it (device rank `r`, `max_loras` slots).
@@ -68,60 +74,92 @@ impl LoraGroup {
         let outs: Vec<usize> = targets.iter().map(|t| t.shape(cfg).1).collect();
         let n: usize = outs.iter().sum();
         let nsub = targets.len();
+        // Out of memory here is a setting that asks too much: say which.
+        let alloc = |bytes: usize| {
+            gpu.alloc(bytes).map_err(|e| {
+                let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
+                Error::Backend(format!(
+                    "LoRA slots of {} ({max_loras} slots of device rank {r}, in every layer): {e}; lower max_loras or max_lora_rank",
+                    names.join("/")
+                ))
+            })
+        };
         Ok(LoraGroup {
-            a: gpu.alloc(nsub * max_loras * r * k * 2)?,
-            b: gpu.alloc(max_loras * n * r * 2)?,
-            ranks: gpu.alloc(nsub * max_loras * 4)?,
-            scales: gpu.alloc(nsub * max_loras * 4)?,
+            a: alloc(nsub * max_loras * r * k * 2)?,
+            b: alloc(max_loras * n * r * 2)?,
+            ranks: alloc(nsub * max_loras * 4)?,
+            scales: alloc(nsub * max_loras * 4)?,
             host_ranks: vec![0; nsub * max_loras],
             host_scales: vec![0.0; nsub * max_loras],
+            num_active: 0,
             targets,
             outs,
             k,
         })
     }
 
-    pub fn set(
+    /// Queues the copies that fill `slot` of this group (layer `layer`, group `g`) with
+    /// `adapter`, or clear it, on `stream`, from the adapter's host data (which the caller keeps
+    /// alive until they are done). Only targeted projections' weights are copied: an untargeted
+    /// one gets rank 0, and the kernels read nothing else of a rank-0 slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload(
         &mut self,
-        gpu: &Gpu,
+        stream: &CudaStream,
         layer: usize,
+        g: usize,
         slot: LoraSlot,
-        adapter: Option<&LoraAdapter>,
+        adapter: Option<&DeviceAdapter>,
         max_loras: usize,
         r: usize,
     ) -> Result<()> {
         let s = slot.index();
         let (k, n) = (self.k, self.n());
-        let mut b = vec![0u16; n * r]; // [N, R] of this slot
-        let mut a = vec![0u16; r * k]; // [R, K] of one target
+        let host = adapter.map(|a| a.host()).transpose()?;
         let mut row0 = 0;
-        for (z, &t) in self.targets.iter().enumerate() {
-            let module = adapter.and_then(|ad| ad.module(layer, t));
-            a.fill(0);
-            let (rank, scale) = match module {
-                Some(m) => {
-                    assert!(m.rank <= r, "adapter rank checked against max_lora_rank at load");
-                    for (dst, &src) in a.iter_mut().zip(&m.a) {
-                        *dst = gpu.elem.encode(src);
-                    }
-                    for (o, src) in m.b.chunks_exact(m.rank).enumerate() {
-                        for (j, &v) in src.iter().enumerate() {
-                            b[(row0 + o) * r + j] = gpu.elem.encode(v);
-                        }
-                    }
-                    (m.rank as i32, m.scale)
-                }
-                None => (0, 0.0),
-            };
-            gpu.htod(self.a.at::<u16>((z * max_loras + s) * r * k), &a)?;
-            self.host_ranks[z * max_loras + s] = rank;
-            self.host_scales[z * max_loras + s] = scale;
+        for z in 0..self.targets.len() {
+            let i = z * max_loras + s;
+            let part = adapter.map(|a| *a.part(layer, g, z));
+            let (rank, scale) = part.map_or((0, 0.0), |p| (p.rank, p.scale));
+            if let (Some((a_at, b_at)), Some(host)) = (part.and_then(|p| p.data), host) {
+                let out = self.outs[z];
+                copy(stream, self.a.at::<u16>(i * r * k), &host[a_at..][..r * k])?;
+                copy(
+                    stream,
+                    self.b.at::<u16>((s * n + row0) * r),
+                    &host[b_at..][..out * r],
+                )?;
+            }
+            // The scale is read only where the rank is not 0.
+            if rank != 0 && self.host_scales[i] != scale {
+                self.host_scales[i] = scale;
+                copy(
+                    stream,
+                    self.scales.at::<f32>(i),
+                    std::slice::from_ref(&self.host_scales[i]),
+                )?;
+            }
+            if self.host_ranks[i] != rank {
+                self.num_active =
+                    self.num_active + usize::from(rank != 0) - usize::from(self.host_ranks[i] != 0);
+                self.host_ranks[i] = rank;
+                copy(
+                    stream,
+                    self.ranks.at::<i32>(i),
+                    std::slice::from_ref(&self.host_ranks[i]),
+                )?;
+            }
             row0 += self.outs[z];
         }
-        gpu.htod(self.b.at::<u16>(s * n * r), &b)?;
-        gpu.htod(self.ranks.ptr, &self.host_ranks)?;
-        gpu.htod(self.scales.ptr, &self.host_scales)?;
-        // The host vectors above are pageable; wait so they may be reused or dropped.
-        gpu.sync()
+        Ok(())
     }
+}
+
+/// An asynchronous copy to the device on `stream`. From pageable memory (the rank and scale
+/// mirrors) the driver stages the bytes before returning, so the source may change after.
+fn copy<T>(stream: &CudaStream, dst: CUdeviceptr, src: &[T]) -> Result<()> {
+    // SAFETY: callers pass a destination inside a live slot buffer with room for `src`, and a
+    // source that outlives the copy (pinned adapter data held by `SlotUploads`, or pageable).
+    unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }
+        .map_err(|e| cuda_err("adapter copy to device", e))
 }

@@ -13,7 +13,8 @@
 //! steps are captured once per batch-size bucket as CUDA graphs (unless `enforce_eager`) over
 //! persistent input buffers, and every step is timed with CUDA events. Tokens are sampled on the
 //! device ([`sampling`]), inside the graph, so a step copies back only token ids unless logits
-//! are asked for.
+//! are asked for. Adapters reach their slots by asynchronous copies on an upload stream, fenced
+//! with per-slot events ([`upload`]).
 
 pub mod elem;
 pub mod gpu;
@@ -26,15 +27,17 @@ pub mod prefill;
 pub mod sampling;
 pub mod sgmv;
 pub mod skinny;
+mod upload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph};
 
-use crate::backend::{Backend, KvCacheSize, StepBatch};
+use crate::backend::{AdapterPreparer, Backend, KvCacheSize, StepBatch};
 use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::LoraSlot;
@@ -44,6 +47,7 @@ use elem::Elem;
 use gpu::{cuda_err, Gpu};
 use model::{CudaModel, StepShape};
 use sampling::DeviceSampler;
+use upload::{CudaPreparer, DeviceAdapter, SlotLayout, SlotUploads};
 
 /// Bytes one KV block takes over all layers (K and V, 16-bit elements).
 pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
@@ -131,6 +135,9 @@ pub struct CudaBackend {
     // Field order is drop order: graphs and the device buffers before the context.
     /// Keyed by (bucket, LoRA mask, samples on the device)
     graphs: HashMap<(usize, u8, bool), Graph>,
+    /// Holds the host memory of copies in flight: dropped (after waiting for them) before the
+    /// slots they write and the context.
+    uploads: Option<SlotUploads>,
     model: CudaModel,
     sampler: DeviceSampler,
     gpu: Gpu,
@@ -140,8 +147,8 @@ pub struct CudaBackend {
     logits: Vec<f32>,
     events: (CudaEvent, CudaEvent),
     last_device_time: Option<Duration>,
-    /// An error from `set_lora_slot` (which cannot return one), reported by the next forward.
-    pending: Option<Error>,
+    /// How the slots lay adapters out; `None` without LoRA.
+    lora_layout: Option<SlotLayout>,
     kv_size: KvCacheSize,
 }
 
@@ -169,8 +176,23 @@ impl CudaBackend {
             bytes_per_block,
         };
         let events = (gpu.timing_event()?, gpu.timing_event()?);
+        let lora_layout = model.lora_layout(elem);
+        if let Some(l) = &lora_layout {
+            let mib = (l.bytes_per_slot() * bc.max_loras) as f64 / f64::from(1 << 20);
+            tracing::info!(
+                max_loras = bc.max_loras,
+                device_rank = l.r,
+                "LoRA slots take {mib:.0} MiB of device memory"
+            );
+        }
+        let uploads = lora_layout
+            .as_ref()
+            .map(|_| SlotUploads::new(&gpu.ctx, bc.max_loras, bc.sync_lora_uploads))
+            .transpose()?;
         Ok(CudaBackend {
             graphs: HashMap::new(),
+            uploads,
+            lora_layout,
             arena: vec![0; model.arena_len()],
             logits: Vec::new(),
             model,
@@ -179,7 +201,6 @@ impl CudaBackend {
             enforce_eager: bc.enforce_eager,
             events,
             last_device_time: None,
-            pending: None,
             kv_size,
         })
     }
@@ -197,9 +218,6 @@ impl CudaBackend {
     /// Enqueues (or replays) the step's kernels, sampling on the device with `sample`, between
     /// the timing events.
     fn run(&mut self, batch: &StepBatch, sample: bool) -> Result<()> {
-        if let Some(e) = self.pending.take() {
-            return Err(e);
-        }
         self.gpu.bind()?;
         let num_tokens = batch.num_tokens();
         let num_seqs = batch.num_seqs();
@@ -225,6 +243,10 @@ impl CudaBackend {
             self.sampler.upload(&self.gpu, &batch.sampling, shape.num_seqs)?;
         }
 
+        if let Some(u) = self.uploads.as_mut() {
+            // Outside the timed span, as the host copies before this design were.
+            u.before_step(&self.gpu.stream)?;
+        }
         let (start, end) = &self.events;
         start
             .record(&self.gpu.stream)
@@ -253,7 +275,11 @@ impl CudaBackend {
             None => self.record(shape, sample)?,
         }
         end.record(&self.gpu.stream)
-            .map_err(|e| cuda_err("event record", e))
+            .map_err(|e| cuda_err("event record", e))?;
+        match self.uploads.as_mut() {
+            Some(u) if lora_mask != 0 => u.after_step(&self.gpu.stream, &batch.token_lora),
+            _ => Ok(()),
+        }
     }
 
     /// The model's kernels, then the sampler's over the (padded) rows.
@@ -292,14 +318,30 @@ impl Backend for CudaBackend {
         self.kv_size
     }
 
-    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
-        let done = self
-            .gpu
-            .bind()
-            .and_then(|_| self.model.set_lora_slot(&self.gpu, slot, adapter));
-        if let Err(e) = done {
-            self.pending.get_or_insert(e);
-        }
+    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
+        self.gpu.bind()?;
+        let (Some(layout), Some(uploads)) = (&self.lora_layout, self.uploads.as_mut()) else {
+            return Err(Error::Backend("set_lora_slot with LoRA disabled".into()));
+        };
+        // The form the loader thread made; else (an adapter that bypassed the loader) made now.
+        let prepared = adapter.and_then(|a| a.prepared.as_ref()).and_then(|p| {
+            let d = p.0.clone().downcast::<DeviceAdapter>().ok()?;
+            d.is_for(layout).then_some(d)
+        });
+        let device = match (adapter, prepared) {
+            (Some(_), Some(d)) => Some(d),
+            (Some(a), None) => Some(Arc::new(DeviceAdapter::new(a, layout, None)?)),
+            (None, _) => None,
+        };
+        self.model.set_lora_slot(uploads, slot, device)
+    }
+
+    fn adapter_preparer(&self) -> Option<Arc<dyn AdapterPreparer>> {
+        let layout = self.lora_layout.clone()?;
+        Some(Arc::new(CudaPreparer {
+            ctx: self.gpu.ctx.clone(),
+            layout,
+        }))
     }
 
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {

@@ -5,6 +5,7 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
+use super::elem::Elem;
 use super::gpu::{cfg, DevBuf, Gpu};
 use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::launch;
@@ -16,10 +17,10 @@ use super::plan::{
 use super::prefill;
 use super::sgmv;
 use super::skinny::{Epilogue, NormIo, SKINNY_MAX_M, SKINNY_THREADS};
+use super::upload::{DeviceAdapter, GroupSpec, SlotLayout, SlotUploads};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::error::{Error, Result};
-use crate::lora::adapter::LoraAdapter;
 use crate::lora::{LoraSlot, LoraTarget};
 use crate::weights::WeightSource;
 use crate::ModelConfig;
@@ -401,13 +402,38 @@ impl CudaModel {
         self.lora_mask
     }
 
-    pub fn set_lora_slot(&mut self, gpu: &Gpu, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
+    /// How the slots lay adapters out (what [`DeviceAdapter`]s are made for); `None` without
+    /// LoRA.
+    pub(super) fn lora_layout(&self, elem: Elem) -> Option<SlotLayout> {
+        let groups = &self.layers.first()?.lora;
+        (!groups.is_empty()).then(|| SlotLayout {
+            num_layers: self.layers.len(),
+            groups: groups
+                .iter()
+                .map(|g| GroupSpec::new(&self.cfg, g.targets.clone()))
+                .collect(),
+            r: self.lora_rank,
+            elem,
+        })
+    }
+
+    /// Queues the copies that fill (or, with `None`, clear) `slot` on the upload stream,
+    /// between `uploads.begin` and `uploads.end`, which order them with the steps.
+    pub(super) fn set_lora_slot(
+        &mut self,
+        uploads: &mut SlotUploads,
+        slot: LoraSlot,
+        adapter: Option<std::sync::Arc<DeviceAdapter>>,
+    ) -> Result<()> {
         assert!(self.max_loras > 0, "set_lora_slot with LoRA disabled");
+        uploads.begin(slot)?;
         for (li, layer) in self.layers.iter_mut().enumerate() {
-            for group in &mut layer.lora {
-                group.set(gpu, li, slot, adapter, self.max_loras, self.lora_rank)?;
+            for (g, group) in layer.lora.iter_mut().enumerate() {
+                let a = adapter.as_deref();
+                group.upload(&uploads.stream, li, g, slot, a, self.max_loras, self.lora_rank)?;
             }
         }
+        uploads.end(slot, adapter)?;
         // Slots change rarely, steps often: the mask is kept, not recomputed per step.
         self.lora_mask = 0;
         for layer in &self.layers {

@@ -36,6 +36,8 @@ pub struct LoraAdapter {
     num_layers: usize,
     /// `[num_layers * 7]`, indexed by `layer * 7 + target`.
     modules: Vec<Option<LoraModule>>,
+    /// The backend's form of it, where the backend has one (see `AdapterPreparer`).
+    pub prepared: Option<crate::backend::PreparedAdapter>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,11 +262,41 @@ impl LoraAdapter {
             rank,
             num_layers,
             modules,
+            prepared: None,
         })
+    }
+
+    /// An adapter from modules made elsewhere (tests, synthesis): `modules` is
+    /// `[num_layers * 7]`, indexed by `layer * 7 + target`.
+    pub fn from_modules(name: &str, num_layers: usize, modules: Vec<Option<LoraModule>>) -> Self {
+        assert_eq!(modules.len(), num_layers * LoraTarget::ALL.len());
+        LoraAdapter {
+            name: name.to_string(),
+            path: PathBuf::new(),
+            rank: modules.iter().flatten().map(|m| m.rank).max().unwrap_or(0),
+            num_layers,
+            modules,
+            prepared: None,
+        }
+    }
+
+    /// Frees the f32 weights, keeping the rest (the backend reads its prepared form instead).
+    pub fn drop_host_weights(&mut self) {
+        self.modules = Vec::new();
+    }
+
+    /// False after [`Self::drop_host_weights`]: [`Self::module`] must not be asked then.
+    pub fn has_host_weights(&self) -> bool {
+        !self.modules.is_empty()
     }
 
     pub fn module(&self, layer: usize, target: LoraTarget) -> Option<&LoraModule> {
         assert!(layer < self.num_layers);
+        assert!(
+            self.has_host_weights(),
+            "the host weights of {:?} were dropped",
+            self.name
+        );
         self.modules[layer * LoraTarget::ALL.len() + target.index()].as_ref()
     }
 

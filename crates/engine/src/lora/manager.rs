@@ -7,8 +7,11 @@
 //! disk. The engine asks for loads ahead of need ([`LoraManager::prefetch`], in the waiting
 //! queue's order), collects finished ones at the start of a step ([`LoraManager::poll`]), and the
 //! scheduler admits a request only once its adapter is in host memory ([`LoraManager::is_ready`]).
-//! Copying a ready adapter into a device slot ([`LoraManager::activate`]) stays in the step: it
-//! is a memory copy, not I/O.
+//! A backend that keeps adapters in its own form (the CUDA backend: device element type and slot
+//! layout, in pinned memory) converts them on the loader threads too ([`PreparingLoader`]), so
+//! filling a device slot ([`LoraManager::activate`], in the step) is only a copy, which the CUDA
+//! backend issues asynchronously on a stream of its own. Slots are picked by a [`SlotTable`]:
+//! a step costs its own adapters, whatever `max_loras` is.
 //!
 //! The host cache never holds more than `max_cpu_loras` adapters counting the loads in flight:
 //! a load reserves its entry when it starts (evicting then, not when it lands), so a finished
@@ -25,8 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::adapter::LoraAdapter;
+use super::slots::SlotTable;
 use super::{AdapterId, LoraRequest, LoraSlot};
-use crate::backend::Backend;
+use crate::backend::{AdapterPreparer, Backend};
 use crate::error::{Error, Result};
 use crate::ModelConfig;
 
@@ -55,6 +59,30 @@ pub struct DiskLoader;
 impl AdapterLoader for DiskLoader {
     fn load(&self, req: &LoraRequest, model: &ModelConfig, max_lora_rank: usize) -> Result<LoraAdapter> {
         LoraAdapter::load(&req.name, &req.path, model, max_lora_rank)
+    }
+}
+
+/// A loader that also converts each adapter into the backend's form, on the same thread (so
+/// off the engine step), timed with the load.
+#[derive(Debug)]
+pub struct PreparingLoader {
+    pub inner: Arc<dyn AdapterLoader>,
+    pub preparer: Arc<dyn AdapterPreparer>,
+}
+
+impl AdapterLoader for PreparingLoader {
+    fn load(&self, req: &LoraRequest, model: &ModelConfig, max_lora_rank: usize) -> Result<LoraAdapter> {
+        let mut adapter = self.inner.load(req, model, max_lora_rank)?;
+        let prepared = self.preparer.prepare(&adapter).map_err(|e| Error::AdapterLoad {
+            name: req.name.clone(),
+            path: req.path.clone(),
+            msg: format!("preparing it for the device: {e}"),
+        })?;
+        adapter.prepared = Some(prepared);
+        if self.preparer.replaces_host_weights() {
+            adapter.drop_host_weights();
+        }
+        Ok(adapter)
     }
 }
 
@@ -142,8 +170,7 @@ pub struct LoraManager {
     /// eviction spares them.
     wanted: Vec<AdapterId>,
     wanted_set: HashSet<AdapterId>,
-    /// `[max_loras]`: which adapter each slot holds, and when it was last used
-    slots: Vec<Option<(AdapterId, u64)>>,
+    slots: SlotTable,
     tick: u64,
     pub stats: LoraStats,
 }
@@ -184,20 +211,27 @@ fn loader_thread(
     }
 }
 
-impl LoraManager {
-    pub fn new(cfg: LoraConfig, model: &ModelConfig, loader: Arc<dyn AdapterLoader>) -> Result<Self> {
-        if cfg.max_loras == 0 {
+impl LoraConfig {
+    pub fn check(&self) -> Result<()> {
+        if self.max_loras == 0 {
             return Err(Error::InvalidConfig("max_loras must be at least 1".into()));
         }
-        if cfg.max_lora_rank == 0 {
+        if self.max_lora_rank == 0 {
             return Err(Error::InvalidConfig("max_lora_rank must be at least 1".into()));
         }
-        if cfg.max_cpu_loras < cfg.max_loras {
+        if self.max_cpu_loras < self.max_loras {
             return Err(Error::InvalidConfig(format!(
                 "max_cpu_loras ({}) must be >= max_loras ({})",
-                cfg.max_cpu_loras, cfg.max_loras
+                self.max_cpu_loras, self.max_loras
             )));
         }
+        Ok(())
+    }
+}
+
+impl LoraManager {
+    pub fn new(cfg: LoraConfig, model: &ModelConfig, loader: Arc<dyn AdapterLoader>) -> Result<Self> {
+        cfg.check()?;
         let (jobs, job_rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -222,7 +256,7 @@ impl LoraManager {
             done,
             wanted: Vec::new(),
             wanted_set: HashSet::new(),
-            slots: vec![None; cfg.max_loras],
+            slots: SlotTable::new(cfg.max_loras),
             tick: 0,
             stats: LoraStats::default(),
         })
@@ -237,7 +271,7 @@ impl LoraManager {
     }
 
     pub fn num_in_slots(&self) -> usize {
-        self.slots.iter().flatten().count()
+        self.slots.num_filled()
     }
 
     pub fn num_loading(&self) -> usize {
@@ -300,11 +334,7 @@ impl LoraManager {
         self.cache.remove(&id);
         self.loading.remove(&id);
         self.stats.num_loads_in_flight = self.loading.len();
-        for s in self.slots.iter_mut() {
-            if s.is_some_and(|(a, _)| a == id) {
-                *s = None;
-            }
-        }
+        self.slots.remove(id);
         self.known.remove(&id).is_some()
     }
 
@@ -433,6 +463,7 @@ impl LoraManager {
             "the scheduler keeps a step within max_loras"
         );
         slots_out.clear();
+        let needed: HashSet<AdapterId> = step.iter().copied().collect();
         for &id in step {
             self.tick += 1;
             let tick = self.tick;
@@ -441,25 +472,22 @@ impl LoraManager {
             );
             cached.last_used = tick;
             self.stats.cache_hits += 1;
-            if let Some(s) = self.slots.iter().position(|s| s.is_some_and(|(a, _)| a == id)) {
-                self.slots[s] = Some((id, tick));
-                slots_out.push(LoraSlot(s as u32));
+            if let Some(s) = self.slots.touch(id, tick) {
+                slots_out.push(s);
                 continue;
             }
             let adapter = cached.adapter.clone();
-            // A free slot, else the least recently used one this step does not need.
-            let s = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.is_none_or(|(a, _)| !step.contains(&a)))
-                .min_by_key(|(_, s)| s.map_or(0, |(_, t)| t))
-                .map(|(i, _)| i)
+            let s = (self.slots)
+                .victim(|a| needed.contains(&a))
                 .expect("fewer step adapters than slots");
-            backend.set_lora_slot(LoraSlot(s as u32), Some(&adapter));
+            if let Err(e) = backend.set_lora_slot(s, Some(&adapter)) {
+                // The slot's contents are unknown now: nothing may take it as resident.
+                self.slots.clear(s);
+                return Err(e);
+            }
             self.stats.slot_loads += 1;
-            self.slots[s] = Some((id, tick));
-            slots_out.push(LoraSlot(s as u32));
+            self.slots.assign(s, id, tick);
+            slots_out.push(s);
         }
         Ok(())
     }
@@ -483,17 +511,15 @@ mod tests {
             "fake".into()
         }
         fn kv_cache(&self) -> crate::backend::KvCacheSize {
-            crate::backend::KvCacheSize {
-                num_blocks: 0,
-                bytes_per_block: 0,
-            }
+            NO_KV_CACHE
         }
-        fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
+        fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
             self.loads += 1;
             match adapter {
                 Some(a) => self.slots.insert(slot.0, a.name.clone()),
                 None => self.slots.remove(&slot.0),
             };
+            Ok(())
         }
         fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
             unreachable!()
@@ -645,6 +671,121 @@ mod tests {
             // still known: a later request tries again
             assert!(m.known().any(|k| k.id == r[0].id));
         }
+    }
+
+    /// Prepares adapters as a number (how many it prepared before), or fails.
+    #[derive(Debug, Default)]
+    struct CountingPreparer {
+        num_prepared: Mutex<usize>,
+        fails: bool,
+        replaces: bool,
+    }
+
+    impl AdapterPreparer for CountingPreparer {
+        fn prepare(&self, _: &LoraAdapter) -> Result<crate::backend::PreparedAdapter> {
+            if self.fails {
+                return Err(Error::Backend("out of pinned memory".into()));
+            }
+            let mut n = self.num_prepared.lock().unwrap();
+            *n += 1;
+            Ok(crate::backend::PreparedAdapter(Arc::new(*n)))
+        }
+
+        fn replaces_host_weights(&self) -> bool {
+            self.replaces
+        }
+    }
+
+    #[test]
+    fn preparing_loader_converts_on_the_loading_thread_and_names_failures() {
+        let preparer = Arc::new(CountingPreparer::default());
+        let loader = Arc::new(PreparingLoader {
+            inner: Arc::new(DiskLoader),
+            preparer: preparer.clone(),
+        });
+        let (mut m, r) = setup_with(1, 1, loader.clone());
+        m.register(&r[0], &[]).unwrap();
+        m.register(&r[1], &[]).unwrap(); // evicts a
+        m.prefetch([r[0].id].into_iter(), &[]);
+        assert!(settle(&mut m).is_empty());
+        // The first load (here) and the reload (a loader thread) were both prepared.
+        assert_eq!(*preparer.num_prepared.lock().unwrap(), 3);
+        let a = m.cache[&r[0].id].adapter.clone();
+        let n = a
+            .prepared
+            .as_ref()
+            .and_then(|p| p.0.downcast_ref::<usize>().copied());
+        assert_eq!(n, Some(3));
+        assert!(a.has_host_weights());
+
+        // A form that replaces the weights: the host cache keeps only it.
+        let replacing = Arc::new(PreparingLoader {
+            inner: Arc::new(DiskLoader),
+            preparer: Arc::new(CountingPreparer {
+                replaces: true,
+                ..Default::default()
+            }),
+        });
+        let (mut m, r) = setup_with(1, 1, replacing);
+        m.register(&r[0], &[]).unwrap();
+        let a = &m.cache[&r[0].id].adapter;
+        assert!(!a.has_host_weights() && a.prepared.is_some() && a.rank == 8);
+
+        let failing = Arc::new(PreparingLoader {
+            inner: Arc::new(DiskLoader),
+            preparer: Arc::new(CountingPreparer {
+                fails: true,
+                ..Default::default()
+            }),
+        });
+        let (mut m, r) = setup_with(1, 1, failing);
+        let err = m.register(&r[0], &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("a_r8_all")
+                && err.contains("preparing it for the device: ")
+                && err.contains("out of pinned memory"),
+            "{err}"
+        );
+    }
+
+    /// Fails every slot copy.
+    struct BrokenBackend;
+
+    /// The fakes hold no KV cache.
+    const NO_KV_CACHE: crate::backend::KvCacheSize = crate::backend::KvCacheSize {
+        num_blocks: 0,
+        bytes_per_block: 0,
+    };
+
+    impl Backend for BrokenBackend {
+        fn device_name(&self) -> String {
+            "broken".into()
+        }
+        fn kv_cache(&self) -> crate::backend::KvCacheSize {
+            NO_KV_CACHE
+        }
+        fn set_lora_slot(&mut self, _: LoraSlot, _: Option<&LoraAdapter>) -> Result<()> {
+            Err(Error::Backend("copy failed".into()))
+        }
+        fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_failed_slot_copy_fails_activation_and_frees_the_slot() {
+        let (mut m, r) = setup(1, 2);
+        m.register(&r[0], &[]).unwrap();
+        m.register(&r[1], &[]).unwrap();
+        let (mut be, mut out) = (FakeBackend::default(), Vec::new());
+        m.activate(&[r[0].id], &mut be, &mut out).unwrap();
+        // b's copy over a's slot fails: the slot holds neither now.
+        let err = m.activate(&[r[1].id], &mut BrokenBackend, &mut out).unwrap_err();
+        assert!(err.to_string().contains("copy failed"), "{err}");
+        assert_eq!(m.num_in_slots(), 0);
+        // So a is copied again rather than taken as resident.
+        m.activate(&[r[0].id], &mut be, &mut out).unwrap();
+        assert_eq!(be.loads, 2);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use multilora_engine::{AdapterId, LLMEngine, LoraRequest, Prompt, SamplingParams};
+use multilora_engine::demo::{synth_adapter, SynthSpec};
+use multilora_engine::lora::LoraTarget;
+use multilora_engine::{AdapterId, LLMEngine, LoraRequest, ModelConfig, Prompt, SamplingParams};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -107,4 +109,33 @@ pub fn add_requests(
             )
             .unwrap();
     }
+}
+
+/// `num_adapters` synthesized adapters for the golden llama model, of mixed ranks (2 to 16)
+/// and targets, in `dir`.
+pub fn synth_adapters(dir: &Path, num_adapters: usize) -> Vec<LoraRequest> {
+    let model = ModelConfig::from_dir(&case_dir("llama").join("model")).unwrap();
+    let target_sets = [
+        vec![LoraTarget::QProj, LoraTarget::VProj],
+        LoraTarget::ALL.to_vec(),
+        vec![LoraTarget::OProj, LoraTarget::DownProj],
+    ];
+    (0..num_adapters)
+        .map(|i| {
+            let path = dir.join(format!("lora-{i}"));
+            let spec = SynthSpec {
+                rank: [2, 4, 8, 16][i % 4],
+                lora_alpha: 16.0,
+                targets: target_sets[i % 3].clone(),
+                use_rslora: i % 5 == 0,
+                seed: i as u64,
+            };
+            synth_adapter(&path, &model, "golden-llama", &spec).unwrap();
+            LoraRequest {
+                name: format!("lora-{i}"),
+                id: AdapterId(i as u32 + 1),
+                path,
+            }
+        })
+        .collect()
 }
