@@ -92,38 +92,55 @@ struct Arena {
     len: usize,
 }
 
+/// The model on the device: its weights, adapter slots, KV cache and workspace, and what the
+/// step plan needs to know of the device.
 pub struct CudaModel {
     cfg: ModelConfig,
     max_tokens: usize,
     max_seqs: usize,
     max_blocks_per_seq: usize,
     block_size: usize,
-    /// KV slot that padded graph rows write to (an extra block past the engine's; set by
-    /// `alloc_kv`)
-    scratch_slot: u32,
     max_loras: usize,
     /// Largest token count the skinny GEMM takes; cuBLAS above ([`super::CudaOptions`]).
     skinny_max_m: usize,
     /// The tensor-core attention kernel of prefill and mixed steps ([`prefill::kernel`]); `None`
     /// for head sizes it does not take (then `paged_attention`).
     prefill_attention: Option<prefill::Kernel>,
-    /// When prefill attention splits long tiles' keys, and `att_pieces` (`[slots,
-    /// Kernel::piece_len]` f32) where the pieces go.
+    /// When prefill attention splits long tiles' keys (into `Workspace::att_pieces`).
     att_split: Option<prefill::Split>,
-    att_pieces: DevBuf,
     num_sms: usize,
     /// device LoRA rank: max_lora_rank rounded up to 8 (16-byte rows)
     lora_rank: usize,
     /// Bit g set: LoRA group g holds an adapter in some slot (updated by `set_lora_slot`).
     lora_mask: u8,
+    w: Weights,
+    kv: KvCache,
+    ws: Workspace,
+}
+
+/// The checkpoint's tensors (and the RoPE tables) on the device; each layer's adapter slots
+/// with it.
+struct Weights {
     embed_tokens: DevBuf,
     lm_head: Option<DevBuf>,
     norm: DevBuf,
     layers: Vec<Layer>,
     rope_cos: DevBuf, // [max_model_len, head_dim / 2] f32
     rope_sin: DevBuf,
-    k_cache: Vec<DevBuf>, // per layer [(num_blocks + 1) * block_size, kv_size] elem
-    v_cache: Vec<DevBuf>,
+}
+
+/// The paged KV cache, allocated last ([`CudaModel::alloc_kv`]): it takes the memory left.
+#[derive(Default)]
+struct KvCache {
+    k: Vec<DevBuf>, // per layer [(num_blocks + 1) * block_size, kv_size] elem
+    v: Vec<DevBuf>,
+    /// KV slot that padded graph rows write to (an extra block past the engine's)
+    scratch_slot: u32,
+}
+
+/// Step inputs and activations, allocated at load for the largest step, so a step allocates
+/// nothing and can be captured in a CUDA graph.
+struct Workspace {
     arena_layout: Arena,
     arena: DevBuf,       // u32, see Arena
     hidden: DevBuf,      // [T, hidden] f32 residual stream
@@ -137,6 +154,7 @@ pub struct CudaModel {
     norm_ss: DevBuf,     // [2 * layers + 1, NORM_SPLIT_MAX_TOKENS] f32, zero from each step's embed
     att_part: DevBuf,    // [S, heads, DECODE_ATT_MAX_PARTS, head_dim + 2] f32
     att_count: DevBuf,   // [S * heads] u32, zero between steps
+    att_pieces: DevBuf,  // [pieces * nkv, Kernel::piece_len] f32: split prefill-attention tiles
     logits: DevBuf,      // [S, vocab] f32
 }
 
@@ -331,37 +349,39 @@ impl CudaModel {
             max_seqs: s,
             max_blocks_per_seq,
             block_size: bc.block_size,
-            scratch_slot: 0,
             max_loras: bc.max_loras,
             skinny_max_m: bc.cuda.skinny_max_m.min(SKINNY_MAX_M),
             prefill_attention,
             att_split: att_split.filter(|sp| sp.max_pieces > 0),
-            att_pieces,
             num_sms: gpu.num_sms as usize,
             lora_rank,
             lora_mask: 0,
-            embed_tokens,
-            lm_head,
-            norm,
-            layers,
-            rope_cos,
-            rope_sin,
-            k_cache: Vec::new(),
-            v_cache: Vec::new(),
-            arena: gpu.alloc(arena_layout.len * 4)?,
-            arena_layout,
-            hidden: gpu.alloc(t * h * 4)?,
-            normed: gpu.alloc(t * h * 2)?,
-            qkv: gpu.alloc(t * (qs + 2 * kvs) * 4)?,
-            attn: gpu.alloc(t * qs * 2)?,
-            gate_up: gpu.alloc(t * 2 * inter * 4)?,
-            act: gpu.alloc(t * inter * 2)?,
-            lora_tmp: gpu.alloc(3 * t * lora_rank.max(1) * 4)?,
-            last_normed: gpu.alloc(s * h * 2)?,
-            norm_ss: gpu.alloc((2 * cfg.num_hidden_layers + 1) * NORM_SPLIT_MAX_TOKENS * 4)?,
-            att_part: gpu.alloc(s * cfg.num_attention_heads * DECODE_ATT_MAX_PARTS * (hd + 2) * 4)?,
-            att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
-            logits: gpu.alloc(s * v * 4)?,
+            w: Weights {
+                embed_tokens,
+                lm_head,
+                norm,
+                layers,
+                rope_cos,
+                rope_sin,
+            },
+            kv: KvCache::default(),
+            ws: Workspace {
+                arena: gpu.alloc(arena_layout.len * 4)?,
+                arena_layout,
+                hidden: gpu.alloc(t * h * 4)?,
+                normed: gpu.alloc(t * h * 2)?,
+                qkv: gpu.alloc(t * (qs + 2 * kvs) * 4)?,
+                attn: gpu.alloc(t * qs * 2)?,
+                gate_up: gpu.alloc(t * 2 * inter * 4)?,
+                act: gpu.alloc(t * inter * 2)?,
+                lora_tmp: gpu.alloc(3 * t * lora_rank.max(1) * 4)?,
+                last_normed: gpu.alloc(s * h * 2)?,
+                norm_ss: gpu.alloc((2 * cfg.num_hidden_layers + 1) * NORM_SPLIT_MAX_TOKENS * 4)?,
+                att_part: gpu.alloc(s * cfg.num_attention_heads * DECODE_ATT_MAX_PARTS * (hd + 2) * 4)?,
+                att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
+                att_pieces,
+                logits: gpu.alloc(s * v * 4)?,
+            },
             cfg: cfg.clone(),
         })
     }
@@ -373,15 +393,15 @@ impl CudaModel {
         let num_slots = (num_blocks + 1) * self.block_size;
         let kvs = self.cfg.kv_size();
         for _ in 0..self.cfg.num_hidden_layers {
-            self.k_cache.push(gpu.alloc(num_slots * kvs * 2)?);
-            self.v_cache.push(gpu.alloc(num_slots * kvs * 2)?);
+            self.kv.k.push(gpu.alloc(num_slots * kvs * 2)?);
+            self.kv.v.push(gpu.alloc(num_slots * kvs * 2)?);
         }
-        self.scratch_slot = (num_blocks * self.block_size) as u32;
+        self.kv.scratch_slot = (num_blocks * self.block_size) as u32;
         Ok(())
     }
 
     pub fn arena_len(&self) -> usize {
-        self.arena_layout.len
+        self.ws.arena_layout.len
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -389,7 +409,7 @@ impl CudaModel {
     }
 
     pub fn logits_ptr(&self) -> CUdeviceptr {
-        self.logits.ptr
+        self.ws.logits.ptr
     }
 
     /// Largest decode batch a graph bucket may pad to.
@@ -405,9 +425,9 @@ impl CudaModel {
     /// How the slots lay adapters out (what [`DeviceAdapter`]s are made for); `None` without
     /// LoRA.
     pub(super) fn lora_layout(&self, elem: Elem) -> Option<SlotLayout> {
-        let groups = &self.layers.first()?.lora;
+        let groups = &self.w.layers.first()?.lora;
         (!groups.is_empty()).then(|| SlotLayout {
-            num_layers: self.layers.len(),
+            num_layers: self.w.layers.len(),
             groups: groups
                 .iter()
                 .map(|g| GroupSpec::new(&self.cfg, g.targets.clone()))
@@ -427,7 +447,7 @@ impl CudaModel {
     ) -> Result<()> {
         assert!(self.max_loras > 0, "set_lora_slot with LoRA disabled");
         uploads.begin(slot)?;
-        for (li, layer) in self.layers.iter_mut().enumerate() {
+        for (li, layer) in self.w.layers.iter_mut().enumerate() {
             for (g, group) in layer.lora.iter_mut().enumerate() {
                 let a = adapter.as_deref();
                 group.upload(&uploads.stream, li, g, slot, a, self.max_loras, self.lora_rank)?;
@@ -436,7 +456,7 @@ impl CudaModel {
         uploads.end(slot, adapter)?;
         // Slots change rarely, steps often: the mask is kept, not recomputed per step.
         self.lora_mask = 0;
-        for layer in &self.layers {
+        for layer in &self.w.layers {
             for (g, group) in layer.lora.iter().enumerate() {
                 if group.is_active() {
                     self.lora_mask |= 1 << g;
@@ -450,7 +470,7 @@ impl CudaModel {
     /// padded tokens write their K/V to the scratch slot and have no adapter. Sets the shape's
     /// LoRA segments (a step that runs SGMV, [`uses_sgmv`]) and prefill attention tiles.
     pub fn pack_inputs(&self, batch: &StepBatch, shape: &mut StepShape, arena: &mut [u32]) {
-        let a = self.arena_layout;
+        let a = self.ws.arena_layout;
         let (t, s) = (batch.num_tokens(), batch.num_seqs());
         assert!(shape.num_tokens >= t && shape.num_tokens <= self.max_tokens);
         assert!(shape.num_seqs >= s && shape.num_seqs <= self.max_seqs);
@@ -473,7 +493,7 @@ impl CudaModel {
         for i in t..pad {
             arena[a.token_ids + i] = 0;
             arena[a.positions + i] = 0;
-            arena[a.slot_mapping + i] = self.scratch_slot;
+            arena[a.slot_mapping + i] = self.kv.scratch_slot;
             arena[a.token_slot + i] = u32::MAX;
             // Padding only happens for decode steps, where token i is sequence i.
             arena[a.token_seq + i] = i as u32;
@@ -515,12 +535,12 @@ impl CudaModel {
     /// Copies the packed inputs to the device: LoRA segments and attention tiles only for a
     /// step that has them (from [`Self::pack_inputs`]).
     pub fn upload_inputs(&self, gpu: &Gpu, arena: &[u32], shape: StepShape) -> Result<()> {
-        let a = self.arena_layout;
+        let a = self.ws.arena_layout;
         let len = match shape.num_lora_segments {
             0 => a.num_lora_segments,
             n => a.lora_segments + 3 * n,
         };
-        gpu.htod(self.arena.ptr, &arena[..len])?;
+        gpu.htod(self.ws.arena.ptr, &arena[..len])?;
         let att = shape.att_tiles;
         if att.tiles > 0 {
             gpu.htod(self.input(a.att_tiles), &arena[a.att_tiles..][..4 * att.tiles])?;
@@ -532,7 +552,7 @@ impl CudaModel {
     }
 
     fn input(&self, offset: usize) -> CUdeviceptr {
-        self.arena.at::<u32>(offset)
+        self.ws.arena.at::<u32>(offset)
     }
 
     /// The device's side of a step's plan.
@@ -551,11 +571,11 @@ impl CudaModel {
         let plan = StepPlan::new(&self.cfg, &self.caps(gpu), &shape);
         let c = &self.cfg;
         let h = c.hidden_size;
-        let (t, s, a) = (shape.num_tokens, shape.num_seqs, self.arena_layout);
+        let (t, s, a) = (shape.num_tokens, shape.num_seqs, self.ws.arena_layout);
         let split = plan.split_norms;
         // With split norms embed zeroes their sums of squares; its own norm is never split.
         let zero = if split {
-            (self.norm_ss.ptr, self.norm_ss.bytes / 4)
+            (self.ws.norm_ss.ptr, self.ws.norm_ss.bytes / 4)
         } else {
             (0, 0)
         };
@@ -563,20 +583,21 @@ impl CudaModel {
             gpu,
             embed,
             cfg((t as u32, 1, 1), (h.div_ceil(32) * 32).min(1024) as u32),
-            self.hidden.ptr,
-            self.embed_tokens.ptr,
+            self.ws.hidden.ptr,
+            self.w.embed_tokens.ptr,
             self.input(a.token_ids),
             h as i32,
-            self.layers
+            self.w
+                .layers
                 .first()
-                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr),
-            self.normed.ptr,
+                .map_or(self.w.norm.ptr, |l| l.input_layernorm.ptr),
+            self.ws.normed.ptr,
             c.rms_norm_eps,
             zero.0,
             zero.1 as i32
         )?;
         let lp = &plan.layer;
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in self.w.layers.iter().enumerate() {
             self.qkv(
                 gpu,
                 layer,
@@ -588,28 +609,29 @@ impl CudaModel {
             self.attention(gpu, li, &shape, lp.attention)?;
             let post = layer.post_attention_layernorm.ptr;
             let o = (&layer.o_proj, layer.lora.get(LoraGroupId::O as usize));
-            self.add_proj(gpu, o, &lp.o, self.attn.ptr, &shape, (2 * li + 1, post))?;
+            self.add_proj(gpu, o, &lp.o, self.ws.attn.ptr, &shape, (2 * li + 1, post))?;
             self.mlp(gpu, layer, lp.mlp, &shape, self.norm_in(split, 2 * li + 1))?;
             // The next layer's input norm, or the final norm after the last layer.
             let next = self
+                .w
                 .layers
                 .get(li + 1)
-                .map_or(self.norm.ptr, |l| l.input_layernorm.ptr);
+                .map_or(self.w.norm.ptr, |l| l.input_layernorm.ptr);
             let down = (&layer.down_proj, layer.lora.get(LoraGroupId::Down as usize));
-            self.add_proj(gpu, down, &lp.down, self.act.ptr, &shape, (2 * li + 2, next))?;
+            self.add_proj(gpu, down, &lp.down, self.ws.act.ptr, &shape, (2 * li + 2, next))?;
         }
         // Split norms: every token of a decode step is its sequence's last, and the last
         // down_proj wrote them unscaled into `normed`. Else the final norm (already applied to
         // every row by the last layer) is recomputed on the rows that need logits.
         let (x_last, lm_norm) = if split {
-            (self.normed.ptr, self.norm_in(true, 2 * self.layers.len()))
+            (self.ws.normed.ptr, self.norm_in(true, 2 * self.w.layers.len()))
         } else {
             let rows = (s, self.input(a.last_rows), plan.last_norm_threads);
-            self.rms_norm(gpu, rows, self.norm.ptr, self.last_normed.ptr, NO_LORA)?;
-            (self.last_normed.ptr, NormIo::NONE)
+            self.rms_norm(gpu, rows, self.w.norm.ptr, self.ws.last_normed.ptr, NO_LORA)?;
+            (self.ws.last_normed.ptr, NormIo::NONE)
         };
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let y = (self.logits.ptr, s, c.vocab_size);
+        let lm_head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed_tokens);
+        let y = (self.ws.logits.ptr, s, c.vocab_size);
         run_gemm(
             gpu,
             plan.lm_head,
@@ -635,7 +657,7 @@ impl CudaModel {
         norm: NormIo,
     ) -> Result<()> {
         let w = (lin.w.ptr, lin.bias.as_ref().map(|b| b.ptr), lin.n, lin.k);
-        run_gemm(gpu, gemm, epi, w, x, y, self.gate_up.ptr, norm)
+        run_gemm(gpu, gemm, epi, w, x, y, self.ws.gate_up.ptr, norm)
     }
 
     /// Layer `li`'s q/k/v: the GEMM (with RoPE and the K/V cache write as its epilogue, or
@@ -664,13 +686,13 @@ impl CudaModel {
                 rope,
             } => (gemm, lora, qk_norm, rope),
         };
-        let y = (self.qkv.ptr, t, qkv_n);
+        let y = (self.ws.qkv.ptr, t, qkv_n);
         self.gemm(
             gpu,
             gemm,
             Epilogue::Store,
             &layer.qkv_proj,
-            self.normed.ptr,
+            self.ws.normed.ptr,
             y,
             norm,
         )?;
@@ -678,12 +700,12 @@ impl CudaModel {
         let fused = match (lora, group) {
             (QkvLora::None, _) => NO_LORA,
             (QkvLora::Run(run), Some(g)) => {
-                self.lora(gpu, g, run, self.normed.ptr, y, shape)?;
+                self.lora(gpu, g, run, self.ws.normed.ptr, y, shape)?;
                 NO_LORA
             }
             (QkvLora::ExpandInRope(sh), Some(g)) => {
-                self.bgmv_shrink(gpu, g, self.normed.ptr, t, sh.wide)?;
-                (self.lora_tmp.ptr, g.b.ptr, g.ranks.ptr)
+                self.bgmv_shrink(gpu, g, self.ws.normed.ptr, t, sh.wide)?;
+                (self.ws.lora_tmp.ptr, g.b.ptr, g.ranks.ptr)
             }
             (_, None) => return Err(internal("q/k/v LoRA planned without adapter slots")),
         };
@@ -695,7 +717,7 @@ impl CudaModel {
                 gpu,
                 qk_norm,
                 cfg((t as u32, (nh + nkv) as u32, 1), 32),
-                self.qkv.ptr,
+                self.ws.qkv.ptr,
                 qkv_n as i32,
                 nh as i32,
                 hd as i32,
@@ -710,7 +732,7 @@ impl CudaModel {
                 gpu,
                 rope_kv_write_rows,
                 cfg((t as u32, 1, 1), 256),
-                self.qkv.ptr,
+                self.ws.qkv.ptr,
                 qkv_n as i32,
                 nh as i32,
                 nkv as i32,
@@ -732,7 +754,7 @@ impl CudaModel {
                         (t as u32, (nh + 2 * nkv) as u32, 1),
                         (hd / 2).div_ceil(32) as u32 * 32
                     ),
-                    self.qkv.ptr,
+                    self.ws.qkv.ptr,
                     qkv_n as i32,
                     nh as i32,
                     nkv as i32,
@@ -746,7 +768,7 @@ impl CudaModel {
                     l_tmp,
                     l_b,
                     l_ranks,
-                    self.input(self.arena_layout.token_slot),
+                    self.input(self.ws.arena_layout.token_slot),
                     t as i32,
                     self.lora_rank as i32,
                     self.max_loras as i32
@@ -784,10 +806,10 @@ impl CudaModel {
                 gpu,
                 kernel,
                 cfg((blocks, 1, 1), SKINNY_THREADS),
-                self.normed.ptr,
+                self.ws.normed.ptr,
                 lin.w.ptr,
                 lin.bias.as_ref().map_or(0, |b| b.ptr),
-                self.qkv.ptr,
+                self.ws.qkv.ptr,
                 m,
                 n,
                 k,
@@ -815,7 +837,7 @@ impl CudaModel {
         let c = &self.cfg;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let qkv_n = c.q_size() + 2 * c.kv_size();
-        let (t, a) = (shape.num_tokens, self.arena_layout);
+        let (t, a) = (shape.num_tokens, self.ws.arena_layout);
         match plan {
             Attention::Decode { parts, wide } => {
                 let (name, threads) = match wide {
@@ -829,11 +851,11 @@ impl CudaModel {
                         gpu,
                         name,
                         cfg((t as u32, nh as u32, parts), threads),
-                        self.qkv.ptr,
+                        self.ws.qkv.ptr,
                         qkv_n as i32,
-                        self.attn.ptr,
-                        self.k_cache[li].ptr,
-                        self.v_cache[li].ptr,
+                        self.ws.attn.ptr,
+                        self.kv.k[li].ptr,
+                        self.kv.v[li].ptr,
                         self.input(a.positions),
                         self.input(a.block_tables),
                         self.max_blocks_per_seq as i32,
@@ -842,8 +864,8 @@ impl CudaModel {
                         nkv as i32,
                         hd as i32,
                         1.0 / (hd as f32).sqrt(),
-                        self.att_part.ptr,
-                        self.att_count.ptr,
+                        self.ws.att_part.ptr,
+                        self.ws.att_count.ptr,
                     )
                 }
             }
@@ -852,15 +874,15 @@ impl CudaModel {
                     .prefill_attention
                     .ok_or_else(|| internal("prefill attention planned without a kernel"))?;
                 let inputs = prefill::Inputs {
-                    qkv: self.qkv.ptr,
+                    qkv: self.ws.qkv.ptr,
                     ld: qkv_n,
-                    out: self.attn.ptr,
-                    k_cache: self.k_cache[li].ptr,
-                    v_cache: self.v_cache[li].ptr,
+                    out: self.ws.attn.ptr,
+                    k_cache: self.kv.k[li].ptr,
+                    v_cache: self.kv.v[li].ptr,
                     tiles: self.input(a.att_tiles),
                     merges: self.input(a.att_merges),
                     packed: shape.att_tiles,
-                    part: self.att_pieces.ptr,
+                    part: self.ws.att_pieces.ptr,
                     token_seq: self.input(a.token_seq),
                     positions: self.input(a.positions),
                     block_tables: self.input(a.block_tables),
@@ -873,11 +895,11 @@ impl CudaModel {
                 gpu,
                 paged_attention,
                 cfg((t as u32, nh as u32, 1), kernels::ATT_THREADS),
-                self.qkv.ptr,
+                self.ws.qkv.ptr,
                 qkv_n as i32,
-                self.attn.ptr,
-                self.k_cache[li].ptr,
-                self.v_cache[li].ptr,
+                self.ws.attn.ptr,
+                self.kv.k[li].ptr,
+                self.kv.v[li].ptr,
                 self.input(a.token_seq),
                 self.input(a.positions),
                 self.input(a.block_tables),
@@ -907,7 +929,7 @@ impl CudaModel {
             NormAfter::Split => self.norm_out(true, b, gamma),
             NormAfter::Kernel { .. } => NormIo::NONE,
         };
-        let y = (self.hidden.ptr, t, h);
+        let y = (self.ws.hidden.ptr, t, h);
         self.gemm(gpu, plan.gemm, Epilogue::Add, lin, x, y, norm)?;
         let fused = match (plan.lora, group) {
             (AddLora::None, _) => NO_LORA,
@@ -917,13 +939,13 @@ impl CudaModel {
             }
             (AddLora::ExpandInNorm(sh), Some(g)) => {
                 self.bgmv_shrink(gpu, g, x, t, sh.wide)?;
-                (self.lora_tmp.ptr, g.b.ptr, g.ranks.ptr)
+                (self.ws.lora_tmp.ptr, g.b.ptr, g.ranks.ptr)
             }
             (_, None) => return Err(internal("a LoRA planned without adapter slots")),
         };
         match plan.norm {
             NormAfter::Kernel { threads } => {
-                self.rms_norm(gpu, (t, 0, threads), gamma, self.normed.ptr, fused)
+                self.rms_norm(gpu, (t, 0, threads), gamma, self.ws.normed.ptr, fused)
             }
             NormAfter::Split if fused == NO_LORA => Ok(()),
             NormAfter::Split => Err(internal("a LoRA expand planned into a split norm")),
@@ -935,13 +957,13 @@ impl CudaModel {
         let (t, inter) = (shape.num_tokens, self.cfg.intermediate_size);
         match plan {
             Mlp::FusedSilu(gemm) => {
-                let y = (self.act.ptr, t, inter);
+                let y = (self.ws.act.ptr, t, inter);
                 self.gemm(
                     gpu,
                     gemm,
                     Epilogue::SiluMul,
                     &layer.gate_up_proj,
-                    self.normed.ptr,
+                    self.ws.normed.ptr,
                     y,
                     norm,
                 )
@@ -951,18 +973,18 @@ impl CudaModel {
                     .lora
                     .get(LoraGroupId::GateUp as usize)
                     .ok_or_else(|| internal("gate/up LoRA planned without adapter slots"))?;
-                let y = (self.gate_up.ptr, t, 2 * inter);
+                let y = (self.ws.gate_up.ptr, t, 2 * inter);
                 self.gemm(
                     gpu,
                     gemm,
                     Epilogue::Store,
                     &layer.gate_up_proj,
-                    self.normed.ptr,
+                    self.ws.normed.ptr,
                     y,
                     norm,
                 )?;
-                self.lora(gpu, g, lora, self.normed.ptr, y, shape)?;
-                silu_mul(gpu, self.gate_up.ptr, self.act.ptr, inter, t)
+                self.lora(gpu, g, lora, self.ws.normed.ptr, y, shape)?;
+                silu_mul(gpu, self.ws.gate_up.ptr, self.ws.act.ptr, inter, t)
             }
         }
     }
@@ -972,8 +994,8 @@ impl CudaModel {
     /// per row (fewer, fuller blocks).
     fn bgmv_shrink(&self, gpu: &Gpu, g: &LoraGroup, x: CUdeviceptr, t: usize, wide: bool) -> Result<()> {
         let w = g.weights(self.lora_rank, self.max_loras);
-        let slots = self.input(self.arena_layout.token_slot);
-        sgmv::bgmv_shrink(gpu, &w, slots, x, self.lora_tmp.ptr, t, wide)
+        let slots = self.input(self.ws.arena_layout.token_slot);
+        sgmv::bgmv_shrink(gpu, &w, slots, x, self.ws.lora_tmp.ptr, t, wide)
     }
 
     /// LoRA shrink + expand of one group, added into `y` = (buffer, tokens, ldy).
@@ -990,17 +1012,17 @@ impl CudaModel {
         match run {
             LoraRun::Sgmv => {
                 let segs = sgmv::Segments {
-                    segs: self.input(self.arena_layout.lora_segments),
-                    num_segs: self.input(self.arena_layout.num_lora_segments),
+                    segs: self.input(self.ws.arena_layout.lora_segments),
+                    num_segs: self.input(self.ws.arena_layout.num_lora_segments),
                     max_segs: shape.num_lora_segments,
                 };
-                sgmv::shrink(gpu, &w, &segs, x, self.lora_tmp.ptr, t)?;
-                sgmv::expand(gpu, &w, &segs, self.lora_tmp.ptr, y, t, ldy)
+                sgmv::shrink(gpu, &w, &segs, x, self.ws.lora_tmp.ptr, t)?;
+                sgmv::expand(gpu, &w, &segs, self.ws.lora_tmp.ptr, y, t, ldy)
             }
             LoraRun::Bgmv { wide_shrink } => {
                 self.bgmv_shrink(gpu, g, x, t, wide_shrink)?;
-                let slots = self.input(self.arena_layout.token_slot);
-                sgmv::bgmv_expand(gpu, &w, slots, self.lora_tmp.ptr, y, t, ldy)
+                let slots = self.input(self.ws.arena_layout.token_slot);
+                sgmv::bgmv_expand(gpu, &w, slots, self.ws.lora_tmp.ptr, y, t, ldy)
             }
         }
     }
@@ -1022,7 +1044,7 @@ impl CudaModel {
             gpu,
             add_rms_norm,
             cfg((n as u32, 1, 1), threads),
-            self.hidden.ptr,
+            self.ws.hidden.ptr,
             rows,
             w,
             out,
@@ -1031,7 +1053,7 @@ impl CudaModel {
             l_tmp,
             l_b,
             l_ranks,
-            self.input(self.arena_layout.token_slot),
+            self.input(self.ws.arena_layout.token_slot),
             self.lora_rank as i32
         )
     }
@@ -1039,21 +1061,21 @@ impl CudaModel {
     /// What RoPE and the cache write read, for layer `li`: cos and sin tables, each token's
     /// position and cache slot, the layer's K and V caches.
     fn rope_args(&self, li: usize) -> [u64; 6] {
-        let a = self.arena_layout;
+        let a = self.ws.arena_layout;
         [
-            self.rope_cos.ptr,
-            self.rope_sin.ptr,
+            self.w.rope_cos.ptr,
+            self.w.rope_sin.ptr,
             self.input(a.positions),
             self.input(a.slot_mapping),
-            self.k_cache[li].ptr,
-            self.v_cache[li].ptr,
+            self.kv.k[li].ptr,
+            self.kv.v[li].ptr,
         ]
     }
 
     /// Split norm `b`'s per-token sums of squares: b = 2·li + 1 after layer li's o_proj,
     /// 2·li + 2 after its down_proj (the next layer's input norm, or the final norm).
     fn norm_ss_at(&self, b: usize) -> u64 {
-        self.norm_ss.at::<f32>(b * NORM_SPLIT_MAX_TOKENS)
+        self.ws.norm_ss.at::<f32>(b * NORM_SPLIT_MAX_TOKENS)
     }
 
     /// A GEMM reading split norm `b`'s unscaled output (`on`), or a plain GEMM.
@@ -1073,7 +1095,7 @@ impl CudaModel {
         match on {
             true => NormIo {
                 gamma,
-                out: self.normed.ptr,
+                out: self.ws.normed.ptr,
                 out_ss: self.norm_ss_at(b),
                 ..NormIo::NONE
             },
