@@ -2,7 +2,7 @@
 # Everything multilora does on the GPU machine, in one device call (see README, "GPU"). Each step's
 # timeout is a bound, not its length: check micro bench mlbench took ~110 s on the H200, peer ~90 s.
 #   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer] [prefill]
-#                [prefill-profile] [attention] [itl]
+#                [prefill-profile] [attention] [decode-attention] [itl]
 #   default: check micro bench mlbench peer
 # Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench,
 # multilora.
@@ -78,6 +78,14 @@ attention)
   for m in ${PREFILL_SHAPES:-bench/llama-2-7b bench/llama-3-8b bench/qwen2-7b}; do
     timeout 120 "$BIN/gpu_bench" "$m" "$WORK/adapters" /dev/null --attention 2>&1 | grep -E "^attention|rror|panic" | sed "s|^|$(basename $m) |"
   done | tee "$OUT/attention.log"
+  ;;
+decode-attention)
+  # Decode attention alone by batch and context: the decode kernel vs the tensor-core prefill
+  # kernel with split context (GQA-packed tiles), in % of copy bandwidth.
+  echo "== decode attention: decode kernel vs prefill kernel, by batch x context"
+  for m in ${PREFILL_SHAPES:-bench/llama-2-7b bench/llama-3-8b bench/qwen2-7b}; do
+    timeout 120 "$BIN/gpu_bench" "$m" "$WORK/adapters" /dev/null --decode-attention 2>&1 | grep -E "^decode-attention|rror|panic" | sed "s|^|$(basename $m) |"
+  done | tee "$OUT/decode_attention.log"
   ;;
 itl)
   # Chunked prefill: 16 streams decode while an 8,000-token prompt arrives, at several

@@ -37,6 +37,9 @@ struct Args {
     micro: bool,
     /// Time every prefill attention variant alone (`--attention`).
     attention: bool,
+    /// Time decode attention alone (`--decode-attention`): the decode kernel against the
+    /// tensor-core prefill kernel with split context, by batch and context length.
+    decode_attention: bool,
     /// `--itl P`: decode steps of `--batch-sizes`' first streams while a P-token prompt arrives,
     /// under `--max-num-batched-tokens`.
     itl: Option<usize>,
@@ -66,6 +69,7 @@ fn parse() -> Args {
         dtype: "bfloat16".into(),
         micro: false,
         attention: false,
+        decode_attention: false,
         itl: None,
         max_num_batched_tokens: None,
         series: SERIES.map(String::from).to_vec(),
@@ -84,6 +88,7 @@ fn parse() -> Args {
             "--dtype" => a.dtype = val(),
             "--micro" => a.micro = true,
             "--attention" => a.attention = true,
+            "--decode-attention" => a.decode_attention = true,
             "--itl" => a.itl = Some(val().parse().unwrap()),
             "--max-num-batched-tokens" => a.max_num_batched_tokens = Some(val().parse().unwrap()),
             "--series" => {
@@ -262,6 +267,180 @@ fn attention(cfg: &ModelConfig, elem: Elem) {
                 flops / med / 1e9
             );
         }
+    }
+}
+
+/// Decode attention alone, one layer, over a random paged cache: B sequences of one query token
+/// at context C, by the decode kernel the step plan picks (`decode_attention`, context split in
+/// parts) and by the tensor-core prefill kernel (a tile a sequence holding its GQA group's
+/// heads, long tiles split into pieces as the model splits them). Median of 5 launches; the
+/// KV bytes read over that time against the copy bandwidth `bw` (read + write of a copy).
+fn decode_attention(cfg: &ModelConfig, elem: Elem, bw: f64) {
+    use multilora_engine::cuda::gpu::{cfg as lcfg, Gpu};
+    use multilora_engine::cuda::kernels::{
+        DECODE_ATT_MAX_PARTS, DECODE_ATT_THREADS, DECODE_ATT_WIDE_THREADS,
+    };
+    use multilora_engine::cuda::launch;
+    use multilora_engine::cuda::model::StepShape;
+    use multilora_engine::cuda::plan::{Attention, Caps, StepPlan};
+    use multilora_engine::cuda::prefill;
+    let gpu = Gpu::new(0, elem).expect("gpu");
+    let (nh, nkv, hd, bs) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16);
+    let (kvs, ld) = (nkv * hd, (nh + 2 * nkv) * hd);
+    let Some(k) = prefill::kernel(hd, nh / nkv) else {
+        println!("decode-attention: no prefill attention kernel for head_dim {hd}");
+        return;
+    };
+    let caps = Caps {
+        elem,
+        skinny_max_m: 8,
+        num_sms: gpu.num_sms as usize,
+        prefill_attention: true,
+    };
+    let up = |v: &[u32]| {
+        let buf = gpu.alloc(v.len().max(1) * 4).unwrap();
+        gpu.htod(buf.ptr, v).unwrap();
+        buf
+    };
+    let fill = |ptr: u64, n: usize, seed: u64| {
+        // SAFETY: fill_uniform over the n elements of a buffer just allocated.
+        unsafe { launch::fill_uniform(&gpu, lcfg((4096, 1, 1), 256), ptr, n as u64, seed, 1.0) }.unwrap();
+    };
+    let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
+    let time = |run: &dyn Fn()| {
+        let mut ms = Vec::new();
+        for _ in 0..6 {
+            e0.record(&gpu.stream).unwrap();
+            run();
+            e1.record(&gpu.stream).unwrap();
+            gpu.sync().unwrap();
+            ms.push(e0.elapsed_ms(&e1).unwrap() as f64);
+        }
+        ms.remove(0);
+        ms.sort_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    };
+    for (b, c) in [
+        (1usize, 128usize),
+        (1, 4096),
+        (1, 32768),
+        (8, 4096),
+        (32, 1024),
+        (32, 4096),
+        (128, 1024),
+        (256, 512),
+        (256, 4096),
+    ] {
+        let max_blocks = c.div_ceil(bs);
+        // Sequence i's block j is physical block i * max_blocks + j.
+        let tables: Vec<u32> = (0..(b * max_blocks) as u32).collect();
+        let positions = vec![(c - 1) as u32; b];
+        let token_seq: Vec<u32> = (0..b as u32).collect();
+        let query_start: Vec<u32> = (0..=b as u32).collect();
+        let (tab_d, pos_d, seq_d) = (up(&tables), up(&positions), up(&token_seq));
+        let slots = b * max_blocks * bs;
+        let qkv = gpu.alloc(b * ld * 4).unwrap();
+        let (kc, vc) = (
+            gpu.alloc(slots * kvs * 2).unwrap(),
+            gpu.alloc(slots * kvs * 2).unwrap(),
+        );
+        fill(kc.ptr, slots * kvs, 4);
+        fill(vc.ptr, slots * kvs, 5);
+        // q stays zero (allocations are zeroed): uniform attention, which times the same.
+        let out = gpu.alloc(b * nh * hd * 2).unwrap();
+        let kv_bytes = (2 * b * c * kvs * 2) as f64;
+        let shape = StepShape {
+            num_tokens: b,
+            num_seqs: b,
+            lora_mask: 0,
+            num_lora_segments: 0,
+            att_tiles: prefill::Packed::default(),
+        };
+        let att_part = gpu.alloc(b * nh * DECODE_ATT_MAX_PARTS * (hd + 2) * 4).unwrap();
+        let att_count = gpu.alloc(b * nh * 4).unwrap();
+        let decode_ms = match StepPlan::new(cfg, &caps, &shape).layer.attention {
+            Attention::Decode { parts, wide } => {
+                let (name, threads) = match wide {
+                    true => ("decode_attention_wide", DECODE_ATT_WIDE_THREADS),
+                    false => ("decode_attention", DECODE_ATT_THREADS),
+                };
+                let run = || {
+                    // SAFETY: every buffer above is sized for b sequences of context c.
+                    unsafe {
+                        launch::decode_attention(
+                            &gpu,
+                            name,
+                            lcfg((b as u32, nh as u32, parts), threads),
+                            qkv.ptr,
+                            ld as i32,
+                            out.ptr,
+                            kc.ptr,
+                            vc.ptr,
+                            pos_d.ptr,
+                            tab_d.ptr,
+                            max_blocks as i32,
+                            bs as i32,
+                            nh as i32,
+                            nkv as i32,
+                            hd as i32,
+                            1.0 / (hd as f32).sqrt(),
+                            att_part.ptr,
+                            att_count.ptr,
+                        )
+                    }
+                    .unwrap()
+                };
+                Some(time(&run))
+            }
+            _ => None,
+        };
+        let split = prefill::Split {
+            nkv,
+            target_blocks: 2 * gpu.num_sms as usize,
+            max_pieces: 4 * gpu.num_sms as usize / nkv,
+        };
+        let max_pieces = split.max_pieces;
+        let (mut tiles, mut merges) = (vec![0u32; 4 * (b + max_pieces)], vec![0u32; 2 * max_pieces]);
+        let per = k.tokens_per_tile(nh / nkv);
+        let packed = prefill::pack_tiles(
+            &query_start,
+            &positions,
+            per,
+            k.keys,
+            Some(split),
+            &mut tiles,
+            &mut merges,
+        );
+        let (tiles_d, merges_d) = (up(&tiles[..4 * packed.tiles]), up(&merges[..4 * packed.merges]));
+        let part = gpu.alloc((max_pieces * nkv * k.piece_len() * 4).max(4)).unwrap();
+        let inputs = prefill::Inputs {
+            qkv: qkv.ptr,
+            ld,
+            out: out.ptr,
+            k_cache: kc.ptr,
+            v_cache: vc.ptr,
+            tiles: tiles_d.ptr,
+            merges: merges_d.ptr,
+            packed,
+            part: part.ptr,
+            token_seq: seq_d.ptr,
+            positions: pos_d.ptr,
+            block_tables: tab_d.ptr,
+            max_blocks,
+            block_size: bs,
+        };
+        let fa_ms = time(&|| prefill::launch(&gpu, k, &inputs, nh, nkv, hd).unwrap());
+        let frac = |ms: f64| kv_bytes / (ms / 1e3) / (bw / 2.0);
+        let decode = decode_ms.map_or("  (not taken)".to_string(), |ms| {
+            format!("{:8.1} us {:5.1}%", ms * 1e3, 100.0 * frac(ms))
+        });
+        println!(
+            "decode-attention {b:>3}x{c:<5} decode kernel {decode} | prefill kernel ({} tiles, {} merges) {:8.1} us {:5.1}% of copy bandwidth",
+            packed.tiles,
+            packed.merges,
+            fa_ms * 1e3,
+            100.0 * frac(fa_ms)
+        );
     }
 }
 
@@ -491,6 +670,10 @@ fn main() {
     }
     if a.attention {
         attention(&cfg, elem);
+        return;
+    }
+    if a.decode_attention {
+        decode_attention(&cfg, elem, bw);
         return;
     }
     let t0 = Instant::now();
