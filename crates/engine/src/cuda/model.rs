@@ -11,8 +11,8 @@ use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::launch;
 use super::lora::LoraGroup;
 use super::plan::{
-    uses_sgmv, AddLora, AddProj, Attention, Caps, Gemm, LoraGroupId, LoraRun, Mlp, NormAfter, Qkv, QkvLora,
-    Rope, StepPlan, NORM_SPLIT_MAX_TOKENS,
+    uses_sgmv, AddLora, AddProj, Attention, Caps, Gemm, LoraRun, Mlp, NormAfter, Qkv, QkvLora, Rope,
+    StepPlan, NORM_SPLIT_MAX_TOKENS,
 };
 use super::prefill;
 use super::sgmv;
@@ -21,7 +21,8 @@ use super::upload::{DeviceAdapter, GroupSpec, SlotLayout, SlotUploads};
 use crate::backend::BackendConfig;
 use crate::backend::StepBatch;
 use crate::error::{Error, Result};
-use crate::lora::{LoraSlot, LoraTarget};
+use crate::lora::LoraSlot;
+use crate::models::spec::{self, ProjGroup};
 use crate::weights::WeightSource;
 use crate::ModelConfig;
 
@@ -199,20 +200,22 @@ impl Loader<'_> {
         Ok(buf)
     }
 
-    /// Projections sharing an input, concatenated along the output dimension.
-    fn linear(&mut self, prefix: &str, parts: &[(&str, usize)], k: usize, bias: bool) -> Result<Linear> {
-        let n: usize = parts.iter().map(|p| p.1).sum();
+    /// Layer `layer`'s projections of group `g` (and their biases), concatenated along the
+    /// output dimension.
+    fn group(&mut self, cfg: &ModelConfig, layer: usize, g: ProjGroup) -> Result<Linear> {
+        let targets = g.targets();
+        let k = targets[0].shape(cfg).0;
+        let n: usize = targets.iter().map(|t| t.shape(cfg).1).sum();
+        let bias = spec::has_bias(targets[0], cfg);
         let w = self.gpu.alloc(n * k * 2)?;
         let b = if bias { Some(self.gpu.alloc(n * 2)?) } else { None };
         let mut off = 0;
-        for &(name, rows) in parts {
-            self.fill(
-                &format!("{prefix}.{name}.weight"),
-                &[rows, k],
-                w.at::<u16>(off * k),
-            )?;
+        for &t in targets {
+            let rows = t.shape(cfg).1;
+            let name = spec::proj_tensor(layer, t, "weight");
+            self.fill(&name, &[rows, k], w.at::<u16>(off * k))?;
             if let Some(b) = &b {
-                self.fill(&format!("{prefix}.{name}.bias"), &[rows], b.at::<u16>(off))?;
+                self.fill(&spec::proj_tensor(layer, t, "bias"), &[rows], b.at::<u16>(off))?;
             }
             off += rows;
         }
@@ -241,59 +244,48 @@ impl CudaModel {
             seed,
             counter: 0,
         };
-        let embed_tokens = ld.tensor("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = ld.tensor(spec::EMBED_TOKENS, &[v, h])?;
         let lora_rank = bc.max_lora_rank.div_ceil(8) * 8;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let attn = format!("{p}.self_attn");
-            let mlp = format!("{p}.mlp");
-            let qkv_proj = ld.linear(
-                &attn,
-                &[("q_proj", qs), ("k_proj", kvs), ("v_proj", kvs)],
-                h,
-                cfg.qkv_bias,
-            )?;
-            let o_proj = ld.linear(&attn, &[("o_proj", h)], qs, cfg.o_bias)?;
-            let gate_up_proj = ld.linear(&mlp, &[("gate_proj", inter), ("up_proj", inter)], h, false)?;
-            let down_proj = ld.linear(&mlp, &[("down_proj", h)], inter, false)?;
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
-                    Some(ld.tensor(&format!("{attn}.q_norm.weight"), &[hd])?),
-                    Some(ld.tensor(&format!("{attn}.k_norm.weight"), &[hd])?),
+                    Some(ld.tensor(&spec::layer_tensor(i, "self_attn.q_norm.weight"), &[hd])?),
+                    Some(ld.tensor(&spec::layer_tensor(i, "self_attn.k_norm.weight"), &[hd])?),
                 )
             } else {
                 (None, None)
             };
             let mut lora = Vec::new();
             if bc.max_loras > 0 {
-                use LoraTarget::*;
-                for targets in [
-                    vec![QProj, KProj, VProj],
-                    vec![OProj],
-                    vec![GateProj, UpProj],
-                    vec![DownProj],
-                ] {
-                    lora.push(LoraGroup::new(gpu, cfg, targets, bc.max_loras, lora_rank)?);
+                for g in ProjGroup::ALL {
+                    lora.push(LoraGroup::new(
+                        gpu,
+                        cfg,
+                        g.targets().to_vec(),
+                        bc.max_loras,
+                        lora_rank,
+                    )?);
                 }
             }
             layers.push(Layer {
-                qkv_proj,
-                o_proj,
-                gate_up_proj,
-                down_proj,
-                input_layernorm: ld.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: ld.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                qkv_proj: ld.group(cfg, i, ProjGroup::Qkv)?,
+                o_proj: ld.group(cfg, i, ProjGroup::O)?,
+                gate_up_proj: ld.group(cfg, i, ProjGroup::GateUp)?,
+                down_proj: ld.group(cfg, i, ProjGroup::Down)?,
+                input_layernorm: ld.tensor(&spec::layer_tensor(i, "input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: ld
+                    .tensor(&spec::layer_tensor(i, "post_attention_layernorm.weight"), &[h])?,
                 q_norm,
                 k_norm,
                 lora,
             });
         }
-        let norm = ld.tensor("model.norm.weight", &[h])?;
+        let norm = ld.tensor(spec::FINAL_NORM, &[h])?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(ld.tensor("lm_head.weight", &[v, h])?)
+            Some(ld.tensor(spec::LM_HEAD, &[v, h])?)
         };
 
         // RoPE tables exactly as the CPU backend builds them.
@@ -608,7 +600,7 @@ impl CudaModel {
             )?;
             self.attention(gpu, li, &shape, lp.attention)?;
             let post = layer.post_attention_layernorm.ptr;
-            let o = (&layer.o_proj, layer.lora.get(LoraGroupId::O as usize));
+            let o = (&layer.o_proj, layer.lora.get(ProjGroup::O as usize));
             self.add_proj(gpu, o, &lp.o, self.ws.attn.ptr, &shape, (2 * li + 1, post))?;
             self.mlp(gpu, layer, lp.mlp, &shape, self.norm_in(split, 2 * li + 1))?;
             // The next layer's input norm, or the final norm after the last layer.
@@ -617,7 +609,7 @@ impl CudaModel {
                 .layers
                 .get(li + 1)
                 .map_or(self.w.norm.ptr, |l| l.input_layernorm.ptr);
-            let down = (&layer.down_proj, layer.lora.get(LoraGroupId::Down as usize));
+            let down = (&layer.down_proj, layer.lora.get(ProjGroup::Down as usize));
             self.add_proj(gpu, down, &lp.down, self.ws.act.ptr, &shape, (2 * li + 2, next))?;
         }
         // Split norms: every token of a decode step is its sequence's last, and the last
@@ -696,7 +688,7 @@ impl CudaModel {
             y,
             norm,
         )?;
-        let group = layer.lora.get(LoraGroupId::Qkv as usize);
+        let group = layer.lora.get(ProjGroup::Qkv as usize);
         let fused = match (lora, group) {
             (QkvLora::None, _) => NO_LORA,
             (QkvLora::Run(run), Some(g)) => {
@@ -971,7 +963,7 @@ impl CudaModel {
             Mlp::ThenSilu { gemm, lora } => {
                 let g = layer
                     .lora
-                    .get(LoraGroupId::GateUp as usize)
+                    .get(ProjGroup::GateUp as usize)
                     .ok_or_else(|| internal("gate/up LoRA planned without adapter slots"))?;
                 let y = (self.ws.gate_up.ptr, t, 2 * inter);
                 self.gemm(

@@ -20,6 +20,7 @@ use super::elem::Elem;
 use super::kernels::{DECODE_ATT_MAX_PARTS, SHRINK_WIDE_MIN_TOKENS};
 use super::model::StepShape;
 use super::skinny::{self, Epilogue, ADD_WIDE, ADD_WIDE_THREADS, SKINNY_ROWS, SKINNY_THREADS};
+use crate::models::spec::ProjGroup;
 use crate::ModelConfig;
 
 /// Most tokens of a step whose RMSNorms are split across GEMMs: the one-n-tile skinny kernels.
@@ -31,22 +32,9 @@ pub const NORM_SPLIT_MAX_TOKENS: usize = 8;
 /// (BENCHMARKS.md); the crossover between those two points was not measured.
 pub const SGMV_MIN_TOKENS: usize = 512;
 
-/// The LoRA groups: projections that share an input, one shrink and one expand each. Bit
-/// `group as u8` of [`StepShape::lora_mask`] says the group runs in a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraGroupId {
-    Qkv = 0,
-    O = 1,
-    GateUp = 2,
-    Down = 3,
-}
-
-impl LoraGroupId {
-    pub const ALL: [LoraGroupId; 4] = [Self::Qkv, Self::O, Self::GateUp, Self::Down];
-
-    fn on(self, shape: &StepShape) -> bool {
-        shape.lora_mask & (1 << self as u8) != 0
-    }
+/// Whether LoRA group `g` runs in a step: bit `g` of [`StepShape::lora_mask`].
+fn lora_on(shape: &StepShape, g: ProjGroup) -> bool {
+    shape.lora_mask & (1 << g as u8) != 0
 }
 
 /// What the device offers the plan.
@@ -272,7 +260,7 @@ impl StepPlan {
         let (h, hd, nh) = (c.hidden_size, c.head_dim, c.num_attention_heads);
         let (qkv_n, inter) = (c.q_size() + 2 * c.kv_size(), c.intermediate_size);
         let decode = t == s;
-        let on = |g: LoraGroupId| g.on(shape);
+        let on = |g: ProjGroup| lora_on(shape, g);
         let fits = |epi, n, k| skinny::fits(caps.skinny_max_m, epi, n, k, t);
         let split_norms = caps.elem == Elem::Bf16
             && c.num_hidden_layers > 0
@@ -289,33 +277,30 @@ impl StepPlan {
         };
         let run = LoraRun::new(shape);
 
-        let qkv = if decode
-            && !on(LoraGroupId::Qkv)
-            && !c.qk_norm
-            && fits(Epilogue::Store, qkv_n, h)
-            && hd % 16 == 0
-        {
-            Qkv::FusedRope {
-                kernel: skinny::rope_kernel_name(t),
-                blocks: (qkv_n / SKINNY_ROWS) as u32,
-            }
-        } else {
-            let lora = match on(LoraGroupId::Qkv) {
-                false => QkvLora::None,
-                true if decode && !c.qk_norm => QkvLora::ExpandInRope(shrink),
-                true => QkvLora::Run(run),
+        let qkv =
+            if decode && !on(ProjGroup::Qkv) && !c.qk_norm && fits(Epilogue::Store, qkv_n, h) && hd % 16 == 0
+            {
+                Qkv::FusedRope {
+                    kernel: skinny::rope_kernel_name(t),
+                    blocks: (qkv_n / SKINNY_ROWS) as u32,
+                }
+            } else {
+                let lora = match on(ProjGroup::Qkv) {
+                    false => QkvLora::None,
+                    true if decode && !c.qk_norm => QkvLora::ExpandInRope(shrink),
+                    true => QkvLora::Run(run),
+                };
+                Qkv::Gemm {
+                    gemm: Gemm::new(caps, Epilogue::Store, qkv_n, h, t, false),
+                    lora,
+                    qk_norm: c.qk_norm,
+                    rope: match lora {
+                        QkvLora::ExpandInRope(_) => Rope::PerHead,
+                        _ if t > s => Rope::Rows,
+                        _ => Rope::PerHead,
+                    },
+                }
             };
-            Qkv::Gemm {
-                gemm: Gemm::new(caps, Epilogue::Store, qkv_n, h, t, false),
-                lora,
-                qk_norm: c.qk_norm,
-                rope: match lora {
-                    QkvLora::ExpandInRope(_) => Rope::PerHead,
-                    _ if t > s => Rope::Rows,
-                    _ => Rope::PerHead,
-                },
-            }
-        };
 
         // Decode steps split each (sequence, head)'s context over enough blocks to fill the GPU:
         // about four 128-thread blocks an SM, or with the 1024-thread kernel (few pairs) at most
@@ -342,7 +327,7 @@ impl StepPlan {
                 threads: norm_threads(caps, h, t),
             },
         };
-        let add_proj = |g: LoraGroupId, k: usize| AddProj {
+        let add_proj = |g: ProjGroup, k: usize| AddProj {
             gemm: Gemm::new(caps, Epilogue::Add, h, k, t, split_norms),
             lora: match on(g) {
                 false => AddLora::None,
@@ -351,7 +336,7 @@ impl StepPlan {
             },
             norm,
         };
-        let mlp = match on(LoraGroupId::GateUp) {
+        let mlp = match on(ProjGroup::GateUp) {
             true => Mlp::ThenSilu {
                 gemm: Gemm::new(caps, Epilogue::Store, 2 * inter, h, t, false),
                 lora: run,
@@ -363,9 +348,9 @@ impl StepPlan {
             layer: LayerPlan {
                 qkv,
                 attention,
-                o: add_proj(LoraGroupId::O, c.q_size()),
+                o: add_proj(ProjGroup::O, c.q_size()),
                 mlp,
-                down: add_proj(LoraGroupId::Down, inter),
+                down: add_proj(ProjGroup::Down, inter),
             },
             last_norm_threads: norm_threads(caps, h, s),
             lm_head: Gemm::new(caps, Epilogue::Store, c.vocab_size, h, s, false),

@@ -3,3 +3,4 @@
 
 pub mod llama;
 pub mod rope;
+pub mod spec;
