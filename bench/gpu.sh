@@ -54,13 +54,14 @@ ab)
   ;;
 abbuild)
   # Two builds in one call (lent machines differ by up to a few %): BIN_B=dir holds the other
-  # build's gpu_bench; both run alternately, AB_ROUNDS times each.
+  # build's gpu_bench; both run alternately, AB_ROUNDS times each. AB_ARGS adds gpu_bench flags
+  # (e.g. "--prompt-len 2048 --num-tokens 2" for long prefill), AB_MODEL picks the shape.
   [ -x "${BIN_B:-}/gpu_bench" ] || { echo "abbuild: BIN_B=${BIN_B:-} holds no gpu_bench: set it to the other build's directory"; continue; }
   for r in $(seq ${AB_ROUNDS:-2}); do
     for b in "$BIN" "$BIN_B"; do
       echo "== $b/gpu_bench, round $r"
-      timeout 300 "$b/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null \
-        --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct 2>&1 || echo "$b/gpu_bench failed (status $?)"
+      timeout 300 "$b/gpu_bench" ${AB_MODEL:-bench/llama-2-7b} "$WORK/adapters" /dev/null \
+        --batch-sizes ${AB_BATCHES:-1,8,32} --series no-lora,distinct ${AB_ARGS:-} 2>&1 || echo "$b/gpu_bench failed (status $?)"
     done
   done 2>&1 | tee "$OUT/abbuild.log" | grep -E "^==|no-lora|distinct|rror|panic|failed"
   ;;
