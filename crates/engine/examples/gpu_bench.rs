@@ -218,7 +218,6 @@ fn attention(cfg: &ModelConfig, elem: Elem) {
         fill(vc.ptr, t * kvs, 5);
         let out = gpu.alloc(t * nh * hd * 2).unwrap();
         let flops = 4.0 * (hd * nh) as f64 * (b * p * (p + 1) / 2) as f64;
-        let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
         for k in prefill::VARIANTS
             .iter()
             .filter(|k| hd <= k.head_dim && hd > k.head_dim / 2)
@@ -250,17 +249,7 @@ fn attention(cfg: &ModelConfig, elem: Elem) {
                 max_blocks,
                 block_size: bs,
             };
-            let mut ms = Vec::new();
-            for _ in 0..6 {
-                e0.record(&gpu.stream).unwrap();
-                prefill::launch(&gpu, *k, &inputs, nh, nkv, hd).unwrap();
-                e1.record(&gpu.stream).unwrap();
-                gpu.sync().unwrap();
-                ms.push(e0.elapsed_ms(&e1).unwrap() as f64);
-            }
-            ms.remove(0);
-            ms.sort_by(f64::total_cmp);
-            let med = ms[ms.len() / 2];
+            let med = median_ms(&gpu, &|| prefill::launch(&gpu, *k, &inputs, nh, nkv, hd).unwrap());
             println!(
                 "attention {b:>2}x{p:<5} {:>28}: {med:8.3} ms a layer, {:6.1} TFLOP/s",
                 k.name,
@@ -268,6 +257,22 @@ fn attention(cfg: &ModelConfig, elem: Elem) {
             );
         }
     }
+}
+
+/// Median device time of `run`'s launches over 5 runs after a warm-up, in ms.
+fn median_ms(gpu: &multilora_engine::cuda::gpu::Gpu, run: &dyn Fn()) -> f64 {
+    let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
+    let mut ms = Vec::new();
+    for _ in 0..6 {
+        e0.record(&gpu.stream).unwrap();
+        run();
+        e1.record(&gpu.stream).unwrap();
+        gpu.sync().unwrap();
+        ms.push(e0.elapsed_ms(&e1).unwrap() as f64);
+    }
+    ms.remove(0);
+    ms.sort_by(f64::total_cmp);
+    ms[ms.len() / 2]
 }
 
 /// Decode attention alone, one layer, over a random paged cache: B sequences of one query token
@@ -306,20 +311,7 @@ fn decode_attention(cfg: &ModelConfig, elem: Elem, bw: f64) {
         // SAFETY: fill_uniform over the n elements of a buffer just allocated.
         unsafe { launch::fill_uniform(&gpu, lcfg((4096, 1, 1), 256), ptr, n as u64, seed, 1.0) }.unwrap();
     };
-    let (e0, e1) = (gpu.timing_event().unwrap(), gpu.timing_event().unwrap());
-    let time = |run: &dyn Fn()| {
-        let mut ms = Vec::new();
-        for _ in 0..6 {
-            e0.record(&gpu.stream).unwrap();
-            run();
-            e1.record(&gpu.stream).unwrap();
-            gpu.sync().unwrap();
-            ms.push(e0.elapsed_ms(&e1).unwrap() as f64);
-        }
-        ms.remove(0);
-        ms.sort_by(f64::total_cmp);
-        ms[ms.len() / 2]
-    };
+    let time = |run: &dyn Fn()| median_ms(&gpu, run);
     for (b, c) in [
         (1usize, 128usize),
         (1, 4096),
