@@ -4,7 +4,8 @@
 #   bench/gpu.sh [check] [micro] [bench] [sweep] [ab] [abbuild] [profile] [mlbench] [peer] [prefill]
 #                [prefill-profile] [attention] [decode-attention] [itl]
 #   default: check micro bench mlbench peer
-# Expects the binaries built here in $BIN (default .gpubin): cuda_test, peft_check, gpu_bench,
+# Expects the binaries built here in $BIN (default .gpubin): cuda_models, cuda_kernels, cuda_lora,
+# cuda_sampling, chunked_prefill (the engine's test targets of those names), peft_check, gpu_bench,
 # multilora.
 # Writes logs and results under $OUT.
 set -uo pipefail
@@ -20,10 +21,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 
 for s in $steps; do case $s in
 check)
-  echo "== CUDA backend vs golden fixtures (bf16 and f16 tolerances) and graphs vs eager"
-  timeout ${CHECK_TIMEOUT:-480} "$BIN/cuda_test" --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
+  # One test binary per crates/engine/tests/cuda_*.rs; CHECK_TIMEOUT bounds each.
+  : > "$OUT/check.log"
+  for t in cuda_models cuda_kernels cuda_lora cuda_sampling; do
+    echo "== $t (crates/engine/tests/$t.rs)"
+    [ -x "$BIN/$t" ] || { echo "check: no $BIN/$t (README, GPU: build and copy every cuda_* test binary)" | tee -a "$OUT/check.log"; continue; }
+    timeout ${CHECK_TIMEOUT:-480} "$BIN/$t" --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "request|test |result|panicked" | tail -60
+  done
   # Chunked prefill on the device (tests/chunked_prefill.rs; its CPU tests run again here too).
-  [ -x "$BIN/chunked_test" ] && timeout 240 "$BIN/chunked_test" --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "test |result|panicked"
+  [ -x "$BIN/chunked_prefill" ] && timeout 240 "$BIN/chunked_prefill" --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "test |result|panicked"
   [ "${CHECK_PEFT:-1}" = 1 ] || continue
   echo "== greedy tokens vs transformers+PEFT on this GPU (mixed-adapter batch)"
   python3 scripts/gpu_check_peft.py make "$WORK/peft" > "$OUT/peft.log" 2>&1 || tail -20 "$OUT/peft.log"

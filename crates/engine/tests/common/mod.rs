@@ -1,6 +1,8 @@
 //! The golden fixtures (`scripts/make_golden.py`) as the engine tests read them: each test
-//! binary uses part of this.
+//! binary uses part of this. `gpu` holds what the CUDA targets (`cuda_*.rs`) share.
 #![allow(dead_code)]
+
+pub mod gpu;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,252 @@
+//! The CUDA backend against the golden fixtures (transformers + PEFT, f32) and against itself
+//! (graphs vs eager), with weights, activations and KV cache in bf16 and again in f16. 16-bit
+//! weights make logits differ by rounding, so tokens are compared for the first steps and logits
+//! within a tolerance of the element type. Tokens are sampled on the device: greedy ids are
+//! checked against the host argmax of the device's logits. Skipped, with a note, where no CUDA
+//! driver is found (CI).
+
+mod common;
+
+use common::gpu::{cpu_next_logits, have_gpu, logits_tolerance};
+use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden, GoldenRequest};
+use multilora_engine::cuda::elem::Elem;
+use multilora_engine::sampling::argmax;
+use multilora_engine::{Device, EngineConfig, LLMEngine};
+
+struct Run {
+    tokens: Vec<Vec<u32>>,
+    first_logits: Vec<Vec<f32>>,
+    /// logits of output token [`DECODE_CHECK_TOKEN`], drawn in a decode step (fused LoRA kernels)
+    decode_logits: Vec<Vec<f32>>,
+}
+
+/// The output token whose decode-step logits are checked against the CPU backend.
+const DECODE_CHECK_TOKEN: usize = 6;
+
+/// Runs the golden requests greedily on the GPU, in `elem`. With `return_logits` every step's
+/// device id is checked against the host argmax of the logits it was drawn from; without, no
+/// logits come back.
+fn run(case: &str, golden: &Golden, elem: Elem, enforce_eager: bool, return_logits: bool) -> Run {
+    let all: Vec<usize> = (0..golden.requests.len()).collect();
+    run_some(case, golden, elem, enforce_eager, return_logits, &all)
+}
+
+/// [`run`] for the golden requests `which` only (the others' entries stay empty).
+fn run_some(
+    case: &str,
+    golden: &Golden,
+    elem: Elem,
+    enforce_eager: bool,
+    return_logits: bool,
+    which: &[usize],
+) -> Run {
+    let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+    cfg.device = Device::Cuda;
+    cfg.dtype = elem.name().into();
+    cfg.enforce_eager = enforce_eager;
+    cfg.return_logits = return_logits;
+    cfg.enable_lora = true;
+    cfg.max_loras = 4;
+    cfg.max_lora_rank = 16;
+    cfg.max_model_len = Some(256);
+    cfg.max_num_seqs = 16;
+    let mut engine = LLMEngine::new(cfg).expect("engine loads");
+    assert_eq!(
+        engine.resolved().dtype,
+        elem.name(),
+        "{case}: the dtype the engine ran"
+    );
+    add_requests(&mut engine, golden, &lora_requests(case), which);
+    let k = golden.requests.len();
+    let mut out = Run {
+        tokens: vec![Vec::new(); k],
+        first_logits: vec![Vec::new(); k],
+        decode_logits: vec![Vec::new(); k],
+    };
+    while engine.has_unfinished_requests() {
+        for o in engine.step().unwrap() {
+            let i: usize = o.request_id.parse().unwrap();
+            let logits = engine.last_logits(&o.request_id);
+            if !return_logits {
+                assert!(logits.is_none(), "{case}: logits came back without return_logits");
+                if o.is_finished() {
+                    out.tokens[i] = o.output_token_ids;
+                }
+                continue;
+            }
+            let logits = logits.expect("return_logits keeps each step's logits");
+            let (got, want) = (o.token_id.unwrap(), argmax(logits));
+            assert_eq!(
+                got, want,
+                "{case} request {i} token {} (eager {enforce_eager}): the device's greedy id is not the host argmax of the device's logits ({} vs {})",
+                o.num_output_tokens, logits[got as usize], logits[want as usize]
+            );
+            if o.num_output_tokens == 1 {
+                out.first_logits[i] = logits.to_vec();
+            }
+            if o.num_output_tokens == DECODE_CHECK_TOKEN {
+                out.decode_logits[i] = logits.to_vec();
+            }
+            if o.is_finished() {
+                out.tokens[i] = o.output_token_ids;
+            }
+        }
+    }
+    out
+}
+
+/// Number of leading tokens two sequences share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn check_case(case: &str, elem: Elem) {
+    if !have_gpu() {
+        return;
+    }
+    let golden = load(case);
+    let tol = logits_tolerance(elem);
+    let graphs = run(case, &golden, elem, false, true);
+    let eager = run(case, &golden, elem, true, true);
+    let ids_only = run(case, &golden, elem, false, false);
+    for (i, r) in golden.requests.iter().enumerate() {
+        let rel = max_diff(&graphs.first_logits[i], &r.first_logits) / max_abs(&r.first_logits).max(1e-6);
+        let same = common_prefix(&graphs.tokens[i], &r.greedy_token_ids);
+        eprintln!(
+            "{case} ({}) request {i} (adapter {:?}): first-logits max rel diff {rel:.2e}, {same}/{} greedy tokens match PEFT",
+            elem.name(),
+            r.lora,
+            r.greedy_token_ids.len()
+        );
+        // Later greedy tokens may flip on near-ties (scripts/gpu_check_peft.py compares longer
+        // runs on a larger model).
+        assert!(
+            rel < tol,
+            "{case} ({}) request {i}: first logits differ by {rel} (relative)",
+            elem.name()
+        );
+        assert!(
+            same >= 1,
+            "{case} request {i}: first token {:?} vs PEFT {:?}",
+            graphs.tokens[i],
+            r.greedy_token_ids
+        );
+        // Graph replay computes exactly what eager launches compute.
+        assert_eq!(
+            graphs.tokens[i], eager.tokens[i],
+            "{case} request {i}: graph vs eager tokens"
+        );
+        // Copying logits back changes nothing the device samples.
+        assert_eq!(
+            graphs.tokens[i], ids_only.tokens[i],
+            "{case} request {i}: tokens with return_logits vs ids only"
+        );
+        // A decode step (graph, fused LoRA expand in RoPE and RMSNorm) against the CPU backend
+        // prefilling the same tokens.
+        check_decode_step(case, elem, r, i, &graphs, "the whole batch");
+        let d = max_diff(&graphs.first_logits[i], &eager.first_logits[i]);
+        assert!(
+            d <= 1e-5,
+            "{case} request {i}: graph vs eager logits differ by {d}"
+        );
+    }
+    // The requests without an adapter on their own: decode steps of at most 8 sequences without
+    // LoRA, whose RMSNorms in bf16 are split across the GEMMs around them (skinny.rs, NormIo).
+    let base: Vec<usize> = (0..golden.requests.len())
+        .filter(|&i| golden.requests[i].lora.is_none())
+        .take(8)
+        .collect();
+    let solo = run_some(case, &golden, elem, false, true, &base);
+    for &i in &base {
+        let batch = format!("{} requests without LoRA", base.len());
+        check_decode_step(case, elem, &golden.requests[i], i, &solo, &batch);
+    }
+}
+
+/// Golden request `r` (index `i`): its logits of output token [`DECODE_CHECK_TOKEN`] in `run` (a
+/// decode step) against the CPU backend prefilling the same tokens, within the element type's
+/// tolerance.
+fn check_decode_step(case: &str, elem: Elem, r: &GoldenRequest, i: usize, run: &Run, batch: &str) {
+    let loras = lora_requests(case);
+    let prefix = &run.tokens[i][..DECODE_CHECK_TOKEN - 1];
+    let want = cpu_next_logits(
+        case,
+        &r.prompt_token_ids,
+        prefix,
+        r.lora.as_ref().map(|n| &loras[n]),
+    );
+    let rel = max_diff(&run.decode_logits[i], &want) / max_abs(&want).max(1e-6);
+    eprintln!(
+        "{case} ({}) request {i} (adapter {:?}, {batch}): decode-step logits vs CPU max rel diff {rel:.2e}",
+        elem.name(),
+        r.lora
+    );
+    assert!(
+        rel < logits_tolerance(elem),
+        "{case} ({}) request {i} ({batch}): logits of output token {DECODE_CHECK_TOKEN} (a decode step) differ from the CPU backend's by {rel} (relative)",
+        elem.name()
+    );
+}
+
+#[test]
+fn cuda_llama_mixed_adapters() {
+    check_case("llama", Elem::Bf16);
+}
+
+#[test]
+fn cuda_llama3_tied() {
+    check_case("llama3_tied", Elem::Bf16);
+}
+
+#[test]
+fn cuda_qwen2_bias() {
+    check_case("qwen2_bf16_sharded", Elem::Bf16);
+}
+
+#[test]
+fn cuda_qwen3_qk_norm() {
+    check_case("qwen3", Elem::Bf16);
+}
+
+#[test]
+fn cuda_mistral() {
+    check_case("mistral", Elem::Bf16);
+}
+
+#[test]
+fn cuda_f16_llama_mixed_adapters() {
+    check_case("llama", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_llama3_tied() {
+    check_case("llama3_tied", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_qwen2_bias() {
+    check_case("qwen2_bf16_sharded", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_qwen3_qk_norm() {
+    check_case("qwen3", Elem::F16);
+}
+
+#[test]
+fn cuda_f16_mistral() {
+    check_case("mistral", Elem::F16);
+}
+
+/// Asking for CUDA where there is none is a clear error, not a panic.
+#[test]
+fn cuda_without_driver_is_an_error() {
+    if multilora_engine::cuda::gpu::probe().is_ok() {
+        return;
+    }
+    let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
+    cfg.device = Device::Cuda;
+    cfg.max_model_len = Some(256);
+    let err = LLMEngine::new(cfg).err().expect("no CUDA here");
+    assert!(err.to_string().contains("use device=cpu"), "{err}");
+}
