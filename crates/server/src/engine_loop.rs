@@ -354,6 +354,8 @@ pub fn spawn(
 struct Live {
     events: mpsc::UnboundedSender<TokenEvent>,
     has_stop_strings: bool,
+    /// Names an adapter: its wait for it is observed.
+    has_lora: bool,
     /// The last token's time, and the engine's timestamps and output length then (for the
     /// latency histograms of a request ended at a stop string).
     last: Option<(Instant, RequestMetrics, usize)>,
@@ -430,6 +432,7 @@ impl EngineLoop {
                 let live = Live {
                     events,
                     has_stop_strings,
+                    has_lora: lora.is_some(),
                     last: None,
                 };
                 let result = self.add(request_id, prompt_token_ids, params, lora, live);
@@ -537,6 +540,12 @@ impl EngineLoop {
                     metrics
                         .time_to_first_token
                         .observe((now - out.metrics.arrival_time).as_secs_f64());
+                    if live.has_lora {
+                        // Final once it is scheduled, which its first token implies.
+                        metrics
+                            .lora_adapter_wait
+                            .observe(out.metrics.adapter_wait.as_secs_f64());
+                    }
                 }
                 Some((prev, ..)) => metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
             }
