@@ -32,6 +32,20 @@ fn multilora(dir: &Path, args: &[&str]) -> Result<std::process::Output, Box<dyn 
         .output()?)
 }
 
+/// `multilora bench serving` in `dir` against `base_url` with the prompts in `prompts`, the
+/// report under `dir/reports`, and `args`.
+fn bench_serving(
+    dir: &Path,
+    base_url: &str,
+    prompts: &str,
+    args: &[&str],
+) -> Result<std::process::Output, Box<dyn std::error::Error>> {
+    let mut all = vec!["bench", "serving", "--base-url", base_url, "--prompts", prompts];
+    all.extend(["--report-dir", "reports"]);
+    all.extend(args);
+    multilora(dir, &all)
+}
+
 /// The demo, 4 adapters, the repository's prompts and one `common.json` for the server and
 /// the benchmark in `dir`; `num_tokens` and `max_model_len` as given.
 fn write_setup(dir: &Path, num_tokens: usize, max_model_len: usize) -> TestResult {
@@ -169,15 +183,11 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
     let loaded = |key: &str| run["backends"][key]["adapters_loaded_by_benchmark"].as_u64();
     assert_eq!((loaded("no-lora"), loaded("multi-lora")), (Some(4), Some(0)));
 
-    let out = multilora(
+    let out = bench_serving(
         dir,
+        &base_url,
+        "prompts.json",
         &[
-            "bench",
-            "serving",
-            "--base-url",
-            &base_url,
-            "--prompts",
-            "prompts.json",
             "--num-prompts",
             "24",
             "--max-concurrency",
@@ -188,8 +198,6 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
             "6",
             "--slo-ttft-ms",
             "60000",
-            "--report-dir",
-            "reports",
             "--json",
         ],
     )?;
@@ -212,6 +220,16 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
         "{s}"
     );
     assert_eq!(s["slo_attainment_pct"], 100.0, "{s}");
+    // The server's own figures over the run: every request named an adapter, and the four
+    // were in host memory before it (loaded by the benchmark above), so none loaded during it.
+    let m = &s["server_adapter_metrics"];
+    assert_eq!(m["adapter_wait_ms"]["count"], 24, "{s}");
+    assert_eq!(
+        (&m["num_loads"], &m["num_load_failures"]),
+        (&json!(0), &json!(0)),
+        "{s}"
+    );
+    assert!(m["load_time_ms"].is_null(), "{s}");
     let report = Path::new(v["report_dir"].as_str().ok_or("report_dir")?);
     let requests = csv_rows(&dir.join(report).join("requests.csv"))?;
     assert_eq!(requests.len(), 25);
@@ -221,25 +239,20 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
     );
     let summary = csv_rows(&dir.join(report).join("summary.csv"))?;
     assert!(summary.iter().any(|r| r[0] == "itl_ms"), "{summary:?}");
+    assert!(
+        summary
+            .iter()
+            .any(|r| r[0] == "server_adapter_wait_ms" && r[1] == "24"),
+        "{summary:?}"
+    );
 
     // One token per request: no TPOT to give, and the report says so rather than dropping
     // them silently.
-    let out = multilora(
+    let out = bench_serving(
         dir,
-        &[
-            "bench",
-            "serving",
-            "--base-url",
-            &base_url,
-            "--prompts",
-            "prompts.json",
-            "--num-prompts",
-            "4",
-            "--num-tokens",
-            "1",
-            "--report-dir",
-            "reports",
-        ],
+        &base_url,
+        "prompts.json",
+        &["--num-prompts", "4", "--num-tokens", "1"],
     )?;
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -248,7 +261,60 @@ fn client_mode_benchmarks_multilora_serve() -> TestResult {
         "{printed}"
     );
     assert!(!printed.contains("no TTFT"), "{printed}");
+    assert!(printed.contains("Adapter wait p50 / p99 (ms):"), "{printed}");
 
+    let (exit, rest) = server.terminate()?;
+    assert!(exit.success(), "{rest:?}");
+    Ok(())
+}
+
+/// Adapters that do not fit the server's host cache reload during the run: `bench serving`
+/// reports those loads and the requests' waits from the server's `/metrics`.
+#[test]
+fn serving_reports_the_servers_adapter_loads_and_waits() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_setup(dir, NUM_TOKENS, 128)?;
+    let modules: Vec<String> = (0..4)
+        .map(|i| format!("a{i}=demo/adapters/demo-r16-{i:03}"))
+        .collect();
+    let mut args = vec!["--config", "common.json", "--served-model-name", "demo"];
+    args.extend(["--max-loras", "1", "--max-cpu-loras", "1", "--lora-modules"]);
+    args.extend(modules.iter().map(String::as_str));
+    let server = ServerProcess::start(dir, &args)?;
+    let base_url = format!("http://{}/v1", server.addr);
+    let args = [
+        "--num-prompts",
+        "16",
+        "--max-concurrency",
+        "4",
+        "--num-tokens",
+        "3",
+        "--json",
+    ];
+    let out = bench_serving(dir, &base_url, "prompts.json", &args)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let s = &v["summary"];
+    assert_eq!(s["num_failed"], 0, "{s}");
+    let m = &s["server_adapter_metrics"];
+    assert_eq!(m["adapter_wait_ms"]["count"], 16, "{s}");
+    // One adapter fits at a time: every change of adapter is a reload from disk, on the
+    // loader threads, timed.
+    let num_loads = m["num_loads"].as_u64().ok_or("num_loads")?;
+    assert!(num_loads >= 2, "{s}");
+    assert_eq!(m["load_time_ms"]["count"].as_u64(), Some(num_loads), "{s}");
+    let (p50, p99) = (
+        m["load_time_ms"]["p50"].as_f64(),
+        m["load_time_ms"]["p99"].as_f64(),
+    );
+    assert!(p50.zip(p99).is_some_and(|(a, b)| a > 0.0 && a <= b), "{s}");
+    // Some request arrived while another adapter held the only place: it waited (the mean is
+    // exact; a percentile within the first bucket would be above 0 anyway).
+    assert!(
+        m["adapter_wait_ms"]["mean"].as_f64().is_some_and(|w| w > 0.0),
+        "{s}"
+    );
     let (exit, rest) = server.terminate()?;
     assert!(exit.success(), "{rest:?}");
     Ok(())
@@ -339,21 +405,8 @@ fn https_base_url_speaks_tls_and_fails_cleanly_against_a_plain_server() -> TestR
     let tmp = tempfile::tempdir()?;
     let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/prompts.json");
     let base_url = format!("https://{addr}/v1");
-    let out = multilora(
-        tmp.path(),
-        &[
-            "bench",
-            "serving",
-            "--base-url",
-            &base_url,
-            "--prompts",
-            &prompts.to_string_lossy(),
-            "--num-prompts",
-            "1",
-            "--report-dir",
-            "reports",
-        ],
-    )?;
+    let prompts = prompts.to_string_lossy();
+    let out = bench_serving(tmp.path(), &base_url, &prompts, &["--num-prompts", "1"])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

@@ -32,6 +32,7 @@ mod plot;
 mod records;
 mod report;
 mod run_info;
+mod server_metrics;
 mod serving;
 mod summary;
 mod table;

@@ -199,6 +199,18 @@ impl OpenAiClient {
         Ok(v["count"].as_u64().map(|n| n as usize))
     }
 
+    /// The server's Prometheus `/metrics` text, or `None` where it has no such route (or it
+    /// fails: a scrape is an extra, never a reason to fail a benchmark).
+    pub async fn metrics_text(&self) -> Option<String> {
+        let root = self.base_url.trim_end_matches("/v1");
+        let url = format!("{root}/metrics");
+        let res = self.send(reqwest::Method::GET, &url, None).await.ok()?;
+        if !res.status().is_success() {
+            return None;
+        }
+        res.text().await.ok()
+    }
+
     /// vLLM's `/v1/load_lora_adapter`; the path is the server's.
     pub async fn load_lora(&self, name: &str, path: &str) -> anyhow::Result<()> {
         let url = format!("{}/load_lora_adapter", self.base_url);

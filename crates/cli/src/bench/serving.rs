@@ -2,8 +2,9 @@
 //! (vLLM's `benchmark_serving`, S-LoRA's evaluation): requests arrive as a Poisson process at
 //! `--request-rate` or from `--max-concurrency` closed-loop clients, for `--num-prompts`
 //! requests or `--duration` seconds, each naming one of up to thousands of adapters drawn
-//! uniformly or by a power law (Zipf). Reports throughput, TTFT/TPOT/ITL/e2e percentiles, and
-//! goodput against the given SLOs.
+//! uniformly or by a power law (Zipf). Reports throughput, TTFT/TPOT/ITL/e2e percentiles,
+//! goodput against the given SLOs, and, from the server's `/metrics` where it exports them,
+//! adapter loads and the time requests waited for their adapter ([`server_metrics`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use super::openai::{OpenAiClient, RequestTiming, ServerArgs};
 use super::report::{Csv, Staging};
+use super::server_metrics::{self, AdapterMetrics, HistSummary, Scrape};
 use super::summary::ClientLatencies;
 use super::{inputs, run_info};
 
@@ -110,6 +112,8 @@ pub struct ServingSummary {
     /// Which successful requests have no TTFT or TPOT, how many and why (empty when every one
     /// has both): the percentiles leave them out.
     pub missing_figures: Vec<String>,
+    /// From the server's `/metrics` over the run; `None`: not reported by server.
+    pub server_adapter_metrics: Option<AdapterMetrics>,
 }
 
 pub fn run(args: ServingArgs) -> anyhow::Result<ExitCode> {
@@ -155,10 +159,17 @@ pub fn run(args: ServingArgs) -> anyhow::Result<ExitCode> {
         }
     );
 
+    let scrape = |client: &OpenAiClient| {
+        let text = runtime.block_on(client.metrics_text());
+        text.map(|t| Scrape::parse(&t))
+    };
+    let before = scrape(&client);
     let clock = Instant::now();
-    let outcomes = runtime.block_on(drive(&args, client, &base, &adapters, &prompts))?;
+    let outcomes = runtime.block_on(drive(&args, client.clone(), &base, &adapters, &prompts))?;
     let duration_s = clock.elapsed().as_secs_f64();
-    let summary = summarize(&args, &outcomes, duration_s);
+    let after = scrape(&client);
+    let mut summary = summarize(&args, &outcomes, duration_s);
+    summary.server_adapter_metrics = server_metrics::adapter_metrics(before.as_ref(), after.as_ref());
 
     staging.write("requests.csv", &requests_csv(&outcomes))?;
     staging.write("summary.csv", &summary_csv(&summary))?;
@@ -344,6 +355,7 @@ fn summarize(args: &ServingArgs, outcomes: &[Outcome], duration_s: f64) -> Servi
         slo_attainment_pct: (has_slo && !outcomes.is_empty())
             .then(|| 100.0 * num_good as f64 / outcomes.len() as f64),
         missing_figures,
+        server_adapter_metrics: None,
     }
 }
 
@@ -414,8 +426,49 @@ fn summary_csv(s: &ServingSummary) -> String {
     if let Some(g) = s.goodput {
         one(&mut csv, "goodput", g);
     }
+    // The server's histograms: count, mean, p50, p90, p99 (p95 and max it cannot give).
+    let hist = |csv: &mut Csv, name: &str, h: &HistSummary| {
+        let f = |v: f64| format!("{v:.4}");
+        csv.row(vec![
+            name.to_string(),
+            h.count.to_string(),
+            f(h.mean),
+            f(h.p50),
+            f(h.p90),
+            String::new(),
+            f(h.p99),
+            String::new(),
+        ]);
+    };
+    match &s.server_adapter_metrics {
+        Some(m) => {
+            one(&mut csv, "server_adapter_loads", m.num_loads as f64);
+            one(
+                &mut csv,
+                "server_adapter_load_failures",
+                m.num_load_failures as f64,
+            );
+            if let Some(h) = &m.load_time_ms {
+                hist(&mut csv, "server_adapter_load_time_ms", h);
+            }
+            if let Some(h) = &m.adapter_wait_ms {
+                hist(&mut csv, "server_adapter_wait_ms", h);
+            }
+        }
+        None => {
+            let mut row = vec![
+                "server_adapter_metrics".into(),
+                String::new(),
+                NOT_REPORTED.into(),
+            ];
+            row.extend(std::iter::repeat_n(String::new(), 5));
+            csv.row(row);
+        }
+    }
     csv.0
 }
+
+const NOT_REPORTED: &str = "not reported by server";
 
 fn render(s: &ServingSummary) -> String {
     let mut out = String::new();
@@ -464,6 +517,21 @@ fn render(s: &ServingSummary) -> String {
                 format!("{:.2} / {:.2}", p.p90, p.p99),
             );
         }
+    }
+    match &s.server_adapter_metrics {
+        Some(m) => {
+            line(&mut out, "Adapter loads (server):", format!("{}", m.num_loads));
+            line(
+                &mut out,
+                "Adapter load failures (server):",
+                format!("{}", m.num_load_failures),
+            );
+            let p =
+                |h: &Option<HistSummary>| h.map_or("none".into(), |h| format!("{:.2} / {:.2}", h.p50, h.p99));
+            line(&mut out, "Adapter load p50 / p99 (ms):", p(&m.load_time_ms));
+            line(&mut out, "Adapter wait p50 / p99 (ms):", p(&m.adapter_wait_ms));
+        }
+        None => line(&mut out, "Adapter loads and waits:", NOT_REPORTED.into()),
     }
     for m in &s.missing_figures {
         out.push_str(&format!("note: no {m}; the percentiles leave them out\n"));
