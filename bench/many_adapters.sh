@@ -80,17 +80,25 @@ python3 - "$OUT" "$tag" "$RATE" $SCENARIOS <<'EOF'
 import json, sys
 out, tag, rate, scenarios = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
 print(f"{tag}, offered {rate:g} req/s\n")
-print("| adapters in the load | output tok/s | req/s | e2e p50 / p99 | ITL p99 | failed |")
-print("|---|---|---|---|---|---|")
+print("| adapters in the load | output tok/s | req/s | e2e p50 / p99 | ITL p99 | adapter loads (p50 / p99) | adapter wait p50 / p99 | failed |")
+print("|---|---|---|---|---|---|---|---|")
 for sc in scenarios:
     k, pop = sc.split(":")
     try:
         s = json.load(open(f"{out}/serving-{tag}-{k}-{pop}.json"))["summary"]
     except (OSError, ValueError, KeyError) as e:
-        print(f"| {k}, {pop} | no result ({e}) | | | | |")
+        print(f"| {k}, {pop} | no result ({e}) | | | | | | |")
         continue
     e2e, itl = s.get("e2e_ms") or {}, s.get("itl_ms") or {}
+    m = s.get("server_adapter_metrics")
+    def p50_p99(h, unit=" ms"):
+        return f"{h['p50']:.1f} / {h['p99']:.1f}{unit}" if h else "none"
+    if m:
+        loads = f"{m['num_loads']} ({p50_p99(m['load_time_ms'])})"
+        wait = p50_p99(m["adapter_wait_ms"])
+    else:
+        loads = wait = "not reported by server"
     print(f"| {k}, {pop} | {s['output_token_throughput']:,.0f} | {s['request_throughput']:.1f} "
           f"| {e2e.get('p50', 0) / 1e3:.2f} s / {e2e.get('p99', 0) / 1e3:.2f} s | {itl.get('p99', 0):.0f} ms "
-          f"| {s['num_failed']} / {s['num_requests']} |")
+          f"| {loads} | {wait} | {s['num_failed']} / {s['num_requests']} |")
 EOF
