@@ -34,10 +34,11 @@ const REQUEST_BUCKETS: &[f64] = &[
     960.0, 1920.0, 7680.0,
 ];
 
-/// Time requests waited for their adapter to arrive in host memory: most wait nothing (a hit),
-/// a miss waits for a disk read of milliseconds to seconds.
+/// Time requests waited for their adapter to arrive in host memory: most wait nothing (a hit,
+/// its own bucket, so percentiles read 0 rather than a guess within the next one), a miss waits
+/// for a disk read of milliseconds to seconds.
 const ADAPTER_WAIT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// vLLM's finish reasons, each with a series from the start (at 0).
