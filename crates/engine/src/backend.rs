@@ -146,8 +146,10 @@ pub trait Backend: Send {
     fn device_name(&self) -> String;
 
     /// Fills (or clears) an adapter slot; called by the engine when the LoRA manager activates
-    /// an adapter for a step.
-    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>);
+    /// an adapter for a step. The slot must not be read by a step that follows until its
+    /// contents arrived (a backend that copies asynchronously orders that itself). An error
+    /// (a failed device copy) fails the step that needed the adapter.
+    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()>;
 
     /// Runs the model over the step and returns the logits of each sequence's last token,
     /// `[num_seqs, vocab_size]`.

@@ -102,7 +102,7 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
+    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
         let num_layers = self.model.cfg.num_hidden_layers;
         assert!(!self.lora_stacks.is_empty(), "set_lora_slot with LoRA disabled");
         for layer in 0..num_layers {
@@ -111,6 +111,7 @@ impl Backend for CpuBackend {
                 self.lora_stacks[layer * LoraTarget::ALL.len() + t.index()].set(slot, module);
             }
         }
+        Ok(())
     }
 
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {

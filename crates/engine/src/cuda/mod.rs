@@ -66,8 +66,6 @@ pub struct CudaBackend {
     logits: Vec<f32>,
     events: (CudaEvent, CudaEvent),
     last_device_time: Option<Duration>,
-    /// An error from `set_lora_slot` (which cannot return one), reported by the next forward.
-    pending: Option<Error>,
 }
 
 impl CudaBackend {
@@ -92,7 +90,6 @@ impl CudaBackend {
             enforce_eager: bc.enforce_eager,
             events,
             last_device_time: None,
-            pending: None,
         })
     }
 
@@ -109,9 +106,6 @@ impl CudaBackend {
     /// Enqueues (or replays) the step's kernels, sampling on the device with `sample`, between
     /// the timing events.
     fn run(&mut self, batch: &StepBatch, sample: bool) -> Result<()> {
-        if let Some(e) = self.pending.take() {
-            return Err(e);
-        }
         self.gpu.bind()?;
         let num_tokens = batch.num_tokens();
         let num_seqs = batch.num_seqs();
@@ -200,14 +194,9 @@ impl Backend for CudaBackend {
         format!("cuda ({}, {} SMs)", self.gpu.name, self.gpu.num_sms)
     }
 
-    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
-        let done = self
-            .gpu
-            .bind()
-            .and_then(|_| self.model.set_lora_slot(&self.gpu, slot, adapter));
-        if let Err(e) = done {
-            self.pending.get_or_insert(e);
-        }
+    fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
+        self.gpu.bind()?;
+        self.model.set_lora_slot(&self.gpu, slot, adapter)
     }
 
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]> {

@@ -456,7 +456,12 @@ impl LoraManager {
                 .min_by_key(|(_, s)| s.map_or(0, |(_, t)| t))
                 .map(|(i, _)| i)
                 .expect("fewer step adapters than slots");
-            backend.set_lora_slot(LoraSlot(s as u32), Some(&adapter));
+            // A failed copy leaves the slot's contents unknown: free it, so that nothing
+            // reuses it as holding an adapter.
+            if let Err(e) = backend.set_lora_slot(LoraSlot(s as u32), Some(&adapter)) {
+                self.slots[s] = None;
+                return Err(e);
+            }
             self.stats.slot_loads += 1;
             self.slots[s] = Some((id, tick));
             slots_out.push(LoraSlot(s as u32));
@@ -482,12 +487,13 @@ mod tests {
         fn device_name(&self) -> String {
             "fake".into()
         }
-        fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) {
+        fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
             self.loads += 1;
             match adapter {
                 Some(a) => self.slots.insert(slot.0, a.name.clone()),
                 None => self.slots.remove(&slot.0),
             };
+            Ok(())
         }
         fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
             unreachable!()
