@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::adapter::LoraAdapter;
+use super::slots::SlotTable;
 use super::{AdapterId, LoraRequest, LoraSlot};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -142,8 +143,7 @@ pub struct LoraManager {
     /// eviction spares them.
     wanted: Vec<AdapterId>,
     wanted_set: HashSet<AdapterId>,
-    /// `[max_loras]`: which adapter each slot holds, and when it was last used
-    slots: Vec<Option<(AdapterId, u64)>>,
+    slots: SlotTable,
     tick: u64,
     pub stats: LoraStats,
 }
@@ -222,7 +222,7 @@ impl LoraManager {
             done,
             wanted: Vec::new(),
             wanted_set: HashSet::new(),
-            slots: vec![None; cfg.max_loras],
+            slots: SlotTable::new(cfg.max_loras),
             tick: 0,
             stats: LoraStats::default(),
         })
@@ -237,7 +237,7 @@ impl LoraManager {
     }
 
     pub fn num_in_slots(&self) -> usize {
-        self.slots.iter().flatten().count()
+        self.slots.num_filled()
     }
 
     pub fn num_loading(&self) -> usize {
@@ -300,11 +300,7 @@ impl LoraManager {
         self.cache.remove(&id);
         self.loading.remove(&id);
         self.stats.num_loads_in_flight = self.loading.len();
-        for s in self.slots.iter_mut() {
-            if s.is_some_and(|(a, _)| a == id) {
-                *s = None;
-            }
-        }
+        self.slots.remove(id);
         self.known.remove(&id).is_some()
     }
 
@@ -433,6 +429,7 @@ impl LoraManager {
             "the scheduler keeps a step within max_loras"
         );
         slots_out.clear();
+        let needed: HashSet<AdapterId> = step.iter().copied().collect();
         for &id in step {
             self.tick += 1;
             let tick = self.tick;
@@ -441,30 +438,22 @@ impl LoraManager {
             );
             cached.last_used = tick;
             self.stats.cache_hits += 1;
-            if let Some(s) = self.slots.iter().position(|s| s.is_some_and(|(a, _)| a == id)) {
-                self.slots[s] = Some((id, tick));
-                slots_out.push(LoraSlot(s as u32));
+            if let Some(s) = self.slots.touch(id, tick) {
+                slots_out.push(s);
                 continue;
             }
             let adapter = cached.adapter.clone();
-            // A free slot, else the least recently used one this step does not need.
-            let s = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.is_none_or(|(a, _)| !step.contains(&a)))
-                .min_by_key(|(_, s)| s.map_or(0, |(_, t)| t))
-                .map(|(i, _)| i)
+            let s = (self.slots)
+                .victim(|a| needed.contains(&a))
                 .expect("fewer step adapters than slots");
-            // A failed copy leaves the slot's contents unknown: free it, so that nothing
-            // reuses it as holding an adapter.
-            if let Err(e) = backend.set_lora_slot(LoraSlot(s as u32), Some(&adapter)) {
-                self.slots[s] = None;
+            if let Err(e) = backend.set_lora_slot(s, Some(&adapter)) {
+                // The slot's contents are unknown now: nothing may take it as resident.
+                self.slots.clear(s);
                 return Err(e);
             }
             self.stats.slot_loads += 1;
-            self.slots[s] = Some((id, tick));
-            slots_out.push(LoraSlot(s as u32));
+            self.slots.assign(s, id, tick);
+            slots_out.push(s);
         }
         Ok(())
     }

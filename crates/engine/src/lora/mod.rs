@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod manager;
 pub mod punica;
+pub mod slots;
 
 use std::path::PathBuf;
 
