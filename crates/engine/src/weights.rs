@@ -517,7 +517,7 @@ mod tests {
                 ("i", Dtype::I32, vec![6, 5], vec![0; 120]),
             ],
         );
-        let files = SafetensorsFiles::open(&[path.clone()]).unwrap();
+        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
         let shape = [6, 5];
         let widened = |w: &Weight| {
             let mut out = vec![0.0; w.len()];
