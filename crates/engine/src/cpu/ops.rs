@@ -268,7 +268,7 @@ impl<W: WeightElem> LinearChunk<'_, W> {
     fn run_tiles(&self, avx2: bool) {
         let mut t = 0;
         while t < self.num_tokens {
-            let nt = (self.num_tokens - t).min(4);
+            let nt = (self.num_tokens - t).min(TOKEN_TILE);
             macro_rules! tile {
                 ($n:literal) => {{
                     #[cfg(target_arch = "x86_64")]
@@ -300,6 +300,9 @@ impl<W: WeightElem> LinearChunk<'_, W> {
         self.run_tiles(avx2)
     }
 }
+
+/// Tokens a GEMV tile reads each weight row for.
+const TOKEN_TILE: usize = 4;
 
 /// From this many tokens on, [`linear`] takes the cache-blocked GEMM, which packs the weights on
 /// every call; below, the weight-streaming GEMV, which reads each weight once per tile of four
@@ -385,7 +388,7 @@ pub fn linear_gemm<W: WeightElem>(
         // columns, and y aliases neither x nor w nor the panel.
         match W::as_f32(wchunk) {
             Some(rows) => unsafe { gemm_rows(x, rows, bias.is_some(), num_tokens, in_f, out_f, o0, yp) },
-            None => GEMM_PANEL.with_borrow_mut(|panel| {
+            None => WIDE_PANEL.with_borrow_mut(|panel| {
                 for (p, rows) in wchunk.chunks(GEMM_WIDEN_ROWS * in_f).enumerate() {
                     panel.resize(rows.len(), 0.0);
                     widen(rows, panel);
@@ -402,8 +405,9 @@ pub fn linear_gemm<W: WeightElem>(
 const GEMM_WIDEN_ROWS: usize = 128;
 
 thread_local! {
-    /// `[GEMM_WIDEN_ROWS, in]` widened weights of [`linear_gemm`]
-    static GEMM_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Widened 16-bit weights: `[GEMM_WIDEN_ROWS, in]` of [`linear_gemm`], or one chunk of
+    /// [`linear_gemv`]
+    static WIDE_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One single-threaded `gemm`: columns `o..o + n` of `y[T, out]` (+)= `x[T, in] · rowsᵀ`, where
@@ -471,17 +475,33 @@ pub fn linear_gemv<W: WeightElem>(
     w.par_chunks(rows_per_chunk * in_f)
         .enumerate()
         .for_each(|(c, wchunk)| {
-            LinearChunk {
-                x,
-                w: wchunk,
-                bias,
-                o0: c * rows_per_chunk,
-                num_tokens,
-                in_f,
-                out_f,
-                y: yp,
+            macro_rules! run_on {
+                ($w:expr) => {
+                    LinearChunk {
+                        x,
+                        w: $w,
+                        bias,
+                        o0: c * rows_per_chunk,
+                        num_tokens,
+                        in_f,
+                        out_f,
+                        y: yp,
+                    }
+                    .run()
+                };
             }
-            .run();
+            // 16-bit weights read by more than one token tile are widened once, into an f32
+            // copy of the chunk that stays in cache for every tile, rather than once per tile:
+            // the bytes from memory are still 16-bit.
+            if num_tokens > TOKEN_TILE && W::as_f32(wchunk).is_none() {
+                WIDE_PANEL.with_borrow_mut(|panel| {
+                    panel.resize(wchunk.len(), 0.0);
+                    widen(wchunk, panel);
+                    run_on!(&panel[..]);
+                });
+            } else {
+                run_on!(wchunk);
+            }
         });
 }
 
