@@ -920,6 +920,42 @@ mod tests {
         }
     }
 
+    /// The portable dot products (what aarch64 runs) against the AVX2 ones and a plain sum, for
+    /// each weight type, across lengths around the 8-wide blocks.
+    #[test]
+    fn portable_and_avx2_dot_products_agree() {
+        fn check<W: WeightElem>(narrow: fn(f32) -> W) {
+            for n in [1, 7, 8, 9, 16, 17, 45] {
+                let w: Vec<W> = (0..n).map(|i| narrow((i as f32 * 0.37).cos())).collect();
+                let x: Vec<Vec<f32>> = (0..3)
+                    .map(|r| (0..n).map(|i| ((i + r) as f32 * 0.91).sin()).collect())
+                    .collect();
+                let xs = [&x[0][..], &x[1][..], &x[2][..]];
+                let want: Vec<f32> = xs
+                    .iter()
+                    .map(|xr| w.iter().zip(*xr).map(|(a, b)| a.to_f32() * b).sum())
+                    .collect();
+                let portable = dot_n::<W, 3>(&w, xs);
+                #[cfg(target_arch = "x86_64")]
+                let fast = if has_avx2() {
+                    // SAFETY: the CPU has AVX2, FMA and F16C; every x row is as long as w.
+                    unsafe { avx2::dot_n::<W, 3>(&w, xs) }
+                } else {
+                    portable
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let fast = portable;
+                for r in 0..3 {
+                    assert!((portable[r] - want[r]).abs() < 1e-5, "portable n={n} row {r}");
+                    assert!((fast[r] - want[r]).abs() < 1e-5, "avx2 n={n} row {r}");
+                }
+            }
+        }
+        check::<f32>(|x| x);
+        check(bf16::from_f32);
+        check(f16::from_f32);
+    }
+
     /// 16-bit weights give what f32 weights holding the same (widened) values give, on the GEMV
     /// and GEMM paths, across odd shapes and thread counts.
     #[test]
