@@ -169,7 +169,19 @@ impl SafetensorsFiles {
                         .collect(),
                 ),
             }),
-            (stored, want) => Weight::from_f32(to_f32(stored, data).ok_or_else(bad_dtype)?, want),
+            (stored, want) => {
+                let v = to_f32(stored, data).ok_or_else(bad_dtype)?;
+                let f16_max = f16::MAX.to_f32();
+                if want == WeightDtype::F16 && v.iter().any(|x| x.is_finite() && x.abs() > f16_max) {
+                    return Err(Error::model(
+                        path,
+                        format!(
+                            "tensor {name:?} holds values beyond float16's range (±{f16_max}); run the model as bfloat16 or float32"
+                        ),
+                    ));
+                }
+                Weight::from_f32(v, want)
+            }
         })
     }
 
@@ -569,6 +581,23 @@ mod tests {
             panic!("a wrong shape loaded")
         };
         assert!(e.to_string().contains("[5, 6]"), "{e}");
+
+        // Narrowing to f16 would turn a finite value into infinity: refused.
+        let big: Vec<u8> = [1.0f32, 7e4, -2.0]
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let tmp2 = tempfile::tempdir().unwrap();
+        let path = write(tmp2.path(), &[("big", Dtype::BF16, vec![3], big)]);
+        let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
+        let Err(e) = files.weight("big", &[3], WeightDtype::F16) else {
+            panic!("7e4 narrowed to f16")
+        };
+        assert!(
+            e.to_string().contains("\"big\"") && e.to_string().contains("float16"),
+            "{e}"
+        );
+        assert!(files.weight("big", &[3], WeightDtype::Bf16).is_ok());
     }
 
     #[test]
