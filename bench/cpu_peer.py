@@ -2,13 +2,14 @@
 """The CPU backend against transformers, side by side, for BENCHMARKS.md ("CPU backend against
 transformers"): same model shape (random weights), same prompt length, same number of threads.
 
-Ours: `target/release/examples/cpu_steps MODEL_DIR B P D` (the bare forward: B prompts of P
-tokens prefilled in one step, then D decode steps of the batch; median step). Theirs: transformers
-`LlamaForCausalLM` in f32 (or --dtype bf16), eager attention, one forward over the B prompts with
+Ours: `target/release/examples/cpu_steps MODEL_DIR B P D [DTYPE]` (the bare forward: B prompts of
+P tokens prefilled in one step, then D decode steps of the batch; median step; with --dtype bf16
+its weights are kept in bf16, activations f32). Theirs: transformers `LlamaForCausalLM` in f32 (or
+--dtype bf16: weights and activations bf16), eager attention, one forward over the B prompts with
 `logits_to_keep=1`, then D single-token forwards with the KV cache; median step. Each is warmed up
 first. Runs alternate ours/theirs per batch size, --runs times; the table gives medians over runs
 and the ratio theirs/ours (> 1: ours faster). The matmul rate is torch's own f32 matmul on the
-prefill's linear shapes (x[B*P, in] @ W[in, out] for each projection), in the same run, and our
+prefill's linear shapes (x[B*P, in] @ W[in, out] for each projection, in --dtype), in the same run, and our
 prefill's rate counts the same linear FLOPs over our whole prefill time.
 
 usage: target/peer-venv/bin/python bench/cpu_peer.py [--model-dir bench/cpu-33m] [--batches 1,8,32]
@@ -75,11 +76,16 @@ def theirs(b):
     return ms, statistics.median(steps)
 
 
+OUR_DTYPE = {"f32": "float32", "bf16": "bfloat16"}[args.dtype]
+
+
 def ours(b, binary=None):
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    out = subprocess.run([binary or args.ours, args.model_dir, str(b), str(P), str(D)], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    # f32 without the DTYPE argument, so a --before binary from before it existed still runs.
+    cmd = [binary or args.ours, args.model_dir, str(b), str(P), str(D)] + ([OUR_DTYPE] if args.dtype != "f32" else [])
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
+    assert r.get("dtype", "float32") == OUR_DTYPE, f"{cmd[0]} ran {r.get('dtype', 'float32')}, not {OUR_DTYPE}"
     return r["prefill_ms"], r["decode_ms"]
 
 

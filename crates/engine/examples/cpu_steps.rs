@@ -3,19 +3,26 @@
 //! `MODEL_DIR/config.json`; the engine's scheduler and sampling are left out on purpose, so the
 //! figures compare with a bare transformers forward.
 //!
-//! usage: cargo run --release --example cpu_steps -- MODEL_DIR B P D
-//! prints one JSON line: {"batch", "prompt", "prefill_ms", "decode_ms" (median step)}
+//! usage: cargo run --release --example cpu_steps -- MODEL_DIR B P D [DTYPE]
+//! (DTYPE: float32, the default, bfloat16 or float16: what the weights are kept in)
+//! prints one JSON line: {"batch", "prompt", "dtype", "prefill_ms", "decode_ms" (median step)}
 
 use std::time::Instant;
 
 use multilora_engine::backend::{Backend, BackendConfig, StepBatch};
 use multilora_engine::cpu::CpuBackend;
-use multilora_engine::weights::WeightSource;
+use multilora_engine::weights::{WeightDtype, WeightSource};
 use multilora_engine::ModelConfig;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(args.len() == 4, "usage: cpu_steps MODEL_DIR B P D");
+    anyhow::ensure!(
+        args.len() == 4 || args.len() == 5,
+        "usage: cpu_steps MODEL_DIR B P D [DTYPE]"
+    );
+    let dtype_name = args.get(4).map_or("float32", String::as_str);
+    let dtype = WeightDtype::from_name(dtype_name)
+        .ok_or_else(|| anyhow::anyhow!("DTYPE {dtype_name:?}: expected float32, bfloat16 or float16"))?;
     let cfg = ModelConfig::from_dir(std::path::Path::new(&args[0]))?;
     let (b, p, d): (usize, usize, usize) = (args[1].parse()?, args[2].parse()?, args[3].parse()?);
     let block_size = 16;
@@ -38,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         seed: 0,
         cuda: Default::default(),
     };
-    let mut backend = CpuBackend::new(&cfg, &mut WeightSource::dummy(0), &bc)?;
+    let mut backend = CpuBackend::new(&cfg, &mut WeightSource::dummy(0), &bc, dtype)?;
     let mut batch = StepBatch::default();
     // Step `s` of the run: s == 0 is the prefill, then one token a sequence.
     let fill = |batch: &mut StepBatch, s: usize| {
@@ -79,7 +86,8 @@ fn main() -> anyhow::Result<()> {
     decode.sort_by(f64::total_cmp);
     let decode_ms = decode.get(decode.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        r#"{{"batch": {b}, "prompt": {p}, "prefill_ms": {prefill_ms:.3}, "decode_ms": {decode_ms:.3}}}"#
+        r#"{{"batch": {b}, "prompt": {p}, "dtype": "{}", "prefill_ms": {prefill_ms:.3}, "decode_ms": {decode_ms:.3}}}"#,
+        dtype.name()
     );
     Ok(())
 }

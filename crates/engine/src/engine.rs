@@ -21,7 +21,7 @@ use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
-use crate::weights::WeightSource;
+use crate::weights::{WeightDtype, WeightSource};
 use crate::ModelConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,7 +49,10 @@ pub struct EngineConfig {
     pub load_format: LoadFormat,
     pub device: Device,
     /// `auto`, `float32`, `float16`, `bfloat16` (and vLLM's aliases `half`, `float`). The CPU
-    /// backend computes in f32 whatever the checkpoint's dtype. The CUDA backend stores weights,
+    /// backend keeps weight matrices in this dtype (`auto`: the checkpoint's `torch_dtype`,
+    /// else the dtype its embedding is stored in; a dummy model without `torch_dtype` is
+    /// float32), read in place from the checkpoint when it is stored so, and computes in f32
+    /// (activations, LoRA weights, KV cache). The CUDA backend stores weights,
     /// activations, LoRA weights and the KV cache as bf16 or f16 (`auto`: the checkpoint's
     /// `torch_dtype`) and runs float32 as bf16, with a warning. [`ResolvedEngine::dtype`] says
     /// what ran.
@@ -181,8 +184,8 @@ pub struct ResolvedEngine {
     pub num_kv_blocks: usize,
     pub block_size: usize,
     pub lora: Option<LoraConfig>,
-    /// What weights and activations are stored as: `float32` on the CPU, `bfloat16` or
-    /// `float16` on the GPU.
+    /// What weights are stored as: on the CPU the weight matrices' dtype (activations are f32),
+    /// on the GPU `bfloat16` or `float16` (activations too).
     pub dtype: &'static str,
 }
 
@@ -218,6 +221,24 @@ pub struct LLMEngine {
     last_step: StepStats,
     /// The last step ran nothing, and no request arrived since.
     is_stalled: bool,
+}
+
+/// What the CPU backend keeps weight matrices in: the `dtype` asked for; for `auto` the
+/// config's `torch_dtype`, else the dtype the checkpoint's embedding is stored in (float32 when
+/// that is neither 16-bit format, or for a dummy model).
+fn cpu_weight_dtype(dtype: &str, torch_dtype: Option<&str>, weights: &WeightSource) -> Result<WeightDtype> {
+    if let Some(d) = WeightDtype::from_name(dtype) {
+        return Ok(d);
+    }
+    if let Some(d) = torch_dtype.and_then(WeightDtype::from_name) {
+        return Ok(d);
+    }
+    Ok(match weights {
+        WeightSource::Files { files, .. } => {
+            WeightDtype::of_stored(files.dtype("model.embed_tokens.weight")?).unwrap_or(WeightDtype::F32)
+        }
+        WeightSource::Dummy { .. } => WeightDtype::F32,
+    })
 }
 
 impl LLMEngine {
@@ -291,6 +312,7 @@ impl LLMEngine {
             LoadFormat::Auto => WeightSource::open(&config.model)?,
             LoadFormat::Dummy => WeightSource::dummy(config.seed),
         };
+        let cpu_dtype = cpu_weight_dtype(&config.dtype, model_config.torch_dtype.as_deref(), &weights)?;
         let bc = BackendConfig {
             max_num_batched_tokens,
             max_num_seqs: config.max_num_seqs,
@@ -310,7 +332,7 @@ impl LLMEngine {
             cuda: config.cuda.clone(),
         };
         let backend: Box<dyn Backend> = match config.device {
-            Device::Cpu => Box::new(CpuBackend::new(&model_config, &mut weights, &bc)?),
+            Device::Cpu => Box::new(CpuBackend::new(&model_config, &mut weights, &bc, cpu_dtype)?),
             Device::Cuda => Box::new(crate::cuda::CudaBackend::new(
                 &model_config,
                 &mut weights,
@@ -359,7 +381,7 @@ impl LLMEngine {
                 block_size: config.block_size,
                 lora: lora_cfg,
                 dtype: match config.device {
-                    Device::Cpu => "float32",
+                    Device::Cpu => cpu_dtype.name(),
                     Device::Cuda => cuda_elem.name(),
                 },
             },

@@ -411,3 +411,45 @@ fn adapter_config_errors_do_not_quote_the_file() {
     let e = load_err(&dir, 16);
     assert!(e.contains("adapter_config.json") && !e.contains("secret"), "{e}");
 }
+
+/// A checkpoint with a weight in a dtype the CPU cannot run (here I16, as a quantized export
+/// might store) is refused at load in every `dtype`, naming the file, the tensor and the dtype.
+#[test]
+fn weights_in_an_unsupported_dtype_are_refused_naming_file_tensor_and_dtype() {
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    copy_dir(&golden("llama_bf16/model"), &dir);
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let bad = "model.layers.1.mlp.up_proj.weight";
+    let views: Vec<(String, TensorView)> = st
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            assert_eq!(t.dtype(), Dtype::BF16, "{n}");
+            let dtype = if n == bad { Dtype::I16 } else { t.dtype() };
+            (
+                n.to_string(),
+                TensorView::new(dtype, t.shape().to_vec(), t.data()).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    for dtype in ["auto", "bfloat16", "float32", "float16"] {
+        let mut cfg = EngineConfig::new(&dir);
+        cfg.dtype = dtype.into();
+        cfg.max_model_len = Some(64);
+        let Err(e) = LLMEngine::new(cfg) else {
+            panic!("dtype {dtype}: a checkpoint with an I16 weight loaded")
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains(bad) && msg.contains("I16"),
+            "dtype {dtype}: {msg}"
+        );
+    }
+}

@@ -1,6 +1,8 @@
-//! The CPU backend: the embedded default and the test oracle. Weights are widened to f32 at
-//! load; every buffer a step needs is allocated up front for `max_num_batched_tokens` tokens, so
-//! the decode loop does not allocate.
+//! The CPU backend: the embedded default and the test oracle. Weight matrices stay in the dtype
+//! the engine resolved (f32, or a checkpoint's bf16/f16, read in place from the memory map) and
+//! are widened inside the kernels; activations, LoRA weights and the KV cache are f32. Every
+//! buffer a step needs is allocated up front for `max_num_batched_tokens` tokens, so the decode
+//! loop does not allocate.
 
 pub mod ops;
 
@@ -10,7 +12,7 @@ use crate::lora::adapter::LoraAdapter;
 use crate::lora::punica::LoraStack;
 use crate::lora::{LoraSlot, LoraTarget};
 use crate::models::llama::{Llama, LoraInput};
-use crate::weights::WeightSource;
+use crate::weights::{WeightDtype, WeightSource};
 use crate::ModelConfig;
 
 /// The paged KV cache: per layer, `[num_blocks * block_size, num_kv_heads * head_dim]`.
@@ -74,8 +76,14 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &BackendConfig) -> Result<Self> {
-        let model = Llama::load(weights, cfg, bc.max_model_len)?;
+    /// `dtype`: what weight matrices are kept in (see [`crate::EngineConfig::dtype`]).
+    pub fn new(
+        cfg: &ModelConfig,
+        weights: &mut WeightSource,
+        bc: &BackendConfig,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
+        let model = Llama::load(weights, cfg, bc.max_model_len, dtype)?;
         let bytes_per_block = KvCache::bytes_per_block(cfg, bc.block_size);
         let num_kv_blocks = bc.kv.blocks(bytes_per_block, CPU_KV_BYTES);
         let slots = num_kv_blocks * bc.block_size * cfg.kv_size();

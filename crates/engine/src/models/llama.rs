@@ -8,12 +8,12 @@ use crate::cpu::{KvCache, Workspace};
 use crate::error::Result;
 use crate::lora::punica::{self, LoraStack};
 use crate::lora::{LoraSlot, LoraTarget};
-use crate::weights::WeightSource;
+use crate::weights::{Weight, WeightDtype, WeightSource};
 use crate::ModelConfig;
 
 pub struct Linear {
     /// `[out_features, in_features]`
-    pub weight: Vec<f32>,
+    pub weight: Weight,
     /// `[out_features]`
     pub bias: Option<Vec<f32>>,
     pub in_features: usize,
@@ -21,9 +21,15 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(w: &mut WeightSource, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+    fn load(
+        w: &mut WeightSource,
+        prefix: &str,
+        (in_f, out_f): (usize, usize),
+        bias: bool,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
         Ok(Linear {
-            weight: w.get(&format!("{prefix}.weight"), &[out_f, in_f])?,
+            weight: w.weight(&format!("{prefix}.weight"), &[out_f, in_f], dtype)?,
             bias: if bias {
                 Some(w.get(&format!("{prefix}.bias"), &[out_f])?)
             } else {
@@ -36,7 +42,7 @@ impl Linear {
 
     /// `y[T, out] = x[T, in] · Wᵀ + b`
     fn forward(&self, x: &[f32], num_tokens: usize, y: &mut [f32]) {
-        ops::linear(
+        ops::linear_weight(
             x,
             &self.weight,
             self.bias.as_deref(),
@@ -74,11 +80,11 @@ pub struct DecoderLayer {
 pub struct Llama {
     pub cfg: ModelConfig,
     /// `[vocab, hidden]`
-    pub embed_tokens: Vec<f32>,
+    pub embed_tokens: Weight,
     pub layers: Vec<DecoderLayer>,
     pub norm: Vec<f32>,
     /// `[vocab, hidden]`; `None` when tied to `embed_tokens`
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<Weight>,
     rope: Rope,
 }
 
@@ -91,15 +97,27 @@ pub struct LoraInput<'a> {
 }
 
 impl Llama {
-    pub fn load(w: &mut WeightSource, cfg: &ModelConfig, max_positions: usize) -> Result<Self> {
+    /// Loads the weights; the embedding and every weight matrix are kept in `dtype`, norms and
+    /// biases in f32.
+    pub fn load(
+        w: &mut WeightSource,
+        cfg: &ModelConfig,
+        max_positions: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = w.weight("model.embed_tokens.weight", &[v, h], dtype)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let proj = |w: &mut WeightSource, t: LoraTarget, bias: bool| {
-                let (in_f, out_f) = t.shape(cfg);
-                Linear::load(w, &format!("{p}.{}.{}", t.parent(), t.name()), in_f, out_f, bias)
+                Linear::load(
+                    w,
+                    &format!("{p}.{}.{}", t.parent(), t.name()),
+                    t.shape(cfg),
+                    bias,
+                    dtype,
+                )
             };
             let self_attn = SelfAttn {
                 q_proj: proj(w, LoraTarget::QProj, cfg.qkv_bias)?,
@@ -134,7 +152,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(w.get("lm_head.weight", &[v, h])?)
+            Some(w.weight("lm_head.weight", &[v, h], dtype)?)
         };
         Ok(Llama {
             cfg: cfg.clone(),
@@ -167,7 +185,7 @@ impl Llama {
 
         let hidden = &mut ws.hidden[..t * h]; // [T, hidden], the residual stream
         for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.token_ids) {
-            row.copy_from_slice(&self.embed_tokens[tok as usize * h..][..h]);
+            self.embed_tokens.read_f32(tok as usize * h, row);
         }
         let meta = AttnMeta {
             query_start: &batch.query_start,
@@ -247,7 +265,7 @@ impl Llama {
             let ti = batch.query_start[s + 1] as usize - 1;
             ops::rms_norm_row(&hidden[ti * h..(ti + 1) * h], &self.norm, cfg.rms_norm_eps, row);
         }
-        let lm_head = self.lm_head.as_deref().unwrap_or(&self.embed_tokens);
-        ops::linear(last, lm_head, None, num_seqs, h, cfg.vocab_size, &mut ws.logits);
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        ops::linear_weight(last, lm_head, None, num_seqs, h, cfg.vocab_size, &mut ws.logits);
     }
 }

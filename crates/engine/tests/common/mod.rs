@@ -25,6 +25,19 @@ pub struct GoldenRequest {
     pub greedy_token_ids: Vec<u32>,
     pub first_logits: Vec<f32>,
     pub last_logits: Vec<f32>,
+    /// Only in `llama_bf16` (`scripts/make_golden_bf16.py`): transformers run in bf16.
+    #[serde(default)]
+    pub bf16_greedy_token_ids: Vec<u32>,
+    #[serde(default)]
+    pub bf16_first_logits: Vec<f32>,
+    #[serde(default)]
+    pub bf16_last_logits: Vec<f32>,
+    /// The largest |logit| difference between the bf16 and the f32 transformers runs, and the
+    /// largest |logit| of the bf16 run.
+    #[serde(default)]
+    pub bf16_max_diff_to_f32: f32,
+    #[serde(default)]
+    pub bf16_max_abs_logit: f32,
 }
 
 /// A case's directory: from the build's source tree, or, for a test binary carried to the GPU
