@@ -42,10 +42,11 @@ fn main() -> anyhow::Result<()> {
         max_lora_rank: 0,
         enforce_eager: true,
         sync_lora_uploads: false,
+        dtype: dtype.name().into(),
         seed: 0,
         cuda: Default::default(),
     };
-    let mut backend = CpuBackend::new(&cfg, &mut WeightSource::dummy(0), &bc, dtype)?;
+    let mut backend = CpuBackend::new(&cfg, &mut WeightSource::dummy(0), &bc)?;
     let mut batch = StepBatch::default();
     // Step `s` of the run: s == 0 is the prefill, then one token a sequence.
     let fill = |batch: &mut StepBatch, s: usize| {

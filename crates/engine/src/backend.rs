@@ -167,6 +167,9 @@ pub struct BackendConfig {
     /// Wait for each adapter's copy into its slot before `set_lora_slot` returns, rather than
     /// ordering it with events (GPU backends; a reference for tests and measurements).
     pub sync_lora_uploads: bool,
+    /// vLLM's `dtype` as asked (`auto`, `float32`, `bfloat16`, `float16`, `half`, `float`): each
+    /// backend picks what it keeps weights in from it ([`Backend::dtype`] says what it chose).
+    pub dtype: String,
     /// Seed of `load_format: dummy` weights where a backend generates them itself.
     pub seed: u64,
     /// The CUDA backend's tuning switches.
@@ -215,6 +218,9 @@ pub trait Backend: Send {
 
     /// The KV cache it sized from [`BackendConfig::kv`] and allocated.
     fn kv_cache(&self) -> KvCacheSize;
+
+    /// What it keeps weights in (vLLM's dtype name), chosen from [`BackendConfig::dtype`].
+    fn dtype(&self) -> &'static str;
 
     /// Fills (or clears) an adapter slot; called by the engine when the LoRA manager activates
     /// an adapter for a step. The slot must not be read by a step that follows until its

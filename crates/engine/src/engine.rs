@@ -14,14 +14,13 @@ use rand::{Rng, SeedableRng};
 use crate::backend::{Backend, BackendConfig, KvBudget, RowSampling, StepBatch};
 use crate::block_manager::BlockManager;
 use crate::cpu::CpuBackend;
-use crate::cuda::elem::Elem;
 use crate::error::{Error, Result};
 use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats, PreparingLoader};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
-use crate::weights::{WeightDtype, WeightSource};
+use crate::weights::WeightSource;
 use crate::ModelConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -223,24 +222,6 @@ pub struct LLMEngine {
     is_stalled: bool,
 }
 
-/// What the CPU backend keeps weight matrices in: the `dtype` asked for; for `auto` the
-/// config's `torch_dtype`, else the dtype the checkpoint's embedding is stored in (float32 when
-/// that is neither 16-bit format, or for a dummy model).
-fn cpu_weight_dtype(dtype: &str, torch_dtype: Option<&str>, weights: &WeightSource) -> Result<WeightDtype> {
-    if let Some(d) = WeightDtype::from_name(dtype) {
-        return Ok(d);
-    }
-    if let Some(d) = torch_dtype.and_then(WeightDtype::from_name) {
-        return Ok(d);
-    }
-    Ok(match weights {
-        WeightSource::Files { files, .. } => {
-            WeightDtype::of_stored(files.dtype("model.embed_tokens.weight")?).unwrap_or(WeightDtype::F32)
-        }
-        WeightSource::Dummy { .. } => WeightDtype::F32,
-    })
-}
-
 impl LLMEngine {
     pub fn new(config: EngineConfig) -> Result<Self> {
         let model_config = ModelConfig::from_dir(&config.model)?;
@@ -272,18 +253,6 @@ impl LLMEngine {
                 DTYPES.join(", ")
             )));
         }
-        // What the CUDA backend stores weights, activations and the KV cache as.
-        let cuda_elem = Elem::from_dtype(&config.dtype, model_config.torch_dtype.as_deref());
-        if config.device == Device::Cuda && cuda_elem.is_none() {
-            let wanted = match config.dtype.as_str() {
-                "auto" => model_config.torch_dtype.as_deref().unwrap_or("auto"),
-                d => d,
-            };
-            tracing::warn!(
-                "the CUDA backend keeps weights, activations and the KV cache in bfloat16 or float16; dtype {wanted} is run as bfloat16"
-            );
-        }
-        let cuda_elem = cuda_elem.unwrap_or(Elem::Bf16);
         if !(config.gpu_memory_utilization > 0.0 && config.gpu_memory_utilization <= 1.0) {
             return Err(Error::InvalidConfig(format!(
                 "gpu_memory_utilization {} must be in (0, 1]",
@@ -312,7 +281,6 @@ impl LLMEngine {
             LoadFormat::Auto => WeightSource::open(&config.model)?,
             LoadFormat::Dummy => WeightSource::dummy(config.seed),
         };
-        let cpu_dtype = cpu_weight_dtype(&config.dtype, model_config.torch_dtype.as_deref(), &weights)?;
         let bc = BackendConfig {
             max_num_batched_tokens,
             max_num_seqs: config.max_num_seqs,
@@ -328,17 +296,13 @@ impl LLMEngine {
             max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
             enforce_eager: config.enforce_eager,
             sync_lora_uploads: config.sync_lora_uploads,
+            dtype: config.dtype.clone(),
             seed: config.seed,
             cuda: config.cuda.clone(),
         };
         let backend: Box<dyn Backend> = match config.device {
-            Device::Cpu => Box::new(CpuBackend::new(&model_config, &mut weights, &bc, cpu_dtype)?),
-            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(
-                &model_config,
-                &mut weights,
-                &bc,
-                cuda_elem,
-            )?),
+            Device::Cpu => Box::new(CpuBackend::new(&model_config, &mut weights, &bc)?),
+            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(&model_config, &mut weights, &bc)?),
         };
         drop(weights);
         // The backend sized its KV cache from what its weights and buffers left.
@@ -380,10 +344,7 @@ impl LLMEngine {
                 num_kv_blocks,
                 block_size: config.block_size,
                 lora: lora_cfg,
-                dtype: match config.device {
-                    Device::Cpu => cpu_dtype.name(),
-                    Device::Cuda => cuda_elem.name(),
-                },
+                dtype: backend.dtype(),
             },
             scheduler: Scheduler::new(SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,

@@ -63,10 +63,29 @@ impl Workspace {
     }
 }
 
+/// What the CPU backend keeps weight matrices in: the `dtype` asked for; for `auto` the
+/// config's `torch_dtype`, else the dtype the checkpoint's embedding is stored in (float32 when
+/// that is neither 16-bit format, or for a dummy model).
+pub fn weight_dtype(dtype: &str, torch_dtype: Option<&str>, weights: &WeightSource) -> Result<WeightDtype> {
+    if let Some(d) = WeightDtype::from_name(dtype) {
+        return Ok(d);
+    }
+    if let Some(d) = torch_dtype.and_then(WeightDtype::from_name) {
+        return Ok(d);
+    }
+    Ok(match weights {
+        WeightSource::Files { files, .. } => {
+            WeightDtype::of_stored(files.dtype("model.embed_tokens.weight")?).unwrap_or(WeightDtype::F32)
+        }
+        WeightSource::Dummy { .. } => WeightDtype::F32,
+    })
+}
+
 /// The KV cache's memory where `kv_cache_memory_bytes` is not given (vLLM's CPU default).
 const CPU_KV_BYTES: usize = 4 << 30;
 
 pub struct CpuBackend {
+    dtype: WeightDtype,
     model: Llama,
     kv: KvCache,
     kv_size: KvCacheSize,
@@ -76,13 +95,9 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// `dtype`: what weight matrices are kept in (see [`crate::EngineConfig::dtype`]).
-    pub fn new(
-        cfg: &ModelConfig,
-        weights: &mut WeightSource,
-        bc: &BackendConfig,
-        dtype: WeightDtype,
-    ) -> Result<Self> {
+    /// Weight matrices are kept in the dtype [`weight_dtype`] picks from `bc.dtype`.
+    pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &BackendConfig) -> Result<Self> {
+        let dtype = weight_dtype(&bc.dtype, cfg.torch_dtype.as_deref(), weights)?;
         let model = Llama::load(weights, cfg, bc.max_model_len, dtype)?;
         let bytes_per_block = KvCache::bytes_per_block(cfg, bc.block_size);
         let num_kv_blocks = bc.kv.blocks(bytes_per_block, CPU_KV_BYTES);
@@ -103,6 +118,7 @@ impl CpuBackend {
         }
         let ws = Workspace::new(cfg, bc.max_num_batched_tokens, bc.max_num_seqs, bc.max_lora_rank);
         Ok(CpuBackend {
+            dtype,
             model,
             kv,
             kv_size: KvCacheSize {
@@ -122,6 +138,10 @@ impl Backend for CpuBackend {
 
     fn kv_cache(&self) -> KvCacheSize {
         self.kv_size
+    }
+
+    fn dtype(&self) -> &'static str {
+        self.dtype.name()
     }
 
     fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {

@@ -157,8 +157,18 @@ impl CudaBackend {
         cfg: &ModelConfig,
         weights: &mut WeightSource,
         bc: &crate::backend::BackendConfig,
-        elem: Elem,
     ) -> Result<Self> {
+        // Weights, activations and the KV cache are 16-bit here: float32 runs as bfloat16.
+        let elem = Elem::from_dtype(&bc.dtype, cfg.torch_dtype.as_deref()).unwrap_or_else(|| {
+            let wanted = match bc.dtype.as_str() {
+                "auto" => cfg.torch_dtype.as_deref().unwrap_or("auto"),
+                d => d,
+            };
+            tracing::warn!(
+                "the CUDA backend keeps weights, activations and the KV cache in bfloat16 or float16; dtype {wanted} is run as bfloat16"
+            );
+            Elem::Bf16
+        });
         let gpu = Gpu::with_options(0, elem, &bc.cuda)?;
         let mut model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
         let sampler = DeviceSampler::new(&gpu, bc.max_num_seqs)?;
@@ -316,6 +326,10 @@ impl Backend for CudaBackend {
 
     fn kv_cache(&self) -> KvCacheSize {
         self.kv_size
+    }
+
+    fn dtype(&self) -> &'static str {
+        self.gpu.elem.name()
     }
 
     fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {

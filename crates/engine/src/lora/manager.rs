@@ -513,6 +513,9 @@ mod tests {
         fn kv_cache(&self) -> crate::backend::KvCacheSize {
             NO_KV_CACHE
         }
+        fn dtype(&self) -> &'static str {
+            "float32"
+        }
         fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
             self.loads += 1;
             match adapter {
@@ -763,6 +766,9 @@ mod tests {
         }
         fn kv_cache(&self) -> crate::backend::KvCacheSize {
             NO_KV_CACHE
+        }
+        fn dtype(&self) -> &'static str {
+            "float32"
         }
         fn set_lora_slot(&mut self, _: LoraSlot, _: Option<&LoraAdapter>) -> Result<()> {
             Err(Error::Backend("copy failed".into()))
