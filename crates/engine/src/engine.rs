@@ -16,6 +16,7 @@ use crate::block_manager::BlockManager;
 use crate::cpu::{CpuBackend, KvCache};
 use crate::cuda::elem::Elem;
 use crate::error::{Error, Result};
+use crate::logprobs::{token_logprob, LogprobScratch, TokenLogprob};
 use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
@@ -137,6 +138,12 @@ pub struct RequestOutput {
     pub metrics: RequestMetrics,
     /// Why an aborted request ended, when the engine ended it: its adapter failed to load.
     pub error: Option<String>,
+    /// The log-probability of `token_id` and its alternatives, when the request asked for
+    /// `logprobs`.
+    pub logprobs: Option<TokenLogprob>,
+    /// `[num_prompt_tokens]` with the first output, when the request asked for
+    /// `prompt_logprobs`: each prompt token's log-probability (`None` for the first).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
 }
 
 impl RequestOutput {
@@ -202,6 +209,15 @@ pub struct LLMEngine {
     step_slots: Vec<LoraSlot>,
     /// `[num_seqs]` token of each scheduled sequence
     sampled: Vec<u32>,
+    /// `[num_seqs]` the sampled token's log-probability, for rows that asked
+    sampled_logprobs: Vec<Option<TokenLogprob>>,
+    logprob_scratch: LogprobScratch,
+    /// `[vocab]` a row's raw logits, kept for its logprobs while the sampler masks the row
+    raw_row: Vec<f32>,
+    /// `[num_rows]` (step token index, scheduled index, position) of each prompt token whose
+    /// logits the step's prompt logprobs need besides the sequences' last tokens
+    prompt_rows: Vec<(u32, usize, usize)>,
+    token_rows: Vec<u32>,
     return_logits: bool,
     /// `[num_seqs, vocab]` logits of the last step, as the sampler saw them; empty where the
     /// device sampled and `return_logits` is off
@@ -362,6 +378,11 @@ impl LLMEngine {
             step_loras: Vec::new(),
             step_slots: Vec::new(),
             sampled: Vec::new(),
+            sampled_logprobs: Vec::new(),
+            logprob_scratch: LogprobScratch::default(),
+            raw_row: Vec::new(),
+            prompt_rows: Vec::new(),
+            token_rows: Vec::new(),
             return_logits: config.return_logits,
             logits: Vec::new(),
             logits_rows: Vec::new(),
@@ -516,6 +537,10 @@ impl LLMEngine {
         self.next_seq += 1;
         let request_id: Arc<str> = request_id.into();
         let rng = request_rng(params.seed, &mut self.rng);
+        let prompt_logprobs = match params.prompt_logprobs {
+            Some(_) => vec![None; prompt_token_ids.len()],
+            None => Vec::new(),
+        };
         self.seqs.insert(
             id,
             Sequence {
@@ -536,6 +561,7 @@ impl LLMEngine {
                     num_times_passed_over: 0,
                     adapter_wait: Duration::ZERO,
                 },
+                prompt_logprobs,
             },
         );
         self.ids.insert(request_id, id);
@@ -704,6 +730,8 @@ impl LLMEngine {
             }
             let p = &seq.params;
             let token = self.sampled[i];
+            let prompt_logprobs = (seq.output_token_ids.is_empty() && p.prompt_logprobs.is_some())
+                .then(|| std::mem::take(&mut seq.prompt_logprobs));
             seq.output_token_ids.push(token);
             seq.metrics.first_token_time.get_or_insert(now);
             seq.metrics.last_token_time = Some(now);
@@ -727,6 +755,8 @@ impl LLMEngine {
                 output_token_ids: Vec::new(),
                 metrics: seq.metrics,
                 error: None,
+                logprobs: self.sampled_logprobs[i].take(),
+                prompt_logprobs,
             };
             if finish.is_some() {
                 let mut seq = self.seqs.remove(&s.id).expect("exists");
@@ -774,8 +804,53 @@ impl LLMEngine {
                 output_token_ids: seq.output_token_ids,
                 metrics: seq.metrics,
                 error: Some(error.to_string()),
+                logprobs: None,
+                prompt_logprobs: None,
             });
         }
+    }
+
+    /// Fills the prompt logprobs of this step's prompt chunks, after a host-sampled forward:
+    /// the token at position p scores prompt token p + 1. A chunk's last token is its
+    /// sequence's logits row (unmasked: a chunk short of the prompt's end samples nothing; at
+    /// the end it scores the first output instead); the others come from the backend,
+    /// `max_num_seqs` rows at a time.
+    fn prompt_logprobs(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
+        let vocab = self.model_config.vocab_size;
+        self.prompt_rows.clear();
+        for (i, s) in scheduled.iter().enumerate() {
+            let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
+            let Some(k) = seq.params.prompt_logprobs.filter(|_| wants_prompt_logprobs(seq)) else {
+                continue;
+            };
+            let (first, end) = (
+                seq.num_computed_tokens,
+                seq.num_computed_tokens + s.num_new_tokens,
+            );
+            let prompt_len = seq.prompt_token_ids.len();
+            if end < prompt_len {
+                let row = &self.logits[i * vocab..(i + 1) * vocab];
+                let lp = token_logprob(row, seq.prompt_token_ids[end], k, &mut self.logprob_scratch);
+                seq.prompt_logprobs[end] = Some(lp);
+            }
+            let start = self.batch.query_start[i] as usize;
+            for pos in first..end - 1 {
+                self.prompt_rows.push(((start + pos - first) as u32, i, pos));
+            }
+        }
+        let max_rows = self.resolved.max_num_seqs;
+        for chunk in self.prompt_rows.chunks(max_rows) {
+            self.token_rows.clear();
+            self.token_rows.extend(chunk.iter().map(|r| r.0));
+            let logits = self.backend.token_logits(&self.token_rows)?;
+            for (row, &(_, i, pos)) in logits.chunks_exact(vocab).zip(chunk) {
+                let seq = self.seqs.get_mut(&scheduled[i].id).expect("scheduled seq exists");
+                let k = seq.params.prompt_logprobs.unwrap_or(0);
+                let next = seq.prompt_token_ids[pos + 1];
+                seq.prompt_logprobs[pos + 1] = Some(token_logprob(row, next, k, &mut self.logprob_scratch));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the packed step and draws a token per scheduled sequence into `sampled`: on the
@@ -784,11 +859,20 @@ impl LLMEngine {
     /// prompt chunk short of the end, `is_sampling[i]` false) leaves its request's RNG
     /// untouched, so a seeded request draws the same tokens chunked or not; its entry in
     /// `sampled` is a placeholder (the device still draws for the row, into nothing).
+    ///
+    /// A step in which a request wants log-probabilities is sampled on the host: they come
+    /// from the raw logits, which the device sampler does not return.
     fn sample_step(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
         self.sampled.clear();
+        self.sampled_logprobs.clear();
+        self.sampled_logprobs.resize(scheduled.len(), None);
         self.logits.clear();
         self.logits_rows.clear();
-        if self.backend.can_sample(&self.batch) {
+        let wants_logprobs = scheduled.iter().zip(&self.is_sampling).any(|(s, &is_sampling)| {
+            let seq = &self.seqs[&s.id];
+            (is_sampling && seq.params.logprobs.is_some()) || wants_prompt_logprobs(seq)
+        });
+        if !wants_logprobs && self.backend.can_sample(&self.batch) {
             let rows = self.batch.sampling.rows.iter_mut();
             for ((row, s), &is_sampling) in rows.zip(scheduled).zip(&self.is_sampling) {
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
@@ -807,10 +891,19 @@ impl LLMEngine {
                 }
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
                 let row = &mut self.logits[i * vocab..(i + 1) * vocab];
+                if seq.params.logprobs.is_some() {
+                    self.raw_row.clear();
+                    self.raw_row.extend_from_slice(row);
+                }
                 let banned = self.batch.sampling.banned(i);
-                self.sampled
-                    .push(self.sampler.sample(row, &seq.params, banned, &mut seq.rng));
+                let token = self.sampler.sample(row, &seq.params, banned, &mut seq.rng);
+                self.sampled.push(token);
+                if let Some(k) = seq.params.logprobs {
+                    let lp = token_logprob(&self.raw_row, token, k, &mut self.logprob_scratch);
+                    self.sampled_logprobs[i] = Some(lp);
+                }
             }
+            self.prompt_logprobs(scheduled)?;
         }
         assert_eq!(self.sampled.len(), scheduled.len(), "a token per sequence");
         if !self.logits.is_empty() {
@@ -820,6 +913,13 @@ impl LLMEngine {
         }
         Ok(())
     }
+}
+
+/// Whether a sequence's step must compute log-probabilities of prompt tokens: it asked, and
+/// its prompt has not produced its first output yet (after a preemption its prompt is
+/// recomputed, its prompt logprobs already sent).
+fn wants_prompt_logprobs(seq: &Sequence) -> bool {
+    seq.params.prompt_logprobs.is_some() && seq.output_token_ids.is_empty()
 }
 
 fn load_tokenizer(dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {

@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod logprobs;
 pub mod lora;
 pub mod model_config;
 pub mod models;
@@ -23,6 +24,7 @@ pub mod weights;
 
 pub use engine::{Device, EngineConfig, LLMEngine, LoadFormat, Prompt, RequestOutput, StepStats};
 pub use error::{Error, Result};
+pub use logprobs::TokenLogprob;
 pub use lora::{AdapterId, LoraRequest};
 pub use model_config::ModelConfig;
 pub use sampling::SamplingParams;

@@ -5,6 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::logprobs::MAX_LOGPROBS;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -21,6 +22,12 @@ pub struct SamplingParams {
     pub min_tokens: usize,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Return each output token's log-probability and this many most likely alternatives
+    /// (vLLM's `logprobs`, at most [`MAX_LOGPROBS`]); `None`: none. See [`crate::logprobs`].
+    pub logprobs: Option<usize>,
+    /// The same for every prompt token after the first (vLLM's `prompt_logprobs`). Costs the
+    /// logits of every prompt position, computed only for requests that ask.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +41,8 @@ impl Default for SamplingParams {
             min_tokens: 0,
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -75,6 +84,14 @@ impl SamplingParams {
                     self.min_tokens, self.max_tokens
                 ),
             );
+        }
+        for (field, n) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if let Some(n) = n.filter(|&n| n > MAX_LOGPROBS) {
+                return bad(field, format!("must be at most {MAX_LOGPROBS}, got {n}"));
+            }
         }
         Ok(())
     }

@@ -258,6 +258,7 @@ mod tests {
                 num_times_passed_over: 0,
                 adapter_wait: std::time::Duration::ZERO,
             },
+            prompt_logprobs: vec![],
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 
 use crate::block_manager::BlockId;
+use crate::logprobs::TokenLogprob;
 use crate::lora::AdapterId;
 use crate::sampling::SamplingParams;
 
@@ -62,6 +63,10 @@ pub struct Sequence {
     pub num_computed_tokens: usize,
     pub rng: StdRng,
     pub metrics: RequestMetrics,
+    /// `[prompt_len]` each prompt token's log-probability given the tokens before it, filled
+    /// as the prompt's chunks run (the first token has none); empty unless the request asked
+    /// for `prompt_logprobs`, and taken with its first output.
+    pub prompt_logprobs: Vec<Option<TokenLogprob>>,
 }
 
 impl Sequence {

@@ -397,6 +397,8 @@ impl Sampling {
             min_tokens: self.min_tokens.unwrap_or(0),
             stop_token_ids: self.stop_token_ids.unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs: None,
+            prompt_logprobs: None,
         };
         let stop = self.stop.map(StringOrList::into_vec).unwrap_or_default();
         // Each is searched for after every token, and stop ids by the engine at every step.
