@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use multilora_engine::sequence::RequestMetrics;
 use multilora_engine::{
     AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, ModelConfig, Prompt,
-    SamplingParams,
+    SamplingParams, TokenLogprob,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -37,6 +37,10 @@ pub enum TokenEvent {
         finish_reason: Option<FinishReason>,
         num_prompt_tokens: usize,
         num_output_tokens: usize,
+        /// The token's log-probability, when the request asked for `logprobs`.
+        logprobs: Option<TokenLogprob>,
+        /// With the first token, when the request asked for `prompt_logprobs`.
+        prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     },
     /// The engine failed while running the request; it is gone.
     Failed(String),
@@ -547,6 +551,8 @@ impl EngineLoop {
                 finish_reason: out.finish_reason,
                 num_prompt_tokens: out.num_prompt_tokens,
                 num_output_tokens: out.num_output_tokens,
+                logprobs: out.logprobs,
+                prompt_logprobs: out.prompt_logprobs,
             });
             if let Some(reason) = out.finish_reason {
                 metrics.observe_finished(&out.metrics, now, out.num_output_tokens);

@@ -27,19 +27,14 @@ use crate::app::{ApiJson, AppState};
 use crate::detokenize::Detokenizer;
 use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
+use crate::logprobs::{chat_entry, prompt_logprobs, CompletionLogprobs};
 use crate::protocol::{
-    normalize_messages, warn_unknown_fields, ChatRequest, CompletionRequest, DetokenizeRequest, Output,
+    normalize_messages, warn_unknown_fields, Api, ChatRequest, CompletionRequest, DetokenizeRequest, Output,
     Prompt, TokenizeRequest,
 };
 
 /// vLLM's default `max_tokens` for `/v1/completions` (OpenAI's too).
 const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Api {
-    Completion,
-    Chat,
-}
 
 pub async fn completions(
     State(st): State<Arc<AppState>>,
@@ -48,21 +43,21 @@ pub async fn completions(
     st.check_accepting()?;
     warn_unknown_fields("/v1/completions", &req.unknown);
     let lora = st.resolve_model(&req.model)?;
-    let (params, output) = req.sampling.resolve(DEFAULT_COMPLETION_MAX_TOKENS)?;
-    let prompt_token_ids = match req.prompt.into_single()? {
-        Prompt::Text(text) => encode(&st, text, req.add_special_tokens).await?,
-        Prompt::TokenIds(ids) => ids,
+    let (params, output) = req
+        .sampling
+        .resolve(Api::Completion, DEFAULT_COMPLETION_MAX_TOKENS)?;
+    let (prompt_token_ids, prompt_text) = match req.prompt.into_single()? {
+        Prompt::Text(text) => {
+            let echo = output.echo.then(|| text.clone());
+            (encode(&st, text, req.add_special_tokens).await?, echo)
+        }
+        Prompt::TokenIds(ids) => (ids, None),
     };
-    run(
-        st,
-        Api::Completion,
-        req.model,
-        prompt_token_ids,
-        params,
-        lora,
-        output,
-    )
-    .await
+    let prompt = PromptIds {
+        ids: prompt_token_ids,
+        text: prompt_text,
+    };
+    run(st, Api::Completion, req.model, prompt, params, lora, output).await
 }
 
 pub async fn chat_completions(
@@ -98,8 +93,12 @@ pub async fn chat_completions(
         .max_model_len
         .saturating_sub(prompt_token_ids.len())
         .max(1);
-    let (params, output) = req.sampling.resolve(default_max_tokens)?;
-    run(st, Api::Chat, req.model, prompt_token_ids, params, lora, output).await
+    let (params, output) = req.sampling.resolve(Api::Chat, default_max_tokens)?;
+    let prompt = PromptIds {
+        ids: prompt_token_ids,
+        text: None,
+    };
+    run(st, Api::Chat, req.model, prompt, params, lora, output).await
 }
 
 /// vLLM's `/tokenize`: how a prompt tokenizes, so clients (the benchmark) can check lengths.
@@ -242,6 +241,23 @@ struct Generation {
     include_stop_str_in_output: bool,
     /// vLLM's `stop_reason`: the stop string or stop token id that ended the text, else null.
     stop_reason: Value,
+    /// Alternatives per output token, when log-probabilities were asked for.
+    num_logprobs: Option<usize>,
+    /// Completions' logprobs of the tokens not yet sent (the echoed prompt's first).
+    completion_logprobs: Option<CompletionLogprobs>,
+    /// Chat's `logprobs.content` entries not yet sent.
+    chat_logprobs: Vec<Value>,
+    /// vLLM's `prompt_logprobs`, with `k` alternatives, once the first token brought them.
+    num_prompt_logprobs: Option<usize>,
+    prompt_logprobs: Value,
+    /// Completions' `echo`: the prompt's text and ids, until the first token puts them first.
+    echo: Option<(String, Vec<u32>)>,
+}
+
+/// A prompt's token ids, and its text where the client sent text (for `echo`).
+struct PromptIds {
+    ids: Vec<u32>,
+    text: Option<String>,
 }
 
 /// One step of a generation as the client sees it.
@@ -255,7 +271,7 @@ async fn run(
     st: Arc<AppState>,
     api: Api,
     model: String,
-    prompt_token_ids: Vec<u32>,
+    prompt: PromptIds,
     params: SamplingParams,
     lora: Option<LoraRequest>,
     output: Output,
@@ -265,7 +281,30 @@ async fn run(
         Api::Chat => "chatcmpl",
     };
     let id = st.request_id(prefix);
-    let num_prompt_tokens = prompt_token_ids.len();
+    let num_prompt_tokens = prompt.ids.len();
+    let tokenizer = st.engine.info.tokenizer.clone();
+    let echo = match output.echo {
+        true => {
+            let text = match prompt.text {
+                Some(t) => t,
+                None => {
+                    let (t, ids) = (tokenizer.clone(), prompt.ids.clone());
+                    off_the_runtime(&st, move || {
+                        (t.decode(&ids, false)).map_err(|e| {
+                            ApiError::bad_param("prompt", format!("cannot decode the prompt: {e}"))
+                        })
+                    })
+                    .await?
+                }
+            };
+            Some((text, prompt.ids.clone()))
+        }
+        false => None,
+    };
+    let completion_logprobs = match api {
+        Api::Completion => (output.logprobs).map(|k| CompletionLogprobs::new(tokenizer.clone(), k)),
+        Api::Chat => None,
+    };
     let has_stop_strings = !output.stop.is_empty();
     let stop_token_ids = params.stop_token_ids.clone();
     let eos_token_ids = match params.ignore_eos {
@@ -274,7 +313,7 @@ async fn run(
     };
     let (guard, events) = st
         .engine
-        .add(id.clone(), prompt_token_ids, params, lora, has_stop_strings)
+        .add(id.clone(), prompt.ids, params, lora, has_stop_strings)
         .await?;
     let gen = Generation {
         api,
@@ -297,6 +336,12 @@ async fn run(
         eos_token_ids,
         include_stop_str_in_output: output.include_stop_str_in_output,
         stop_reason: Value::Null,
+        num_logprobs: output.logprobs,
+        completion_logprobs,
+        chat_logprobs: Vec::new(),
+        num_prompt_logprobs: output.prompt_logprobs,
+        prompt_logprobs: Value::Null,
+        echo,
     };
     Ok(if output.stream {
         gen.into_sse()
@@ -320,9 +365,13 @@ impl Generation {
                 finish_reason,
                 num_prompt_tokens,
                 num_output_tokens,
+                logprobs,
+                prompt_logprobs,
             }) => {
                 self.num_prompt_tokens = num_prompt_tokens;
                 self.num_output_tokens = num_output_tokens;
+                let echo = self.echo.take();
+                self.add_logprobs(token_id, logprobs, prompt_logprobs, echo.as_ref().map(|e| &e.1));
                 // As vLLM: EOS first (null), then the stop token id.
                 let is_stop_token = finish_reason == Some(FinishReason::Stop)
                     && !self.eos_token_ids.contains(&token_id)
@@ -347,10 +396,54 @@ impl Generation {
                         self.stop_reason = json!(token_id);
                     }
                 }
-                Progress::Text(self.detok.take_delta(finish.is_some()).to_string(), finish)
+                let delta = self.detok.take_delta(finish.is_some());
+                let text = match echo {
+                    Some((prompt, _)) => prompt + delta,
+                    None => delta.to_string(),
+                };
+                Progress::Text(text, finish)
             }
             Some(TokenEvent::Failed(msg)) => failed(msg),
             None => failed("the engine loop stopped".into()),
+        }
+    }
+
+    /// Files a token's log-probabilities (and with the first, the prompt's) for the next
+    /// response or chunk. `echo`: the prompt's ids, whose logprobs lead completions'.
+    fn add_logprobs(
+        &mut self,
+        token_id: u32,
+        logprobs: Option<multilora_engine::TokenLogprob>,
+        prompt: Option<Vec<Option<multilora_engine::TokenLogprob>>>,
+        echo: Option<&Vec<u32>>,
+    ) {
+        let tokenizer = self.detok.tokenizer().clone();
+        if let (Some(lps), Some(k)) = (&prompt, self.num_prompt_logprobs) {
+            self.prompt_logprobs = prompt_logprobs(&tokenizer, lps, k);
+        }
+        if let Some(c) = self.completion_logprobs.as_mut() {
+            if let Some(ids) = echo {
+                let lps = prompt.as_deref().unwrap_or_default();
+                for (i, &id) in ids.iter().enumerate() {
+                    c.push(id, lps.get(i).and_then(Option::as_ref));
+                }
+            }
+            c.push(token_id, logprobs.as_ref());
+        } else if let (Some(k), Some(lp)) = (self.num_logprobs, &logprobs) {
+            self.chat_logprobs.push(chat_entry(&tokenizer, lp, k));
+        }
+    }
+
+    /// The `logprobs` of a choice: what was filed since the last call, or null if none were
+    /// asked for.
+    fn take_logprobs(&mut self) -> Value {
+        match (self.api, self.num_logprobs) {
+            (_, None) => Value::Null,
+            (Api::Completion, Some(_)) => self
+                .completion_logprobs
+                .as_mut()
+                .map_or(Value::Null, |c| c.take()),
+            (Api::Chat, Some(_)) => json!({"content": std::mem::take(&mut self.chat_logprobs)}),
         }
     }
 
@@ -379,16 +472,21 @@ impl Generation {
                 Progress::Failed(e) => return Err(e),
             }
         };
-        let choice = match self.api {
+        let logprobs = self.take_logprobs();
+        let mut choice = match self.api {
             Api::Completion => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish,
                 "stop_reason": self.stop_reason,
             }),
             Api::Chat => json!({
                 "index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": null, "finish_reason": finish, "stop_reason": self.stop_reason,
+                "logprobs": logprobs, "finish_reason": finish, "stop_reason": self.stop_reason,
             }),
         };
+        let prompt_logprobs = std::mem::take(&mut self.prompt_logprobs);
+        if self.api == Api::Completion {
+            choice["prompt_logprobs"] = prompt_logprobs.clone();
+        }
         let object = match self.api {
             Api::Completion => "text_completion",
             Api::Chat => "chat.completion",
@@ -400,6 +498,11 @@ impl Generation {
             "model": self.model,
             "choices": [choice],
             "usage": self.usage(),
+            // vLLM's: chat gives the prompt's logprobs beside the choices.
+            "prompt_logprobs": match self.api {
+                Api::Chat => prompt_logprobs,
+                Api::Completion => Value::Null,
+            },
         }))
         .into_response())
     }
@@ -423,19 +526,26 @@ impl Generation {
         Event::default().data(body.to_string())
     }
 
-    fn text_choice(&self, delta: &str, finish: Option<&str>) -> Value {
+    fn text_choice(&mut self, delta: &str, finish: Option<&str>) -> Value {
+        let logprobs = self.take_logprobs();
         match self.api {
-            Api::Completion => json!({
-                "index": 0, "text": delta, "logprobs": null, "finish_reason": finish,
-                "stop_reason": self.stop_reason,
-            }),
+            Api::Completion => {
+                let mut c = json!({
+                    "index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish,
+                    "stop_reason": self.stop_reason,
+                });
+                if !self.prompt_logprobs.is_null() {
+                    c["prompt_logprobs"] = std::mem::take(&mut self.prompt_logprobs);
+                }
+                c
+            }
             Api::Chat => {
                 let delta = if finish.is_some() && delta.is_empty() {
                     json!({})
                 } else {
                     json!({"content": delta})
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish,
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
                     "stop_reason": self.stop_reason})
             }
         }
