@@ -211,3 +211,72 @@ fn logprobs_above_twenty_are_refused_by_name() -> TestResult {
     }
     Ok(())
 }
+
+#[derive(serde::Deserialize)]
+struct GoldenLogprobs {
+    requests: Vec<GoldenSequence>,
+}
+
+/// A golden prompt and its greedy continuation, with transformers' log-probability of each
+/// token given the ones before it (`scripts/make_golden_logprobs.py`).
+#[derive(serde::Deserialize)]
+struct GoldenSequence {
+    token_ids: Vec<u32>,
+    lora: Option<String>,
+    logprobs: Vec<Option<f64>>,
+}
+
+/// Every case's prompt + continuation as one prompt: our prompt logprobs equal transformers'
+/// log-softmax at every position, with each request's adapter (or none), all in one batch.
+#[test]
+fn prompt_logprobs_equal_transformers_log_softmax() -> TestResult {
+    for case in ["llama", "llama3_tied", "mistral", "qwen2_bf16_sharded", "qwen3"] {
+        let path = case_dir(case).join("logprobs.json");
+        let golden: GoldenLogprobs = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let loras = lora_requests(case);
+        let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+        cfg.enable_lora = true;
+        cfg.max_loras = 4;
+        cfg.max_cpu_loras = Some(4);
+        cfg.max_lora_rank = 16;
+        cfg.max_model_len = Some(256);
+        let mut engine = LLMEngine::new(cfg)?;
+        let params = SamplingParams {
+            prompt_logprobs: Some(0),
+            ..SamplingParams::greedy(1)
+        };
+        let ids: Vec<String> = (0..golden.requests.len()).map(|i| i.to_string()).collect();
+        let requests: Vec<_> = (golden.requests.iter().zip(&ids))
+            .map(|(r, id)| {
+                (
+                    id.as_str(),
+                    r.token_ids.clone(),
+                    params.clone(),
+                    r.lora.as_ref().map(|n| &loras[n]),
+                )
+            })
+            .collect();
+        let outs = run_all(&mut engine, &requests)?;
+        let mut worst = 0.0f64;
+        for (r, id) in golden.requests.iter().zip(&ids) {
+            let got = prompt_logprobs_of(&outs[id])?;
+            assert_eq!(got.len(), r.logprobs.len());
+            for (j, (g, want)) in got.iter().zip(&r.logprobs).enumerate() {
+                match (g, want) {
+                    (None, None) => {}
+                    (Some(g), Some(w)) => {
+                        assert_eq!(g.token_id, r.token_ids[j]);
+                        worst = worst.max((g.logprob as f64 - w).abs());
+                    }
+                    _ => return Err(format!("{case} request {id} position {j}: {g:?} vs {want:?}").into()),
+                }
+            }
+        }
+        eprintln!("{case}: largest difference from transformers {worst:e}");
+        assert!(
+            worst < 1e-4,
+            "{case}: logprobs differ from transformers' by up to {worst}"
+        );
+    }
+    Ok(())
+}
