@@ -435,6 +435,11 @@ impl LLMEngine {
         self.scheduler.num_waiting()
     }
 
+    /// KV-cache blocks no sequence holds.
+    pub fn num_free_blocks(&self) -> usize {
+        self.blocks.num_free()
+    }
+
     pub fn num_running(&self) -> usize {
         self.scheduler.num_running()
     }
@@ -488,10 +493,10 @@ impl LLMEngine {
             request_id: request_id.to_string(),
             msg,
         };
-        if self.ids.contains_key(request_id) {
+        params.validate()?;
+        if (0..params.n).any(|i| self.ids.contains_key(choice_request_id(request_id, i).as_str())) {
             return Err(invalid("a request with this id is already running".into()));
         }
-        params.validate()?;
         let prompt_token_ids = match prompt {
             Prompt::Text(t) => self.encode(&t)?,
             Prompt::TokenIds(ids) => ids,
@@ -537,6 +542,7 @@ impl LLMEngine {
         self.next_seq += 1;
         let request_id: Arc<str> = request_id.into();
         let rng = request_rng(params.seed, &mut self.rng);
+        let params_n = params.n;
         let prompt_logprobs = match params.prompt_logprobs {
             Some(_) => vec![None; prompt_token_ids.len()],
             None => Vec::new(),
@@ -552,16 +558,10 @@ impl LLMEngine {
                 block_table: Vec::new(),
                 num_computed_tokens: 0,
                 rng,
-                metrics: RequestMetrics {
-                    arrival_time: Instant::now(),
-                    first_scheduled_time: None,
-                    first_token_time: None,
-                    last_token_time: None,
-                    num_preemptions: 0,
-                    num_times_passed_over: 0,
-                    adapter_wait: Duration::ZERO,
-                },
+                metrics: RequestMetrics::new(Instant::now()),
                 prompt_logprobs,
+                index: 0,
+                num_forks: params_n - 1,
             },
         );
         self.ids.insert(request_id, id);
@@ -722,6 +722,9 @@ impl LLMEngine {
         self.sample_step(&scheduled)?;
         let now = Instant::now();
         for (i, s) in scheduled.iter().enumerate() {
+            if self.is_sampling[i] && self.seqs[&s.id].num_forks > 0 {
+                self.fork_choices(s.id);
+            }
             let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
             seq.num_computed_tokens += s.num_new_tokens;
             if !self.is_sampling[i] {
@@ -780,6 +783,57 @@ impl LLMEngine {
         };
         self.scheduled = scheduled;
         Ok(outputs)
+    }
+
+    /// Forks the other choices of `parent`'s request (`n` > 1), now that its prompt's K/V are
+    /// in the cache: each shares the prompt's full blocks short of the last prompt token, and
+    /// computes the rest of the prompt (under a block) itself, to draw its own first token.
+    /// They wait at the front of the queue.
+    fn fork_choices(&mut self, parent: SeqId) {
+        let bs = self.blocks.block_size();
+        let p = self.seqs.get_mut(&parent).expect("forking seq exists");
+        let num_forks = std::mem::take(&mut p.num_forks);
+        let num_shared = (p.prompt_token_ids.len() - 1) / bs;
+        let (request_id, prompt, lora, arrival) = (
+            p.request_id.clone(),
+            p.prompt_token_ids.clone(),
+            p.lora,
+            p.metrics.arrival_time,
+        );
+        let params = SamplingParams {
+            prompt_logprobs: None,
+            n: 1,
+            ..p.params.clone()
+        };
+        let table: Vec<_> = p.block_table[..num_shared].to_vec();
+        let mut children = Vec::with_capacity(num_forks);
+        for index in 1..=num_forks {
+            let id = SeqId(self.next_seq);
+            self.next_seq += 1;
+            let child_id: Arc<str> = choice_request_id(&request_id, index).into();
+            let seed = params.seed.map(|s| s.wrapping_add(index as u64));
+            let child = Sequence {
+                request_id: child_id.clone(),
+                prompt_token_ids: prompt.clone(),
+                output_token_ids: Vec::with_capacity(params.max_tokens.min(self.resolved.max_model_len)),
+                params: SamplingParams {
+                    seed,
+                    ..params.clone()
+                },
+                lora,
+                block_table: self.blocks.fork(&table, num_shared),
+                num_computed_tokens: num_shared * bs,
+                rng: request_rng(seed, &mut self.rng),
+                metrics: RequestMetrics::new(arrival),
+                prompt_logprobs: Vec::new(),
+                index,
+                num_forks: 0,
+            };
+            self.seqs.insert(id, child);
+            self.ids.insert(child_id, id);
+            children.push(id);
+        }
+        self.scheduler.add_front(&children);
     }
 
     /// Ends every request of an adapter that failed to load (waiting ones: a running request's
@@ -912,6 +966,16 @@ impl LLMEngine {
             self.logits_rows.extend(ids);
         }
         Ok(())
+    }
+}
+
+/// The request id of choice `index` of a request (`n` > 1): the request's own id for choice 0,
+/// `"{index}_{request_id}"` (vLLM's naming of a parent's children) for the others. Each is a
+/// request of its own to [`LLMEngine::abort_request`] and in [`RequestOutput`].
+pub fn choice_request_id(request_id: &str, index: usize) -> String {
+    match index {
+        0 => request_id.to_string(),
+        i => format!("{i}_{request_id}"),
     }
 }
 

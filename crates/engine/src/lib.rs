@@ -22,7 +22,9 @@ pub mod scheduler;
 pub mod sequence;
 pub mod weights;
 
-pub use engine::{Device, EngineConfig, LLMEngine, LoadFormat, Prompt, RequestOutput, StepStats};
+pub use engine::{
+    choice_request_id, Device, EngineConfig, LLMEngine, LoadFormat, Prompt, RequestOutput, StepStats,
+};
 pub use error::{Error, Result};
 pub use logprobs::TokenLogprob;
 pub use lora::{AdapterId, LoraRequest};

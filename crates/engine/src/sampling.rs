@@ -28,6 +28,10 @@ pub struct SamplingParams {
     /// The same for every prompt token after the first (vLLM's `prompt_logprobs`). Costs the
     /// logits of every prompt position, computed only for requests that ask.
     pub prompt_logprobs: Option<usize>,
+    /// Choices of the request (vLLM's `n`). Choice 0 runs the prompt; the others fork from it
+    /// after, sharing the prompt's KV blocks, each with its own RNG (seed + its index when
+    /// seeded) and request id ([`crate::engine::choice_request_id`]).
+    pub n: usize,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +47,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,
+            n: 1,
         }
     }
 }
@@ -72,6 +77,9 @@ impl SamplingParams {
                 "top_k",
                 format!("must be -1, 0 (disabled) or positive, got {}", self.top_k),
             );
+        }
+        if self.n == 0 {
+            return bad("n", "must be at least 1".into());
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1".into());

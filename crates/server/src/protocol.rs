@@ -464,6 +464,7 @@ impl Sampling {
             logprobs,
             // Echoed prompt tokens carry logprobs when the output tokens do (vLLM).
             prompt_logprobs: prompt_logprobs.max(logprobs.filter(|_| echo)),
+            n: 1,
         };
         let stop = self.stop.map(StringOrList::into_vec).unwrap_or_default();
         // Each is searched for after every token, and stop ids by the engine at every step.
