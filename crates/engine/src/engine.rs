@@ -788,7 +788,8 @@ impl LLMEngine {
     /// Forks the other choices of `parent`'s request (`n` > 1), now that its prompt's K/V are
     /// in the cache: each shares the prompt's full blocks short of the last prompt token, and
     /// computes the rest of the prompt (under a block) itself, to draw its own first token.
-    /// They wait at the front of the queue.
+    /// They wait at the front of the queue. Prompt logprobs are the first choice's, copied
+    /// (the few positions a fork recomputes come out the same).
     fn fork_choices(&mut self, parent: SeqId) {
         let bs = self.blocks.block_size();
         let p = self.seqs.get_mut(&parent).expect("forking seq exists");
@@ -801,10 +802,11 @@ impl LLMEngine {
             p.metrics.arrival_time,
         );
         let params = SamplingParams {
-            prompt_logprobs: None,
             n: 1,
             ..p.params.clone()
         };
+        // Complete by now (the prompt ran); each choice reports them with its first token.
+        let prompt_logprobs = p.prompt_logprobs.clone();
         let table: Vec<_> = p.block_table[..num_shared].to_vec();
         let mut children = Vec::with_capacity(num_forks);
         for index in 1..=num_forks {
@@ -825,7 +827,7 @@ impl LLMEngine {
                 num_computed_tokens: num_shared * bs,
                 rng: request_rng(seed, &mut self.rng),
                 metrics: RequestMetrics::new(arrival),
-                prompt_logprobs: Vec::new(),
+                prompt_logprobs: prompt_logprobs.clone(),
                 index,
                 num_forks: 0,
             };

@@ -1,6 +1,6 @@
 //! OpenAI request bodies as vLLM accepts them (with vLLM's extra sampling fields `top_k`,
 //! `min_tokens`, `ignore_eos`, `stop_token_ids`, `prompt_logprobs`), turned into the engine's
-//! `SamplingParams`. Known fields this server does not implement (`n` > 1, structured outputs, vLLM's
+//! `SamplingParams`. Known fields this server does not implement (structured outputs, vLLM's
 //! `guided_*`, ...) are refused with a 400 naming the field rather than silently ignored,
 //! unless they ask for the default. Unknown fields are ignored, as OpenAI and vLLM do, and
 //! logged once per field name (a bounded set, so clients cannot grow it).
@@ -19,6 +19,8 @@ use crate::error::{ApiError, ApiResult};
 pub const MAX_STOP_STRINGS: usize = 64;
 pub const MAX_STOP_STRING_BYTES: usize = 1024;
 pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+/// Most choices (`n`) a request may ask for: each is a sequence in the batch.
+pub const MAX_CHOICES: usize = 128;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -322,8 +324,12 @@ impl Sampling {
                 format!("{param}: {what} is not supported by this server"),
             ))
         };
-        if self.n.is_some_and(|n| n != 1) {
-            return refuse("n", "more than one choice per request");
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(ApiError::bad_param(
+                "n",
+                format!("n: expected from 1 to {MAX_CHOICES} choices, got {n}"),
+            ));
         }
         if self.best_of.is_some_and(|n| n > 1) {
             return refuse("best_of", "best_of > 1");
@@ -464,7 +470,7 @@ impl Sampling {
             logprobs,
             // Echoed prompt tokens carry logprobs when the output tokens do (vLLM).
             prompt_logprobs: prompt_logprobs.max(logprobs.filter(|_| echo)),
-            n: 1,
+            n,
         };
         let stop = self.stop.map(StringOrList::into_vec).unwrap_or_default();
         // Each is searched for after every token, and stop ids by the engine at every step.
@@ -577,7 +583,7 @@ mod tests {
     #[test]
     fn unsupported_fields_are_refused_by_name() -> Result<(), Box<dyn std::error::Error>> {
         for (field, value) in [
-            ("n", json!(2)),
+            ("n", json!(0)),
             ("logprobs", json!(21)),
             ("presence_penalty", json!(0.5)),
         ] {
@@ -605,7 +611,7 @@ mod tests {
             ("logprobs", json!(true)),
             ("logprobs", json!(-1)),
             ("top_logprobs", json!(0)),
-            ("n", json!(3)),
+            ("n", json!(129)),
             ("guided_json", json!({"type": "object"})),
             ("guided_choice", json!(["yes", "no"])),
             ("guided_regex", json!("[a-z]+")),
