@@ -11,6 +11,8 @@ use common::{case_dir, load, lora_requests};
 use multilora_engine::{choice_request_id, EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
+/// Output tokens by request id.
+type Outputs = HashMap<String, Vec<u32>>;
 
 fn engine(num_blocks: Option<usize>) -> Result<LLMEngine, multilora_engine::Error> {
     let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
@@ -25,7 +27,7 @@ fn engine(num_blocks: Option<usize>) -> Result<LLMEngine, multilora_engine::Erro
 }
 
 /// Runs to the end; the output tokens of each request id, and the most blocks in use at once.
-fn run(engine: &mut LLMEngine) -> Result<(HashMap<String, Vec<u32>>, usize), Box<dyn std::error::Error>> {
+fn run(engine: &mut LLMEngine) -> Result<(Outputs, usize), Box<dyn std::error::Error>> {
     let total = engine.resolved().num_kv_blocks;
     let (mut outs, mut most_used, mut num_preempted) = (HashMap::new(), 0, 0);
     for _ in 0..2000 {
