@@ -7,6 +7,9 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::logprobs::MAX_LOGPROBS;
 
+/// Most choices (`n`) a request may ask for: each becomes a sequence of its own.
+pub const MAX_CHOICES: usize = 128;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -78,8 +81,8 @@ impl SamplingParams {
                 format!("must be -1, 0 (disabled) or positive, got {}", self.top_k),
             );
         }
-        if self.n == 0 {
-            return bad("n", "must be at least 1".into());
+        if !(1..=MAX_CHOICES).contains(&self.n) {
+            return bad("n", format!("must be from 1 to {MAX_CHOICES}, got {}", self.n));
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1".into());

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use multilora_engine::logprobs::MAX_LOGPROBS;
+use multilora_engine::sampling::MAX_CHOICES;
 use multilora_engine::SamplingParams;
 use serde::Deserialize;
 use serde_json::Value;
@@ -19,8 +20,6 @@ use crate::error::{ApiError, ApiResult};
 pub const MAX_STOP_STRINGS: usize = 64;
 pub const MAX_STOP_STRING_BYTES: usize = 1024;
 pub const MAX_STOP_TOKEN_IDS: usize = 1024;
-/// Most choices (`n`) a request may ask for: each is a sequence in the batch.
-pub const MAX_CHOICES: usize = 128;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
