@@ -2,6 +2,9 @@
 //! `has_unfinished_requests`. A step schedules, activates the step's adapters in device slots,
 //! packs every scheduled token into one [`StepBatch`], runs the backend once, and samples: on
 //! the device where the backend can (CUDA), else on the host ([`Sampler`], the CPU oracle).
+//! A step in which a request wants log-probabilities ([`crate::logprobs`]) samples on the
+//! host, from the raw logits; a request of `n` choices forks its other choices from the first
+//! when its prompt has run ([`LLMEngine::step`]), sharing the prompt's KV blocks.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -133,6 +136,9 @@ pub struct RequestOutput {
     pub finish_reason: Option<FinishReason>,
     pub num_prompt_tokens: usize,
     pub num_output_tokens: usize,
+    /// Which choice of its request this is (`n` > 1; 0 for the first): the others ran only
+    /// the prompt's tail, sharing the first's blocks.
+    pub choice_index: usize,
     /// All output tokens, when finished.
     pub output_token_ids: Vec<u32>,
     pub metrics: RequestMetrics,
@@ -755,6 +761,7 @@ impl LLMEngine {
                 finish_reason: finish,
                 num_prompt_tokens: seq.prompt_token_ids.len(),
                 num_output_tokens: n_out,
+                choice_index: seq.index,
                 output_token_ids: Vec::new(),
                 metrics: seq.metrics,
                 error: None,
@@ -857,6 +864,7 @@ impl LLMEngine {
                 finish_reason: Some(FinishReason::Abort),
                 num_prompt_tokens: seq.prompt_token_ids.len(),
                 num_output_tokens: seq.output_token_ids.len(),
+                choice_index: seq.index,
                 output_token_ids: seq.output_token_ids,
                 metrics: seq.metrics,
                 error: Some(error.to_string()),

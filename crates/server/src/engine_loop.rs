@@ -555,7 +555,10 @@ impl EngineLoop {
             let now = out.metrics.last_token_time.unwrap_or_else(Instant::now);
             match live.last {
                 None => {
-                    metrics.num_prompt_tokens.inc_by(out.num_prompt_tokens as u64);
+                    // A request's prompt counts once, whatever its choices (`n`).
+                    if out.choice_index == 0 {
+                        metrics.num_prompt_tokens.inc_by(out.num_prompt_tokens as u64);
+                    }
                     metrics
                         .time_to_first_token
                         .observe((now - out.metrics.arrival_time).as_secs_f64());

@@ -123,5 +123,8 @@ async fn streamed_choices_interleave_and_end_once() -> TestResult {
     }
     assert_eq!(usage["completion_tokens"], json!(10));
     assert_eq!(usage, whole["usage"]);
+    // Two requests of two choices each: their prompts count once each in /metrics.
+    let prompt_tokens = usage["prompt_tokens"].as_u64().ok_or("usage")?;
+    assert_eq!(server.state().metrics.num_prompt_tokens.get(), 2 * prompt_tokens);
     Ok(())
 }
