@@ -127,6 +127,7 @@ pub struct CudaModel {
     att_part: DevBuf,    // [S, heads, DECODE_ATT_MAX_PARTS, head_dim + 2] f32
     att_count: DevBuf,   // [S * heads] u32, zero between steps
     logits: DevBuf,      // [S, vocab] f32
+    token_rows: DevBuf,  // [S] u32, the tokens `record_token_logits` takes
 }
 
 /// Fills weights: from the checkpoint (widened to f32 by `WeightSource`, narrowed here), or
@@ -365,6 +366,7 @@ impl CudaModel {
             att_part: gpu.alloc(s * cfg.num_attention_heads * DECODE_ATT_MAX_PARTS * (hd + 2) * 4)?,
             att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
             logits: gpu.alloc(s * v * 4)?,
+            token_rows: gpu.alloc(s * 4)?,
             cfg: cfg.clone(),
         })
     }
@@ -1012,6 +1014,13 @@ impl CudaModel {
             self.rms_norm(gpu, s, last_rows, self.norm.ptr, self.last_normed.ptr, NO_LORA)?;
             (self.last_normed.ptr, NormIo::NONE)
         };
+        self.lm_head(gpu, x_last, s, lm_norm)
+    }
+
+    /// `logits[n, vocab] = x[n, hidden] · lm_headᵀ` (`norm`: x is a split norm's unscaled
+    /// output).
+    fn lm_head(&self, gpu: &Gpu, x: CUdeviceptr, n: usize, norm: NormIo) -> Result<()> {
+        let c = &self.cfg;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         linear(
             gpu,
@@ -1020,14 +1029,37 @@ impl CudaModel {
             lm_head.ptr,
             None,
             c.vocab_size,
-            h,
-            x_last,
+            c.hidden_size,
+            x,
             self.logits.ptr,
-            s,
+            n,
             c.vocab_size,
             0,
-            lm_norm,
+            norm,
         )
+    }
+
+    /// Logits of chosen tokens of the step just run into the logits buffer, `[rows.len(),
+    /// vocab]` (`rows` index the step's tokens, at most `max_seqs`): the final norm and the LM
+    /// head over those rows of the residual stream. Only after a step that did not split its
+    /// norms ([`Self::splits_norms`]: a decode step, whose every row already had its logits),
+    /// since a split step leaves the last layer's output outside `hidden`.
+    pub fn record_token_logits(&self, gpu: &Gpu, rows: &[u32]) -> Result<()> {
+        assert!(rows.len() <= self.max_seqs, "at most max_seqs rows a call");
+        if rows.is_empty() {
+            return Ok(());
+        }
+        gpu.htod(self.token_rows.ptr, rows)?;
+        let n = rows.len();
+        self.rms_norm(
+            gpu,
+            n,
+            self.token_rows.ptr,
+            self.norm.ptr,
+            self.last_normed.ptr,
+            NO_LORA,
+        )?;
+        self.lm_head(gpu, self.last_normed.ptr, n, NormIo::NONE)
     }
 
     /// Whether a step splits its RMSNorms (all but layer 0's input norm) across the GEMMs

@@ -487,6 +487,9 @@ mod tests {
         fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
             unreachable!()
         }
+        fn token_logits(&mut self, _: &[u32]) -> Result<&[f32]> {
+            unreachable!()
+        }
     }
 
     /// Fails every load after the first of each adapter (a file gone after registration), or
