@@ -105,6 +105,7 @@ fn read_requests(path: &Path) -> anyhow::Result<Vec<InputRequest>> {
             min_tokens: l.min_tokens.unwrap_or(0),
             stop_token_ids: l.stop_token_ids.unwrap_or_default(),
             ignore_eos: l.ignore_eos.unwrap_or(false),
+            ..d
         };
         out.push((n + 1, prompt, params, l.lora));
     }

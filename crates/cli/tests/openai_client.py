@@ -1,13 +1,16 @@
 """Drives `multilora serve` with the official OpenAI Python client.
 
-Usage: openai_client.py BASE_URL API_KEY BASE_MODEL ADAPTER
+Usage: openai_client.py BASE_URL API_KEY BASE_MODEL ADAPTER GOLDEN_LOGLIKELIHOOD_JSON
+ADAPTER serves the demo adapter demo-r8-000; the JSON holds transformers' loglikelihoods of
+context/continuation pairs on the demo model (scripts/make_golden_logprobs.py).
 Exits non-zero with a message on the first check that fails.
 """
+import json
 import sys
 
 import openai
 
-base_url, api_key, base_model, adapter = sys.argv[1:5]
+base_url, api_key, base_model, adapter, golden_path = sys.argv[1:6]
 client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)
 
 
@@ -106,10 +109,46 @@ try:
 except openai.BadRequestError as e:
     check(e.param == "guided_choice", f"guided_choice refusal param {e.param}")
 try:
-    client.completions.create(model=base_model, prompt="x", max_tokens=1, logprobs=0)
-    check(False, "logprobs=0 accepted")
+    client.completions.create(model=base_model, prompt="x", max_tokens=1, logprobs=21)
+    check(False, "logprobs=21 accepted")
 except openai.BadRequestError as e:
     check(e.param == "logprobs", f"logprobs refusal param {e.param}")
+
+# Loglikelihood as lm-evaluation-harness computes it (local-completions): context +
+# continuation token ids as the prompt, echo, logprobs=1, max_tokens=1; the sum of
+# token_logprobs[ctxlen:-1] and whether each was the top token, against transformers.
+with open(golden_path) as f:
+    pairs = json.load(f)["pairs"]
+for p in pairs:
+    model = adapter if p["lora"] == "demo-r8-000" else base_model
+    ctx, cont = p["context_ids"], p["continuation_ids"]
+    c = client.completions.create(
+        model=model, prompt=[ctx + cont], max_tokens=1, temperature=0, logprobs=1, echo=True,
+    )
+    lp = c.choices[0].logprobs
+    n = len(ctx)
+    check(len(lp.tokens) == n + len(cont) + 1, f"echoed tokens: {len(lp.tokens)}")
+    check(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, "first prompt token has none")
+    got = sum(lp.token_logprobs[n:-1])
+    check(abs(got - p["loglikelihood"]) < 1e-4,
+          f"loglikelihood of {p['continuation']!r} ({p['lora']}): {got} vs transformers {p['loglikelihood']}")
+    greedy = all(t == max(top.values()) for t, top in zip(lp.token_logprobs[n:-1], lp.top_logprobs[n:-1]))
+    check(greedy == p["is_greedy"], f"is_greedy {greedy} vs {p['is_greedy']}")
+    check(lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, "text offsets")
+
+# logprobs=0 still gives each token's own logprob; chat gives top_logprobs alternatives.
+c = client.completions.create(model=base_model, prompt="Hi", max_tokens=3, logprobs=0,
+                              extra_body={"ignore_eos": True})
+lp = c.choices[0].logprobs
+check(len(lp.token_logprobs) == 3 and all(x is not None and x <= 0 for x in lp.token_logprobs),
+      f"logprobs=0: {lp.token_logprobs}")
+r = client.chat.completions.create(
+    model=adapter, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, logprobs=True,
+    top_logprobs=2, extra_body={"ignore_eos": True},
+)
+content = r.choices[0].logprobs.content
+check(len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content), f"chat logprobs {content}")
+check(all(t.top_logprobs[0].logprob >= t.logprob for t in content), "the top alternative is the most likely")
 try:
     bad = openai.OpenAI(base_url=base_url, api_key="wrong-key", max_retries=0)
     bad.models.list()

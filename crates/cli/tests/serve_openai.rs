@@ -31,6 +31,11 @@ fn python_with_openai() -> Option<PathBuf> {
     })
 }
 
+/// transformers' loglikelihoods on the demo model (`scripts/make_golden_logprobs.py`).
+fn golden_loglikelihood() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden/demo_loglikelihood.json")
+}
+
 #[test]
 fn openai_python_client_against_multilora_serve() -> TestResult {
     let Some(python) = python_with_openai() else {
@@ -72,6 +77,7 @@ fn openai_python_client_against_multilora_serve() -> TestResult {
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
         .args([&format!("http://{addr}/v1"), "test-key", "demo", "sql"])
+        .arg(golden_loglikelihood())
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -238,6 +238,12 @@ pub trait Backend: Send {
     /// `[num_seqs, vocab_size]`.
     fn forward(&mut self, batch: &StepBatch) -> Result<&[f32]>;
 
+    /// Logits of chosen tokens of the step [`Backend::forward`] just ran, `[rows.len(),
+    /// vocab_size]`: `rows` index the step's tokens (`batch.token_ids`), at most
+    /// `max_num_seqs` of them a call. What `prompt_logprobs` needs besides each sequence's last
+    /// token, computed only for the rows asked (the step's final hidden states are still there).
+    fn token_logits(&mut self, rows: &[u32]) -> Result<&[f32]>;
+
     /// Whether [`Backend::forward_sample`] can run this step: the backend samples on the device
     /// and the step's banned ids fit its buffers. The engine samples on the host otherwise.
     fn can_sample(&self, _batch: &StepBatch) -> bool {

@@ -1,5 +1,8 @@
-//! Fixed-size KV-cache blocks: a free list and per-sequence block tables. No prefix sharing:
-//! a block belongs to exactly one sequence.
+//! Fixed-size KV-cache blocks: a free list, per-sequence block tables and a reference count per
+//! block. A block is shared only by the choices of one request (`n` > 1): they fork from the
+//! first after its prompt ran, sharing the prompt's full blocks, which nobody writes again
+//! (each choice writes from the block after them on); a block returns to the free list when its
+//! last holder frees it.
 
 /// Index of a KV-cache block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -9,6 +12,8 @@ pub struct BlockManager {
     block_size: usize,
     num_blocks: usize,
     free: Vec<BlockId>,
+    /// `[num_blocks]` block tables holding each block
+    ref_counts: Vec<u32>,
 }
 
 impl BlockManager {
@@ -19,6 +24,7 @@ impl BlockManager {
             block_size,
             num_blocks,
             free,
+            ref_counts: vec![0; num_blocks],
         }
     }
 
@@ -48,14 +54,32 @@ impl BlockManager {
             return false;
         }
         while table.len() < self.blocks_for(num_tokens) {
-            table.push(self.free.pop().expect("checked by can_grow"));
+            let b = self.free.pop().expect("checked by can_grow");
+            self.ref_counts[b.0 as usize] = 1;
+            table.push(b);
         }
         true
     }
 
+    /// A new table holding `table`'s first `num_blocks` blocks too (shared, never written
+    /// again: see the module doc).
+    pub fn fork(&mut self, table: &[BlockId], num_blocks: usize) -> Vec<BlockId> {
+        let shared = &table[..num_blocks];
+        for b in shared {
+            self.ref_counts[b.0 as usize] += 1;
+        }
+        shared.to_vec()
+    }
+
     pub fn free(&mut self, table: &mut Vec<BlockId>) {
-        self.free.extend(table.drain(..).rev());
-        assert!(self.free.len() <= self.num_blocks, "a block was freed twice");
+        for b in table.drain(..).rev() {
+            let count = &mut self.ref_counts[b.0 as usize];
+            assert!(*count > 0, "a block was freed twice");
+            *count -= 1;
+            if *count == 0 {
+                self.free.push(b);
+            }
+        }
     }
 }
 
@@ -79,5 +103,22 @@ mod tests {
         bm.free(&mut a);
         assert_eq!(bm.num_free(), 2);
         assert!(a.is_empty());
+    }
+
+    #[test]
+    fn forked_blocks_return_when_their_last_holder_frees_them() {
+        let mut bm = BlockManager::new(6, 4);
+        let mut parent = Vec::new();
+        assert!(bm.grow(&mut parent, 10)); // 3 blocks
+        let mut child = bm.fork(&parent, 2);
+        assert_eq!(child, parent[..2]);
+        assert_eq!(bm.num_free(), 3, "forking takes no block");
+        assert!(bm.grow(&mut child, 10), "the child's own third block");
+        assert_eq!(bm.num_free(), 2);
+        assert_ne!(child[2], parent[2]);
+        bm.free(&mut parent);
+        assert_eq!(bm.num_free(), 3, "only the parent's own block came back");
+        bm.free(&mut child);
+        assert_eq!(bm.num_free(), 6);
     }
 }

@@ -2,6 +2,9 @@
 //! `has_unfinished_requests`. A step schedules, activates the step's adapters in device slots,
 //! packs every scheduled token into one [`StepBatch`], runs the backend once, and samples: on
 //! the device where the backend can (CUDA), else on the host ([`Sampler`], the CPU oracle).
+//! A step in which a request wants log-probabilities ([`crate::logprobs`]) samples on the
+//! host, from the raw logits; a request of `n` choices forks its other choices from the first
+//! when its prompt has run ([`LLMEngine::step`]), sharing the prompt's KV blocks.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +18,7 @@ use crate::backend::{Backend, BackendConfig, KvBudget, RowSampling, StepBatch};
 use crate::block_manager::BlockManager;
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
+use crate::logprobs::{token_logprob, LogprobScratch, TokenLogprob};
 use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats, PreparingLoader};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
@@ -141,11 +145,20 @@ pub struct RequestOutput {
     pub finish_reason: Option<FinishReason>,
     pub num_prompt_tokens: usize,
     pub num_output_tokens: usize,
+    /// Which choice of its request this is (`n` > 1; 0 for the first): the others ran only
+    /// the prompt's tail, sharing the first's blocks.
+    pub choice_index: usize,
     /// All output tokens, when finished.
     pub output_token_ids: Vec<u32>,
     pub metrics: RequestMetrics,
     /// Why an aborted request ended, when the engine ended it: its adapter failed to load.
     pub error: Option<String>,
+    /// The log-probability of `token_id` and its alternatives, when the request asked for
+    /// `logprobs`.
+    pub logprobs: Option<TokenLogprob>,
+    /// `[num_prompt_tokens]` with the first output, when the request asked for
+    /// `prompt_logprobs`: each prompt token's log-probability (`None` for the first).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
 }
 
 impl RequestOutput {
@@ -211,6 +224,15 @@ pub struct LLMEngine {
     step_slots: Vec<LoraSlot>,
     /// `[num_seqs]` token of each scheduled sequence
     sampled: Vec<u32>,
+    /// `[num_seqs]` the sampled token's log-probability, for rows that asked
+    sampled_logprobs: Vec<Option<TokenLogprob>>,
+    logprob_scratch: LogprobScratch,
+    /// `[vocab]` a row's raw logits, kept for its logprobs while the sampler masks the row
+    raw_row: Vec<f32>,
+    /// `[num_rows]` (step token index, scheduled index, position) of each prompt token whose
+    /// logits the step's prompt logprobs need besides the sequences' last tokens
+    prompt_rows: Vec<(u32, usize, usize)>,
+    token_rows: Vec<u32>,
     return_logits: bool,
     /// `[num_seqs, vocab]` logits of the last step, as the sampler saw them; empty where the
     /// device sampled and `return_logits` is off
@@ -368,6 +390,11 @@ impl LLMEngine {
             step_loras: Vec::new(),
             step_slots: Vec::new(),
             sampled: Vec::new(),
+            sampled_logprobs: Vec::new(),
+            logprob_scratch: LogprobScratch::default(),
+            raw_row: Vec::new(),
+            prompt_rows: Vec::new(),
+            token_rows: Vec::new(),
             return_logits: config.return_logits,
             logits: Vec::new(),
             logits_rows: Vec::new(),
@@ -418,6 +445,11 @@ impl LLMEngine {
 
     pub fn num_waiting(&self) -> usize {
         self.scheduler.num_waiting()
+    }
+
+    /// KV-cache blocks no sequence holds.
+    pub fn num_free_blocks(&self) -> usize {
+        self.blocks.num_free()
     }
 
     pub fn num_running(&self) -> usize {
@@ -473,10 +505,10 @@ impl LLMEngine {
             request_id: request_id.to_string(),
             msg,
         };
-        if self.ids.contains_key(request_id) {
+        params.validate()?;
+        if (0..params.n).any(|i| self.ids.contains_key(choice_request_id(request_id, i).as_str())) {
             return Err(invalid("a request with this id is already running".into()));
         }
-        params.validate()?;
         let prompt_token_ids = match prompt {
             Prompt::Text(t) => self.encode(&t)?,
             Prompt::TokenIds(ids) => ids,
@@ -522,6 +554,11 @@ impl LLMEngine {
         self.next_seq += 1;
         let request_id: Arc<str> = request_id.into();
         let rng = request_rng(params.seed, &mut self.rng);
+        let params_n = params.n;
+        let prompt_logprobs = match params.prompt_logprobs {
+            Some(_) => vec![None; prompt_token_ids.len()],
+            None => Vec::new(),
+        };
         self.seqs.insert(
             id,
             Sequence {
@@ -533,15 +570,10 @@ impl LLMEngine {
                 block_table: Vec::new(),
                 num_computed_tokens: 0,
                 rng,
-                metrics: RequestMetrics {
-                    arrival_time: Instant::now(),
-                    first_scheduled_time: None,
-                    first_token_time: None,
-                    last_token_time: None,
-                    num_preemptions: 0,
-                    num_times_passed_over: 0,
-                    adapter_wait: Duration::ZERO,
-                },
+                metrics: RequestMetrics::new(Instant::now()),
+                prompt_logprobs,
+                index: 0,
+                num_forks: params_n - 1,
             },
         );
         self.ids.insert(request_id, id);
@@ -702,6 +734,9 @@ impl LLMEngine {
         self.sample_step(&scheduled)?;
         let now = Instant::now();
         for (i, s) in scheduled.iter().enumerate() {
+            if self.is_sampling[i] && self.seqs[&s.id].num_forks > 0 {
+                self.fork_choices(s.id);
+            }
             let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
             seq.num_computed_tokens += s.num_new_tokens;
             if !self.is_sampling[i] {
@@ -710,6 +745,8 @@ impl LLMEngine {
             }
             let p = &seq.params;
             let token = self.sampled[i];
+            let prompt_logprobs = (seq.output_token_ids.is_empty() && p.prompt_logprobs.is_some())
+                .then(|| std::mem::take(&mut seq.prompt_logprobs));
             seq.output_token_ids.push(token);
             seq.metrics.first_token_time.get_or_insert(now);
             seq.metrics.last_token_time = Some(now);
@@ -730,9 +767,12 @@ impl LLMEngine {
                 finish_reason: finish,
                 num_prompt_tokens: seq.prompt_token_ids.len(),
                 num_output_tokens: n_out,
+                choice_index: seq.index,
                 output_token_ids: Vec::new(),
                 metrics: seq.metrics,
                 error: None,
+                logprobs: self.sampled_logprobs[i].take(),
+                prompt_logprobs,
             };
             if finish.is_some() {
                 let mut seq = self.seqs.remove(&s.id).expect("exists");
@@ -758,6 +798,59 @@ impl LLMEngine {
         Ok(outputs)
     }
 
+    /// Forks the other choices of `parent`'s request (`n` > 1), now that its prompt's K/V are
+    /// in the cache: each shares the prompt's full blocks short of the last prompt token, and
+    /// computes the rest of the prompt (under a block) itself, to draw its own first token.
+    /// They wait at the front of the queue. Prompt logprobs are the first choice's, copied
+    /// (the few positions a fork recomputes come out the same).
+    fn fork_choices(&mut self, parent: SeqId) {
+        let bs = self.blocks.block_size();
+        let p = self.seqs.get_mut(&parent).expect("forking seq exists");
+        let num_forks = std::mem::take(&mut p.num_forks);
+        let num_shared = (p.prompt_token_ids.len() - 1) / bs;
+        let (request_id, prompt, lora, arrival) = (
+            p.request_id.clone(),
+            p.prompt_token_ids.clone(),
+            p.lora,
+            p.metrics.arrival_time,
+        );
+        let params = SamplingParams {
+            n: 1,
+            ..p.params.clone()
+        };
+        // Complete by now (the prompt ran); each choice reports them with its first token.
+        let prompt_logprobs = p.prompt_logprobs.clone();
+        let table: Vec<_> = p.block_table[..num_shared].to_vec();
+        let mut children = Vec::with_capacity(num_forks);
+        for index in 1..=num_forks {
+            let id = SeqId(self.next_seq);
+            self.next_seq += 1;
+            let child_id: Arc<str> = choice_request_id(&request_id, index).into();
+            let seed = params.seed.map(|s| s.wrapping_add(index as u64));
+            let child = Sequence {
+                request_id: child_id.clone(),
+                prompt_token_ids: prompt.clone(),
+                output_token_ids: Vec::with_capacity(params.max_tokens.min(self.resolved.max_model_len)),
+                params: SamplingParams {
+                    seed,
+                    ..params.clone()
+                },
+                lora,
+                block_table: self.blocks.fork(&table, num_shared),
+                num_computed_tokens: num_shared * bs,
+                rng: request_rng(seed, &mut self.rng),
+                metrics: RequestMetrics::new(arrival),
+                prompt_logprobs: prompt_logprobs.clone(),
+                index,
+                num_forks: 0,
+            };
+            self.seqs.insert(id, child);
+            self.ids.insert(child_id, id);
+            children.push(id);
+        }
+        self.scheduler.add_front(&children);
+    }
+
     /// Ends every request of an adapter that failed to load (waiting ones: a running request's
     /// adapter is in host memory), with `error`; the other requests carry on.
     fn abort_adapter(&mut self, adapter: AdapterId, error: &str, outputs: &mut Vec<RequestOutput>) {
@@ -777,11 +870,57 @@ impl LLMEngine {
                 finish_reason: Some(FinishReason::Abort),
                 num_prompt_tokens: seq.prompt_token_ids.len(),
                 num_output_tokens: seq.output_token_ids.len(),
+                choice_index: seq.index,
                 output_token_ids: seq.output_token_ids,
                 metrics: seq.metrics,
                 error: Some(error.to_string()),
+                logprobs: None,
+                prompt_logprobs: None,
             });
         }
+    }
+
+    /// Fills the prompt logprobs of this step's prompt chunks, after a host-sampled forward:
+    /// the token at position p scores prompt token p + 1. A chunk's last token is its
+    /// sequence's logits row (unmasked: a chunk short of the prompt's end samples nothing; at
+    /// the end it scores the first output instead); the others come from the backend,
+    /// `max_num_seqs` rows at a time.
+    fn prompt_logprobs(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
+        let vocab = self.model_config.vocab_size;
+        self.prompt_rows.clear();
+        for (i, s) in scheduled.iter().enumerate() {
+            let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
+            let Some(k) = seq.params.prompt_logprobs.filter(|_| wants_prompt_logprobs(seq)) else {
+                continue;
+            };
+            let (first, end) = (
+                seq.num_computed_tokens,
+                seq.num_computed_tokens + s.num_new_tokens,
+            );
+            let prompt_len = seq.prompt_token_ids.len();
+            if end < prompt_len {
+                let row = &self.logits[i * vocab..(i + 1) * vocab];
+                let lp = token_logprob(row, seq.prompt_token_ids[end], k, &mut self.logprob_scratch);
+                seq.prompt_logprobs[end] = Some(lp);
+            }
+            let start = self.batch.query_start[i] as usize;
+            for pos in first..end - 1 {
+                self.prompt_rows.push(((start + pos - first) as u32, i, pos));
+            }
+        }
+        let max_rows = self.resolved.max_num_seqs;
+        for chunk in self.prompt_rows.chunks(max_rows) {
+            self.token_rows.clear();
+            self.token_rows.extend(chunk.iter().map(|r| r.0));
+            let logits = self.backend.token_logits(&self.token_rows)?;
+            for (row, &(_, i, pos)) in logits.chunks_exact(vocab).zip(chunk) {
+                let seq = self.seqs.get_mut(&scheduled[i].id).expect("scheduled seq exists");
+                let k = seq.params.prompt_logprobs.unwrap_or(0);
+                let next = seq.prompt_token_ids[pos + 1];
+                seq.prompt_logprobs[pos + 1] = Some(token_logprob(row, next, k, &mut self.logprob_scratch));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the packed step and draws a token per scheduled sequence into `sampled`: on the
@@ -790,11 +929,20 @@ impl LLMEngine {
     /// prompt chunk short of the end, `is_sampling[i]` false) leaves its request's RNG
     /// untouched, so a seeded request draws the same tokens chunked or not; its entry in
     /// `sampled` is a placeholder (the device still draws for the row, into nothing).
+    ///
+    /// A step in which a request wants log-probabilities is sampled on the host: they come
+    /// from the raw logits, which the device sampler does not return.
     fn sample_step(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
         self.sampled.clear();
+        self.sampled_logprobs.clear();
+        self.sampled_logprobs.resize(scheduled.len(), None);
         self.logits.clear();
         self.logits_rows.clear();
-        if self.backend.can_sample(&self.batch) {
+        let wants_logprobs = scheduled.iter().zip(&self.is_sampling).any(|(s, &is_sampling)| {
+            let seq = &self.seqs[&s.id];
+            (is_sampling && seq.params.logprobs.is_some()) || wants_prompt_logprobs(seq)
+        });
+        if !wants_logprobs && self.backend.can_sample(&self.batch) {
             let rows = self.batch.sampling.rows.iter_mut();
             for ((row, s), &is_sampling) in rows.zip(scheduled).zip(&self.is_sampling) {
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
@@ -813,10 +961,19 @@ impl LLMEngine {
                 }
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
                 let row = &mut self.logits[i * vocab..(i + 1) * vocab];
+                if seq.params.logprobs.is_some() {
+                    self.raw_row.clear();
+                    self.raw_row.extend_from_slice(row);
+                }
                 let banned = self.batch.sampling.banned(i);
-                self.sampled
-                    .push(self.sampler.sample(row, &seq.params, banned, &mut seq.rng));
+                let token = self.sampler.sample(row, &seq.params, banned, &mut seq.rng);
+                self.sampled.push(token);
+                if let Some(k) = seq.params.logprobs {
+                    let lp = token_logprob(&self.raw_row, token, k, &mut self.logprob_scratch);
+                    self.sampled_logprobs[i] = Some(lp);
+                }
             }
+            self.prompt_logprobs(scheduled)?;
         }
         assert_eq!(self.sampled.len(), scheduled.len(), "a token per sequence");
         if !self.logits.is_empty() {
@@ -826,6 +983,23 @@ impl LLMEngine {
         }
         Ok(())
     }
+}
+
+/// The request id of choice `index` of a request (`n` > 1): the request's own id for choice 0,
+/// `"{index}_{request_id}"` (vLLM's naming of a parent's children) for the others. Each is a
+/// request of its own to [`LLMEngine::abort_request`] and in [`RequestOutput`].
+pub fn choice_request_id(request_id: &str, index: usize) -> String {
+    match index {
+        0 => request_id.to_string(),
+        i => format!("{i}_{request_id}"),
+    }
+}
+
+/// Whether a sequence's step must compute log-probabilities of prompt tokens: it asked, and
+/// its prompt has not produced its first output yet (after a preemption its prompt is
+/// recomputed, its prompt logprobs already sent).
+fn wants_prompt_logprobs(seq: &Sequence) -> bool {
+    seq.params.prompt_logprobs.is_some() && seq.output_token_ids.is_empty()
 }
 
 fn load_tokenizer(dir: &Path) -> Result<Option<tokenizers::Tokenizer>> {

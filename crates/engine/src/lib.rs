@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod logprobs;
 pub mod lora;
 pub mod model_config;
 pub mod models;
@@ -21,8 +22,11 @@ pub mod scheduler;
 pub mod sequence;
 pub mod weights;
 
-pub use engine::{Device, EngineConfig, LLMEngine, LoadFormat, Prompt, RequestOutput, StepStats};
+pub use engine::{
+    choice_request_id, Device, EngineConfig, LLMEngine, LoadFormat, Prompt, RequestOutput, StepStats,
+};
 pub use error::{Error, Result};
+pub use logprobs::TokenLogprob;
 pub use lora::{AdapterId, LoraRequest};
 pub use model_config::ModelConfig;
 pub use sampling::SamplingParams;

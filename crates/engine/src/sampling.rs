@@ -5,6 +5,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::logprobs::MAX_LOGPROBS;
+
+/// Most choices (`n`) a request may ask for: each becomes a sequence of its own.
+pub const MAX_CHOICES: usize = 128;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -21,6 +25,16 @@ pub struct SamplingParams {
     pub min_tokens: usize,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Return each output token's log-probability and this many most likely alternatives
+    /// (vLLM's `logprobs`, at most [`MAX_LOGPROBS`]); `None`: none. See [`crate::logprobs`].
+    pub logprobs: Option<usize>,
+    /// The same for every prompt token after the first (vLLM's `prompt_logprobs`). Costs the
+    /// logits of every prompt position, computed only for requests that ask.
+    pub prompt_logprobs: Option<usize>,
+    /// Choices of the request (vLLM's `n`). Choice 0 runs the prompt; the others fork from it
+    /// after, sharing the prompt's KV blocks, each with its own RNG (seed + its index when
+    /// seeded) and request id ([`crate::engine::choice_request_id`]).
+    pub n: usize,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +48,9 @@ impl Default for SamplingParams {
             min_tokens: 0,
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
+            prompt_logprobs: None,
+            n: 1,
         }
     }
 }
@@ -64,6 +81,9 @@ impl SamplingParams {
                 format!("must be -1, 0 (disabled) or positive, got {}", self.top_k),
             );
         }
+        if !(1..=MAX_CHOICES).contains(&self.n) {
+            return bad("n", format!("must be from 1 to {MAX_CHOICES}, got {}", self.n));
+        }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1".into());
         }
@@ -75,6 +95,14 @@ impl SamplingParams {
                     self.min_tokens, self.max_tokens
                 ),
             );
+        }
+        for (field, n) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if let Some(n) = n.filter(|&n| n > MAX_LOGPROBS) {
+                return bad(field, format!("must be at most {MAX_LOGPROBS}, got {n}"));
+            }
         }
         Ok(())
     }

@@ -95,6 +95,31 @@ impl Scheduler {
         self.waiting.push_back(id);
     }
 
+    /// Queues the forked choices of a request ahead of everything waiting, in order: they
+    /// hold blocks shared with a running sequence, and their prompt is all but computed.
+    pub fn add_front(&mut self, ids: &[SeqId]) {
+        for &id in ids.iter().rev() {
+            self.waiting.push_front(id);
+        }
+    }
+
+    /// Frees the blocks of waiting sequences that hold some (forked choices: their shared
+    /// prompt blocks), so that when the cache runs short only running sequences hold blocks,
+    /// as the module's argument needs; they recompute their prompt when admitted. False if
+    /// none held any.
+    fn release_waiting_blocks(&self, seqs: &mut HashMap<SeqId, Sequence>, blocks: &mut BlockManager) -> bool {
+        let mut is_any = false;
+        for id in &self.waiting {
+            let seq = seqs.get_mut(id).expect("waiting seq exists");
+            if !seq.block_table.is_empty() {
+                blocks.free(&mut seq.block_table);
+                seq.num_computed_tokens = 0;
+                is_any = true;
+            }
+        }
+        is_any
+    }
+
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
@@ -152,6 +177,9 @@ impl Scheduler {
                 if blocks.grow(&mut seq.block_table, seq.num_computed_tokens + n) {
                     break n;
                 }
+                if self.release_waiting_blocks(seqs, blocks) {
+                    continue;
+                }
                 let victim = self.running.pop().expect("running is not empty");
                 let v = seqs.get_mut(&victim).expect("victim exists");
                 blocks.free(&mut v.block_table);
@@ -202,11 +230,22 @@ impl Scheduler {
                     continue;
                 }
             }
-            let n = seq.len().min(budget);
-            if !blocks.grow(&mut seq.block_table, n) {
+            // Zero computed tokens, except for a forked choice that kept its shared blocks.
+            let mut n = (seq.len() - seq.num_computed_tokens).min(budget);
+            if !blocks.grow(&mut seq.block_table, seq.num_computed_tokens + n) {
                 self.waiting.push_front(id);
-                break;
+                if !self.release_waiting_blocks(seqs, blocks) {
+                    break;
+                }
+                self.waiting.pop_front();
+                let seq = seqs.get_mut(&id).expect("waiting seq exists");
+                n = seq.len().min(budget);
+                if !blocks.grow(&mut seq.block_table, n) {
+                    self.waiting.push_front(id);
+                    break;
+                }
             }
+            let seq = seqs.get_mut(&id).expect("waiting seq exists");
             if let Some(a) = seq.lora {
                 if !self.step_loras.contains(&a) {
                     self.step_loras.push(a);
@@ -249,15 +288,10 @@ mod tests {
             block_table: vec![],
             num_computed_tokens: 0,
             rng: rand::rngs::StdRng::seed_from_u64(0),
-            metrics: RequestMetrics {
-                arrival_time: std::time::Instant::now(),
-                first_scheduled_time: None,
-                first_token_time: None,
-                last_token_time: None,
-                num_preemptions: 0,
-                num_times_passed_over: 0,
-                adapter_wait: std::time::Duration::ZERO,
-            },
+            metrics: RequestMetrics::new(std::time::Instant::now()),
+            prompt_logprobs: vec![],
+            index: 0,
+            num_forks: 0,
         }
     }
 

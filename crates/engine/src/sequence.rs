@@ -6,6 +6,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 
 use crate::block_manager::BlockId;
+use crate::logprobs::TokenLogprob;
 use crate::lora::AdapterId;
 use crate::sampling::SamplingParams;
 
@@ -51,6 +52,21 @@ pub struct RequestMetrics {
     pub adapter_wait: std::time::Duration,
 }
 
+impl RequestMetrics {
+    /// A request that arrived at `arrival_time` and has not run yet.
+    pub fn new(arrival_time: Instant) -> Self {
+        RequestMetrics {
+            arrival_time,
+            first_scheduled_time: None,
+            first_token_time: None,
+            last_token_time: None,
+            num_preemptions: 0,
+            num_times_passed_over: 0,
+            adapter_wait: std::time::Duration::ZERO,
+        }
+    }
+}
+
 pub struct Sequence {
     pub request_id: Arc<str>,
     pub prompt_token_ids: Vec<u32>,
@@ -62,6 +78,15 @@ pub struct Sequence {
     pub num_computed_tokens: usize,
     pub rng: StdRng,
     pub metrics: RequestMetrics,
+    /// `[prompt_len]` each prompt token's log-probability given the tokens before it, filled
+    /// as the prompt's chunks run (the first token has none); empty unless the request asked
+    /// for `prompt_logprobs`, and taken with its first output.
+    pub prompt_logprobs: Vec<Option<TokenLogprob>>,
+    /// Which choice of its request this is (`n` > 1), 0 for the first.
+    pub index: usize,
+    /// Choices still to fork from this one when its prompt has run (`n - 1` for choice 0 until
+    /// its first token, else 0).
+    pub num_forks: usize,
 }
 
 impl Sequence {

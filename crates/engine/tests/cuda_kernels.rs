@@ -620,7 +620,10 @@ fn check_prefill_attention(gpu: &Gpu, c: &AttCase, k: multilora_engine::cuda::pr
     let mut outputs = Vec::new();
     for split in [None, Some(forced)] {
         let max_pieces = split.map_or(0, |s| s.max_pieces);
-        let (mut tiles, mut merges) = (vec![0u32; 4 * (t + max_pieces)], vec![0u32; 2 * max_pieces]);
+        let (mut tiles, mut merges) = (
+            vec![0u32; 4 * (t + max_pieces)],
+            vec![0u32; (2 * max_pieces).max(4)],
+        );
         let packed = prefill::pack_tiles(
             &query_start,
             &positions,

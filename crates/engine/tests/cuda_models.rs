@@ -7,11 +7,13 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use common::gpu::{cpu_next_logits, have_gpu, logits_tolerance};
 use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden, GoldenRequest};
 use multilora_engine::cuda::elem::Elem;
 use multilora_engine::sampling::argmax;
-use multilora_engine::{Device, EngineConfig, LLMEngine};
+use multilora_engine::{Device, EngineConfig, LLMEngine, Prompt, SamplingParams};
 
 struct Run {
     tokens: Vec<Vec<u32>>,
@@ -249,4 +251,80 @@ fn cuda_without_driver_is_an_error() {
     cfg.max_model_len = Some(256);
     let err = LLMEngine::new(cfg).err().expect("no CUDA here");
     assert!(err.to_string().contains("use device=cpu"), "{err}");
+}
+
+/// `logprobs` and `prompt_logprobs` on the GPU (a step that wants them samples on the host from
+/// the device's logits; prompt rows come from `token_logits`) against the CPU backend's, with
+/// adapters, a prompt in one step and in chunks: the same tokens scored, within the 16-bit
+/// tolerance.
+#[test]
+fn cuda_logprobs_match_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let case = "llama";
+    let golden = load(case);
+    let loras = lora_requests(case);
+    let run = |device: Device, max_num_batched_tokens: Option<usize>| {
+        let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+        cfg.device = device;
+        cfg.enable_lora = true;
+        cfg.max_loras = 4;
+        cfg.max_lora_rank = 16;
+        cfg.max_model_len = Some(256);
+        cfg.max_num_seqs = 8;
+        cfg.max_num_batched_tokens = max_num_batched_tokens;
+        let mut engine = LLMEngine::new(cfg).expect("engine loads");
+        for (i, r) in golden.requests.iter().enumerate() {
+            let params = SamplingParams {
+                ignore_eos: true,
+                logprobs: Some(3),
+                prompt_logprobs: Some(2),
+                ..SamplingParams::greedy(4)
+            };
+            let lora = r.lora.as_ref().map(|n| &loras[n]);
+            let prompt = Prompt::TokenIds(r.prompt_token_ids.clone());
+            engine.add_request(&i.to_string(), prompt, params, lora).unwrap();
+        }
+        let mut outs: HashMap<String, Vec<multilora_engine::RequestOutput>> = HashMap::new();
+        while engine.has_unfinished_requests() {
+            for o in engine.step().unwrap() {
+                outs.entry(o.request_id.to_string()).or_default().push(o);
+            }
+        }
+        outs
+    };
+    let cpu = run(Device::Cpu, None);
+    // A logprob carries its logit's error and the log-sum-exp's.
+    let tol = 2.0 * logits_tolerance(Elem::Bf16);
+    for chunk in [None, Some(8)] {
+        let gpu = run(Device::Cuda, chunk);
+        for (id, want) in &cpu {
+            let got = &gpu[id];
+            let (pw, pg) = (
+                want[0].prompt_logprobs.as_ref().unwrap(),
+                got[0].prompt_logprobs.as_ref().unwrap(),
+            );
+            assert_eq!(pw.len(), pg.len());
+            for (j, (w, g)) in pw.iter().zip(pg).enumerate().skip(1) {
+                let (w, g) = (w.as_ref().unwrap(), g.as_ref().unwrap());
+                assert_eq!(w.token_id, g.token_id);
+                assert!(
+                    (w.logprob - g.logprob).abs() < tol,
+                    "request {id} prompt {j}: {w:?} vs {g:?}"
+                );
+            }
+            // The first output token is the same greedy one; later ones may diverge in bf16.
+            let (w, g) = (
+                want[0].logprobs.as_ref().unwrap(),
+                got[0].logprobs.as_ref().unwrap(),
+            );
+            assert_eq!(w.token_id, g.token_id, "request {id}");
+            assert!(
+                (w.logprob - g.logprob).abs() < tol,
+                "request {id}: {w:?} vs {g:?}"
+            );
+            assert_eq!(g.top.len(), 3);
+        }
+    }
 }

@@ -28,6 +28,10 @@ pub struct Detokenizer {
 }
 
 impl Detokenizer {
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
     pub fn new(
         tokenizer: Arc<Tokenizer>,
         stop: Vec<String>,

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use multilora_engine::sequence::RequestMetrics;
 use multilora_engine::{
-    AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest, ModelConfig, Prompt,
-    SamplingParams,
+    choice_request_id, AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest,
+    ModelConfig, Prompt, SamplingParams, TokenLogprob,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -37,6 +37,10 @@ pub enum TokenEvent {
         finish_reason: Option<FinishReason>,
         num_prompt_tokens: usize,
         num_output_tokens: usize,
+        /// The token's log-probability, when the request asked for `logprobs`.
+        logprobs: Option<TokenLogprob>,
+        /// With the first token, when the request asked for `prompt_logprobs`.
+        prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     },
     /// The engine failed while running the request; it is gone.
     Failed(String),
@@ -60,7 +64,8 @@ pub(crate) enum Command {
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
         lora: Option<LoraRequest>,
-        events: mpsc::UnboundedSender<TokenEvent>,
+        /// `[n]` one channel per choice, whose request id is the engine's `choice_request_id`
+        events: Vec<mpsc::UnboundedSender<TokenEvent>>,
         /// The handler checks stop strings: it will say how the request ended.
         has_stop_strings: bool,
         reply: oneshot::Sender<Result<(), AddError>>,
@@ -169,9 +174,10 @@ impl EngineHandle {
         self.tx.send(cmd).is_ok()
     }
 
-    /// Queues a request; errors (validation, full queue) come back before any token. With
+    /// Queues a request; errors (validation, full queue) come back before any token. Each of
+    /// its `params.n` choices gets its guard and channel, in choice order. With
     /// `has_stop_strings` the caller checks the text for stop strings and tells the loop how
-    /// the request ended through the guard ([`RequestGuard::finish`],
+    /// each choice ended through its guard ([`RequestGuard::finish`],
     /// [`RequestGuard::stop_at_string`]).
     pub async fn add(
         &self,
@@ -180,15 +186,21 @@ impl EngineHandle {
         params: SamplingParams,
         lora: Option<LoraRequest>,
         has_stop_strings: bool,
-    ) -> Result<(RequestGuard, mpsc::UnboundedReceiver<TokenEvent>), AddError> {
-        let (events, rx) = mpsc::unbounded_channel();
+    ) -> Result<Vec<(RequestGuard, mpsc::UnboundedReceiver<TokenEvent>)>, AddError> {
         let (reply, reply_rx) = oneshot::channel();
-        let guard = RequestGuard {
-            tx: self.tx.clone(),
-            request_id: request_id.clone(),
-            has_stop_strings,
-            is_finished: false,
-        };
+        let mut events = Vec::with_capacity(params.n);
+        let mut choices = Vec::with_capacity(params.n);
+        for i in 0..params.n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            events.push(tx);
+            let guard = RequestGuard {
+                tx: self.tx.clone(),
+                request_id: choice_request_id(&request_id, i),
+                has_stop_strings,
+                is_finished: false,
+            };
+            choices.push((guard, rx));
+        }
         let sent = self.send(Command::Add {
             request_id,
             prompt_token_ids,
@@ -202,7 +214,7 @@ impl EngineHandle {
             return Err(AddError::EngineStopped);
         }
         match reply_rx.await {
-            Ok(Ok(())) => Ok((guard, rx)),
+            Ok(Ok(())) => Ok(choices),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(AddError::EngineStopped),
         }
@@ -429,13 +441,14 @@ impl EngineLoop {
                 has_stop_strings,
                 reply,
             } => {
-                let live = Live {
+                let result = self.add(
+                    request_id,
+                    prompt_token_ids,
+                    params,
+                    lora,
                     events,
                     has_stop_strings,
-                    has_lora: lora.is_some(),
-                    last: None,
-                };
-                let result = self.add(request_id, prompt_token_ids, params, lora, live);
+                );
                 if let Err(AddError::QueueFull { .. }) = &result {
                     self.metrics.num_rejected_queue_full.inc();
                 }
@@ -478,7 +491,8 @@ impl EngineLoop {
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
         lora: Option<LoraRequest>,
-        live: Live,
+        events: Vec<mpsc::UnboundedSender<TokenEvent>>,
+        has_stop_strings: bool,
     ) -> Result<(), AddError> {
         // Only requests that cannot start at the next step count as queued: a burst arrives
         // before any step has run, and free batch slots would otherwise refuse it.
@@ -499,7 +513,16 @@ impl EngineLoop {
                 lora.as_ref(),
             )
             .map_err(AddError::Engine)?;
-        self.live.insert(request_id.into(), live);
+        let has_lora = lora.is_some();
+        for (i, events) in events.into_iter().enumerate() {
+            let live = Live {
+                events,
+                has_stop_strings,
+                has_lora,
+                last: None,
+            };
+            self.live.insert(choice_request_id(&request_id, i).into(), live);
+        }
         Ok(())
     }
 
@@ -536,7 +559,10 @@ impl EngineLoop {
             let now = out.metrics.last_token_time.unwrap_or_else(Instant::now);
             match live.last {
                 None => {
-                    metrics.num_prompt_tokens.inc_by(out.num_prompt_tokens as u64);
+                    // A request's prompt counts once, whatever its choices (`n`).
+                    if out.choice_index == 0 {
+                        metrics.num_prompt_tokens.inc_by(out.num_prompt_tokens as u64);
+                    }
                     metrics
                         .time_to_first_token
                         .observe((now - out.metrics.arrival_time).as_secs_f64());
@@ -556,6 +582,8 @@ impl EngineLoop {
                 finish_reason: out.finish_reason,
                 num_prompt_tokens: out.num_prompt_tokens,
                 num_output_tokens: out.num_output_tokens,
+                logprobs: out.logprobs,
+                prompt_logprobs: out.prompt_logprobs,
             });
             if let Some(reason) = out.finish_reason {
                 metrics.observe_finished(&out.metrics, now, out.num_output_tokens);

@@ -27,19 +27,14 @@ use crate::app::{ApiJson, AppState};
 use crate::detokenize::Detokenizer;
 use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
+use crate::logprobs::{chat_entry, prompt_logprobs, CompletionLogprobs};
 use crate::protocol::{
-    normalize_messages, warn_unknown_fields, ChatRequest, CompletionRequest, DetokenizeRequest, Output,
+    normalize_messages, warn_unknown_fields, Api, ChatRequest, CompletionRequest, DetokenizeRequest, Output,
     Prompt, TokenizeRequest,
 };
 
 /// vLLM's default `max_tokens` for `/v1/completions` (OpenAI's too).
 const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Api {
-    Completion,
-    Chat,
-}
 
 pub async fn completions(
     State(st): State<Arc<AppState>>,
@@ -48,21 +43,21 @@ pub async fn completions(
     st.check_accepting()?;
     warn_unknown_fields("/v1/completions", &req.unknown);
     let lora = st.resolve_model(&req.model)?;
-    let (params, output) = req.sampling.resolve(DEFAULT_COMPLETION_MAX_TOKENS)?;
-    let prompt_token_ids = match req.prompt.into_single()? {
-        Prompt::Text(text) => encode(&st, text, req.add_special_tokens).await?,
-        Prompt::TokenIds(ids) => ids,
+    let (params, output) = req
+        .sampling
+        .resolve(Api::Completion, DEFAULT_COMPLETION_MAX_TOKENS)?;
+    let (prompt_token_ids, prompt_text) = match req.prompt.into_single()? {
+        Prompt::Text(text) => {
+            let echo = output.echo.then(|| text.clone());
+            (encode(&st, text, req.add_special_tokens).await?, echo)
+        }
+        Prompt::TokenIds(ids) => (ids, None),
     };
-    run(
-        st,
-        Api::Completion,
-        req.model,
-        prompt_token_ids,
-        params,
-        lora,
-        output,
-    )
-    .await
+    let prompt = PromptIds {
+        ids: prompt_token_ids,
+        text: prompt_text,
+    };
+    run(st, Api::Completion, req.model, prompt, params, lora, output).await
 }
 
 pub async fn chat_completions(
@@ -98,8 +93,12 @@ pub async fn chat_completions(
         .max_model_len
         .saturating_sub(prompt_token_ids.len())
         .max(1);
-    let (params, output) = req.sampling.resolve(default_max_tokens)?;
-    run(st, Api::Chat, req.model, prompt_token_ids, params, lora, output).await
+    let (params, output) = req.sampling.resolve(Api::Chat, default_max_tokens)?;
+    let prompt = PromptIds {
+        ids: prompt_token_ids,
+        text: None,
+    };
+    run(st, Api::Chat, req.model, prompt, params, lora, output).await
 }
 
 /// vLLM's `/tokenize`: how a prompt tokenizes, so clients (the benchmark) can check lengths.
@@ -220,8 +219,10 @@ impl From<AddError> for ApiError {
     }
 }
 
-/// A request in flight, from the handler's side.
+/// A choice of a request in flight, from the handler's side.
 struct Generation {
+    /// Which choice (`n` > 1), 0 for the first.
+    index: usize,
     api: Api,
     id: String,
     created: u64,
@@ -242,6 +243,23 @@ struct Generation {
     include_stop_str_in_output: bool,
     /// vLLM's `stop_reason`: the stop string or stop token id that ended the text, else null.
     stop_reason: Value,
+    /// Alternatives per output token, when log-probabilities were asked for.
+    num_logprobs: Option<usize>,
+    /// Completions' logprobs of the tokens not yet sent (the echoed prompt's first).
+    completion_logprobs: Option<CompletionLogprobs>,
+    /// Chat's `logprobs.content` entries not yet sent.
+    chat_logprobs: Vec<Value>,
+    /// vLLM's `prompt_logprobs`, with `k` alternatives, once the first token brought them.
+    num_prompt_logprobs: Option<usize>,
+    prompt_logprobs: Value,
+    /// Completions' `echo`: the prompt's text and ids, until the first token puts them first.
+    echo: Option<(String, Vec<u32>)>,
+}
+
+/// A prompt's token ids, and its text where the client sent text (for `echo`).
+struct PromptIds {
+    ids: Vec<u32>,
+    text: Option<String>,
 }
 
 /// One step of a generation as the client sees it.
@@ -255,7 +273,7 @@ async fn run(
     st: Arc<AppState>,
     api: Api,
     model: String,
-    prompt_token_ids: Vec<u32>,
+    prompt: PromptIds,
     params: SamplingParams,
     lora: Option<LoraRequest>,
     output: Output,
@@ -265,43 +283,75 @@ async fn run(
         Api::Chat => "chatcmpl",
     };
     let id = st.request_id(prefix);
-    let num_prompt_tokens = prompt_token_ids.len();
+    let num_prompt_tokens = prompt.ids.len();
+    let tokenizer = st.engine.info.tokenizer.clone();
+    let echo = match output.echo {
+        true => {
+            let text = match prompt.text {
+                Some(t) => t,
+                None => {
+                    let (t, ids) = (tokenizer.clone(), prompt.ids.clone());
+                    off_the_runtime(&st, move || {
+                        (t.decode(&ids, false)).map_err(|e| {
+                            ApiError::bad_param("prompt", format!("cannot decode the prompt: {e}"))
+                        })
+                    })
+                    .await?
+                }
+            };
+            Some((text, prompt.ids.clone()))
+        }
+        false => None,
+    };
     let has_stop_strings = !output.stop.is_empty();
     let stop_token_ids = params.stop_token_ids.clone();
     let eos_token_ids = match params.ignore_eos {
         true => Vec::new(),
         false => st.engine.info.model_config.eos_token_ids.clone(),
     };
-    let (guard, events) = st
+    let added = st
         .engine
-        .add(id.clone(), prompt_token_ids, params, lora, has_stop_strings)
+        .add(id.clone(), prompt.ids, params, lora, has_stop_strings)
         .await?;
-    let gen = Generation {
-        api,
-        id,
-        created: crate::app::unix_now(),
-        model,
-        guard,
-        events,
-        detok: Detokenizer::new(
-            st.engine.info.tokenizer.clone(),
-            output.stop,
-            output.include_stop_str_in_output,
-            output.skip_special_tokens,
-        ),
-        include_usage: output.include_usage,
-        continuous_usage: output.continuous_usage,
-        num_prompt_tokens,
-        num_output_tokens: 0,
-        stop_token_ids,
-        eos_token_ids,
-        include_stop_str_in_output: output.include_stop_str_in_output,
-        stop_reason: Value::Null,
-    };
+    let mut choices = Vec::with_capacity(added.len());
+    for (index, (guard, events)) in added.into_iter().enumerate() {
+        choices.push(Generation {
+            index,
+            api,
+            id: id.clone(),
+            created: crate::app::unix_now(),
+            model: model.clone(),
+            guard,
+            events,
+            detok: Detokenizer::new(
+                st.engine.info.tokenizer.clone(),
+                output.stop.clone(),
+                output.include_stop_str_in_output,
+                output.skip_special_tokens,
+            ),
+            include_usage: output.include_usage,
+            continuous_usage: output.continuous_usage,
+            num_prompt_tokens,
+            num_output_tokens: 0,
+            stop_token_ids: stop_token_ids.clone(),
+            eos_token_ids: eos_token_ids.clone(),
+            include_stop_str_in_output: output.include_stop_str_in_output,
+            stop_reason: Value::Null,
+            num_logprobs: output.logprobs,
+            completion_logprobs: match api {
+                Api::Completion => (output.logprobs).map(|k| CompletionLogprobs::new(tokenizer.clone(), k)),
+                Api::Chat => None,
+            },
+            chat_logprobs: Vec::new(),
+            num_prompt_logprobs: output.prompt_logprobs,
+            prompt_logprobs: Value::Null,
+            echo: echo.clone(),
+        });
+    }
     Ok(if output.stream {
-        gen.into_sse()
+        into_sse(choices)
     } else {
-        gen.collect().await?
+        collect_all(choices).await?
     })
 }
 
@@ -320,9 +370,13 @@ impl Generation {
                 finish_reason,
                 num_prompt_tokens,
                 num_output_tokens,
+                logprobs,
+                prompt_logprobs,
             }) => {
                 self.num_prompt_tokens = num_prompt_tokens;
                 self.num_output_tokens = num_output_tokens;
+                let echo = self.echo.take();
+                self.add_logprobs(token_id, logprobs, prompt_logprobs, echo.as_ref().map(|e| &e.1));
                 // As vLLM: EOS first (null), then the stop token id.
                 let is_stop_token = finish_reason == Some(FinishReason::Stop)
                     && !self.eos_token_ids.contains(&token_id)
@@ -347,26 +401,60 @@ impl Generation {
                         self.stop_reason = json!(token_id);
                     }
                 }
-                Progress::Text(self.detok.take_delta(finish.is_some()).to_string(), finish)
+                let delta = self.detok.take_delta(finish.is_some());
+                let text = match echo {
+                    Some((prompt, _)) => prompt + delta,
+                    None => delta.to_string(),
+                };
+                Progress::Text(text, finish)
             }
             Some(TokenEvent::Failed(msg)) => failed(msg),
             None => failed("the engine loop stopped".into()),
         }
     }
 
-    fn usage(&self) -> Value {
-        self.usage_after(self.num_output_tokens)
+    /// Files a token's log-probabilities (and with the first, the prompt's) for the next
+    /// response or chunk. `echo`: the prompt's ids, whose logprobs lead completions'.
+    fn add_logprobs(
+        &mut self,
+        token_id: u32,
+        logprobs: Option<multilora_engine::TokenLogprob>,
+        prompt: Option<Vec<Option<multilora_engine::TokenLogprob>>>,
+        echo: Option<&Vec<u32>>,
+    ) {
+        let tokenizer = self.detok.tokenizer().clone();
+        if let (Some(lps), Some(k)) = (&prompt, self.num_prompt_logprobs) {
+            self.prompt_logprobs = prompt_logprobs(&tokenizer, lps, k);
+        }
+        if let Some(c) = self.completion_logprobs.as_mut() {
+            if let Some(ids) = echo {
+                let lps = prompt.as_deref().unwrap_or_default();
+                for (i, &id) in ids.iter().enumerate() {
+                    c.push(id, lps.get(i).and_then(Option::as_ref));
+                }
+            }
+            c.push(token_id, logprobs.as_ref());
+        } else if let (Some(k), Some(lp)) = (self.num_logprobs, &logprobs) {
+            self.chat_logprobs.push(chat_entry(&tokenizer, lp, k));
+        }
     }
 
-    fn usage_after(&self, num_output_tokens: usize) -> Value {
-        json!({
-            "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": num_output_tokens,
-            "total_tokens": self.num_prompt_tokens + num_output_tokens,
-        })
+    /// The `logprobs` of a choice: what was filed since the last call, or null if none were
+    /// asked for.
+    fn take_logprobs(&mut self) -> Value {
+        match (self.api, self.num_logprobs) {
+            (_, None) => Value::Null,
+            (Api::Completion, Some(_)) => self
+                .completion_logprobs
+                .as_mut()
+                .map_or(Value::Null, |c| c.take()),
+            (Api::Chat, Some(_)) => json!({"content": std::mem::take(&mut self.chat_logprobs)}),
+        }
     }
 
-    async fn collect(mut self) -> ApiResult<Response> {
+    /// What this choice sends when it finishes: its `choices` entry, the prompt's logprobs
+    /// (vLLM's `prompt_logprobs`, or null) and its output token count.
+    async fn collect(mut self) -> ApiResult<(Value, Value, usize)> {
         let mut text = String::new();
         let finish = loop {
             match self.next().await {
@@ -379,32 +467,132 @@ impl Generation {
                 Progress::Failed(e) => return Err(e),
             }
         };
-        let choice = match self.api {
+        let logprobs = self.take_logprobs();
+        let mut choice = match self.api {
             Api::Completion => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish,
                 "stop_reason": self.stop_reason,
             }),
             Api::Chat => json!({
-                "index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": null, "finish_reason": finish, "stop_reason": self.stop_reason,
+                "index": self.index, "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs, "finish_reason": finish, "stop_reason": self.stop_reason,
             }),
         };
-        let object = match self.api {
-            Api::Completion => "text_completion",
-            Api::Chat => "chat.completion",
-        };
-        Ok(axum::Json(json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": self.usage(),
-        }))
-        .into_response())
+        let prompt_logprobs = std::mem::take(&mut self.prompt_logprobs);
+        if self.api == Api::Completion {
+            choice["prompt_logprobs"] = prompt_logprobs.clone();
+        }
+        Ok((choice, prompt_logprobs, self.num_output_tokens))
     }
 
-    /// A streaming chunk with one choice (or none, for the usage chunk).
+    /// The entry of a streamed chunk for this choice's latest token.
+    fn text_choice(&mut self, delta: &str, finish: Option<&str>) -> Value {
+        let logprobs = self.take_logprobs();
+        match self.api {
+            Api::Completion => {
+                let mut c = json!({
+                    "index": self.index, "text": delta, "logprobs": logprobs, "finish_reason": finish,
+                    "stop_reason": self.stop_reason,
+                });
+                if !self.prompt_logprobs.is_null() {
+                    c["prompt_logprobs"] = std::mem::take(&mut self.prompt_logprobs);
+                }
+                c
+            }
+            Api::Chat => {
+                let delta = if finish.is_some() && delta.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": delta})
+                };
+                json!({"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                    "stop_reason": self.stop_reason})
+            }
+        }
+    }
+
+    /// This choice's stream of chunk entries, a token at a time; it ends after the last.
+    fn into_choice_stream(self) -> impl futures_util::Stream<Item = ChoiceEvent> {
+        futures_util::stream::unfold(
+            (self, false, false),
+            |(mut gen, mut has_sent_role, is_done)| async move {
+                if is_done {
+                    return None;
+                }
+                Some(match gen.next().await {
+                    Progress::Text(delta, finish) => {
+                        let mut entries = Vec::with_capacity(2);
+                        // Chat's first chunk (the role) goes with the first token, as vLLM sends
+                        // it: clients time the first token by the first chunk.
+                        if gen.api == Api::Chat && !has_sent_role {
+                            has_sent_role = true;
+                            entries.push(
+                                json!({"index": gen.index, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": null, "finish_reason": null}),
+                            );
+                        }
+                        entries.push(gen.text_choice(&delta, finish));
+                        let event = ChoiceEvent::Entries {
+                            index: gen.index,
+                            entries,
+                            num_output_tokens: gen.num_output_tokens,
+                            is_last: finish.is_some(),
+                        };
+                        (event, (gen, has_sent_role, finish.is_some()))
+                    }
+                    Progress::Failed(e) => (ChoiceEvent::Failed(e), (gen, has_sent_role, true)),
+                })
+            },
+        )
+    }
+}
+
+/// What one choice of a streamed response produced.
+enum ChoiceEvent {
+    /// Chunk entries for its latest token (chat's role entry first, with the first token).
+    Entries {
+        index: usize,
+        entries: Vec<Value>,
+        num_output_tokens: usize,
+        is_last: bool,
+    },
+    Failed(ApiError),
+}
+
+/// What every chunk and response of a request shares, whatever its choices.
+struct ResponseHeader {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    continuous_usage: bool,
+    num_prompt_tokens: usize,
+}
+
+impl ResponseHeader {
+    fn of(gen: &Generation) -> Self {
+        ResponseHeader {
+            api: gen.api,
+            id: gen.id.clone(),
+            created: gen.created,
+            model: gen.model.clone(),
+            include_usage: gen.include_usage,
+            continuous_usage: gen.continuous_usage,
+            num_prompt_tokens: gen.num_prompt_tokens,
+        }
+    }
+
+    /// Usage with every choice's output tokens counted.
+    fn usage(&self, num_output_tokens: usize) -> Value {
+        json!({
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": num_output_tokens,
+            "total_tokens": self.num_prompt_tokens + num_output_tokens,
+        })
+    }
+
+    /// A streaming chunk with these entries (none, for the usage chunk).
     fn chunk(&self, choices: Vec<Value>, usage: Value) -> Event {
         let object = match self.api {
             Api::Completion => "text_completion",
@@ -422,86 +610,105 @@ impl Generation {
         }
         Event::default().data(body.to_string())
     }
+}
 
-    fn text_choice(&self, delta: &str, finish: Option<&str>) -> Value {
-        match self.api {
-            Api::Completion => json!({
-                "index": 0, "text": delta, "logprobs": null, "finish_reason": finish,
-                "stop_reason": self.stop_reason,
-            }),
-            Api::Chat => {
-                let delta = if finish.is_some() && delta.is_empty() {
-                    json!({})
-                } else {
-                    json!({"content": delta})
-                };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish,
-                    "stop_reason": self.stop_reason})
-            }
-        }
+/// The whole response once every choice has finished, choices in index order.
+async fn collect_all(choices: Vec<Generation>) -> ApiResult<Response> {
+    let header = ResponseHeader::of(&choices[0]);
+    let results = futures_util::future::try_join_all(choices.into_iter().map(Generation::collect)).await?;
+    let num_output_tokens = results.iter().map(|r| r.2).sum();
+    // Every choice reports the same prompt's logprobs.
+    let prompt_logprobs = results.first().map_or(Value::Null, |r| r.1.clone());
+    let object = match header.api {
+        Api::Completion => "text_completion",
+        Api::Chat => "chat.completion",
+    };
+    Ok(axum::Json(json!({
+        "id": header.id,
+        "object": object,
+        "created": header.created,
+        "model": header.model,
+        "choices": results.into_iter().map(|r| r.0).collect::<Vec<_>>(),
+        "usage": header.usage(num_output_tokens),
+        // vLLM's: chat gives the prompt's logprobs beside the choices.
+        "prompt_logprobs": match header.api {
+            Api::Chat => prompt_logprobs,
+            Api::Completion => Value::Null,
+        },
+    }))
+    .into_response())
+}
+
+/// Streams every choice as its tokens come, one chunk per token and choice (its text possibly
+/// empty: a token that completes no character yet), as vLLM streams, since clients time tokens
+/// (TTFT, ITL) by chunks; then the usage chunk if asked, and `[DONE]` once all have finished.
+fn into_sse(choices: Vec<Generation>) -> Response {
+    struct StreamState<S> {
+        header: ResponseHeader,
+        merged: S,
+        /// `[n]` output tokens of each choice so far
+        num_output_tokens: Vec<usize>,
+        num_finished: usize,
+        pending: VecDeque<Event>,
+        is_done: bool,
     }
-
-    fn into_sse(self) -> Response {
-        struct StreamState {
-            gen: Generation,
-            pending: VecDeque<Event>,
-            has_sent_role: bool,
-            is_done: bool,
-        }
-        let state = StreamState {
-            gen: self,
-            pending: VecDeque::new(),
-            has_sent_role: false,
-            is_done: false,
-        };
-        let stream = futures_util::stream::unfold(state, |mut s| async move {
-            loop {
-                if let Some(ev) = s.pending.pop_front() {
-                    return Some((Ok::<_, Infallible>(ev), s));
-                }
-                if s.is_done {
-                    return None;
-                }
-                match s.gen.next().await {
-                    Progress::Text(delta, finish) => {
-                        // Chat's first chunk (the role) goes with the first token, as vLLM
-                        // sends it: clients time the first token by the first chunk.
-                        if s.gen.api == Api::Chat && !s.has_sent_role {
-                            s.has_sent_role = true;
-                            let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": null, "finish_reason": null});
-                            let usage = match s.gen.continuous_usage {
-                                true => s.gen.usage_after(0),
-                                false => Value::Null,
-                            };
-                            s.pending.push_back(s.gen.chunk(vec![role], usage));
+    let header = ResponseHeader::of(&choices[0]);
+    let n = choices.len();
+    let streams = choices.into_iter().map(|g| Box::pin(g.into_choice_stream()));
+    let state = StreamState {
+        header,
+        merged: futures_util::stream::select_all(streams),
+        num_output_tokens: vec![0; n],
+        num_finished: 0,
+        pending: VecDeque::new(),
+        is_done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        use futures_util::StreamExt;
+        loop {
+            if let Some(ev) = s.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(ev), s));
+            }
+            if s.is_done {
+                return None;
+            }
+            match s.merged.next().await {
+                Some(ChoiceEvent::Entries {
+                    index,
+                    entries,
+                    num_output_tokens,
+                    is_last,
+                }) => {
+                    let num_entries = entries.len();
+                    for (k, entry) in entries.into_iter().enumerate() {
+                        // The role entry's usage is from before the token.
+                        if k + 1 == num_entries {
+                            s.num_output_tokens[index] = num_output_tokens;
                         }
-                        // One chunk per generated token, its text possibly empty (a token that
-                        // completes no character yet), as vLLM streams: clients time tokens
-                        // (TTFT, ITL) by chunks.
-                        let choice = s.gen.text_choice(&delta, finish);
-                        let usage = match s.gen.continuous_usage {
-                            true => s.gen.usage(),
+                        let usage = match s.header.continuous_usage {
+                            true => s.header.usage(s.num_output_tokens.iter().sum()),
                             false => Value::Null,
                         };
-                        s.pending.push_back(s.gen.chunk(vec![choice], usage));
-                        if finish.is_some() {
-                            if s.gen.include_usage {
-                                let usage = s.gen.usage();
-                                s.pending.push_back(s.gen.chunk(Vec::new(), usage));
-                            }
-                            s.pending.push_back(Event::default().data("[DONE]"));
-                            s.is_done = true;
-                        }
+                        s.pending.push_back(s.header.chunk(vec![entry], usage));
                     }
-                    Progress::Failed(e) => {
-                        s.pending.push_back(Event::default().data(e.body().to_string()));
+                    s.num_finished += usize::from(is_last);
+                    if s.num_finished == s.num_output_tokens.len() {
+                        if s.header.include_usage {
+                            let usage = s.header.usage(s.num_output_tokens.iter().sum());
+                            s.pending.push_back(s.header.chunk(Vec::new(), usage));
+                        }
                         s.pending.push_back(Event::default().data("[DONE]"));
                         s.is_done = true;
                     }
                 }
+                Some(ChoiceEvent::Failed(e)) => {
+                    s.pending.push_back(Event::default().data(e.body().to_string()));
+                    s.pending.push_back(Event::default().data("[DONE]"));
+                    s.is_done = true;
+                }
+                None => s.is_done = true,
             }
-        });
-        Sse::new(stream).into_response()
-    }
+        }
+    });
+    Sse::new(stream).into_response()
 }

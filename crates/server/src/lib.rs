@@ -17,6 +17,7 @@ pub mod detokenize;
 pub mod engine_loop;
 pub mod error;
 pub mod generate;
+pub mod logprobs;
 pub mod metrics;
 pub mod protocol;
 

@@ -1,6 +1,6 @@
 //! OpenAI request bodies as vLLM accepts them (with vLLM's extra sampling fields `top_k`,
-//! `min_tokens`, `ignore_eos`, `stop_token_ids`), turned into the engine's `SamplingParams`.
-//! Known fields this server does not implement (logprobs, `n` > 1, structured outputs, vLLM's
+//! `min_tokens`, `ignore_eos`, `stop_token_ids`, `prompt_logprobs`), turned into the engine's
+//! `SamplingParams`. Known fields this server does not implement (structured outputs, vLLM's
 //! `guided_*`, ...) are refused with a 400 naming the field rather than silently ignored,
 //! unless they ask for the default. Unknown fields are ignored, as OpenAI and vLLM do, and
 //! logged once per field name (a bounded set, so clients cannot grow it).
@@ -8,6 +8,8 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
+use multilora_engine::logprobs::MAX_LOGPROBS;
+use multilora_engine::sampling::MAX_CHOICES;
 use multilora_engine::SamplingParams;
 use serde::Deserialize;
 use serde_json::Value;
@@ -264,6 +266,13 @@ fn yes() -> bool {
     true
 }
 
+/// Which endpoint a request came to: the two read `logprobs` differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Completion,
+    Chat,
+}
+
 /// What a handler needs besides the engine's `SamplingParams`.
 pub struct Output {
     pub stream: bool,
@@ -273,38 +282,98 @@ pub struct Output {
     pub stop: Vec<String>,
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: bool,
+    /// Alternatives per output token when log-probabilities are asked for: completions'
+    /// `logprobs: n`, chat's `top_logprobs` (0 with `logprobs: true` alone).
+    pub logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt leads the text (and the logprobs).
+    pub echo: bool,
+    /// vLLM's `prompt_logprobs`, as asked (echo may make the engine compute them anyway).
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// A count of log-probabilities: `null` (none) or an integer from 0 to [`MAX_LOGPROBS`].
+fn logprob_count(param: &str, v: &Option<Value>) -> ApiResult<Option<usize>> {
+    let bad = || {
+        ApiError::bad_param(
+            param,
+            format!(
+                "{param}: expected an integer from 0 to {MAX_LOGPROBS} (max_logprobs) or null, got {}",
+                v.as_ref().unwrap_or(&Value::Null)
+            ),
+        )
+    };
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(n) if n as usize <= MAX_LOGPROBS => Ok(Some(n as usize)),
+            _ => Err(bad()),
+        },
+        Some(_) => Err(bad()),
+    }
 }
 
 impl Sampling {
     /// Checks the refused fields and builds the engine's parameters. `default_max_tokens`
     /// applies when the request gives none (16 for completions, the rest of the context for
     /// chat, as vLLM does).
-    pub fn resolve(self, default_max_tokens: usize) -> ApiResult<(SamplingParams, Output)> {
+    pub fn resolve(self, api: Api, default_max_tokens: usize) -> ApiResult<(SamplingParams, Output)> {
         let refuse = |param: &str, what: &str| {
             Err(ApiError::bad_param(
                 param,
                 format!("{param}: {what} is not supported by this server"),
             ))
         };
-        if self.n.is_some_and(|n| n != 1) {
-            return refuse("n", "more than one choice per request");
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(ApiError::bad_param(
+                "n",
+                format!("n: expected from 1 to {MAX_CHOICES} choices, got {n}"),
+            ));
         }
         if self.best_of.is_some_and(|n| n > 1) {
             return refuse("best_of", "best_of > 1");
         }
         let is_set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-        // `logprobs: 0` (completions) still asks for the sampled token's log-probability.
-        if is_set(&self.logprobs) && self.logprobs != Some(Value::Bool(false)) {
-            return refuse("logprobs", "returning log-probabilities");
-        }
-        if is_set(&self.top_logprobs) {
-            return refuse("top_logprobs", "returning log-probabilities");
-        }
-        if is_set(&self.prompt_logprobs) {
-            return refuse("prompt_logprobs", "returning prompt log-probabilities");
-        }
-        if self.echo == Some(true) {
-            return refuse("echo", "echoing the prompt");
+        let logprobs = match api {
+            // An integer; `false` is the default some clients send.
+            Api::Completion => {
+                if is_set(&self.top_logprobs) {
+                    return Err(ApiError::bad_param(
+                        "top_logprobs",
+                        "top_logprobs is a chat field; completions take logprobs: <number of alternatives>",
+                    ));
+                }
+                match &self.logprobs {
+                    Some(Value::Bool(false)) => None,
+                    v => logprob_count("logprobs", v)?,
+                }
+            }
+            // A boolean, and the number of alternatives in top_logprobs.
+            Api::Chat => {
+                let on = match &self.logprobs {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(v) => {
+                        return Err(ApiError::bad_param(
+                            "logprobs",
+                            format!("logprobs: expected true or false, got {v}; the number of alternatives goes in top_logprobs"),
+                        ))
+                    }
+                };
+                let top = logprob_count("top_logprobs", &self.top_logprobs)?;
+                if top.is_some() && !on {
+                    return Err(ApiError::bad_param(
+                        "top_logprobs",
+                        "top_logprobs needs logprobs: true",
+                    ));
+                }
+                on.then(|| top.unwrap_or(0))
+            }
+        };
+        let prompt_logprobs = logprob_count("prompt_logprobs", &self.prompt_logprobs)?;
+        let echo = self.echo == Some(true);
+        if echo && api == Api::Chat {
+            return refuse("echo", "echoing the last message of a chat");
         }
         if self.presence_penalty.is_some_and(|p| p != 0.0) {
             return refuse("presence_penalty", "a non-zero presence penalty");
@@ -397,6 +466,10 @@ impl Sampling {
             min_tokens: self.min_tokens.unwrap_or(0),
             stop_token_ids: self.stop_token_ids.unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs,
+            // Echoed prompt tokens carry logprobs when the output tokens do (vLLM).
+            prompt_logprobs: prompt_logprobs.max(logprobs.filter(|_| echo)),
+            n,
         };
         let stop = self.stop.map(StringOrList::into_vec).unwrap_or_default();
         // Each is searched for after every token, and stop ids by the engine at every step.
@@ -440,6 +513,9 @@ impl Sampling {
             stop,
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            logprobs,
+            echo,
+            prompt_logprobs,
         };
         Ok((params, output))
     }
@@ -494,7 +570,7 @@ mod tests {
             "model": "m", "prompt": "hi", "max_tokens": 7, "min_tokens": 3, "top_k": 5,
             "seed": -1, "ignore_eos": true, "temperature": 0.5, "stop": "x", "user": "ignored"
         }))?;
-        let (p, out) = req.sampling.resolve(16).map_err(|e| e.message)?;
+        let (p, out) = req.sampling.resolve(Api::Completion, 16).map_err(|e| e.message)?;
         assert_eq!((p.max_tokens, p.min_tokens, p.top_k), (7, 3, 5));
         assert_eq!(p.seed, Some(u64::MAX));
         assert!(p.ignore_eos);
@@ -506,32 +582,35 @@ mod tests {
     #[test]
     fn unsupported_fields_are_refused_by_name() -> Result<(), Box<dyn std::error::Error>> {
         for (field, value) in [
-            ("n", json!(2)),
-            ("logprobs", json!(3)),
+            ("n", json!(0)),
+            ("logprobs", json!(21)),
             ("presence_penalty", json!(0.5)),
         ] {
             let mut body = json!({"model": "m", "prompt": "hi"});
             body[field] = value;
             let req: CompletionRequest = serde_json::from_value(body)?;
-            let err = req.sampling.resolve(16).err().ok_or("accepted")?;
+            let err = req
+                .sampling
+                .resolve(Api::Completion, 16)
+                .err()
+                .ok_or("accepted")?;
             assert_eq!(err.param.as_deref(), Some(field));
         }
         // Defaults sent explicitly are fine.
         let req: CompletionRequest = serde_json::from_value(
             json!({"model": "m", "prompt": "hi", "n": 1, "logprobs": null, "presence_penalty": 0}),
         )?;
-        assert!(req.sampling.resolve(16).is_ok());
+        assert!(req.sampling.resolve(Api::Completion, 16).is_ok());
         Ok(())
     }
 
     #[test]
     fn vllm_extra_fields_not_implemented_are_refused_by_name() -> Result<(), Box<dyn std::error::Error>> {
         for (field, value) in [
-            ("logprobs", json!(0)),
             ("logprobs", json!(true)),
+            ("logprobs", json!(-1)),
             ("top_logprobs", json!(0)),
-            ("echo", json!(true)),
-            ("n", json!(3)),
+            ("n", json!(129)),
             ("guided_json", json!({"type": "object"})),
             ("guided_choice", json!(["yes", "no"])),
             ("guided_regex", json!("[a-z]+")),
@@ -540,7 +619,7 @@ mod tests {
             ("response_format", json!({"type": "json_object"})),
             ("bad_words", json!(["x"])),
             ("allowed_token_ids", json!([1, 2])),
-            ("prompt_logprobs", json!(0)),
+            ("prompt_logprobs", json!(21)),
             ("truncate_prompt_tokens", json!(5)),
             ("return_tokens_as_token_ids", json!(true)),
             ("min_p", json!(0.1)),
@@ -553,7 +632,7 @@ mod tests {
             assert!(req.unknown.is_empty(), "{field} is a known field");
             let err = req
                 .sampling
-                .resolve(16)
+                .resolve(Api::Completion, 16)
                 .err()
                 .ok_or(format!("{field}: {value} accepted"))?;
             assert_eq!(err.param.as_deref(), Some(field));
@@ -567,8 +646,66 @@ mod tests {
             "stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}
         }))?;
         assert!(req.unknown.is_empty());
-        let (_, out) = req.sampling.resolve(16).map_err(|e| e.message)?;
+        let (_, out) = req.sampling.resolve(Api::Completion, 16).map_err(|e| e.message)?;
         assert!(out.include_stop_str_in_output && !out.skip_special_tokens && out.continuous_usage);
+        Ok(())
+    }
+
+    #[test]
+    fn logprobs_are_read_per_endpoint() -> Result<(), Box<dyn std::error::Error>> {
+        let resolve = |api: Api, extra: Value| -> Result<(SamplingParams, Output), ApiError> {
+            let mut body = json!({"model": "m", "prompt": "hi"});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                body[k] = v.clone();
+            }
+            let req: CompletionRequest =
+                serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            req.sampling.resolve(api, 16)
+        };
+        let (p, out) = resolve(Api::Completion, json!({"logprobs": 0})).map_err(|e| e.message)?;
+        assert_eq!(
+            (p.logprobs, p.prompt_logprobs, out.echo),
+            (Some(0), None, false),
+            "0 still asks"
+        );
+        // echo makes the engine score the prompt with as many alternatives.
+        let (p, out) =
+            resolve(Api::Completion, json!({"logprobs": 3, "echo": true})).map_err(|e| e.message)?;
+        assert_eq!(
+            (p.logprobs, p.prompt_logprobs, out.prompt_logprobs),
+            (Some(3), Some(3), None)
+        );
+        let (p, _) =
+            resolve(Api::Completion, json!({"echo": true, "prompt_logprobs": 5})).map_err(|e| e.message)?;
+        assert_eq!((p.logprobs, p.prompt_logprobs), (None, Some(5)));
+        let (p, out) = resolve(Api::Chat, json!({"logprobs": true})).map_err(|e| e.message)?;
+        assert_eq!((p.logprobs, out.logprobs), (Some(0), Some(0)));
+        let (p, _) =
+            resolve(Api::Chat, json!({"logprobs": true, "top_logprobs": 20})).map_err(|e| e.message)?;
+        assert_eq!(p.logprobs, Some(20));
+        let (p, _) = resolve(Api::Chat, json!({"logprobs": false})).map_err(|e| e.message)?;
+        assert_eq!(p.logprobs, None);
+        for (api, extra, param) in [
+            (Api::Chat, json!({"top_logprobs": 2}), "top_logprobs"),
+            (Api::Chat, json!({"logprobs": 2}), "logprobs"),
+            (
+                Api::Chat,
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (Api::Chat, json!({"echo": true}), "echo"),
+            (Api::Completion, json!({"logprobs": 2.5}), "logprobs"),
+            (
+                Api::Completion,
+                json!({"prompt_logprobs": "all"}),
+                "prompt_logprobs",
+            ),
+        ] {
+            let e = resolve(api, extra.clone())
+                .err()
+                .ok_or(format!("{extra} accepted"))?;
+            assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+        }
         Ok(())
     }
 

@@ -29,10 +29,9 @@ async fn fields_not_implemented_are_refused_by_name_on_both_endpoints() -> TestR
             "response_format",
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
         ),
-        ("logprobs", json!(0)),
-        ("prompt_logprobs", json!(1)),
+        ("prompt_logprobs", json!(21)),
         ("allowed_token_ids", json!([5])),
-        ("n", json!(2)),
+        ("n", json!(0)),
     ];
     for path in ["/v1/completions", "/v1/chat/completions"] {
         for (field, value) in &fields {

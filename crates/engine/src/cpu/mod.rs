@@ -92,6 +92,9 @@ pub struct CpuBackend {
     ws: Workspace,
     /// `[num_layers * 7]`; empty when LoRA is disabled
     lora_stacks: Vec<LoraStack>,
+    /// Tokens of the last forward, whose final hidden states `ws.hidden` still holds
+    num_last_tokens: usize,
+    max_num_seqs: usize,
 }
 
 impl CpuBackend {
@@ -127,6 +130,8 @@ impl CpuBackend {
             },
             ws,
             lora_stacks,
+            num_last_tokens: 0,
+            max_num_seqs: bc.max_num_seqs,
         })
     }
 }
@@ -162,6 +167,20 @@ impl Backend for CpuBackend {
             token_lora: &batch.token_lora,
         });
         self.model.forward(batch, &mut self.kv, lora, &mut self.ws);
+        self.num_last_tokens = batch.num_tokens();
         Ok(&self.ws.logits[..batch.num_seqs() * self.model.cfg.vocab_size])
+    }
+
+    fn token_logits(&mut self, rows: &[u32]) -> Result<&[f32]> {
+        assert!(
+            rows.len() <= self.max_num_seqs,
+            "at most max_num_seqs rows a call"
+        );
+        assert!(
+            rows.iter().all(|&r| (r as usize) < self.num_last_tokens),
+            "rows of the last step"
+        );
+        self.model.token_logits(rows, &mut self.ws);
+        Ok(&self.ws.logits[..rows.len() * self.model.cfg.vocab_size])
     }
 }

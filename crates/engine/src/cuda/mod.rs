@@ -150,6 +150,9 @@ pub struct CudaBackend {
     /// How the slots lay adapters out; `None` without LoRA.
     lora_layout: Option<SlotLayout>,
     kv_size: KvCacheSize,
+    /// The last step had more tokens than sequences, so it kept its residual stream whole
+    /// ([`CudaModel::record_token_logits`] may read it).
+    last_had_prompt_rows: bool,
 }
 
 impl CudaBackend {
@@ -212,6 +215,7 @@ impl CudaBackend {
             events,
             last_device_time: None,
             kv_size,
+            last_had_prompt_rows: false,
         })
     }
 
@@ -232,6 +236,7 @@ impl CudaBackend {
         let num_tokens = batch.num_tokens();
         let num_seqs = batch.num_seqs();
         let is_decode = num_tokens == num_seqs;
+        self.last_had_prompt_rows = !is_decode;
         let lora_mask = if batch.has_lora() {
             self.model.lora_mask()
         } else {
@@ -362,6 +367,21 @@ impl Backend for CudaBackend {
         self.run(batch, false)?;
         self.download_logits(batch.num_seqs())?;
         self.finish_timing()?;
+        Ok(&self.logits)
+    }
+
+    fn token_logits(&mut self, rows: &[u32]) -> Result<&[f32]> {
+        // Only rows a prefill or mixed step asked for: a decode step's every row is a
+        // sequence's last and came back from `forward` (and a decode step may split its norms,
+        // leaving no residual stream to read).
+        if !self.last_had_prompt_rows {
+            return Err(Error::Backend(
+                "token logits asked of a step with no prompt chunk longer than one token".into(),
+            ));
+        }
+        self.gpu.bind()?;
+        self.model.record_token_logits(&self.gpu, rows)?;
+        self.download_logits(rows.len())?;
         Ok(&self.logits)
     }
 

@@ -11,8 +11,8 @@ use super::kernels::{self, DECODE_ATT_MAX_PARTS, MAX_HEAD_DIM};
 use super::launch;
 use super::lora::LoraGroup;
 use super::plan::{
-    uses_sgmv, AddLora, AddProj, Attention, Caps, Gemm, LoraRun, Mlp, NormAfter, Qkv, QkvLora, Rope,
-    StepPlan, NORM_SPLIT_MAX_TOKENS,
+    norm_threads, uses_sgmv, AddLora, AddProj, Attention, Caps, Gemm, LoraRun, Mlp, NormAfter, Qkv, QkvLora,
+    Rope, StepPlan, NORM_SPLIT_MAX_TOKENS,
 };
 use super::prefill;
 use super::sgmv;
@@ -157,6 +157,7 @@ struct Workspace {
     att_count: DevBuf,   // [S * heads] u32, zero between steps
     att_pieces: DevBuf,  // [pieces * nkv, Kernel::piece_len] f32: split prefill-attention tiles
     logits: DevBuf,      // [S, vocab] f32
+    token_rows: DevBuf,  // [S] u32, the tokens `record_token_logits` takes
 }
 
 /// Fills weights: from the checkpoint (widened to f32 by `WeightSource`, narrowed here), or
@@ -248,6 +249,11 @@ impl CudaModel {
         let lora_rank = bc.max_lora_rank.div_ceil(8) * 8;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
+            // Filled in this order (dummy weights draw from one counter: the order is the seed's).
+            let qkv_proj = ld.group(cfg, i, ProjGroup::Qkv)?;
+            let o_proj = ld.group(cfg, i, ProjGroup::O)?;
+            let gate_up_proj = ld.group(cfg, i, ProjGroup::GateUp)?;
+            let down_proj = ld.group(cfg, i, ProjGroup::Down)?;
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
                     Some(ld.tensor(&spec::layer_tensor(i, "self_attn.q_norm.weight"), &[hd])?),
@@ -269,10 +275,10 @@ impl CudaModel {
                 }
             }
             layers.push(Layer {
-                qkv_proj: ld.group(cfg, i, ProjGroup::Qkv)?,
-                o_proj: ld.group(cfg, i, ProjGroup::O)?,
-                gate_up_proj: ld.group(cfg, i, ProjGroup::GateUp)?,
-                down_proj: ld.group(cfg, i, ProjGroup::Down)?,
+                qkv_proj,
+                o_proj,
+                gate_up_proj,
+                down_proj,
                 input_layernorm: ld.tensor(&spec::layer_tensor(i, "input_layernorm.weight"), &[h])?,
                 post_attention_layernorm: ld
                     .tensor(&spec::layer_tensor(i, "post_attention_layernorm.weight"), &[h])?,
@@ -373,6 +379,7 @@ impl CudaModel {
                 att_count: gpu.alloc(s * cfg.num_attention_heads * 4)?,
                 att_pieces,
                 logits: gpu.alloc(s * v * 4)?,
+                token_rows: gpu.alloc(s * 4)?,
             },
             cfg: cfg.clone(),
         })
@@ -439,13 +446,19 @@ impl CudaModel {
     ) -> Result<()> {
         assert!(self.max_loras > 0, "set_lora_slot with LoRA disabled");
         uploads.begin(slot)?;
-        for (li, layer) in self.w.layers.iter_mut().enumerate() {
+        let mut copied = Ok(());
+        'layers: for (li, layer) in self.w.layers.iter_mut().enumerate() {
             for (g, group) in layer.lora.iter_mut().enumerate() {
                 let a = adapter.as_deref();
-                group.upload(&uploads.stream, li, g, slot, a, self.max_loras, self.lora_rank)?;
+                copied = group.upload(&uploads.stream, li, g, slot, a, self.max_loras, self.lora_rank);
+                if copied.is_err() {
+                    break 'layers;
+                }
             }
         }
-        uploads.end(slot, adapter)?;
+        // Even after a failed copy: the copies already queued are recorded and their pinned
+        // source kept alive until they complete (the manager frees the slot on the error).
+        let ended = uploads.end(slot, adapter);
         // Slots change rarely, steps often: the mask is kept, not recomputed per step.
         self.lora_mask = 0;
         for layer in &self.w.layers {
@@ -455,7 +468,7 @@ impl CudaModel {
                 }
             }
         }
-        Ok(())
+        copied.and(ended)
     }
 
     /// Writes the step's inputs into `arena` (host), padded to `shape` for graph buckets:
@@ -622,18 +635,51 @@ impl CudaModel {
             self.rms_norm(gpu, rows, self.w.norm.ptr, self.ws.last_normed.ptr, NO_LORA)?;
             (self.ws.last_normed.ptr, NormIo::NONE)
         };
+        self.lm_head(gpu, plan.lm_head, x_last, s, lm_norm)
+    }
+
+    /// `logits[n, vocab] = x[n, hidden] · lm_headᵀ` with the planned `gemm` (`norm`: x is a
+    /// split norm's unscaled output).
+    fn lm_head(&self, gpu: &Gpu, gemm: Gemm, x: CUdeviceptr, n: usize, norm: NormIo) -> Result<()> {
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         let lm_head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed_tokens);
-        let y = (self.ws.logits.ptr, s, c.vocab_size);
+        let y = (self.ws.logits.ptr, n, v);
         run_gemm(
             gpu,
-            plan.lm_head,
+            gemm,
             Epilogue::Store,
-            (lm_head.ptr, None, c.vocab_size, h),
-            x_last,
+            (lm_head.ptr, None, v, h),
+            x,
             y,
             0,
-            lm_norm,
+            norm,
         )
+    }
+
+    /// Logits of chosen tokens of the step just run into the logits buffer, `[rows.len(),
+    /// vocab]` (`rows` index the step's tokens, at most `max_seqs`): the final norm and the LM
+    /// head over those rows of the residual stream. Only after a step that did not split its
+    /// norms (a decode step, whose every row already had its logits), since a split step leaves
+    /// the last layer's output outside `hidden`.
+    pub fn record_token_logits(&self, gpu: &Gpu, rows: &[u32]) -> Result<()> {
+        assert!(rows.len() <= self.max_seqs, "at most max_seqs rows a call");
+        if rows.is_empty() {
+            return Ok(());
+        }
+        gpu.htod(self.ws.token_rows.ptr, rows)?;
+        let (n, caps) = (rows.len(), self.caps(gpu));
+        let threads = norm_threads(&caps, self.cfg.hidden_size, n);
+        let (w, out) = (self.w.norm.ptr, self.ws.last_normed.ptr);
+        self.rms_norm(gpu, (n, self.ws.token_rows.ptr, threads), w, out, NO_LORA)?;
+        let gemm = Gemm::new(
+            &caps,
+            Epilogue::Store,
+            self.cfg.vocab_size,
+            self.cfg.hidden_size,
+            n,
+            false,
+        );
+        self.lm_head(gpu, gemm, out, n, NormIo::NONE)
     }
 
     /// `y[m, ldy] (=, +=) x · Wᵀ` of `lin` as the plan's `gemm` says.

@@ -240,7 +240,7 @@ pub struct StepPlan {
 /// Threads an `add_rms_norm` row gets over `rows` rows of `hidden`: up to 1024 for the few rows
 /// of a decode step, 256 (more rows resident an SM, a cheaper block sum) once the rows fill the
 /// GPU several times over.
-fn norm_threads(caps: &Caps, hidden: usize, rows: usize) -> u32 {
+pub fn norm_threads(caps: &Caps, hidden: usize, rows: usize) -> u32 {
     if rows >= 4 * caps.num_sms {
         256
     } else {

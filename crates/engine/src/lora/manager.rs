@@ -527,6 +527,9 @@ mod tests {
         fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
             unreachable!()
         }
+        fn token_logits(&mut self, _: &[u32]) -> Result<&[f32]> {
+            unreachable!()
+        }
     }
 
     /// Fails every load after the first of each adapter (a file gone after registration), or
@@ -772,6 +775,9 @@ mod tests {
         }
         fn set_lora_slot(&mut self, _: LoraSlot, _: Option<&LoraAdapter>) -> Result<()> {
             Err(Error::Backend("copy failed".into()))
+        }
+        fn token_logits(&mut self, _: &[u32]) -> Result<&[f32]> {
+            unreachable!()
         }
         fn forward(&mut self, _: &StepBatch) -> Result<&[f32]> {
             unreachable!()

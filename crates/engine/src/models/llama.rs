@@ -260,12 +260,29 @@ impl Llama {
 
         // Only each sequence's last token needs logits.
         let num_seqs = batch.num_seqs();
-        let last = &mut ws.last_hidden[..num_seqs * h];
-        for (s, row) in last.chunks_exact_mut(h).enumerate() {
-            let ti = batch.query_start[s + 1] as usize - 1;
-            ops::rms_norm_row(&hidden[ti * h..(ti + 1) * h], &self.norm, cfg.rms_norm_eps, row);
+        let last = (1..=num_seqs).map(|s| batch.query_start[s] - 1);
+        self.logits_of(last, num_seqs, ws);
+    }
+
+    /// Logits of the given tokens of the last forward (`ws.hidden` holds their final hidden
+    /// states) into `ws.logits`, `[rows.len(), vocab]`; at most `max_seqs` rows.
+    pub fn token_logits(&self, rows: &[u32], ws: &mut Workspace) {
+        self.logits_of(rows.iter().copied(), rows.len(), ws);
+    }
+
+    fn logits_of(&self, rows: impl Iterator<Item = u32>, num_rows: usize, ws: &mut Workspace) {
+        let (cfg, h) = (&self.cfg, self.cfg.hidden_size);
+        let normed = &mut ws.last_hidden[..num_rows * h]; // [num_rows, hidden]
+        for (row, ti) in normed.chunks_exact_mut(h).zip(rows) {
+            let ti = ti as usize;
+            ops::rms_norm_row(
+                &ws.hidden[ti * h..(ti + 1) * h],
+                &self.norm,
+                cfg.rms_norm_eps,
+                row,
+            );
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        ops::linear_weight(last, lm_head, None, num_seqs, h, cfg.vocab_size, &mut ws.logits);
+        ops::linear_weight(normed, lm_head, None, num_rows, h, cfg.vocab_size, &mut ws.logits);
     }
 }
