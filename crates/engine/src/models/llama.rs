@@ -8,6 +8,7 @@ use crate::cpu::{KvCache, Workspace};
 use crate::error::Result;
 use crate::lora::punica::{self, LoraStack};
 use crate::lora::{LoraSlot, LoraTarget};
+use crate::models::spec;
 use crate::weights::{Weight, WeightDtype, WeightSource};
 use crate::ModelConfig;
 
@@ -106,53 +107,45 @@ impl Llama {
         dtype: WeightDtype,
     ) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_tokens = w.weight("model.embed_tokens.weight", &[v, h], dtype)?;
+        let embed_tokens = w.weight(spec::EMBED_TOKENS, &[v, h], dtype)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let proj = |w: &mut WeightSource, t: LoraTarget, bias: bool| {
-                Linear::load(
-                    w,
-                    &format!("{p}.{}.{}", t.parent(), t.name()),
-                    t.shape(cfg),
-                    bias,
-                    dtype,
-                )
+            // Names, shapes and biases from the model spec the CUDA loader reads too.
+            let proj = |w: &mut WeightSource, t: LoraTarget| {
+                let module = spec::proj_module(i, t);
+                Linear::load(w, &module, t.shape(cfg), spec::has_bias(t, cfg), dtype)
+            };
+            let head_norm = |w: &mut WeightSource, name: &str| match cfg.qk_norm {
+                true => w.get(&spec::layer_tensor(i, name), &[cfg.head_dim]).map(Some),
+                false => Ok(None),
             };
             let self_attn = SelfAttn {
-                q_proj: proj(w, LoraTarget::QProj, cfg.qkv_bias)?,
-                k_proj: proj(w, LoraTarget::KProj, cfg.qkv_bias)?,
-                v_proj: proj(w, LoraTarget::VProj, cfg.qkv_bias)?,
-                o_proj: proj(w, LoraTarget::OProj, cfg.o_bias)?,
-                q_norm: if cfg.qk_norm {
-                    Some(w.get(&format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim])?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(w.get(&format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim])?)
-                } else {
-                    None
-                },
+                q_proj: proj(w, LoraTarget::QProj)?,
+                k_proj: proj(w, LoraTarget::KProj)?,
+                v_proj: proj(w, LoraTarget::VProj)?,
+                o_proj: proj(w, LoraTarget::OProj)?,
+                q_norm: head_norm(w, "self_attn.q_norm.weight")?,
+                k_norm: head_norm(w, "self_attn.k_norm.weight")?,
             };
             let mlp = Mlp {
-                gate_proj: proj(w, LoraTarget::GateProj, false)?,
-                up_proj: proj(w, LoraTarget::UpProj, false)?,
-                down_proj: proj(w, LoraTarget::DownProj, false)?,
+                gate_proj: proj(w, LoraTarget::GateProj)?,
+                up_proj: proj(w, LoraTarget::UpProj)?,
+                down_proj: proj(w, LoraTarget::DownProj)?,
             };
             layers.push(DecoderLayer {
                 self_attn,
                 mlp,
-                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                input_layernorm: w.get(&spec::layer_tensor(i, "input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: w
+                    .get(&spec::layer_tensor(i, "post_attention_layernorm.weight"), &[h])?,
             });
         }
-        let norm = w.get("model.norm.weight", &[h])?;
+        let norm = w.get(spec::FINAL_NORM, &[h])?;
         // Some tied checkpoints still store lm_head; either way the embedding is used.
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(w.weight("lm_head.weight", &[v, h], dtype)?)
+            Some(w.weight(spec::LM_HEAD, &[v, h], dtype)?)
         };
         Ok(Llama {
             cfg: cfg.clone(),

@@ -58,14 +58,14 @@ pub fn layer_prefix(layer: usize) -> String {
     format!("model.layers.{layer}")
 }
 
+/// A projection's module in layer `layer`: `model.layers.{layer}.self_attn.q_proj`, ...
+pub fn proj_module(layer: usize, target: LoraTarget) -> String {
+    format!("{}.{}.{}", layer_prefix(layer), target.parent(), target.name())
+}
+
 /// A projection's weight (`suffix` "weight") or bias ("bias") in layer `layer`.
 pub fn proj_tensor(layer: usize, target: LoraTarget, suffix: &str) -> String {
-    format!(
-        "{}.{}.{}.{suffix}",
-        layer_prefix(layer),
-        target.parent(),
-        target.name()
-    )
+    format!("{}.{suffix}", proj_module(layer, target))
 }
 
 /// A layer's own tensor: `input_layernorm.weight`, `self_attn.q_norm.weight`, ...
