@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::logprobs::{token_logprob, LogprobScratch, TokenLogprob};
 use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
-use crate::sampling::{request_rng, Sampler, SamplingParams};
+use crate::sampling::{bad_word_bans, keep_allowed, request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
 use crate::weights::{WeightDtype, WeightSource};
@@ -223,6 +223,8 @@ pub struct LLMEngine {
     logprob_scratch: LogprobScratch,
     /// `[vocab]` a row's raw logits, kept for its logprobs while the sampler masks the row
     raw_row: Vec<f32>,
+    /// A row's allowed logits while the rest of it is masked (`allowed_token_ids`).
+    allowed_scratch: Vec<(u32, f32)>,
     /// `[num_rows]` (step token index, scheduled index, position) of each prompt token whose
     /// logits the step's prompt logprobs need besides the sequences' last tokens
     prompt_rows: Vec<(u32, usize, usize)>,
@@ -409,6 +411,7 @@ impl LLMEngine {
             sampled_logprobs: Vec::new(),
             logprob_scratch: LogprobScratch::default(),
             raw_row: Vec::new(),
+            allowed_scratch: Vec::new(),
             prompt_rows: Vec::new(),
             token_rows: Vec::new(),
             return_logits: config.return_logits,
@@ -532,14 +535,27 @@ impl LLMEngine {
         if prompt_token_ids.is_empty() {
             return Err(invalid("the prompt is empty".into()));
         }
-        if let Some(&bad) = prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.model_config.vocab_size)
-        {
+        let vocab = self.model_config.vocab_size;
+        if let Some(&bad) = prompt_token_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(invalid(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.model_config.vocab_size
+                "token id {bad} is outside the vocabulary (size {vocab})"
             )));
+        }
+        let allowed = params.allowed_token_ids.as_deref().unwrap_or_default();
+        let bad_words = params.bad_words_token_ids.iter().flatten();
+        for (field, mut ids) in [
+            (
+                "allowed_token_ids",
+                Box::new(allowed.iter()) as Box<dyn Iterator<Item = &u32>>,
+            ),
+            ("bad_words", Box::new(bad_words)),
+        ] {
+            if let Some(&bad) = ids.find(|&&t| t as usize >= vocab) {
+                return Err(Error::InvalidSamplingParams {
+                    field,
+                    msg: format!("token id {bad} is outside the vocabulary (size {vocab})"),
+                });
+            }
         }
         let max_model_len = self.resolved.max_model_len;
         // Checked: a client's max_tokens may be any u64, and a wrapped sum would pass.
@@ -744,7 +760,11 @@ impl LLMEngine {
             let eos = (is_banning && !p.ignore_eos).then_some(&self.model_config.eos_token_ids);
             let stop = is_banning.then_some(&p.stop_token_ids);
             let banned = eos.into_iter().chain(stop).flatten().copied();
-            b.sampling.push(RowSampling::new(p), banned);
+            let bad_words = is_sampling.then_some(&p.bad_words_token_ids);
+            let bad_words = bad_words
+                .into_iter()
+                .flat_map(|w| bad_word_bans(w, &seq.output_token_ids));
+            b.sampling.push(RowSampling::new(p), banned.chain(bad_words));
         }
 
         self.sample_step(&scheduled)?;
@@ -954,11 +974,13 @@ impl LLMEngine {
         self.sampled_logprobs.resize(scheduled.len(), None);
         self.logits.clear();
         self.logits_rows.clear();
-        let wants_logprobs = scheduled.iter().zip(&self.is_sampling).any(|(s, &is_sampling)| {
-            let seq = &self.seqs[&s.id];
-            (is_sampling && seq.params.logprobs.is_some()) || wants_prompt_logprobs(seq)
+        // Logprobs come from the raw logits, allowed ids need a mask the device sampler has not.
+        let wants_host = scheduled.iter().zip(&self.is_sampling).any(|(s, &is_sampling)| {
+            let p = &self.seqs[&s.id].params;
+            let host_row = p.logprobs.is_some() || p.allowed_token_ids.is_some();
+            (is_sampling && host_row) || wants_prompt_logprobs(&self.seqs[&s.id])
         });
-        if !wants_logprobs && self.backend.can_sample(&self.batch) {
+        if !wants_host && self.backend.can_sample(&self.batch) {
             let rows = self.batch.sampling.rows.iter_mut();
             for ((row, s), &is_sampling) in rows.zip(scheduled).zip(&self.is_sampling) {
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
@@ -980,6 +1002,9 @@ impl LLMEngine {
                 if seq.params.logprobs.is_some() {
                     self.raw_row.clear();
                     self.raw_row.extend_from_slice(row);
+                }
+                if let Some(allowed) = &seq.params.allowed_token_ids {
+                    keep_allowed(row, allowed, &mut self.allowed_scratch);
                 }
                 let banned = self.batch.sampling.banned(i);
                 let token = self.sampler.sample(row, &seq.params, banned, &mut seq.rng);

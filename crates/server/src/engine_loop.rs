@@ -62,7 +62,8 @@ pub(crate) enum Command {
     Add {
         request_id: String,
         prompt_token_ids: Vec<u32>,
-        params: SamplingParams,
+        /// Boxed: the largest field by far, and commands of other kinds are small.
+        params: Box<SamplingParams>,
         lora: Option<LoraRequest>,
         /// `[n]` one channel per choice, whose request id is the engine's `choice_request_id`
         events: Vec<mpsc::UnboundedSender<TokenEvent>>,
@@ -204,7 +205,7 @@ impl EngineHandle {
         let sent = self.send(Command::Add {
             request_id,
             prompt_token_ids,
-            params,
+            params: Box::new(params),
             lora,
             events,
             has_stop_strings,
@@ -444,7 +445,7 @@ impl EngineLoop {
                 let result = self.add(
                     request_id,
                     prompt_token_ids,
-                    params,
+                    *params,
                     lora,
                     events,
                     has_stop_strings,
