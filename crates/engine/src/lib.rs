@@ -20,6 +20,7 @@ pub mod models;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod structured;
 pub mod weights;
 
 pub use engine::{
@@ -31,3 +32,4 @@ pub use lora::{AdapterId, LoraRequest};
 pub use model_config::ModelConfig;
 pub use sampling::SamplingParams;
 pub use sequence::FinishReason;
+pub use structured::{Constraint, Grammars};

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::logprobs::MAX_LOGPROBS;
+use crate::structured::Constraint;
 
 /// Most choices (`n`) a request may ask for: each becomes a sequence of its own.
 pub const MAX_CHOICES: usize = 128;
@@ -35,6 +36,9 @@ pub struct SamplingParams {
     /// after, sharing the prompt's KV blocks, each with its own RNG (seed + its index when
     /// seeded) and request id ([`crate::engine::choice_request_id`]).
     pub n: usize,
+    /// What the output must match (structured outputs, [`crate::structured`]); each choice
+    /// follows it on its own.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -51,6 +55,7 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: None,
             n: 1,
+            constraint: None,
         }
     }
 }
