@@ -30,7 +30,7 @@ use crate::lora::{AdapterId, LoraRequest, LoraSlot};
 use crate::sampling::{request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
-use crate::structured::{apply_mask, Grammars};
+use crate::structured::{allows_only, apply_mask, Grammars};
 use crate::weights::{WeightDtype, WeightSource};
 use crate::ModelConfig;
 
@@ -1069,11 +1069,7 @@ impl LLMEngine {
                             row[eos as usize] = 0.0;
                         }
                         banned = &[];
-                    } else if row
-                        .iter()
-                        .enumerate()
-                        .all(|(t, &l)| l == f32::NEG_INFINITY || banned.contains(&(t as u32)))
-                    {
+                    } else if allows_only(mask, banned) {
                         banned = &[];
                     }
                 }

@@ -113,6 +113,17 @@ pub fn apply_mask(mask: &SimpleVob, logits: &mut [f32]) {
     }
 }
 
+/// Whether `banned` holds every token `mask` allows (banning them would leave nothing). Ids
+/// outside the vocabulary are ignored.
+pub fn allows_only(mask: &SimpleVob, banned: &[u32]) -> bool {
+    let mut hit: Vec<u32> = (banned.iter().copied())
+        .filter(|&t| (t as usize) < mask.len() && mask.is_allowed(t))
+        .collect();
+    hit.sort_unstable();
+    hit.dedup();
+    hit.len() == mask.num_set()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +131,16 @@ mod tests {
     fn grammars() -> Grammars {
         let tok = crate::demo::demo_tokenizer().expect("demo tokenizer");
         Grammars::new(&tok, 2048, &[0]).expect("demo vocabulary reads")
+    }
+
+    #[test]
+    fn allows_only_counts_distinct_allowed_bans() {
+        let mut mask = SimpleVob::alloc(64);
+        mask.allow_token(3);
+        mask.allow_token(7);
+        assert!(!allows_only(&mask, &[3, 3, 9]));
+        assert!(allows_only(&mask, &[7, 3, 3, 1000]));
+        assert!(allows_only(&SimpleVob::alloc(64), &[]));
     }
 
     #[test]
@@ -134,6 +155,10 @@ mod tests {
             .matcher(&Constraint::JsonSchema(serde_json::json!({"type": 7})))
             .is_err());
         assert!(g.matcher(&Constraint::Regex("[a-z]{3}".into())).is_ok());
+        assert!(g
+            .matcher(&Constraint::Grammar("start: \"ab\" | \"cd\"".into()))
+            .is_ok());
+        assert!(g.matcher(&Constraint::JsonObject).is_ok());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Structured outputs on the demo model (random weights: whatever it would say, the output must
-//! obey its constraint). Seeded, sampled (temperature 1) requests held to a choice, a regex and
-//! a JSON schema, with and without an adapter and with `n` > 1, in one batch with free requests
+//! obey its constraint). Seeded, sampled (temperature 1) requests held to a choice, a regex, a
+//! JSON schema or a Lark grammar, with and without an adapter and with `n` > 1, in one batch with free requests
 //! whose outputs must equal the same requests run alone.
 
 use std::collections::HashMap;
@@ -137,6 +137,16 @@ fn constrained_outputs_obey_with_adapters_and_free_requests_alongside() -> TestR
         let l = (i % 2 == 1).then_some(&lora);
         together.add_request(&format!("c{i}"), Prompt::Text(format!("request {i}:")), params, l)?;
     }
+    // A Lark grammar too.
+    let lark = Constraint::Grammar("start: \"(\" num \")\"\nnum: /[0-9]{1,3}/".into());
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(7),
+        max_tokens: 64,
+        constraint: Some(lark),
+        ..Default::default()
+    };
+    together.add_request("g", Prompt::Text("lark".into()), params, Some(&lora))?;
     for i in 0..4 {
         let l = (i % 2 == 1).then_some(&lora);
         together.add_request(
@@ -163,6 +173,10 @@ fn constrained_outputs_obey_with_adapters_and_free_requests_alongside() -> TestR
         }
     }
     assert_eq!(num_checked, 24);
+    let text = together.decode(&got["g"].0).ok_or("decodes")?;
+    let is_lark_sentence = regex::Regex::new(r"^\([0-9]{1,3}\)$").is_ok_and(|r| r.is_match(&text));
+    assert!(is_lark_sentence, "{text:?}");
+    assert_eq!(got["g"].1, FinishReason::Stop);
     assert!(distinct.len() > 6, "sampling varied the outputs: {distinct:?}");
 
     // The free requests are untouched by their constrained neighbours.
