@@ -10,7 +10,8 @@
 //! `tokenizers` serializes it, read by llguidance's reader of that format), sized to the
 //! model's vocabulary: ids the tokenizer does not know are never allowed.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
@@ -51,11 +52,18 @@ impl Constraint {
     }
 }
 
+/// Compiled constraints kept for reuse; see [`Grammars::matcher`].
+const MAX_CACHED_GRAMMARS: usize = 32;
+
 /// Compiles constraints into matchers for one model's vocabulary. Cheap to clone (shared), so
 /// the server can check a request's constraint before queueing it.
 #[derive(Clone)]
 pub struct Grammars {
     factory: Arc<ParserFactory>,
+    /// The last constraints compiled, each with a matcher at its start (never advanced), oldest
+    /// first: the server's check and the engine's queueing compile the same constraint, and
+    /// clients tend to send one schema many times.
+    cache: Arc<Mutex<VecDeque<(Constraint, Matcher)>>>,
 }
 
 impl Grammars {
@@ -92,15 +100,33 @@ impl Grammars {
         factory.quiet();
         Ok(Grammars {
             factory: Arc::new(factory),
+            cache: Arc::default(),
         })
     }
 
-    /// A matcher at the start of `constraint`'s grammar; the error says what is wrong with the
-    /// schema, regex or grammar.
+    /// A matcher at the start of `constraint`'s grammar, compiled or copied from a recent
+    /// compile; the error says what is wrong with the schema, regex or grammar.
     pub fn matcher(&self, constraint: &Constraint) -> Result<Matcher, String> {
+        let cached = |cache: &VecDeque<(Constraint, Matcher)>| {
+            (cache.iter().rev())
+                .find(|(c, _)| c == constraint)
+                .map(|(_, m)| m.deep_clone())
+        };
+        if let Some(m) = cached(&self.cache.lock().unwrap_or_else(PoisonError::into_inner)) {
+            return Ok(m);
+        }
+        // Compiled outside the lock: a large schema must not hold up other requests' copies.
         let grammar = constraint.grammar()?;
-        let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
-        Ok(Matcher::new(Ok(parser)))
+        let parser = (self.factory.create_parser(grammar)).map_err(|e| e.to_string())?;
+        let matcher = Matcher::new(Ok(parser));
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if !cache.iter().any(|(c, _)| c == constraint) {
+            if cache.len() == MAX_CACHED_GRAMMARS {
+                cache.pop_front();
+            }
+            cache.push_back((constraint.clone(), matcher.deep_clone()));
+        }
+        Ok(matcher)
     }
 }
 
@@ -185,5 +211,12 @@ mod tests {
             m.consume_token(t).expect("consumes");
         }
         assert!(m.is_stopped(), "nothing may follow a complete choice");
+
+        // A second matcher for the same constraint (a copy of the cached compile) starts over.
+        let mut again = g
+            .matcher(&Constraint::Choice(vec!["yes".into(), "no".into()]))
+            .expect("compiles");
+        assert!(!again.is_stopped());
+        assert_eq!(again.compute_mask().expect("mask").num_set(), mask.num_set());
     }
 }

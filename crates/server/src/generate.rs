@@ -188,8 +188,9 @@ async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiRes
 
 /// Runs `f` on the blocking pool once a tokenize permit is free; the permit goes with `f`, so
 /// a client that leaves does not free its place before its work ends.
-/// Compiles a request's constraint (the engine compiles it again when it queues the request),
-/// so that a bad schema, regex or grammar is a 400 naming `field`, with llguidance's error.
+/// Compiles a request's constraint off the engine thread (which, queueing the request, copies
+/// this compile from the grammars' cache), so that a bad schema, regex or grammar is a 400
+/// naming `field`, with llguidance's error.
 async fn check_constraint(st: &AppState, field: &'static str, c: Constraint) -> ApiResult<()> {
     let grammars = (st.engine.info.grammars.clone()).map_err(|e| {
         ApiError::bad_param(
