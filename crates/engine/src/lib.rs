@@ -4,7 +4,7 @@
 //!
 //! Data flow: a request enters [`engine`], waits in [`scheduler`], gets KV blocks from
 //! [`block_manager`], runs on a [`backend`] ([`cpu`] → [`models::llama`], [`lora`]), and leaves
-//! through [`sampling`].
+//! through [`sampling`] (held to a schema, regex or grammar by [`structured`] where it asks).
 
 pub mod backend;
 pub mod block_manager;
