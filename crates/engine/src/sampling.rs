@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::logprobs::MAX_LOGPROBS;
+use crate::structured::Constraint;
 
 /// Most choices (`n`) a request may ask for: each becomes a sequence of its own.
 pub const MAX_CHOICES: usize = 128;
@@ -42,6 +43,9 @@ pub struct SamplingParams {
     /// sequence's last token is banned wherever the output ends with the ones before it (a
     /// one-token word always).
     pub bad_words_token_ids: Vec<Vec<u32>>,
+    /// What the output must match (structured outputs, [`crate::structured`]); each choice
+    /// follows it on its own.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -60,6 +64,7 @@ impl Default for SamplingParams {
             n: 1,
             allowed_token_ids: None,
             bad_words_token_ids: Vec::new(),
+            constraint: None,
         }
     }
 }

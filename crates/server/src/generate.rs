@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use multilora_engine::{FinishReason, LoraRequest, SamplingParams};
+use multilora_engine::{Constraint, FinishReason, LoraRequest, SamplingParams};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
@@ -188,6 +188,22 @@ async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiRes
 
 /// Runs `f` on the blocking pool once a tokenize permit is free; the permit goes with `f`, so
 /// a client that leaves does not free its place before its work ends.
+/// Compiles a request's constraint off the engine thread (which, queueing the request, copies
+/// this compile from the grammars' cache), so that a bad schema, regex or grammar is a 400
+/// naming `field`, with llguidance's error.
+async fn check_constraint(st: &AppState, field: &'static str, c: Constraint) -> ApiResult<()> {
+    let grammars = (st.engine.info.grammars.clone()).map_err(|e| {
+        ApiError::bad_param(
+            field,
+            format!("{field}: structured outputs are not available for this model: {e}"),
+        )
+    })?;
+    off_the_runtime(st, move || {
+        (grammars.matcher(&c).map(drop)).map_err(|e| ApiError::bad_param(field, format!("{field}: {e}")))
+    })
+    .await
+}
+
 async fn off_the_runtime<T: Send + 'static>(
     st: &AppState,
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
@@ -309,6 +325,9 @@ async fn run(
         Api::Completion => "cmpl",
         Api::Chat => "chatcmpl",
     };
+    if let (Some(c), Some(field)) = (params.constraint.clone(), output.constraint_field) {
+        check_constraint(&st, field, c).await?;
+    }
     let id = st.request_id(prefix);
     let tokenizer = st.engine.info.tokenizer.clone();
     if let Some(t) = output.truncate_prompt_tokens {

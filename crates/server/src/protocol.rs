@@ -1,8 +1,9 @@
 //! OpenAI request bodies as vLLM accepts them (with vLLM's extra sampling fields `top_k`,
 //! `min_tokens`, `ignore_eos`, `stop_token_ids`, `prompt_logprobs`), turned into the engine's
-//! `SamplingParams`. Known fields this server does not implement (structured outputs, vLLM's
-//! `guided_*`, ...) are refused with a 400 naming the field rather than silently ignored,
-//! unless they ask for the default. Unknown fields are ignored, as OpenAI and vLLM do, and
+//! `SamplingParams`, structured outputs (`response_format`, vLLM's `guided_*`) read by
+//! [`crate::structured`]. Known fields this server does not implement (penalties, `bad_words`,
+//! ...) are refused with a 400 naming the field rather than silently ignored, unless they ask
+//! for the default. Unknown fields are ignored, as OpenAI and vLLM do, and
 //! logged once per field name (a bounded set, so clients cannot grow it).
 
 use std::collections::BTreeSet;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
+use crate::structured::{self, StructuredFields};
 
 /// Limits on what each generated token is checked against (OpenAI allows 4 stop strings).
 pub const MAX_STOP_STRINGS: usize = 64;
@@ -116,7 +118,6 @@ pub struct Sampling {
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     pub suffix: Option<String>,
     pub tools: Option<Vec<Value>>,
-    pub response_format: Option<Value>,
     pub use_beam_search: Option<bool>,
     pub min_p: Option<f32>,
     pub length_penalty: Option<f32>,
@@ -126,15 +127,16 @@ pub struct Sampling {
     pub truncate_prompt_tokens: Option<Value>,
     pub return_tokens_as_token_ids: Option<bool>,
     pub logits_processors: Option<Value>,
+    pub detokenize: Option<bool>,
+    pub spaces_between_special_tokens: Option<bool>,
+    pub priority: Option<i64>,
+    // Honored.
+    pub response_format: Option<Value>,
     pub guided_json: Option<Value>,
     pub guided_choice: Option<Value>,
     pub guided_regex: Option<Value>,
     pub guided_grammar: Option<Value>,
     pub structured_outputs: Option<Value>,
-    pub detokenize: Option<bool>,
-    pub spaces_between_special_tokens: Option<bool>,
-    pub priority: Option<i64>,
-    // Honored.
     pub include_stop_str_in_output: Option<bool>,
     pub skip_special_tokens: Option<bool>,
     // Accepted and without effect here: they change nothing in the output.
@@ -295,6 +297,8 @@ pub struct Output {
     pub truncate_prompt_tokens: Option<Truncate>,
     /// vLLM's `return_tokens_as_token_ids`: logprob entries name tokens `token_id:{id}`.
     pub tokens_as_ids: bool,
+    /// The field that carried `SamplingParams::constraint`, for naming it in errors.
+    pub constraint_field: Option<&'static str>,
 }
 
 /// How much of a prompt `truncate_prompt_tokens` keeps: its last `k` tokens, or (-1) its last
@@ -423,27 +427,18 @@ impl Sampling {
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return refuse("tools", "tool calling");
         }
-        if self
-            .response_format
-            .as_ref()
-            .is_some_and(|f| !f.is_null() && f["type"] != "text")
-        {
-            return refuse("response_format", "structured output");
-        }
         if self.use_beam_search == Some(true) {
             return refuse("use_beam_search", "beam search");
         }
-        for (param, value) in [
-            ("guided_json", &self.guided_json),
-            ("guided_choice", &self.guided_choice),
-            ("guided_regex", &self.guided_regex),
-            ("guided_grammar", &self.guided_grammar),
-            ("structured_outputs", &self.structured_outputs),
-        ] {
-            if is_set(value) {
-                return refuse(param, "structured output");
-            }
-        }
+        let constraint = structured::constraint(StructuredFields {
+            response_format: self.response_format.as_ref(),
+            guided_json: self.guided_json.as_ref(),
+            guided_regex: self.guided_regex.as_ref(),
+            guided_choice: self.guided_choice.as_ref(),
+            guided_grammar: self.guided_grammar.as_ref(),
+            structured_outputs: self.structured_outputs.as_ref(),
+        })?;
+        let constraint_field = constraint.as_ref().map(|c| c.0);
         if self.min_p.is_some_and(|p| p != 0.0) {
             return refuse("min_p", "min_p sampling");
         }
@@ -526,6 +521,7 @@ impl Sampling {
             allowed_token_ids,
             // Tokenized by the handler ([`Output::bad_words`]).
             bad_words_token_ids: Vec::new(),
+            constraint: constraint.map(|c| c.1),
         };
         let stop = self.stop.map(StringOrList::into_vec).unwrap_or_default();
         // Each is searched for after every token, and stop ids by the engine at every step.
@@ -575,6 +571,7 @@ impl Sampling {
             bad_words,
             truncate_prompt_tokens,
             tokens_as_ids: self.return_tokens_as_token_ids.unwrap_or(false),
+            constraint_field,
         };
         Ok((params, output))
     }
@@ -670,12 +667,10 @@ mod tests {
             ("logprobs", json!(-1)),
             ("top_logprobs", json!(0)),
             ("n", json!(129)),
-            ("guided_json", json!({"type": "object"})),
-            ("guided_choice", json!(["yes", "no"])),
-            ("guided_regex", json!("[a-z]+")),
-            ("guided_grammar", json!("root ::= \"a\"")),
-            ("structured_outputs", json!({"choice": ["a"]})),
-            ("response_format", json!({"type": "json_object"})),
+            ("guided_choice", json!([])),
+            ("guided_regex", json!(5)),
+            ("structured_outputs", json!({"structural_tag": "x"})),
+            ("response_format", json!({"type": "yaml"})),
             ("prompt_logprobs", json!(21)),
             // Honored, but not in these shapes.
             ("bad_words", json!("x")),
