@@ -2,14 +2,14 @@
 //! engine, the engine is stepped until all are done, and one output line per input is written
 //! in input order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use multilora_engine::lora::adapter::LoraAdapter;
-use multilora_engine::{AdapterId, LLMEngine, LoraRequest, Prompt, SamplingParams};
+use multilora_engine::{AdapterId, LLMEngine, LoraRequest, Prompt, SamplingParams, TokenLogprob};
 use serde::Deserialize;
 
 use crate::engine_args::EngineArgs;
@@ -24,7 +24,8 @@ pub struct Args {
     loras: Vec<String>,
     /// JSONL requests: {"prompt": ...} or {"prompt_token_ids": [...]}, optional "lora",
     /// "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
-    /// "stop_token_ids".
+    /// "stop_token_ids", "n", "logprobs", "prompt_logprobs", "allowed_token_ids". One output
+    /// line per choice, in input order.
     #[arg(long)]
     input: PathBuf,
     /// Where to write the JSONL results (stdout if absent).
@@ -48,6 +49,10 @@ struct InputLine {
     seed: Option<u64>,
     ignore_eos: Option<bool>,
     stop_token_ids: Option<Vec<u32>>,
+    n: Option<usize>,
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
+    allowed_token_ids: Option<Vec<u32>>,
 }
 
 /// Parses `NAME=PATH` pairs into requests with ids 1, 2, ... in order.
@@ -105,6 +110,10 @@ fn read_requests(path: &Path) -> anyhow::Result<Vec<InputRequest>> {
             min_tokens: l.min_tokens.unwrap_or(0),
             stop_token_ids: l.stop_token_ids.unwrap_or_default(),
             ignore_eos: l.ignore_eos.unwrap_or(false),
+            n: l.n.unwrap_or(1),
+            logprobs: l.logprobs,
+            prompt_logprobs: l.prompt_logprobs,
+            allowed_token_ids: l.allowed_token_ids,
             ..d
         };
         out.push((n + 1, prompt, params, l.lora));
@@ -149,25 +158,48 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(at)?;
         names.push(lora);
     }
-    let mut results: Vec<Option<serde_json::Value>> = vec![None; names.len()];
+    // By (input index, choice): the finished line, and the logprobs gathered token by token.
+    let mut results: BTreeMap<(usize, usize), serde_json::Value> = BTreeMap::new();
+    let mut logprobs: HashMap<(usize, usize), Vec<serde_json::Value>> = HashMap::new();
+    let mut prompt_logprobs: HashMap<usize, serde_json::Value> = HashMap::new();
     while engine.has_unfinished_requests() {
         for out in engine.step()? {
+            // Choice c > 0 of input i runs as "{c}_{i}" (the engine's choice ids).
+            let id = out.request_id.rsplit('_').next().unwrap_or(&out.request_id);
+            let index: usize = id.parse().expect("ids are input indices");
+            let key = (index, out.choice_index);
+            if let Some(lp) = &out.logprobs {
+                logprobs.entry(key).or_default().push(logprob_json(lp));
+            }
+            if let Some(lps) = &out.prompt_logprobs {
+                let v = lps
+                    .iter()
+                    .map(|lp| lp.as_ref().map_or(serde_json::Value::Null, logprob_json));
+                prompt_logprobs.insert(index, v.collect());
+            }
             if let Some(reason) = out.finish_reason {
-                let index: usize = out.request_id.parse().expect("ids are indices");
                 let text = engine.decode(&out.output_token_ids);
-                results[index] = Some(serde_json::json!({
+                let mut line = serde_json::json!({
                     "index": index,
+                    "choice": out.choice_index,
                     "lora": names[index],
                     "num_prompt_tokens": out.num_prompt_tokens,
                     "token_ids": out.output_token_ids,
                     "text": text,
                     "finish_reason": reason.as_str(),
-                }));
+                });
+                if let Some(lps) = logprobs.remove(&key) {
+                    line["logprobs"] = lps.into();
+                }
+                results.insert(key, line);
             }
         }
     }
     let mut text = String::new();
-    for r in results.into_iter().flatten() {
+    for ((index, _), mut r) in results {
+        if let Some(p) = prompt_logprobs.get(&index) {
+            r["prompt_logprobs"] = p.clone();
+        }
         text.push_str(&r.to_string());
         text.push('\n');
     }
@@ -179,6 +211,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes via a temp file and a rename, so a failure never leaves a half-written file.
+/// A token's log-probability as an output line writes it: the token, its logprob and rank, and
+/// the most likely alternatives as `[id, logprob]` pairs.
+fn logprob_json(lp: &TokenLogprob) -> serde_json::Value {
+    serde_json::json!({
+        "token_id": lp.token_id,
+        "logprob": lp.logprob,
+        "rank": lp.rank,
+        "top": lp.top.iter().map(|&(id, l)| serde_json::json!([id, l])).collect::<Vec<_>>(),
+    })
+}
+
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp-multilora");
     let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));

@@ -77,6 +77,60 @@ fn generates_in_input_order_with_mixed_adapters() {
 }
 
 #[test]
+fn choices_and_logprobs_come_one_line_a_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    demo(d);
+    let input = d.join("in.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 4, "ignore_eos": true, "temperature": 1.0, "seed": 3, "n": 3, "logprobs": 2, "prompt_logprobs": 1}"#,
+            "\n",
+            r#"{"prompt": "Plan a trip.", "max_tokens": 3, "ignore_eos": true, "allowed_token_ids": [40, 41]}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let model = d.join("model");
+    let out = multilora(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "three choices, then the second input");
+    for (c, line) in lines[..3].iter().enumerate() {
+        assert_eq!(
+            (line["index"].as_u64(), line["choice"].as_u64()),
+            (Some(0), Some(c as u64))
+        );
+        let ids = line["token_ids"].as_array().unwrap();
+        let lps = line["logprobs"].as_array().unwrap();
+        assert_eq!(lps.len(), ids.len(), "a logprob a token");
+        for (lp, id) in lps.iter().zip(ids) {
+            assert_eq!(&lp["token_id"], id);
+            assert!(lp["logprob"].as_f64().unwrap() <= 0.0);
+            assert_eq!(lp["top"].as_array().unwrap().len(), 2);
+        }
+        let p = line["prompt_logprobs"].as_array().unwrap();
+        assert_eq!(p.len(), 4);
+        assert!(p[0].is_null() && p[1]["token_id"] == 6);
+    }
+    assert_eq!(lines[3]["index"], 1);
+    for t in lines[3]["token_ids"].as_array().unwrap() {
+        assert!(t == 40 || t == 41, "{t} not allowed");
+    }
+}
+
+#[test]
 fn bad_input_is_a_clear_error_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();

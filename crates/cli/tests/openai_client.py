@@ -99,15 +99,18 @@ try:
     check(False, "negative temperature accepted")
 except openai.BadRequestError as e:
     check(e.param == "temperature", f"bad temperature param {e.param}")
-# vLLM's structured-output fields are refused by name, never silently ignored.
+# vLLM's structured outputs: the answer is one of the choices; a bad regex is refused by name.
+c = client.chat.completions.create(
+    model=adapter, messages=[{"role": "user", "content": "yes or no?"}], max_tokens=8,
+    temperature=1.0, seed=1, extra_body={"guided_choice": ["yes", "no"]},
+)
+check(c.choices[0].message.content in ("yes", "no"), f"guided_choice answer {c.choices[0].message.content!r}")
+check(c.choices[0].finish_reason == "stop", f"guided_choice finish {c.choices[0].finish_reason}")
 try:
-    client.chat.completions.create(
-        model=adapter, messages=[{"role": "user", "content": "yes or no?"}], max_tokens=4,
-        extra_body={"guided_choice": ["yes", "no"]},
-    )
-    check(False, "guided_choice accepted")
+    client.completions.create(model=base_model, prompt="x", max_tokens=4, extra_body={"guided_regex": "[a-z"})
+    check(False, "a broken guided_regex accepted")
 except openai.BadRequestError as e:
-    check(e.param == "guided_choice", f"guided_choice refusal param {e.param}")
+    check(e.param == "guided_regex", f"guided_regex refusal param {e.param}")
 try:
     client.completions.create(model=base_model, prompt="x", max_tokens=1, logprobs=21)
     check(False, "logprobs=21 accepted")

@@ -20,6 +20,16 @@ use crate::ModelConfig;
 const TOKENIZER_JSON: &str = include_str!("demo/tokenizer.json");
 const TOKENIZER_CONFIG_JSON: &str = include_str!("demo/tokenizer_config.json");
 
+/// The demo model's tokenizer, for unit tests that need a real vocabulary.
+#[cfg(test)]
+pub(crate) fn demo_tokenizer() -> Result<tokenizers::Tokenizer> {
+    use std::str::FromStr;
+    tokenizers::Tokenizer::from_str(TOKENIZER_JSON).map_err(|e| Error::Tokenizer {
+        path: "demo/tokenizer.json".into(),
+        msg: e.to_string(),
+    })
+}
+
 /// Shape of the demo model: ~4.5 M parameters, 4 layers, GQA.
 pub fn demo_config_json() -> serde_json::Value {
     json!({

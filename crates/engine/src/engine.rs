@@ -4,15 +4,20 @@
 //! the device where the backend can (CUDA), else on the host ([`Sampler`], the CPU oracle).
 //! A step in which a request wants log-probabilities ([`crate::logprobs`]) samples on the
 //! host, from the raw logits; a request of `n` choices forks its other choices from the first
-//! when its prompt has run ([`LLMEngine::step`]), sharing the prompt's KV blocks.
+//! when its prompt has run ([`LLMEngine::step`]), sharing the prompt's KV blocks. A step with
+//! a constrained request ([`crate::structured`]) samples on the host too, each such row's
+//! grammar mask computed on other threads while the model runs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use llguidance::toktrie::SimpleVob;
+use llguidance::Matcher;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendConfig, KvBudget, RowSampling, StepBatch};
 use crate::block_manager::BlockManager;
@@ -21,9 +26,10 @@ use crate::error::{Error, Result};
 use crate::logprobs::{token_logprob, LogprobScratch, TokenLogprob};
 use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats, PreparingLoader};
 use crate::lora::{AdapterId, LoraRequest, LoraSlot};
-use crate::sampling::{request_rng, Sampler, SamplingParams};
+use crate::sampling::{bad_word_bans, keep_allowed, request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
+use crate::structured::{allows_only, apply_mask, Grammars};
 use crate::weights::WeightSource;
 use crate::ModelConfig;
 
@@ -205,6 +211,8 @@ pub struct LLMEngine {
     model_config: ModelConfig,
     resolved: ResolvedEngine,
     tokenizer: Option<tokenizers::Tokenizer>,
+    /// Compiles requests' constraints; the error says why this model cannot have them.
+    grammars: std::result::Result<Grammars, String>,
     backend: Box<dyn Backend>,
     scheduler: Scheduler,
     blocks: BlockManager,
@@ -224,11 +232,15 @@ pub struct LLMEngine {
     step_slots: Vec<LoraSlot>,
     /// `[num_seqs]` token of each scheduled sequence
     sampled: Vec<u32>,
+    /// `[num_seqs]` the grammar mask of each constrained row that samples this step
+    masks: Vec<Option<SimpleVob>>,
     /// `[num_seqs]` the sampled token's log-probability, for rows that asked
     sampled_logprobs: Vec<Option<TokenLogprob>>,
     logprob_scratch: LogprobScratch,
     /// `[vocab]` a row's raw logits, kept for its logprobs while the sampler masks the row
     raw_row: Vec<f32>,
+    /// A row's allowed logits while the rest of it is masked (`allowed_token_ids`).
+    allowed_scratch: Vec<(u32, f32)>,
     /// `[num_rows]` (step token index, scheduled index, position) of each prompt token whose
     /// logits the step's prompt logprobs need besides the sequences' last tokens
     prompt_rows: Vec<(u32, usize, usize)>,
@@ -298,6 +310,13 @@ impl LLMEngine {
 
         let tokenizer_path = config.tokenizer.clone().unwrap_or_else(|| config.model.clone());
         let tokenizer = load_tokenizer(&tokenizer_path)?;
+        let grammars = match &tokenizer {
+            None => Err("the model has no tokenizer.json".to_string()),
+            Some(t) => Grammars::new(t, model_config.vocab_size, &model_config.eos_token_ids),
+        };
+        if let Err(e) = &grammars {
+            tracing::debug!("no structured outputs for this model: {e}");
+        }
 
         let mut weights = match config.load_format {
             LoadFormat::Auto => WeightSource::open(&config.model)?,
@@ -377,6 +396,7 @@ impl LLMEngine {
             blocks: BlockManager::new(num_kv_blocks, config.block_size),
             model_config,
             tokenizer,
+            grammars,
             backend,
             lora,
             seqs: HashMap::new(),
@@ -390,9 +410,11 @@ impl LLMEngine {
             step_loras: Vec::new(),
             step_slots: Vec::new(),
             sampled: Vec::new(),
+            masks: Vec::new(),
             sampled_logprobs: Vec::new(),
             logprob_scratch: LogprobScratch::default(),
             raw_row: Vec::new(),
+            allowed_scratch: Vec::new(),
             prompt_rows: Vec::new(),
             token_rows: Vec::new(),
             return_logits: config.return_logits,
@@ -413,6 +435,12 @@ impl LLMEngine {
 
     pub fn tokenizer(&self) -> Option<&tokenizers::Tokenizer> {
         self.tokenizer.as_ref()
+    }
+
+    /// What compiles requests' constraints for this model, or why it has none (no tokenizer,
+    /// a vocabulary not readable as bytes, no EOS token).
+    pub fn grammars(&self) -> std::result::Result<&Grammars, &str> {
+        self.grammars.as_ref().map_err(String::as_str)
     }
 
     pub fn device_name(&self) -> String {
@@ -516,14 +544,27 @@ impl LLMEngine {
         if prompt_token_ids.is_empty() {
             return Err(invalid("the prompt is empty".into()));
         }
-        if let Some(&bad) = prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.model_config.vocab_size)
-        {
+        let vocab = self.model_config.vocab_size;
+        if let Some(&bad) = prompt_token_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(invalid(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.model_config.vocab_size
+                "token id {bad} is outside the vocabulary (size {vocab})"
             )));
+        }
+        let allowed = params.allowed_token_ids.as_deref().unwrap_or_default();
+        let bad_words = params.bad_words_token_ids.iter().flatten();
+        for (field, mut ids) in [
+            (
+                "allowed_token_ids",
+                Box::new(allowed.iter()) as Box<dyn Iterator<Item = &u32>>,
+            ),
+            ("bad_words", Box::new(bad_words)),
+        ] {
+            if let Some(&bad) = ids.find(|&&t| t as usize >= vocab) {
+                return Err(Error::InvalidSamplingParams {
+                    field,
+                    msg: format!("token id {bad} is outside the vocabulary (size {vocab})"),
+                });
+            }
         }
         let max_model_len = self.resolved.max_model_len;
         // Checked: a client's max_tokens may be any u64, and a wrapped sum would pass.
@@ -550,6 +591,17 @@ impl LLMEngine {
                 Some(req.id)
             }
         };
+        let matcher = match &params.constraint {
+            None => None,
+            Some(c) => {
+                let bad = |msg| Error::InvalidSamplingParams {
+                    field: "constraint",
+                    msg,
+                };
+                let grammars = self.grammars.as_ref().map_err(|e| bad(e.clone()))?;
+                Some(grammars.matcher(c).map_err(bad)?)
+            }
+        };
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
         let request_id: Arc<str> = request_id.into();
@@ -574,6 +626,7 @@ impl LLMEngine {
                 prompt_logprobs,
                 index: 0,
                 num_forks: params_n - 1,
+                matcher,
             },
         );
         self.ids.insert(request_id, id);
@@ -728,7 +781,11 @@ impl LLMEngine {
             let eos = (is_banning && !p.ignore_eos).then_some(&self.model_config.eos_token_ids);
             let stop = is_banning.then_some(&p.stop_token_ids);
             let banned = eos.into_iter().chain(stop).flatten().copied();
-            b.sampling.push(RowSampling::new(p), banned);
+            let bad_words = is_sampling.then_some(&p.bad_words_token_ids);
+            let bad_words = bad_words
+                .into_iter()
+                .flat_map(|w| bad_word_bans(w, &seq.output_token_ids));
+            b.sampling.push(RowSampling::new(p), banned.chain(bad_words));
         }
 
         self.sample_step(&scheduled)?;
@@ -751,9 +808,12 @@ impl LLMEngine {
             seq.metrics.first_token_time.get_or_insert(now);
             seq.metrics.last_token_time = Some(now);
             let n_out = seq.output_token_ids.len();
-            let finish = if n_out >= p.min_tokens
-                && ((!p.ignore_eos && self.model_config.eos_token_ids.contains(&token))
-                    || p.stop_token_ids.contains(&token))
+            let is_eos = self.model_config.eos_token_ids.contains(&token);
+            let is_stop_token =
+                n_out >= p.min_tokens && ((!p.ignore_eos && is_eos) || p.stop_token_ids.contains(&token));
+            // A constrained sequence's grammar sees every token but one that ends it anyway.
+            let finish = if is_stop_token
+                || (seq.matcher.as_mut()).is_some_and(|m| is_grammar_done(m, token, is_eos))
             {
                 Some(FinishReason::Stop)
             } else if n_out >= p.max_tokens || seq.len() >= self.resolved.max_model_len {
@@ -820,6 +880,8 @@ impl LLMEngine {
         };
         // Complete by now (the prompt ran); each choice reports them with its first token.
         let prompt_logprobs = p.prompt_logprobs.clone();
+        // Still at the grammar's start: the first token is consumed after the forks.
+        let matcher = p.matcher.as_ref().map(Matcher::deep_clone);
         let table: Vec<_> = p.block_table[..num_shared].to_vec();
         let mut children = Vec::with_capacity(num_forks);
         for index in 1..=num_forks {
@@ -843,6 +905,7 @@ impl LLMEngine {
                 prompt_logprobs: prompt_logprobs.clone(),
                 index,
                 num_forks: 0,
+                matcher: matcher.as_ref().map(Matcher::deep_clone),
             };
             self.seqs.insert(id, child);
             self.ids.insert(child_id, id);
@@ -931,18 +994,28 @@ impl LLMEngine {
     /// `sampled` is a placeholder (the device still draws for the row, into nothing).
     ///
     /// A step in which a request wants log-probabilities is sampled on the host: they come
-    /// from the raw logits, which the device sampler does not return.
+    /// from the raw logits, which the device sampler does not return. So is a step with a
+    /// constrained row: its grammar's mask is applied to its logits on the host.
     fn sample_step(&mut self, scheduled: &[ScheduledSeq]) -> Result<()> {
         self.sampled.clear();
         self.sampled_logprobs.clear();
         self.sampled_logprobs.resize(scheduled.len(), None);
         self.logits.clear();
         self.logits_rows.clear();
-        let wants_logprobs = scheduled.iter().zip(&self.is_sampling).any(|(s, &is_sampling)| {
-            let seq = &self.seqs[&s.id];
-            (is_sampling && seq.params.logprobs.is_some()) || wants_prompt_logprobs(seq)
+        self.masks.clear();
+        self.masks.resize(scheduled.len(), None);
+        // Logprobs come from the raw logits, allowed ids need a mask the device sampler has not.
+        let wants_host = scheduled.iter().zip(&self.is_sampling).any(|(s, &is_sampling)| {
+            let p = &self.seqs[&s.id].params;
+            let host_row = p.logprobs.is_some() || p.allowed_token_ids.is_some();
+            (is_sampling && host_row) || wants_prompt_logprobs(&self.seqs[&s.id])
         });
-        if !wants_logprobs && self.backend.can_sample(&self.batch) {
+        // Row of each constrained sequence that samples this step.
+        let constrained: HashMap<SeqId, usize> = (scheduled.iter().enumerate())
+            .filter(|&(i, s)| self.is_sampling[i] && self.seqs[&s.id].matcher.is_some())
+            .map(|(i, s)| (s.id, i))
+            .collect();
+        if !wants_host && constrained.is_empty() && self.backend.can_sample(&self.batch) {
             let rows = self.batch.sampling.rows.iter_mut();
             for ((row, s), &is_sampling) in rows.zip(scheduled).zip(&self.is_sampling) {
                 let seq = self.seqs.get_mut(&s.id).expect("scheduled seq exists");
@@ -953,7 +1026,34 @@ impl LLMEngine {
             self.logits.extend_from_slice(logits.unwrap_or_default());
         } else {
             let vocab = self.model_config.vocab_size;
-            self.logits.extend_from_slice(self.backend.forward(&self.batch)?);
+            let mut matchers: Vec<(usize, &mut Matcher)> = (self.seqs.iter_mut())
+                .filter_map(|(id, seq)| Some((*constrained.get(id)?, seq.matcher.as_mut()?)))
+                .collect();
+            let (backend, batch, logits) = (&mut self.backend, &self.batch, &mut self.logits);
+            // The masks depend only on the tokens so far: computed while the model runs.
+            let (forward, masks) = std::thread::scope(|scope| {
+                let job = (!matchers.is_empty()).then(|| {
+                    scope.spawn(|| {
+                        (matchers.par_iter_mut())
+                            .map(|(i, m)| (*i, m.compute_mask()))
+                            .collect::<Vec<_>>()
+                    })
+                });
+                let forward = backend.forward(batch).map(|l| logits.extend_from_slice(l));
+                let masks = job.map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                (forward, masks)
+            });
+            forward?;
+            for (i, mask) in masks.into_iter().flatten() {
+                match mask {
+                    Ok(m) => self.masks[i] = Some(m),
+                    // An empty mask: the row ends with EOS (below).
+                    Err(e) => {
+                        tracing::warn!("structured output: computing the token mask failed: {e}");
+                        self.masks[i] = Some(SimpleVob::alloc(vocab));
+                    }
+                }
+            }
             for (i, s) in scheduled.iter().enumerate() {
                 if !self.is_sampling[i] {
                     self.sampled.push(0);
@@ -965,7 +1065,23 @@ impl LLMEngine {
                     self.raw_row.clear();
                     self.raw_row.extend_from_slice(row);
                 }
-                let banned = self.batch.sampling.banned(i);
+                if let Some(allowed) = &seq.params.allowed_token_ids {
+                    keep_allowed(row, allowed, &mut self.allowed_scratch);
+                }
+                let mut banned = self.batch.sampling.banned(i);
+                if let Some(mask) = &self.masks[i] {
+                    apply_mask(mask, row);
+                    // The grammar wins over min_tokens: where it allows only EOS or stop
+                    // tokens, they are not banned; where it allows nothing (it failed), EOS.
+                    if mask.num_set() == 0 {
+                        if let Some(&eos) = self.model_config.eos_token_ids.first() {
+                            row[eos as usize] = 0.0;
+                        }
+                        banned = &[];
+                    } else if allows_only(mask, banned) {
+                        banned = &[];
+                    }
+                }
                 let token = self.sampler.sample(row, &seq.params, banned, &mut seq.rng);
                 self.sampled.push(token);
                 if let Some(k) = seq.params.logprobs {
@@ -993,6 +1109,20 @@ pub fn choice_request_id(request_id: &str, index: usize) -> String {
         0 => request_id.to_string(),
         i => format!("{i}_{request_id}"),
     }
+}
+
+/// Feeds a constrained sequence's sampled token to its grammar; true when the output ends
+/// there: the grammar is complete and admits nothing more (vLLM finishes such a request with
+/// "stop"), the token is EOS (allowed only where the grammar may end), or the grammar failed.
+fn is_grammar_done(matcher: &mut Matcher, token: u32, is_eos: bool) -> bool {
+    if is_eos {
+        return true;
+    }
+    if let Err(e) = matcher.consume_token(token) {
+        tracing::warn!("structured output ended early: {e}");
+        return true;
+    }
+    matcher.is_stopped()
 }
 
 /// Whether a sequence's step must compute log-probabilities of prompt tokens: it asked, and

@@ -4,7 +4,7 @@
 //!
 //! Data flow: a request enters [`engine`], waits in [`scheduler`], gets KV blocks from
 //! [`block_manager`], runs on a [`backend`] ([`cpu`] → [`models::llama`], [`lora`]), and leaves
-//! through [`sampling`].
+//! through [`sampling`] (held to a schema, regex or grammar by [`structured`] where it asks).
 
 pub mod backend;
 pub mod block_manager;
@@ -20,6 +20,7 @@ pub mod models;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod structured;
 pub mod weights;
 
 pub use engine::{
@@ -31,3 +32,4 @@ pub use lora::{AdapterId, LoraRequest};
 pub use model_config::ModelConfig;
 pub use sampling::SamplingParams;
 pub use sequence::FinishReason;
+pub use structured::{Constraint, Grammars};

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::logprobs::MAX_LOGPROBS;
+use crate::structured::Constraint;
 
 /// Most choices (`n`) a request may ask for: each becomes a sequence of its own.
 pub const MAX_CHOICES: usize = 128;
@@ -35,6 +36,16 @@ pub struct SamplingParams {
     /// after, sharing the prompt's KV blocks, each with its own RNG (seed + its index when
     /// seeded) and request id ([`crate::engine::choice_request_id`]).
     pub n: usize,
+    /// Only these tokens may be sampled (vLLM's `allowed_token_ids`); `None`: any. A step with
+    /// such a request samples on the host.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// Token sequences the output must not contain (vLLM's `bad_words`, tokenized): a
+    /// sequence's last token is banned wherever the output ends with the ones before it (a
+    /// one-token word always).
+    pub bad_words_token_ids: Vec<Vec<u32>>,
+    /// What the output must match (structured outputs, [`crate::structured`]); each choice
+    /// follows it on its own.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -51,7 +62,33 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: None,
             n: 1,
+            allowed_token_ids: None,
+            bad_words_token_ids: Vec::new(),
+            constraint: None,
         }
+    }
+}
+
+/// The tokens `bad_words` bans after `output`: each word's last token where the output ends
+/// with the tokens before it (at once, for one-token words).
+pub fn bad_word_bans<'a>(bad_words: &'a [Vec<u32>], output: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
+    bad_words.iter().filter_map(move |w| {
+        let (last, prefix) = w.split_last()?;
+        output.ends_with(prefix).then_some(*last)
+    })
+}
+
+/// Keeps only the `allowed` entries of a row of logits (the others become -inf).
+pub fn keep_allowed(row: &mut [f32], allowed: &[u32], scratch: &mut Vec<(u32, f32)>) {
+    scratch.clear();
+    scratch.extend(
+        allowed
+            .iter()
+            .filter_map(|&t| row.get(t as usize).map(|&l| (t, l))),
+    );
+    row.fill(f32::NEG_INFINITY);
+    for &(t, l) in scratch.iter() {
+        row[t as usize] = l;
     }
 }
 
@@ -95,6 +132,12 @@ impl SamplingParams {
                     self.min_tokens, self.max_tokens
                 ),
             );
+        }
+        if self.allowed_token_ids.as_ref().is_some_and(Vec::is_empty) {
+            return bad("allowed_token_ids", "must list at least one token id".into());
+        }
+        if self.bad_words_token_ids.iter().any(Vec::is_empty) {
+            return bad("bad_words", "a bad word tokenizes to no tokens".into());
         }
         for (field, n) in [
             ("logprobs", self.logprobs),
@@ -200,6 +243,23 @@ pub fn request_rng(seed: Option<u64>, engine_rng: &mut StdRng) -> StdRng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_words_ban_their_last_token_after_their_prefix() {
+        let words = vec![vec![5], vec![1, 2, 3]];
+        let bans = |out: &[u32]| bad_word_bans(&words, out).collect::<Vec<_>>();
+        assert_eq!(bans(&[]), vec![5], "a one-token word is banned from the start");
+        assert_eq!(bans(&[9, 1, 2]), vec![5, 3]);
+        assert_eq!(bans(&[1, 2, 7]), vec![5], "only right after the prefix");
+        assert_eq!(bans(&[2]), vec![5]);
+    }
+
+    #[test]
+    fn only_allowed_tokens_keep_their_logits() {
+        let mut row = vec![0.5, 1.0, 2.0, 3.0];
+        keep_allowed(&mut row, &[3, 1, 99], &mut Vec::new());
+        assert_eq!(row, vec![f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY, 3.0]);
+    }
 
     #[test]
     fn greedy_takes_first_max_and_respects_bans() {

@@ -292,6 +292,7 @@ mod tests {
             prompt_logprobs: vec![],
             index: 0,
             num_forks: 0,
+            matcher: None,
         }
     }
 

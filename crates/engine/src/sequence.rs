@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use llguidance::Matcher;
 use rand::rngs::StdRng;
 
 use crate::block_manager::BlockId;
@@ -87,6 +88,9 @@ pub struct Sequence {
     /// Choices still to fork from this one when its prompt has run (`n - 1` for choice 0 until
     /// its first token, else 0).
     pub num_forks: usize,
+    /// Where the output stands in its constraint's grammar (structured outputs), fed each
+    /// sampled token; `None` for a free request.
+    pub matcher: Option<Matcher>,
 }
 
 impl Sequence {

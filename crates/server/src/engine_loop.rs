@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use multilora_engine::sequence::RequestMetrics;
 use multilora_engine::{
-    choice_request_id, AdapterId, EngineConfig, Error as EngineError, FinishReason, LLMEngine, LoraRequest,
-    ModelConfig, Prompt, SamplingParams, TokenLogprob,
+    choice_request_id, AdapterId, EngineConfig, Error as EngineError, FinishReason, Grammars, LLMEngine,
+    LoraRequest, ModelConfig, Prompt, SamplingParams, TokenLogprob,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -62,7 +62,8 @@ pub(crate) enum Command {
     Add {
         request_id: String,
         prompt_token_ids: Vec<u32>,
-        params: SamplingParams,
+        /// Boxed: with a constraint's schema it outweighs every other command.
+        params: Box<SamplingParams>,
         lora: Option<LoraRequest>,
         /// `[n]` one channel per choice, whose request id is the engine's `choice_request_id`
         events: Vec<mpsc::UnboundedSender<TokenEvent>>,
@@ -102,6 +103,9 @@ pub struct EngineInfo {
     pub max_model_len: usize,
     pub enable_lora: bool,
     pub max_lora_rank: usize,
+    /// Compiles requests' constraints (structured outputs) off the engine thread, to refuse a
+    /// bad schema, regex or grammar before it is queued; the error says why the model has none.
+    pub grammars: Result<Grammars, String>,
 }
 
 /// The handlers' side of the loop.
@@ -204,7 +208,7 @@ impl EngineHandle {
         let sent = self.send(Command::Add {
             request_id,
             prompt_token_ids,
-            params,
+            params: Box::new(params),
             lora,
             events,
             has_stop_strings,
@@ -332,6 +336,7 @@ pub fn spawn(
                 max_model_len: engine.resolved().max_model_len,
                 enable_lora: lora.is_some(),
                 max_lora_rank: lora.map_or(0, |c| c.max_lora_rank),
+                grammars: engine.grammars().cloned().map_err(String::from),
             };
             let _ = ready_tx.send(Ok(info));
             EngineLoop {
@@ -444,7 +449,7 @@ impl EngineLoop {
                 let result = self.add(
                     request_id,
                     prompt_token_ids,
-                    params,
+                    *params,
                     lora,
                     events,
                     has_stop_strings,

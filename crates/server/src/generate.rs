@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use multilora_engine::{FinishReason, LoraRequest, SamplingParams};
+use multilora_engine::{Constraint, FinishReason, LoraRequest, SamplingParams};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ use crate::app::{ApiJson, AppState};
 use crate::detokenize::Detokenizer;
 use crate::engine_loop::{AddError, RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
-use crate::logprobs::{chat_entry, prompt_logprobs, CompletionLogprobs};
+use crate::logprobs::{chat_entry, prompt_logprobs, CompletionLogprobs, TokenNames};
 use crate::protocol::{
     normalize_messages, warn_unknown_fields, Api, ChatRequest, CompletionRequest, DetokenizeRequest, Output,
     Prompt, TokenizeRequest,
@@ -188,6 +188,22 @@ async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiRes
 
 /// Runs `f` on the blocking pool once a tokenize permit is free; the permit goes with `f`, so
 /// a client that leaves does not free its place before its work ends.
+/// Compiles a request's constraint off the engine thread (which, queueing the request, copies
+/// this compile from the grammars' cache), so that a bad schema, regex or grammar is a 400
+/// naming `field`, with llguidance's error.
+async fn check_constraint(st: &AppState, field: &'static str, c: Constraint) -> ApiResult<()> {
+    let grammars = (st.engine.info.grammars.clone()).map_err(|e| {
+        ApiError::bad_param(
+            field,
+            format!("{field}: structured outputs are not available for this model: {e}"),
+        )
+    })?;
+    off_the_runtime(st, move || {
+        (grammars.matcher(&c).map(drop)).map_err(|e| ApiError::bad_param(field, format!("{field}: {e}")))
+    })
+    .await
+}
+
 async fn off_the_runtime<T: Send + 'static>(
     st: &AppState,
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
@@ -254,9 +270,36 @@ struct Generation {
     prompt_logprobs: Value,
     /// Completions' `echo`: the prompt's text and ids, until the first token puts them first.
     echo: Option<(String, Vec<u32>)>,
+    /// How logprob entries name tokens (text, or `token_id:{id}`).
+    names: TokenNames,
 }
 
 /// A prompt's token ids, and its text where the client sent text (for `echo`).
+/// vLLM's tokenization of `bad_words`: each word as it would follow other text (with a leading
+/// space) and, where that is a different first token of the same length, also as it would start
+/// the text, so the word is banned in both places.
+fn bad_words_token_ids(tokenizer: &Tokenizer, words: &[String]) -> ApiResult<Vec<Vec<u32>>> {
+    let encode = |text: &str| {
+        tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ApiError::bad_param("bad_words", format!("cannot tokenize {text:?}: {e}")))
+    };
+    let mut out = Vec::new();
+    for w in words {
+        let word = w.trim_start();
+        let bare = encode(word)?;
+        let spaced = encode(&format!(" {word}"))?;
+        if !bare.is_empty() {
+            out.push(bare.clone());
+        }
+        if !spaced.is_empty() && spaced.len() == bare.len() && spaced.first() != bare.first() {
+            out.push(spaced);
+        }
+    }
+    Ok(out)
+}
+
 struct PromptIds {
     ids: Vec<u32>,
     text: Option<String>,
@@ -273,8 +316,8 @@ async fn run(
     st: Arc<AppState>,
     api: Api,
     model: String,
-    prompt: PromptIds,
-    params: SamplingParams,
+    mut prompt: PromptIds,
+    mut params: SamplingParams,
     lora: Option<LoraRequest>,
     output: Output,
 ) -> ApiResult<Response> {
@@ -282,9 +325,28 @@ async fn run(
         Api::Completion => "cmpl",
         Api::Chat => "chatcmpl",
     };
+    if let (Some(c), Some(field)) = (params.constraint.clone(), output.constraint_field) {
+        check_constraint(&st, field, c).await?;
+    }
     let id = st.request_id(prefix);
-    let num_prompt_tokens = prompt.ids.len();
     let tokenizer = st.engine.info.tokenizer.clone();
+    if let Some(t) = output.truncate_prompt_tokens {
+        let before = prompt.ids.len();
+        t.apply(&mut prompt.ids, st.engine.info.max_model_len);
+        if prompt.ids.len() < before {
+            // Echo shows the prompt that ran.
+            prompt.text = None;
+        }
+    }
+    if !output.bad_words.is_empty() {
+        let (t, words) = (tokenizer.clone(), output.bad_words.clone());
+        params.bad_words_token_ids = off_the_runtime(&st, move || bad_words_token_ids(&t, &words)).await?;
+    }
+    let num_prompt_tokens = prompt.ids.len();
+    let names = TokenNames {
+        tokenizer: tokenizer.clone(),
+        as_ids: output.tokens_as_ids,
+    };
     let echo = match output.echo {
         true => {
             let text = match prompt.text {
@@ -339,9 +401,10 @@ async fn run(
             stop_reason: Value::Null,
             num_logprobs: output.logprobs,
             completion_logprobs: match api {
-                Api::Completion => (output.logprobs).map(|k| CompletionLogprobs::new(tokenizer.clone(), k)),
+                Api::Completion => (output.logprobs).map(|k| CompletionLogprobs::new(names.clone(), k)),
                 Api::Chat => None,
             },
+            names: names.clone(),
             chat_logprobs: Vec::new(),
             num_prompt_logprobs: output.prompt_logprobs,
             prompt_logprobs: Value::Null,
@@ -422,9 +485,8 @@ impl Generation {
         prompt: Option<Vec<Option<multilora_engine::TokenLogprob>>>,
         echo: Option<&Vec<u32>>,
     ) {
-        let tokenizer = self.detok.tokenizer().clone();
         if let (Some(lps), Some(k)) = (&prompt, self.num_prompt_logprobs) {
-            self.prompt_logprobs = prompt_logprobs(&tokenizer, lps, k);
+            self.prompt_logprobs = prompt_logprobs(&self.names, lps, k);
         }
         if let Some(c) = self.completion_logprobs.as_mut() {
             if let Some(ids) = echo {
@@ -435,7 +497,7 @@ impl Generation {
             }
             c.push(token_id, logprobs.as_ref());
         } else if let (Some(k), Some(lp)) = (self.num_logprobs, &logprobs) {
-            self.chat_logprobs.push(chat_entry(&tokenizer, lp, k));
+            self.chat_logprobs.push(chat_entry(&self.names, lp, k));
         }
     }
 

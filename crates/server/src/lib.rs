@@ -20,6 +20,7 @@ pub mod generate;
 pub mod logprobs;
 pub mod metrics;
 pub mod protocol;
+pub mod structured;
 
 use std::future::Future;
 use std::path::PathBuf;

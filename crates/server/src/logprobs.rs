@@ -30,9 +30,26 @@ fn finite(logprob: f32) -> f32 {
     }
 }
 
-/// One token's text, special tokens included, as the logprob entries name it.
+/// One token's text, special tokens included.
 pub fn token_text(tokenizer: &Tokenizer, token_id: u32) -> String {
     tokenizer.decode(&[token_id], false).unwrap_or_default()
+}
+
+/// How logprob entries name a token: its text, or with vLLM's `return_tokens_as_token_ids`
+/// `"token_id:{id}"` (unambiguous where texts are not, e.g. bytes of a multi-byte character).
+#[derive(Clone)]
+pub struct TokenNames {
+    pub tokenizer: Arc<Tokenizer>,
+    pub as_ids: bool,
+}
+
+impl TokenNames {
+    pub fn name(&self, token_id: u32) -> String {
+        match self.as_ids {
+            true => format!("token_id:{token_id}"),
+            false => token_text(&self.tokenizer, token_id),
+        }
+    }
 }
 
 /// The token itself, then the `k` most likely, each once, as `(id, logprob)`.
@@ -44,7 +61,7 @@ fn with_top(lp: &TokenLogprob, k: usize) -> impl Iterator<Item = (u32, f32)> + '
 /// Completions' `logprobs` object, filled token by token. Streaming takes what was added since
 /// the last chunk; offsets carry on across chunks.
 pub struct CompletionLogprobs {
-    tokenizer: Arc<Tokenizer>,
+    names: TokenNames,
     num_top: usize,
     tokens: Vec<Value>,
     token_logprobs: Vec<Value>,
@@ -54,9 +71,9 @@ pub struct CompletionLogprobs {
 }
 
 impl CompletionLogprobs {
-    pub fn new(tokenizer: Arc<Tokenizer>, num_top: usize) -> Self {
+    pub fn new(names: TokenNames, num_top: usize) -> Self {
         CompletionLogprobs {
-            tokenizer,
+            names,
             num_top,
             tokens: Vec::new(),
             token_logprobs: Vec::new(),
@@ -68,10 +85,11 @@ impl CompletionLogprobs {
 
     /// Adds a token; `lp` is `None` for the first prompt token (nothing before it to score it).
     pub fn push(&mut self, token_id: u32, lp: Option<&TokenLogprob>) {
-        let text = token_text(&self.tokenizer, token_id);
+        // Offsets count the text's characters, whatever names the tokens.
+        let text = token_text(&self.names.tokenizer, token_id);
         self.text_offset.push(self.next_offset.into());
         self.next_offset += text.chars().count();
-        self.tokens.push(text.into());
+        self.tokens.push(self.names.name(token_id).into());
         match lp {
             None => {
                 self.token_logprobs.push(Value::Null);
@@ -81,7 +99,7 @@ impl CompletionLogprobs {
                 self.token_logprobs.push(finite(lp.logprob).into());
                 let mut top = Map::new();
                 for (id, l) in with_top(lp, self.num_top) {
-                    top.insert(token_text(&self.tokenizer, id), finite(l).into());
+                    top.insert(self.names.name(id), finite(l).into());
                 }
                 self.top_logprobs.push(Value::Object(top));
             }
@@ -100,9 +118,9 @@ impl CompletionLogprobs {
 }
 
 /// Chat's `logprobs.content` entry of one output token, with `k` alternatives.
-pub fn chat_entry(tokenizer: &Tokenizer, lp: &TokenLogprob, k: usize) -> Value {
+pub fn chat_entry(names: &TokenNames, lp: &TokenLogprob, k: usize) -> Value {
     let entry = |id: u32, logprob: f32| {
-        let token = token_text(tokenizer, id);
+        let token = names.name(id);
         let bytes: Vec<u8> = token.as_bytes().to_vec();
         json!({"token": token, "logprob": finite(logprob), "bytes": bytes})
     };
@@ -113,7 +131,7 @@ pub fn chat_entry(tokenizer: &Tokenizer, lp: &TokenLogprob, k: usize) -> Value {
 }
 
 /// vLLM's `prompt_logprobs` list, `k` alternatives a position.
-pub fn prompt_logprobs(tokenizer: &Tokenizer, lps: &[Option<TokenLogprob>], k: usize) -> Value {
+pub fn prompt_logprobs(names: &TokenNames, lps: &[Option<TokenLogprob>], k: usize) -> Value {
     let position = |lp: &TokenLogprob| {
         let mut m = Map::new();
         for (id, l) in with_top(lp, k) {
@@ -121,7 +139,7 @@ pub fn prompt_logprobs(tokenizer: &Tokenizer, lps: &[Option<TokenLogprob>], k: u
                 true => lp.rank as usize,
                 false => 1 + lp.top.iter().position(|t| t.0 == id).unwrap_or(0),
             };
-            let decoded = token_text(tokenizer, id);
+            let decoded = names.name(id);
             m.insert(
                 id.to_string(),
                 json!({"logprob": finite(l), "rank": rank, "decoded_token": decoded}),
@@ -155,11 +173,18 @@ mod tests {
         Ok(Arc::new(t))
     }
 
+    fn names(tokenizer: &Arc<Tokenizer>, as_ids: bool) -> TokenNames {
+        TokenNames {
+            tokenizer: tokenizer.clone(),
+            as_ids,
+        }
+    }
+
     #[test]
     fn completion_logprobs_have_offsets_nulls_and_the_token_in_its_top(
     ) -> Result<(), Box<dyn std::error::Error>> {
         let tok = tokenizer()?;
-        let mut c = CompletionLogprobs::new(tok.clone(), 1);
+        let mut c = CompletionLogprobs::new(names(&tok, false), 1);
         let (a, b) = (10, 11);
         c.push(a, None);
         c.push(b, Some(&lp(b, -2.0, &[(a, -0.5)])));
@@ -186,17 +211,41 @@ mod tests {
     fn chat_and_prompt_logprobs_shapes() -> Result<(), Box<dyn std::error::Error>> {
         let tok = tokenizer()?;
         let l = lp(7, -1.5, &[(3, -0.2), (7, -1.5), (9, -3.0)]);
-        let e = chat_entry(&tok, &l, 2);
+        let e = chat_entry(&names(&tok, false), &l, 2);
         assert_eq!(e["logprob"], json!(-1.5));
         assert_eq!(e["top_logprobs"].as_array().map(Vec::len), Some(2));
         assert_eq!(e["top_logprobs"][0]["token"], json!(token_text(&tok, 3)));
         assert_eq!(e["bytes"], json!(token_text(&tok, 7).into_bytes()));
-        assert_eq!(chat_entry(&tok, &l, 0)["top_logprobs"], json!([]));
-        let p = prompt_logprobs(&tok, &[None, Some(l)], 1);
+        assert_eq!(chat_entry(&names(&tok, false), &l, 0)["top_logprobs"], json!([]));
+        let p = prompt_logprobs(&names(&tok, false), &[None, Some(l.clone())], 1);
         assert!(p[0].is_null());
         assert_eq!(p[1]["7"]["rank"], json!(2));
         assert_eq!(p[1]["3"]["rank"], json!(1));
         assert_eq!(p[1].as_object().map(Map::len), Some(2));
+        Ok(())
+    }
+
+    #[test]
+    fn tokens_as_ids_name_every_entry_and_keep_text_offsets() -> Result<(), Box<dyn std::error::Error>> {
+        let tok = tokenizer()?;
+        let ids = names(&tok, true);
+        let mut c = CompletionLogprobs::new(ids.clone(), 1);
+        c.push(10, None);
+        c.push(11, Some(&lp(11, -2.0, &[(10, -0.5)])));
+        let v = c.take();
+        assert_eq!(v["tokens"], json!(["token_id:10", "token_id:11"]));
+        assert_eq!(
+            v["top_logprobs"][1],
+            json!({"token_id:11": -2.0, "token_id:10": -0.5})
+        );
+        let la = token_text(&tok, 10).chars().count();
+        assert_eq!(v["text_offset"], json!([0, la]), "offsets follow the text");
+        let l = lp(7, -1.5, &[(3, -0.2)]);
+        let e = chat_entry(&ids, &l, 1);
+        assert_eq!(e["token"], json!("token_id:7"));
+        assert_eq!(e["top_logprobs"][0]["token"], json!("token_id:3"));
+        let p = prompt_logprobs(&ids, &[None, Some(l)], 1);
+        assert_eq!(p[1]["7"]["decoded_token"], json!("token_id:7"));
         Ok(())
     }
 }

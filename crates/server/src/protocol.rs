@@ -1,8 +1,9 @@
 //! OpenAI request bodies as vLLM accepts them (with vLLM's extra sampling fields `top_k`,
 //! `min_tokens`, `ignore_eos`, `stop_token_ids`, `prompt_logprobs`), turned into the engine's
-//! `SamplingParams`. Known fields this server does not implement (structured outputs, vLLM's
-//! `guided_*`, ...) are refused with a 400 naming the field rather than silently ignored,
-//! unless they ask for the default. Unknown fields are ignored, as OpenAI and vLLM do, and
+//! `SamplingParams`, structured outputs (`response_format`, vLLM's `guided_*`) read by
+//! [`crate::structured`]. Known fields this server does not implement (penalties, `bad_words`,
+//! ...) are refused with a 400 naming the field rather than silently ignored, unless they ask
+//! for the default. Unknown fields are ignored, as OpenAI and vLLM do, and
 //! logged once per field name (a bounded set, so clients cannot grow it).
 
 use std::collections::BTreeSet;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
+use crate::structured::{self, StructuredFields};
 
 /// Limits on what each generated token is checked against (OpenAI allows 4 stop strings).
 pub const MAX_STOP_STRINGS: usize = 64;
@@ -116,7 +118,6 @@ pub struct Sampling {
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     pub suffix: Option<String>,
     pub tools: Option<Vec<Value>>,
-    pub response_format: Option<Value>,
     pub use_beam_search: Option<bool>,
     pub min_p: Option<f32>,
     pub length_penalty: Option<f32>,
@@ -126,15 +127,16 @@ pub struct Sampling {
     pub truncate_prompt_tokens: Option<Value>,
     pub return_tokens_as_token_ids: Option<bool>,
     pub logits_processors: Option<Value>,
+    pub detokenize: Option<bool>,
+    pub spaces_between_special_tokens: Option<bool>,
+    pub priority: Option<i64>,
+    // Honored.
+    pub response_format: Option<Value>,
     pub guided_json: Option<Value>,
     pub guided_choice: Option<Value>,
     pub guided_regex: Option<Value>,
     pub guided_grammar: Option<Value>,
     pub structured_outputs: Option<Value>,
-    pub detokenize: Option<bool>,
-    pub spaces_between_special_tokens: Option<bool>,
-    pub priority: Option<i64>,
-    // Honored.
     pub include_stop_str_in_output: Option<bool>,
     pub skip_special_tokens: Option<bool>,
     // Accepted and without effect here: they change nothing in the output.
@@ -289,7 +291,39 @@ pub struct Output {
     pub echo: bool,
     /// vLLM's `prompt_logprobs`, as asked (echo may make the engine compute them anyway).
     pub prompt_logprobs: Option<usize>,
+    /// vLLM's `bad_words`, for the handler to tokenize into the sampling parameters.
+    pub bad_words: Vec<String>,
+    /// vLLM's `truncate_prompt_tokens`: keep only the prompt's last tokens.
+    pub truncate_prompt_tokens: Option<Truncate>,
+    /// vLLM's `return_tokens_as_token_ids`: logprob entries name tokens `token_id:{id}`.
+    pub tokens_as_ids: bool,
+    /// The field that carried `SamplingParams::constraint`, for naming it in errors.
+    pub constraint_field: Option<&'static str>,
 }
+
+/// How much of a prompt `truncate_prompt_tokens` keeps: its last `k` tokens, or (-1) its last
+/// `max_model_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Truncate {
+    Last(usize),
+    MaxModelLen,
+}
+
+impl Truncate {
+    /// The kept tail of `ids` (the whole prompt when it is shorter).
+    pub fn apply(self, ids: &mut Vec<u32>, max_model_len: usize) {
+        let k = match self {
+            Truncate::Last(k) => k,
+            Truncate::MaxModelLen => max_model_len,
+        };
+        if ids.len() > k {
+            ids.drain(..ids.len() - k);
+        }
+    }
+}
+
+/// Most `bad_words` a request may list (each is tokenized, and checked at every step).
+pub const MAX_BAD_WORDS: usize = 128;
 
 /// A count of log-probabilities: `null` (none) or an integer from 0 to [`MAX_LOGPROBS`].
 fn logprob_count(param: &str, v: &Option<Value>) -> ApiResult<Option<usize>> {
@@ -393,49 +427,63 @@ impl Sampling {
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return refuse("tools", "tool calling");
         }
-        if self
-            .response_format
-            .as_ref()
-            .is_some_and(|f| !f.is_null() && f["type"] != "text")
-        {
-            return refuse("response_format", "structured output");
-        }
         if self.use_beam_search == Some(true) {
             return refuse("use_beam_search", "beam search");
         }
-        for (param, value) in [
-            ("guided_json", &self.guided_json),
-            ("guided_choice", &self.guided_choice),
-            ("guided_regex", &self.guided_regex),
-            ("guided_grammar", &self.guided_grammar),
-            ("structured_outputs", &self.structured_outputs),
-        ] {
-            if is_set(value) {
-                return refuse(param, "structured output");
-            }
-        }
+        let constraint = structured::constraint(StructuredFields {
+            response_format: self.response_format.as_ref(),
+            guided_json: self.guided_json.as_ref(),
+            guided_regex: self.guided_regex.as_ref(),
+            guided_choice: self.guided_choice.as_ref(),
+            guided_grammar: self.guided_grammar.as_ref(),
+            structured_outputs: self.structured_outputs.as_ref(),
+        })?;
+        let constraint_field = constraint.as_ref().map(|c| c.0);
         if self.min_p.is_some_and(|p| p != 0.0) {
             return refuse("min_p", "min_p sampling");
         }
         if self.length_penalty.is_some_and(|p| p != 1.0) {
             return refuse("length_penalty", "a length penalty");
         }
-        if self
-            .bad_words
-            .as_ref()
-            .is_some_and(|v| !(v.is_null() || v.as_array().is_some_and(Vec::is_empty)))
-        {
-            return refuse("bad_words", "banning words");
-        }
-        if is_set(&self.allowed_token_ids) {
-            return refuse("allowed_token_ids", "restricting the allowed tokens");
-        }
-        if is_set(&self.truncate_prompt_tokens) {
-            return refuse("truncate_prompt_tokens", "truncating the prompt");
-        }
-        if self.return_tokens_as_token_ids == Some(true) {
-            return refuse("return_tokens_as_token_ids", "returning tokens as ids");
-        }
+        let bad_words = match &self.bad_words {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => serde_json::from_value::<Vec<String>>(v.clone())
+                .ok()
+                .filter(|w| w.len() <= MAX_BAD_WORDS && w.iter().all(|w| !w.trim().is_empty()))
+                .ok_or_else(|| {
+                    ApiError::bad_param(
+                        "bad_words",
+                        format!("bad_words: expected a list of at most {MAX_BAD_WORDS} non-empty strings, got {v}"),
+                    )
+                })?,
+        };
+        let allowed_token_ids = match &self.allowed_token_ids {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                serde_json::from_value::<Vec<u32>>(v.clone())
+                    .ok()
+                    .filter(|ids| !ids.is_empty())
+                    .ok_or_else(|| {
+                        ApiError::bad_param(
+                            "allowed_token_ids",
+                            format!("allowed_token_ids: expected a non-empty list of token ids, got {v}"),
+                        )
+                    })?,
+            ),
+        };
+        let truncate_prompt_tokens = match &self.truncate_prompt_tokens {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_i64() {
+                Some(-1) => Some(Truncate::MaxModelLen),
+                Some(k) if k >= 1 => Some(Truncate::Last(k as usize)),
+                _ => {
+                    return Err(ApiError::bad_param(
+                        "truncate_prompt_tokens",
+                        format!("truncate_prompt_tokens: expected -1 (max_model_len) or a token count of at least 1, got {v}"),
+                    ))
+                }
+            },
+        };
         if self
             .logits_processors
             .as_ref()
@@ -470,6 +518,10 @@ impl Sampling {
             // Echoed prompt tokens carry logprobs when the output tokens do (vLLM).
             prompt_logprobs: prompt_logprobs.max(logprobs.filter(|_| echo)),
             n,
+            allowed_token_ids,
+            // Tokenized by the handler ([`Output::bad_words`]).
+            bad_words_token_ids: Vec::new(),
+            constraint: constraint.map(|c| c.1),
         };
         let stop = self.stop.map(StringOrList::into_vec).unwrap_or_default();
         // Each is searched for after every token, and stop ids by the engine at every step.
@@ -516,6 +568,10 @@ impl Sampling {
             logprobs,
             echo,
             prompt_logprobs,
+            bad_words,
+            truncate_prompt_tokens,
+            tokens_as_ids: self.return_tokens_as_token_ids.unwrap_or(false),
+            constraint_field,
         };
         Ok((params, output))
     }
@@ -611,17 +667,18 @@ mod tests {
             ("logprobs", json!(-1)),
             ("top_logprobs", json!(0)),
             ("n", json!(129)),
-            ("guided_json", json!({"type": "object"})),
-            ("guided_choice", json!(["yes", "no"])),
-            ("guided_regex", json!("[a-z]+")),
-            ("guided_grammar", json!("root ::= \"a\"")),
-            ("structured_outputs", json!({"choice": ["a"]})),
-            ("response_format", json!({"type": "json_object"})),
-            ("bad_words", json!(["x"])),
-            ("allowed_token_ids", json!([1, 2])),
+            ("guided_choice", json!([])),
+            ("guided_regex", json!(5)),
+            ("structured_outputs", json!({"structural_tag": "x"})),
+            ("response_format", json!({"type": "yaml"})),
             ("prompt_logprobs", json!(21)),
-            ("truncate_prompt_tokens", json!(5)),
-            ("return_tokens_as_token_ids", json!(true)),
+            // Honored, but not in these shapes.
+            ("bad_words", json!("x")),
+            ("bad_words", json!([""])),
+            ("allowed_token_ids", json!([])),
+            ("allowed_token_ids", json!([-1])),
+            ("truncate_prompt_tokens", json!(0)),
+            ("truncate_prompt_tokens", json!(-2)),
             ("min_p", json!(0.1)),
             ("logits_processors", json!(["x"])),
             ("spaces_between_special_tokens", json!(false)),
@@ -648,6 +705,27 @@ mod tests {
         assert!(req.unknown.is_empty());
         let (_, out) = req.sampling.resolve(Api::Completion, 16).map_err(|e| e.message)?;
         assert!(out.include_stop_str_in_output && !out.skip_special_tokens && out.continuous_usage);
+        Ok(())
+    }
+
+    #[test]
+    fn token_fields_are_read() -> Result<(), Box<dyn std::error::Error>> {
+        let req: CompletionRequest = serde_json::from_value(json!({
+            "model": "m", "prompt": "hi", "bad_words": ["foo", " bar"], "allowed_token_ids": [3, 5],
+            "truncate_prompt_tokens": 4, "return_tokens_as_token_ids": true
+        }))?;
+        let (p, out) = req.sampling.resolve(Api::Completion, 16).map_err(|e| e.message)?;
+        assert_eq!(p.allowed_token_ids, Some(vec![3, 5]));
+        assert_eq!(out.bad_words, vec!["foo", " bar"]);
+        assert_eq!(out.truncate_prompt_tokens, Some(Truncate::Last(4)));
+        assert!(out.tokens_as_ids);
+        let mut ids = vec![1, 2, 3, 4, 5, 6];
+        Truncate::Last(4).apply(&mut ids, 100);
+        assert_eq!(ids, vec![3, 4, 5, 6], "the prompt's last tokens are kept");
+        Truncate::MaxModelLen.apply(&mut ids, 2);
+        assert_eq!(ids, vec![5, 6]);
+        Truncate::Last(10).apply(&mut ids, 100);
+        assert_eq!(ids, vec![5, 6], "a shorter prompt is whole");
         Ok(())
     }
 
