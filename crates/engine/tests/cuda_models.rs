@@ -328,3 +328,86 @@ fn cuda_logprobs_match_cpu() {
         }
     }
 }
+
+/// Structured outputs and `allowed_token_ids` on the GPU (such a step samples on the host from
+/// the device's logits): on the demo model, seeded sampled requests held to a choice and to a
+/// short allowed set, beside a free request whose tokens must equal its run alone.
+#[test]
+fn cuda_constrained_requests_obey_beside_free_ones() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    multilora_engine::demo::write_demo_model(&model, 1).unwrap();
+    let choices = ["red", "green", "blue"];
+    let run = |constrained: bool| {
+        let mut cfg = EngineConfig::new(&model);
+        cfg.device = Device::Cuda;
+        cfg.max_model_len = Some(128);
+        cfg.max_num_seqs = 8;
+        let mut engine = LLMEngine::new(cfg).expect("engine loads");
+        let sampled = |seed| SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            max_tokens: 12,
+            ..Default::default()
+        };
+        let free = SamplingParams {
+            ignore_eos: true,
+            ..sampled(9)
+        };
+        engine
+            .add_request("free", Prompt::Text("Once upon a time".into()), free, None)
+            .unwrap();
+        if constrained {
+            for seed in 0..4 {
+                let p = SamplingParams {
+                    constraint: Some(multilora_engine::Constraint::Choice(
+                        choices.iter().map(|c| c.to_string()).collect(),
+                    )),
+                    ..sampled(seed)
+                };
+                let id = format!("choice-{seed}");
+                engine
+                    .add_request(&id, Prompt::Text("Pick a colour:".into()), p, None)
+                    .unwrap();
+            }
+            let p = SamplingParams {
+                allowed_token_ids: Some(vec![40, 41, 42]),
+                ignore_eos: true,
+                ..sampled(5)
+            };
+            engine
+                .add_request("allowed", Prompt::Text("Hi".into()), p, None)
+                .unwrap();
+        }
+        let mut outs: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut texts: HashMap<String, String> = HashMap::new();
+        while engine.has_unfinished_requests() {
+            for o in engine.step().unwrap() {
+                if o.is_finished() {
+                    let text = engine.decode(&o.output_token_ids).unwrap_or_default();
+                    texts.insert(o.request_id.to_string(), text);
+                    outs.insert(o.request_id.to_string(), o.output_token_ids);
+                }
+            }
+        }
+        (outs, texts)
+    };
+    let (alone, _) = run(false);
+    let (outs, texts) = run(true);
+    assert_eq!(
+        outs["free"], alone["free"],
+        "a free request is unchanged beside constrained ones"
+    );
+    for seed in 0..4 {
+        let t = &texts[&format!("choice-{seed}")];
+        assert!(choices.contains(&t.trim()), "{t:?} is not one of {choices:?}");
+    }
+    assert!(
+        outs["allowed"].iter().all(|t| [40, 41, 42].contains(t)),
+        "{:?}",
+        outs["allowed"]
+    );
+}
