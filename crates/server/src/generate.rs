@@ -186,8 +186,6 @@ async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiRes
     off_the_runtime(st, move || limits.encode(&text, add_special_tokens)).await
 }
 
-/// Runs `f` on the blocking pool once a tokenize permit is free; the permit goes with `f`, so
-/// a client that leaves does not free its place before its work ends.
 /// Compiles a request's constraint off the engine thread (which, queueing the request, copies
 /// this compile from the grammars' cache), so that a bad schema, regex or grammar is a 400
 /// naming `field`, with llguidance's error.
@@ -204,6 +202,8 @@ async fn check_constraint(st: &AppState, field: &'static str, c: Constraint) -> 
     .await
 }
 
+/// Runs `f` on the blocking pool once a tokenize permit is free; the permit goes with `f`, so
+/// a client that leaves does not free its place before its work ends.
 async fn off_the_runtime<T: Send + 'static>(
     st: &AppState,
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
@@ -274,7 +274,6 @@ struct Generation {
     names: TokenNames,
 }
 
-/// A prompt's token ids, and its text where the client sent text (for `echo`).
 /// vLLM's tokenization of `bad_words`: each word as it would follow other text (with a leading
 /// space) and, where that is a different first token of the same length, also as it would start
 /// the text, so the word is banned in both places.
@@ -300,6 +299,7 @@ fn bad_words_token_ids(tokenizer: &Tokenizer, words: &[String]) -> ApiResult<Vec
     Ok(out)
 }
 
+/// A prompt's token ids, and its text where the client sent text (for `echo`).
 struct PromptIds {
     ids: Vec<u32>,
     text: Option<String>,

@@ -146,6 +146,7 @@ pub struct Sampling {
     pub service_tier: Option<Value>,
     pub request_id: Option<Value>,
     pub guided_decoding_backend: Option<Value>,
+    // Refused when set: structured output's whitespace follows the schema's `x-guidance`.
     pub guided_whitespace_pattern: Option<Value>,
 }
 
@@ -439,6 +440,12 @@ impl Sampling {
             structured_outputs: self.structured_outputs.as_ref(),
         })?;
         let constraint_field = constraint.as_ref().map(|c| c.0);
+        if is_set(&self.guided_whitespace_pattern) {
+            return refuse(
+                "guided_whitespace_pattern",
+                "a whitespace pattern for structured output",
+            );
+        }
         if self.min_p.is_some_and(|p| p != 0.0) {
             return refuse("min_p", "min_p sampling");
         }
@@ -672,6 +679,7 @@ mod tests {
             ("structured_outputs", json!({"structural_tag": "x"})),
             ("response_format", json!({"type": "yaml"})),
             ("prompt_logprobs", json!(21)),
+            ("guided_whitespace_pattern", json!("[ ]?")),
             // Honored, but not in these shapes.
             ("bad_words", json!("x")),
             ("bad_words", json!([""])),
