@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod chat_template;
+mod choices;
 mod connections;
 pub mod detokenize;
 pub mod engine_loop;
