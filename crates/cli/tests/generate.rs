@@ -15,24 +15,26 @@ fn demo(dir: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A folder with the demo model and adapters, and `in.jsonl` holding `requests`.
+fn demo_with_input(requests: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    demo(tmp.path());
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, requests).unwrap();
+    (tmp, input)
+}
+
 #[test]
 fn generates_in_input_order_with_mixed_adapters() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, input) = demo_with_input(concat!(
+        r#"{"prompt": "How do I count rows in SQL?", "max_tokens": 12, "ignore_eos": true}"#,
+        "\n\n",
+        r#"{"prompt": "Plan a trip.", "lora": "a", "max_tokens": 5, "ignore_eos": true, "temperature": 0.8, "seed": 1}"#,
+        "\n",
+        r#"{"prompt_token_ids": [5, 6, 7], "lora": "b", "max_tokens": 3, "ignore_eos": true}"#,
+        "\n",
+    ));
     let d = tmp.path();
-    demo(d);
-    let input = d.join("in.jsonl");
-    std::fs::write(
-        &input,
-        concat!(
-            r#"{"prompt": "How do I count rows in SQL?", "max_tokens": 12, "ignore_eos": true}"#,
-            "\n\n",
-            r#"{"prompt": "Plan a trip.", "lora": "a", "max_tokens": 5, "ignore_eos": true, "temperature": 0.8, "seed": 1}"#,
-            "\n",
-            r#"{"prompt_token_ids": [5, 6, 7], "lora": "b", "max_tokens": 3, "ignore_eos": true}"#,
-            "\n",
-        ),
-    )
-    .unwrap();
     let output = d.join("out.jsonl");
     let a = format!("a={}", d.join("adapters/demo-r8-000").display());
     let b = format!("b={}", d.join("adapters/demo-r16-000").display());
@@ -78,20 +80,13 @@ fn generates_in_input_order_with_mixed_adapters() {
 
 #[test]
 fn choices_and_logprobs_come_one_line_a_choice() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, input) = demo_with_input(concat!(
+        r#"{"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 4, "ignore_eos": true, "temperature": 1.0, "seed": 3, "n": 3, "logprobs": 2, "prompt_logprobs": 1}"#,
+        "\n",
+        r#"{"prompt": "Plan a trip.", "max_tokens": 3, "ignore_eos": true, "allowed_token_ids": [40, 41]}"#,
+        "\n",
+    ));
     let d = tmp.path();
-    demo(d);
-    let input = d.join("in.jsonl");
-    std::fs::write(
-        &input,
-        concat!(
-            r#"{"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 4, "ignore_eos": true, "temperature": 1.0, "seed": 3, "n": 3, "logprobs": 2, "prompt_logprobs": 1}"#,
-            "\n",
-            r#"{"prompt": "Plan a trip.", "max_tokens": 3, "ignore_eos": true, "allowed_token_ids": [40, 41]}"#,
-            "\n",
-        ),
-    )
-    .unwrap();
     let model = d.join("model");
     let out = multilora(&[
         "generate",
@@ -186,11 +181,8 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
 
 #[test]
 fn every_lora_is_checked_used_or_not_and_errors_read_once() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, input) = demo_with_input("{\"prompt\": \"hi\", \"max_tokens\": 2}\n");
     let d = tmp.path();
-    demo(d);
-    let input = d.join("in.jsonl");
-    std::fs::write(&input, "{\"prompt\": \"hi\", \"max_tokens\": 2}\n").unwrap();
     let run = |extra: &[&str]| {
         let mut args = vec!["generate", "--input", input.to_str().unwrap()];
         args.extend_from_slice(extra);

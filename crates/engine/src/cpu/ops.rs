@@ -430,28 +430,74 @@ unsafe fn gemm_rows(
 ) {
     let n = rows.len() / in_f;
     assert!(x.len() >= num_tokens * in_f && o + n <= out_f);
-    // x is [T, in] row-major (row stride in_f), rows read as rowsᵀ [in, n] (column stride
-    // in_f), y's columns o.. with row stride out_f.
-    gemm::gemm(
-        num_tokens,
-        n,
-        in_f,
-        y.get().add(o),
-        1,
-        out_f as isize,
+    // x is [T, in] row-major, rows read as rowsᵀ [in, n], y's columns o.. with row stride out_f.
+    let rhs = Rhs::Transposed(rows.as_ptr(), in_f);
+    let y = y.get().add(o);
+    sgemm(
+        (num_tokens, n, in_f),
+        (y, out_f),
         read_dst,
-        x.as_ptr(),
-        1,
-        in_f as isize,
-        rows.as_ptr(),
-        in_f as isize,
-        1,
-        1.0,
+        (x.as_ptr(), in_f),
+        rhs,
         1.0,
         false,
+    )
+}
+
+/// The right operand of [`sgemm`], `[k, n]`: stored row-major with this row stride, or stored
+/// as its transpose `[n, k]` (row stride given) and read transposed.
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs {
+    RowMajor(*const f32, usize),
+    Transposed(*const f32, usize),
+}
+
+/// `dst[m, n] = (dst if accumulate) + scale · lhs[m, k] · rhs[k, n]` in f32 with the `gemm`
+/// crate, `dst` and `lhs` row-major with the given row strides; on rayon's threads with
+/// `parallel`, else on this one.
+///
+/// # Safety
+/// Every operand holds its `[rows, cols]` at its strides, `dst` aliases neither input, and no
+/// other thread touches `dst`'s elements meanwhile.
+pub(crate) unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    (lhs, lhs_rs): (*const f32, usize),
+    rhs: Rhs,
+    scale: f32,
+    parallel: bool,
+) {
+    let (rhs, rhs_cs, rhs_rs) = match rhs {
+        Rhs::RowMajor(p, rs) => (p, 1, rs as isize),
+        Rhs::Transposed(p, rs) => (p, rs as isize, 1),
+    };
+    let par = match rayon::current_num_threads() {
+        n if parallel && n > 1 => gemm::Parallelism::Rayon(n),
+        _ => gemm::Parallelism::None,
+    };
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    // gemm takes each operand as (column stride, row stride).
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        alpha,
+        scale,
         false,
         false,
-        gemm::Parallelism::None,
+        false,
+        par,
     )
 }
 

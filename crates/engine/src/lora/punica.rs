@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::adapter::LoraModule;
 use super::LoraSlot;
-use crate::cpu::ops::dot;
+use crate::cpu::ops::{dot, sgemm, Rhs};
 
 /// The stacked weights of one projection of one layer, for all `max_loras` slots.
 #[derive(Debug, Clone)]
@@ -151,26 +151,15 @@ pub fn shrink(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp: &mu
             // row-major, rhs A[s, :rank]ᵀ read as [i, rank] from A's [rank, i] rows; all within
             // the slices taken above, and tmp aliases neither. dst = scale · x · Aᵀ (not read).
             unsafe {
-                gemm::gemm(
-                    n,
-                    rank,
-                    i,
-                    tmp.as_mut_ptr(),
-                    1,
-                    r_max as isize,
+                let rhs = Rhs::Transposed(a.as_ptr(), i);
+                sgemm(
+                    (n, rank, i),
+                    (tmp.as_mut_ptr(), r_max),
                     false,
-                    x.as_ptr(),
-                    1,
-                    i as isize,
-                    a.as_ptr(),
-                    i as isize,
-                    1,
-                    0.0,
+                    (x.as_ptr(), i),
+                    rhs,
                     stack.scales[s],
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(),
+                    true,
                 )
             }
         }
@@ -198,26 +187,15 @@ pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mu
             // stride r_max), rhs Bᵀ[s, :rank] [rank, o_n] row-major; all within the slices taken
             // above, and y aliases neither. dst = dst + tmp · Bᵀ.
             unsafe {
-                gemm::gemm(
-                    n,
-                    o_n,
-                    rank,
-                    y.as_mut_ptr(),
-                    1,
-                    o_n as isize,
+                let rhs = Rhs::RowMajor(bt.as_ptr(), o_n);
+                sgemm(
+                    (n, o_n, rank),
+                    (y.as_mut_ptr(), o_n),
                     true,
-                    tmp.as_ptr(),
-                    1,
-                    r_max as isize,
-                    bt.as_ptr(),
-                    1,
-                    o_n as isize,
+                    (tmp.as_ptr(), r_max),
+                    rhs,
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(),
+                    true,
                 )
             }
         }
@@ -228,13 +206,6 @@ pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mu
             &mut y[range.start * o_n..range.end * o_n],
         ),
     });
-}
-
-fn gemm_parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
 }
 
 /// Calls `f(range, slot)` for the token ranges `[start, end)` of a step in which every token
