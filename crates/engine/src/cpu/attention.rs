@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::linear::dot;
-use super::ops::{exp, multiversion, sum_lanes, SendPtr};
+use super::ops::{dot_lanes, exp, multiversion, sum_lanes, SendPtr};
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -26,9 +26,12 @@ pub struct AttnMeta<'a> {
 
 /// Query tokens a work item of [`paged_attention`] takes (times the heads sharing a KV head).
 const ATTN_QUERY_BLOCK: usize = 16;
-/// Keys read per block: each block of K and V (`64 × head_dim` f32) is gathered from its pages
-/// into a contiguous copy that stays in L1/L2 while every query row of the work item uses it.
+/// Keys read per block: each block of K (`64 × head_dim` f32) is gathered from its pages into a
+/// transposed copy that stays in L1 while every query row of the work item uses it; V rows are
+/// read in place.
 const ATTN_KEY_BLOCK: usize = 64;
+/// From this many query rows a work item gathers K; below (decode), it reads K in place.
+const ATTN_GATHER_MIN_ROWS: usize = 4;
 
 /// Scratch of one [`paged_attention`] work item: `rows = query tokens × group` rows.
 #[derive(Default)]
@@ -41,8 +44,6 @@ struct AttnScratch {
     acc: Vec<f32>,
     /// `[head_dim, ATTN_KEY_BLOCK]` the key block's K rows of this KV head, transposed
     kt: Vec<f32>,
-    /// `[ATTN_KEY_BLOCK, head_dim]` the key block's V rows of this KV head
-    v: Vec<f32>,
 }
 
 thread_local! {
@@ -131,9 +132,10 @@ multiversion! {
     fn attn_item(a: &Attn<'_>, item: Item, sc: &mut AttnScratch) => attn_item_impl
 }
 
-/// One work item of [`paged_attention`]: per key block, gather the block's K (transposed) and V
-/// rows from their pages, then for each query row its scores against the whole block (the key
-/// dimension in vector lanes, no horizontal sums), the online-softmax update and `P · V`.
+/// One work item of [`paged_attention`]: per key block, gather the block's K rows from their
+/// pages (transposed, when enough rows use them), then for each query row its scores against the
+/// block (the key dimension in vector lanes, no horizontal sums), the online-softmax update and
+/// `P · V` (V rows read in place).
 #[inline(always)]
 fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnScratch) {
     let (meta, hd, group) = (a.meta, a.head_dim, a.group);
@@ -149,17 +151,24 @@ fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnSc
     sc.acc.clear();
     sc.acc.resize(rows * hd, 0.0);
     sc.kt.resize(hd * ATTN_KEY_BLOCK, 0.0);
-    sc.v.resize(ATTN_KEY_BLOCK * hd, 0.0);
+    // With few rows (decode) each key is used by few of them: read K in place, not gathered.
+    let gather = rows >= ATTN_GATHER_MIN_ROWS;
+    let mut at = [0usize; ATTN_KEY_BLOCK];
     for p0 in (0..ctx_end).step_by(ATTN_KEY_BLOCK) {
         let nk = ATTN_KEY_BLOCK.min(ctx_end - p0);
-        for j in 0..nk {
+        // Where key p0 + j's row of this KV head starts in either cache.
+        for (j, at) in at[..nk].iter_mut().enumerate() {
             let p = p0 + j;
-            let at = (table[p / bs] as usize * bs + p % bs) * a.kv_row + kvh * hd;
-            for (d, &k) in a.k_cache[at..][..hd].iter().enumerate() {
-                sc.kt[d * ATTN_KEY_BLOCK + j] = k;
-            }
-            sc.v[j * hd..][..hd].copy_from_slice(&a.v_cache[at..][..hd]);
+            *at = (table[p / bs] as usize * bs + p % bs) * a.kv_row + kvh * hd;
         }
+        if gather {
+            for (j, &at) in at[..nk].iter().enumerate() {
+                for (d, &k) in a.k_cache[at..][..hd].iter().enumerate() {
+                    sc.kt[d * ATTN_KEY_BLOCK + j] = k;
+                }
+            }
+        }
+        let v_row = |j: usize| &a.v_cache[at[j]..][..hd];
         for i in 0..rows {
             let t = t0 + i / group;
             let last = meta.positions[t] as usize; // causal limit
@@ -168,12 +177,18 @@ fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnSc
             }
             let n = nk.min(last + 1 - p0);
             let qi = &a.q[(t * a.num_heads + kvh * group + i % group) * hd..][..hd];
-            // Scores against all ATTN_KEY_BLOCK columns (those past nk or the causal limit are
-            // stale and ignored): a fixed width keeps the accumulators in registers.
             let mut scores = [0.0f32; ATTN_KEY_BLOCK];
-            for (&qd, kt) in qi.iter().zip(sc.kt.chunks_exact(ATTN_KEY_BLOCK)) {
-                for (s, &k) in scores.iter_mut().zip(kt) {
-                    *s += qd * k;
+            if gather {
+                // Against all ATTN_KEY_BLOCK columns (those past nk or the causal limit are
+                // stale and ignored): a fixed width keeps the accumulators in registers.
+                for (&qd, kt) in qi.iter().zip(sc.kt.chunks_exact(ATTN_KEY_BLOCK)) {
+                    for (s, &k) in scores.iter_mut().zip(kt) {
+                        *s += qd * k;
+                    }
+                }
+            } else {
+                for (s, &at) in scores[..n].iter_mut().zip(&at) {
+                    *s = dot_lanes(qi, &a.k_cache[at..][..hd]);
                 }
             }
             let s = &mut scores[..n];
@@ -196,15 +211,15 @@ fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnSc
             // acc += P · V, a register-wide slice of columns at a time over every key.
             let mut d0 = 0;
             while d0 + 32 <= hd {
-                pv_columns::<32>(s, &sc.v, hd, d0, acc);
+                pv_columns::<32>(s, v_row, d0, acc);
                 d0 += 32;
             }
             while d0 + 8 <= hd {
-                pv_columns::<8>(s, &sc.v, hd, d0, acc);
+                pv_columns::<8>(s, v_row, d0, acc);
                 d0 += 8;
             }
             while d0 < hd {
-                pv_columns::<1>(s, &sc.v, hd, d0, acc);
+                pv_columns::<1>(s, v_row, d0, acc);
                 d0 += 1;
             }
         }
@@ -220,13 +235,18 @@ fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnSc
     }
 }
 
-/// `acc[d0..d0 + W] += Σ_j weights[j] · v[j, d0..d0 + W]` with the `W` sums held in registers
-/// across the keys (`v` is `[keys, hd]`).
+/// `acc[d0..d0 + W] += Σ_j weights[j] · v_row(j)[d0..d0 + W]` with the `W` sums held in
+/// registers across the keys.
 #[inline(always)]
-fn pv_columns<const W: usize>(weights: &[f32], v: &[f32], hd: usize, d0: usize, acc: &mut [f32]) {
+fn pv_columns<'v, const W: usize>(
+    weights: &[f32],
+    v_row: impl Fn(usize) -> &'v [f32],
+    d0: usize,
+    acc: &mut [f32],
+) {
     let mut r: [f32; W] = acc[d0..d0 + W].try_into().expect("W columns");
     for (j, &e) in weights.iter().enumerate() {
-        let vj = &v[j * hd + d0..][..W];
+        let vj = &v_row(j)[d0..][..W];
         for l in 0..W {
             r[l] += e * vj[l];
         }

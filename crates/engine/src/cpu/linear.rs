@@ -39,6 +39,20 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// The CPU has AVX2, FMA and F16C, and `p..p + 8` is readable.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// The first `n` (≤ 16) elements from `p`, widened; the other lanes 0.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL, and `p..p + n` is readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self, n: usize) -> std::arch::x86_64::__m512;
+}
+
+/// The mask of the first `n` (≤ 16) lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes16(n: usize) -> u16 {
+    ((1u32 << n) - 1) as u16
 }
 
 impl WeightElem for f32 {
@@ -56,6 +70,18 @@ impl WeightElem for f32 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const f32, n: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        if n == 16 {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_maskz_loadu_ps(lanes16(n), p)
+        }
     }
 }
 
@@ -78,6 +104,19 @@ impl WeightElem for bf16 {
         let h = _mm_loadu_si128(p.cast());
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const bf16, n: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = if n == 16 {
+            _mm256_loadu_si256(p.cast())
+        } else {
+            _mm256_maskz_loadu_epi16(lanes16(n), p.cast())
+        };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
 }
 
 impl WeightElem for f16 {
@@ -96,6 +135,19 @@ impl WeightElem for f16 {
     unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const f16, n: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = if n == 16 {
+            _mm256_loadu_si256(p.cast())
+        } else {
+            _mm256_maskz_loadu_epi16(lanes16(n), p.cast())
+        };
+        _mm512_cvtph_ps(h)
     }
 }
 
@@ -179,6 +231,52 @@ mod avx2 {
             }
             s
         })
+    }
+}
+
+/// The AVX-512 GEMV tile: 32 registers hold a tile of 4 weight rows × 4 tokens, so each weight
+/// vector loaded feeds four FMAs and each activation vector four (AVX2's 16 registers fit one
+/// row × four tokens).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::WeightElem;
+
+    /// `R × N` dot products: weight rows `w[r]` against activation rows `x[c]`, all `len` long.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL; every `w[r]` and `x[c]` points at `len` readable elements.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn dot_tile<W: WeightElem, const R: usize, const N: usize>(
+        w: [*const W; R],
+        x: [*const f32; N],
+        len: usize,
+    ) -> [[f32; N]; R] {
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        let mut k = 0;
+        while k < len {
+            let n = (len - k).min(16);
+            let mut xs = [_mm512_setzero_ps(); N];
+            for c in 0..N {
+                xs[c] = f32::load16(x[c].add(k), n);
+            }
+            for r in 0..R {
+                let wv = W::load16(w[r].add(k), n);
+                for c in 0..N {
+                    acc[r][c] = _mm512_fmadd_ps(wv, xs[c], acc[r][c]);
+                }
+            }
+            k += 16;
+        }
+        let mut out = [[0.0; N]; R];
+        for r in 0..R {
+            for c in 0..N {
+                out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+            }
+        }
+        out
     }
 }
 
@@ -268,7 +366,62 @@ impl<W: WeightElem> LinearChunk<'_, W> {
         }
     }
 
+    /// [`Self::run_tiles`] with AVX-512's tiles of [`ROW_TILE`] rows × [`TOKEN_TILE`] tokens.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_avx512(&self) {
+        let in_f = self.in_f;
+        let rows = self.w.len() / in_f;
+        let mut t = 0;
+        while t < self.num_tokens {
+            let nt = (self.num_tokens - t).min(TOKEN_TILE);
+            let mut ro = 0;
+            while ro < rows {
+                let nr = (rows - ro).min(ROW_TILE);
+                macro_rules! tile {
+                    ($r:literal, $n:literal) => {{
+                        let w = std::array::from_fn(|i| self.w[(ro + i) * in_f..].as_ptr());
+                        let x = std::array::from_fn(|c| self.x[(t + c) * in_f..][..in_f].as_ptr());
+                        // SAFETY: the CPU has AVX-512 (the caller's contract); rows ro..ro + $r
+                        // of the chunk and tokens t..t + $n exist, each in_f long.
+                        let vals = unsafe { avx512::dot_tile::<W, $r, $n>(w, x, in_f) };
+                        for (i, v) in vals.into_iter().enumerate() {
+                            self.store(t, ro + i, v);
+                        }
+                    }};
+                }
+                match (nr, nt) {
+                    (4, 4) => tile!(4, 4),
+                    (4, 3) => tile!(4, 3),
+                    (4, 2) => tile!(4, 2),
+                    (4, 1) => tile!(4, 1),
+                    (3, 4) => tile!(3, 4),
+                    (3, 3) => tile!(3, 3),
+                    (3, 2) => tile!(3, 2),
+                    (3, 1) => tile!(3, 1),
+                    (2, 4) => tile!(2, 4),
+                    (2, 3) => tile!(2, 3),
+                    (2, 2) => tile!(2, 2),
+                    (2, 1) => tile!(2, 1),
+                    (_, 4) => tile!(1, 4),
+                    (_, 3) => tile!(1, 3),
+                    (_, 2) => tile!(1, 2),
+                    (_, _) => tile!(1, 1),
+                }
+                ro += nr;
+            }
+            t += nt;
+        }
+    }
+
     fn run(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.num_tokens >= AVX512_MIN_TOKENS && has_avx512() {
+            // SAFETY: the CPU has AVX-512 F/BW/VL.
+            return unsafe { self.run_avx512() };
+        }
         #[cfg(target_arch = "x86_64")]
         let avx2 = has_avx2();
         #[cfg(not(target_arch = "x86_64"))]
@@ -279,6 +432,23 @@ impl<W: WeightElem> LinearChunk<'_, W> {
 
 /// Tokens a GEMV tile reads each weight row for.
 const TOKEN_TILE: usize = 4;
+/// Weight rows an AVX-512 GEMV tile reads at once.
+const ROW_TILE: usize = 4;
+/// From this many tokens the GEMV takes AVX-512's 4 × 4 tiles, where they make it faster (the
+/// arithmetic is the limit); below, the weight stream is, and one row at a time streams it
+/// best. Measured with `examples/cpu_steps.rs` (BENCHMARKS.md, "CPU backend against
+/// transformers").
+const AVX512_MIN_TOKENS: usize = 8;
+
+/// AVX-512 F/BW/VL (the 16-bit masked loads need BW and VL), beside AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx512() -> bool {
+    has_avx2()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
 
 /// From this many tokens on, [`linear`] takes the cache-blocked GEMM, which packs the weights on
 /// every call; below, the weight-streaming GEMV, which reads each weight once per tile of four

@@ -629,7 +629,8 @@ impl CudaModel {
 
     /// Whether the q/k/v GEMM with the RoPE epilogue takes `t` tokens of `lin`.
     fn rope_fits(&self, lin: &Linear, t: usize) -> bool {
-        skinny::fits(self.skinny_max_m, Epilogue::Store, lin.n, lin.k, t) && self.cfg.head_dim % 16 == 0
+        skinny::fits(self.skinny_max_m, Epilogue::Store, lin.n, lin.k, t)
+            && self.cfg.head_dim.is_multiple_of(16)
     }
 
     /// What RoPE and the cache write read, for layer `li`: cos and sin tables, each token's
@@ -1232,5 +1233,5 @@ const NO_LORA: (u64, u64, u64) = (0, 0, 0);
 
 /// Head sizes `decode_attention` takes: hd / 8 lanes per key, a power of two up to a warp.
 fn decode_attention_fits(hd: usize) -> bool {
-    hd % 8 == 0 && (hd / 8).is_power_of_two() && hd / 8 <= 32
+    hd.is_multiple_of(8) && (hd / 8).is_power_of_two() && hd / 8 <= 32
 }
