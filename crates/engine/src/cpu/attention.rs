@@ -179,12 +179,13 @@ fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnSc
             let qi = &a.q[(t * a.num_heads + kvh * group + i % group) * hd..][..hd];
             let mut scores = [0.0f32; ATTN_KEY_BLOCK];
             if gather {
-                // Against all ATTN_KEY_BLOCK columns (those past nk or the causal limit are
+                // Against the block's first n keys rounded up to 16 (the columns past n are
                 // stale and ignored): a fixed width keeps the accumulators in registers.
-                for (&qd, kt) in qi.iter().zip(sc.kt.chunks_exact(ATTN_KEY_BLOCK)) {
-                    for (s, &k) in scores.iter_mut().zip(kt) {
-                        *s += qd * k;
-                    }
+                match n.div_ceil(16) {
+                    1 => block_scores::<16>(qi, &sc.kt, &mut scores),
+                    2 => block_scores::<32>(qi, &sc.kt, &mut scores),
+                    3 => block_scores::<48>(qi, &sc.kt, &mut scores),
+                    _ => block_scores::<ATTN_KEY_BLOCK>(qi, &sc.kt, &mut scores),
                 }
             } else {
                 for (s, &at) in scores[..n].iter_mut().zip(&at) {
@@ -233,6 +234,18 @@ fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnSc
             unsafe { *a.out.get().add((t * a.num_heads + h) * hd + d) = x * inv };
         }
     }
+}
+
+/// `scores[..W] = q · kt[.., ..W]`, `kt` being `[head_dim, ATTN_KEY_BLOCK]`.
+#[inline(always)]
+fn block_scores<const W: usize>(q: &[f32], kt: &[f32], scores: &mut [f32; ATTN_KEY_BLOCK]) {
+    let mut acc = [0.0f32; W];
+    for (&qd, kt) in q.iter().zip(kt.chunks_exact(ATTN_KEY_BLOCK)) {
+        for (s, &k) in acc.iter_mut().zip(&kt[..W]) {
+            *s += qd * k;
+        }
+    }
+    scores[..W].copy_from_slice(&acc);
 }
 
 /// `acc[d0..d0 + W] += Σ_j weights[j] · v_row(j)[d0..d0 + W]` with the `W` sums held in
