@@ -10,7 +10,9 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::ops::{has_avx2, SendPtr};
+#[cfg(target_arch = "x86_64")]
+use super::ops::has_avx2;
+use super::ops::SendPtr;
 use crate::weights::Weight;
 
 /// Dot product; AVX2+FMA where the CPU has it.
@@ -433,11 +435,13 @@ impl<W: WeightElem> LinearChunk<'_, W> {
 /// Tokens a GEMV tile reads each weight row for.
 const TOKEN_TILE: usize = 4;
 /// Weight rows an AVX-512 GEMV tile reads at once.
+#[cfg(target_arch = "x86_64")]
 const ROW_TILE: usize = 4;
 /// From this many tokens the GEMV takes AVX-512's 4 × 4 tiles, where they make it faster (the
 /// arithmetic is the limit); below, the weight stream is, and one row at a time streams it
 /// best. Measured with `examples/cpu_steps.rs` (BENCHMARKS.md, "CPU backend against
 /// transformers").
+#[cfg(target_arch = "x86_64")]
 const AVX512_MIN_TOKENS: usize = 8;
 
 /// AVX-512 F/BW/VL (the 16-bit masked loads need BW and VL), beside AVX2 and FMA.
