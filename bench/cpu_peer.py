@@ -2,18 +2,20 @@
 """The CPU backend against transformers, side by side, for BENCHMARKS.md ("CPU backend against
 transformers"): same model shape (random weights), same prompt length, same number of threads.
 
-Ours: `target/release/examples/cpu_steps MODEL_DIR B P D [DTYPE]` (the bare forward: B prompts of
-P tokens prefilled in one step, then D decode steps of the batch; median step; with --dtype bf16
-its weights are kept in bf16, activations f32). Theirs: transformers `LlamaForCausalLM` in f32 (or
---dtype bf16: weights and activations bf16), eager attention, one forward over the B prompts with
-`logits_to_keep=1`, then D single-token forwards with the KV cache; median step. Each is warmed up
-first. Runs alternate ours/theirs per batch size, --runs times; the table gives medians over runs
-and the ratio theirs/ours (> 1: ours faster). The matmul rate is torch's own f32 matmul on the
-prefill's linear shapes (x[B*P, in] @ W[in, out] for each projection, in --dtype), in the same run, and our
+Ours: `target/release/examples/cpu_steps MODEL_DIR B P D DTYPE R` (the bare forward: B prompts of
+P tokens prefilled in one step, median of R = --prefill-runs; then D decode steps of the batch,
+median step; with --dtype bf16 its weights are kept in bf16, activations f32). Theirs:
+transformers `LlamaForCausalLM` in f32 (or --dtype bf16: weights and activations bf16), eager
+attention, one forward over the B prompts with `logits_to_keep=1` (median of R), then D
+single-token forwards with the KV cache, median step. Each is warmed up first. Runs alternate
+ours/theirs per batch size, --runs times; the table gives medians over runs and the ratio
+theirs/ours (> 1: ours faster). The matmul rate is torch's own f32 matmul on the prefill's linear
+shapes (x[B*P, in] @ W[in, out] for each projection, in --dtype), in the same run, and our
 prefill's rate counts the same linear FLOPs over our whole prefill time.
 
 usage: target/peer-venv/bin/python bench/cpu_peer.py [--model-dir bench/cpu-33m] [--batches 1,8,32]
-       [--prompt 33] [--decode 16] [--runs 5] [--threads 2] [--dtype f32|bf16] [--out OUT.jsonl]
+       [--prompt 33] [--decode 16] [--runs 5] [--prefill-runs 3] [--threads 2] [--dtype f32|bf16]
+       [--before OTHER_CPU_STEPS] [--out OUT.jsonl]
 """
 import argparse
 import json
@@ -31,6 +33,7 @@ ap.add_argument("--batches", default="1,8,32")
 ap.add_argument("--prompt", type=int, default=33)
 ap.add_argument("--decode", type=int, default=16)
 ap.add_argument("--runs", type=int, default=5)
+ap.add_argument("--prefill-runs", type=int, default=3, help="prefills timed per run and side (median)")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
 ap.add_argument("--ours", default="target/release/examples/cpu_steps")
@@ -66,7 +69,8 @@ def theirs(b):
             return (time.perf_counter() - t) * 1e3, out
 
         prefill()  # warm-up
-        ms, out = prefill()
+        timed = [prefill() for _ in range(args.prefill_runs)]
+        ms, out = statistics.median(t for t, _ in timed), timed[-1][1]
         past, tok, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
         for _ in range(D):
             t = time.perf_counter()
@@ -81,8 +85,7 @@ OUR_DTYPE = {"f32": "float32", "bf16": "bfloat16"}[args.dtype]
 
 def ours(b, binary=None):
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    # f32 without the DTYPE argument, so a --before binary from before it existed still runs.
-    cmd = [binary or args.ours, args.model_dir, str(b), str(P), str(D)] + ([OUR_DTYPE] if args.dtype != "f32" else [])
+    cmd = [binary or args.ours, args.model_dir, str(b), str(P), str(D), OUR_DTYPE, str(args.prefill_runs)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     assert r.get("dtype", "float32") == OUR_DTYPE, f"{cmd[0]} ran {r.get('dtype', 'float32')}, not {OUR_DTYPE}"

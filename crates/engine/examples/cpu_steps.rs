@@ -3,9 +3,11 @@
 //! `MODEL_DIR/config.json`; the engine's scheduler and sampling are left out on purpose, so the
 //! figures compare with a bare transformers forward.
 //!
-//! usage: cargo run --release --example cpu_steps -- MODEL_DIR B P D [DTYPE]
-//! (DTYPE: float32, the default, bfloat16 or float16: what the weights are kept in)
-//! prints one JSON line: {"batch", "prompt", "dtype", "prefill_ms", "decode_ms" (median step)}
+//! usage: cargo run --release --example cpu_steps -- MODEL_DIR B P D [DTYPE [R]]
+//! (DTYPE: float32, the default, bfloat16 or float16: what the weights are kept in; R: how many
+//! times the prefill is timed, 1 by default)
+//! prints one JSON line: {"batch", "prompt", "dtype", "prefill_ms" (median of R), "decode_ms"
+//! (median step)}
 
 use std::time::Instant;
 
@@ -17,9 +19,10 @@ use multilora_engine::ModelConfig;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(
-        args.len() == 4 || args.len() == 5,
-        "usage: cpu_steps MODEL_DIR B P D [DTYPE]"
+        (4..=6).contains(&args.len()),
+        "usage: cpu_steps MODEL_DIR B P D [DTYPE [R]]"
     );
+    let prefill_runs: usize = args.get(5).map_or(Ok(1), |r| r.parse())?;
     let dtype_name = args.get(4).map_or("float32", String::as_str);
     let dtype = WeightDtype::from_name(dtype_name)
         .ok_or_else(|| anyhow::anyhow!("DTYPE {dtype_name:?}: expected float32, bfloat16 or float16"))?;
@@ -82,7 +85,11 @@ fn main() -> anyhow::Result<()> {
     for s in 0..=d.min(2) {
         step(s)?;
     }
-    let prefill_ms = step(0)?;
+    let mut prefill: Vec<f64> = (0..prefill_runs.max(1))
+        .map(|_| step(0))
+        .collect::<anyhow::Result<_>>()?;
+    prefill.sort_by(f64::total_cmp);
+    let prefill_ms = prefill[prefill.len() / 2];
     let mut decode: Vec<f64> = (1..=d).map(&mut step).collect::<anyhow::Result<_>>()?;
     decode.sort_by(f64::total_cmp);
     let decode_ms = decode.get(decode.len() / 2).copied().unwrap_or(f64::NAN);

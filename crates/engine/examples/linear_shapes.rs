@@ -1,11 +1,11 @@
-//! The GEMV against the GEMM of `cpu::ops` on the linear layers' shapes, to place
+//! The GEMV against the GEMM of `cpu::linear` on the linear layers' shapes, to place
 //! `GEMM_MIN_TOKENS`: median time of each, alternated in one run, and GFLOP/s.
 //!
 //! usage: cargo run --release --example linear_shapes -- [IN,OUT ...] (default: the 33.5M model's)
 
 use std::time::Instant;
 
-use multilora_engine::cpu::ops::{linear_gemm, linear_gemv};
+use multilora_engine::cpu::linear::{linear_gemm, linear_gemv};
 
 fn main() {
     let shapes: Vec<(usize, usize)> = {

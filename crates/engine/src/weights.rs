@@ -136,8 +136,9 @@ impl SafetensorsFiles {
         let data = view.data();
         // `data` borrows from the mmap: its offset there locates the tensor in the file.
         let offset = data.as_ptr() as usize - mmap.as_ptr() as usize;
-        let mapped =
-            |elem: usize| (cfg!(target_endian = "little") && offset % elem == 0).then(|| Arc::clone(mmap));
+        let mapped = |elem: usize| {
+            (cfg!(target_endian = "little") && offset.is_multiple_of(elem)).then(|| Arc::clone(mmap))
+        };
         let bad_dtype = || {
             Error::model(
                 path,
@@ -281,7 +282,7 @@ pub enum Storage<T> {
 
 impl<T: Pod> Storage<T> {
     fn mapped(mmap: Arc<Mmap>, offset: usize, len: usize) -> Self {
-        assert!(offset % std::mem::align_of::<T>() == 0);
+        assert!(offset.is_multiple_of(std::mem::align_of::<T>()));
         assert!(offset + len * std::mem::size_of::<T>() <= mmap.len());
         Storage::Mapped {
             mmap,

@@ -52,8 +52,8 @@ impl Tally {
 
 /// One generation; checks what came back.
 async fn generate(addr: SocketAddr, i: u64, model: &str, tally: &Tally) -> Result<(), BoxError> {
-    let is_chat = i % 3 == 0;
-    let is_stream = i % 2 == 0;
+    let is_chat = i.is_multiple_of(3);
+    let is_stream = i.is_multiple_of(2);
     let max_tokens = 4 + i % 24;
     let (path, mut body) = generation_request(i, is_chat, model, max_tokens);
     body["temperature"] = json!(0.7);

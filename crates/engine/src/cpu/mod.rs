@@ -4,6 +4,8 @@
 //! buffer a step needs is allocated up front for `max_num_batched_tokens` tokens, so the decode
 //! loop does not allocate.
 
+pub mod attention;
+pub mod linear;
 pub mod ops;
 
 use crate::backend::{Backend, BackendConfig, KvCacheSize, StepBatch};
@@ -166,7 +168,11 @@ impl Backend for CpuBackend {
             stacks: &self.lora_stacks,
             token_lora: &batch.token_lora,
         });
-        self.model.forward(batch, &mut self.kv, lora, &mut self.ws);
+        // The whole step on one of rayon's workers: each kernel's parallel loop is then a
+        // fork inside the pool, not a job handed in from outside and waited for (a sleep and a
+        // wake-up of this thread per kernel, ~50 a step).
+        let (model, kv, ws) = (&self.model, &mut self.kv, &mut self.ws);
+        rayon::scope(|_| model.forward(batch, kv, lora, ws));
         self.num_last_tokens = batch.num_tokens();
         Ok(&self.ws.logits[..batch.num_seqs() * self.model.cfg.vocab_size])
     }

@@ -1,225 +1,24 @@
-//! CPU kernels: f32 activations and arithmetic, multithreaded with rayon. The linear layer is a
-//! weight-streaming GEMV for up to a few dozen tokens (each weight row read once per tile of four
-//! tokens, so a decode step reads every weight once from memory) and the `gemm` crate's
-//! cache-blocked, panel-packing GEMM for more (prefill). Weights may be f32, bf16 or f16
-//! ([`WeightElem`]): 16-bit ones are widened as they are loaded (GEMV) or a panel at a time
-//! (GEMM), so a decode step streams half the bytes and every sum is still f32.
+//! Elementwise CPU kernels of the forward (RMSNorm, SiLU·mul, residual add, RoPE) and the
+//! helpers the other kernels share: f32, multithreaded with rayon. The linear layer is in
+//! [`super::linear`], attention in [`super::attention`].
 
-use std::cell::RefCell;
-
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::model_config::ModelConfig;
 use crate::models::rope;
-use crate::weights::Weight;
-
-/// Dot product; AVX2+FMA where the CPU has it.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2, FMA and F16C; both slices have length n.
-        return unsafe { avx2::dot_n::<f32, 1>(a, [b]) }[0];
-    }
-    dot_n::<f32, 1>(a, [b])[0]
-}
 
 /// AVX2 with FMA and F16C (every AVX2 CPU has both).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// An element of a weight matrix as the linear kernels read it: widened to f32 on load.
-pub trait WeightElem: Copy + Send + Sync + 'static {
-    fn to_f32(self) -> f32;
-
-    /// The elements themselves when they are f32 (the GEMM then reads them in place).
-    fn as_f32(w: &[Self]) -> Option<&[f32]>;
-
-    /// Eight elements from `p`, widened.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C, and `p..p + 8` is readable.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-}
-
-impl WeightElem for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-
-    fn as_f32(w: &[f32]) -> Option<&[f32]> {
-        Some(w)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-}
-
-impl WeightElem for bf16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        // bf16 is the upper half of an f32.
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-
-    fn as_f32(_: &[bf16]) -> Option<&[f32]> {
-        None
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        let h = _mm_loadu_si128(p.cast());
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-    }
-}
-
-impl WeightElem for f16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-
-    fn as_f32(_: &[f16]) -> Option<&[f32]> {
-        None
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-    }
-}
-
-/// `dst[i] = src[i]` widened to f32.
-pub fn widen<W: WeightElem>(src: &[W], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2, FMA and F16C; the lengths are equal.
-        return unsafe { avx2::widen(src, dst) };
-    }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
-    }
-}
-
-/// Explicit AVX2/FMA kernels: the autovectorizer scalarizes the multi-row accumulators.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::WeightElem;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn widen<W: WeightElem>(src: &[W], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut k = 0;
-        while k + 8 <= n {
-            _mm256_storeu_ps(dst.as_mut_ptr().add(k), W::load8(src.as_ptr().add(k)));
-            k += 8;
-        }
-        for kk in k..n {
-            dst[kk] = src[kk].to_f32();
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// `N` dot products of `w` against `x[r]`, reading `w` once (widened to f32 as it is
-    /// loaded); two accumulators per row so FMA latency is hidden. Every `x[r]` must be at
-    /// least as long as `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_n<W: WeightElem, const N: usize>(w: &[W], x: [&[f32]; N]) -> [f32; N] {
-        let n = w.len();
-        for xr in &x {
-            assert!(xr.len() >= n);
-        }
-        let (wp, xp): (*const W, [*const f32; N]) = (w.as_ptr(), std::array::from_fn(|r| x[r].as_ptr()));
-        let mut a0 = [_mm256_setzero_ps(); N];
-        let mut a1 = [_mm256_setzero_ps(); N];
-        let mut k = 0;
-        while k + 16 <= n {
-            let w0 = W::load8(wp.add(k));
-            let w1 = W::load8(wp.add(k + 8));
-            for r in 0..N {
-                a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[r].add(k)), a0[r]);
-                a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[r].add(k + 8)), a1[r]);
-            }
-            k += 16;
-        }
-        if k + 8 <= n {
-            let w0 = W::load8(wp.add(k));
-            for r in 0..N {
-                a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[r].add(k)), a0[r]);
-            }
-            k += 8;
-        }
-        std::array::from_fn(|r| {
-            let mut s = hsum(_mm256_add_ps(a0[r], a1[r]));
-            for kk in k..n {
-                s += (*wp.add(kk)).to_f32() * *xp[r].add(kk);
-            }
-            s
-        })
-    }
-}
-
-/// `N` dot products of one weight row against `N` activation rows, reading `w` once: the
-/// portable path (aarch64, or x86 without AVX2).
-#[inline(always)]
-fn dot_n<W: WeightElem, const N: usize>(w: &[W], x: [&[f32]; N]) -> [f32; N] {
-    let n = w.len();
-    let mut acc = [[0.0f32; 8]; N];
-    let full = n / 8 * 8;
-    let mut k = 0;
-    while k < full {
-        let wc = &w[k..k + 8];
-        for (a, xr) in acc.iter_mut().zip(&x) {
-            let xc = &xr[k..k + 8];
-            for j in 0..8 {
-                a[j] += wc[j].to_f32() * xc[j];
-            }
-        }
-        k += 8;
-    }
-    std::array::from_fn(|r| {
-        let a = &acc[r];
-        let tail: f32 = (full..n).map(|kk| w[kk].to_f32() * x[r][kk]).sum();
-        (a[0] + a[4]) + (a[1] + a[5]) + (a[2] + a[6]) + (a[3] + a[7]) + tail
-    })
-}
-
 /// A raw pointer that may cross threads; each thread writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: used only for writes to disjoint indices from rayon tasks that all finish before the
 // owning slice is used again.
 unsafe impl Send for SendPtr {}
@@ -227,329 +26,91 @@ unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     // A method (not field access) so closures capture the whole Send wrapper.
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-/// One chunk of output features of [`linear`]: rows `o0..` of the weight, all tokens.
-struct LinearChunk<'a, W> {
-    x: &'a [f32],
-    w: &'a [W],
-    bias: Option<&'a [f32]>,
-    o0: usize,
-    num_tokens: usize,
-    in_f: usize,
-    out_f: usize,
-    y: SendPtr,
-}
-
-impl<W: WeightElem> LinearChunk<'_, W> {
-    #[inline(always)]
-    fn tile<const N: usize>(&self, t: usize, dot: impl Fn(&[W], [&[f32]; N]) -> [f32; N]) {
-        let in_f = self.in_f;
-        let xs: [&[f32]; N] = std::array::from_fn(|r| &self.x[(t + r) * in_f..][..in_f]);
-        for (ro, wrow) in self.w.chunks_exact(in_f).enumerate() {
-            self.store(t, ro, dot(wrow, xs));
-        }
-    }
-
-    /// Writes token tile `t..t + N` of the chunk's row `ro`, plus the bias.
-    #[inline(always)]
-    fn store<const N: usize>(&self, t: usize, ro: usize, vals: [f32; N]) {
-        let o = self.o0 + ro;
-        let b = self.bias.map_or(0.0, |b| b[o]);
-        for (r, v) in vals.into_iter().enumerate() {
-            // SAFETY: (t + r, o) is written by this chunk only: o lies in this chunk.
-            unsafe { *self.y.get().add((t + r) * self.out_f + o) = v + b };
-        }
-    }
-
-    #[inline(always)]
-    fn run_tiles(&self, avx2: bool) {
-        let mut t = 0;
-        while t < self.num_tokens {
-            let nt = (self.num_tokens - t).min(TOKEN_TILE);
-            macro_rules! tile {
-                ($n:literal) => {{
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: `avx2` is true only when the CPU has AVX2, FMA and F16C.
-                        self.tile::<$n>(t, |w, x| unsafe { avx2::dot_n::<W, $n>(w, x) });
-                        t += $n;
-                        continue;
-                    }
-                    let _ = avx2;
-                    self.tile::<$n>(t, dot_n::<W, $n>);
-                }};
-            }
-            match nt {
-                1 => tile!(1),
-                2 => tile!(2),
-                3 => tile!(3),
-                _ => tile!(4),
-            }
-            t += nt;
-        }
-    }
-
-    fn run(&self) {
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = has_avx2();
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
-        self.run_tiles(avx2)
-    }
-}
-
-/// Tokens a GEMV tile reads each weight row for.
-const TOKEN_TILE: usize = 4;
-
-/// From this many tokens on, [`linear`] takes the cache-blocked GEMM, which packs the weights on
-/// every call; below, the weight-streaming GEMV, which reads each weight once per tile of four
-/// tokens from where it lies. Crossover measured with `examples/linear_shapes.rs`
-/// (BENCHMARKS.md, "CPU backend against transformers").
-pub const GEMM_MIN_TOKENS: usize = 96;
-
-/// `y[T, out] = x[T, in] · w[out, in]ᵀ (+ bias)`: the GEMV for a few tokens, the GEMM for many.
-pub fn linear<W: WeightElem>(
-    x: &[f32],
-    w: &[W],
-    bias: Option<&[f32]>,
-    num_tokens: usize,
-    in_f: usize,
-    out_f: usize,
-    y: &mut [f32],
-) {
-    if num_tokens >= GEMM_MIN_TOKENS {
-        linear_gemm(x, w, bias, num_tokens, in_f, out_f, y);
-    } else {
-        linear_gemv(x, w, bias, num_tokens, in_f, out_f, y);
-    }
-}
-
-/// [`linear`] over a weight matrix kept in any of the CPU's dtypes.
-pub fn linear_weight(
-    x: &[f32],
-    w: &Weight,
-    bias: Option<&[f32]>,
-    num_tokens: usize,
-    in_f: usize,
-    out_f: usize,
-    y: &mut [f32],
-) {
-    match w {
-        Weight::F32(w) => linear(x, w, bias, num_tokens, in_f, out_f, y),
-        Weight::Bf16(w) => linear(x, w, bias, num_tokens, in_f, out_f, y),
-        Weight::F16(w) => linear(x, w, bias, num_tokens, in_f, out_f, y),
-    }
-}
-
-/// Column chunks of [`linear_gemm`]: several a thread, so a thread the OS preempts (a shared
-/// machine) does not hold up the step; at least this many output features each.
-const LINEAR_CHUNKS_PER_THREAD: usize = 8;
-const LINEAR_MIN_CHUNK: usize = 64;
-
-/// [`linear`] through `gemm`: packs cache-sized panels of `x` and `wᵀ` and runs a register-tiled
-/// microkernel picked at run time (AVX-512, AVX2/FMA, NEON or scalar). Threads split the output
-/// features (contiguous rows of `w`), each a single-threaded `gemm` over all tokens: `gemm`'s
-/// own rayon split cost more in hand-offs than it gained at these sizes on 2 cores. Packing
-/// the weights on every call pays only with many tokens (see [`GEMM_MIN_TOKENS`]). 16-bit
-/// weights are widened [`GEMM_WIDEN_ROWS`] rows at a time into a per-thread f32 panel first:
-/// with at least [`GEMM_MIN_TOKENS`] tokens that costs well under 1% of the arithmetic.
-pub fn linear_gemm<W: WeightElem>(
-    x: &[f32],
-    w: &[W],
-    bias: Option<&[f32]>,
-    num_tokens: usize,
-    in_f: usize,
-    out_f: usize,
-    y: &mut [f32],
-) {
-    assert_eq!(w.len(), in_f * out_f);
-    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
-    let y = &mut y[..num_tokens * out_f];
-    if let Some(b) = bias {
-        assert_eq!(b.len(), out_f);
-        for row in y.chunks_exact_mut(out_f) {
-            row.copy_from_slice(b);
-        }
-    }
-    let threads = rayon::current_num_threads();
-    // Each chunk a multiple of 16 columns (one AVX-512 register of f32) so microkernels stay full.
-    let cols = (out_f / (threads * LINEAR_CHUNKS_PER_THREAD))
-        .max(LINEAR_MIN_CHUNK)
-        .div_ceil(16)
-        * 16;
-    let yp = SendPtr(y.as_mut_ptr());
-    w.par_chunks(cols * in_f).enumerate().for_each(|(c, wchunk)| {
-        let o0 = c * cols;
-        // SAFETY (both calls): `rows` holds n whole rows of w starting at row o, the columns
-        // o..o + n of y lie within [T, out] (asserted above), chunks and panels write disjoint
-        // columns, and y aliases neither x nor w nor the panel.
-        match W::as_f32(wchunk) {
-            Some(rows) => unsafe { gemm_rows(x, rows, bias.is_some(), num_tokens, in_f, out_f, o0, yp) },
-            None => WIDE_PANEL.with_borrow_mut(|panel| {
-                for (p, rows) in wchunk.chunks(GEMM_WIDEN_ROWS * in_f).enumerate() {
-                    panel.resize(rows.len(), 0.0);
-                    widen(rows, panel);
-                    let o = o0 + p * GEMM_WIDEN_ROWS;
-                    unsafe { gemm_rows(x, panel, bias.is_some(), num_tokens, in_f, out_f, o, yp) }
+/// Defines `fn $name(args)` that runs `$inner(args)` compiled with AVX2 and FMA enabled where
+/// the CPU has them, and as built elsewhere (SSE2 on x86-64, NEON on aarch64): `$inner` is a
+/// plain `#[inline(always)]` loop the compiler vectorizes for whichever it is inlined into.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $inner:path) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if $crate::cpu::ops::has_avx2() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) {
+                    $inner($($arg),*)
                 }
-            }),
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { wide($($arg),*) };
+            }
+            $inner($($arg),*)
         }
-    });
-}
-
-/// Rows of 16-bit weights [`linear_gemm`] widens at a time: a multiple of 16 (full microkernel
-/// columns), and 128 rows of 4096 f32 (2 MiB) stay in L2/L3 while `gemm` packs them.
-const GEMM_WIDEN_ROWS: usize = 128;
-
-thread_local! {
-    /// Widened 16-bit weights: `[GEMM_WIDEN_ROWS, in]` of [`linear_gemm`], or one chunk of
-    /// [`linear_gemv`]
-    static WIDE_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// One single-threaded `gemm`: columns `o..o + n` of `y[T, out]` (+)= `x[T, in] · rowsᵀ`, where
-/// `rows` is `[n, in]` (rows `o..` of the weight).
-///
-/// # Safety
-/// `y` points at a `[num_tokens, out_f]` buffer, `o + n <= out_f`, no other thread writes
-/// those columns meanwhile, and `y` aliases neither `x` nor `rows`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_rows(
-    x: &[f32],
-    rows: &[f32],
-    read_dst: bool,
-    num_tokens: usize,
-    in_f: usize,
-    out_f: usize,
-    o: usize,
-    y: SendPtr,
-) {
-    let n = rows.len() / in_f;
-    assert!(x.len() >= num_tokens * in_f && o + n <= out_f);
-    // x is [T, in] row-major, rows read as rowsᵀ [in, n], y's columns o.. with row stride out_f.
-    let rhs = Rhs::Transposed(rows.as_ptr(), in_f);
-    let y = y.get().add(o);
-    sgemm(
-        (num_tokens, n, in_f),
-        (y, out_f),
-        read_dst,
-        (x.as_ptr(), in_f),
-        rhs,
-        1.0,
-        false,
-    )
-}
-
-/// The right operand of [`sgemm`], `[k, n]`: stored row-major with this row stride, or stored
-/// as its transpose `[n, k]` (row stride given) and read transposed.
-#[derive(Clone, Copy)]
-pub(crate) enum Rhs {
-    RowMajor(*const f32, usize),
-    Transposed(*const f32, usize),
-}
-
-/// `dst[m, n] = (dst if accumulate) + scale · lhs[m, k] · rhs[k, n]` in f32 with the `gemm`
-/// crate, `dst` and `lhs` row-major with the given row strides; on rayon's threads with
-/// `parallel`, else on this one.
-///
-/// # Safety
-/// Every operand holds its `[rows, cols]` at its strides, `dst` aliases neither input, and no
-/// other thread touches `dst`'s elements meanwhile.
-pub(crate) unsafe fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    (dst, dst_rs): (*mut f32, usize),
-    accumulate: bool,
-    (lhs, lhs_rs): (*const f32, usize),
-    rhs: Rhs,
-    scale: f32,
-    parallel: bool,
-) {
-    let (rhs, rhs_cs, rhs_rs) = match rhs {
-        Rhs::RowMajor(p, rs) => (p, 1, rs as isize),
-        Rhs::Transposed(p, rs) => (p, rs as isize, 1),
     };
-    let par = match rayon::current_num_threads() {
-        n if parallel && n > 1 => gemm::Parallelism::Rayon(n),
-        _ => gemm::Parallelism::None,
-    };
-    let alpha = if accumulate { 1.0 } else { 0.0 };
-    // gemm takes each operand as (column stride, row stride).
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        1,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs,
-        rhs_rs,
-        alpha,
-        scale,
-        false,
-        false,
-        false,
-        par,
-    )
+}
+pub(crate) use multiversion;
+
+/// `e^x` in plain f32 arithmetic that vectorizes (no libm call): `x = n·ln 2 + r` with
+/// `|r| ≤ ln 2 / 2` (ln 2 split in two parts, Cody–Waite), `e^r` by the degree-5 polynomial of
+/// Cephes' `expf`, and `2^n` written into the exponent bits. Within a few ulp of `f32::exp` on
+/// [-87, 88] (tested). Clamped outside that: x ≥ 88 gives e^88 and x ≤ -87.3 (also -inf) about
+/// 1.2e-38 rather than a subnormal or 0, which changes nothing for its callers (softmax weights
+/// and SiLU). NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LO: f32 = -87.3;
+    const HI: f32 = 88.0;
+    // Adding 1.5 · 2^23 rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(LO, HI); // NaN stays NaN
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let er = p * (r * r) + r + 1.0;
+    // n + 127 in the exponent field: 2^n for n in [-126, 127].
+    let n_int = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    er * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
-/// [`linear`] by streaming weights: output features are split across threads and each weight
-/// row is read once per tile of four tokens.
-pub fn linear_gemv<W: WeightElem>(
-    x: &[f32],
-    w: &[W],
-    bias: Option<&[f32]>,
-    num_tokens: usize,
-    in_f: usize,
-    out_f: usize,
-    y: &mut [f32],
-) {
-    assert_eq!(w.len(), in_f * out_f);
-    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
-    let threads = rayon::current_num_threads();
-    // Enough chunks to balance the threads, each a few rows so the weight chunk stays in cache
-    // while every token tile streams past it.
-    let rows_per_chunk = (out_f / (threads * 8)).clamp(4, 64);
-    let yp = SendPtr(y.as_mut_ptr());
-    w.par_chunks(rows_per_chunk * in_f)
-        .enumerate()
-        .for_each(|(c, wchunk)| {
-            macro_rules! run_on {
-                ($w:expr) => {
-                    LinearChunk {
-                        x,
-                        w: $w,
-                        bias,
-                        o0: c * rows_per_chunk,
-                        num_tokens,
-                        in_f,
-                        out_f,
-                        y: yp,
-                    }
-                    .run()
-                };
-            }
-            // 16-bit weights read by more than one token tile are widened once, into an f32
-            // copy of the chunk that stays in cache for every tile, rather than once per tile:
-            // the bytes from memory are still 16-bit.
-            if num_tokens > TOKEN_TILE && W::as_f32(wchunk).is_none() {
-                WIDE_PANEL.with_borrow_mut(|panel| {
-                    panel.resize(wchunk.len(), 0.0);
-                    widen(wchunk, panel);
-                    run_on!(&panel[..]);
-                });
-            } else {
-                run_on!(wchunk);
-            }
-        });
+/// `a · b` over their common length in eight interleaved partial sums, so the loop vectorizes
+/// (a single running sum is a dependency chain the compiler may not reorder).
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (a[..n].chunks_exact(8), b[..n].chunks_exact(8));
+    let tail: f32 = a.remainder().iter().zip(b.remainder()).map(|(x, y)| x * y).sum();
+    let mut acc = [0.0f32; 8];
+    for (x, y) in a.zip(b) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Σ `a[i]`, vectorized as [`dot_lanes`] is.
+#[inline(always)]
+pub(crate) fn sum_lanes(a: &[f32]) -> f32 {
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    let mut acc = [0.0f32; 8];
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] += x[l];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// RMSNorm over rows of `hidden` features, as HF computes it (f32 mean of squares).
@@ -560,9 +121,14 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         .for_each(|(o, xr)| rms_norm_row(xr, w, eps, o));
 }
 
-#[inline]
-pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+multiversion! {
+    /// One row of [`rms_norm`].
+    pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => rms_norm_row_impl
+}
+
+#[inline(always)]
+fn rms_norm_row_impl(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = dot_lanes(x, x) / x.len() as f32;
     let inv = 1.0 / (ms + eps).sqrt();
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = g * (v * inv);
@@ -573,7 +139,7 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
     let hd = w.len();
     x.par_chunks_mut(hd).for_each(|row| {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / hd as f32;
+        let ms = dot_lanes(row, row) / hd as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for (v, &g) in row.iter_mut().zip(w) {
             *v = g * (*v * inv);
@@ -585,19 +151,35 @@ pub fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     gate.par_chunks_mut(4096)
         .zip(up.par_chunks(4096))
-        .for_each(|(g, u)| {
-            for (g, &u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
+        .for_each(|(g, u)| silu_mul_chunk(g, u));
+}
+
+multiversion! {
+    fn silu_mul_chunk(gate: &mut [f32], up: &[f32]) => silu_mul_chunk_impl
+}
+
+#[inline(always)]
+fn silu_mul_chunk_impl(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp(-*g)) * u;
+    }
 }
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
-    x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(a, b)| {
-        for (a, &b) in a.iter_mut().zip(b) {
-            *a += b;
-        }
-    });
+    x.par_chunks_mut(4096)
+        .zip(y.par_chunks(4096))
+        .for_each(|(a, b)| add_chunk(a, b));
+}
+
+multiversion! {
+    fn add_chunk(x: &mut [f32], y: &[f32]) => add_chunk_impl
+}
+
+#[inline(always)]
+fn add_chunk_impl(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
 }
 
 /// Rotary embedding tables, `[max_positions, head_dim / 2]` each, HF's non-interleaved layout.
@@ -645,498 +227,56 @@ impl Rope {
     }
 }
 
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// What attention needs to know about the step's sequences.
-pub struct AttnMeta<'a> {
-    /// `[num_seqs + 1]` token offsets of each sequence in the step
-    pub query_start: &'a [u32],
-    /// `[T]` absolute position of each token
-    pub positions: &'a [u32],
-    /// `[num_seqs, max_blocks_per_seq]`
-    pub block_tables: &'a [u32],
-    pub max_blocks_per_seq: usize,
-    pub block_size: usize,
-}
-
-/// Query tokens a work item of [`paged_attention`] takes (times the heads sharing a KV head).
-const ATTN_QUERY_BLOCK: usize = 16;
-/// Keys read per block: each block of K and V (`64 × head_dim` f32) stays in L1/L2 while every
-/// query row of the work item uses it.
-const ATTN_KEY_BLOCK: usize = 64;
-
-/// Scratch of one [`paged_attention`] work item: `rows = query tokens × group` rows.
-#[derive(Default)]
-struct AttnScratch {
-    /// `[rows]` running max of the scores
-    max: Vec<f32>,
-    /// `[rows]` running sum of exp(score - max)
-    sum: Vec<f32>,
-    /// `[rows, head_dim]` unnormalized output
-    acc: Vec<f32>,
-    /// `[rows, ATTN_KEY_BLOCK]` scores of one key block
-    scores: Vec<f32>,
-}
-
-thread_local! {
-    static ATTN_SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
-}
-
-/// Causal attention over the paged KV cache, for prefill and decode tokens alike: token `t` of a
-/// sequence attends to every cached position up to its own (the step's K/V are written first).
-/// `q: [T, num_heads * hd]`, caches `[num_blocks * block_size, num_kv_heads * hd]`,
-/// `out: [T, num_heads * hd]`.
-///
-/// Blocked as FlashAttention is: a work item is (sequence, KV head, block of up to
-/// [`ATTN_QUERY_BLOCK`] query tokens) with every query head of that KV head, so each key and
-/// value is read once per item rather than once per query token and head; keys come in blocks of
-/// [`ATTN_KEY_BLOCK`] with an online softmax. Items run in parallel across sequences, heads and
-/// query blocks. [`paged_attention_ref`] is the plain per-token loop it is tested against.
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention(
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    meta: &AttnMeta<'_>,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
-    let group = num_heads / num_kv_heads;
-    let kv_row = num_kv_heads * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let num_seqs = meta.query_start.len() - 1;
-    let num_tokens = meta.positions.len();
-    assert!(out.len() >= num_tokens * num_heads * head_dim);
-    let seq_len = |s: usize| (meta.query_start[s + 1] - meta.query_start[s]) as usize;
-    let max_blocks = (0..num_seqs)
-        .map(|s| seq_len(s).div_ceil(ATTN_QUERY_BLOCK))
-        .max()
-        .unwrap_or(0);
-    let op = SendPtr(out.as_mut_ptr());
-    (0..num_seqs * num_kv_heads * max_blocks)
-        .into_par_iter()
-        .for_each(|item| {
-            let (seq, rest) = (
-                item / (num_kv_heads * max_blocks),
-                item % (num_kv_heads * max_blocks),
-            );
-            let (kvh, qb) = (rest / max_blocks, rest % max_blocks);
-            let start = meta.query_start[seq] as usize;
-            let t0 = start + qb * ATTN_QUERY_BLOCK;
-            let t1 = (t0 + ATTN_QUERY_BLOCK).min(start + seq_len(seq));
-            if t0 >= t1 {
-                return;
-            }
-            let table =
-                &meta.block_tables[seq * meta.max_blocks_per_seq..(seq + 1) * meta.max_blocks_per_seq];
-            let slot = |p: usize| table[p / meta.block_size] as usize * meta.block_size + p % meta.block_size;
-            let rows = (t1 - t0) * group;
-            // Row i is token t0 + i / group, head kvh * group + i % group.
-            let q_row = |i: usize| {
-                let (t, h) = (t0 + i / group, kvh * group + i % group);
-                &q[(t * num_heads + h) * head_dim..][..head_dim]
-            };
-            let ctx_end = (t0..t1)
-                .map(|t| meta.positions[t] as usize + 1)
-                .max()
-                .unwrap_or(0);
-            ATTN_SCRATCH.with_borrow_mut(|sc| {
-                sc.max.clear();
-                sc.max.resize(rows, f32::NEG_INFINITY);
-                sc.sum.clear();
-                sc.sum.resize(rows, 0.0);
-                sc.acc.clear();
-                sc.acc.resize(rows * head_dim, 0.0);
-                sc.scores.resize(rows * ATTN_KEY_BLOCK, 0.0);
-                for p0 in (0..ctx_end).step_by(ATTN_KEY_BLOCK) {
-                    let p1 = (p0 + ATTN_KEY_BLOCK).min(ctx_end);
-                    for i in 0..rows {
-                        let last = meta.positions[t0 + i / group] as usize; // causal limit
-                        if p0 > last {
-                            continue;
-                        }
-                        let (qi, s) = (q_row(i), &mut sc.scores[i * ATTN_KEY_BLOCK..][..p1 - p0]);
-                        let mut block_max = f32::NEG_INFINITY;
-                        for (j, sj) in s.iter_mut().enumerate() {
-                            let p = p0 + j;
-                            *sj = if p <= last {
-                                dot(qi, &k_cache[slot(p) * kv_row + kvh * head_dim..][..head_dim]) * scale
-                            } else {
-                                f32::NEG_INFINITY
-                            };
-                            block_max = block_max.max(*sj);
-                        }
-                        let new_max = sc.max[i].max(block_max);
-                        let correction = (sc.max[i] - new_max).exp();
-                        sc.max[i] = new_max;
-                        let acc = &mut sc.acc[i * head_dim..][..head_dim];
-                        if correction != 1.0 {
-                            sc.sum[i] *= correction;
-                            acc.iter_mut().for_each(|a| *a *= correction);
-                        }
-                        for (j, sj) in s.iter_mut().enumerate() {
-                            let e = (*sj - new_max).exp();
-                            sc.sum[i] += e;
-                            if e != 0.0 {
-                                let v = &v_cache[slot(p0 + j) * kv_row + kvh * head_dim..][..head_dim];
-                                for (a, &vv) in acc.iter_mut().zip(v) {
-                                    *a += e * vv;
-                                }
-                            }
-                        }
-                    }
-                }
-                for i in 0..rows {
-                    let (t, h) = (t0 + i / group, kvh * group + i % group);
-                    let inv = 1.0 / sc.sum[i];
-                    for (d, &a) in sc.acc[i * head_dim..][..head_dim].iter().enumerate() {
-                        // SAFETY: (t, h) belongs to this item only (its tokens, its KV head's
-                        // query heads); the index is within out, asserted above.
-                        unsafe { *op.get().add((t * num_heads + h) * head_dim + d) = a * inv };
-                    }
-                }
-            });
-        });
-}
-
-/// The plain per-(token, head) attention loop [`paged_attention`] is tested against.
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention_ref(
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    meta: &AttnMeta<'_>,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
-    let group = num_heads / num_kv_heads;
-    let kv_row = num_kv_heads * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let num_tokens = meta.positions.len();
-    out[..num_tokens * num_heads * head_dim]
-        .par_chunks_mut(head_dim)
-        .enumerate()
-        .for_each(|(idx, o)| {
-            let (t, h) = (idx / num_heads, idx % num_heads);
-            let seq = meta.query_start.partition_point(|&s| s as usize <= t) - 1;
-            let table =
-                &meta.block_tables[seq * meta.max_blocks_per_seq..(seq + 1) * meta.max_blocks_per_seq];
-            let ctx = meta.positions[t] as usize + 1;
-            let kvh = h / group;
-            let qh = &q[(t * num_heads + h) * head_dim..][..head_dim];
-            let slot = |p: usize| table[p / meta.block_size] as usize * meta.block_size + p % meta.block_size;
-            SCORES.with_borrow_mut(|scores| {
-                scores.clear();
-                scores.resize(ctx, 0.0);
-                let mut max = f32::NEG_INFINITY;
-                for (p, s) in scores.iter_mut().enumerate() {
-                    let k = &k_cache[slot(p) * kv_row + kvh * head_dim..][..head_dim];
-                    *s = dot(qh, k) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                o.fill(0.0);
-                for (p, &s) in scores.iter().enumerate() {
-                    let v = &v_cache[slot(p) * kv_row + kvh * head_dim..][..head_dim];
-                    let w = s / sum;
-                    for (oi, &vi) in o.iter_mut().zip(v) {
-                        *oi += w * vi;
-                    }
-                }
-            });
-        });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn linear_matches_naive_for_all_tile_remainders() {
-        let (in_f, out_f) = (37, 70);
-        let w: Vec<f32> = (0..in_f * out_f)
-            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+    fn exp_is_within_a_few_ulp_of_libm_and_clamps_at_the_ends() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.000_37;
+        }
+        // 4 ulp of f32 is 4.8e-7 relative.
+        assert!(worst < 4.8e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NEG_INFINITY) < 1.3e-38 && exp(-1000.0) >= 0.0);
+        assert!(exp(100.0).is_finite() && exp(f32::INFINITY).is_finite());
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn elementwise_kernels_match_their_definitions() {
+        let n = 4096 + 37; // one full chunk and a ragged one
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
             .collect();
-        let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01).collect();
-        for t in [1, 2, 3, 4, 5, 9] {
-            let x: Vec<f32> = (0..t * in_f)
-                .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
-                .collect();
-            let mut y = vec![0.0; t * out_f];
-            linear(&x, &w, Some(&bias), t, in_f, out_f, &mut y);
-            for tt in 0..t {
-                for o in 0..out_f {
-                    let want: f32 =
-                        (0..in_f).map(|k| x[tt * in_f + k] * w[o * in_f + k]).sum::<f32>() + bias[o];
-                    assert!((y[tt * out_f + o] - want).abs() < 1e-4, "t={t} ({tt},{o})");
-                }
-            }
+        let u: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 997) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut got = g.clone();
+        silu_mul(&mut got, &u);
+        for i in 0..n {
+            let want = (g[i] as f64 / (1.0 + (-g[i] as f64).exp()) * u[i] as f64) as f32;
+            assert!((got[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "silu {i}");
         }
-    }
-
-    /// `x · wᵀ + bias` by the definition, in f64.
-    fn naive(x: &[f32], w: &[f32], bias: &[f32], t: usize, in_f: usize, out_f: usize) -> Vec<f32> {
-        let mut y = vec![0.0f32; t * out_f];
-        for tt in 0..t {
-            for o in 0..out_f {
-                let dot: f64 = (0..in_f)
-                    .map(|k| x[tt * in_f + k] as f64 * w[o * in_f + k] as f64)
-                    .sum();
-                y[tt * out_f + o] = (dot + bias[o] as f64) as f32;
-            }
-        }
-        y
-    }
-
-    #[test]
-    fn widen_matches_the_scalar_conversion_for_every_bit_pattern() {
-        let all: Vec<u16> = (0..=u16::MAX).collect();
-        let b: Vec<bf16> = all.iter().map(|&u| bf16::from_bits(u)).collect();
-        let h: Vec<f16> = all.iter().map(|&u| f16::from_bits(u)).collect();
-        let mut out = vec![0.0f32; all.len()];
-        // An odd length, so the scalar tail runs too.
-        widen(&b[..all.len() - 3], &mut out[..all.len() - 3]);
-        for (i, (&o, v)) in out.iter().zip(&b[..all.len() - 3]).enumerate() {
-            let want = v.to_f32();
-            assert!(
-                o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()),
-                "bf16 {i:#x}"
-            );
-        }
-        widen(&h[..all.len() - 3], &mut out[..all.len() - 3]);
-        for (i, (&o, v)) in out.iter().zip(&h[..all.len() - 3]).enumerate() {
-            let want = f16::to_f32(*v);
-            assert!(
-                o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()),
-                "f16 {i:#x}"
-            );
-        }
-    }
-
-    /// The portable dot products (what aarch64 runs) against the AVX2 ones and a plain sum, for
-    /// each weight type, across lengths around the 8-wide blocks.
-    #[test]
-    fn portable_and_avx2_dot_products_agree() {
-        fn check<W: WeightElem>(narrow: fn(f32) -> W) {
-            for n in [1, 7, 8, 9, 16, 17, 45] {
-                let w: Vec<W> = (0..n).map(|i| narrow((i as f32 * 0.37).cos())).collect();
-                let x: Vec<Vec<f32>> = (0..3)
-                    .map(|r| (0..n).map(|i| ((i + r) as f32 * 0.91).sin()).collect())
-                    .collect();
-                let xs = [&x[0][..], &x[1][..], &x[2][..]];
-                let want: Vec<f32> = xs
-                    .iter()
-                    .map(|xr| w.iter().zip(*xr).map(|(a, b)| a.to_f32() * b).sum())
-                    .collect();
-                let portable = dot_n::<W, 3>(&w, xs);
-                #[cfg(target_arch = "x86_64")]
-                let fast = if has_avx2() {
-                    // SAFETY: the CPU has AVX2, FMA and F16C; every x row is as long as w.
-                    unsafe { avx2::dot_n::<W, 3>(&w, xs) }
-                } else {
-                    portable
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let fast = portable;
-                for r in 0..3 {
-                    assert!((portable[r] - want[r]).abs() < 1e-5, "portable n={n} row {r}");
-                    assert!((fast[r] - want[r]).abs() < 1e-5, "avx2 n={n} row {r}");
-                }
-            }
-        }
-        check::<f32>(|x| x);
-        check(bf16::from_f32);
-        check(f16::from_f32);
-    }
-
-    /// 16-bit weights give what f32 weights holding the same (widened) values give, on the GEMV
-    /// and GEMM paths, across odd shapes and thread counts.
-    #[test]
-    fn sixteen_bit_weights_match_their_widened_values() {
-        fn check<W: WeightElem>(name: &str, narrow: fn(f32) -> W) {
-            for (in_f, out_f) in [(37, 70), (130, 333), (5, 1), (24, 150)] {
-                let w: Vec<W> = (0..in_f * out_f)
-                    .map(|i| narrow(((i * 7919) % 101) as f32 / 50.0 - 1.0))
-                    .collect();
-                let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-                let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01 - 0.2).collect();
-                for t in [1, 3, 4, 9, GEMM_MIN_TOKENS + 5] {
-                    let x: Vec<f32> = (0..t * in_f)
-                        .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
-                        .collect();
-                    let want = naive(&x, &wf, &bias, t, in_f, out_f);
-                    for threads in [1, 3] {
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads)
-                            .build()
-                            .unwrap();
-                        for (path, f) in [
-                            (
-                                "gemm",
-                                linear_gemm::<W>
-                                    as fn(&[f32], &[W], Option<&[f32]>, usize, usize, usize, &mut [f32]),
-                            ),
-                            ("gemv", linear_gemv::<W>),
-                        ] {
-                            let mut y = vec![f32::NAN; t * out_f];
-                            pool.install(|| f(&x, &w, Some(&bias), t, in_f, out_f, &mut y));
-                            for i in 0..t * out_f {
-                                let tol = 1e-4 * (1.0 + want[i].abs());
-                                assert!(
-                                    (y[i] - want[i]).abs() < tol,
-                                    "{name} {path} {in_f}x{out_f} t={t} [{i}]: {} vs {}",
-                                    y[i],
-                                    want[i]
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        check("bf16", bf16::from_f32);
-        check("f16", f16::from_f32);
-    }
-
-    #[test]
-    fn blocked_attention_matches_the_per_token_loop() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let block_size = 4;
-        // Sequences as (first position, tokens this step): a prompt longer than one query and
-        // one key block, a chunk that continues a prompt, decodes, a one-token prompt.
-        let seqs = [(0usize, 37usize), (50, 20), (130, 1), (0, 1), (9, 3)];
-        for (num_heads, num_kv_heads, head_dim) in [(4, 4, 8), (6, 2, 12), (3, 1, 5)] {
-            let max_blocks_per_seq = 160usize.div_ceil(block_size);
-            let num_blocks = seqs.len() * max_blocks_per_seq;
-            // A shuffled block table, so pages are not in position order.
-            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-            for i in (1..ids.len()).rev() {
-                ids.swap(i, rng.random_range(0..=i));
-            }
-            let kv_row = num_kv_heads * head_dim;
-            let mut rnd = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
-            let (k_cache, v_cache) = (
-                rnd(num_blocks * block_size * kv_row),
-                rnd(num_blocks * block_size * kv_row),
-            );
-            let (mut query_start, mut positions) = (vec![0u32], Vec::new());
-            for &(first, n) in &seqs {
-                positions.extend((first..first + n).map(|p| p as u32));
-                query_start.push(positions.len() as u32);
-            }
-            let t = positions.len();
-            let q = rnd(t * num_heads * head_dim);
-            let meta = AttnMeta {
-                query_start: &query_start,
-                positions: &positions,
-                block_tables: &ids,
-                max_blocks_per_seq,
-                block_size,
-            };
-            let mut want = vec![0.0; t * num_heads * head_dim];
-            paged_attention_ref(
-                &q,
-                &k_cache,
-                &v_cache,
-                &meta,
-                num_heads,
-                num_kv_heads,
-                head_dim,
-                &mut want,
-            );
-            for threads in [1, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let mut got = vec![f32::NAN; t * num_heads * head_dim];
-                pool.install(|| {
-                    paged_attention(
-                        &q,
-                        &k_cache,
-                        &v_cache,
-                        &meta,
-                        num_heads,
-                        num_kv_heads,
-                        head_dim,
-                        &mut got,
-                    )
-                });
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - w).abs() < 1e-5,
-                        "heads {num_heads}/{num_kv_heads} d {head_dim} [{i}]: {g} vs {w}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn gemm_and_gemv_match_naive_across_odd_shapes_and_thread_counts() {
-        // Sizes off every block: output features not a multiple of 16, of 3 (the GEMV's row
-        // tile) or of the thread split, inputs not a multiple of 8, and token counts on both
-        // sides of GEMM_MIN_TOKENS and of the GEMV's 4-token tile.
-        for (in_f, out_f) in [(37, 70), (64, 17), (130, 333), (5, 1)] {
-            let w: Vec<f32> = (0..in_f * out_f)
-                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-                .collect();
-            let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01 - 0.2).collect();
-            for t in [1, 2, 3, 7, 8, 17, 70, GEMM_MIN_TOKENS + 5] {
-                let x: Vec<f32> = (0..t * in_f)
-                    .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
-                    .collect();
-                let want = naive(&x, &w, &bias, t, in_f, out_f);
-                let want_nb = naive(&x, &w, &vec![0.0; out_f], t, in_f, out_f);
-                for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
-                    for (name, f) in [
-                        (
-                            "gemm",
-                            linear_gemm
-                                as fn(&[f32], &[f32], Option<&[f32]>, usize, usize, usize, &mut [f32]),
-                        ),
-                        ("gemv", linear_gemv),
-                        ("linear", linear),
-                    ] {
-                        // NaN-filled: every element must be written (and the bias one read).
-                        let mut y = vec![f32::NAN; t * out_f + 3];
-                        pool.install(|| f(&x, &w, Some(&bias), t, in_f, out_f, &mut y));
-                        let mut y_nb = vec![f32::NAN; t * out_f];
-                        pool.install(|| f(&x, &w, None, t, in_f, out_f, &mut y_nb));
-                        for i in 0..t * out_f {
-                            let tol = 1e-4 * (1.0 + want[i].abs());
-                            assert!(
-                                (y[i] - want[i]).abs() < tol,
-                                "{name} {in_f}x{out_f} t={t} [{i}]: {} vs {}",
-                                y[i],
-                                want[i]
-                            );
-                            assert!(
-                                (y_nb[i] - want_nb[i]).abs() < tol,
-                                "{name} {in_f}x{out_f} t={t} [{i}] no bias"
-                            );
-                        }
-                        assert!(
-                            y[t * out_f..].iter().all(|v| v.is_nan()),
-                            "{name} wrote past [T, out]"
-                        );
-                    }
-                }
+        let mut sum = g.clone();
+        add_inplace(&mut sum, &u);
+        assert!(sum.iter().zip(g.iter().zip(&u)).all(|(s, (a, b))| *s == a + b));
+        let (h, w) = (37, vec![0.5f32; 37]);
+        let mut out = vec![0.0; 2 * h];
+        rms_norm(&g[..2 * h], &w, 1e-5, &mut out);
+        for r in 0..2 {
+            let row = &g[r * h..(r + 1) * h];
+            let ms = row.iter().map(|v| (v * v) as f64).sum::<f64>() / h as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for i in 0..h {
+                let want = 0.5 * row[i] as f64 * inv;
+                assert!((out[r * h + i] as f64 - want).abs() < 1e-5, "rms {r} {i}");
             }
         }
     }

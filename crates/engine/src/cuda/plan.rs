@@ -251,7 +251,7 @@ pub fn norm_threads(caps: &Caps, hidden: usize, rows: usize) -> u32 {
 /// Whether `decode_attention` takes a head size: a power-of-two number of 8-element chunks, at
 /// most 32.
 pub fn decode_attention_fits(hd: usize) -> bool {
-    hd % 8 == 0 && (hd / 8).is_power_of_two() && hd / 8 <= 32
+    hd.is_multiple_of(8) && (hd / 8).is_power_of_two() && hd / 8 <= 32
 }
 
 impl StepPlan {

@@ -76,7 +76,7 @@ pub const VARIANTS: [Kernel; 2] = [
 /// The kernel for `head_dim` with `group` query heads per KV head, if there is one: head_dim a
 /// multiple of 8 up to 128 (rows are padded to 64 or 128 dims), and a group that fits a tile.
 pub fn kernel(head_dim: usize, group: usize) -> Option<Kernel> {
-    if head_dim == 0 || head_dim % 8 != 0 || group == 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(8) || group == 0 {
         return None;
     }
     let k = match head_dim {

@@ -99,7 +99,7 @@ pub fn shrink(
     tmp: CUdeviceptr,
     t: usize,
 ) -> Result<()> {
-    assert!(w.k % 8 == 0 && w.r % 8 == 0 && (1..=3).contains(&w.nsub));
+    assert!(w.k.is_multiple_of(8) && w.r.is_multiple_of(8) && (1..=3).contains(&w.nsub));
     if seg.max_segs == 0 {
         return Ok(());
     }

@@ -52,7 +52,7 @@ pub enum Epilogue {
 
 /// Whether the skinny GEMM takes `m` tokens of an `n × k` weight (else cuBLAS does).
 pub fn fits(skinny_max_m: usize, epi: Epilogue, n: usize, k: usize, m: usize) -> bool {
-    m <= skinny_max_m && k % 8 == 0 && (epi != Epilogue::SiluMul || n % 2 == 0)
+    m <= skinny_max_m && k.is_multiple_of(8) && (epi != Epilogue::SiluMul || n.is_multiple_of(2))
 }
 
 /// The RMSNorm split across a residual add and the next GEMM (`NormArgs` in the kernels): the

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::adapter::LoraModule;
 use super::LoraSlot;
-use crate::cpu::ops::{dot, sgemm, Rhs};
+use crate::cpu::linear::{dot, sgemm, Rhs};
 
 /// The stacked weights of one projection of one layer, for all `max_loras` slots.
 #[derive(Debug, Clone)]

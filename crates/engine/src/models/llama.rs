@@ -3,7 +3,9 @@
 //! step — prefills and decodes mixed — and applies LoRA with one shrink/expand per projection.
 
 use crate::backend::StepBatch;
-use crate::cpu::ops::{self, AttnMeta, Rope};
+use crate::cpu::attention::{paged_attention, AttnMeta};
+use crate::cpu::linear::linear_weight;
+use crate::cpu::ops::{self, Rope};
 use crate::cpu::{KvCache, Workspace};
 use crate::error::Result;
 use crate::lora::punica::{self, LoraStack};
@@ -43,7 +45,7 @@ impl Linear {
 
     /// `y[T, out] = x[T, in] · Wᵀ + b`
     fn forward(&self, x: &[f32], num_tokens: usize, y: &mut [f32]) {
-        ops::linear_weight(
+        linear_weight(
             x,
             &self.weight,
             self.bias.as_deref(),
@@ -221,7 +223,7 @@ impl Llama {
                 v_cache[s..s + kvs].copy_from_slice(&v[ti * kvs..(ti + 1) * kvs]);
             }
             let attn = &mut ws.attn[..t * qs];
-            ops::paged_attention(q, k_cache, v_cache, &meta, nh, nkv, hd, attn);
+            paged_attention(q, k_cache, v_cache, &meta, nh, nkv, hd, attn);
             let o = &mut ws.normed[..t * h]; // normed is free again: reuse it for o_proj's output
             project(&a.o_proj, li, LoraTarget::OProj, attn, o, lora_tmp);
             ops::add_inplace(hidden, o);
@@ -276,6 +278,6 @@ impl Llama {
             );
         }
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        ops::linear_weight(normed, lm_head, None, num_rows, h, cfg.vocab_size, &mut ws.logits);
+        linear_weight(normed, lm_head, None, num_rows, h, cfg.vocab_size, &mut ws.logits);
     }
 }

@@ -31,7 +31,7 @@ pub fn demo_dir() -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
 }
 
 pub fn adapter(i: usize) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
-    let rank = if i % 2 == 0 { 8 } else { 16 };
+    let rank = if i.is_multiple_of(2) { 8 } else { 16 };
     Ok(demo_dir()?.join(format!("adapters/demo-r{rank}-{:03}", i / 2)))
 }
 
