@@ -136,14 +136,21 @@ fn rms_norm_row_impl(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// In-place per-head RMSNorm (Qwen3's q_norm/k_norm): rows of `head_dim`.
 pub fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
-    let hd = w.len();
-    x.par_chunks_mut(hd).for_each(|row| {
-        let ms = dot_lanes(row, row) / hd as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for (v, &g) in row.iter_mut().zip(w) {
-            *v = g * (*v * inv);
-        }
-    });
+    x.par_chunks_mut(w.len())
+        .for_each(|row| rms_norm_head(row, w, eps));
+}
+
+multiversion! {
+    fn rms_norm_head(row: &mut [f32], w: &[f32], eps: f32) => rms_norm_head_impl
+}
+
+#[inline(always)]
+fn rms_norm_head_impl(row: &mut [f32], w: &[f32], eps: f32) {
+    let ms = dot_lanes(row, row) / row.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for (v, &g) in row.iter_mut().zip(w) {
+        *v = g * (*v * inv);
+    }
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`
