@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::linear::dot;
-use super::ops::{dot_lanes, exp, multiversion, sum_lanes, SendPtr};
+use super::ops::{dot_lanes, fast_exp, multiversion, sum_lanes, SendPtr};
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -27,10 +27,11 @@ pub struct AttnMeta<'a> {
 /// Query tokens a work item of [`paged_attention`] takes (times the heads sharing a KV head).
 const ATTN_QUERY_BLOCK: usize = 16;
 /// Keys read per block: each block of K (`64 × head_dim` f32) is gathered from its pages into a
-/// transposed copy that stays in L1 while every query row of the work item uses it; V rows are
-/// read in place.
+/// transposed copy that stays in cache (L1 for head_dim ≤ 128) while every query row of the work
+/// item uses it; V rows are read in place.
 const ATTN_KEY_BLOCK: usize = 64;
-/// From this many query rows a work item gathers K; below (decode), it reads K in place.
+/// From this many query rows (tokens × query heads per KV head) a work item gathers K; below (a
+/// decode token of a model with fewer than 4 query heads per KV head), it reads K in place.
 const ATTN_GATHER_MIN_ROWS: usize = 4;
 
 /// Scratch of one [`paged_attention`] work item: `rows = query tokens × group` rows.
@@ -38,7 +39,7 @@ const ATTN_GATHER_MIN_ROWS: usize = 4;
 struct AttnScratch {
     /// `[rows]` running max of the scores
     max: Vec<f32>,
-    /// `[rows]` running sum of exp(score - max)
+    /// `[rows]` running sum of fast_exp(score - max)
     sum: Vec<f32>,
     /// `[rows, head_dim]` unnormalized output
     acc: Vec<f32>,
@@ -98,6 +99,12 @@ pub fn paged_attention(
     let num_seqs = meta.query_start.len() - 1;
     let num_tokens = meta.positions.len();
     assert!(out.len() >= num_tokens * num_heads * head_dim);
+    // Work items write the rows of their own tokens: sequences must not overlap.
+    assert!(
+        meta.query_start.windows(2).all(|w| w[0] <= w[1])
+            && meta.query_start.last().is_some_and(|&e| e as usize <= num_tokens),
+        "query_start must rise to at most the step's tokens"
+    );
     let attn = Attn {
         q,
         k_cache,
@@ -199,10 +206,10 @@ fn attn_item_impl(a: &Attn<'_>, Item { seq, kvh, t0, t1 }: Item, sc: &mut AttnSc
                 block_max = block_max.max(*sj);
             }
             let new_max = sc.max[i].max(block_max);
-            let correction = exp(sc.max[i] - new_max);
+            let correction = fast_exp(sc.max[i] - new_max);
             sc.max[i] = new_max;
             for sj in s.iter_mut() {
-                *sj = exp(*sj - new_max);
+                *sj = fast_exp(*sj - new_max);
             }
             sc.sum[i] = sc.sum[i] * correction + sum_lanes(s);
             let acc = &mut sc.acc[i * hd..][..hd];
@@ -333,7 +340,9 @@ mod tests {
         // Sequences as (first position, tokens this step): a prompt longer than one query and
         // one key block, a chunk that continues a prompt, decodes, a one-token prompt.
         let seqs = [(0usize, 37usize), (50, 20), (130, 1), (0, 1), (9, 3)];
-        for (num_heads, num_kv_heads, head_dim) in [(4, 4, 8), (6, 2, 12), (3, 1, 5)] {
+        // Head sizes off every column step (32, 8, 1) and GQA groups 1, 3, 4 and 8.
+        for (num_heads, num_kv_heads, head_dim) in [(4, 4, 8), (6, 2, 12), (3, 1, 5), (8, 2, 40), (8, 1, 128)]
+        {
             let max_blocks_per_seq = 160usize.div_ceil(block_size);
             let num_blocks = seqs.len() * max_blocks_per_seq;
             // A shuffled block table, so pages are not in position order.

@@ -1,9 +1,10 @@
 //! The linear layer `y = x · wᵀ (+ bias)` on the CPU: a weight-streaming GEMV for up to a few
 //! dozen tokens (each weight row read once per tile of four tokens, so a decode step reads every
 //! weight once from memory) and the `gemm` crate's cache-blocked, panel-packing GEMM for more
-//! (prefill). Weights may be f32, bf16 or f16 ([`WeightElem`]): 16-bit ones are widened as they
-//! are loaded (GEMV) or a panel at a time (GEMM), so a decode step streams half the bytes and
-//! every sum is still f32.
+//! (prefill); [`linear_group`] runs several weights that read the same input in one parallel loop.
+//! Weights may be f32, bf16 or f16 ([`WeightElem`]): 16-bit ones are widened as they are loaded
+//! (up to four tokens) or a chunk at a time into an f32 copy that stays in cache, so a decode step
+//! streams half the bytes from memory and every sum is still f32.
 
 use std::cell::RefCell;
 
@@ -41,20 +42,6 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// The CPU has AVX2, FMA and F16C, and `p..p + 8` is readable.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-
-    /// The first `n` (≤ 16) elements from `p`, widened; the other lanes 0.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL, and `p..p + n` is readable.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self, n: usize) -> std::arch::x86_64::__m512;
-}
-
-/// The mask of the first `n` (≤ 16) lanes.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lanes16(n: usize) -> u16 {
-    ((1u32 << n) - 1) as u16
 }
 
 impl WeightElem for f32 {
@@ -72,18 +59,6 @@ impl WeightElem for f32 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const f32, n: usize) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        if n == 16 {
-            _mm512_loadu_ps(p)
-        } else {
-            _mm512_maskz_loadu_ps(lanes16(n), p)
-        }
     }
 }
 
@@ -106,19 +81,6 @@ impl WeightElem for bf16 {
         let h = _mm_loadu_si128(p.cast());
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const bf16, n: usize) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let h = if n == 16 {
-            _mm256_loadu_si256(p.cast())
-        } else {
-            _mm256_maskz_loadu_epi16(lanes16(n), p.cast())
-        };
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    }
 }
 
 impl WeightElem for f16 {
@@ -137,19 +99,6 @@ impl WeightElem for f16 {
     unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const f16, n: usize) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let h = if n == 16 {
-            _mm256_loadu_si256(p.cast())
-        } else {
-            _mm256_maskz_loadu_epi16(lanes16(n), p.cast())
-        };
-        _mm512_cvtph_ps(h)
     }
 }
 
@@ -238,12 +187,11 @@ mod avx2 {
 
 /// The AVX-512 GEMV tile: 32 registers hold a tile of 4 weight rows × 4 tokens, so each weight
 /// vector loaded feeds four FMAs and each activation vector four (AVX2's 16 registers fit one
-/// row × four tokens).
+/// row × four tokens). f32 weights only: from [`AVX512_MIN_TOKENS`] tokens 16-bit weights come
+/// widened into an f32 panel anyway.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-
-    use super::WeightElem;
 
     /// `R × N` dot products: weight rows `w[r]` against activation rows `x[c]`, all `len` long.
     ///
@@ -251,21 +199,23 @@ mod avx512 {
     /// The CPU has AVX-512 F/BW/VL; every `w[r]` and `x[c]` points at `len` readable elements.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn dot_tile<W: WeightElem, const R: usize, const N: usize>(
-        w: [*const W; R],
+    pub unsafe fn dot_tile<const R: usize, const N: usize>(
+        w: [*const f32; R],
         x: [*const f32; N],
         len: usize,
     ) -> [[f32; N]; R] {
         let mut acc = [[_mm512_setzero_ps(); N]; R];
         let mut k = 0;
         while k < len {
+            // The last block loads only its first n lanes (masked lanes are not read) as 0.
             let n = (len - k).min(16);
+            let mask = ((1u32 << n) - 1) as u16;
             let mut xs = [_mm512_setzero_ps(); N];
             for c in 0..N {
-                xs[c] = f32::load16(x[c].add(k), n);
+                xs[c] = _mm512_maskz_loadu_ps(mask, x[c].add(k));
             }
             for r in 0..R {
-                let wv = W::load16(w[r].add(k), n);
+                let wv = _mm512_maskz_loadu_ps(mask, w[r].add(k));
                 for c in 0..N {
                     acc[r][c] = _mm512_fmadd_ps(wv, xs[c], acc[r][c]);
                 }
@@ -368,14 +318,15 @@ impl<W: WeightElem> LinearChunk<'_, W> {
         }
     }
 
-    /// [`Self::run_tiles`] with AVX-512's tiles of [`ROW_TILE`] rows × [`TOKEN_TILE`] tokens.
+    /// [`Self::run_tiles`] with AVX-512's tiles of [`ROW_TILE`] rows × [`TOKEN_TILE`] tokens,
+    /// over the chunk's weights `w` as f32.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn run_avx512(&self) {
+    unsafe fn run_avx512(&self, w: &[f32]) {
         let in_f = self.in_f;
-        let rows = self.w.len() / in_f;
+        let rows = w.len() / in_f;
         let mut t = 0;
         while t < self.num_tokens {
             let nt = (self.num_tokens - t).min(TOKEN_TILE);
@@ -384,11 +335,11 @@ impl<W: WeightElem> LinearChunk<'_, W> {
                 let nr = (rows - ro).min(ROW_TILE);
                 macro_rules! tile {
                     ($r:literal, $n:literal) => {{
-                        let w = std::array::from_fn(|i| self.w[(ro + i) * in_f..].as_ptr());
+                        let w = std::array::from_fn(|i| w[(ro + i) * in_f..][..in_f].as_ptr());
                         let x = std::array::from_fn(|c| self.x[(t + c) * in_f..][..in_f].as_ptr());
                         // SAFETY: the CPU has AVX-512 (the caller's contract); rows ro..ro + $r
                         // of the chunk and tokens t..t + $n exist, each in_f long.
-                        let vals = unsafe { avx512::dot_tile::<W, $r, $n>(w, x, in_f) };
+                        let vals = unsafe { avx512::dot_tile::<$r, $n>(w, x, in_f) };
                         for (i, v) in vals.into_iter().enumerate() {
                             self.store(t, ro + i, v);
                         }
@@ -420,9 +371,9 @@ impl<W: WeightElem> LinearChunk<'_, W> {
 
     fn run(&self) {
         #[cfg(target_arch = "x86_64")]
-        if self.num_tokens >= AVX512_MIN_TOKENS && has_avx512() {
+        if let Some(w) = W::as_f32(self.w).filter(|_| self.num_tokens >= AVX512_MIN_TOKENS && has_avx512()) {
             // SAFETY: the CPU has AVX-512 F/BW/VL.
-            return unsafe { self.run_avx512() };
+            return unsafe { self.run_avx512(w) };
         }
         #[cfg(target_arch = "x86_64")]
         let avx2 = has_avx2();
@@ -470,11 +421,16 @@ pub fn linear<W: WeightElem>(
     out_f: usize,
     y: &mut [f32],
 ) {
-    if num_tokens >= GEMM_MIN_TOKENS {
-        linear_gemm(x, w, bias, num_tokens, in_f, out_f, y);
-    } else {
-        linear_gemv(x, w, bias, num_tokens, in_f, out_f, y);
-    }
+    linear_split(
+        x,
+        w,
+        bias,
+        num_tokens,
+        in_f,
+        out_f,
+        y,
+        num_tokens >= GEMM_MIN_TOKENS,
+    );
 }
 
 /// [`linear`] over a weight matrix kept in any of the CPU's dtypes.
@@ -494,10 +450,147 @@ pub fn linear_weight(
     }
 }
 
+/// One weight matrix of a [`linear_group`]: `y[T, out_f] = x · wᵀ (+ bias)`.
+pub struct LinearCall<'a> {
+    pub w: &'a Weight,
+    pub bias: Option<&'a [f32]>,
+    pub out_f: usize,
+    pub y: &'a mut [f32],
+}
+
+/// Most weight matrices one [`linear_group`] takes (q, k and v).
+pub const MAX_GROUP: usize = 3;
+
+/// [`linear_weight`] for up to [`MAX_GROUP`] weight matrices that read the same `x` (q/k/v,
+/// gate/up): one parallel loop over the chunks of all of them, so the threads meet once rather
+/// than once per matrix, and a thread that finishes its share of one matrix moves on to the next.
+pub fn linear_group(x: &[f32], num_tokens: usize, in_f: usize, calls: &mut [LinearCall<'_>]) {
+    assert!(calls.len() <= MAX_GROUP);
+    let gemm = num_tokens >= GEMM_MIN_TOKENS;
+    let mut splits = [Split::EMPTY; MAX_GROUP];
+    let mut ys = [SendPtr(std::ptr::null_mut()); MAX_GROUP];
+    // starts[k]..starts[k + 1]: the chunks of call k in the combined loop.
+    let mut starts = [0usize; MAX_GROUP + 1];
+    for (k, call) in calls.iter_mut().enumerate() {
+        let len = match call.w {
+            Weight::F32(w) => w.len(),
+            Weight::Bf16(w) => w.len(),
+            Weight::F16(w) => w.len(),
+        };
+        prepare(x, len, call.bias, num_tokens, in_f, call.out_f, call.y, gemm);
+        splits[k] = Split::new(call.out_f, num_tokens, gemm);
+        ys[k] = SendPtr(call.y.as_mut_ptr());
+        starts[k + 1] = starts[k] + splits[k].chunks;
+    }
+    let calls = &*calls;
+    (0..starts[calls.len()]).into_par_iter().for_each(|j| {
+        let k = (0..calls.len())
+            .rfind(|&k| starts[k] <= j)
+            .expect("starts[0] is 0");
+        let LinearCall { w, bias, out_f, .. } = calls[k];
+        let (split, c, y) = (splits[k], j - starts[k], ys[k]);
+        // SAFETY: `prepare` checked every call's buffers; chunks of one call write disjoint
+        // columns of its own y, which aliases no other call's y, nor x or any weight.
+        unsafe {
+            match w {
+                Weight::F32(w) => run_chunk(x, w, bias, num_tokens, in_f, out_f, split, c, y),
+                Weight::Bf16(w) => run_chunk(x, w, bias, num_tokens, in_f, out_f, split, c, y),
+                Weight::F16(w) => run_chunk(x, w, bias, num_tokens, in_f, out_f, split, c, y),
+            }
+        }
+    });
+}
+
 /// Column chunks of [`linear_gemm`]: several a thread, so a thread the OS preempts (a shared
 /// machine) does not hold up the step; at least this many output features each.
 const LINEAR_CHUNKS_PER_THREAD: usize = 8;
 const LINEAR_MIN_CHUNK: usize = 64;
+
+/// How a linear call splits its output features (rows of `w`) over threads.
+#[derive(Clone, Copy)]
+struct Split {
+    /// the cache-blocked GEMM, not the GEMV
+    gemm: bool,
+    /// rows of `w` a chunk
+    rows: usize,
+    chunks: usize,
+}
+
+impl Split {
+    const EMPTY: Split = Split {
+        gemm: false,
+        rows: 1,
+        chunks: 0,
+    };
+
+    fn new(out_f: usize, num_tokens: usize, gemm: bool) -> Split {
+        let threads = rayon::current_num_threads();
+        let rows = if gemm {
+            // A multiple of 16 columns (one AVX-512 register of f32) so microkernels stay full.
+            (out_f / (threads * LINEAR_CHUNKS_PER_THREAD))
+                .max(LINEAR_MIN_CHUNK)
+                .div_ceil(16)
+                * 16
+        } else {
+            // Enough chunks to balance the threads, each a few rows so the weight chunk stays
+            // in cache while every token tile streams past it.
+            (out_f / (threads * 8)).clamp(4, 64)
+        };
+        let _ = num_tokens;
+        Split {
+            gemm,
+            rows,
+            chunks: out_f.div_ceil(rows),
+        }
+    }
+}
+
+/// Checks a linear call's buffers and, for the GEMM (which accumulates onto `y`), writes the
+/// bias into `y` first.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    x: &[f32],
+    w_len: usize,
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+    gemm: bool,
+) {
+    assert_eq!(w_len, in_f * out_f);
+    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), out_f);
+        if gemm {
+            for row in y[..num_tokens * out_f].chunks_exact_mut(out_f) {
+                row.copy_from_slice(b);
+            }
+        }
+    }
+}
+
+/// [`linear`] taking the GEMM (`gemm`) or the GEMV whatever the token count.
+#[allow(clippy::too_many_arguments)]
+fn linear_split<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+    gemm: bool,
+) {
+    prepare(x, w.len(), bias, num_tokens, in_f, out_f, y, gemm);
+    let split = Split::new(out_f, num_tokens, gemm);
+    let yp = SendPtr(y.as_mut_ptr());
+    // SAFETY: `prepare` checked the buffers; chunks write disjoint columns of y, which aliases
+    // neither x nor w.
+    (0..split.chunks)
+        .into_par_iter()
+        .for_each(|c| unsafe { run_chunk(x, w, bias, num_tokens, in_f, out_f, split, c, yp) });
+}
 
 /// [`linear`] through `gemm`: packs cache-sized panels of `x` and `wᵀ` and runs a register-tiled
 /// microkernel picked at run time (AVX-512, AVX2/FMA, NEON or scalar). Threads split the output
@@ -515,39 +608,95 @@ pub fn linear_gemm<W: WeightElem>(
     out_f: usize,
     y: &mut [f32],
 ) {
-    assert_eq!(w.len(), in_f * out_f);
-    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
-    let y = &mut y[..num_tokens * out_f];
-    if let Some(b) = bias {
-        assert_eq!(b.len(), out_f);
-        for row in y.chunks_exact_mut(out_f) {
-            row.copy_from_slice(b);
-        }
-    }
-    let threads = rayon::current_num_threads();
-    // Each chunk a multiple of 16 columns (one AVX-512 register of f32) so microkernels stay full.
-    let cols = (out_f / (threads * LINEAR_CHUNKS_PER_THREAD))
-        .max(LINEAR_MIN_CHUNK)
-        .div_ceil(16)
-        * 16;
-    let yp = SendPtr(y.as_mut_ptr());
-    w.par_chunks(cols * in_f).enumerate().for_each(|(c, wchunk)| {
-        let o0 = c * cols;
-        // SAFETY (both calls): `rows` holds n whole rows of w starting at row o, the columns
-        // o..o + n of y lie within [T, out] (asserted above), chunks and panels write disjoint
-        // columns, and y aliases neither x nor w nor the panel.
+    linear_split(x, w, bias, num_tokens, in_f, out_f, y, true);
+}
+
+/// [`linear`] by streaming weights: output features are split across threads and each weight
+/// row is read once per tile of four tokens.
+pub fn linear_gemv<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut [f32],
+) {
+    linear_split(x, w, bias, num_tokens, in_f, out_f, y, false);
+}
+
+/// Chunk `c` of a linear call split by `split`: rows `c · split.rows..` of `w`, i.e. those
+/// columns of `y[T, out]`, over every token.
+///
+/// # Safety
+/// `y` points at a `[num_tokens, out_f]` buffer (holding the bias already for the GEMM), `x`
+/// and `w` are as [`prepare`] checked, and no other thread writes this chunk's columns
+/// meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_chunk<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    num_tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    split: Split,
+    c: usize,
+    y: SendPtr,
+) {
+    let o0 = c * split.rows;
+    let wchunk = &w[o0 * in_f..((o0 + split.rows).min(out_f)) * in_f];
+    if split.gemm {
+        // SAFETY (both calls): `rows` holds whole rows of w starting at row o, those columns
+        // of y lie within [T, out], and y aliases neither x nor w nor the panel.
         match W::as_f32(wchunk) {
-            Some(rows) => unsafe { gemm_rows(x, rows, bias.is_some(), num_tokens, in_f, out_f, o0, yp) },
+            Some(rows) => gemm_rows(x, rows, bias.is_some(), num_tokens, in_f, out_f, o0, y),
             None => WIDE_PANEL.with_borrow_mut(|panel| {
                 for (p, rows) in wchunk.chunks(GEMM_WIDEN_ROWS * in_f).enumerate() {
                     panel.resize(rows.len(), 0.0);
                     widen(rows, panel);
                     let o = o0 + p * GEMM_WIDEN_ROWS;
-                    unsafe { gemm_rows(x, panel, bias.is_some(), num_tokens, in_f, out_f, o, yp) }
+                    gemm_rows(x, panel, bias.is_some(), num_tokens, in_f, out_f, o, y)
                 }
             }),
         }
-    });
+        return;
+    }
+    let run_on = |w: &[W]| {
+        LinearChunk {
+            x,
+            w,
+            bias,
+            o0,
+            num_tokens,
+            in_f,
+            out_f,
+            y,
+        }
+        .run()
+    };
+    // 16-bit weights read by more than one token tile are widened once, into an f32 copy of the
+    // chunk that stays in cache for every tile, rather than once per tile: the bytes from memory
+    // are still 16-bit.
+    if num_tokens > TOKEN_TILE && W::as_f32(wchunk).is_none() {
+        WIDE_PANEL.with_borrow_mut(|panel| {
+            panel.resize(wchunk.len(), 0.0);
+            widen(wchunk, panel);
+            LinearChunk {
+                x,
+                w: &panel[..],
+                bias,
+                o0,
+                num_tokens,
+                in_f,
+                out_f,
+                y,
+            }
+            .run()
+        });
+    } else {
+        run_on(wchunk);
+    }
 }
 
 /// Rows of 16-bit weights [`linear_gemm`] widens at a time: a multiple of 16 (full microkernel
@@ -648,57 +797,6 @@ pub(crate) unsafe fn sgemm(
         false,
         par,
     )
-}
-
-/// [`linear`] by streaming weights: output features are split across threads and each weight
-/// row is read once per tile of four tokens.
-pub fn linear_gemv<W: WeightElem>(
-    x: &[f32],
-    w: &[W],
-    bias: Option<&[f32]>,
-    num_tokens: usize,
-    in_f: usize,
-    out_f: usize,
-    y: &mut [f32],
-) {
-    assert_eq!(w.len(), in_f * out_f);
-    assert!(x.len() >= num_tokens * in_f && y.len() >= num_tokens * out_f);
-    let threads = rayon::current_num_threads();
-    // Enough chunks to balance the threads, each a few rows so the weight chunk stays in cache
-    // while every token tile streams past it.
-    let rows_per_chunk = (out_f / (threads * 8)).clamp(4, 64);
-    let yp = SendPtr(y.as_mut_ptr());
-    w.par_chunks(rows_per_chunk * in_f)
-        .enumerate()
-        .for_each(|(c, wchunk)| {
-            macro_rules! run_on {
-                ($w:expr) => {
-                    LinearChunk {
-                        x,
-                        w: $w,
-                        bias,
-                        o0: c * rows_per_chunk,
-                        num_tokens,
-                        in_f,
-                        out_f,
-                        y: yp,
-                    }
-                    .run()
-                };
-            }
-            // 16-bit weights read by more than one token tile are widened once, into an f32
-            // copy of the chunk that stays in cache for every tile, rather than once per tile:
-            // the bytes from memory are still 16-bit.
-            if num_tokens > TOKEN_TILE && W::as_f32(wchunk).is_none() {
-                WIDE_PANEL.with_borrow_mut(|panel| {
-                    panel.resize(wchunk.len(), 0.0);
-                    widen(wchunk, panel);
-                    run_on!(&panel[..]);
-                });
-            } else {
-                run_on!(wchunk);
-            }
-        });
 }
 
 #[cfg(test)]
@@ -854,15 +952,15 @@ mod tests {
 
     #[test]
     fn gemm_and_gemv_match_naive_across_odd_shapes_and_thread_counts() {
-        // Sizes off every block: output features not a multiple of 16, of 3 (the GEMV's row
+        // Sizes off every block: output features not a multiple of 16, of 4 (AVX-512's row
         // tile) or of the thread split, inputs not a multiple of 8, and token counts on both
         // sides of GEMM_MIN_TOKENS and of the GEMV's 4-token tile.
-        for (in_f, out_f) in [(37, 70), (64, 17), (130, 333), (5, 1)] {
+        for (in_f, out_f) in [(37, 70), (64, 17), (130, 333), (5, 1), (33, 75)] {
             let w: Vec<f32> = (0..in_f * out_f)
                 .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
                 .collect();
             let bias: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01 - 0.2).collect();
-            for t in [1, 2, 3, 7, 8, 17, 70, GEMM_MIN_TOKENS + 5] {
+            for t in [1, 2, 3, 7, 8, 11, 15, 17, 70, GEMM_MIN_TOKENS + 5] {
                 let x: Vec<f32> = (0..t * in_f)
                     .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
                     .collect();

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use super::adapter::LoraModule;
 use super::LoraSlot;
 use crate::cpu::linear::{dot, sgemm, Rhs};
+use crate::cpu::ops::multiversion;
 
 /// The stacked weights of one projection of one layer, for all `max_loras` slots.
 #[derive(Debug, Clone)]
@@ -272,9 +273,7 @@ fn expand_tokens(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: 
         let s = slot.index();
         let rank = stack.ranks[s];
         for (r, &c) in tt[..rank].iter().enumerate() {
-            for (yo, &bv) in yt.iter_mut().zip(stack.bt_row(s, r)) {
-                *yo += c * bv;
-            }
+            axpy(c, stack.bt_row(s, r), yt);
         }
     };
     let (y, tmp) = (&mut y[..num_tokens * o_n], &tmp[..num_tokens * r_max]);
@@ -288,6 +287,18 @@ fn expand_tokens(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: 
             .zip(tmp.par_chunks(r_max))
             .zip(slots.par_iter())
             .for_each(token);
+    }
+}
+
+multiversion! {
+    /// `y += c · x`
+    fn axpy(c: f32, x: &[f32], y: &mut [f32]) => axpy_impl
+}
+
+#[inline(always)]
+fn axpy_impl(c: f32, x: &[f32], y: &mut [f32]) {
+    for (yo, &xv) in y.iter_mut().zip(x) {
+        *yo += c * xv;
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::backend::StepBatch;
 use crate::cpu::attention::{paged_attention, AttnMeta};
-use crate::cpu::linear::linear_weight;
+use crate::cpu::linear::{linear_group, linear_weight, LinearCall};
 use crate::cpu::ops::{self, Rope};
 use crate::cpu::{KvCache, Workspace};
 use crate::error::Result;
@@ -41,6 +41,16 @@ impl Linear {
             in_features: in_f,
             out_features: out_f,
         })
+    }
+
+    /// This layer's part of a [`linear_group`] writing into `y`.
+    fn call<'a>(&'a self, y: &'a mut [f32]) -> LinearCall<'a> {
+        LinearCall {
+            w: &self.weight,
+            bias: self.bias.as_deref(),
+            out_f: self.out_features,
+            y,
+        }
     }
 
     /// `y[T, out] = x[T, in] · Wᵀ + b`
@@ -190,16 +200,20 @@ impl Llama {
             block_size: kv.block_size,
         };
         let lora_tmp = &mut ws.lora_tmp;
+        // y[T, out] += the layer's adapters of `target` applied to x[T, in].
+        let add_lora = |layer: usize, target: LoraTarget, x: &[f32], y: &mut [f32], tmp: &mut Vec<f32>| {
+            if let Some(l) = &lora {
+                let stack = &l.stacks[layer * LoraTarget::ALL.len() + target.index()];
+                tmp.resize(t * stack.max_rank, 0.0);
+                punica::shrink(x, stack, l.token_lora, tmp);
+                punica::expand(tmp, stack, l.token_lora, y);
+            }
+        };
         // x: [T, in] -> y: [T, out] with the layer's adapters added.
         let project =
             |lin: &Linear, layer: usize, target: LoraTarget, x: &[f32], y: &mut [f32], tmp: &mut Vec<f32>| {
                 lin.forward(x, t, y);
-                if let Some(l) = &lora {
-                    let stack = &l.stacks[layer * LoraTarget::ALL.len() + target.index()];
-                    tmp.resize(t * stack.max_rank, 0.0);
-                    punica::shrink(x, stack, l.token_lora, tmp);
-                    punica::expand(tmp, stack, l.token_lora, y);
-                }
+                add_lora(layer, target, x, y, tmp);
             };
 
         for (li, layer) in self.layers.iter().enumerate() {
@@ -207,9 +221,15 @@ impl Llama {
             ops::rms_norm(hidden, &layer.input_layernorm, cfg.rms_norm_eps, normed);
             let a = &layer.self_attn;
             let (q, k, v) = (&mut ws.q[..t * qs], &mut ws.k[..t * kvs], &mut ws.v[..t * kvs]);
-            project(&a.q_proj, li, LoraTarget::QProj, normed, q, lora_tmp);
-            project(&a.k_proj, li, LoraTarget::KProj, normed, k, lora_tmp);
-            project(&a.v_proj, li, LoraTarget::VProj, normed, v, lora_tmp);
+            linear_group(
+                normed,
+                t,
+                h,
+                &mut [a.q_proj.call(q), a.k_proj.call(k), a.v_proj.call(v)],
+            );
+            add_lora(li, LoraTarget::QProj, normed, q, lora_tmp);
+            add_lora(li, LoraTarget::KProj, normed, k, lora_tmp);
+            add_lora(li, LoraTarget::VProj, normed, v, lora_tmp);
             if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
                 ops::rms_norm_heads(q, qn, cfg.rms_norm_eps);
                 ops::rms_norm_heads(k, kn, cfg.rms_norm_eps);
@@ -231,15 +251,15 @@ impl Llama {
             let normed = &mut ws.normed[..t * h];
             ops::rms_norm(hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps, normed);
             let (gate, up) = (&mut ws.gate[..t * inter], &mut ws.up[..t * inter]);
-            project(
-                &layer.mlp.gate_proj,
-                li,
-                LoraTarget::GateProj,
+            let mlp = &layer.mlp;
+            linear_group(
                 normed,
-                gate,
-                lora_tmp,
+                t,
+                h,
+                &mut [mlp.gate_proj.call(gate), mlp.up_proj.call(up)],
             );
-            project(&layer.mlp.up_proj, li, LoraTarget::UpProj, normed, up, lora_tmp);
+            add_lora(li, LoraTarget::GateProj, normed, gate, lora_tmp);
+            add_lora(li, LoraTarget::UpProj, normed, up, lora_tmp);
             ops::silu_mul(gate, up);
             let down = &mut ws.normed[..t * h];
             project(
