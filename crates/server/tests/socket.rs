@@ -3,35 +3,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    demo_server, generation_request, http, metric, open_stream, sse_data, start, TestResult, MODEL,
+    demo_server, generation_request, http, metric, open_stream, open_stream_with, sse_data, start, wait_idle,
+    TestResult, MODEL,
 };
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
-
-async fn metrics(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(http(addr, "GET", "/metrics", None, &[]).await?.2)
-}
-
-/// Polls /metrics until no request runs or waits.
-async fn wait_idle(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = metrics(addr).await?;
-        let busy = metric(&m, "multilora:num_requests_running").unwrap_or(-1.0)
-            + metric(&m, "multilora:num_requests_waiting").unwrap_or(-1.0);
-        if busy == 0.0 {
-            return Ok(m);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the engine did not drain:\n{m}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_streaming_clients_with_mixed_adapters_all_finish() -> TestResult {
@@ -119,6 +98,32 @@ async fn a_client_that_disconnects_frees_its_sequence() -> TestResult {
     let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 2});
     let (status, _, text) = http(addr, "POST", "/v1/completions", Some(&body), &[]).await?;
     assert_eq!(status, 200, "{text}");
+    let _ = stop.send(());
+    task.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_several_prompts_that_disconnects_frees_all_their_sequences() -> TestResult {
+    let max_tokens = 2000;
+    let server = demo_server(0, |e, _| e.max_model_len = Some(2048))?;
+    let (addr, stop, task) = start(server).await?;
+    let body = json!({"model": MODEL, "prompt": ["Once", "Upon a time", "x"], "n": 2,
+                      "max_tokens": max_tokens, "ignore_eos": true, "stream": true});
+    let stream = open_stream_with(addr, &body).await?;
+    drop(stream);
+    let m = wait_idle(addr).await?;
+    let aborted = m
+        .lines()
+        .find(|l| l.contains("finished_reason=\"abort\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .ok_or("no abort metric")?;
+    assert_eq!(aborted, "6", "every choice of every prompt is aborted:\n{m}");
+    let tokens = metric(&m, "multilora:generation_tokens_total").ok_or("no tokens metric")?;
+    assert!(
+        tokens < 6.0 * max_tokens as f64,
+        "the requests ran to the end ({tokens} tokens) after their client left"
+    );
     let _ = stop.send(());
     task.await??;
     Ok(())
