@@ -115,8 +115,9 @@ pub struct EngineInfo {
     pub enable_lora: bool,
     pub max_lora_rank: usize,
     /// Compiles requests' constraints (structured outputs) off the engine thread, to refuse a
-    /// bad schema, regex or grammar before it is queued; the error says why the model has none.
-    pub grammars: Result<Grammars, String>,
+    /// bad schema, regex or grammar before it is queued (and to wait there, not on the engine
+    /// thread, for a token table still building).
+    pub grammars: Grammars,
 }
 
 /// The handlers' side of the loop.
@@ -361,7 +362,7 @@ pub fn spawn(
                 max_model_len: engine.resolved().max_model_len,
                 enable_lora: lora.is_some(),
                 max_lora_rank: lora.map_or(0, |c| c.max_lora_rank),
-                grammars: engine.grammars().cloned().map_err(String::from),
+                grammars: engine.grammars().clone(),
             };
             let _ = ready_tx.send(Ok(info));
             EngineLoop {

@@ -201,15 +201,17 @@ async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiRes
 
 /// Compiles a request's constraint off the engine thread (which, queueing the request, copies
 /// this compile from the grammars' cache), so that a bad schema, regex or grammar is a 400
-/// naming `field`, with llguidance's error.
+/// naming `field`, with llguidance's error; the first constrained request waits here, not on
+/// the engine thread, for a token table still building.
 async fn check_constraint(st: &AppState, field: &'static str, c: Constraint) -> ApiResult<()> {
-    let grammars = (st.engine.info.grammars.clone()).map_err(|e| {
-        ApiError::bad_param(
-            field,
-            format!("{field}: structured outputs are not available for this model: {e}"),
-        )
-    })?;
+    let grammars = st.engine.info.grammars.clone();
     off_the_runtime(st, move || {
+        grammars.available().map_err(|e| {
+            ApiError::bad_param(
+                field,
+                format!("{field}: structured outputs are not available for this model: {e}"),
+            )
+        })?;
         (grammars.matcher(&c).map(drop)).map_err(|e| ApiError::bad_param(field, format!("{field}: {e}")))
     })
     .await

@@ -1,14 +1,56 @@
 //! Structured outputs through the HTTP API (`router().oneshot(...)`), on the demo model's random
 //! weights: whatever it would say, the output obeys the request's choice, regex or schema, on
 //! completions and chat, streamed or not, with an adapter; a bad or doubled constraint is a 400
-//! naming its field.
+//! naming its field. And a server whose token table is still building serves everything else.
 
 mod common;
 
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
 use axum::http::StatusCode;
 use common::in_process::{post_json, send};
-use common::{demo_server, sse_data, TestResult, MODEL};
+use common::{demo_server, http, post, sse_data, start, TestResult, MODEL};
 use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_while_its_token_table_builds() -> TestResult {
+    let hold = Arc::new(Barrier::new(2));
+    let held = hold.clone();
+    let server = demo_server(0, move |e, _| e.hold_token_table = Some(held))?;
+    let grammars = server.state().engine.info.grammars.clone();
+    let (addr, stop, task) = start(server).await?;
+    let free = json!({"model": MODEL, "prompt": "Once", "max_tokens": 4, "ignore_eos": true});
+    let (status, _, text) = post(addr, "/v1/completions", &free).await?;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        !grammars.is_ready(),
+        "the table was built before a free request was served"
+    );
+    // A constrained request waits for the table, off the engine thread: free requests and
+    // /health still answer.
+    let constrained = json!({"model": MODEL, "prompt": "Answer:", "max_tokens": 8,
+                             "guided_choice": ["yes", "no"]});
+    let waiting = tokio::spawn(async move { post(addr, "/v1/completions", &constrained).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a constrained request ran without the table"
+    );
+    let (status, _, text) = post(addr, "/v1/completions", &free).await?;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(http(addr, "GET", "/health", None, &[]).await?.0, 200);
+    tokio::task::spawn_blocking(move || hold.wait()).await?;
+    let (status, _, text) = tokio::time::timeout(Duration::from_secs(30), waiting).await???;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text)?;
+    let out = v["choices"][0]["text"].as_str().ok_or("no text")?;
+    assert!(["yes", "no"].contains(&out), "{out:?}");
+    assert!(grammars.is_ready());
+    let _ = stop.send(());
+    task.await??;
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn constrained_requests_obey_and_bad_ones_are_refused_by_name() -> TestResult {
