@@ -1,5 +1,5 @@
 //! Structured outputs: a request's output held to a JSON schema, a regex, a list of choices or a
-//! Lark grammar, with `llguidance` (the engine vLLM and SGLang use). Each constrained sequence
+//! Lark or GBNF grammar, with `llguidance` (the engine vLLM and SGLang use). Each constrained sequence
 //! has a [`Matcher`]; each step the engine asks it for the tokens allowed next (a mask over the
 //! vocabulary, computed on rayon threads while the model runs), bans the others in the row's
 //! logits before sampling, and feeds it the sampled token. A sequence whose grammar is complete
@@ -33,7 +33,8 @@ pub enum Constraint {
     Regex(String),
     /// Exactly one of these strings.
     Choice(Vec<String>),
-    /// A sentence of this Lark grammar, in llguidance's dialect.
+    /// A sentence of this grammar: Lark, in llguidance's dialect, or GBNF (llama.cpp's, which
+    /// vLLM's xgrammar backend takes), translated into Lark ([`crate::gbnf`]).
     Grammar(String),
 }
 
@@ -51,6 +52,9 @@ impl Constraint {
                 }
                 let alternatives: Vec<String> = choices.iter().map(|c| regex::escape(c)).collect();
                 TopLevelGrammar::from_regex(&format!("(?:{})", alternatives.join("|")))
+            }
+            Constraint::Grammar(g) if crate::gbnf::is_gbnf(g) => {
+                TopLevelGrammar::from_lark(crate::gbnf::to_lark(g)?)
             }
             Constraint::Grammar(lark) => TopLevelGrammar::from_lark(lark.clone()),
         })
@@ -272,6 +276,100 @@ mod tests {
         assert_eq!(e.as_deref(), Some("the model has no EOS token"));
         let unavailable = Grammars::unavailable("no tokenizer".into());
         assert_eq!(unavailable.available(), Err("no tokenizer"));
+    }
+
+    /// Whether the grammar accepts `text` whole (fed as the demo tokenizer's tokens).
+    fn accepts(g: &Grammars, grammar: &str, text: &str) -> bool {
+        let tok = crate::demo::demo_tokenizer().expect("demo tokenizer");
+        let ids = tok.encode(text, false).expect("encodes").get_ids().to_vec();
+        let mut m = g.matcher(&Constraint::Grammar(grammar.into())).expect("compiles");
+        m.try_consume_tokens(&ids).ok() == Some(ids.len()) && m.is_accepting().unwrap_or(false)
+    }
+
+    /// llama.cpp's `grammars/json.gbnf`.
+    const JSON_GBNF: &str = r#"root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+
+    /// llama.cpp's `grammars/arithmetic.gbnf`.
+    const ARITHMETIC_GBNF: &str = r#"root  ::= (expr "=" ws term "\n")+
+expr  ::= term ([-+*/] term)*
+term  ::= ident | num | "(" ws expr ")" ws
+ident ::= [a-z] [a-z0-9_]* ws
+num   ::= [0-9]+ ws
+ws    ::= [ \t\n]*
+"#;
+
+    /// llama.cpp's `grammars/list.gbnf`.
+    const LIST_GBNF: &str = r#"root ::= item+
+
+# Excludes various line break characters
+item ::= "- " [^\r\n\x0b\x0c\x85\u2028\u2029]+ "\n"
+"#;
+
+    #[test]
+    fn real_gbnf_grammars_accept_and_refuse_as_written() {
+        let g = grammars();
+        for (grammar, good, bad) in [
+            (
+                JSON_GBNF,
+                &[
+                    r#"{"a": [1, -2.5e3, true, null], "b": {"c": "x\"y\u00e9"}}"#,
+                    "{}",
+                    "{ \"k\" : \"v\" }",
+                ][..],
+                &[r#"{"a": 01}"#, "[1]", r#"{"a" 1}"#, "{\"a\": tru}"][..],
+            ),
+            (
+                ARITHMETIC_GBNF,
+                &["a+b=c\n", "(x1 *22)-y = z\n1=2\n"][..],
+                &["a+b\n", "A=b\n", "a+=b\n", "a+ b=c\n"][..],
+            ),
+            (
+                LIST_GBNF,
+                &["- one\n", "- one\n- two words\n"][..],
+                &["- \n", "one\n", "- one"][..],
+            ),
+        ] {
+            for text in good {
+                assert!(accepts(&g, grammar, text), "{text:?} refused");
+            }
+            for text in bad {
+                assert!(!accepts(&g, grammar, text), "{text:?} accepted");
+            }
+        }
+        // Characters a class and a literal both match: a character-level grammar's reading.
+        assert!(accepts(&g, "root ::= [a-z]* \"x\"", "abx"));
+        assert!(accepts(&g, "root ::= [a-z]+ \"bc\"", "abc"));
+        // Lark still reads as Lark.
+        assert!(accepts(&g, "start: \"ab\" | \"cd\"", "cd"));
+        let e = g
+            .matcher(&Constraint::Grammar("root ::= \"a\" | undefined".into()))
+            .err();
+        assert!(e.is_some_and(|e| e.contains("GBNF") && e.contains("undefined")));
     }
 
     #[test]

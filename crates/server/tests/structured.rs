@@ -128,6 +128,69 @@ async fn constrained_requests_obey_and_bad_ones_are_refused_by_name() -> TestRes
     Ok(())
 }
 
+/// A GBNF grammar (vLLM's xgrammar format): a greeting and a capitalized name.
+const GREETING_GBNF: &str = r#"# a greeting
+root     ::= greeting " " name "!"
+greeting ::= "hi" | "hello"
+name     ::= [A-Z] [a-z]{1,5}
+"#;
+
+/// Whether `s` is a sentence of [`GREETING_GBNF`].
+fn is_greeting(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("hi ").or_else(|| s.strip_prefix("hello ")) else {
+        return false;
+    };
+    let Some(name) = rest.strip_suffix('!') else {
+        return false;
+    };
+    let b = name.as_bytes();
+    (2..=6).contains(&b.len()) && b[0].is_ascii_uppercase() && b[1..].iter().all(u8::is_ascii_lowercase)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gbnf_grammars_constrain_outputs_and_bad_ones_are_refused_by_name() -> TestResult {
+    let server = demo_server(0, |_, _| {})?;
+    let app = server.router();
+    for seed in 0..10 {
+        let body = json!({"model": MODEL, "prompt": "Say hi:", "max_tokens": 40, "temperature": 1.0,
+                          "seed": seed, "guided_grammar": GREETING_GBNF});
+        let (status, text) = send(&app, post_json("/v1/completions", &body)).await?;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let v: Value = serde_json::from_str(&text)?;
+        let out = v["choices"][0]["text"].as_str().ok_or("no text")?;
+        assert!(
+            is_greeting(out),
+            "seed {seed}: {out:?} is not a sentence of the grammar"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{out:?}");
+    }
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 40, "temperature": 1.0, "seed": 1,
+                      "structured_outputs": {"grammar": GREETING_GBNF}});
+    let (status, text) = send(&app, post_json("/v1/chat/completions", &body)).await?;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text)?;
+    let out = v["choices"][0]["message"]["content"]
+        .as_str()
+        .ok_or("no content")?;
+    assert!(is_greeting(out), "{out:?}");
+    for (field, bad) in [
+        ("guided_grammar", json!("root ::= \"hi")),
+        ("guided_grammar", json!("root ::= greeting")),
+        ("structured_outputs", json!({"grammar": "root ::= [z-a]"})),
+    ] {
+        let mut body = json!({"model": MODEL, "prompt": "x", "max_tokens": 4});
+        body[field] = bad.clone();
+        let (status, text) = send(&app, post_json("/v1/completions", &body)).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {text}");
+        let e: Value = serde_json::from_str(&text)?;
+        assert_eq!(e["error"]["param"], field, "{text}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(&format!("{field}: GBNF: ")), "{text}");
+    }
+    Ok(())
+}
+
 /// `[a-z]{3}-[0-9]{2}`, whole, without a regex crate in the server's tests.
 fn regex_like(s: &str) -> bool {
     let b = s.as_bytes();
