@@ -8,7 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{demo_server, metric, post, sse_data, start, wait_idle, TestResult, MODEL};
+use common::{demo_server, metric, post, sse_chunks, start, wait_idle, TestResult, MODEL};
 use serde_json::{json, Value};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -92,12 +92,7 @@ async fn several_prompts_stream_interleaved_by_index() -> TestResult {
     );
     let (status, _, text) = post(addr, "/v1/completions", &streamed).await?;
     assert_eq!(status, 200, "{text}");
-    let data = sse_data(&text);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d))
-        .collect::<Result<_, _>>()?;
+    let chunks = sse_chunks(&text)?;
     let num_choices = PROMPTS.len() * n;
     let mut texts = vec![String::new(); num_choices];
     let mut finished = vec![false; num_choices];

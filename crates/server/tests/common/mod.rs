@@ -161,6 +161,19 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The JSON chunks of a server-sent-events body that ends with `[DONE]` (which is checked and
+/// left out).
+pub fn sse_chunks(body: &str) -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>> {
+    let data = sse_data(body);
+    if data.last().map(String::as_str) != Some("[DONE]") {
+        return Err(format!("the stream does not end with [DONE]: {body}").into());
+    }
+    Ok(data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d))
+        .collect::<Result<_, _>>()?)
+}
+
 /// A Prometheus sample's value, e.g. `metric("multilora:num_requests_running")`.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
