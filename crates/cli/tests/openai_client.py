@@ -138,6 +138,23 @@ for p in pairs:
     greedy = all(t == max(top.values()) for t, top in zip(lp.token_logprobs[n:-1], lp.top_logprobs[n:-1]))
     check(greedy == p["is_greedy"], f"is_greedy {greedy} vs {p['is_greedy']}")
     check(lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, "text offsets")
+# With --batch_size > 1 it sends a model's pairs as a list of prompts in one request and reads
+# the choices sorted by index: the same numbers.
+for model in (adapter, base_model):
+    batch = [p for p in pairs if (adapter if p["lora"] == "demo-r8-000" else base_model) == model]
+    if not batch:
+        continue
+    c = client.completions.create(
+        model=model, prompt=[p["context_ids"] + p["continuation_ids"] for p in batch], max_tokens=1,
+        temperature=0, logprobs=1, echo=True,
+    )
+    choices = sorted(c.choices, key=lambda ch: ch.index)
+    check([ch.index for ch in choices] == list(range(len(batch))), f"batch indices {[ch.index for ch in c.choices]}")
+    for ch, p in zip(choices, batch):
+        n = len(p["context_ids"])
+        got = sum(ch.logprobs.token_logprobs[n:-1])
+        check(abs(got - p["loglikelihood"]) < 1e-4,
+              f"batched loglikelihood of {p['continuation']!r}: {got} vs transformers {p['loglikelihood']}")
 
 # logprobs=0 still gives each token's own logprob; chat gives top_logprobs alternatives.
 c = client.completions.create(model=base_model, prompt="Hi", max_tokens=3, logprobs=0,

@@ -96,6 +96,10 @@ pub struct EngineConfig {
     /// GPU: wait for each adapter's copy into its device slot instead of ordering it with
     /// events (the reference the overlapped copies are tested against).
     pub sync_lora_uploads: bool,
+    /// Tests hold the token table's build (structured outputs, built on a thread of its own)
+    /// at this barrier until they wait on it too, to show what runs without the table.
+    #[doc(hidden)]
+    pub hold_token_table: Option<Arc<std::sync::Barrier>>,
     pub seed: u64,
     /// Also copy each step's logits to the host where the backend samples on the device, so
     /// [`LLMEngine::last_logits`] answers (tests, debugging); costs a `[num_seqs, vocab]` copy
@@ -128,6 +132,7 @@ impl EngineConfig {
             max_times_passed_over: 64,
             adapter_loader: None,
             sync_lora_uploads: false,
+            hold_token_table: None,
             seed: 0,
             return_logits: false,
             cuda: Default::default(),
@@ -210,9 +215,10 @@ pub struct ResolvedEngine {
 pub struct LLMEngine {
     model_config: ModelConfig,
     resolved: ResolvedEngine,
-    tokenizer: Option<tokenizers::Tokenizer>,
+    /// Shared with the thread that builds the token table.
+    tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     /// Compiles requests' constraints; the error says why this model cannot have them.
-    grammars: std::result::Result<Grammars, String>,
+    grammars: Grammars,
     backend: Box<dyn Backend>,
     scheduler: Scheduler,
     blocks: BlockManager,
@@ -309,14 +315,16 @@ impl LLMEngine {
         }
 
         let tokenizer_path = config.tokenizer.clone().unwrap_or_else(|| config.model.clone());
-        let tokenizer = load_tokenizer(&tokenizer_path)?;
+        let tokenizer = load_tokenizer(&tokenizer_path)?.map(Arc::new);
         let grammars = match &tokenizer {
-            None => Err("the model has no tokenizer.json".to_string()),
-            Some(t) => Grammars::new(t, model_config.vocab_size, &model_config.eos_token_ids),
+            None => Grammars::unavailable("the model has no tokenizer.json".into()),
+            Some(t) => Grammars::spawn(
+                t.clone(),
+                model_config.vocab_size,
+                model_config.eos_token_ids.clone(),
+                config.hold_token_table.clone(),
+            ),
         };
-        if let Err(e) = &grammars {
-            tracing::debug!("no structured outputs for this model: {e}");
-        }
 
         let mut weights = match config.load_format {
             LoadFormat::Auto => WeightSource::open(&config.model)?,
@@ -434,13 +442,13 @@ impl LLMEngine {
     }
 
     pub fn tokenizer(&self) -> Option<&tokenizers::Tokenizer> {
-        self.tokenizer.as_ref()
+        self.tokenizer.as_deref()
     }
 
-    /// What compiles requests' constraints for this model, or why it has none (no tokenizer,
-    /// a vocabulary not readable as bytes, no EOS token).
-    pub fn grammars(&self) -> std::result::Result<&Grammars, &str> {
-        self.grammars.as_ref().map_err(String::as_str)
+    /// What compiles requests' constraints for this model; [`Grammars::available`] says why
+    /// it has none (no tokenizer, a vocabulary not readable as bytes, no EOS token).
+    pub fn grammars(&self) -> &Grammars {
+        &self.grammars
     }
 
     pub fn device_name(&self) -> String {
@@ -598,8 +606,7 @@ impl LLMEngine {
                     field: "constraint",
                     msg,
                 };
-                let grammars = self.grammars.as_ref().map_err(|e| bad(e.clone()))?;
-                Some(grammars.matcher(c).map_err(bad)?)
+                Some(self.grammars.matcher(c).map_err(bad)?)
             }
         };
         let id = SeqId(self.next_seq);

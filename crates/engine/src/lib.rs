@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod gbnf;
 pub mod logprobs;
 pub mod lora;
 pub mod model_config;

@@ -20,8 +20,10 @@ use crate::protocol::Api;
 
 /// A choice of a request in flight, from the handler's side.
 pub(crate) struct Generation {
-    /// Which choice (`n` > 1), 0 for the first.
+    /// Which choice of the request: `prompt * n + choice` (vLLM's order), 0 for the first.
     pub(crate) index: usize,
+    /// The first choice of its prompt: its prompt tokens count in usage (once per prompt).
+    pub(crate) is_first_choice: bool,
     pub(crate) api: Api,
     pub(crate) id: String,
     pub(crate) created: u64,
@@ -279,7 +281,8 @@ struct ResponseHeader {
 }
 
 impl ResponseHeader {
-    fn of(gen: &Generation) -> Self {
+    fn of(choices: &[Generation]) -> Self {
+        let gen = &choices[0];
         ResponseHeader {
             api: gen.api,
             id: gen.id.clone(),
@@ -287,11 +290,14 @@ impl ResponseHeader {
             model: gen.model.clone(),
             include_usage: gen.include_usage,
             continuous_usage: gen.continuous_usage,
-            num_prompt_tokens: gen.num_prompt_tokens,
+            num_prompt_tokens: (choices.iter())
+                .filter(|g| g.is_first_choice)
+                .map(|g| g.num_prompt_tokens)
+                .sum(),
         }
     }
 
-    /// Usage with every choice's output tokens counted.
+    /// Usage with every prompt's tokens (once each) and every choice's output tokens counted.
     fn usage(&self, num_output_tokens: usize) -> Value {
         json!({
             "prompt_tokens": self.num_prompt_tokens,
@@ -322,7 +328,7 @@ impl ResponseHeader {
 
 /// The whole response once every choice has finished, choices in index order.
 pub(crate) async fn collect_all(choices: Vec<Generation>) -> ApiResult<Response> {
-    let header = ResponseHeader::of(&choices[0]);
+    let header = ResponseHeader::of(&choices);
     let results = futures_util::future::try_join_all(choices.into_iter().map(Generation::collect)).await?;
     let num_output_tokens = results.iter().map(|r| r.2).sum();
     // Every choice reports the same prompt's logprobs.
@@ -360,7 +366,7 @@ pub(crate) fn into_sse(choices: Vec<Generation>) -> Response {
         pending: VecDeque<Event>,
         is_done: bool,
     }
-    let header = ResponseHeader::of(&choices[0]);
+    let header = ResponseHeader::of(&choices);
     let n = choices.len();
     let streams = choices.into_iter().map(|g| Box::pin(g.into_choice_stream()));
     let state = StreamState {

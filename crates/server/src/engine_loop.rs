@@ -54,19 +54,22 @@ pub enum AddError {
         max_waiting: usize,
     },
     AdapterUnloaded(String),
+    /// The prompt of this index (in a request of several) was refused; none of them was added.
+    InPrompt {
+        index: usize,
+        error: Box<AddError>,
+    },
     /// The loop is gone (the server is stopping, or the thread died).
     EngineStopped,
 }
 
 pub(crate) enum Command {
+    /// One client request's prompts, added together (so they batch) or not at all.
     Add {
-        request_id: String,
-        prompt_token_ids: Vec<u32>,
+        prompts: Vec<AddPrompt>,
         /// Boxed: with a constraint's schema it outweighs every other command.
         params: Box<SamplingParams>,
         lora: Option<LoraRequest>,
-        /// `[n]` one channel per choice, whose request id is the engine's `choice_request_id`
-        events: Vec<mpsc::UnboundedSender<TokenEvent>>,
         /// The handler checks stop strings: it will say how the request ended.
         has_stop_strings: bool,
         reply: oneshot::Sender<Result<(), AddError>>,
@@ -94,6 +97,14 @@ pub(crate) enum Command {
     HoldSteps(bool),
 }
 
+/// One prompt of an [`Command::Add`]: an engine request of its own.
+pub(crate) struct AddPrompt {
+    request_id: String,
+    prompt_token_ids: Vec<u32>,
+    /// `[n]` one channel per choice, whose request id is the engine's `choice_request_id`
+    events: Vec<mpsc::UnboundedSender<TokenEvent>>,
+}
+
 /// Facts about the loaded engine the handlers need.
 #[derive(Clone)]
 pub struct EngineInfo {
@@ -104,8 +115,9 @@ pub struct EngineInfo {
     pub enable_lora: bool,
     pub max_lora_rank: usize,
     /// Compiles requests' constraints (structured outputs) off the engine thread, to refuse a
-    /// bad schema, regex or grammar before it is queued; the error says why the model has none.
-    pub grammars: Result<Grammars, String>,
+    /// bad schema, regex or grammar before it is queued (and to wait there, not on the engine
+    /// thread, for a token table still building).
+    pub grammars: Grammars,
 }
 
 /// The handlers' side of the loop.
@@ -178,39 +190,53 @@ impl EngineHandle {
         self.tx.send(cmd).is_ok()
     }
 
-    /// Queues a request; errors (validation, full queue) come back before any token. Each of
-    /// its `params.n` choices gets its guard and channel, in choice order. With
-    /// `has_stop_strings` the caller checks the text for stop strings and tells the loop how
-    /// each choice ended through its guard ([`RequestGuard::finish`],
-    /// [`RequestGuard::stop_at_string`]).
+    /// Queues a request's prompts, all or none; errors (validation, full queue) come back
+    /// before any token. Each prompt is an engine request (`request_id`, or `{request_id}-{i}`
+    /// with several, as vLLM names them) whose `params.n` choices get their guard and channel,
+    /// in prompt then choice order. With `has_stop_strings` the caller checks the text for stop
+    /// strings and tells the loop how each choice ended through its guard
+    /// ([`RequestGuard::finish`], [`RequestGuard::stop_at_string`]).
     pub async fn add(
         &self,
         request_id: String,
-        prompt_token_ids: Vec<u32>,
+        prompts: Vec<Vec<u32>>,
         params: SamplingParams,
         lora: Option<LoraRequest>,
         has_stop_strings: bool,
-    ) -> Result<Vec<(RequestGuard, mpsc::UnboundedReceiver<TokenEvent>)>, AddError> {
+    ) -> Result<Vec<Vec<(RequestGuard, mpsc::UnboundedReceiver<TokenEvent>)>>, AddError> {
         let (reply, reply_rx) = oneshot::channel();
-        let mut events = Vec::with_capacity(params.n);
-        let mut choices = Vec::with_capacity(params.n);
-        for i in 0..params.n {
-            let (tx, rx) = mpsc::unbounded_channel();
-            events.push(tx);
-            let guard = RequestGuard {
-                tx: self.tx.clone(),
-                request_id: choice_request_id(&request_id, i),
-                has_stop_strings,
-                is_finished: false,
+        let num_prompts = prompts.len();
+        let mut to_add = Vec::with_capacity(num_prompts);
+        let mut choices = Vec::with_capacity(num_prompts);
+        for (p, prompt_token_ids) in prompts.into_iter().enumerate() {
+            let request_id = match num_prompts {
+                1 => request_id.clone(),
+                _ => format!("{request_id}-{p}"),
             };
-            choices.push((guard, rx));
+            let mut events = Vec::with_capacity(params.n);
+            let mut prompt_choices = Vec::with_capacity(params.n);
+            for i in 0..params.n {
+                let (tx, rx) = mpsc::unbounded_channel();
+                events.push(tx);
+                let guard = RequestGuard {
+                    tx: self.tx.clone(),
+                    request_id: choice_request_id(&request_id, i),
+                    has_stop_strings,
+                    is_finished: false,
+                };
+                prompt_choices.push((guard, rx));
+            }
+            to_add.push(AddPrompt {
+                request_id,
+                prompt_token_ids,
+                events,
+            });
+            choices.push(prompt_choices);
         }
         let sent = self.send(Command::Add {
-            request_id,
-            prompt_token_ids,
+            prompts: to_add,
             params: Box::new(params),
             lora,
-            events,
             has_stop_strings,
             reply,
         });
@@ -336,7 +362,7 @@ pub fn spawn(
                 max_model_len: engine.resolved().max_model_len,
                 enable_lora: lora.is_some(),
                 max_lora_rank: lora.map_or(0, |c| c.max_lora_rank),
-                grammars: engine.grammars().cloned().map_err(String::from),
+                grammars: engine.grammars().clone(),
             };
             let _ = ready_tx.send(Ok(info));
             EngineLoop {
@@ -438,23 +464,18 @@ impl EngineLoop {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Add {
-                request_id,
-                prompt_token_ids,
+                prompts,
                 params,
                 lora,
-                events,
                 has_stop_strings,
                 reply,
             } => {
-                let result = self.add(
-                    request_id,
-                    prompt_token_ids,
-                    *params,
-                    lora,
-                    events,
-                    has_stop_strings,
-                );
-                if let Err(AddError::QueueFull { .. }) = &result {
+                let result = self.add_all(prompts, &params, lora, has_stop_strings);
+                let refused = match &result {
+                    Err(AddError::InPrompt { error, .. }) => Some(&**error),
+                    r => r.as_ref().err(),
+                };
+                if let Some(AddError::QueueFull { .. }) = refused {
                     self.metrics.num_rejected_queue_full.inc();
                 }
                 let _ = reply.send(result);
@@ -490,14 +511,63 @@ impl EngineLoop {
         true
     }
 
+    /// Adds every prompt of a request, or (one refused) none: those already added are taken
+    /// back before any step could run them, and the error names the refused prompt's index
+    /// when there are several.
+    fn add_all(
+        &mut self,
+        prompts: Vec<AddPrompt>,
+        params: &SamplingParams,
+        lora: Option<LoraRequest>,
+        has_stop_strings: bool,
+    ) -> Result<(), AddError> {
+        let num_prompts = prompts.len();
+        let mut added: Vec<(String, Vec<mpsc::UnboundedSender<TokenEvent>>)> =
+            Vec::with_capacity(num_prompts);
+        for (index, prompt) in prompts.into_iter().enumerate() {
+            let (request_id, events) = (prompt.request_id, prompt.events);
+            if let Err(e) = self.add(
+                &request_id,
+                prompt.prompt_token_ids,
+                params.clone(),
+                lora.as_ref(),
+            ) {
+                for (request_id, events) in &added {
+                    for i in 0..events.len() {
+                        self.engine.abort_request(&choice_request_id(request_id, i));
+                    }
+                }
+                return Err(match num_prompts {
+                    1 => e,
+                    _ => AddError::InPrompt {
+                        index,
+                        error: Box::new(e),
+                    },
+                });
+            }
+            added.push((request_id, events));
+        }
+        let has_lora = lora.is_some();
+        for (request_id, events) in added {
+            for (i, events) in events.into_iter().enumerate() {
+                let live = Live {
+                    events,
+                    has_stop_strings,
+                    has_lora,
+                    last: None,
+                };
+                self.live.insert(choice_request_id(&request_id, i).into(), live);
+            }
+        }
+        Ok(())
+    }
+
     fn add(
         &mut self,
-        request_id: String,
+        request_id: &str,
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
-        lora: Option<LoraRequest>,
-        events: Vec<mpsc::UnboundedSender<TokenEvent>>,
-        has_stop_strings: bool,
+        lora: Option<&LoraRequest>,
     ) -> Result<(), AddError> {
         // Only requests that cannot start at the next step count as queued: a burst arrives
         // before any step has run, and free batch slots would otherwise refuse it.
@@ -507,28 +577,12 @@ impl EngineLoop {
                 max_waiting: self.max_waiting,
             });
         }
-        if let Some(l) = lora.as_ref().filter(|l| self.unloaded.contains(&l.id)) {
+        if let Some(l) = lora.filter(|l| self.unloaded.contains(&l.id)) {
             return Err(AddError::AdapterUnloaded(l.name.clone()));
         }
         self.engine
-            .add_request(
-                &request_id,
-                Prompt::TokenIds(prompt_token_ids),
-                params,
-                lora.as_ref(),
-            )
-            .map_err(AddError::Engine)?;
-        let has_lora = lora.is_some();
-        for (i, events) in events.into_iter().enumerate() {
-            let live = Live {
-                events,
-                has_stop_strings,
-                has_lora,
-                last: None,
-            };
-            self.live.insert(choice_request_id(&request_id, i).into(), live);
-        }
-        Ok(())
+            .add_request(request_id, Prompt::TokenIds(prompt_token_ids), params, lora)
+            .map_err(AddError::Engine)
     }
 
     fn step(&mut self) {

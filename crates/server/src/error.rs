@@ -86,6 +86,13 @@ impl ApiError {
         )
     }
 
+    /// This error as one of prompt `index` of a request of several: the message names it.
+    pub fn in_prompt(mut self, index: usize) -> Self {
+        self.message = format!("prompt[{index}]: {}", self.message);
+        self.param.get_or_insert_with(|| "prompt".into());
+        self
+    }
+
     pub fn with_param(mut self, param: &str) -> Self {
         self.param = Some(param.to_string());
         self

@@ -43,18 +43,34 @@ pub async fn completions(
     let (params, output) = req
         .sampling
         .resolve(Api::Completion, DEFAULT_COMPLETION_MAX_TOKENS)?;
-    let (prompt_token_ids, prompt_text) = match req.prompt.into_single()? {
-        Prompt::Text(text) => {
-            let echo = output.echo.then(|| text.clone());
-            (encode(&st, text, req.add_special_tokens).await?, echo)
-        }
-        Prompt::TokenIds(ids) => (ids, None),
+    let prompts = req.prompt.into_prompts()?;
+    let num_prompts = prompts.len();
+    let has_text = prompts.iter().any(|p| matches!(p, Prompt::Text(_)));
+    let (limits, echo, add_special_tokens) = (PromptLimits::of(&st), output.echo, req.add_special_tokens);
+    // A prompt that fails is named by its index.
+    let to_ids = move || {
+        (prompts.into_iter().enumerate())
+            .map(|(i, p)| match p {
+                Prompt::Text(text) => Ok(PromptIds {
+                    ids: (limits.encode(&text, add_special_tokens)).map_err(|e| {
+                        if num_prompts > 1 {
+                            e.in_prompt(i)
+                        } else {
+                            e
+                        }
+                    })?,
+                    text: echo.then_some(text),
+                }),
+                Prompt::TokenIds(ids) => Ok(PromptIds { ids, text: None }),
+            })
+            .collect::<ApiResult<Vec<_>>>()
     };
-    let prompt = PromptIds {
-        ids: prompt_token_ids,
-        text: prompt_text,
+    // Text goes to the blocking pool (all of a request's in one trip); token ids need no trip.
+    let prompts = match has_text {
+        true => off_the_runtime(&st, to_ids).await?,
+        false => to_ids()?,
     };
-    run(st, Api::Completion, req.model, prompt, params, lora, output).await
+    run(st, Api::Completion, req.model, prompts, params, lora, output).await
 }
 
 pub async fn chat_completions(
@@ -95,7 +111,7 @@ pub async fn chat_completions(
         ids: prompt_token_ids,
         text: None,
     };
-    run(st, Api::Chat, req.model, prompt, params, lora, output).await
+    run(st, Api::Chat, req.model, vec![prompt], params, lora, output).await
 }
 
 /// vLLM's `/tokenize`: how a prompt tokenizes, so clients (the benchmark) can check lengths.
@@ -185,15 +201,17 @@ async fn encode(st: &AppState, text: String, add_special_tokens: bool) -> ApiRes
 
 /// Compiles a request's constraint off the engine thread (which, queueing the request, copies
 /// this compile from the grammars' cache), so that a bad schema, regex or grammar is a 400
-/// naming `field`, with llguidance's error.
+/// naming `field`, with llguidance's error; the first constrained request waits here, not on
+/// the engine thread, for a token table still building.
 async fn check_constraint(st: &AppState, field: &'static str, c: Constraint) -> ApiResult<()> {
-    let grammars = (st.engine.info.grammars.clone()).map_err(|e| {
-        ApiError::bad_param(
-            field,
-            format!("{field}: structured outputs are not available for this model: {e}"),
-        )
-    })?;
+    let grammars = st.engine.info.grammars.clone();
     off_the_runtime(st, move || {
+        grammars.available().map_err(|e| {
+            ApiError::bad_param(
+                field,
+                format!("{field}: structured outputs are not available for this model: {e}"),
+            )
+        })?;
         (grammars.matcher(&c).map(drop)).map_err(|e| ApiError::bad_param(field, format!("{field}: {e}")))
     })
     .await
@@ -228,6 +246,7 @@ impl From<AddError> for ApiError {
             )),
             AddError::AdapterUnloaded(name) => ApiError::model_not_found(&name),
             AddError::EngineStopped => ApiError::overloaded("the engine loop has stopped; see the server log"),
+            AddError::InPrompt { index, error } => ApiError::from(*error).in_prompt(index),
         }
     }
 }
@@ -263,11 +282,14 @@ struct PromptIds {
     text: Option<String>,
 }
 
+/// Queues a request's prompts (completions may send several; chat sends one) together, so they
+/// batch, and answers with `len(prompts) * n` choices, choice `p * n + c` being choice `c` of
+/// prompt `p` (vLLM's order), usage summed over all.
 async fn run(
     st: Arc<AppState>,
     api: Api,
     model: String,
-    mut prompt: PromptIds,
+    mut prompts: Vec<PromptIds>,
     mut params: SamplingParams,
     lora: Option<LoraRequest>,
     output: Output,
@@ -282,39 +304,26 @@ async fn run(
     let id = st.request_id(prefix);
     let tokenizer = st.engine.info.tokenizer.clone();
     if let Some(t) = output.truncate_prompt_tokens {
-        let before = prompt.ids.len();
-        t.apply(&mut prompt.ids, st.engine.info.max_model_len);
-        if prompt.ids.len() < before {
-            // Echo shows the prompt that ran.
-            prompt.text = None;
+        for prompt in &mut prompts {
+            let before = prompt.ids.len();
+            t.apply(&mut prompt.ids, st.engine.info.max_model_len);
+            if prompt.ids.len() < before {
+                // Echo shows the prompt that ran.
+                prompt.text = None;
+            }
         }
     }
     if !output.bad_words.is_empty() {
         let (t, words) = (tokenizer.clone(), output.bad_words.clone());
         params.bad_words_token_ids = off_the_runtime(&st, move || bad_words_token_ids(&t, &words)).await?;
     }
-    let num_prompt_tokens = prompt.ids.len();
     let names = TokenNames {
         tokenizer: tokenizer.clone(),
         as_ids: output.tokens_as_ids,
     };
-    let echo = match output.echo {
-        true => {
-            let text = match prompt.text {
-                Some(t) => t,
-                None => {
-                    let (t, ids) = (tokenizer.clone(), prompt.ids.clone());
-                    off_the_runtime(&st, move || {
-                        (t.decode(&ids, false)).map_err(|e| {
-                            ApiError::bad_param("prompt", format!("cannot decode the prompt: {e}"))
-                        })
-                    })
-                    .await?
-                }
-            };
-            Some((text, prompt.ids.clone()))
-        }
-        false => None,
+    let echoes = match output.echo {
+        true => echoed_prompts(&st, &prompts).await?,
+        false => vec![None; prompts.len()],
     };
     let has_stop_strings = !output.stop.is_empty();
     let stop_token_ids = params.stop_token_ids.clone();
@@ -322,49 +331,77 @@ async fn run(
         true => Vec::new(),
         false => st.engine.info.model_config.eos_token_ids.clone(),
     };
+    let num_prompt_tokens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+    let prompt_ids = prompts.into_iter().map(|p| p.ids).collect();
     let added = st
         .engine
-        .add(id.clone(), prompt.ids, params, lora, has_stop_strings)
+        .add(id.clone(), prompt_ids, params, lora, has_stop_strings)
         .await?;
-    let mut choices = Vec::with_capacity(added.len());
-    for (index, (guard, events)) in added.into_iter().enumerate() {
-        choices.push(Generation {
-            index,
-            api,
-            id: id.clone(),
-            created: crate::app::unix_now(),
-            model: model.clone(),
-            guard,
-            events,
-            detok: Detokenizer::new(
-                st.engine.info.tokenizer.clone(),
-                output.stop.clone(),
-                output.include_stop_str_in_output,
-                output.skip_special_tokens,
-            ),
-            include_usage: output.include_usage,
-            continuous_usage: output.continuous_usage,
-            num_prompt_tokens,
-            num_output_tokens: 0,
-            stop_token_ids: stop_token_ids.clone(),
-            eos_token_ids: eos_token_ids.clone(),
-            include_stop_str_in_output: output.include_stop_str_in_output,
-            stop_reason: Value::Null,
-            num_logprobs: output.logprobs,
-            completion_logprobs: match api {
-                Api::Completion => (output.logprobs).map(|k| CompletionLogprobs::new(names.clone(), k)),
-                Api::Chat => None,
-            },
-            names: names.clone(),
-            chat_logprobs: Vec::new(),
-            num_prompt_logprobs: output.prompt_logprobs,
-            prompt_logprobs: Value::Null,
-            echo: echo.clone(),
-        });
+    let mut choices = Vec::new();
+    for ((prompt_choices, echo), num_prompt_tokens) in added.into_iter().zip(echoes).zip(num_prompt_tokens) {
+        for (c, (guard, events)) in prompt_choices.into_iter().enumerate() {
+            choices.push(Generation {
+                index: choices.len(),
+                is_first_choice: c == 0,
+                api,
+                id: id.clone(),
+                created: crate::app::unix_now(),
+                model: model.clone(),
+                guard,
+                events,
+                detok: Detokenizer::new(
+                    st.engine.info.tokenizer.clone(),
+                    output.stop.clone(),
+                    output.include_stop_str_in_output,
+                    output.skip_special_tokens,
+                ),
+                include_usage: output.include_usage,
+                continuous_usage: output.continuous_usage,
+                num_prompt_tokens,
+                num_output_tokens: 0,
+                stop_token_ids: stop_token_ids.clone(),
+                eos_token_ids: eos_token_ids.clone(),
+                include_stop_str_in_output: output.include_stop_str_in_output,
+                stop_reason: Value::Null,
+                num_logprobs: output.logprobs,
+                completion_logprobs: match api {
+                    Api::Completion => (output.logprobs).map(|k| CompletionLogprobs::new(names.clone(), k)),
+                    Api::Chat => None,
+                },
+                names: names.clone(),
+                chat_logprobs: Vec::new(),
+                num_prompt_logprobs: output.prompt_logprobs,
+                prompt_logprobs: Value::Null,
+                echo: echo.clone(),
+            });
+        }
     }
     Ok(if output.stream {
         into_sse(choices)
     } else {
         collect_all(choices).await?
     })
+}
+
+/// What `echo` puts before each prompt's output: its text (decoded from its ids where the
+/// client sent ids, or truncation cut it) and its ids.
+async fn echoed_prompts(st: &AppState, prompts: &[PromptIds]) -> ApiResult<Vec<Option<(String, Vec<u32>)>>> {
+    let tokenizer = st.engine.info.tokenizer.clone();
+    let prompts: Vec<(Option<String>, Vec<u32>)> = (prompts.iter())
+        .map(|p| (p.text.clone(), p.ids.clone()))
+        .collect();
+    off_the_runtime(st, move || {
+        (prompts.into_iter())
+            .map(|(text, ids)| {
+                let text = match text {
+                    Some(t) => t,
+                    None => (tokenizer.decode(&ids, false)).map_err(|e| {
+                        ApiError::bad_param("prompt", format!("cannot decode the prompt: {e}"))
+                    })?,
+                };
+                Ok(Some((text, ids)))
+            })
+            .collect()
+    })
+    .await
 }

@@ -39,7 +39,8 @@ impl StringOrList {
     }
 }
 
-/// `prompt` of `/v1/completions`: text, token ids, or a list of one of either.
+/// `prompt` of `/v1/completions`: text, token ids, or a list of either (several prompts in one
+/// request, as vLLM takes them).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum PromptInput {
@@ -55,29 +56,21 @@ pub enum Prompt {
 }
 
 impl PromptInput {
-    pub fn into_single(self) -> ApiResult<Prompt> {
-        let one = |n: usize| {
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(ApiError::bad_param(
-                    "prompt",
-                    format!("{n} prompts in one request are not supported; send one prompt per request"),
-                ))
-            }
+    /// The request's prompts, in order; an empty list is refused.
+    pub fn into_prompts(self) -> ApiResult<Vec<Prompt>> {
+        let prompts: Vec<Prompt> = match self {
+            PromptInput::Text(t) => vec![Prompt::Text(t)],
+            PromptInput::Tokens(ids) => vec![Prompt::TokenIds(ids)],
+            PromptInput::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptInput::TokenLists(v) => v.into_iter().map(Prompt::TokenIds).collect(),
         };
-        Ok(match self {
-            PromptInput::Text(t) => Prompt::Text(t),
-            PromptInput::Tokens(ids) => Prompt::TokenIds(ids),
-            PromptInput::Texts(mut v) => {
-                one(v.len())?;
-                Prompt::Text(v.remove(0))
-            }
-            PromptInput::TokenLists(mut v) => {
-                one(v.len())?;
-                Prompt::TokenIds(v.remove(0))
-            }
-        })
+        if prompts.is_empty() {
+            return Err(ApiError::bad_param(
+                "prompt",
+                "prompt: expected a prompt or a non-empty list of prompts, got an empty list",
+            ));
+        }
+        Ok(prompts)
     }
 }
 

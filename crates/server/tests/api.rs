@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use common::in_process::{post, post_json, send};
-use common::{demo_dir, demo_server, sse_data, TestResult, MODEL};
+use common::{demo_dir, demo_server, sse_chunks, TestResult, MODEL};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -107,12 +107,7 @@ async fn streams_end_with_usage_and_done() -> TestResult {
         }
         let (status, text) = send(&app, post_json(path, &body)).await?;
         assert_eq!(status, StatusCode::OK, "{text}");
-        let data = sse_data(&text);
-        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
-        let chunks: Vec<Value> = data[..data.len() - 1]
-            .iter()
-            .map(|d| serde_json::from_str(d))
-            .collect::<Result<_, _>>()?;
+        let chunks = sse_chunks(&text)?;
         let usage = chunks.last().ok_or("no chunks")?;
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"]["completion_tokens"], 7);

@@ -200,12 +200,7 @@ async fn stream_of(
     body["stream"] = json!(true);
     let (status, text) = send(app, post_json(path, &body)).await?;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let data = common::sse_data(&text);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d))
-        .collect::<Result<_, _>>()?;
+    let chunks = common::sse_chunks(&text)?;
     let mut streamed = String::new();
     for c in &chunks {
         for choice in c["choices"].as_array().into_iter().flatten() {

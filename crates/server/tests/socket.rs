@@ -3,35 +3,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    demo_server, generation_request, http, metric, open_stream, sse_data, start, TestResult, MODEL,
+    demo_server, generation_request, http, metric, open_stream, open_stream_with, sse_data, start, wait_idle,
+    TestResult, MODEL,
 };
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
-
-async fn metrics(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(http(addr, "GET", "/metrics", None, &[]).await?.2)
-}
-
-/// Polls /metrics until no request runs or waits.
-async fn wait_idle(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = metrics(addr).await?;
-        let busy = metric(&m, "multilora:num_requests_running").unwrap_or(-1.0)
-            + metric(&m, "multilora:num_requests_waiting").unwrap_or(-1.0);
-        if busy == 0.0 {
-            return Ok(m);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the engine did not drain:\n{m}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_streaming_clients_with_mixed_adapters_all_finish() -> TestResult {
@@ -97,11 +76,28 @@ async fn many_streaming_clients_with_mixed_adapters_all_finish() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_frees_its_sequence() -> TestResult {
-    // A long request (seconds of work), so it is still running when the server notices.
-    let max_tokens = 2000;
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": LONG, "ignore_eos": true,
+                      "stream": true});
+    disconnect_frees_sequences(&body, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_several_prompts_that_disconnects_frees_all_their_sequences() -> TestResult {
+    let body = json!({"model": MODEL, "prompt": ["Once", "Upon a time", "x"], "n": 2,
+                      "max_tokens": LONG, "ignore_eos": true, "stream": true});
+    disconnect_frees_sequences(&body, 6).await
+}
+
+/// Output tokens of a request that is still running when the server notices its client left.
+const LONG: usize = 2000;
+
+/// Opens a stream of `body` ([`LONG`] tokens per sequence), leaves after its first chunk, and
+/// checks that all `num_sequences` of it were aborted before running to the end and that the
+/// server still serves.
+async fn disconnect_frees_sequences(body: &Value, num_sequences: usize) -> TestResult {
     let server = demo_server(0, |e, _| e.max_model_len = Some(2048))?;
     let (addr, stop, task) = start(server).await?;
-    let stream = open_stream(addr, max_tokens).await?;
+    let stream = open_stream_with(addr, body).await?;
     drop(stream);
     let m = wait_idle(addr).await?;
     let aborted = m
@@ -109,10 +105,14 @@ async fn a_client_that_disconnects_frees_its_sequence() -> TestResult {
         .find(|l| l.contains("finished_reason=\"abort\""))
         .and_then(|l| l.rsplit(' ').next())
         .ok_or("no abort metric")?;
-    assert_eq!(aborted, "1", "{m}");
+    assert_eq!(
+        aborted,
+        num_sequences.to_string(),
+        "every sequence is aborted:\n{m}"
+    );
     let tokens = metric(&m, "multilora:generation_tokens_total").ok_or("no tokens metric")?;
     assert!(
-        tokens < max_tokens as f64,
+        tokens < (num_sequences * LONG) as f64,
         "the request ran to the end ({tokens} tokens) after its client left"
     );
     // The server still serves.

@@ -58,6 +58,10 @@ impl EngineBackend {
     pub fn open(cfg: &EngineConfig) -> anyhow::Result<Self> {
         let engine =
             LLMEngine::new(cfg.clone()).with_context(|| format!("loading model {}", cfg.model.display()))?;
+        // The structured outputs' token table builds on a thread of its own (about half a second
+        // for a 128k vocabulary): measuring starts after it, not beside it. Whether there is one
+        // does not matter here.
+        let _ = engine.grammars().available();
         if engine.tokenizer().is_none() {
             // Once per process, not per engine.
             static NOTE: std::sync::Once = std::sync::Once::new();

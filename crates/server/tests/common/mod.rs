@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use multilora_engine::EngineConfig;
 use multilora_server::{Server, ServerConfig};
@@ -103,8 +103,16 @@ pub async fn open_stream(
     max_tokens: usize,
 ) -> Result<TcpStream, Box<dyn std::error::Error + Send + Sync>> {
     let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": max_tokens,
-                      "ignore_eos": true, "stream": true})
-    .to_string();
+                      "ignore_eos": true, "stream": true});
+    open_stream_with(addr, &body).await
+}
+
+/// [`open_stream`] with this completion body.
+pub async fn open_stream_with(
+    addr: SocketAddr,
+    body: &Value,
+) -> Result<TcpStream, Box<dyn std::error::Error + Send + Sync>> {
+    let body = body.to_string();
     let mut stream = TcpStream::connect(addr).await?;
     let req = format!(
         "POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
@@ -153,6 +161,19 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The JSON chunks of a server-sent-events body that ends with `[DONE]` (which is checked and
+/// left out).
+pub fn sse_chunks(body: &str) -> Result<Vec<Value>, Box<dyn std::error::Error + Send + Sync>> {
+    let data = sse_data(body);
+    if data.last().map(String::as_str) != Some("[DONE]") {
+        return Err(format!("the stream does not end with [DONE]: {body}").into());
+    }
+    Ok(data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d))
+        .collect::<Result<_, _>>()?)
+}
+
 /// A Prometheus sample's value, e.g. `metric("multilora:num_requests_running")`.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -160,6 +181,27 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+pub async fn metrics(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(http(addr, "GET", "/metrics", None, &[]).await?.2)
+}
+
+/// Polls /metrics until no request runs or waits.
+pub async fn wait_idle(addr: SocketAddr) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics(addr).await?;
+        let busy = metric(&m, "multilora:num_requests_running").unwrap_or(-1.0)
+            + metric(&m, "multilora:num_requests_waiting").unwrap_or(-1.0);
+        if busy == 0.0 {
+            return Ok(m);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the engine did not drain:\n{m}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A stop string for a test: two characters from the second half of a greedy output (none a
