@@ -150,6 +150,12 @@ fn running_sequences_keep_stepping_while_an_adapter_loads() {
         assert_eq!((engine.num_waiting(), engine.num_waiting_for_adapter()), (1, 1));
         assert_eq!(engine.lora_stats().unwrap().num_loads_in_flight, 1);
     }
+    // The reload runs on a loader thread, which a busy machine may start only after those
+    // (fast) steps: wait for it, rather than race it.
+    let waited = std::time::Instant::now();
+    while loader.num_gated_loads.load(Ordering::SeqCst) < 2 && waited.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(
         loader.num_gated_loads.load(Ordering::SeqCst),
         2,

@@ -35,6 +35,25 @@ fn body(prompt: Value, extra: Value) -> Value {
     b
 }
 
+/// `a` and `b` are the same JSON, numbers within 1e-5 of each other.
+fn assert_close(a: &Value, b: &Value, what: &str) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap_or(f64::NAN), y.as_f64().unwrap_or(f64::NAN));
+            assert!((x - y).abs() <= 1e-5, "{what}: {x} vs {y}");
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{what}: lengths");
+            x.iter().zip(y).for_each(|(x, y)| assert_close(x, y, what));
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert!(x.keys().eq(y.keys()), "{what}: keys {x:?} vs {y:?}");
+            x.iter().for_each(|(k, v)| assert_close(v, &y[k], what));
+        }
+        _ => assert_eq!(a, b, "{what}"),
+    }
+}
+
 fn usage(v: &Value, key: &str) -> u64 {
     v["usage"][key].as_u64().unwrap_or(u64::MAX)
 }
@@ -171,10 +190,23 @@ async fn echo_and_logprobs_are_per_prompt() -> TestResult {
             "echo leads with prompt {p}: {got}"
         );
         assert_eq!(got["text"], want["text"]);
-        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        for key in ["tokens", "text_offset"] {
             assert_eq!(got["logprobs"][key], want["logprobs"][key], "prompt {p}: {key}");
         }
-        assert_eq!(got["prompt_logprobs"], want["prompt_logprobs"], "prompt {p}");
+        // The same numbers up to the last bits: a prompt's tokens may fall into other kernel
+        // tiles (or paths) when another prompt shares the step.
+        for key in ["token_logprobs", "top_logprobs"] {
+            assert_close(
+                &got["logprobs"][key],
+                &want["logprobs"][key],
+                &format!("prompt {p}: {key}"),
+            );
+        }
+        assert_close(
+            &got["prompt_logprobs"],
+            &want["prompt_logprobs"],
+            &format!("prompt {p}"),
+        );
         let num_prompt_tokens = usage(a, "prompt_tokens") as usize;
         assert_eq!(
             got["logprobs"]["tokens"].as_array().map(Vec::len),
