@@ -21,6 +21,7 @@ pub mod generate;
 pub mod logprobs;
 pub mod metrics;
 pub mod protocol;
+pub mod resolve;
 pub mod structured;
 
 use std::future::Future;
