@@ -22,7 +22,12 @@ fn main() -> anyhow::Result<()> {
         (4..=6).contains(&args.len()),
         "usage: cpu_steps MODEL_DIR B P D [DTYPE [R]]"
     );
-    let prefill_runs: usize = args.get(5).map_or(Ok(1), |r| r.parse())?;
+    let prefill_runs: usize = match args.get(5) {
+        None => 1,
+        Some(r) => r
+            .parse()
+            .map_err(|_| anyhow::anyhow!("R {r:?}: expected how many times to time the prefill, e.g. 3"))?,
+    };
     let dtype_name = args.get(4).map_or("float32", String::as_str);
     let dtype = WeightDtype::from_name(dtype_name)
         .ok_or_else(|| anyhow::anyhow!("DTYPE {dtype_name:?}: expected float32, bfloat16 or float16"))?;

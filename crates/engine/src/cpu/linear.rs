@@ -308,7 +308,24 @@ struct LinearChunk<'a, W> {
     y: SendPtr,
 }
 
-impl<W: WeightElem> LinearChunk<'_, W> {
+impl<'a, W: WeightElem> LinearChunk<'a, W> {
+    /// The same chunk over other weights (its rows widened to f32, say).
+    fn with_weights<'b, V>(&self, w: &'b [V]) -> LinearChunk<'b, V>
+    where
+        'a: 'b,
+    {
+        LinearChunk {
+            x: self.x,
+            w,
+            bias: self.bias,
+            o0: self.o0,
+            num_tokens: self.num_tokens,
+            in_f: self.in_f,
+            out_f: self.out_f,
+            y: self.y,
+        }
+    }
+
     #[inline(always)]
     fn tile<const N: usize>(&self, t: usize, dot: impl Fn(&[W], [&[f32]; N]) -> [f32; N]) {
         let in_f = self.in_f;
@@ -517,7 +534,7 @@ pub fn linear_group(x: &[f32], num_tokens: usize, in_f: usize, calls: &mut [Line
             Weight::F16(w) => w.len(),
         };
         prepare(x, len, call.bias, num_tokens, in_f, call.out_f, call.y, gemm);
-        splits[k] = Split::new(call.out_f, num_tokens, gemm);
+        splits[k] = Split::new(call.out_f, gemm);
         ys[k] = SendPtr(call.y.as_mut_ptr());
         starts[k + 1] = starts[k] + splits[k].chunks;
     }
@@ -562,7 +579,7 @@ impl Split {
         chunks: 0,
     };
 
-    fn new(out_f: usize, num_tokens: usize, gemm: bool) -> Split {
+    fn new(out_f: usize, gemm: bool) -> Split {
         let threads = rayon::current_num_threads();
         let rows = if gemm {
             // A multiple of 16 columns (one AVX-512 register of f32) so microkernels stay full.
@@ -575,7 +592,6 @@ impl Split {
             // in cache while every token tile streams past it.
             (out_f / (threads * 8)).clamp(4, 64)
         };
-        let _ = num_tokens;
         Split {
             gemm,
             rows,
@@ -622,7 +638,7 @@ fn linear_split<W: WeightElem>(
     gemm: bool,
 ) {
     prepare(x, w.len(), bias, num_tokens, in_f, out_f, y, gemm);
-    let split = Split::new(out_f, num_tokens, gemm);
+    let split = Split::new(out_f, gemm);
     let yp = SendPtr(y.as_mut_ptr());
     // SAFETY: `prepare` checked the buffers; chunks write disjoint columns of y, which aliases
     // neither x nor w.
@@ -701,18 +717,15 @@ unsafe fn run_chunk<W: WeightElem>(
         }
         return;
     }
-    let run_on = |w: &[W]| {
-        LinearChunk {
-            x,
-            w,
-            bias,
-            o0,
-            num_tokens,
-            in_f,
-            out_f,
-            y,
-        }
-        .run()
+    let chunk = LinearChunk {
+        x,
+        w: wchunk,
+        bias,
+        o0,
+        num_tokens,
+        in_f,
+        out_f,
+        y,
     };
     // 16-bit weights read by more than one token tile are widened once, into an f32 copy of the
     // chunk that stays in cache for every tile, rather than once per tile: the bytes from memory
@@ -721,20 +734,10 @@ unsafe fn run_chunk<W: WeightElem>(
         WIDE_PANEL.with_borrow_mut(|panel| {
             panel.resize(wchunk.len(), 0.0);
             widen(wchunk, panel);
-            LinearChunk {
-                x,
-                w: &panel[..],
-                bias,
-                o0,
-                num_tokens,
-                in_f,
-                out_f,
-                y,
-            }
-            .run()
+            chunk.with_weights(&panel[..]).run()
         });
     } else {
-        run_on(wchunk);
+        chunk.run();
     }
 }
 

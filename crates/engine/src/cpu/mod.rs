@@ -186,7 +186,8 @@ impl Backend for CpuBackend {
             rows.iter().all(|&r| (r as usize) < self.num_last_tokens),
             "rows of the last step"
         );
-        self.model.token_logits(rows, &mut self.ws);
+        let (model, ws) = (&self.model, &mut self.ws);
+        rayon::scope(|_| model.token_logits(rows, ws)); // on the pool, as `forward` is
         Ok(&self.ws.logits[..rows.len() * self.model.cfg.vocab_size])
     }
 }
