@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         num_kv_blocks: b * blocks_per_seq,
         max_loras: 0,
         max_lora_rank: 0,
+        tensor_parallel_size: 1,
         enforce_eager: true,
         seed: 0,
     };
