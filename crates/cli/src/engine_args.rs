@@ -33,6 +33,11 @@ pub struct EngineArgs {
     /// auto, float32, float16, bfloat16
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Ranks the model is split over, Megatron-style (heads and intermediate size must
+    /// divide). On the CPU the ranks run one after another in this process: the split's
+    /// arithmetic, not a speed-up. The CUDA backend runs on one GPU.
+    #[arg(long)]
+    pub tensor_parallel_size: Option<usize>,
     /// cpu or cuda
     #[arg(long)]
     pub device: Option<String>,
@@ -93,6 +98,9 @@ impl EngineArgs {
         }
         if let Some(v) = &self.dtype {
             cfg.dtype = v.clone();
+        }
+        if let Some(v) = self.tensor_parallel_size {
+            cfg.tensor_parallel_size = v;
         }
         if let Some(v) = &self.device {
             cfg.device = parse_device(v)?;

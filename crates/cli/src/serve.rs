@@ -240,7 +240,7 @@ mod tests {
             (r#"{"max_loras": "four"}"#, "max_loras", "\"four\""),
             (r#"{"max_num_seqs": 0}"#, "max_num_seqs", "0"),
             (r#"{"num_tokens": -1}"#, "num_tokens", "-1"),
-            (r#"{"tensor_parallel_size": 2}"#, "tensor_parallel_size", "2"),
+            (r#"{"tensor_parallel_size": 0}"#, "tensor_parallel_size", "0"),
         ] {
             std::fs::write(&path, bad)?;
             let err = format!("{:#}", CommonJson::read(&path).expect_err(bad));

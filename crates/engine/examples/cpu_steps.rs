@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         },
         max_loras: 0,
         max_lora_rank: 0,
+        tensor_parallel_size: 1,
         enforce_eager: true,
         sync_lora_uploads: false,
         dtype: dtype.name().into(),

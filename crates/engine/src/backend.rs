@@ -162,6 +162,8 @@ pub struct BackendConfig {
     /// 0 when LoRA is disabled.
     pub max_loras: usize,
     pub max_lora_rank: usize,
+    /// Ranks the model is split over (Megatron-style, see [`crate::tp`]).
+    pub tensor_parallel_size: usize,
     /// No CUDA graphs (GPU backends).
     pub enforce_eager: bool,
     /// Wait for each adapter's copy into its slot before `set_lora_slot` returns, rather than

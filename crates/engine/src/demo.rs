@@ -72,7 +72,11 @@ fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    // Unique per call, not only per process: threads of one process (tests) may write the
+    // same folder at once, and each must own its temp folder.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = fill(&tmp).and_then(|()| std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e)));
@@ -297,15 +301,22 @@ pub fn demo_adapter_name(rank: usize, i: usize) -> String {
 pub fn ensure_demo(root: &Path, seed: u64) -> Result<bool> {
     let paths = DemoPaths::new(root);
     let mut wrote = false;
-    if !paths.model.join("config.json").exists() {
-        write_demo_model(&paths.model, seed)?;
-        wrote = true;
+    // Another process or thread may write the same folder at once: losing that race (the
+    // rename finds the folder there) is success, since the winner wrote the same bytes.
+    let written_or_raced = |done: &Path, result: Result<()>| match result {
+        Err(_) if done.exists() => Ok(false),
+        other => other.map(|()| true),
+    };
+    let config = paths.model.join("config.json");
+    if !config.exists() {
+        wrote |= written_or_raced(&config, write_demo_model(&paths.model, seed))?;
     }
     let cfg = ModelConfig::from_dir(&paths.model)?;
     for (g, &(rank, count)) in DEMO_ADAPTER_GROUPS.iter().enumerate() {
         for i in 0..count {
             let dir = paths.adapters.join(demo_adapter_name(rank, i));
-            if dir.join("adapter_model.safetensors").exists() {
+            let weights = dir.join("adapter_model.safetensors");
+            if weights.exists() {
                 continue;
             }
             let spec = SynthSpec {
@@ -320,9 +331,39 @@ pub fn ensure_demo(root: &Path, seed: u64) -> Result<bool> {
                 use_rslora: false,
                 seed: seed.wrapping_add(1000 * (g as u64 + 1) + i as u64),
             };
-            synth_adapter(&dir, &cfg, "../../model", &spec)?;
-            wrote = true;
+            wrote |= written_or_raced(&weights, synth_adapter(&dir, &cfg, "../../model", &spec))?;
         }
     }
     Ok(wrote)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test binaries run their tests on threads of one process, several of which may write the
+    /// demo folder at once (CI once failed a server test this way): every writer succeeds and the
+    /// folder ends complete, with no temp folder left behind.
+    #[test]
+    fn threads_racing_to_write_the_demo_all_succeed() {
+        let root = std::env::temp_dir().join(format!("multilora-demo-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let results: Vec<Result<bool>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6).map(|_| s.spawn(|| ensure_demo(&root, 0))).collect();
+            handles.into_iter().map(|h| h.join().expect("no panic")).collect()
+        });
+        for r in &results {
+            assert!(r.is_ok(), "{r:?}");
+        }
+        assert!(!ensure_demo(&root, 0).expect("complete"), "nothing left to write");
+        let leftovers: Vec<_> = std::fs::read_dir(root.join("adapters"))
+            .expect("adapters folder")
+            .chain(std::fs::read_dir(&root).expect("root"))
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .map(|e| e.path())
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
 }

@@ -30,6 +30,7 @@ use crate::sampling::{bad_word_bans, keep_allowed, request_rng, Sampler, Samplin
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
 use crate::structured::{allows_only, apply_mask, Grammars};
+use crate::tp::Sharding;
 use crate::weights::WeightSource;
 use crate::ModelConfig;
 
@@ -80,6 +81,11 @@ pub struct EngineConfig {
     /// Exact number of KV blocks (vLLM's `num_gpu_blocks_override`), for tests and tuning.
     pub num_gpu_blocks_override: Option<usize>,
     pub gpu_memory_utilization: f32,
+    /// Ranks the model is split over, Megatron-style ([`crate::tp`]): heads, KV heads and the
+    /// intermediate size must divide (or be divided by, for KV heads). The CPU backend runs the
+    /// ranks one after another in this process (the oracle for the split: same results, not
+    /// faster); the CUDA backend runs on one GPU and refuses more than 1.
+    pub tensor_parallel_size: usize,
     pub enforce_eager: bool,
     pub enable_lora: bool,
     pub max_loras: usize,
@@ -124,6 +130,7 @@ impl EngineConfig {
             kv_cache_memory_bytes: None,
             num_gpu_blocks_override: None,
             gpu_memory_utilization: 0.9,
+            tensor_parallel_size: 1,
             enforce_eager: false,
             enable_lora: false,
             max_loras: 1,
@@ -293,6 +300,13 @@ impl LLMEngine {
                 DTYPES.join(", ")
             )));
         }
+        let sharding = Sharding::new(&model_config, config.tensor_parallel_size)?;
+        if config.device == Device::Cuda && sharding.size > 1 {
+            return Err(Error::InvalidConfig(format!(
+                "tensor_parallel_size {}: the CUDA backend runs on one GPU; set it to 1 (the CPU backend runs tensor-parallel ranks in one process)",
+                sharding.size
+            )));
+        }
         if !(config.gpu_memory_utilization > 0.0 && config.gpu_memory_utilization <= 1.0) {
             return Err(Error::InvalidConfig(format!(
                 "gpu_memory_utilization {} must be in (0, 1]",
@@ -343,6 +357,7 @@ impl LLMEngine {
             },
             max_loras: lora_cfg.map_or(0, |c| c.max_loras),
             max_lora_rank: lora_cfg.map_or(0, |c| c.max_lora_rank),
+            tensor_parallel_size: sharding.size,
             enforce_eager: config.enforce_eager,
             sync_lora_uploads: config.sync_lora_uploads,
             dtype: config.dtype.clone(),

@@ -22,6 +22,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod structured;
+pub mod tp;
 pub mod weights;
 
 pub use engine::{

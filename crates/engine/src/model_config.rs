@@ -158,6 +158,12 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Parses the text of a `config.json` (`path` names it in errors).
+    pub fn from_json(json: &str, path: &Path) -> Result<Self> {
+        let raw = serde_json::from_str(json).map_err(|e| Error::model(path, e.to_string()))?;
+        Self::from_raw(raw, path)
+    }
+
     fn from_raw(raw: RawConfig, path: &Path) -> Result<Self> {
         let arch_name = raw
             .architectures

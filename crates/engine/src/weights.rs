@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -295,6 +295,33 @@ impl<T: Pod> Storage<T> {
     pub fn is_mapped(&self) -> bool {
         matches!(self, Storage::Mapped { .. })
     }
+
+    /// Elements `range`, still read in place when mapped.
+    fn slice(&self, range: Range<usize>) -> Self {
+        match self {
+            Storage::Owned(v) => Storage::Owned(v[range].to_vec()),
+            Storage::Mapped {
+                mmap, offset, len, ..
+            } => {
+                assert!(range.end <= *len, "slice within the tensor");
+                Storage::mapped(
+                    Arc::clone(mmap),
+                    offset + range.start * std::mem::size_of::<T>(),
+                    range.len(),
+                )
+            }
+        }
+    }
+
+    /// Columns `cols` of each `row_len`-long row, copied.
+    fn columns(&self, cols: Range<usize>, row_len: usize) -> Self {
+        Storage::Owned(
+            self.chunks_exact(row_len)
+                .flat_map(|row| &row[cols.clone()])
+                .copied()
+                .collect(),
+        )
+    }
 }
 
 /// Element types any bit pattern of which is a valid value (so they may be read from a file).
@@ -360,6 +387,25 @@ impl Weight {
             Weight::F32(w) => w.is_mapped(),
             Weight::Bf16(w) => w.is_mapped(),
             Weight::F16(w) => w.is_mapped(),
+        }
+    }
+
+    /// Rows `rows` of this `[_, row_len]` matrix; read in place still when mapped.
+    pub fn rows(&self, rows: Range<usize>, row_len: usize) -> Weight {
+        let r = rows.start * row_len..rows.end * row_len;
+        match self {
+            Weight::F32(w) => Weight::F32(w.slice(r)),
+            Weight::Bf16(w) => Weight::Bf16(w.slice(r)),
+            Weight::F16(w) => Weight::F16(w.slice(r)),
+        }
+    }
+
+    /// Columns `cols` of this `[_, row_len]` matrix, copied.
+    pub fn columns(&self, cols: Range<usize>, row_len: usize) -> Weight {
+        match self {
+            Weight::F32(w) => Weight::F32(w.columns(cols, row_len)),
+            Weight::Bf16(w) => Weight::Bf16(w.columns(cols, row_len)),
+            Weight::F16(w) => Weight::F16(w.columns(cols, row_len)),
         }
     }
 

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{add_requests, case_dir, load, lora_requests, max_diff, Golden};
-use multilora_engine::{EngineConfig, LLMEngine, LoraRequest};
+use multilora_engine::{Device, EngineConfig, LLMEngine, LoraRequest};
 
 fn engine(case: &str, max_loras: usize, max_cpu_loras: usize) -> LLMEngine {
     engine_in(case, max_loras, max_cpu_loras, "auto")
@@ -16,7 +16,19 @@ fn engine(case: &str, max_loras: usize, max_cpu_loras: usize) -> LLMEngine {
 
 /// An engine with `dtype` (vLLM's `dtype`: what the CPU keeps weights in).
 fn engine_in(case: &str, max_loras: usize, max_cpu_loras: usize, dtype: &str) -> LLMEngine {
+    engine_tp(case, max_loras, max_cpu_loras, dtype, 1)
+}
+
+/// An engine split over `tensor_parallel_size` ranks.
+fn engine_tp(
+    case: &str,
+    max_loras: usize,
+    max_cpu_loras: usize,
+    dtype: &str,
+    tensor_parallel_size: usize,
+) -> LLMEngine {
     let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+    cfg.tensor_parallel_size = tensor_parallel_size;
     cfg.dtype = dtype.into();
     cfg.enable_lora = true;
     cfg.max_loras = max_loras;
@@ -171,6 +183,67 @@ fn llama_bf16_matches_transformers_in_bf16() {
         assert!(
             d1 < tol && d2 < tol,
             "{what}: logits differ from transformers-bf16 by {d1} (first) / {d2} (last), over {tol}"
+        );
+    }
+}
+
+/// Tensor parallelism with the ranks run in turn on the CPU: every fixture with its adapters
+/// (on all seven projections, rsLoRA, per-layer patterns; q/k/v bias; q/k norm; tied
+/// embeddings), split over 2 ranks and over 4 (then each of the 2 KV heads is replicated on 2
+/// ranks), gives the unsharded engine's greedy tokens and its logits within 1e-4 in f32 — and
+/// so transformers + PEFT's, checked here too.
+#[test]
+fn tensor_parallel_ranks_match_the_unsharded_engine_and_peft() {
+    for case in ["llama", "llama3_tied", "qwen2_bf16_sharded", "qwen3", "mistral"] {
+        let golden = load(case);
+        let loras = lora_requests(case);
+        let all: Vec<usize> = (0..golden.requests.len()).collect();
+        let whole = run(&mut engine_tp(case, 4, 4, "float32", 1), &golden, &loras, &all);
+        for tp in [2, 4] {
+            let mut engine = engine_tp(case, 4, 4, "float32", tp);
+            let got = run(&mut engine, &golden, &loras, &all);
+            for (k, r) in golden.requests.iter().enumerate() {
+                let what = format!(
+                    "{case}, tensor_parallel_size {tp}, request {k} (adapter {:?})",
+                    r.lora
+                );
+                assert_eq!(
+                    got.tokens[k], whole.tokens[k],
+                    "{what}: tokens differ from one rank's"
+                );
+                assert_eq!(
+                    got.tokens[k], r.greedy_token_ids,
+                    "{what}: tokens differ from PEFT's"
+                );
+                let to_whole = max_diff(&got.first_logits[k], &whole.first_logits[k])
+                    .max(max_diff(&got.last_logits[k], &whole.last_logits[k]));
+                let to_peft = max_diff(&got.first_logits[k], &r.first_logits)
+                    .max(max_diff(&got.last_logits[k], &r.last_logits));
+                assert!(
+                    to_whole < 1e-4 && to_peft < 1e-4,
+                    "{what}: logits differ by {to_whole} from one rank's, {to_peft} from PEFT's"
+                );
+            }
+        }
+    }
+}
+
+/// A split that does not divide the model is refused by name; so is the CUDA backend with
+/// more than one rank.
+#[test]
+fn tensor_parallel_sizes_that_do_not_divide_are_refused() {
+    for (tp, device, says) in [
+        (3, Device::Cpu, "num_attention_heads (4) must be divisible by it"),
+        (8, Device::Cpu, "num_attention_heads (4) must be divisible by it"),
+        (2, Device::Cuda, "the CUDA backend runs on one GPU"),
+    ] {
+        let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
+        cfg.tensor_parallel_size = tp;
+        cfg.device = device;
+        let err = LLMEngine::new(cfg).err().expect("refused").to_string();
+        assert!(
+            err.contains(&format!("tensor_parallel_size {tp}: {says}")),
+            "{err}"
         );
     }
 }

@@ -74,7 +74,6 @@ pub struct BenchConfig {
     pub repeat: usize,
     /// Run the no-LoRA series as well (always for `no-lora`).
     pub baseline: bool,
-    pub tensor_parallel_size: usize,
     /// Keys in the file this benchmark does not know (warned about).
     pub unknown_keys: Vec<String>,
     #[serde(skip)]
@@ -308,12 +307,6 @@ impl CommonJson {
         if let Some(v) = gpu_memory_utilization.filter(|v| !(*v > 0.0 && *v <= 1.0)) {
             bail!("{f}: key \"gpu_memory_utilization\" must be a number in (0, 1], got {v}");
         }
-        let tensor_parallel_size = k.positive("tensor_parallel_size")?;
-        if let Some(n) = tensor_parallel_size.filter(|&n| n != 1) {
-            bail!(
-                "{f}: tensor_parallel_size {n} is not supported: this engine runs on one device; set it to 1"
-            );
-        }
         let load_format = k
             .take::<String>("load_format", STR)?
             .map(|s| parse_load_format(&s).with_context(|| format!("{f}: key \"load_format\"")))
@@ -333,7 +326,7 @@ impl CommonJson {
             enforce_eager: k.take("enforce_eager", BOOL)?,
             max_model_len: k.positive("max_model_len")?,
             gpu_memory_utilization,
-            tensor_parallel_size,
+            tensor_parallel_size: k.positive("tensor_parallel_size")?,
             max_num_seqs: k.positive("max_num_seqs")?,
             max_num_batched_tokens: k.positive("max_num_batched_tokens")?,
             load_format,
@@ -394,6 +387,7 @@ impl CommonJson {
             .gpu_memory_utilization
             .unwrap_or(engine.gpu_memory_utilization);
         engine.max_num_seqs = self.max_num_seqs.unwrap_or(engine.max_num_seqs);
+        engine.tensor_parallel_size = self.tensor_parallel_size.unwrap_or(engine.tensor_parallel_size);
         engine.max_num_batched_tokens = self.max_num_batched_tokens.or(engine.max_num_batched_tokens);
         engine.load_format = self.load_format.unwrap_or(engine.load_format);
         engine.device = self.device.unwrap_or(engine.device);
@@ -544,7 +538,6 @@ fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow:
         batch_sizes,
         repeat,
         baseline,
-        tensor_parallel_size: c.tensor_parallel_size.unwrap_or(1),
         unknown_keys: c.unknown_keys,
         engine,
     })
@@ -669,8 +662,11 @@ mod tests {
                 "/tmp/r",
                 "--repeat",
                 "3",
+                "--tensor-parallel-size",
+                "2",
             ],
         )?;
+        assert_eq!(c.engine.tensor_parallel_size, 2);
         assert_eq!(c.batch_sizes, vec![3, 5]);
         assert_eq!((c.num_tokens, c.warmup_num_tokens, c.repeat), (9, 0, 3));
         assert_eq!((c.random_seed, c.engine.seed, c.engine.max_loras), (7, 7, 4));
@@ -717,9 +713,9 @@ mod tests {
         assert!(e.contains("\"lora_adapters_path\""), "{e}");
         let e = err(
             MULTI,
-            &ORIGINAL.replace("\"tensor_parallel_size\": 1", "\"tensor_parallel_size\": 2"),
+            &ORIGINAL.replace("\"tensor_parallel_size\": 1", "\"tensor_parallel_size\": 0"),
         );
-        assert!(e.contains("tensor_parallel_size 2"), "{e}");
+        assert!(e.contains("\"tensor_parallel_size\"") && e.contains('0'), "{e}");
         let e = err(MULTI, &ORIGINAL.replace("\"uniform\"", "\"random\""));
         assert!(e.contains("\"random\"") && e.contains("workload_type"), "{e}");
         let e = err(

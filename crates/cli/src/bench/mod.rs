@@ -795,6 +795,7 @@ fn engine_json(e: &multilora_engine::EngineConfig) -> serde_json::Value {
         "max_num_batched_tokens": e.max_num_batched_tokens,
         "block_size": e.block_size,
         "gpu_memory_utilization": e.gpu_memory_utilization,
+        "tensor_parallel_size": e.tensor_parallel_size,
         "enforce_eager": e.enforce_eager,
         "max_loras": e.max_loras,
         "max_lora_rank": e.max_lora_rank,

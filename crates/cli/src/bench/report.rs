@@ -93,7 +93,9 @@ impl ReportDir {
         let parent = path.parent().unwrap_or(&self.dir);
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         let name = path.file_name().map_or(rel.into(), |n| n.to_string_lossy());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .with_context(|| format!("writing {}", path.display()))

@@ -14,10 +14,12 @@ use crate::lora::adapter::LoraAdapter;
 use crate::lora::punica::LoraStack;
 use crate::lora::{LoraSlot, LoraTarget};
 use crate::models::llama::{Llama, LoraInput};
+use crate::tp::Sharding;
 use crate::weights::{WeightDtype, WeightSource};
 use crate::ModelConfig;
 
-/// The paged KV cache: per layer, `[num_blocks * block_size, num_kv_heads * head_dim]`.
+/// The paged KV cache: per layer and tensor-parallel rank (index `layer * ranks + rank`),
+/// `[num_blocks * block_size, rank's KV heads * head_dim]`.
 pub struct KvCache {
     pub block_size: usize,
     pub k: Vec<Vec<f32>>,
@@ -25,9 +27,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Bytes one block takes over all layers (K and V, f32).
-    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
-        2 * cfg.num_hidden_layers * block_size * cfg.kv_size() * std::mem::size_of::<f32>()
+    /// Bytes one block takes over all layers and ranks (K and V, f32); replicated KV heads
+    /// count once per rank that holds them.
+    pub fn bytes_per_block(cfg: &ModelConfig, sharding: &Sharding, block_size: usize) -> usize {
+        let per_rank = sharding.rank_config(cfg).kv_size();
+        2 * cfg.num_hidden_layers * block_size * per_rank * sharding.size * std::mem::size_of::<f32>()
     }
 }
 
@@ -35,32 +39,54 @@ impl KvCache {
 pub struct Workspace {
     pub hidden: Vec<f32>,      // [max_tokens, hidden]
     pub normed: Vec<f32>,      // [max_tokens, hidden]
-    pub q: Vec<f32>,           // [max_tokens, q_size]
-    pub k: Vec<f32>,           // [max_tokens, kv_size]
-    pub v: Vec<f32>,           // [max_tokens, kv_size]
-    pub attn: Vec<f32>,        // [max_tokens, q_size]
-    pub gate: Vec<f32>,        // [max_tokens, intermediate]
-    pub up: Vec<f32>,          // [max_tokens, intermediate]
     pub lora_tmp: Vec<f32>,    // [max_tokens, max_lora_rank]
     pub last_hidden: Vec<f32>, // [max_seqs, hidden]
     pub logits: Vec<f32>,      // [max_seqs, vocab]
+    /// `[tensor_parallel_size]`
+    pub ranks: Vec<RankWorkspace>,
+}
+
+/// One tensor-parallel rank's buffers, in its shapes (its heads and intermediate features).
+pub struct RankWorkspace {
+    pub q: Vec<f32>,    // [max_tokens, q_size]
+    pub k: Vec<f32>,    // [max_tokens, kv_size]
+    pub v: Vec<f32>,    // [max_tokens, kv_size]
+    pub attn: Vec<f32>, // [max_tokens, q_size]
+    pub gate: Vec<f32>, // [max_tokens, intermediate]
+    pub up: Vec<f32>,   // [max_tokens, intermediate]
+    /// `[max_tokens, hidden]` its output of o_proj or down_proj (partial sums with several
+    /// ranks; the all-reduce leaves their sum in rank 0's)
+    pub out: Vec<f32>,
+    /// `[max_seqs, its vocabulary rows]` its logits before they are gathered; empty with one rank
+    pub logits: Vec<f32>,
 }
 
 impl Workspace {
-    fn new(cfg: &ModelConfig, max_tokens: usize, max_seqs: usize, max_lora_rank: usize) -> Self {
+    fn new(model: &Llama, max_tokens: usize, max_seqs: usize, max_lora_rank: usize) -> Self {
+        let (cfg, rc, s) = (&model.cfg, &model.rank_cfg, &model.sharding);
         let z = |n: usize| vec![0.0f32; n];
         Workspace {
             hidden: z(max_tokens * cfg.hidden_size),
             normed: z(max_tokens * cfg.hidden_size),
-            q: z(max_tokens * cfg.q_size()),
-            k: z(max_tokens * cfg.kv_size()),
-            v: z(max_tokens * cfg.kv_size()),
-            attn: z(max_tokens * cfg.q_size()),
-            gate: z(max_tokens * cfg.intermediate_size),
-            up: z(max_tokens * cfg.intermediate_size),
             lora_tmp: z(max_tokens * max_lora_rank),
             last_hidden: z(max_seqs * cfg.hidden_size),
             logits: z(max_seqs * cfg.vocab_size),
+            ranks: (0..s.size)
+                .map(|r| RankWorkspace {
+                    q: z(max_tokens * rc.q_size()),
+                    k: z(max_tokens * rc.kv_size()),
+                    v: z(max_tokens * rc.kv_size()),
+                    attn: z(max_tokens * rc.q_size()),
+                    gate: z(max_tokens * rc.intermediate_size),
+                    up: z(max_tokens * rc.intermediate_size),
+                    out: z(max_tokens * cfg.hidden_size),
+                    logits: if s.size == 1 {
+                        Vec::new()
+                    } else {
+                        z(max_seqs * s.vocab_rows(r).len())
+                    },
+                })
+                .collect(),
         }
     }
 }
@@ -92,7 +118,7 @@ pub struct CpuBackend {
     kv: KvCache,
     kv_size: KvCacheSize,
     ws: Workspace,
-    /// `[num_layers * 7]`; empty when LoRA is disabled
+    /// See [`LoraInput::index`]; empty when LoRA is disabled
     lora_stacks: Vec<LoraStack>,
     /// Tokens of the last forward, whose final hidden states `ws.hidden` still holds
     num_last_tokens: usize,
@@ -100,28 +126,40 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Weight matrices are kept in the dtype [`weight_dtype`] picks from `bc.dtype`.
+    /// Weight matrices are kept in the dtype [`weight_dtype`] picks from `bc.dtype`. With
+    /// `tensor_parallel_size` above 1 the model is split over that many ranks, run one after
+    /// another in this process: the same arithmetic as on several devices, not faster.
     pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &BackendConfig) -> Result<Self> {
         let dtype = weight_dtype(&bc.dtype, cfg.torch_dtype.as_deref(), weights)?;
-        let model = Llama::load(weights, cfg, bc.max_model_len, dtype)?;
-        let bytes_per_block = KvCache::bytes_per_block(cfg, bc.block_size);
+        let sharding = Sharding::new(cfg, bc.tensor_parallel_size)?;
+        let model = Llama::load(weights, cfg, sharding, bc.max_model_len, dtype)?;
+        let (rc, num_ranks) = (&model.rank_cfg, model.sharding.size);
+        let bytes_per_block = KvCache::bytes_per_block(cfg, &model.sharding, bc.block_size);
         let num_kv_blocks = bc.kv.blocks(bytes_per_block, CPU_KV_BYTES);
-        let slots = num_kv_blocks * bc.block_size * cfg.kv_size();
+        let slots = num_kv_blocks * bc.block_size * rc.kv_size();
+        let caches = cfg.num_hidden_layers * num_ranks;
         let kv = KvCache {
             block_size: bc.block_size,
-            k: (0..cfg.num_hidden_layers).map(|_| vec![0.0; slots]).collect(),
-            v: (0..cfg.num_hidden_layers).map(|_| vec![0.0; slots]).collect(),
+            k: (0..caches).map(|_| vec![0.0; slots]).collect(),
+            v: (0..caches).map(|_| vec![0.0; slots]).collect(),
         };
         let mut lora_stacks = Vec::new();
         if bc.max_loras > 0 {
             for _ in 0..cfg.num_hidden_layers {
                 for t in LoraTarget::ALL {
-                    let (i, o) = t.shape(cfg);
-                    lora_stacks.push(LoraStack::new(bc.max_loras, bc.max_lora_rank, i, o));
+                    let (i, o) = t.shape(rc);
+                    for _ in 0..num_ranks {
+                        lora_stacks.push(LoraStack::new(bc.max_loras, bc.max_lora_rank, i, o));
+                    }
                 }
             }
         }
-        let ws = Workspace::new(cfg, bc.max_num_batched_tokens, bc.max_num_seqs, bc.max_lora_rank);
+        let ws = Workspace::new(
+            &model,
+            bc.max_num_batched_tokens,
+            bc.max_num_seqs,
+            bc.max_lora_rank,
+        );
         Ok(CpuBackend {
             dtype,
             model,
@@ -140,7 +178,13 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn device_name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        match self.model.sharding.size {
+            1 => format!("cpu ({} threads)", rayon::current_num_threads()),
+            n => format!(
+                "cpu ({} threads, {n} tensor-parallel ranks run in turn)",
+                rayon::current_num_threads()
+            ),
+        }
     }
 
     fn kv_cache(&self) -> KvCacheSize {
@@ -152,12 +196,21 @@ impl Backend for CpuBackend {
     }
 
     fn set_lora_slot(&mut self, slot: LoraSlot, adapter: Option<&LoraAdapter>) -> Result<()> {
-        let num_layers = self.model.cfg.num_hidden_layers;
+        let (cfg, sharding) = (&self.model.cfg, &self.model.sharding);
         assert!(!self.lora_stacks.is_empty(), "set_lora_slot with LoRA disabled");
-        for layer in 0..num_layers {
+        for layer in 0..cfg.num_hidden_layers {
             for t in LoraTarget::ALL {
                 let module = adapter.and_then(|a| a.module(layer, t));
-                self.lora_stacks[layer * LoraTarget::ALL.len() + t.index()].set(slot, module);
+                for rank in 0..sharding.size {
+                    let stack = &mut self.lora_stacks[LoraInput::index(layer, t, rank, sharding.size)];
+                    match module {
+                        Some(m) if sharding.size > 1 => {
+                            let part = sharding.lora_module(m, t, t.shape(cfg).0, rank);
+                            stack.set(slot, Some(&part));
+                        }
+                        m => stack.set(slot, m),
+                    }
+                }
             }
         }
         Ok(())
