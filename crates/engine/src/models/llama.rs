@@ -142,6 +142,26 @@ fn split_rows(
     (0..s.size).map(|r| whole.rows(rows(r), row_len)).collect()
 }
 
+/// Projection `t` of layer `layer`, loaded whole — in the checkpoint's order, which dummy
+/// weights depend on — then split over the ranks.
+fn load_split(
+    w: &mut WeightSource,
+    cfg: &ModelConfig,
+    layer: usize,
+    t: LoraTarget,
+    s: &Sharding,
+    dtype: WeightDtype,
+) -> Result<std::vec::IntoIter<Linear>> {
+    let bias = match t {
+        LoraTarget::QProj | LoraTarget::KProj | LoraTarget::VProj => cfg.qkv_bias,
+        LoraTarget::OProj => cfg.o_bias,
+        _ => false,
+    };
+    let name = format!("model.layers.{layer}.{}.{}", t.parent(), t.name());
+    let whole = Linear::load(w, &name, t.shape(cfg), bias, dtype)?;
+    Ok(whole.split(t, s).into_iter())
+}
+
 impl Linear {
     /// Each rank's part of this projection of `target`, as [`crate::tp`] splits it; the
     /// projection itself with one rank. A row-parallel bias stays with rank 0, so the
@@ -189,32 +209,19 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            // Loaded whole, in the checkpoint's order (dummy weights depend on it), then split.
-            let mut proj = |t: LoraTarget, bias: bool| -> Result<std::vec::IntoIter<Linear>> {
-                let name = format!("{p}.{}.{}", t.parent(), t.name());
-                Ok(Linear::load(w, &name, t.shape(cfg), bias, dtype)?
-                    .split(t, s)
-                    .into_iter())
+            let proj = |w: &mut WeightSource, t: LoraTarget| load_split(w, cfg, i, t, s, dtype);
+            let (mut q, mut k) = (proj(w, LoraTarget::QProj)?, proj(w, LoraTarget::KProj)?);
+            let (mut vp, mut o) = (proj(w, LoraTarget::VProj)?, proj(w, LoraTarget::OProj)?);
+            let head_norm = |w: &mut WeightSource, which: &str| match cfg.qk_norm {
+                true => w
+                    .get(&format!("{p}.self_attn.{which}.weight"), &[cfg.head_dim])
+                    .map(Some),
+                false => Ok(None),
             };
-            let mut q = proj(LoraTarget::QProj, cfg.qkv_bias)?;
-            let mut k = proj(LoraTarget::KProj, cfg.qkv_bias)?;
-            let mut vp = proj(LoraTarget::VProj, cfg.qkv_bias)?;
-            let mut o = proj(LoraTarget::OProj, cfg.o_bias)?;
-            let mut head_norm = |which: &str| -> Result<Option<Vec<f32>>> {
-                cfg.qk_norm
-                    .then(|| w.get(&format!("{p}.self_attn.{which}.weight"), &[cfg.head_dim]))
-                    .transpose()
-            };
-            let (q_norm, k_norm) = (head_norm("q_norm")?, head_norm("k_norm")?);
-            let mut proj = |t: LoraTarget| -> Result<std::vec::IntoIter<Linear>> {
-                let name = format!("{p}.{}.{}", t.parent(), t.name());
-                Ok(Linear::load(w, &name, t.shape(cfg), false, dtype)?
-                    .split(t, s)
-                    .into_iter())
-            };
-            let mut gate = proj(LoraTarget::GateProj)?;
-            let mut up = proj(LoraTarget::UpProj)?;
-            let mut down = proj(LoraTarget::DownProj)?;
+            let q_norm = head_norm(w, "q_norm")?;
+            let k_norm = head_norm(w, "k_norm")?;
+            let (mut gate, mut up) = (proj(w, LoraTarget::GateProj)?, proj(w, LoraTarget::UpProj)?);
+            let mut down = proj(w, LoraTarget::DownProj)?;
             let shards = (0..s.size)
                 .map(|_| {
                     let next = |it: &mut std::vec::IntoIter<Linear>| it.next().expect("one part a rank");
