@@ -522,6 +522,16 @@ impl EngineLoop {
         has_stop_strings: bool,
     ) -> Result<(), AddError> {
         let num_prompts = prompts.len();
+        // Only requests that cannot start at the next step count as queued: a burst arrives
+        // before any step has run, and free batch slots would otherwise refuse it. A request's
+        // prompts are admitted together on one check, so a request with more prompts than the
+        // queue holds is never refused on a server that has room (a retry could not help it).
+        let free_slots = (self.engine.resolved().max_num_seqs).saturating_sub(self.engine.num_running());
+        if self.engine.num_waiting().saturating_sub(free_slots) >= self.max_waiting {
+            return Err(AddError::QueueFull {
+                max_waiting: self.max_waiting,
+            });
+        }
         let mut added: Vec<(String, Vec<mpsc::UnboundedSender<TokenEvent>>)> =
             Vec::with_capacity(num_prompts);
         for (index, prompt) in prompts.into_iter().enumerate() {
@@ -569,14 +579,6 @@ impl EngineLoop {
         params: SamplingParams,
         lora: Option<&LoraRequest>,
     ) -> Result<(), AddError> {
-        // Only requests that cannot start at the next step count as queued: a burst arrives
-        // before any step has run, and free batch slots would otherwise refuse it.
-        let free_slots = (self.engine.resolved().max_num_seqs).saturating_sub(self.engine.num_running());
-        if self.engine.num_waiting().saturating_sub(free_slots) >= self.max_waiting {
-            return Err(AddError::QueueFull {
-                max_waiting: self.max_waiting,
-            });
-        }
         if let Some(l) = lora.filter(|l| self.unloaded.contains(&l.id)) {
             return Err(AddError::AdapterUnloaded(l.name.clone()));
         }

@@ -50,7 +50,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// A chat template file or inline template, overriding the model's.
     pub chat_template: Option<String>,
-    /// Queued requests that no free batch slot can take, beyond which new requests get 429.
+    /// Queued requests that no free batch slot can take, beyond which new requests get 429
+    /// (checked once per request: all of a request's prompts are admitted together).
     pub max_waiting_requests: usize,
     pub max_body_bytes: usize,
     /// How long a shutdown waits for running requests before aborting them (`--shutdown-timeout`).

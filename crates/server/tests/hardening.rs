@@ -342,6 +342,25 @@ async fn the_queue_limit_counts_only_requests_without_a_batch_slot() -> TestResu
     stop_serving(stop, task).await
 }
 
+/// The queue limit is checked once per request: a completion with more prompts than slots and
+/// queue together is admitted whole on an idle server (a 429 there could never succeed on
+/// retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_more_prompts_than_the_queue_holds_is_admitted_whole() -> TestResult {
+    let server = demo_server(0, |e, s| {
+        e.max_num_seqs = 2;
+        s.max_waiting_requests = 2;
+    })?;
+    let (addr, stop, task) = start(server).await?;
+    let prompts: Vec<String> = (0..8).map(|i| format!("prompt {i}")).collect();
+    let body = json!({"model": MODEL, "prompt": prompts, "max_tokens": 4, "ignore_eos": true});
+    let (status, _, text) = timeout(BOUND, post(addr, "/v1/completions", &body)).await??;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text)?;
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(8), "{text}");
+    stop_serving(stop, task).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_guards_unknown_routes_and_methods_too() -> TestResult {
     let (addr, stop, task) = start(demo_server(0, |_, s| s.api_key = Some("k".into()))?).await?;
