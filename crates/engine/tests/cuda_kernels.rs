@@ -512,14 +512,16 @@ fn cuda_prefill_attention_matches_reference() {
             nh: 14,
             nkv: 2,
             hd: 64,
-            seqs: vec![(0, 100), (130, 50), (7, 9)],
+            // (300, 40): over 256 keys, so the split path runs with group 7 and head size 64.
+            seqs: vec![(0, 100), (130, 50), (7, 9), (300, 40)],
             host_ref: true,
         },
         AttCase {
             nh: 8,
             nkv: 1,
             hd: 80,
-            seqs: vec![(0, 200), (64, 33)],
+            // (400, 21): the split path with the padded head size 80.
+            seqs: vec![(0, 200), (64, 33), (400, 21)],
             host_ref: true,
         },
         AttCase {

@@ -130,24 +130,17 @@ impl LoraGroup {
                     &host[b_at..][..out * r],
                 )?;
             }
-            // The scale is read only where the rank is not 0.
+            // The scale is read only where the rank is not 0. The mirrors change only once the
+            // device's value is queued, so a failed set is retried by the next upload.
             if rank != 0 && self.host_scales[i] != scale {
+                set_word(stream, self.scales.at::<f32>(i), scale.to_bits())?;
                 self.host_scales[i] = scale;
-                copy(
-                    stream,
-                    self.scales.at::<f32>(i),
-                    std::slice::from_ref(&self.host_scales[i]),
-                )?;
             }
             if self.host_ranks[i] != rank {
+                set_word(stream, self.ranks.at::<i32>(i), rank as u32)?;
                 self.num_active =
                     self.num_active + usize::from(rank != 0) - usize::from(self.host_ranks[i] != 0);
                 self.host_ranks[i] = rank;
-                copy(
-                    stream,
-                    self.ranks.at::<i32>(i),
-                    std::slice::from_ref(&self.host_ranks[i]),
-                )?;
             }
             row0 += self.outs[z];
         }
@@ -155,11 +148,20 @@ impl LoraGroup {
     }
 }
 
-/// An asynchronous copy to the device on `stream`. From pageable memory (the rank and scale
-/// mirrors) the driver stages the bytes before returning, so the source may change after.
+/// An asynchronous copy to the device on `stream`, from pinned adapter data.
 fn copy<T>(stream: &CudaStream, dst: CUdeviceptr, src: &[T]) -> Result<()> {
     // SAFETY: callers pass a destination inside a live slot buffer with room for `src`, and a
-    // source that outlives the copy (pinned adapter data held by `SlotUploads`, or pageable).
+    // source that outlives the copy (pinned adapter data held by `SlotUploads`).
     unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }
         .map_err(|e| cuda_err("adapter copy to device", e))
+}
+
+/// Sets one 32-bit word (a slot's rank or scale) on the device, ordered on `stream`. A memset
+/// carries its value in the call: no host buffer to keep alive, and none of the stream
+/// synchronization a copy from pageable memory would cost.
+fn set_word(stream: &CudaStream, dst: CUdeviceptr, bits: u32) -> Result<()> {
+    // SAFETY: callers pass a 4-byte-aligned word inside a live slot buffer.
+    unsafe { cudarc::driver::sys::cuMemsetD32Async(dst, bits, 1, stream.cu_stream()) }
+        .result()
+        .map_err(|e| cuda_err("adapter rank or scale on the device", e))
 }

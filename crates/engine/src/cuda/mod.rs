@@ -262,6 +262,22 @@ impl CudaBackend {
             // Outside the timed span, as the host copies before this design were.
             u.before_step(&self.gpu.stream)?;
         }
+        let launched = self.launch(bucket, lora_mask, sample, shape);
+        if launched.is_err() {
+            // Kernels queued before the failure may still read adapter slots, and the step's
+            // reads are fenced only after a launch that succeeds: let them finish before any
+            // upload may overwrite a slot.
+            let _ = self.gpu.stream.synchronize();
+        }
+        launched?;
+        match self.uploads.as_mut() {
+            Some(u) if lora_mask != 0 => u.after_step(&self.gpu.stream, &batch.token_lora),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records (or replays, for a decode bucket) the step between the timing events.
+    fn launch(&mut self, bucket: Option<usize>, lora_mask: u8, sample: bool, shape: StepShape) -> Result<()> {
         let (start, end) = &self.events;
         start
             .record(&self.gpu.stream)
@@ -290,11 +306,7 @@ impl CudaBackend {
             None => self.record(shape, sample)?,
         }
         end.record(&self.gpu.stream)
-            .map_err(|e| cuda_err("event record", e))?;
-        match self.uploads.as_mut() {
-            Some(u) if lora_mask != 0 => u.after_step(&self.gpu.stream, &batch.token_lora),
-            _ => Ok(()),
-        }
+            .map_err(|e| cuda_err("event record", e))
     }
 
     /// The model's kernels, then the sampler's over the (padded) rows.

@@ -390,6 +390,13 @@ impl CudaModel {
     /// memory is left).
     pub fn alloc_kv(&mut self, gpu: &Gpu, num_blocks: usize) -> Result<()> {
         let num_slots = (num_blocks + 1) * self.block_size;
+        // Slots are u32 in the step's slot mapping (as the CPU backend's are).
+        if u32::try_from(num_slots).is_err() {
+            return Err(Error::InvalidConfig(format!(
+                "a KV cache of {num_blocks} blocks of {} tokens has more slots than the step's 32-bit slot mapping addresses; lower num_gpu_blocks_override or block_size",
+                self.block_size
+            )));
+        }
         let kvs = self.cfg.kv_size();
         for _ in 0..self.cfg.num_hidden_layers {
             self.kv.k.push(gpu.alloc(num_slots * kvs * 2)?);
