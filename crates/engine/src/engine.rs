@@ -331,6 +331,12 @@ impl LLMEngine {
                 sharding.size
             )));
         }
+        if sharding.size > 1 {
+            tracing::info!(
+                "tensor_parallel_size {}: the CPU backend runs the ranks one after another in this process (the split's arithmetic; not faster than one rank)",
+                sharding.size
+            );
+        }
         let bytes_per_block = match config.device {
             Device::Cpu => KvCache::bytes_per_block(&model_config, &sharding, config.block_size),
             Device::Cuda => crate::cuda::kv_bytes_per_block(&model_config, config.block_size),
