@@ -307,6 +307,12 @@ impl LLMEngine {
                 sharding.size
             )));
         }
+        if sharding.size > 1 {
+            tracing::info!(
+                "tensor_parallel_size {}: the CPU backend runs the ranks one after another in this process (the split's arithmetic; not faster than one rank)",
+                sharding.size
+            );
+        }
         if !(config.gpu_memory_utilization > 0.0 && config.gpu_memory_utilization <= 1.0) {
             return Err(Error::InvalidConfig(format!(
                 "gpu_memory_utilization {} must be in (0, 1]",

@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::chat_template::ChatTemplate;
-use crate::engine_loop::{Command, EngineHandle};
+use crate::engine_handle::{Command, EngineHandle};
 use crate::error::{ApiError, ApiResult};
 use crate::generate;
 use crate::metrics::Metrics;

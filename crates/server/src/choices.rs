@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::detokenize::Detokenizer;
-use crate::engine_loop::{RequestGuard, TokenEvent};
+use crate::engine_handle::{RequestGuard, TokenEvent};
 use crate::error::{ApiError, ApiResult};
 use crate::logprobs::{chat_entry, prompt_logprobs, CompletionLogprobs, TokenNames};
 use crate::protocol::Api;

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::engine_loop::Command;
+use crate::engine_handle::Command;
 
 /// After the drain timeout aborts what still runs, how long connections get to write the
 /// aborted requests' last events before they are closed.

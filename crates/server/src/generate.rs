@@ -7,7 +7,7 @@
 //! and tokenizer run on the blocking pool, `tokenize_permits` at a time, never on an async
 //! worker that other connections' streams and `/health` need.
 //!
-//! The request's [`RequestGuard`](crate::engine_loop::RequestGuard) lives in the handler future
+//! The request's [`RequestGuard`](crate::engine_handle::RequestGuard) lives in the handler future
 //! or the SSE stream (`choices.rs`): when hyper drops either because the client left, the request
 //! is aborted and its KV blocks freed.
 
@@ -22,7 +22,7 @@ use tokenizers::Tokenizer;
 use crate::app::{ApiJson, AppState};
 use crate::choices::{collect_all, into_sse, Generation};
 use crate::detokenize::Detokenizer;
-use crate::engine_loop::AddError;
+use crate::engine_handle::AddError;
 use crate::error::{ApiError, ApiResult};
 use crate::logprobs::{CompletionLogprobs, TokenNames};
 use crate::protocol::{

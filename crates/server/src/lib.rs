@@ -4,7 +4,8 @@
 //!
 //! One engine loop on its own thread ([`engine_loop`]) serves every connection, so requests
 //! from many clients, with different adapters, share each engine step. The HTTP side never
-//! touches the engine directly; it sends commands and reads per-request token events.
+//! touches the engine directly; it sends commands and reads per-request token events
+//! ([`engine_handle`]).
 //!
 //! Nothing a client does may hold the engine or the process: sizes are checked before work is
 //! done for them, tokenization runs on a bounded pool off the async workers, slow connections
@@ -15,6 +16,7 @@ pub mod chat_template;
 mod choices;
 mod connections;
 pub mod detokenize;
+pub mod engine_handle;
 pub mod engine_loop;
 pub mod error;
 pub mod generate;
@@ -35,7 +37,7 @@ use multilora_engine::EngineConfig;
 
 use crate::app::{Adapters, AppState};
 use crate::chat_template::ChatTemplate;
-use crate::engine_loop::Command;
+use crate::engine_handle::Command;
 use crate::metrics::Metrics;
 
 pub use error::ApiError;
