@@ -324,19 +324,8 @@ impl LLMEngine {
             );
         }
         let cuda_elem = cuda_elem.unwrap_or(Elem::Bf16);
+        // Checked before anything loads; each backend says what it does with the ranks.
         let sharding = Sharding::new(&model_config, config.tensor_parallel_size)?;
-        if config.device == Device::Cuda && sharding.size > 1 {
-            return Err(Error::InvalidConfig(format!(
-                "tensor_parallel_size {}: the CUDA backend runs on one GPU; set it to 1 (the CPU backend runs tensor-parallel ranks in one process)",
-                sharding.size
-            )));
-        }
-        if sharding.size > 1 {
-            tracing::info!(
-                "tensor_parallel_size {}: the CPU backend runs the ranks one after another in this process (the split's arithmetic; not faster than one rank)",
-                sharding.size
-            );
-        }
         let bytes_per_block = match config.device {
             Device::Cpu => KvCache::bytes_per_block(&model_config, &sharding, config.block_size),
             Device::Cuda => crate::cuda::kv_bytes_per_block(&model_config, config.block_size),

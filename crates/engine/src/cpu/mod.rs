@@ -113,6 +113,12 @@ impl CpuBackend {
         dtype: WeightDtype,
     ) -> Result<Self> {
         let sharding = Sharding::new(cfg, bc.tensor_parallel_size)?;
+        if sharding.size > 1 {
+            tracing::info!(
+                "tensor_parallel_size {}: the CPU backend runs the ranks one after another in this process (the split's arithmetic; not faster than one rank)",
+                sharding.size
+            );
+        }
         let model = Llama::load(weights, cfg, sharding, bc.max_model_len, dtype)?;
         let (rc, num_ranks) = (&model.rank_cfg, model.sharding.size);
         let slots = bc.num_kv_blocks * bc.block_size * rc.kv_size();

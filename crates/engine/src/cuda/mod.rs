@@ -78,6 +78,12 @@ impl CudaBackend {
         bc: &crate::backend::BackendConfig,
         elem: Elem,
     ) -> Result<Self> {
+        if bc.tensor_parallel_size > 1 {
+            return Err(Error::InvalidConfig(format!(
+                "tensor_parallel_size {}: the CUDA backend runs on one GPU; set it to 1 (the CPU backend runs tensor-parallel ranks in one process)",
+                bc.tensor_parallel_size
+            )));
+        }
         let gpu = Gpu::new(0, elem)?;
         let model = CudaModel::load(&gpu, cfg, weights, bc, bc.seed)?;
         let sampler = DeviceSampler::new(&gpu, bc.max_num_seqs)?;
