@@ -478,7 +478,11 @@ fn config_paths_resolve_beside_the_config_from_any_directory() -> Result<()> {
         c[k] = json!(v);
     }
     std::fs::write(cfg.join("common.json"), c.to_string())?;
-    let elsewhere = tempfile::tempdir()?;
+    // The working directory sits one level down in a folder of its own, so the config's `../`
+    // paths, tried against it too, cannot land on anything outside the test (a `/tmp/demo`).
+    let outside = tempfile::tempdir()?;
+    let elsewhere = outside.path().join("cwd");
+    std::fs::create_dir(&elsewhere)?;
     let run = |extra: &[&str]| -> Result<Output> {
         Ok(Command::new(env!("CARGO_BIN_EXE_multilora"))
             .args([
@@ -492,7 +496,7 @@ fn config_paths_resolve_beside_the_config_from_any_directory() -> Result<()> {
             .args(extra)
             .arg("--config")
             .arg(cfg.join("common.json"))
-            .current_dir(elsewhere.path())
+            .current_dir(&elsewhere)
             .output()?)
     };
     let out = run(&[])?;
@@ -500,7 +504,11 @@ fn config_paths_resolve_beside_the_config_from_any_directory() -> Result<()> {
     // The demo and the report where the config points, nothing in the working directory.
     ensure!(f.path("demo/model/config.json").is_file());
     ensure!(std::fs::read_dir(f.path("reports"))?.count() == 1);
-    ensure!(std::fs::read_dir(elsewhere.path())?.next().is_none());
+    ensure!(std::fs::read_dir(&elsewhere)?.next().is_none());
+    ensure!(
+        std::fs::read_dir(outside.path())?.count() == 1,
+        "only the working directory there"
+    );
 
     // A path in neither place: the key, the file, the value and both places looked.
     c["no_lora_prompts_path"] = json!("nope/prompts.json");
@@ -516,7 +524,7 @@ fn config_paths_resolve_beside_the_config_from_any_directory() -> Result<()> {
             ))
             && e.contains(&format!(
                 "{} (the working directory)",
-                elsewhere.path().join("nope/prompts.json").display()
+                elsewhere.join("nope/prompts.json").display()
             )),
         "{e}"
     );

@@ -300,19 +300,8 @@ impl LLMEngine {
                 DTYPES.join(", ")
             )));
         }
+        // Checked before anything loads; each backend says what it does with the ranks.
         let sharding = Sharding::new(&model_config, config.tensor_parallel_size)?;
-        if config.device == Device::Cuda && sharding.size > 1 {
-            return Err(Error::InvalidConfig(format!(
-                "tensor_parallel_size {}: the CUDA backend runs on one GPU; set it to 1 (the CPU backend runs tensor-parallel ranks in one process)",
-                sharding.size
-            )));
-        }
-        if sharding.size > 1 {
-            tracing::info!(
-                "tensor_parallel_size {}: the CPU backend runs the ranks one after another in this process (the split's arithmetic; not faster than one rank)",
-                sharding.size
-            );
-        }
         if !(config.gpu_memory_utilization > 0.0 && config.gpu_memory_utilization <= 1.0) {
             return Err(Error::InvalidConfig(format!(
                 "gpu_memory_utilization {} must be in (0, 1]",

@@ -132,6 +132,12 @@ impl CpuBackend {
     pub fn new(cfg: &ModelConfig, weights: &mut WeightSource, bc: &BackendConfig) -> Result<Self> {
         let dtype = weight_dtype(&bc.dtype, cfg.torch_dtype.as_deref(), weights)?;
         let sharding = Sharding::new(cfg, bc.tensor_parallel_size)?;
+        if sharding.size > 1 {
+            tracing::info!(
+                "tensor_parallel_size {}: the CPU backend runs the ranks one after another in this process (the split's arithmetic; not faster than one rank)",
+                sharding.size
+            );
+        }
         let model = Llama::load(weights, cfg, sharding, bc.max_model_len, dtype)?;
         let (rc, num_ranks) = (&model.rank_cfg, model.sharding.size);
         let bytes_per_block = KvCache::bytes_per_block(cfg, &model.sharding, bc.block_size);

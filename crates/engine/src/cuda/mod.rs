@@ -161,6 +161,12 @@ impl CudaBackend {
         weights: &mut WeightSource,
         bc: &crate::backend::BackendConfig,
     ) -> Result<Self> {
+        if bc.tensor_parallel_size > 1 {
+            return Err(Error::InvalidConfig(format!(
+                "tensor_parallel_size {}: the CUDA backend runs on one GPU; set it to 1 (the CPU backend runs tensor-parallel ranks in one process)",
+                bc.tensor_parallel_size
+            )));
+        }
         // Weights, activations and the KV cache are 16-bit here: float32 runs as bfloat16.
         let elem = Elem::from_dtype(&bc.dtype, cfg.torch_dtype.as_deref()).unwrap_or_else(|| {
             let wanted = match bc.dtype.as_str() {
