@@ -12,7 +12,7 @@
 //! Attention heads split with q: rank r runs query heads `r·h/size ..`, and the KV heads they
 //! read. With fewer KV heads than ranks each KV head is replicated on `size / num_kv_heads`
 //! ranks. One all-reduce (a sum) follows o and one follows down in every layer; a row-parallel
-//! bias is added once, after it.
+//! bias is held by rank 0 alone, so the sum adds it once.
 //!
 //! LoRA splits as vLLM's default (not fully sharded) layers do: column-parallel, A whole and B's
 //! rows as the layer's; row-parallel, A's columns as the layer's and B whole. A row-parallel

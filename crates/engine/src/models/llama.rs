@@ -130,7 +130,7 @@ impl LoraInput<'_> {
     }
 }
 
-/// Rank `rank`'s part of `whole` (see [`crate::tp`]); `whole` itself with one rank.
+/// Each rank's rows of `whole` (`rows(rank)`, see [`crate::tp`]); `whole` itself with one rank.
 fn split_rows(
     whole: Weight,
     rows: impl Fn(usize) -> std::ops::Range<usize>,
