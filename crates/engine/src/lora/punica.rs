@@ -6,10 +6,10 @@
 //! expand:  y[t]      += tmp[t, :r] · B[s]ᵀ
 //! ```
 //!
-//! Weights are stacked per slot with `max_lora_rank` rows, so one layout serves any mix of
-//! adapters; a slot whose adapter has a smaller rank (or does not target this projection) only
-//! computes its own rank. `shrink_ref`/`expand_ref` are the plain loops the fast versions are
-//! tested against.
+//! Each slot keeps its adapter's matrices at the adapter's own rank (nothing for an empty slot
+//! or an untargeted projection), so ranks mix in one stack and `max_loras` costs memory only for
+//! the adapters it holds; `tmp` rows are `max_lora_rank` wide whatever the slot's rank.
+//! `shrink_ref`/`expand_ref` are the plain loops the fast versions are tested against.
 
 use rayon::prelude::*;
 
@@ -18,21 +18,32 @@ use super::LoraSlot;
 use crate::cpu::linear::{dot, sgemm, Rhs};
 use crate::cpu::ops::multiversion;
 
-/// The stacked weights of one projection of one layer, for all `max_loras` slots.
+/// The adapters' weights of one projection of one layer, one entry per slot (`max_loras`).
+/// Each slot holds its adapter's matrices at the adapter's own rank, and nothing when the slot
+/// is empty or its adapter does not target this projection: memory follows the adapters in the
+/// slots, not `max_loras × max_lora_rank`, and ranks mix freely.
 #[derive(Debug, Clone)]
 pub struct LoraStack {
     pub in_features: usize,
     pub out_features: usize,
+    /// Row stride of the shrink output `tmp` (`max_lora_rank`).
     pub max_rank: usize,
-    /// `[max_loras, max_rank, in_features]`
-    pub a: Vec<f32>,
-    /// `[max_loras, max_rank, out_features]`: B transposed, so expand is a sum of contiguous
-    /// rows (axpy) that vectorizes, rather than one short dot product per output feature.
-    pub b: Vec<f32>,
+    /// `[max_loras]`
+    slots: Vec<SlotWeights>,
     /// `[max_loras]`; 0 where the slot's adapter does not target this projection.
     pub ranks: Vec<usize>,
     /// `[max_loras]`
     pub scales: Vec<f32>,
+}
+
+/// One slot's matrices; empty for rank 0.
+#[derive(Debug, Clone, Default)]
+struct SlotWeights {
+    /// `[rank, in_features]`
+    a: Vec<f32>,
+    /// `[rank, out_features]`: B transposed, so expand is a sum of contiguous rows (axpy) that
+    /// vectorizes, rather than one short dot product per output feature.
+    bt: Vec<f32>,
 }
 
 impl LoraStack {
@@ -41,36 +52,38 @@ impl LoraStack {
             in_features,
             out_features,
             max_rank,
-            a: vec![0.0; max_loras * max_rank * in_features],
-            b: vec![0.0; max_loras * out_features * max_rank],
+            slots: vec![SlotWeights::default(); max_loras],
             ranks: vec![0; max_loras],
             scales: vec![0.0; max_loras],
         }
     }
 
-    /// Copies a module's weights into `slot` (or clears it).
+    /// Copies a module's weights into `slot` (or clears it, freeing its memory).
     pub fn set(&mut self, slot: LoraSlot, module: Option<&LoraModule>) {
         let s = slot.index();
-        let (r_max, i, o) = (self.max_rank, self.in_features, self.out_features);
-        let a = &mut self.a[s * r_max * i..(s + 1) * r_max * i];
-        let b = &mut self.b[s * r_max * o..(s + 1) * r_max * o];
-        a.fill(0.0);
-        b.fill(0.0);
+        let (i, o) = (self.in_features, self.out_features);
+        let w = &mut self.slots[s];
+        w.a.clear();
+        w.bt.clear();
         match module {
             None => {
+                w.a.shrink_to_fit();
+                w.bt.shrink_to_fit();
                 self.ranks[s] = 0;
                 self.scales[s] = 0.0;
             }
             Some(m) => {
                 assert!(
-                    m.rank <= r_max,
+                    m.rank <= self.max_rank,
                     "adapter rank checked against max_lora_rank at load"
                 );
-                a[..m.rank * i].copy_from_slice(&m.a);
-                // m.b is [out, rank]; store it as [rank, out].
+                assert_eq!((m.a.len(), m.b.len()), (m.rank * i, o * m.rank), "module shapes");
+                w.a.extend_from_slice(&m.a);
+                // m.b is [out, rank]; keep it as [rank, out].
+                w.bt.resize(m.rank * o, 0.0);
                 for (oi, src) in m.b.chunks_exact(m.rank).enumerate() {
                     for (r, &v) in src.iter().enumerate() {
-                        b[r * o + oi] = v;
+                        w.bt[r * o + oi] = v;
                     }
                 }
                 self.ranks[s] = m.rank;
@@ -79,15 +92,31 @@ impl LoraStack {
         }
     }
 
+    /// Bytes the slots' matrices take.
+    pub fn weight_bytes(&self) -> usize {
+        let floats: usize = self.slots.iter().map(|w| w.a.capacity() + w.bt.capacity()).sum();
+        floats * std::mem::size_of::<f32>()
+    }
+
+    /// Slot `s`'s A, `[rank, in_features]`.
+    fn a(&self, s: usize) -> &[f32] {
+        &self.slots[s].a
+    }
+
+    /// Slot `s`'s transposed B, `[rank, out_features]`.
+    fn bt(&self, s: usize) -> &[f32] {
+        &self.slots[s].bt
+    }
+
     fn a_row(&self, s: usize, r: usize) -> &[f32] {
         let i = self.in_features;
-        &self.a[(s * self.max_rank + r) * i..][..i]
+        &self.a(s)[r * i..][..i]
     }
 
     /// Row `r` of slot `s`'s transposed B: `[out_features]`.
     fn bt_row(&self, s: usize, r: usize) -> &[f32] {
         let o = self.out_features;
-        &self.b[(s * self.max_rank + r) * o..][..o]
+        &self.bt(s)[r * o..][..o]
     }
 }
 
@@ -103,7 +132,7 @@ pub fn shrink_ref(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp:
         for r in 0..stack.ranks[s] {
             let mut acc = 0.0f32;
             for k in 0..i {
-                acc += x[t * i + k] * stack.a[(s * r_max + r) * i + k];
+                acc += x[t * i + k] * stack.a(s)[r * i + k];
             }
             tmp[t * r_max + r] = stack.scales[s] * acc;
         }
@@ -119,7 +148,7 @@ pub fn expand_ref(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y:
         for o in 0..o_n {
             let mut acc = 0.0f32;
             for r in 0..stack.ranks[s] {
-                acc += tmp[t * r_max + r] * stack.b[(s * r_max + r) * o_n + o];
+                acc += tmp[t * r_max + r] * stack.bt(s)[r * o_n + o];
             }
             y[t * o_n + o] += acc;
         }
@@ -144,7 +173,7 @@ pub fn shrink(x: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], tmp: &mu
             let rank = stack.ranks[s];
             let tmp = &mut tmp[range.start * r_max..range.end * r_max];
             let x = &x[range.start * i..range.end * i];
-            let a = &stack.a[s * r_max * i..][..rank * i];
+            let a = stack.a(s);
             for row in tmp.chunks_exact_mut(r_max) {
                 row[rank..].fill(0.0);
             }
@@ -183,7 +212,7 @@ pub fn expand(tmp: &[f32], stack: &LoraStack, slots: &[Option<LoraSlot>], y: &mu
             let rank = stack.ranks[s];
             let y = &mut y[range.start * o_n..range.end * o_n];
             let tmp = &tmp[range.start * r_max..range.end * r_max];
-            let bt = &stack.b[s * r_max * o_n..][..rank * o_n];
+            let bt = stack.bt(s);
             // SAFETY: dst is y[run] [n, o_n] row-major, lhs tmp[run] read as [n, rank] (row
             // stride r_max), rhs Bᵀ[s, :rank] [rank, o_n] row-major; all within the slices taken
             // above, and y aliases neither. dst = dst + tmp · Bᵀ.
@@ -404,6 +433,21 @@ mod tests {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
             }
         }
+    }
+
+    /// Memory follows the adapters in the slots: 128 slots of `max_lora_rank` 64 hold nothing
+    /// until filled, two rank-8 adapters take their own size, and clearing one frees it.
+    #[test]
+    fn slots_cost_memory_only_for_the_adapters_they_hold() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (i, o) = (96, 40);
+        let mut stack = LoraStack::new(128, 64, i, o);
+        assert_eq!(stack.weight_bytes(), 0);
+        stack.set(LoraSlot(5), Some(&random_module(&mut rng, 8, i, o)));
+        stack.set(LoraSlot(100), Some(&random_module(&mut rng, 8, i, o)));
+        assert_eq!(stack.weight_bytes(), 2 * 8 * (i + o) * 4);
+        stack.set(LoraSlot(5), None);
+        assert_eq!(stack.weight_bytes(), 8 * (i + o) * 4);
     }
 
     #[test]
