@@ -227,10 +227,13 @@ struct GoldenSequence {
 }
 
 /// Every case's prompt + continuation as one prompt: our prompt logprobs equal transformers'
-/// log-softmax at every position, with each request's adapter (or none), all in one batch.
+/// log-softmax at every position, with each request's adapter (or none), all in one batch —
+/// also with the model split over 2 and 4 tensor-parallel ranks (each prompt token's logits
+/// gathered from the ranks' vocabulary rows).
 #[test]
 fn prompt_logprobs_equal_transformers_log_softmax() -> TestResult {
-    for case in ["llama", "llama3_tied", "mistral", "qwen2_bf16_sharded", "qwen3"] {
+    let cases = ["llama", "llama3_tied", "mistral", "qwen2_bf16_sharded", "qwen3"];
+    for (case, tensor_parallel_size) in cases.iter().flat_map(|&c| [(c, 1), (c, 2), (c, 4)]) {
         let path = case_dir(case).join("logprobs.json");
         let golden: GoldenLogprobs = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         let loras = lora_requests(case);
@@ -240,6 +243,7 @@ fn prompt_logprobs_equal_transformers_log_softmax() -> TestResult {
         cfg.max_cpu_loras = Some(4);
         cfg.max_lora_rank = 16;
         cfg.max_model_len = Some(256);
+        cfg.tensor_parallel_size = tensor_parallel_size;
         let mut engine = LLMEngine::new(cfg)?;
         let params = SamplingParams {
             prompt_logprobs: Some(0),
@@ -272,10 +276,10 @@ fn prompt_logprobs_equal_transformers_log_softmax() -> TestResult {
                 }
             }
         }
-        eprintln!("{case}: largest difference from transformers {worst:e}");
+        eprintln!("{case}, tensor_parallel_size {tensor_parallel_size}: largest difference from transformers {worst:e}");
         assert!(
             worst < 1e-4,
-            "{case}: logprobs differ from transformers' by up to {worst}"
+            "{case}, tensor_parallel_size {tensor_parallel_size}: logprobs differ from transformers' by up to {worst}"
         );
     }
     Ok(())
