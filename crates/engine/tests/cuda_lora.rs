@@ -49,6 +49,9 @@ fn uploads_run(loras: &[LoraRequest], sync_lora_uploads: bool) -> UploadRun {
     cfg.max_model_len = Some(64);
     cfg.max_num_seqs = 8;
     cfg.sync_lora_uploads = sync_lora_uploads;
+    // Overlapped, each slot's copies start 2 ms late: a step that did not wait for them would
+    // read the slot unwritten (or half written) and its logits would differ.
+    cfg.cuda.upload_delay_us = if sync_lora_uploads { 0 } else { 2000 };
     let mut engine = LLMEngine::new(cfg).expect("engine loads");
     for l in loras {
         engine.add_lora(l).expect("adapter loads");
@@ -90,7 +93,9 @@ fn uploads_run(loras: &[LoraRequest], sync_lora_uploads: bool) -> UploadRun {
 /// Adapter copies ordered with events (an upload stream; each step waits for the slots filled
 /// since the last, and a slot is overwritten only after the steps that read it) compute what
 /// copies the host waits for compute: 50 adapters of mixed ranks (2 to 16) and targets through
-/// 4 slots, replaced between steps while other sequences decode (graphs) or prefill (eager).
+/// 4 slots, replaced between steps while other sequences decode (graphs) or prefill (eager);
+/// overlapped, every slot's copies start 2 ms late (`CudaOptions::upload_delay_us`), so only the
+/// events keep a step from reading a slot before its copies land.
 /// And the first token of every seventh request agrees with the CPU backend, so the slots held
 /// the right weights, not merely the same ones both ways.
 #[test]

@@ -85,6 +85,10 @@ pub struct CudaOptions {
     pub pdl: bool,
     /// Where compiled kernels are cached; `None`: `~/.cache/multilora`.
     pub kernel_cache_dir: Option<PathBuf>,
+    /// Tests: the upload stream sleeps this many microseconds before each slot's copies, so a
+    /// step that did not wait for its slots' copies would read them unwritten. 0: no delay.
+    #[doc(hidden)]
+    pub upload_delay_us: u32,
 }
 
 impl CudaOptions {
@@ -127,6 +131,7 @@ impl Default for CudaOptions {
             skinny_max_m: skinny::SKINNY_DEFAULT_M,
             pdl: true,
             kernel_cache_dir: None,
+            upload_delay_us: 0,
         }
     }
 }
@@ -206,7 +211,14 @@ impl CudaBackend {
         }
         let uploads = lora_layout
             .as_ref()
-            .map(|_| SlotUploads::new(&gpu.ctx, bc.max_loras, bc.sync_lora_uploads))
+            .map(|_| {
+                SlotUploads::new(
+                    &gpu.ctx,
+                    bc.max_loras,
+                    bc.sync_lora_uploads,
+                    bc.cuda.upload_delay_us,
+                )
+            })
             .transpose()?;
         Ok(CudaBackend {
             graphs: HashMap::new(),

@@ -250,10 +250,12 @@ pub(super) struct SlotUploads {
     /// Wait for every slot's copies before returning (the reference the events are tested
     /// against).
     sync: bool,
+    /// See [`super::CudaOptions::upload_delay_us`].
+    delay_us: u32,
 }
 
 impl SlotUploads {
-    pub fn new(ctx: &Arc<CudaContext>, max_loras: usize, sync: bool) -> Result<Self> {
+    pub fn new(ctx: &Arc<CudaContext>, max_loras: usize, sync: bool, delay_us: u32) -> Result<Self> {
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_err("creating the upload stream", e))?;
@@ -270,6 +272,7 @@ impl SlotUploads {
             marked: vec![false; max_loras],
             step_slots: Vec::new(),
             sync,
+            delay_us,
         })
     }
 
@@ -285,6 +288,15 @@ impl SlotUploads {
                 .synchronize()
                 .map_err(|e| cuda_err("waiting for a slot's last upload", e))?;
             self.held[s] = None;
+        }
+        if self.delay_us > 0 {
+            // The micro-second count travels as the callback's pointer-sized argument.
+            let arg = self.delay_us as usize as *mut std::ffi::c_void;
+            // SAFETY: a host function that only sleeps (it calls no CUDA API), ordered on the
+            // upload stream; its argument is a plain integer, not dereferenced.
+            unsafe { cudarc::driver::sys::cuLaunchHostFunc(self.stream.cu_stream(), Some(sleep_us), arg) }
+                .result()
+                .map_err(|e| cuda_err("delaying the upload stream (tests)", e))?;
         }
         Ok(())
     }
@@ -342,6 +354,11 @@ impl Drop for SlotUploads {
         // The held host memory may be freed only once no copy reads it.
         let _ = self.stream.synchronize();
     }
+}
+
+/// A stream-ordered sleep of `arg` microseconds (see [`SlotUploads::begin`]).
+unsafe extern "C" fn sleep_us(arg: *mut std::ffi::c_void) {
+    std::thread::sleep(std::time::Duration::from_micros(arg as usize as u64));
 }
 
 #[cfg(test)]
