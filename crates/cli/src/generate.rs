@@ -210,7 +210,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes via a temp file and a rename, so a failure never leaves a half-written file.
 /// A token's log-probability as an output line writes it: the token, its logprob and rank, and
 /// the most likely alternatives as `[id, logprob]` pairs.
 fn logprob_json(lp: &TokenLogprob) -> serde_json::Value {
@@ -222,12 +221,60 @@ fn logprob_json(lp: &TokenLogprob) -> serde_json::Value {
     })
 }
 
+/// Writes a file via a temp file beside it and a rename, so a failure never leaves a
+/// half-written file; through a symlink, the file it points to. A path that is not a regular
+/// file (`/dev/null`, `/dev/stdout`, a FIFO) is written in place: renaming over it would replace
+/// the device or pipe with a file (as root, `/dev/null` itself).
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp-multilora");
-    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    let target = match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            return std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()));
+        }
+        Ok(_) => std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        Err(_) => path.to_path_buf(),
+    };
+    let tmp = target.with_extension("tmp-multilora");
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &target));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     // The file the user named, not the temp file beside it.
     written.with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::FileTypeExt;
+
+    use super::*;
+
+    /// Through a symlink the file it points to is replaced and the link stays; a FIFO (as
+    /// `/dev/null` or `/dev/stdout` would be) is written in place and stays a FIFO — the rename
+    /// this once did replaced `/dev/null` on a machine with a regular file.
+    #[test]
+    fn output_goes_through_links_and_into_pipes_and_devices() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let target = dir.path().join("out.jsonl");
+        std::fs::write(&target, "old")?;
+        let link = dir.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&target, &link)?;
+        write_file_atomically(&link, b"new")?;
+        assert!(std::fs::symlink_metadata(&link)?.file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&target)?, "new");
+
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status()?;
+        anyhow::ensure!(made.success(), "mkfifo failed");
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read_to_string(fifo))
+        };
+        write_file_atomically(&fifo, b"through the pipe")?;
+        // Checked before joining: a FIFO renamed over would leave the reader waiting forever.
+        assert!(std::fs::symlink_metadata(&fifo)?.file_type().is_fifo());
+        let read = reader.join().expect("reader thread")?;
+        assert_eq!(read, "through the pipe");
+        assert!(std::fs::metadata("/dev/null")?.file_type().is_char_device());
+        Ok(())
+    }
 }

@@ -83,9 +83,9 @@ struct Item {
 /// `out: [T, num_heads * hd]`.
 ///
 /// Blocked as FlashAttention is: a work item is (sequence, KV head, block of up to
-/// [`ATTN_QUERY_BLOCK`] query tokens) with every query head of that KV head, so each key and
+/// `ATTN_QUERY_BLOCK` query tokens) with every query head of that KV head, so each key and
 /// value is read once per item rather than once per query token and head; keys come in blocks of
-/// [`ATTN_KEY_BLOCK`] with an online softmax. Items run in parallel across sequences, heads and
+/// `ATTN_KEY_BLOCK` with an online softmax. Items run in parallel across sequences, heads and
 /// query blocks. [`paged_attention_ref`] is the plain per-token loop it is tested against.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(

@@ -652,7 +652,7 @@ fn linear_split<W: WeightElem>(
 /// features (contiguous rows of `w`), each a single-threaded `gemm` over all tokens: `gemm`'s
 /// own rayon split cost more in hand-offs than it gained at these sizes on 2 cores. Packing
 /// the weights on every call pays only with many tokens (see [`GEMM_MIN_TOKENS`]). 16-bit
-/// weights are widened [`GEMM_WIDEN_ROWS`] rows at a time into a per-thread f32 panel first:
+/// weights are widened `GEMM_WIDEN_ROWS` rows at a time into a per-thread f32 panel first:
 /// with at least [`GEMM_MIN_TOKENS`] tokens that costs well under 1% of the arithmetic.
 pub fn linear_gemm<W: WeightElem>(
     x: &[f32],
