@@ -43,6 +43,14 @@ OUT=${OUT:-$WORK/out}
 SCENARIOS=${SCENARIOS:-"8:uniform $N:uniform $N:power-law"}
 mkdir -p "$WORK" "$OUT"
 
+# `serve` needs a tokenizer: a config-only dummy model gets the demo's (its ids are below any
+# real vocabulary size), in a copy under $WORK.
+if [ ! -f "$MODEL/tokenizer.json" ]; then
+  "$BIN/multilora" demo --dir "$WORK/demo" > /dev/null
+  mkdir -p "$WORK/model" && cp "$MODEL/config.json" "$WORK/model/" && cp "$WORK/demo/model/"tokenizer*.json "$WORK/model/"
+  MODEL="$WORK/model"
+fi
+
 adapters="$WORK/adapters-r$RANK-$N"
 echo "== $N rank-$RANK adapters on $TARGETS in $adapters"
 "$BIN/multilora" adapters synth --model "$MODEL" --out "$adapters" --num "$N" --rank "$RANK" \
