@@ -460,6 +460,8 @@ fn itl(engine: &mut LLMEngine, streams: usize, long: usize, a: &Args) {
         engine.step().expect("step");
     }
     let mut steps = Vec::new();
+    // Device time of each step (CUDA events around its kernels), to tell host time from GPU time.
+    let mut device = Vec::new();
     let mut first_token = None;
     for k in 0..300 {
         if k == 150 {
@@ -467,10 +469,22 @@ fn itl(engine: &mut LLMEngine, streams: usize, long: usize, a: &Args) {
                 .add_request("long", prompt(long), params(1), None)
                 .expect("add request");
         }
+        // --profile: one decode step before the arrival and the second step after it (a chunk
+        // of the long prompt beside the streams' decodes, when it is chunked).
+        let profiled = a.profile && (k == 140 || k == 151);
+        if profiled {
+            // SAFETY: profiler start/stop only toggle collection for an attached profiler.
+            unsafe { cudarc::driver::sys::cuProfilerStart() };
+        }
         let t = Instant::now();
         let outs = engine.step().expect("step");
         steps.push(t.elapsed().as_secs_f64() * 1e3);
+        if profiled {
+            // SAFETY: as cuProfilerStart above.
+            unsafe { cudarc::driver::sys::cuProfilerStop() };
+        }
         let st = engine.last_step_stats();
+        device.push(st.device_time.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3));
         assert!(
             st.num_decode_tokens >= streams,
             "step {k}: a stream did not decode"
@@ -488,9 +502,15 @@ fn itl(engine: &mut LLMEngine, streams: usize, long: usize, a: &Args) {
     let (b50, b99, bmax) = stats(&steps[..150]);
     let (w50, w99, wmax) = stats(&steps[150..]);
     let ttft = first_token.map_or(f64::NAN, |k| steps[150..=k].iter().sum::<f64>());
+    // The steps that held part of the long prompt, wall and device time.
+    let chunk_steps = 150..first_token.map_or(151, |k| k + 1);
+    let (c50, c99, _) = stats(&steps[chunk_steps.clone()]);
+    let (d50, d99, _) = stats(&device[chunk_steps]);
+    let (dd50, _, _) = stats(&device[..150]);
     println!(
         "itl streams {streams} prompt {} long {long} max_num_batched_tokens {}: no arrival p50 {b50:.2} p99 {b99:.2} max {bmax:.2} ms; \
-         with arrival p50 {w50:.2} p99 {w99:.2} max {wmax:.2} ms (p99 x{:.2}); long prompt's first token after {} steps, {ttft:.1} ms",
+         with arrival p50 {w50:.2} p99 {w99:.2} max {wmax:.2} ms (p99 x{:.2}); long prompt's first token after {} steps, {ttft:.1} ms; \
+         steps with a chunk: wall p50 {c50:.2} p99 {c99:.2}, device p50 {d50:.2} p99 {d99:.2} ms (decode-only device p50 {dd50:.2})",
         a.prompt_len,
         engine.resolved().max_num_batched_tokens,
         w99 / b99,

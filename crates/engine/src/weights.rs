@@ -13,16 +13,29 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rand::{Rng, SeedableRng};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{read_json, Error, Result};
 
-/// A set of memory-mapped safetensors files and the tensor names they hold.
+/// A set of memory-mapped safetensors files and the tensors they hold. Each file's header is
+/// parsed once, at open (a LoRA adapter has hundreds of tensors: parsing the header again for
+/// each one was most of an adapter's load time).
 pub struct SafetensorsFiles {
     files: Vec<(PathBuf, Arc<Mmap>)>,
-    /// tensor name -> index into `files`
-    index: HashMap<String, usize>,
+    /// tensor name -> where it is
+    index: HashMap<String, TensorEntry>,
+}
+
+/// One tensor of a [`SafetensorsFiles`], from its file's header.
+struct TensorEntry {
+    /// index into `files`
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// bytes of the memory map
+    bytes: Range<usize>,
 }
 
 #[derive(Deserialize)]
@@ -67,8 +80,15 @@ impl SafetensorsFiles {
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::model(path, format!("not a valid safetensors file: {e}")))?;
-            for name in st.names() {
-                index.insert(name.to_string(), i);
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let entry = TensorEntry {
+                    file: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    bytes: start..start + view.data().len(),
+                };
+                index.insert(name, entry);
             }
             files.push((path.clone(), Arc::new(mmap)));
         }
@@ -85,35 +105,35 @@ impl SafetensorsFiles {
 
     /// Path of the file holding `name` (or the first file), for error messages.
     pub fn path_of(&self, name: &str) -> &Path {
-        let i = self.index.get(name).copied().unwrap_or(0);
+        let i = self.index.get(name).map_or(0, |t| t.file);
         &self.files[i].0
     }
 
     /// The tensor's shape, without reading its data.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let (path, view) = self.view(name)?;
-        let _ = path;
-        Ok(view.shape().to_vec())
+        let t = self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+            name: name.to_string(),
+        })?;
+        Ok(t.shape.clone())
     }
 
-    fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
+    fn view(&self, name: &str) -> Result<(&Path, TensorView<'_>)> {
         self.view_in_file(name)
             .map(|(i, view)| (self.files[i].0.as_path(), view))
     }
 
     /// The tensor and the index of the file that holds it.
-    fn view_in_file(&self, name: &str) -> Result<(usize, safetensors::tensor::TensorView<'_>)> {
-        let &i = self.index.get(name).ok_or_else(|| Error::MissingTensor {
+    fn view_in_file(&self, name: &str) -> Result<(usize, TensorView<'_>)> {
+        let t = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
             name: name.to_string(),
         })?;
-        let (path, mmap) = &self.files[i];
-        let st = SafeTensors::deserialize(mmap)
-            .map_err(|e| Error::model(path, format!("not a valid safetensors file: {e}")))?;
-        let view = st
-            .tensor(name)
+        let (path, mmap) = &self.files[t.file];
+        // Checked against the shape when the file was opened: this cannot fail.
+        let view = TensorView::new(t.dtype, t.shape.clone(), &mmap[t.bytes.clone()])
             .map_err(|e| Error::model(path, format!("tensor {name:?}: {e}")))?;
-        Ok((i, view))
+        Ok((t.file, view))
     }
 
     /// The dtype `name` is stored in.

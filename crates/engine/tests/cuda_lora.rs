@@ -37,7 +37,9 @@ fn upload_request(i: usize, num_adapters: usize) -> (Vec<u32>, usize, usize) {
 /// sequences a step: as requests finish, the next ones bring other adapters into slots freed
 /// between steps while the rest keep decoding. Adapters are registered up front, all in host
 /// memory, so every run schedules the same steps.
-fn uploads_run(loras: &[LoraRequest], sync_lora_uploads: bool) -> UploadRun {
+/// `max_cpu_loras`: the host cache (all adapters when `None`; fewer: adapters are evicted and
+/// loaded again on the loader threads, into recycled pinned buffers).
+fn uploads_run(loras: &[LoraRequest], sync_lora_uploads: bool, max_cpu_loras: Option<usize>) -> UploadRun {
     let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
     cfg.device = Device::Cuda;
     cfg.dtype = "bfloat16".into();
@@ -45,7 +47,7 @@ fn uploads_run(loras: &[LoraRequest], sync_lora_uploads: bool) -> UploadRun {
     cfg.enable_lora = true;
     cfg.max_loras = 4;
     cfg.max_lora_rank = 16;
-    cfg.max_cpu_loras = Some(loras.len());
+    cfg.max_cpu_loras = Some(max_cpu_loras.unwrap_or(loras.len()));
     cfg.max_model_len = Some(64);
     cfg.max_num_seqs = 8;
     cfg.sync_lora_uploads = sync_lora_uploads;
@@ -105,8 +107,8 @@ fn cuda_overlapped_adapter_uploads_match_synchronous() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let loras = common::synth_adapters(tmp.path(), 50);
-    let synced = uploads_run(&loras, true);
-    let overlapped = uploads_run(&loras, false);
+    let synced = uploads_run(&loras, true, None);
+    let overlapped = uploads_run(&loras, false, None);
     assert_eq!(
         synced.slot_loads, overlapped.slot_loads,
         "both runs scheduled alike"
@@ -129,15 +131,41 @@ fn cuda_overlapped_adapter_uploads_match_synchronous() {
             "request {i} (adapter {a}): logits differ by {d} between overlapped and synchronous uploads"
         );
         if i % 7 == 0 {
-            let want = cpu_next_logits("llama", &prompt, &[], Some(&loras[a]));
-            let got = &overlapped.first_logits[i];
-            let rel = max_diff(got, &want) / max_abs(&want).max(1e-6);
-            assert!(
-                rel < logits_tolerance(Elem::Bf16),
-                "request {i} (adapter {a}): first logits differ from the CPU backend's by {rel} (relative)"
-            );
+            assert_first_logits_match_cpu(i, &prompt, &loras[a], &overlapped.first_logits[i]);
         }
     }
+}
+
+/// A host cache of 6 for 50 adapters: every few requests an adapter is evicted (its pinned
+/// buffer back to the pool) and another loaded into a recycled buffer on a loader thread, while
+/// the overlapped copies start 2 ms late. A buffer handed on while a copy still read it, or a
+/// slot filled from the wrong adapter's data, would move the first logits away from the CPU
+/// backend's for that adapter; every request is checked (the schedule depends on load timing,
+/// so the runs above are not a reference here).
+#[test]
+fn cuda_recycled_pinned_buffers_hold_each_adapter() {
+    if !have_gpu() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let loras = common::synth_adapters(tmp.path(), 50);
+    let run = uploads_run(&loras, false, Some(6));
+    for i in 0..NUM_UPLOAD_REQUESTS {
+        let (prompt, a, n) = upload_request(i, loras.len());
+        assert_eq!(run.tokens[i].len(), n, "request {i}");
+        assert_first_logits_match_cpu(i, &prompt, &loras[a], &run.first_logits[i]);
+    }
+}
+
+/// Request `i`'s first logits (bf16 on the GPU) against the CPU backend's for its adapter.
+fn assert_first_logits_match_cpu(i: usize, prompt: &[u32], lora: &LoraRequest, got: &[f32]) {
+    let want = cpu_next_logits("llama", prompt, &[], Some(lora));
+    let rel = max_diff(got, &want) / max_abs(&want).max(1e-6);
+    assert!(
+        rel < logits_tolerance(Elem::Bf16),
+        "request {i} (adapter {}): first logits differ from the CPU backend's by {rel} (relative)",
+        lora.name
+    );
 }
 
 // ---- SGMV (segmented LoRA, prefill) against a host reference and against BGMV ----

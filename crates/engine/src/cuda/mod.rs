@@ -47,7 +47,7 @@ use elem::Elem;
 use gpu::{cuda_err, Gpu};
 use model::{CudaModel, StepShape};
 use sampling::DeviceSampler;
-use upload::{CudaPreparer, DeviceAdapter, SlotLayout, SlotUploads};
+use upload::{CudaPreparer, DeviceAdapter, PinnedPool, SlotLayout, SlotUploads};
 
 /// Bytes one KV block takes over all layers (K and V, 16-bit elements).
 pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
@@ -143,6 +143,8 @@ pub struct CudaBackend {
     /// Holds the host memory of copies in flight: dropped (after waiting for them) before the
     /// slots they write and the context.
     uploads: Option<SlotUploads>,
+    /// Page-locked buffers the loader threads convert adapters into, recycled.
+    pinned: Arc<PinnedPool>,
     model: CudaModel,
     sampler: DeviceSampler,
     gpu: Gpu,
@@ -223,6 +225,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             graphs: HashMap::new(),
             uploads,
+            pinned: PinnedPool::new(gpu.ctx.clone()),
             lora_layout,
             arena: vec![0; model.arena_len()],
             logits: Vec::new(),
@@ -388,7 +391,7 @@ impl Backend for CudaBackend {
     fn adapter_preparer(&self) -> Option<Arc<dyn AdapterPreparer>> {
         let layout = self.lora_layout.clone()?;
         Some(Arc::new(CudaPreparer {
-            ctx: self.gpu.ctx.clone(),
+            pool: self.pinned.clone(),
             layout,
         }))
     }

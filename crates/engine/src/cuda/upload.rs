@@ -12,7 +12,7 @@
 //! of each token from a device input buffer, so uploads change what a slot holds, never where.
 //! The waits are issued outside capture, on the stream the graph is launched into.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
@@ -151,8 +151,98 @@ impl SlotLayout {
 /// pageable (the driver stages each copy before returning: correct, slower).
 #[derive(Debug)]
 enum HostData {
-    Pinned(PinnedHostSlice<u16>),
+    Pinned(PooledPinned),
     Pageable(Vec<u16>),
+}
+
+/// Page-locked buffers recycled between adapters. Allocating page-locked memory is one of the
+/// calls after which CUDA lets no two streams' work overlap, and freeing it waits for the device;
+/// with adapters loaded and evicted every few steps (thousands of adapters, a host cache of
+/// hundreds), doing either per adapter put a stall into running steps. So a buffer, once
+/// allocated, goes back here when its adapter is dropped and serves the next adapter of about
+/// its size: once the host cache has filled, loads allocate nothing.
+#[derive(Debug)]
+pub(super) struct PinnedPool {
+    ctx: Arc<CudaContext>,
+    free: Mutex<Vec<PinnedHostSlice<u16>>>,
+}
+
+/// Free buffers the pool keeps; past that it frees the smallest (only adapters of many
+/// different sizes get there).
+const POOL_MAX_FREE: usize = 64;
+
+impl PinnedPool {
+    pub fn new(ctx: Arc<CudaContext>) -> Arc<Self> {
+        Arc::new(PinnedPool {
+            ctx,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A buffer of at least `len` elements: the smallest free one that is no more than twice
+    /// that, else a new one.
+    fn take(self: &Arc<Self>, len: usize) -> std::result::Result<PooledPinned, cudarc::driver::DriverError> {
+        let len = len.max(1);
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let best = (free.iter().enumerate())
+                .filter(|(_, b)| b.len() >= len && b.len() <= 2 * len)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        };
+        let buf = match reused {
+            Some(b) => b,
+            // SAFETY: the caller writes the `len` elements it uses before any read (`pack`
+            // zero-fills them).
+            None => unsafe { self.ctx.alloc_pinned::<u16>(len)? },
+        };
+        Ok(PooledPinned {
+            buf: Some(buf),
+            len,
+            pool: Arc::clone(self),
+        })
+    }
+
+    fn give_back(&self, buf: PinnedHostSlice<u16>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(buf);
+        if free.len() > POOL_MAX_FREE {
+            let smallest = (free.iter().enumerate())
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i)
+                .expect("not empty");
+            drop(free.swap_remove(smallest));
+        }
+    }
+}
+
+/// A pool buffer lent to one adapter (its first `len` elements); back to the pool on drop. An
+/// adapter is dropped only once no copy reads it any more ([`SlotUploads`] holds it until its
+/// copies are done), so the next adapter may overwrite the buffer at once.
+#[derive(Debug)]
+struct PooledPinned {
+    buf: Option<PinnedHostSlice<u16>>,
+    len: usize,
+    pool: Arc<PinnedPool>,
+}
+
+impl PooledPinned {
+    fn as_slice(&self) -> std::result::Result<&[u16], cudarc::driver::DriverError> {
+        Ok(&self.buf.as_ref().expect("held until drop").as_slice()?[..self.len])
+    }
+
+    fn as_mut_slice(&mut self) -> std::result::Result<&mut [u16], cudarc::driver::DriverError> {
+        Ok(&mut self.buf.as_mut().expect("held until drop").as_mut_slice()?[..self.len])
+    }
+}
+
+impl Drop for PooledPinned {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give_back(b);
+        }
+    }
 }
 
 /// An adapter converted for the slots of one [`SlotLayout`].
@@ -165,8 +255,8 @@ pub(super) struct DeviceAdapter {
 }
 
 impl DeviceAdapter {
-    /// Converts `adapter`; into pinned memory of `ctx` when given (and the driver has it).
-    pub fn new(adapter: &LoraAdapter, layout: &SlotLayout, ctx: Option<&Arc<CudaContext>>) -> Result<Self> {
+    /// Converts `adapter`; into pinned memory from `pool` when given (and the driver has it).
+    pub fn new(adapter: &LoraAdapter, layout: &SlotLayout, pool: Option<&Arc<PinnedPool>>) -> Result<Self> {
         if !adapter.has_host_weights() {
             return Err(Error::Backend(format!(
                 "adapter {:?} was prepared for other LoRA slots and no longer holds its weights",
@@ -174,8 +264,7 @@ impl DeviceAdapter {
             )));
         }
         let (parts, len) = layout.plan(adapter);
-        // SAFETY: the memory is written whole (`pack` zero-fills it) before any read.
-        let pinned = ctx.map(|c| unsafe { c.alloc_pinned::<u16>(len.max(1)) });
+        let pinned = pool.map(|p| p.take(len));
         let host = match pinned {
             Some(Ok(mut p)) => {
                 let out = p.as_mut_slice().map_err(|e| cuda_err("pinned host memory", e))?;
@@ -218,13 +307,13 @@ impl DeviceAdapter {
 /// Converts adapters for the slots on the loader threads.
 #[derive(Debug)]
 pub(super) struct CudaPreparer {
-    pub ctx: Arc<CudaContext>,
+    pub pool: Arc<PinnedPool>,
     pub layout: SlotLayout,
 }
 
 impl AdapterPreparer for CudaPreparer {
     fn prepare(&self, adapter: &LoraAdapter) -> Result<PreparedAdapter> {
-        let d = DeviceAdapter::new(adapter, &self.layout, Some(&self.ctx))?;
+        let d = DeviceAdapter::new(adapter, &self.layout, Some(&self.pool))?;
         Ok(PreparedAdapter(Arc::new(d)))
     }
 
