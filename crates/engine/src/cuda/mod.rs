@@ -14,7 +14,7 @@
 //! persistent input buffers, and every step is timed with CUDA events. Tokens are sampled on the
 //! device ([`sampling`]), inside the graph, so a step copies back only token ids unless logits
 //! are asked for. Adapters reach their slots by asynchronous copies on an upload stream, fenced
-//! with per-slot events ([`upload`]).
+//! with per-slot events (`cuda/upload.rs`).
 
 pub mod elem;
 pub mod gpu;
