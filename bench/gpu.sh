@@ -96,11 +96,12 @@ decode-attention)
   ;;
 itl)
   # Chunked prefill: 16 streams decode while an 8,000-token prompt arrives, at several
-  # max_num_batched_tokens (the largest: no chunking).
+  # max_num_batched_tokens (the largest: no chunking); ITL_ARGS adds gpu_bench flags, e.g.
+  # "--long-prefill-token-threshold 128".
   echo "== inter-token latency of 16 streams while an 8k prompt arrives (Llama-2-7B)"
   for mbt in ${ITL_BUDGETS:-16384 2048 512 256}; do
     timeout 120 "$BIN/gpu_bench" bench/llama-2-7b "$WORK/adapters" /dev/null --batch-sizes 16 --prompt-len 128 \
-      --itl 8000 --max-num-batched-tokens "$mbt" 2>&1 | grep -E "^itl|rror|panic"
+      --itl 8000 --max-num-batched-tokens "$mbt" ${ITL_ARGS:-} 2>&1 | grep -E "^itl|rror|panic"
   done | tee "$OUT/itl.log"
   ;;
 prefill-profile)

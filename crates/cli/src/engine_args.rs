@@ -30,6 +30,11 @@ pub struct EngineArgs {
     /// prefilled in chunks over several steps, beside the running decodes.
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
+    /// Most prompt tokens one request computes in a step (0: no bound but
+    /// max-num-batched-tokens); a long prompt then arrives without stretching the running
+    /// requests' inter-token latency.
+    #[arg(long)]
+    pub long_prefill_token_threshold: Option<usize>,
     /// auto, float32, float16, bfloat16
     #[arg(long)]
     pub dtype: Option<String>,
@@ -95,6 +100,9 @@ impl EngineArgs {
         }
         if let Some(v) = self.max_num_batched_tokens {
             cfg.max_num_batched_tokens = Some(v);
+        }
+        if let Some(v) = self.long_prefill_token_threshold {
+            cfg.long_prefill_token_threshold = v;
         }
         if let Some(v) = &self.dtype {
             cfg.dtype = v.clone();

@@ -236,24 +236,36 @@ fn multi_lora_writes_every_file_and_n_minus_1_decode_steps() -> Result<()> {
 }
 
 /// A `max_num_batched_tokens` below the batch's prompts chunks their prefill over several
-/// steps; the run still measures, and its notes say so.
+/// steps, and so does a `long_prefill_token_threshold` below them (common.json or the flag);
+/// the run still measures, and its notes say so.
 #[test]
 fn chunked_prefill_is_noted() -> Result<()> {
-    let f = Fixture::new()?;
-    f.write_common(json!({ "max_num_batched_tokens": 8 }))?;
-    let out = f.bench(&[
-        "no-lora",
-        "--batch-sizes",
-        "2",
-        "--warmup-num-tokens",
-        "0",
-        "--json",
-    ])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.success(), "bench failed: {stderr}");
-    let result: Value = serde_json::from_slice(&out.stdout).context("--json prints JSON")?;
-    let notes = result["summary"][0]["notes"].to_string();
-    ensure!(notes.contains("prefill chunked"), "{notes}");
+    for (common, flags) in [
+        (json!({ "max_num_batched_tokens": 8 }), vec![]),
+        (json!({ "long_prefill_token_threshold": 3 }), vec![]),
+        (json!({}), vec!["--long-prefill-token-threshold", "3"]),
+    ] {
+        let f = Fixture::new()?;
+        f.write_common(common.clone())?;
+        let mut args = vec![
+            "no-lora",
+            "--batch-sizes",
+            "2",
+            "--warmup-num-tokens",
+            "0",
+            "--json",
+        ];
+        args.extend(flags.iter().copied());
+        let out = f.bench(&args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.success(),
+            "bench failed ({common} {flags:?}): {stderr}"
+        );
+        let result: Value = serde_json::from_slice(&out.stdout).context("--json prints JSON")?;
+        let notes = result["summary"][0]["notes"].to_string();
+        ensure!(notes.contains("prefill chunked"), "{common} {flags:?}: {notes}");
+    }
     Ok(())
 }
 

@@ -44,6 +44,8 @@ struct Args {
     /// under `--max-num-batched-tokens`.
     itl: Option<usize>,
     max_num_batched_tokens: Option<usize>,
+    /// `--long-prefill-token-threshold N`: the engine setting (0: off).
+    long_prefill_token_threshold: usize,
     /// Only these series (default: all four).
     series: Vec<String>,
     /// Bracket each measured run with cuProfilerStart/Stop (for `ncu --profile-from-start off`).
@@ -72,6 +74,7 @@ fn parse() -> Args {
         decode_attention: false,
         itl: None,
         max_num_batched_tokens: None,
+        long_prefill_token_threshold: 0,
         series: SERIES.map(String::from).to_vec(),
         profile: false,
     };
@@ -91,6 +94,7 @@ fn parse() -> Args {
             "--decode-attention" => a.decode_attention = true,
             "--itl" => a.itl = Some(val().parse().unwrap()),
             "--max-num-batched-tokens" => a.max_num_batched_tokens = Some(val().parse().unwrap()),
+            "--long-prefill-token-threshold" => a.long_prefill_token_threshold = val().parse().unwrap(),
             "--series" => {
                 a.series = val().split(',').map(String::from).collect();
                 if let Some(bad) = a.series.iter().find(|s| !SERIES.contains(&s.as_str())) {
@@ -508,11 +512,12 @@ fn itl(engine: &mut LLMEngine, streams: usize, long: usize, a: &Args) {
     let (d50, d99, _) = stats(&device[chunk_steps]);
     let (dd50, _, _) = stats(&device[..150]);
     println!(
-        "itl streams {streams} prompt {} long {long} max_num_batched_tokens {}: no arrival p50 {b50:.2} p99 {b99:.2} max {bmax:.2} ms; \
+        "itl streams {streams} prompt {} long {long} max_num_batched_tokens {} long_prefill_token_threshold {}: no arrival p50 {b50:.2} p99 {b99:.2} max {bmax:.2} ms; \
          with arrival p50 {w50:.2} p99 {w99:.2} max {wmax:.2} ms (p99 x{:.2}); long prompt's first token after {} steps, {ttft:.1} ms; \
          steps with a chunk: wall p50 {c50:.2} p99 {c99:.2}, device p50 {d50:.2} p99 {d99:.2} ms (decode-only device p50 {dd50:.2})",
         a.prompt_len,
         engine.resolved().max_num_batched_tokens,
+        engine.resolved().long_prefill_token_threshold,
         w99 / b99,
         first_token.map_or(0, |k| k - 149)
     );
@@ -713,6 +718,7 @@ fn main() {
     // The whole batch's prompts in one step (prefill measured unchunked) unless asked otherwise.
     let whole = (max_batch * a.prompt_len).max(max_model_len);
     ec.max_num_batched_tokens = Some(a.max_num_batched_tokens.unwrap_or(whole));
+    ec.long_prefill_token_threshold = a.long_prefill_token_threshold;
     ec.enable_lora = true;
     ec.max_loras = a.num_adapters;
     ec.max_cpu_loras = Some(a.num_adapters);

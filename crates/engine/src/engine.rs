@@ -74,6 +74,11 @@ pub struct EngineConfig {
     /// `max_num_seqs` (as in vLLM). Below `max_model_len`, long prompts are prefilled in
     /// chunks over several steps (chunked prefill, see the scheduler).
     pub max_num_batched_tokens: Option<usize>,
+    /// Most prompt tokens one sequence computes in a step (vLLM's
+    /// `long_prefill_token_threshold`); 0, the default: only `max_num_batched_tokens` bounds
+    /// it. Lets a long prompt arrive without stretching the running decodes' steps, while the
+    /// budget stays large for many short prompts.
+    pub long_prefill_token_threshold: usize,
     pub block_size: usize,
     /// Memory for the KV cache; defaults to what `max_num_seqs` full-length sequences need,
     /// capped at 4 GiB (vLLM's CPU default).
@@ -126,6 +131,7 @@ impl EngineConfig {
             max_model_len: None,
             max_num_seqs: 256,
             max_num_batched_tokens: None,
+            long_prefill_token_threshold: 0,
             block_size: 16,
             kv_cache_memory_bytes: None,
             num_gpu_blocks_override: None,
@@ -211,6 +217,7 @@ pub struct ResolvedEngine {
     pub max_model_len: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    pub long_prefill_token_threshold: usize,
     pub num_kv_blocks: usize,
     pub block_size: usize,
     pub lora: Option<LoraConfig>,
@@ -400,6 +407,7 @@ impl LLMEngine {
                 max_model_len,
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens,
+                long_prefill_token_threshold: config.long_prefill_token_threshold,
                 num_kv_blocks,
                 block_size: config.block_size,
                 lora: lora_cfg,
@@ -410,6 +418,7 @@ impl LLMEngine {
                 max_num_batched_tokens,
                 max_loras: lora_cfg.map_or(0, |c| c.max_loras),
                 max_times_passed_over: config.max_times_passed_over,
+                long_prefill_token_threshold: config.long_prefill_token_threshold,
             }),
             blocks: BlockManager::new(num_kv_blocks, config.block_size),
             model_config,

@@ -2,7 +2,9 @@
 //! `max_num_batched_tokens` tokens:
 //!
 //! 1. Running sequences first, oldest first: a decoding sequence takes one token, one still in
-//!    its prompt (partially prefilled) takes `min(remaining prompt, remaining budget)`. Blocks
+//!    its prompt (partially prefilled) takes `min(remaining prompt, remaining budget)` — and at
+//!    most `long_prefill_token_threshold` tokens when that is set (vLLM's setting: it bounds a
+//!    long prompt's share of a step, so the decodes beside it keep their pace). Blocks
 //!    are grown for the tokens computed so far plus this step's; when the cache is full the
 //!    newest running sequences are preempted, recompute-style (they lose their KV cache and go
 //!    back to the front of the waiting queue, to restart from token 0).
@@ -23,9 +25,11 @@
 //! spares what the window wants); and it is admitted as with plain FCFS.
 //!
 //! So a long prompt is prefilled over several steps, sharing each with the running decodes,
-//! which keep producing a token a step: a partial chunk uses up the budget, so at most one
-//! running sequence is partially prefilled and it is the newest, scheduled after every decode;
-//! and the engine requires `max_num_batched_tokens >= max_num_seqs`, so the decodes fit. A
+//! which keep producing a token a step: without `long_prefill_token_threshold` a partial chunk
+//! uses up the budget, so at most one running sequence is partially prefilled and it is the
+//! newest, scheduled after every decode (with the threshold, several may be, and a request
+//! admitted behind one decodes after it); and the engine requires `max_num_batched_tokens >=
+//! max_num_seqs`, so the decodes fit. A
 //! sequence whose chunk stops short of its last token produces no token that step (the
 //! engine's part).
 //!
@@ -51,6 +55,19 @@ pub struct SchedulerConfig {
     pub max_loras: usize,
     /// Steps in which a waiting request may be passed over before admission stops at it.
     pub max_times_passed_over: u32,
+    /// Most prompt tokens one sequence computes in a step; 0: no bound but the budget.
+    pub long_prefill_token_threshold: usize,
+}
+
+impl SchedulerConfig {
+    /// Tokens a sequence with `remaining` uncomputed tokens takes from `budget` this step.
+    fn chunk(&self, remaining: usize, budget: usize) -> usize {
+        let n = match self.long_prefill_token_threshold {
+            0 => remaining,
+            t => remaining.min(t),
+        };
+        n.min(budget)
+    }
 }
 
 /// Tokens `[num_computed_tokens, num_computed_tokens + num_new_tokens)` of `id` run this step.
@@ -173,7 +190,7 @@ impl Scheduler {
             let id = self.running[i];
             let n = loop {
                 let seq = seqs.get_mut(&id).expect("running seq exists");
-                let n = (seq.len() - seq.num_computed_tokens).min(budget);
+                let n = self.cfg.chunk(seq.len() - seq.num_computed_tokens, budget);
                 if blocks.grow(&mut seq.block_table, seq.num_computed_tokens + n) {
                     break n;
                 }
@@ -231,7 +248,7 @@ impl Scheduler {
                 }
             }
             // Zero computed tokens, except for a forked choice that kept its shared blocks.
-            let mut n = (seq.len() - seq.num_computed_tokens).min(budget);
+            let mut n = self.cfg.chunk(seq.len() - seq.num_computed_tokens, budget);
             if !blocks.grow(&mut seq.block_table, seq.num_computed_tokens + n) {
                 self.waiting.push_front(id);
                 if !self.release_waiting_blocks(seqs, blocks) {
@@ -239,7 +256,7 @@ impl Scheduler {
                 }
                 self.waiting.pop_front();
                 let seq = seqs.get_mut(&id).expect("waiting seq exists");
-                n = seq.len().min(budget);
+                n = self.cfg.chunk(seq.len(), budget);
                 if !blocks.grow(&mut seq.block_table, n) {
                     self.waiting.push_front(id);
                     break;
@@ -329,6 +346,7 @@ mod tests {
             max_num_batched_tokens,
             max_loras,
             max_times_passed_over: 64,
+            long_prefill_token_threshold: 0,
         });
         let mut seqs = HashMap::new();
         for (i, (&n, l)) in prompt_lens.iter().zip(loras).enumerate() {
@@ -473,6 +491,38 @@ mod tests {
     }
 
     #[test]
+    fn long_prefill_token_threshold_bounds_each_prompts_share_of_a_step() {
+        // 16 tokens a step, at most 5 of one prompt: two decodes, then the 12-token prompt in
+        // chunks of 5, 5, 2, and beside it the 3-token prompt admitted whole (below the bound).
+        let (mut s, mut seqs) = setup_with(&[2, 2], &[None; 2], 16, 1);
+        s.cfg.long_prefill_token_threshold = 5;
+        let mut bm = BlockManager::new(64, 4);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
+        assert_eq!(planned(&s), vec![(0, 2), (1, 2)]);
+        advance(&s, &mut seqs);
+        for (id, len) in [(2, 12), (3, 3)] {
+            seqs.insert(SeqId(id), seq(len, None));
+            s.add(SeqId(id));
+        }
+        s.schedule(&mut seqs, &mut bm, &|_| true);
+        assert_eq!(planned(&s), vec![(0, 1), (1, 1), (2, 5), (3, 3)]);
+        advance(&s, &mut seqs);
+        // The partial prompt keeps its bound among the running; the short one now decodes
+        // after it.
+        s.schedule(&mut seqs, &mut bm, &|_| true);
+        assert_eq!(planned(&s), vec![(0, 1), (1, 1), (2, 5), (3, 1)]);
+        advance(&s, &mut seqs);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
+        assert_eq!(planned(&s), vec![(0, 1), (1, 1), (2, 2), (3, 1)]);
+        advance(&s, &mut seqs);
+        assert_eq!(seqs[&SeqId(2)].output_token_ids.len(), 1);
+        // Without the bound the budget alone decides: 16 tokens of the prompt in one step.
+        let (mut s, mut seqs) = setup_with(&[40], &[None], 16, 1);
+        s.schedule(&mut seqs, &mut bm, &|_| true);
+        assert_eq!(planned(&s), vec![(0, 16)]);
+    }
+
+    #[test]
     fn last_admitted_gets_a_partial_chunk() {
         let (mut s, mut seqs) = setup_with(&[4, 4, 4, 4], &[None; 4], 10, 1);
         let mut bm = BlockManager::new(64, 4);
@@ -610,16 +660,17 @@ mod tests {
 
     /// Random prompts, a small budget and a small cache: every step stays within the budget,
     /// each running sequence's blocks hold its computed tokens, and everything finishes (no
-    /// deadlock, no starvation).
+    /// deadlock, no starvation); from seed 20 on also with a `long_prefill_token_threshold`.
     #[test]
     fn random_workloads_finish_within_budget() {
         use rand::{Rng, SeedableRng};
         const MAX_MODEL_LEN: usize = 24;
         const NUM_OUTPUT: usize = 4;
         let (mut num_preempted, mut num_partial) = (0, 0);
-        for seed in 0..20 {
+        for seed in 0..40 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let budget = rng.random_range(1..=9);
+            let threshold = if seed >= 20 { rng.random_range(1..=4) } else { 0 };
             let lens: Vec<usize> = (0..12)
                 .map(|_| rng.random_range(1..=MAX_MODEL_LEN - NUM_OUTPUT))
                 .collect();
@@ -628,6 +679,7 @@ mod tests {
                 .collect();
             let (mut s, mut seqs) = setup_with(&lens, &loras, budget, 1);
             s.cfg.max_num_seqs = budget.min(4);
+            s.cfg.long_prefill_token_threshold = threshold;
             // Enough blocks for one sequence of max_model_len, as the engine guarantees.
             let mut bm = BlockManager::new(MAX_MODEL_LEN.div_ceil(4), 4);
             let mut num_steps = 0;
@@ -637,15 +689,23 @@ mod tests {
                 s.schedule(&mut seqs, &mut bm, &|_| true);
                 let total: usize = s.out.scheduled.iter().map(|x| x.num_new_tokens).sum();
                 assert!(total <= budget, "seed {seed}: {total} tokens > budget {budget}");
-                // Only the last one scheduled may stop short of its last token.
+                // Only the last one scheduled may stop short of its last token, or one cut at
+                // the threshold; none takes more than the threshold.
                 let ends = |x: &ScheduledSeq| {
                     seqs[&x.id].num_computed_tokens + x.num_new_tokens == seqs[&x.id].len()
+                        || (threshold > 0 && x.num_new_tokens == threshold)
                 };
                 let n = s.out.scheduled.len();
                 assert!(
                     s.out.scheduled.iter().take(n.saturating_sub(1)).all(ends),
                     "seed {seed}"
                 );
+                if threshold > 0 {
+                    assert!(
+                        s.out.scheduled.iter().all(|x| x.num_new_tokens <= threshold),
+                        "seed {seed}"
+                    );
+                }
                 num_preempted += s.out.preempted.len();
                 num_partial += (s.out.scheduled.iter())
                     .filter(|x| seqs[&x.id].num_computed_tokens + x.num_new_tokens < seqs[&x.id].len())

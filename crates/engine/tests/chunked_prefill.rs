@@ -106,10 +106,14 @@ fn chunked_greedy_matches_one_step_prefill_and_peft() {
             "{case}: the default budget prefills every prompt in one step"
         );
         // Prompts of 5..90 tokens: chunks of 3 and 5 cut through them and through the
-        // 4-token blocks; 16 splits only the longer ones, and shares steps with decodes.
-        for budget in [3, 5, 16] {
-            let what = format!("{case}, budget {budget}");
-            let (chunked, n) = run(&mut engine(case, Some(budget)), case, &greedy);
+        // 4-token blocks; 16 splits only the longer ones, and shares steps with decodes. And
+        // with the default budget but long_prefill_token_threshold 7: every longer prompt
+        // takes 7 tokens a step, several of them partly prefilled at once.
+        for (budget, threshold) in [(Some(3), 0), (Some(5), 0), (Some(16), 0), (None, 7)] {
+            let what = format!("{case}, budget {budget:?}, long_prefill_token_threshold {threshold}");
+            let mut cfg = config(case, budget);
+            cfg.long_prefill_token_threshold = threshold;
+            let (chunked, n) = run(&mut LLMEngine::new(cfg).expect("engine loads"), case, &greedy);
             assert!(n > 0, "{what}: some prompt should be chunked");
             assert_same(&chunked, &whole, &what);
             for (i, r) in golden.requests.iter().enumerate() {

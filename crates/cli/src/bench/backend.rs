@@ -237,6 +237,7 @@ impl Backend for EngineBackend {
             "resolved": {
                 "max_model_len": r.max_model_len,
                 "max_num_batched_tokens": r.max_num_batched_tokens,
+                "long_prefill_token_threshold": r.long_prefill_token_threshold,
                 "num_kv_blocks": r.num_kv_blocks,
                 "block_size": r.block_size,
                 "dtype": r.dtype,

@@ -24,9 +24,9 @@ use crate::engine_args::{parse_device, parse_load_format};
 pub const DEFAULT_BATCH_SIZES: [usize; 6] = [1, 2, 4, 8, 16, 32];
 
 /// Every key `common.json` may hold: the original's, plus `load_format`, `device`,
-/// `max_num_batched_tokens`, `batch_sizes` and `repeat`. `disable_async_output_proc` is
-/// accepted and has no effect on this engine.
-const KNOWN_KEYS: [&str; 26] = [
+/// `max_num_batched_tokens`, `long_prefill_token_threshold`, `batch_sizes` and `repeat`.
+/// `disable_async_output_proc` is accepted and has no effect on this engine.
+const KNOWN_KEYS: [&str; 27] = [
     "base_model_path",
     "dtype",
     "enable_lora",
@@ -40,6 +40,7 @@ const KNOWN_KEYS: [&str; 26] = [
     "disable_async_output_proc",
     "max_num_seqs",
     "max_num_batched_tokens",
+    "long_prefill_token_threshold",
     "load_format",
     "device",
     "random_seed",
@@ -211,6 +212,7 @@ pub struct CommonJson {
     pub tensor_parallel_size: Option<usize>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
+    pub long_prefill_token_threshold: Option<usize>,
     pub load_format: Option<LoadFormat>,
     pub device: Option<Device>,
     pub random_seed: Option<u64>,
@@ -329,6 +331,7 @@ impl CommonJson {
             tensor_parallel_size: k.positive("tensor_parallel_size")?,
             max_num_seqs: k.positive("max_num_seqs")?,
             max_num_batched_tokens: k.positive("max_num_batched_tokens")?,
+            long_prefill_token_threshold: k.take("long_prefill_token_threshold", INT)?,
             load_format,
             device,
             random_seed: k.take("random_seed", INT)?,
@@ -389,6 +392,9 @@ impl CommonJson {
         engine.max_num_seqs = self.max_num_seqs.unwrap_or(engine.max_num_seqs);
         engine.tensor_parallel_size = self.tensor_parallel_size.unwrap_or(engine.tensor_parallel_size);
         engine.max_num_batched_tokens = self.max_num_batched_tokens.or(engine.max_num_batched_tokens);
+        engine.long_prefill_token_threshold = self
+            .long_prefill_token_threshold
+            .unwrap_or(engine.long_prefill_token_threshold);
         engine.load_format = self.load_format.unwrap_or(engine.load_format);
         engine.device = self.device.unwrap_or(engine.device);
         engine.seed = self.random_seed.unwrap_or(engine.seed);

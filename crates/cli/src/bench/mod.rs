@@ -793,6 +793,7 @@ fn engine_json(e: &multilora_engine::EngineConfig) -> serde_json::Value {
         "max_model_len": e.max_model_len,
         "max_num_seqs": e.max_num_seqs,
         "max_num_batched_tokens": e.max_num_batched_tokens,
+        "long_prefill_token_threshold": e.long_prefill_token_threshold,
         "block_size": e.block_size,
         "gpu_memory_utilization": e.gpu_memory_utilization,
         "tensor_parallel_size": e.tensor_parallel_size,

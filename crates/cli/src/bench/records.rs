@@ -185,7 +185,7 @@ pub fn check(run: &BatchRun, batch_size: usize, num_tokens: usize) -> anyhow::Re
         .count();
     if num_chunked > 0 {
         notes.push(format!(
-            "prefill chunked: {num_chunked} of {} steps ran a chunk of a prompt that max_num_batched_tokens split over several steps",
+            "prefill chunked: {num_chunked} of {} steps ran a chunk of a prompt that max_num_batched_tokens (or long_prefill_token_threshold) split over several steps",
             run.steps.len()
         ));
     }
