@@ -90,6 +90,8 @@ out, tag, rate, scenarios = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.ar
 print(f"{tag}, offered {rate:g} req/s\n")
 print("| adapters in the load | output tok/s | req/s | e2e p50 / p99 | ITL p99 | adapter loads (p50 / p99) | adapter wait p50 / p99 | failed |")
 print("|---|---|---|---|---|---|---|---|")
+# (scenario, throughput, e2e p50, ITL p99) of each run, for the ratios to the first below.
+ratios = []
 for sc in scenarios:
     k, pop = sc.split(":")
     try:
@@ -107,6 +109,12 @@ for sc in scenarios:
     else:
         loads = wait = "not reported by server"
     print(f"| {k}, {pop} | {s['output_token_throughput']:,.0f} | {s['request_throughput']:.1f} "
-          f"| {e2e.get('p50', 0) / 1e3:.2f} s / {e2e.get('p99', 0) / 1e3:.2f} s | {itl.get('p99', 0):.0f} ms "
+          f"| {e2e.get('p50', 0) / 1e3:.2f} s / {e2e.get('p99', 0) / 1e3:.2f} s | {itl.get('p99', 0):.1f} ms "
           f"| {loads} | {wait} | {s['num_failed']} / {s['num_requests']} |")
+    ratios.append((f"{k}, {pop}", s["output_token_throughput"], e2e.get("p50", 0), itl.get("p99", 0)))
+if len(ratios) > 1 and all(r[1] and r[2] and r[3] for r in ratios[:1]):
+    base = ratios[0]
+    print(f"\nAgainst {base[0]} (issue 13's targets: uniform >= 95% / <= 1.2x / <= 1.5x; power-law within 5% on all three):")
+    for name, tput, e2e50, itl99 in ratios[1:]:
+        print(f"- {name}: throughput {100 * tput / base[1]:.1f}%, e2e p50 {e2e50 / base[2]:.2f}x, ITL p99 {itl99 / base[3]:.2f}x")
 EOF

@@ -239,18 +239,14 @@ async fn drive(
     adapters: &[String],
     prompts: &[String],
 ) -> anyhow::Result<Vec<Outcome>> {
-    let mut rng = StdRng::seed_from_u64(args.seed);
-    let zipf = match args.adapter_popularity {
-        Popularity::PowerLaw if !adapters.is_empty() => Some(
-            Zipf::new(adapters.len() as f64, args.power_law_alpha)
-                .map_err(|e| anyhow::anyhow!("power law over {} adapters: {e}", adapters.len()))?,
-        ),
-        _ => None,
-    };
-    let gaps = args
-        .request_rate
-        .map(|r| Exp::new(r).map_err(|e| anyhow::anyhow!("--request-rate {r}: {e}")))
-        .transpose()?;
+    let power_law = (args.adapter_popularity == Popularity::PowerLaw).then_some(args.power_law_alpha);
+    let mut draws = Draws::new(
+        args.seed,
+        args.request_rate,
+        power_law,
+        adapters.len(),
+        prompts.len(),
+    )?;
     let limit = Arc::new(Semaphore::new(
         args.max_concurrency.unwrap_or(Semaphore::MAX_PERMITS),
     ));
@@ -262,8 +258,8 @@ async fn drive(
     let mut next_arrival = start;
     let mut tasks = Vec::new();
     for index in 0..num_prompts {
-        if let Some(g) = &gaps {
-            next_arrival += Duration::from_secs_f64(g.sample(&mut rng));
+        if let Some(gap) = draws.gap() {
+            next_arrival += gap;
             tokio::time::sleep_until(next_arrival.into()).await;
         }
         if deadline.is_some_and(|d| start.elapsed() >= d) {
@@ -277,12 +273,11 @@ async fn drive(
         if deadline.is_some_and(|d| start.elapsed() >= d) {
             break;
         }
-        let model = match (&zipf, adapters.len()) {
-            (_, 0) => base.to_string(),
-            (Some(z), n) => adapters[(z.sample(&mut rng) as usize).clamp(1, n) - 1].clone(),
-            (None, n) => adapters[rng.random_range(0..n)].clone(),
+        let model = match draws.adapter() {
+            None => base.to_string(),
+            Some(a) => adapters[a].clone(),
         };
-        let prompt = prompts[rng.random_range(0..prompts.len())].clone();
+        let prompt = prompts[draws.prompt()].clone();
         let client = client.clone();
         let num_tokens = args.num_tokens;
         let start_s = start.elapsed().as_secs_f64();
@@ -539,6 +534,65 @@ fn render(s: &ServingSummary) -> String {
     out
 }
 
+/// The run's random draws, each from a stream of its own (all from `--seed`): arrival gaps,
+/// adapters, prompts. So runs with one seed offer the same arrival times and prompts whatever
+/// the adapter count or popularity (a power-law draw takes a varying number of samples from its
+/// stream), and their throughput and latency compare like for like.
+struct Draws {
+    gaps: Option<(Exp<f64>, StdRng)>,
+    adapters: Option<(Option<Zipf<f64>>, usize, StdRng)>,
+    prompts: (usize, StdRng),
+}
+
+impl Draws {
+    /// `power_law`: the exponent when adapters are drawn by a power law, else uniformly.
+    fn new(
+        seed: u64,
+        request_rate: Option<f64>,
+        power_law: Option<f64>,
+        num_adapters: usize,
+        num_prompts: usize,
+    ) -> anyhow::Result<Self> {
+        let stream = |k: u64| StdRng::seed_from_u64(seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        let gaps = request_rate
+            .map(|r| Exp::new(r).map_err(|e| anyhow::anyhow!("--request-rate {r}: {e}")))
+            .transpose()?
+            .map(|e| (e, stream(0)));
+        let zipf = match power_law {
+            Some(alpha) if num_adapters > 0 => Some(
+                Zipf::new(num_adapters as f64, alpha)
+                    .map_err(|e| anyhow::anyhow!("power law over {num_adapters} adapters: {e}"))?,
+            ),
+            _ => None,
+        };
+        Ok(Draws {
+            gaps,
+            adapters: (num_adapters > 0).then(|| (zipf, num_adapters, stream(1))),
+            prompts: (num_prompts, stream(2)),
+        })
+    }
+
+    /// Time to the next arrival (Poisson at `--request-rate`); `None`: all at once.
+    fn gap(&mut self) -> Option<Duration> {
+        let (exp, rng) = self.gaps.as_mut()?;
+        Some(Duration::from_secs_f64(exp.sample(rng)))
+    }
+
+    /// Index of the next request's adapter; `None`: the base model.
+    fn adapter(&mut self) -> Option<usize> {
+        let (zipf, n, rng) = self.adapters.as_mut()?;
+        Some(match zipf {
+            Some(z) => (z.sample(rng) as usize).clamp(1, *n) - 1,
+            None => rng.random_range(0..*n),
+        })
+    }
+
+    fn prompt(&mut self) -> usize {
+        let (n, rng) = &mut self.prompts;
+        rng.random_range(0..*n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +601,36 @@ mod tests {
     #[test]
     fn summary_columns_are_the_percentiles_names() {
         assert_eq!(SUMMARY_HEADER[2..], Percentiles::NAMES);
+    }
+
+    /// One seed, one offered load: the same arrival times and prompts under uniform and
+    /// power-law popularity and any adapter count (the adapters drawn differ).
+    #[test]
+    fn arrivals_and_prompts_do_not_depend_on_the_adapter_draws() -> anyhow::Result<()> {
+        let run = |power_law, num_adapters| -> anyhow::Result<Vec<(Duration, usize, Option<usize>)>> {
+            let mut d = Draws::new(7, Some(24.0), power_law, num_adapters, 5)?;
+            Ok((0..500)
+                .map(|_| {
+                    let gap = d.gap().expect("a rate");
+                    let adapter = d.adapter();
+                    (gap, d.prompt(), adapter)
+                })
+                .collect())
+        };
+        let uniform = run(None, 1000)?;
+        let strip = |v: &[(Duration, usize, Option<usize>)]| v.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>();
+        for (power_law, n) in [(Some(1.0), 1000), (None, 8), (Some(1.2), 2000), (None, 0)] {
+            let other = run(power_law, n)?;
+            assert_eq!(strip(&other), strip(&uniform), "{power_law:?} over {n} adapters");
+        }
+        // The adapter draws themselves do differ, and none is drawn without adapters.
+        let power = run(Some(1.0), 1000)?;
+        assert_ne!(
+            power.iter().map(|x| x.2).collect::<Vec<_>>(),
+            uniform.iter().map(|x| x.2).collect::<Vec<_>>()
+        );
+        assert!(run(None, 0)?.iter().all(|x| x.2.is_none()));
+        Ok(())
     }
 
     #[test]
