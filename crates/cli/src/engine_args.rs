@@ -16,6 +16,11 @@ pub struct EngineArgs {
     /// Host adapter cache capacity (>= max-loras).
     #[arg(long)]
     pub max_cpu_loras: Option<usize>,
+    /// Projections adapters may target (vLLM's lora_target_modules): q_proj, k_proj, v_proj,
+    /// o_proj, gate_proj, up_proj, down_proj, or the packed qkv_proj / gate_up_proj; comma- or
+    /// space-separated. Default: all. An adapter targeting another fails to load.
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    pub lora_target_modules: Option<Vec<String>>,
     /// Steps a waiting request may be passed over (its adapter loading, or max-loras taken)
     /// while later requests are admitted; then nothing later is admitted before it (default 64).
     #[arg(long)]
@@ -88,6 +93,9 @@ impl EngineArgs {
         }
         if let Some(v) = self.max_cpu_loras {
             cfg.max_cpu_loras = Some(v);
+        }
+        if let Some(v) = &self.lora_target_modules {
+            cfg.lora_target_modules = Some(v.clone());
         }
         if let Some(v) = self.max_times_passed_over {
             cfg.max_times_passed_over = v;

@@ -25,7 +25,7 @@ use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::logprobs::{token_logprob, LogprobScratch, TokenLogprob};
 use crate::lora::manager::{AdapterLoader, DiskLoader, LoraConfig, LoraManager, LoraStats, PreparingLoader};
-use crate::lora::{AdapterId, LoraRequest, LoraSlot};
+use crate::lora::{AdapterId, LoraRequest, LoraSlot, LoraTargets};
 use crate::sampling::{bad_word_bans, keep_allowed, request_rng, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, RequestMetrics, SeqId, Sequence};
@@ -97,6 +97,10 @@ pub struct EngineConfig {
     pub max_lora_rank: usize,
     /// Defaults to `max_loras`.
     pub max_cpu_loras: Option<usize>,
+    /// The projections adapters may target (vLLM's `lora_target_modules`): PEFT names
+    /// (`q_proj`, …) or vLLM's packed `qkv_proj` / `gate_up_proj`. `None`: all seven. An
+    /// adapter that targets another fails to load, naming it.
+    pub lora_target_modules: Option<Vec<String>>,
     /// Steps in which a waiting request may be passed over (its adapter still loading, or
     /// `max_loras` taken by others) while requests behind it are admitted; after that nothing
     /// behind it is admitted before it (see the scheduler). Not a vLLM setting.
@@ -142,6 +146,7 @@ impl EngineConfig {
             max_loras: 1,
             max_lora_rank: 16,
             max_cpu_loras: None,
+            lora_target_modules: None,
             max_times_passed_over: 64,
             adapter_loader: None,
             sync_lora_uploads: false,
@@ -322,6 +327,10 @@ impl LLMEngine {
                 max_loras: config.max_loras,
                 max_lora_rank: config.max_lora_rank,
                 max_cpu_loras: config.max_cpu_loras.unwrap_or(config.max_loras),
+                target_modules: match &config.lora_target_modules {
+                    Some(names) => LoraTargets::parse(names)?,
+                    None => LoraTargets::ALL,
+                },
             })
         } else {
             None

@@ -283,3 +283,53 @@ fn mixed_batch_equals_each_request_alone() {
         assert!(d < 1e-5, "request {i}: alone vs mixed logits differ by {d}");
     }
 }
+
+/// `lora_target_modules` (vLLM's setting; here with vLLM's packed names) admits the adapters
+/// that target only those projections — their requests still give PEFT's tokens and logits —
+/// and refuses the others when they are added, naming what they target beyond it.
+#[test]
+fn lora_target_modules_admits_only_adapters_within_it() {
+    let golden = load("llama");
+    let loras = lora_requests("llama");
+    let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
+    cfg.enable_lora = true;
+    cfg.max_loras = 4;
+    cfg.max_lora_rank = 16;
+    cfg.max_model_len = Some(256);
+    cfg.lora_target_modules = Some(vec!["qkv_proj".into(), "o_proj".into()]);
+    let mut engine = LLMEngine::new(cfg.clone()).expect("engine loads");
+    for (name, outside) in [
+        ("a_r8_all", "gate_proj, up_proj, down_proj"),
+        ("d_pattern", "down_proj"),
+    ] {
+        let err = engine.add_lora(&loras[name]).unwrap_err().to_string();
+        assert!(
+            err.contains(name)
+                && err.contains(&format!("targets {outside},"))
+                && err.contains("lora_target_modules (q_proj, k_proj, v_proj, o_proj)"),
+            "{err}"
+        );
+    }
+    let within: Vec<usize> = (0..golden.requests.len())
+        .filter(|&i| {
+            golden.requests[i]
+                .lora
+                .as_deref()
+                .is_none_or(|l| l == "b_r4_qv_regex" || l == "c_r16_rslora")
+        })
+        .collect();
+    assert!(within.len() >= 3, "{within:?}");
+    let got = run(&mut engine, &golden, &loras, &within);
+    for (k, &i) in within.iter().enumerate() {
+        let r = &golden.requests[i];
+        assert_eq!(got.tokens[k], r.greedy_token_ids, "request {i} ({:?})", r.lora);
+        let d = max_diff(&got.first_logits[k], &r.first_logits);
+        assert!(d < 1e-4, "request {i} ({:?}): first logits differ by {d}", r.lora);
+    }
+    cfg.lora_target_modules = Some(vec!["q_proj".into(), "lm_head".into()]);
+    let err = LLMEngine::new(cfg).err().expect("lm_head is refused").to_string();
+    assert!(
+        err.contains("lora_target_modules") && err.contains("\"lm_head\""),
+        "{err}"
+    );
+}

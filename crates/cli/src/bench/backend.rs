@@ -245,6 +245,7 @@ impl Backend for EngineBackend {
                     "max_loras": l.max_loras,
                     "max_lora_rank": l.max_lora_rank,
                     "max_cpu_loras": l.max_cpu_loras,
+                    "target_modules": l.target_modules.to_string(),
                 })),
             },
             "lora_stats": self.engine.lora_stats().map(|s| json!({

@@ -24,15 +24,17 @@ use crate::engine_args::{parse_device, parse_load_format};
 pub const DEFAULT_BATCH_SIZES: [usize; 6] = [1, 2, 4, 8, 16, 32];
 
 /// Every key `common.json` may hold: the original's, plus `load_format`, `device`,
-/// `max_num_batched_tokens`, `long_prefill_token_threshold`, `batch_sizes` and `repeat`.
-/// `disable_async_output_proc` is accepted and has no effect on this engine.
-const KNOWN_KEYS: [&str; 27] = [
+/// `max_num_batched_tokens`, `long_prefill_token_threshold`, `lora_target_modules`,
+/// `batch_sizes` and `repeat`. `disable_async_output_proc` is accepted and has no effect on
+/// this engine.
+const KNOWN_KEYS: [&str; 28] = [
     "base_model_path",
     "dtype",
     "enable_lora",
     "max_loras",
     "max_lora_rank",
     "max_cpu_loras",
+    "lora_target_modules",
     "enforce_eager",
     "max_model_len",
     "gpu_memory_utilization",
@@ -206,6 +208,7 @@ pub struct CommonJson {
     pub max_loras: Option<usize>,
     pub max_lora_rank: Option<usize>,
     pub max_cpu_loras: Option<usize>,
+    pub lora_target_modules: Option<Vec<String>>,
     pub enforce_eager: Option<bool>,
     pub max_model_len: Option<usize>,
     pub gpu_memory_utilization: Option<f32>,
@@ -325,6 +328,7 @@ impl CommonJson {
             max_loras: k.positive("max_loras")?,
             max_lora_rank: k.positive("max_lora_rank")?,
             max_cpu_loras: k.positive("max_cpu_loras")?,
+            lora_target_modules: k.take("lora_target_modules", "a list of module names")?,
             enforce_eager: k.take("enforce_eager", BOOL)?,
             max_model_len: k.positive("max_model_len")?,
             gpu_memory_utilization,
@@ -384,6 +388,10 @@ impl CommonJson {
         engine.max_loras = self.max_loras.unwrap_or(engine.max_loras);
         engine.max_lora_rank = self.max_lora_rank.unwrap_or(engine.max_lora_rank);
         engine.max_cpu_loras = self.max_cpu_loras.or(engine.max_cpu_loras);
+        engine.lora_target_modules = self
+            .lora_target_modules
+            .clone()
+            .or(engine.lora_target_modules.take());
         engine.enforce_eager = self.enforce_eager.unwrap_or(engine.enforce_eager);
         engine.max_model_len = self.max_model_len.or(engine.max_model_len);
         engine.gpu_memory_utilization = self
@@ -503,6 +511,10 @@ fn resolve(c: CommonJson, args: &CommonArgs, lora: Option<&LoraArgs>) -> anyhow:
             ("--max-loras", args.engine.max_loras),
             ("--max-lora-rank", args.engine.max_lora_rank),
             ("--max-cpu-loras", args.engine.max_cpu_loras),
+            (
+                "--lora-target-modules",
+                args.engine.lora_target_modules.as_ref().map(Vec::len),
+            ),
         ];
         if let Some((flag, _)) = lora_flags.iter().find(|(_, v)| v.is_some()) {
             bail!("{flag} is a LoRA setting; no-lora runs the base model alone (bench multi-lora takes it)");
@@ -677,6 +689,46 @@ mod tests {
         assert_eq!((c.num_tokens, c.warmup_num_tokens, c.repeat), (9, 0, 3));
         assert_eq!((c.random_seed, c.engine.seed, c.engine.max_loras), (7, 7, 4));
         assert_eq!(c.report_dir, PathBuf::from("/tmp/r"));
+        Ok(())
+    }
+
+    /// The engine settings this project adds to the original's keys, from common.json and
+    /// from flags (which win); a wrong type names the key.
+    #[test]
+    fn long_prefill_and_target_module_keys_and_flags() -> anyhow::Result<()> {
+        let json = ORIGINAL.replace(
+            "\"dtype\"",
+            "\"long_prefill_token_threshold\": 64, \"lora_target_modules\": [\"q_proj\", \"v_proj\"], \"dtype\"",
+        );
+        let c = parse(MULTI, &json, &[])?;
+        assert_eq!(c.engine.long_prefill_token_threshold, 64);
+        assert_eq!(
+            c.engine.lora_target_modules,
+            Some(vec!["q_proj".to_string(), "v_proj".to_string()])
+        );
+        let c = parse(
+            MULTI,
+            &json,
+            &[
+                "--long-prefill-token-threshold",
+                "8",
+                "--lora-target-modules",
+                "qkv_proj,o_proj",
+            ],
+        )?;
+        assert_eq!(c.engine.long_prefill_token_threshold, 8);
+        assert_eq!(
+            c.engine.lora_target_modules,
+            Some(vec!["qkv_proj".to_string(), "o_proj".to_string()])
+        );
+        let e = err(
+            MULTI,
+            &ORIGINAL.replace("\"dtype\"", "\"lora_target_modules\": \"q_proj\", \"dtype\""),
+        );
+        assert!(
+            e.contains("\"lora_target_modules\" must be a list of module names"),
+            "{e}"
+        );
         Ok(())
     }
 

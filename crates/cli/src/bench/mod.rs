@@ -51,7 +51,8 @@ pub enum Command {
     #[command(
         mut_arg("max_loras", |a| a.hide(true)),
         mut_arg("max_lora_rank", |a| a.hide(true)),
-        mut_arg("max_cpu_loras", |a| a.hide(true))
+        mut_arg("max_cpu_loras", |a| a.hide(true)),
+        mut_arg("lora_target_modules", |a| a.hide(true))
     )]
     NoLora(CommonArgs),
     /// LoRA workloads, after a no-LoRA baseline on the same prompts file (the original's
@@ -800,6 +801,7 @@ fn engine_json(e: &multilora_engine::EngineConfig) -> serde_json::Value {
         "enforce_eager": e.enforce_eager,
         "max_loras": e.max_loras,
         "max_lora_rank": e.max_lora_rank,
+        "lora_target_modules": e.lora_target_modules,
         "max_cpu_loras": e.max_cpu_loras.unwrap_or(e.max_loras),
         "seed": e.seed,
     })

@@ -11,7 +11,16 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::LoraTarget;
+use super::{LoraTarget, LoraTargets};
+
+/// The projections `modules` (`[layers * 7]`) hold in some layer.
+fn targets_of(modules: &[Option<LoraModule>]) -> LoraTargets {
+    (modules.iter().enumerate())
+        .filter(|(_, m)| m.is_some())
+        .fold(LoraTargets::NONE, |set, (i, _)| {
+            set.with(LoraTarget::ALL[i % LoraTarget::ALL.len()])
+        })
+}
 use crate::error::{Error, Result};
 use crate::weights::SafetensorsFiles;
 use crate::ModelConfig;
@@ -37,6 +46,8 @@ pub struct LoraAdapter {
     num_layers: usize,
     /// `[num_layers * 7]`, indexed by `layer * 7 + target`.
     modules: Vec<Option<LoraModule>>,
+    /// The projections it targets in some layer (kept when the host weights are dropped).
+    targets: LoraTargets,
     /// The backend's form of it, where the backend has one (see `AdapterPreparer`).
     pub prepared: Option<crate::backend::PreparedAdapter>,
 }
@@ -274,6 +285,7 @@ impl LoraAdapter {
             path: dir.to_path_buf(),
             rank,
             num_layers,
+            targets: targets_of(&modules),
             modules,
             prepared: None,
         })
@@ -288,6 +300,7 @@ impl LoraAdapter {
             path: PathBuf::new(),
             rank: modules.iter().flatten().map(|m| m.rank).max().unwrap_or(0),
             num_layers,
+            targets: targets_of(&modules),
             modules,
             prepared: None,
         }
@@ -315,10 +328,12 @@ impl LoraAdapter {
 
     /// Projections this adapter targets (in any layer).
     pub fn targets(&self) -> Vec<LoraTarget> {
-        LoraTarget::ALL
-            .into_iter()
-            .filter(|&t| (0..self.num_layers).any(|l| self.module(l, t).is_some()))
-            .collect()
+        self.targets.iter().collect()
+    }
+
+    /// The same, as a set.
+    pub fn target_set(&self) -> LoraTargets {
+        self.targets
     }
 
     /// Host bytes held (f32).

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::adapter::LoraAdapter;
 use super::slots::SlotTable;
-use super::{AdapterId, LoraRequest, LoraSlot};
+use super::{AdapterId, LoraRequest, LoraSlot, LoraTarget, LoraTargets};
 use crate::backend::{AdapterPreparer, Backend};
 use crate::error::{Error, Result};
 use crate::ModelConfig;
@@ -43,6 +43,9 @@ pub struct LoraConfig {
     pub max_loras: usize,
     pub max_lora_rank: usize,
     pub max_cpu_loras: usize,
+    /// The projections adapters may target (vLLM's `lora_target_modules`); an adapter that
+    /// targets another fails to load, naming it.
+    pub target_modules: LoraTargets,
 }
 
 /// Reads, validates and converts one adapter into host memory. Runs on a loader thread (and, for
@@ -182,7 +185,7 @@ fn loader_thread(
     done: Sender<Done>,
     loader: Arc<dyn AdapterLoader>,
     model: ModelConfig,
-    max_lora_rank: usize,
+    cfg: LoraConfig,
 ) {
     loop {
         let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
@@ -190,14 +193,15 @@ fn loader_thread(
             return;
         };
         let start = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| loader.load(&req, &model, max_lora_rank)))
+        let result = catch_unwind(AssertUnwindSafe(|| loader.load(&req, &model, cfg.max_lora_rank)))
             .unwrap_or_else(|_| {
                 Err(Error::AdapterLoad {
                     name: req.name.clone(),
                     path: req.path.clone(),
                     msg: "the adapter loader panicked".into(),
                 })
-            });
+            })
+            .and_then(|a| cfg.check_targets(&req, a));
         let load_time = start.elapsed();
         let sent = done.send(Done {
             id,
@@ -227,6 +231,27 @@ impl LoraConfig {
         }
         Ok(())
     }
+
+    /// `adapter` if it targets only `target_modules`, else the load error naming what it
+    /// targets beyond them.
+    fn check_targets(&self, req: &LoraRequest, adapter: LoraAdapter) -> Result<LoraAdapter> {
+        let outside: Vec<&str> = (adapter.target_set().iter())
+            .filter(|&t| !self.target_modules.contains(t))
+            .map(LoraTarget::name)
+            .collect();
+        if outside.is_empty() {
+            return Ok(adapter);
+        }
+        Err(Error::AdapterLoad {
+            name: req.name.clone(),
+            path: req.path.clone(),
+            msg: format!(
+                "it targets {}, which lora_target_modules ({}) leaves out",
+                outside.join(", "),
+                self.target_modules
+            ),
+        })
+    }
 }
 
 impl LoraManager {
@@ -241,7 +266,7 @@ impl LoraManager {
             // Detached: a thread ends after its current load once the manager is gone.
             std::thread::Builder::new()
                 .name(format!("lora-loader-{i}"))
-                .spawn(move || loader_thread(job_rx, done_tx, loader, model, cfg.max_lora_rank))
+                .spawn(move || loader_thread(job_rx, done_tx, loader, model, cfg))
                 .map_err(|e| Error::Backend(format!("starting an adapter loader thread: {e}")))?;
         }
         Ok(LoraManager {
@@ -319,6 +344,7 @@ impl LoraManager {
         self.stats.cache_misses += 1;
         let start = Instant::now();
         let adapter = self.loader.load(req, &self.model, self.cfg.max_lora_rank)?;
+        let adapter = self.cfg.check_targets(req, adapter)?;
         self.stats.load_time.observe(start.elapsed());
         tracing::debug!(adapter = %req.name, rank = adapter.rank, "loaded adapter from disk");
         self.known.insert(req.id, req.clone());
@@ -568,6 +594,7 @@ mod tests {
                 max_loras,
                 max_lora_rank: 16,
                 max_cpu_loras,
+                target_modules: LoraTargets::ALL,
             },
             &cfg,
             loader,
@@ -809,6 +836,7 @@ mod tests {
                 max_loras: 4,
                 max_lora_rank: 16,
                 max_cpu_loras: 3,
+                target_modules: LoraTargets::ALL,
             },
             &cfg,
             Arc::new(DiskLoader),

@@ -83,6 +83,26 @@ impl LoraTarget {
         self as usize
     }
 
+    /// The projections a name stands for: a PEFT module name (`q_proj`, …) or vLLM's packed
+    /// `qkv_proj` / `gate_up_proj`.
+    pub fn from_module_name(name: &str) -> Option<&'static [LoraTarget]> {
+        use LoraTarget::*;
+        const ONE: [[LoraTarget; 1]; 7] = [
+            [QProj],
+            [KProj],
+            [VProj],
+            [OProj],
+            [GateProj],
+            [UpProj],
+            [DownProj],
+        ];
+        match name {
+            "qkv_proj" => Some(&[QProj, KProj, VProj]),
+            "gate_up_proj" => Some(&[GateProj, UpProj]),
+            _ => Self::from_name(name).map(|t| &ONE[t.index()][..]),
+        }
+    }
+
     /// (in_features, out_features) of this projection in the given model.
     pub fn shape(self, cfg: &crate::ModelConfig) -> (usize, usize) {
         let h = cfg.hidden_size;
@@ -93,5 +113,89 @@ impl LoraTarget {
             LoraTarget::GateProj | LoraTarget::UpProj => (h, cfg.intermediate_size),
             LoraTarget::DownProj => (cfg.intermediate_size, h),
         }
+    }
+}
+
+/// A set of projections; [`LoraTargets::ALL`] by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraTargets(u8);
+
+impl LoraTargets {
+    pub const ALL: LoraTargets = LoraTargets((1 << LoraTarget::ALL.len()) - 1);
+    pub const NONE: LoraTargets = LoraTargets(0);
+
+    pub fn contains(self, t: LoraTarget) -> bool {
+        self.0 & (1 << t.index()) != 0
+    }
+
+    pub fn with(self, t: LoraTarget) -> Self {
+        LoraTargets(self.0 | (1 << t.index()))
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = LoraTarget> {
+        LoraTarget::ALL.into_iter().filter(move |&t| self.contains(t))
+    }
+
+    /// vLLM's `lora_target_modules`: PEFT module names or vLLM's packed `qkv_proj` /
+    /// `gate_up_proj`; an unknown name or an empty list is an error naming the setting.
+    pub fn parse(names: &[String]) -> crate::Result<Self> {
+        if names.is_empty() {
+            return Err(crate::Error::InvalidConfig(
+                "lora_target_modules is empty; leave it out to allow every projection".into(),
+            ));
+        }
+        let mut set = LoraTargets::NONE;
+        for name in names {
+            let targets = LoraTarget::from_module_name(name).ok_or_else(|| {
+                crate::Error::InvalidConfig(format!(
+                    "lora_target_modules: {name:?} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj"
+                ))
+            })?;
+            for &t in targets {
+                set = set.with(t);
+            }
+        }
+        Ok(set)
+    }
+}
+
+impl Default for LoraTargets {
+    fn default() -> Self {
+        LoraTargets::ALL
+    }
+}
+
+impl std::fmt::Display for LoraTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.iter().map(LoraTarget::name).collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_module_names_as_peft_and_vllm_write_them() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let qv = LoraTargets::parse(&names(&["q_proj", "v_proj"])).unwrap();
+        assert_eq!(qv.to_string(), "q_proj, v_proj");
+        assert!(qv.contains(LoraTarget::VProj) && !qv.contains(LoraTarget::KProj));
+        let packed = LoraTargets::parse(&names(&["qkv_proj", "gate_up_proj", "o_proj"])).unwrap();
+        assert_eq!(
+            packed.to_string(),
+            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj"
+        );
+        let all = LoraTargets::parse(&names(&["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])).unwrap();
+        assert_eq!(all, LoraTargets::ALL);
+        let err = LoraTargets::parse(&names(&["q_proj", "lm_head"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"lm_head\"") && err.contains("lora_target_modules"),
+            "{err}"
+        );
+        assert!(LoraTargets::parse(&[]).is_err());
     }
 }
