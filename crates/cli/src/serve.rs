@@ -147,8 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let result = runtime.block_on(async move {
         let name = server_cfg.served_model_name.clone();
         let num_adapters = server_cfg.lora_modules.len();
-        let server =
-            Server::start(cfg, server_cfg).with_context(|| format!("loading model {}", model.display()))?;
+        let server = Server::start(cfg, server_cfg)
+            .with_context(|| format!("starting the server for {}", model.display()))?;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
