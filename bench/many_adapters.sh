@@ -112,8 +112,8 @@ for sc in scenarios:
           f"| {e2e.get('p50', 0) / 1e3:.2f} s / {e2e.get('p99', 0) / 1e3:.2f} s | {itl.get('p99', 0):.1f} ms "
           f"| {loads} | {wait} | {s['num_failed']} / {s['num_requests']} |")
     ratios.append((f"{k}, {pop}", s["output_token_throughput"], e2e.get("p50", 0), itl.get("p99", 0)))
-if len(ratios) > 1 and all(r[1] and r[2] and r[3] for r in ratios[:1]):
-    base = ratios[0]
+base = ratios[0] if ratios else None
+if len(ratios) > 1 and all(base[1:]):
     print(f"\nAgainst {base[0]} (issue 13's targets: uniform >= 95% / <= 1.2x / <= 1.5x; power-law within 5% on all three):")
     for name, tput, e2e50, itl99 in ratios[1:]:
         print(f"- {name}: throughput {100 * tput / base[1]:.1f}%, e2e p50 {e2e50 / base[2]:.2f}x, ITL p99 {itl99 / base[3]:.2f}x")

@@ -111,11 +111,14 @@ impl SafetensorsFiles {
 
     /// The tensor's shape, without reading its data.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let t = self.index.get(name).ok_or_else(|| Error::MissingTensor {
+        Ok(self.entry(name)?.shape.clone())
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
             name: name.to_string(),
-        })?;
-        Ok(t.shape.clone())
+        })
     }
 
     fn view(&self, name: &str) -> Result<(&Path, TensorView<'_>)> {
@@ -125,10 +128,7 @@ impl SafetensorsFiles {
 
     /// The tensor and the index of the file that holds it.
     fn view_in_file(&self, name: &str) -> Result<(usize, TensorView<'_>)> {
-        let t = self.index.get(name).ok_or_else(|| Error::MissingTensor {
-            path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
-            name: name.to_string(),
-        })?;
+        let t = self.entry(name)?;
         let (path, mmap) = &self.files[t.file];
         // Checked against the shape when the file was opened: this cannot fail.
         let view = TensorView::new(t.dtype, t.shape.clone(), &mmap[t.bytes.clone()])

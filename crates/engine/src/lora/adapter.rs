@@ -259,10 +259,8 @@ impl LoraAdapter {
                 let all_finite = w
                     .chunks(256)
                     .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()));
-                if let Some(i) = (!all_finite)
-                    .then(|| w.iter().position(|x| !x.is_finite()))
-                    .flatten()
-                {
+                if !all_finite {
+                    let i = w.iter().position(|x| !x.is_finite()).unwrap_or_default();
                     return Err(err(format!(
                         "tensor {t:?} holds a non-finite value (NaN or Inf) at element {i}"
                     )));
