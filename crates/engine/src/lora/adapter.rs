@@ -13,6 +13,10 @@ use serde::Deserialize;
 
 use super::{LoraTarget, LoraTargets};
 
+use crate::error::{Error, Result};
+use crate::weights::SafetensorsFiles;
+use crate::ModelConfig;
+
 /// The projections `modules` (`[layers * 7]`) hold in some layer.
 fn targets_of(modules: &[Option<LoraModule>]) -> LoraTargets {
     (modules.iter().enumerate())
@@ -21,9 +25,6 @@ fn targets_of(modules: &[Option<LoraModule>]) -> LoraTargets {
             set.with(LoraTarget::ALL[i % LoraTarget::ALL.len()])
         })
 }
-use crate::error::{Error, Result};
-use crate::weights::SafetensorsFiles;
-use crate::ModelConfig;
 
 /// One targeted projection of one layer.
 #[derive(Debug, Clone)]

@@ -83,26 +83,6 @@ impl LoraTarget {
         self as usize
     }
 
-    /// The projections a name stands for: a PEFT module name (`q_proj`, …) or vLLM's packed
-    /// `qkv_proj` / `gate_up_proj`.
-    pub fn from_module_name(name: &str) -> Option<&'static [LoraTarget]> {
-        use LoraTarget::*;
-        const ONE: [[LoraTarget; 1]; 7] = [
-            [QProj],
-            [KProj],
-            [VProj],
-            [OProj],
-            [GateProj],
-            [UpProj],
-            [DownProj],
-        ];
-        match name {
-            "qkv_proj" => Some(&[QProj, KProj, VProj]),
-            "gate_up_proj" => Some(&[GateProj, UpProj]),
-            _ => Self::from_name(name).map(|t| &ONE[t.index()][..]),
-        }
-    }
-
     /// (in_features, out_features) of this projection in the given model.
     pub fn shape(self, cfg: &crate::ModelConfig) -> (usize, usize) {
         let h = cfg.hidden_size;
@@ -132,6 +112,18 @@ impl LoraTargets {
         LoraTargets(self.0 | (1 << t.index()))
     }
 
+    /// The projections a module name stands for: a PEFT name (`q_proj`, …) or vLLM's packed
+    /// `qkv_proj` / `gate_up_proj`.
+    pub fn of_module(name: &str) -> Option<Self> {
+        use LoraTarget::*;
+        let of = |ts: &[LoraTarget]| ts.iter().fold(LoraTargets::NONE, |set, &t| set.with(t));
+        match name {
+            "qkv_proj" => Some(of(&[QProj, KProj, VProj])),
+            "gate_up_proj" => Some(of(&[GateProj, UpProj])),
+            _ => LoraTarget::from_name(name).map(|t| LoraTargets::NONE.with(t)),
+        }
+    }
+
     pub fn iter(self) -> impl Iterator<Item = LoraTarget> {
         LoraTarget::ALL.into_iter().filter(move |&t| self.contains(t))
     }
@@ -146,14 +138,12 @@ impl LoraTargets {
         }
         let mut set = LoraTargets::NONE;
         for name in names {
-            let targets = LoraTarget::from_module_name(name).ok_or_else(|| {
+            let named = LoraTargets::of_module(name).ok_or_else(|| {
                 crate::Error::InvalidConfig(format!(
                     "lora_target_modules: {name:?} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj"
                 ))
             })?;
-            for &t in targets {
-                set = set.with(t);
-            }
+            set = LoraTargets(set.0 | named.0);
         }
         Ok(set)
     }
