@@ -700,12 +700,10 @@ mod tests {
             "\"dtype\"",
             "\"long_prefill_token_threshold\": 64, \"lora_target_modules\": [\"q_proj\", \"v_proj\"], \"dtype\"",
         );
+        let names = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let c = parse(MULTI, &json, &[])?;
         assert_eq!(c.engine.long_prefill_token_threshold, 64);
-        assert_eq!(
-            c.engine.lora_target_modules,
-            Some(vec!["q_proj".to_string(), "v_proj".to_string()])
-        );
+        assert_eq!(c.engine.lora_target_modules, names(&["q_proj", "v_proj"]));
         let c = parse(
             MULTI,
             &json,
@@ -717,10 +715,7 @@ mod tests {
             ],
         )?;
         assert_eq!(c.engine.long_prefill_token_threshold, 8);
-        assert_eq!(
-            c.engine.lora_target_modules,
-            Some(vec!["qkv_proj".to_string(), "o_proj".to_string()])
-        );
+        assert_eq!(c.engine.lora_target_modules, names(&["qkv_proj", "o_proj"]));
         let e = err(
             MULTI,
             &ORIGINAL.replace("\"dtype\"", "\"lora_target_modules\": \"q_proj\", \"dtype\""),

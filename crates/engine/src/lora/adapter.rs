@@ -326,12 +326,7 @@ impl LoraAdapter {
     }
 
     /// Projections this adapter targets (in any layer).
-    pub fn targets(&self) -> Vec<LoraTarget> {
-        self.targets.iter().collect()
-    }
-
-    /// The same, as a set.
-    pub fn target_set(&self) -> LoraTargets {
+    pub fn targets(&self) -> LoraTargets {
         self.targets
     }
 

@@ -235,7 +235,7 @@ impl LoraConfig {
     /// `adapter` if it targets only `target_modules`, else the load error naming what it
     /// targets beyond them.
     fn check_targets(&self, req: &LoraRequest, adapter: LoraAdapter) -> Result<LoraAdapter> {
-        let outside: Vec<&str> = (adapter.target_set().iter())
+        let outside: Vec<&str> = (adapter.targets().iter())
             .filter(|&t| !self.target_modules.contains(t))
             .map(LoraTarget::name)
             .collect();

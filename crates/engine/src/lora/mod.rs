@@ -109,7 +109,11 @@ impl LoraTargets {
     }
 
     pub fn with(self, t: LoraTarget) -> Self {
-        LoraTargets(self.0 | (1 << t.index()))
+        self.union(LoraTargets(1 << t.index()))
+    }
+
+    pub fn union(self, other: LoraTargets) -> Self {
+        LoraTargets(self.0 | other.0)
     }
 
     /// The projections a module name stands for: a PEFT name (`q_proj`, …) or vLLM's packed
@@ -143,7 +147,7 @@ impl LoraTargets {
                     "lora_target_modules: {name:?} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj"
                 ))
             })?;
-            set = LoraTargets(set.0 | named.0);
+            set = set.union(named);
         }
         Ok(set)
     }
