@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use common::gpu::{have_gpu, logits_tolerance};
-use common::{case_dir, load, lora_requests, max_diff};
+use common::{case_config, load, lora_requests, max_diff, GQA_CASES};
 use multilora_engine::cuda::elem::Elem;
 use multilora_engine::{EngineConfig, LLMEngine, Prompt, SamplingParams};
 
@@ -19,11 +19,7 @@ fn engine(case: &str, max_num_batched_tokens: Option<usize>) -> LLMEngine {
 }
 
 fn config(case: &str, max_num_batched_tokens: Option<usize>) -> EngineConfig {
-    let mut cfg = EngineConfig::new(case_dir(case).join("model"));
-    cfg.enable_lora = true;
-    cfg.max_loras = 4;
-    cfg.max_lora_rank = 16;
-    cfg.max_model_len = Some(256);
+    let mut cfg = case_config(case);
     cfg.block_size = 4;
     if let Some(n) = max_num_batched_tokens {
         cfg.max_num_batched_tokens = Some(n);
@@ -94,37 +90,56 @@ fn assert_same(chunked: &Outputs, whole: &Outputs, what: &str) {
 /// embeddings), prefilled in chunks, against one-step prefill and against PEFT.
 #[test]
 fn chunked_greedy_matches_one_step_prefill_and_peft() {
+    // Prompts of 5..90 tokens: chunks of 3 and 5 cut through them and through the 4-token
+    // blocks; 16 splits only the longer ones, and shares steps with decodes. And with the
+    // default budget but long_prefill_token_threshold 7: every longer prompt takes 7 tokens a
+    // step, several of them partly prefilled at once.
+    let budgets = [(Some(3), 0), (Some(5), 0), (Some(16), 0), (None, 7)];
     for case in ["llama", "llama3_tied", "qwen2_bf16_sharded", "qwen3", "mistral"] {
-        let golden = load(case);
-        let greedy = SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(golden.num_steps)
-        };
-        let (whole, n) = run(&mut engine(case, None), case, &greedy);
-        assert_eq!(
-            n, 0,
-            "{case}: the default budget prefills every prompt in one step"
-        );
-        // Prompts of 5..90 tokens: chunks of 3 and 5 cut through them and through the
-        // 4-token blocks; 16 splits only the longer ones, and shares steps with decodes. And
-        // with the default budget but long_prefill_token_threshold 7: every longer prompt
-        // takes 7 tokens a step, several of them partly prefilled at once.
-        for (budget, threshold) in [(Some(3), 0), (Some(5), 0), (Some(16), 0), (None, 7)] {
-            let what = format!("{case}, budget {budget:?}, long_prefill_token_threshold {threshold}");
-            let mut cfg = config(case, budget);
-            cfg.long_prefill_token_threshold = threshold;
-            let (chunked, n) = run(&mut LLMEngine::new(cfg).expect("engine loads"), case, &greedy);
-            assert!(n > 0, "{what}: some prompt should be chunked");
-            assert_same(&chunked, &whole, &what);
-            for (i, r) in golden.requests.iter().enumerate() {
-                let tokens: Vec<u32> = chunked[i].iter().map(|x| x.0).collect();
-                assert_eq!(tokens, r.greedy_token_ids, "{what}: request {i} vs PEFT");
-                let d = max_diff(&chunked[i][0].1, &r.first_logits);
-                assert!(
-                    d < 1e-4,
-                    "{what}: request {i}: first logits vs PEFT differ by {d}"
-                );
-            }
+        check_chunked_against_peft(case, &budgets);
+    }
+}
+
+/// The same for prompts of 2,050 to 2,300 tokens beside short ones, in the shapes nobody tuned
+/// for (GQA ratios 1, 4, 7 and 8; q/k/v bias; q/k norm; adapter ranks 8 to 64): chunks of 333
+/// and 1,000 tokens end inside KV blocks, and with the default budget a threshold of 700 prefills
+/// the long prompts side by side.
+#[test]
+fn chunked_long_prompts_in_untuned_shapes_match_one_step_prefill_and_peft() {
+    let budgets = [(Some(333), 0), (Some(1000), 0), (None, 700)];
+    for case in GQA_CASES {
+        check_chunked_against_peft(case, &budgets);
+    }
+}
+
+/// `case` prefilled with each (`max_num_batched_tokens`, `long_prefill_token_threshold`) of
+/// `budgets`: the same tokens and logits as one-step prefill, and PEFT's.
+fn check_chunked_against_peft(case: &str, budgets: &[(Option<usize>, usize)]) {
+    let golden = load(case);
+    let greedy = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(golden.num_steps)
+    };
+    let (whole, n) = run(&mut engine(case, None), case, &greedy);
+    assert_eq!(
+        n, 0,
+        "{case}: the default budget prefills every prompt in one step"
+    );
+    for &(budget, threshold) in budgets {
+        let what = format!("{case}, budget {budget:?}, long_prefill_token_threshold {threshold}");
+        let mut cfg = config(case, budget);
+        cfg.long_prefill_token_threshold = threshold;
+        let (chunked, n) = run(&mut LLMEngine::new(cfg).expect("engine loads"), case, &greedy);
+        assert!(n > 0, "{what}: some prompt should be chunked");
+        assert_same(&chunked, &whole, &what);
+        for (i, r) in golden.requests.iter().enumerate() {
+            let tokens: Vec<u32> = chunked[i].iter().map(|x| x.0).collect();
+            assert_eq!(tokens, r.greedy_token_ids, "{what}: request {i} vs PEFT");
+            let d = max_diff(&chunked[i][0].1, &r.first_logits);
+            assert!(
+                d < 1e-4,
+                "{what}: request {i}: first logits vs PEFT differ by {d}"
+            );
         }
     }
 }

@@ -10,7 +10,10 @@ mod common;
 use std::collections::HashMap;
 
 use common::gpu::{cpu_next_logits, have_gpu, logits_tolerance};
-use common::{add_requests, case_dir, load, lora_requests, max_abs, max_diff, Golden, GoldenRequest};
+use common::{
+    add_requests, case_config, case_dir, load, lora_requests, max_abs, max_diff, Golden, GoldenRequest,
+    GQA_CASES,
+};
 use multilora_engine::cuda::elem::Elem;
 use multilora_engine::sampling::argmax;
 use multilora_engine::{Device, EngineConfig, LLMEngine, Prompt, SamplingParams};
@@ -42,15 +45,11 @@ fn run_some(
     return_logits: bool,
     which: &[usize],
 ) -> Run {
-    let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+    let mut cfg = case_config(case);
     cfg.device = Device::Cuda;
     cfg.dtype = elem.name().into();
     cfg.enforce_eager = enforce_eager;
     cfg.return_logits = return_logits;
-    cfg.enable_lora = true;
-    cfg.max_loras = 4;
-    cfg.max_lora_rank = 16;
-    cfg.max_model_len = Some(256);
     cfg.max_num_seqs = 16;
     let mut engine = LLMEngine::new(cfg).expect("engine loads");
     assert_eq!(
@@ -240,6 +239,15 @@ fn cuda_f16_mistral() {
     check_case("mistral", Elem::F16);
 }
 
+/// The untuned shapes with 2k-token prompts (`common::GQA_CASES`): GQA ratios 1 to 8, head sizes
+/// 8 to 24 (the f32 attention fallback for 24), ranks to 64 on all seven projections.
+#[test]
+fn cuda_untuned_shapes_and_long_prompts() {
+    for case in GQA_CASES {
+        check_case(case, Elem::Bf16);
+    }
+}
+
 /// Asking for CUDA where there is none is a clear error, not a panic.
 #[test]
 fn cuda_without_driver_is_an_error() {
@@ -266,12 +274,8 @@ fn cuda_logprobs_match_cpu() {
     let golden = load(case);
     let loras = lora_requests(case);
     let run = |device: Device, max_num_batched_tokens: Option<usize>| {
-        let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+        let mut cfg = case_config(case);
         cfg.device = device;
-        cfg.enable_lora = true;
-        cfg.max_loras = 4;
-        cfg.max_lora_rank = 16;
-        cfg.max_model_len = Some(256);
         cfg.max_num_seqs = 8;
         cfg.max_num_batched_tokens = max_num_batched_tokens;
         let mut engine = LLMEngine::new(cfg).expect("engine loads");

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{add_requests, case_dir, load, lora_requests, max_diff, Golden};
+use common::{add_requests, case_config, case_dir, load, lora_requests, max_diff, Golden, GQA_CASES};
 use multilora_engine::{Device, EngineConfig, LLMEngine, LoraRequest};
 
 fn engine(case: &str, max_loras: usize, max_cpu_loras: usize) -> LLMEngine {
@@ -27,14 +27,11 @@ fn engine_tp(
     dtype: &str,
     tensor_parallel_size: usize,
 ) -> LLMEngine {
-    let mut cfg = EngineConfig::new(case_dir(case).join("model"));
+    let mut cfg = case_config(case);
     cfg.tensor_parallel_size = tensor_parallel_size;
     cfg.dtype = dtype.into();
-    cfg.enable_lora = true;
     cfg.max_loras = max_loras;
     cfg.max_cpu_loras = Some(max_cpu_loras);
-    cfg.max_lora_rank = 16;
-    cfg.max_model_len = Some(256);
     LLMEngine::new(cfg).expect("engine loads")
 }
 
@@ -248,6 +245,15 @@ fn tensor_parallel_sizes_that_do_not_divide_are_refused() {
     }
 }
 
+/// Shapes nobody tuned for, with prompts of 2,050 to 2,300 tokens beside short ones, each case
+/// as one mixed batch (`common::GQA_CASES` says what each holds).
+#[test]
+fn untuned_shapes_and_long_prompts_match_peft() {
+    for case in GQA_CASES {
+        check_against_golden(case, 4, 4);
+    }
+}
+
 #[test]
 fn qwen3_qk_norm_matches() {
     check_against_golden("qwen3", 1, 1);
@@ -291,11 +297,7 @@ fn mixed_batch_equals_each_request_alone() {
 fn lora_target_modules_admits_only_adapters_within_it() {
     let golden = load("llama");
     let loras = lora_requests("llama");
-    let mut cfg = EngineConfig::new(case_dir("llama").join("model"));
-    cfg.enable_lora = true;
-    cfg.max_loras = 4;
-    cfg.max_lora_rank = 16;
-    cfg.max_model_len = Some(256);
+    let mut cfg = case_config("llama");
     cfg.lora_target_modules = Some(vec!["qkv_proj".into(), "o_proj".into()]);
     let mut engine = LLMEngine::new(cfg.clone()).expect("engine loads");
     for (name, outside) in [

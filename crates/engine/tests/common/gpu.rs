@@ -3,9 +3,9 @@
 
 use multilora_engine::cuda::elem::Elem;
 use multilora_engine::cuda::gpu::{DevBuf, Gpu};
-use multilora_engine::{EngineConfig, LLMEngine, LoraRequest, Prompt, SamplingParams};
+use multilora_engine::{LLMEngine, LoraRequest, Prompt, SamplingParams};
 
-use super::case_dir;
+use super::case_config;
 
 pub fn have_gpu() -> bool {
     match multilora_engine::cuda::gpu::probe() {
@@ -20,12 +20,7 @@ pub fn have_gpu() -> bool {
 /// Logits of the next token after `prompt` + `prefix`, computed by the CPU backend (f32, the
 /// oracle) in one prefill: a teacher-forced reference for a GPU decode step.
 pub fn cpu_next_logits(case: &str, prompt: &[u32], prefix: &[u32], lora: Option<&LoraRequest>) -> Vec<f32> {
-    let mut cfg = EngineConfig::new(case_dir(case).join("model"));
-    cfg.enable_lora = true;
-    cfg.max_loras = 4;
-    cfg.max_lora_rank = 16;
-    cfg.max_model_len = Some(256);
-    let mut engine = LLMEngine::new(cfg).expect("CPU engine loads");
+    let mut engine = LLMEngine::new(case_config(case)).expect("CPU engine loads");
     let ids: Vec<u32> = prompt.iter().chain(prefix).copied().collect();
     let params = SamplingParams {
         ignore_eos: true,

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use multilora_engine::demo::{synth_adapter, SynthSpec};
 use multilora_engine::lora::LoraTarget;
-use multilora_engine::{AdapterId, LLMEngine, LoraRequest, ModelConfig, Prompt, SamplingParams};
+use multilora_engine::{
+    AdapterId, EngineConfig, LLMEngine, LoraRequest, ModelConfig, Prompt, SamplingParams,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -56,6 +58,47 @@ pub fn load(case: &str) -> Golden {
     let path = case_dir(case).join("golden.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The cases of shapes nobody tuned for, each with a prompt of over 2,000 tokens: GQA ratio 1
+/// (Llama, head size 24 apart from hidden size 80), 4 (Qwen2 with q/k/v bias, ranks 64 on
+/// q,k,v,o and 16 on all seven), 7 (Qwen2, head size 8, rsLoRA rank 32) and 8 (Qwen3 with q/k
+/// norm, hidden size 72, rank 64 on all seven).
+pub const GQA_CASES: [&str; 4] = ["gqa1_long", "gqa4_bias", "gqa7_long", "gqa8_qknorm"];
+
+/// A golden case's engine (CPU unless changed): LoRA on with 4 slots, `max_lora_rank` 16 or the
+/// case's largest adapter rank, `max_model_len` the model's `max_position_embeddings` (256; 4096
+/// in the long-prompt `gqa*` cases).
+pub fn case_config(case: &str) -> EngineConfig {
+    let dir = case_dir(case);
+    let read = |path: PathBuf| -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let model = read(dir.join("model/config.json"));
+    let max_model_len = model["max_position_embeddings"]
+        .as_u64()
+        .expect("the case's config.json has max_position_embeddings");
+    let largest_rank = lora_requests(case)
+        .values()
+        .map(|r| {
+            let c = read(r.path.join("adapter_config.json"));
+            let pattern = c["rank_pattern"].as_object().into_iter().flat_map(|m| m.values());
+            std::iter::once(&c["r"])
+                .chain(pattern)
+                .map(|v| v.as_u64().expect("an adapter rank is an integer"))
+                .max()
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
+    let mut cfg = EngineConfig::new(dir.join("model"));
+    cfg.enable_lora = true;
+    cfg.max_loras = 4;
+    cfg.max_lora_rank = (largest_rank as usize).max(16);
+    cfg.max_model_len = Some(max_model_len as usize);
+    cfg
 }
 
 /// Adapter names of a case, with stable ids 1.. in sorted name order (none for a case without
