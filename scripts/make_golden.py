@@ -227,6 +227,12 @@ def manual_merge_check(cls, model_dir, adapter_dir, pm, name, prompt):
     return scales, err
 
 
+def merge_check_all(cls, model_dir, adapter_dirs, pm):
+    for nm, adir in adapter_dirs.items():
+        scales, err = manual_merge_check(cls, model_dir, adir, pm, nm, list(range(3, 20)))
+        print(f"  merge-check {nm}: scales={scales} max_abs_err={err:.2e}")
+
+
 def greedy(model, prompt):
     ids = list(prompt)
     toks, first, last, min_gap = [], None, None, float("inf")
@@ -326,10 +332,7 @@ def case_llama():
     assert all(("q_proj" in k or "v_proj" in k) for k in t) and len(t) == 2 * 2 * 2
 
     pm = load_all_adapters(LlamaForCausalLM, model_dir, adirs)
-    for nm in adirs:
-        scales, err = manual_merge_check(LlamaForCausalLM, model_dir, adirs[nm], pm, nm,
-                                         list(range(3, 20)))
-        print(f"  merge-check {nm}: scales={scales} max_abs_err={err:.2e}")
+    merge_check_all(LlamaForCausalLM, model_dir, adirs, pm)
 
     specs = [(7, "a_r8_all"), (12, None), (5, "b_r4_qv_regex"), (23, "c_r16_rslora"),
              (16, "d_pattern"), (9, "a_r8_all"), (19, None)]
@@ -391,9 +394,7 @@ def case_qwen2():
     # Loaded weights are bf16 values widened to f32.
     assert pm.get_base_model().model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     assert pm.get_base_model().model.layers[0].self_attn.q_proj.bias.abs().min() > 0
-    scales, err = manual_merge_check(Qwen2ForCausalLM, model_dir, adirs["q_r8"], pm, "q_r8",
-                                     list(range(3, 20)))
-    print(f"  merge-check q_r8: scales={scales} max_abs_err={err:.2e}")
+    merge_check_all(Qwen2ForCausalLM, model_dir, adirs, pm)
     reqs, summary = make_requests(pm, [(8, None), (14, "q_r8"), (21, "q_r8")], seed=3003)
     write_golden(d, reqs)
     print_summary(case, summary)
@@ -407,9 +408,7 @@ def case_qwen3():
     adirs = {"all_r8": make_adapter(d, Qwen3ForCausalLM, model_dir, "all_r8",
                                     lora_cfg(r=8, lora_alpha=16, target_modules=list(ALL7)), seed=2201)}
     pm = load_all_adapters(Qwen3ForCausalLM, model_dir, adirs)
-    scales, err = manual_merge_check(Qwen3ForCausalLM, model_dir, adirs["all_r8"], pm, "all_r8",
-                                     list(range(3, 20)))
-    print(f"  merge-check all_r8: scales={scales} max_abs_err={err:.2e}")
+    merge_check_all(Qwen3ForCausalLM, model_dir, adirs, pm)
     reqs, summary = make_requests(pm, [(6, None), (17, None), (13, "all_r8")], seed=3004)
     write_golden(d, reqs)
     print_summary(case, summary)
@@ -437,9 +436,7 @@ def case_gqa(case, cls, seed, model_kw, adapters, specs):
     adirs = {nm: make_adapter(d, cls, model_dir, nm, lc, seed=seed + 1000 + i)
              for i, (nm, lc) in enumerate(adapters.items())}
     pm = load_all_adapters(cls, model_dir, adirs)
-    for nm in adirs:
-        scales, err = manual_merge_check(cls, model_dir, adirs[nm], pm, nm, list(range(3, 20)))
-        print(f"  merge-check {nm}: scales={scales} max_abs_err={err:.2e}")
+    merge_check_all(cls, model_dir, adirs, pm)
     reqs, summary = make_requests(pm, specs, seed=seed + 2000)
     write_golden(d, reqs)
     print_summary(case, summary)
@@ -512,6 +509,7 @@ def main():
     for dp, _, fs in os.walk(GOLDEN):
         total += sum(os.path.getsize(os.path.join(dp, f)) for f in fs)
     print(f"total size of {os.path.relpath(GOLDEN, ROOT)}: {total / 1e6:.2f} MB")
+    assert total < 10_000_000, "the fixtures live in git: keep them small"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{case_dir, load, lora_requests};
+use common::{case_config, case_dir, load, lora_requests};
 use multilora_engine::{
     EngineConfig, LLMEngine, LoraRequest, Prompt, RequestOutput, SamplingParams, TokenLogprob,
 };
@@ -237,12 +237,8 @@ fn prompt_logprobs_equal_transformers_log_softmax() -> TestResult {
         let path = case_dir(case).join("logprobs.json");
         let golden: GoldenLogprobs = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         let loras = lora_requests(case);
-        let mut cfg = EngineConfig::new(case_dir(case).join("model"));
-        cfg.enable_lora = true;
-        cfg.max_loras = 4;
+        let mut cfg = case_config(case);
         cfg.max_cpu_loras = Some(4);
-        cfg.max_lora_rank = 16;
-        cfg.max_model_len = Some(256);
         cfg.tensor_parallel_size = tensor_parallel_size;
         let mut engine = LLMEngine::new(cfg)?;
         let params = SamplingParams {

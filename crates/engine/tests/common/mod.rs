@@ -55,8 +55,12 @@ pub fn case_dir(case: &str) -> PathBuf {
 }
 
 pub fn load(case: &str) -> Golden {
-    let path = case_dir(case).join("golden.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    read_json(&case_dir(case).join("golden.json"))
+}
+
+/// A fixture's JSON file, parsed; a test fails naming the file if it cannot be.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> T {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -71,19 +75,14 @@ pub const GQA_CASES: [&str; 4] = ["gqa1_long", "gqa4_bias", "gqa7_long", "gqa8_q
 /// in the long-prompt `gqa*` cases).
 pub fn case_config(case: &str) -> EngineConfig {
     let dir = case_dir(case);
-    let read = |path: PathBuf| -> serde_json::Value {
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    };
-    let model = read(dir.join("model/config.json"));
+    let model: serde_json::Value = read_json(&dir.join("model/config.json"));
     let max_model_len = model["max_position_embeddings"]
         .as_u64()
         .expect("the case's config.json has max_position_embeddings");
     let largest_rank = lora_requests(case)
         .values()
         .map(|r| {
-            let c = read(r.path.join("adapter_config.json"));
+            let c: serde_json::Value = read_json(&r.path.join("adapter_config.json"));
             let pattern = c["rank_pattern"].as_object().into_iter().flat_map(|m| m.values());
             std::iter::once(&c["r"])
                 .chain(pattern)
